@@ -1,0 +1,301 @@
+//! The crate's one error type.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::run::{RunId, RunStatus};
+
+/// The result type of every fallible `runledger` call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a `runledger` call.
+///
+/// Each variant names the object it is about, and its `Display` reads as a
+/// sentence a person can act on. Match on the variants you handle, or use the
+/// predicates ([`is_not_found`](Error::is_not_found),
+/// [`is_busy`](Error::is_busy), …) and let the rest propagate.
+///
+/// The enum is `#[non_exhaustive]`: later versions add variants (the lock
+/// errors `Conflict` and `Timeout` among them) without a breaking change.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A value handed to the API breaks a documented rule (empty or oversized
+    /// name, control characters, metadata over the size limit, …).
+    #[error("invalid {what} {value}: {reason}")]
+    InvalidInput {
+        /// What the value is, such as `"run name"` or `"metadata"`.
+        what: &'static str,
+        /// The offending value, quoted and shortened for display.
+        value: String,
+        /// The rule it breaks.
+        reason: String,
+    },
+
+    /// The object named does not exist (or was pruned).
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// What was looked up, such as `"run"`.
+        what: &'static str,
+        /// Its identifier, as text.
+        id: String,
+    },
+
+    /// A run transition that the state machine forbids, such as leaving a
+    /// terminal state. Nothing was changed.
+    #[error("run {run} cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The run.
+        run: RunId,
+        /// The status the run is in (and stays in).
+        from: RunStatus,
+        /// The status that was asked for.
+        to: RunStatus,
+    },
+
+    /// A change to a run that has already ended (a new step, a step outcome):
+    /// the run was finished, cancelled or reaped meanwhile. Nothing was changed.
+    #[error("run {run} has already finished as {status}")]
+    RunFinished {
+        /// The run.
+        run: RunId,
+        /// Its terminal status.
+        status: RunStatus,
+    },
+
+    /// An active run already holds this idempotency key: no second run was
+    /// started. `existing` is the run to follow instead.
+    #[error("run {existing} is already active with idempotency key {key:?}")]
+    Duplicate {
+        /// The idempotency key of the spec.
+        key: String,
+        /// The active run that holds it.
+        existing: RunId,
+    },
+
+    /// The database was written by a newer version of `runledger`. It was not
+    /// modified; upgrade this program to use it.
+    #[error(
+        "ledger {path} has schema version {found}, newer than the {supported} this version of \
+         runledger supports; upgrade runledger (the file was not modified)"
+    )]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The schema version found in the file.
+        found: u32,
+        /// The newest schema version this build knows.
+        supported: u32,
+    },
+
+    /// The file exists but is not a `runledger` database: not SQLite at all,
+    /// or a SQLite database of another application. It was not modified.
+    #[error("{path} is not a runledger database: {reason} (the file was not modified)")]
+    NotALedger {
+        /// The file.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The ledger could not be opened or created at this location: a folder
+    /// could not be created, the location is read-only, the path is a folder…
+    #[error("cannot open ledger {path}: {reason}")]
+    Open {
+        /// The database path as given.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+        /// The underlying cause.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
+    /// The database stayed locked by other writers for longer than the busy
+    /// timeout. Under normal contention this does not happen; it means a
+    /// writer held the database for very long, or the timeout is too short.
+    #[error("the ledger database stayed locked longer than the busy timeout")]
+    Busy {
+        /// The storage error reported.
+        #[source]
+        source: StorageError,
+    },
+
+    /// The storage layer failed (I/O error, disk full, corruption…).
+    #[error("ledger storage error")]
+    Storage {
+        /// The storage error reported.
+        #[source]
+        source: StorageError,
+    },
+}
+
+impl Error {
+    /// True for [`Error::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
+    }
+
+    /// True for [`Error::InvalidInput`].
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::InvalidInput { .. })
+    }
+
+    /// True for [`Error::InvalidTransition`] and [`Error::RunFinished`]: the
+    /// run is not in a state where the call makes sense.
+    pub fn is_invalid_transition(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidTransition { .. } | Error::RunFinished { .. }
+        )
+    }
+
+    /// True for [`Error::Duplicate`].
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Error::Duplicate { .. })
+    }
+
+    /// True for [`Error::Busy`]: retrying later may succeed.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Busy { .. })
+    }
+
+    pub(crate) fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> Error {
+        Error::InvalidInput {
+            what,
+            value: quote(value),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn run_not_found(id: RunId) -> Error {
+        Error::NotFound {
+            what: "run",
+            id: id.to_string(),
+        }
+    }
+
+    pub(crate) fn open(
+        path: impl Into<PathBuf>,
+        reason: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Open {
+            path: path.into(),
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// Quotes a value for an error message, escaping control characters and
+/// shortening it so that a megabyte of input does not become a megabyte of
+/// message.
+fn quote(value: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut shown: String = value.chars().take(MAX_CHARS).collect();
+    if shown.len() < value.len() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
+}
+
+/// An error of the storage layer (SQLite, the connection pool, the file
+/// system), kept opaque so that the storage crates' types stay out of the
+/// public API.
+///
+/// Its [`source`](std::error::Error::source) is the underlying error, and
+/// its `Display` is that error's message.
+pub struct StorageError(StorageErrorKind);
+
+enum StorageErrorKind {
+    Sqlite(rusqlite::Error),
+    Pool(r2d2::Error),
+    Io(std::io::Error),
+}
+
+impl StorageError {
+    fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match &self.0 {
+            StorageErrorKind::Sqlite(e) => e,
+            StorageErrorKind::Pool(e) => e,
+            StorageErrorKind::Io(e) => e,
+        }
+    }
+}
+
+impl fmt::Debug for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.inner(), f)
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.inner(), f)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.inner())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        let source = StorageError(StorageErrorKind::Sqlite(e));
+        if busy {
+            Error::Busy { source }
+        } else {
+            Error::Storage { source }
+        }
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Error {
+        Error::Storage {
+            source: StorageError(StorageErrorKind::Pool(e)),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::Storage {
+            source: StorageError(StorageErrorKind::Io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_input_quotes_and_shortens_the_value() {
+        let long = "x".repeat(10_000);
+        let msg = Error::invalid("run name", &long, "longer than 256 bytes").to_string();
+        assert!(msg.len() < 200, "{msg}");
+        assert!(msg.starts_with("invalid run name \"xxx"), "{msg}");
+        let msg = Error::invalid("run name", "a\nb", "contains a control character").to_string();
+        assert_eq!(
+            msg,
+            "invalid run name \"a\\nb\": contains a control character"
+        );
+    }
+
+    #[test]
+    fn busy_sqlite_errors_become_busy() {
+        let e = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(Error::from(e).is_busy());
+    }
+}

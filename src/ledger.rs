@@ -1,0 +1,495 @@
+//! The [`Ledger`] handle and its [`Builder`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::Result;
+use crate::input;
+use crate::liveness::ProcessIdentity;
+use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
+use crate::run::{Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus};
+use crate::store::{NewRun, Store, StoreConfig};
+
+/// How hard SQLite works to make a commit survive a power cut: the
+/// `synchronous` pragma.
+///
+/// Every setting keeps the database consistent and loses nothing if a
+/// *process* crashes (kill -9, panic, OOM): a committed transaction is in the
+/// write-ahead log, which the operating system keeps. They differ only when
+/// the *machine* loses power or the kernel crashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `synchronous=NORMAL`: no fsync per commit. After a power cut the last
+    /// transactions before it may be rolled back (never half-applied). About
+    /// 15× faster than `Full` on a typical disk. The default.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: one fsync of the log per commit, so a commit that
+    /// returned survives a power cut.
+    Full,
+    /// `synchronous=EXTRA`: `Full`, plus an fsync of the folder when the log
+    /// is reset.
+    Extra,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// Settings for opening a [`Ledger`]; made by [`Ledger::builder`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use runledger::{Ledger, Synchronous};
+/// # let dir = tempfile::tempdir()?;
+/// let ledger = Ledger::builder(dir.path().join("ledger.db"))
+///     .synchronous(Synchronous::Full)
+///     .busy_timeout(Duration::from_secs(60))
+///     .label("api-server")
+///     .open()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+#[must_use = "a Builder does nothing until open() is called"]
+pub struct Builder {
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+    pool_size: u32,
+    max_metadata_bytes: usize,
+    clock: Arc<dyn Clock>,
+    label: Option<String>,
+}
+
+impl Builder {
+    /// The durability of each commit. Defaults to [`Synchronous::Normal`].
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Builder {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// How long a write waits for other writers before failing with
+    /// [`Error::Busy`]. Writers normally wait microseconds to milliseconds;
+    /// this bounds pathological cases. Defaults to 30 seconds.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Builder {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The most SQLite connections this ledger keeps open (readers run in
+    /// parallel; writers take turns). Values below 1 count as 1. Defaults to 8.
+    pub fn pool_size(mut self, size: u32) -> Builder {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// The largest metadata a run may carry, in bytes of serialized JSON.
+    /// Defaults to 64 KiB.
+    pub fn max_metadata_bytes(mut self, limit: usize) -> Builder {
+        self.max_metadata_bytes = limit;
+        self
+    }
+
+    /// The clock that stamps every record. Defaults to [`SystemClock`]; tests
+    /// inject a [`ManualClock`](crate::ManualClock).
+    pub fn clock(mut self, clock: impl Clock) -> Builder {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// A label for this process's instance, shown to operators (such as
+    /// `"api-server"`). Same rules as a run name. Defaults to none.
+    pub fn label(mut self, label: impl Into<String>) -> Builder {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Opens the ledger, creating the file and its folders if needed and
+    /// applying pending schema migrations.
+    ///
+    /// Any number of processes may open the same file at the same time; the
+    /// first one creates the schema while the others wait on a file lock.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Open`] if the location cannot be created or written (the
+    ///   error names the path);
+    /// - [`Error::NotALedger`] for a file that is not a SQLite database, or is
+    ///   another application's;
+    /// - [`Error::SchemaTooNew`] for a ledger written by a newer version;
+    /// - [`Error::InvalidInput`] for a bad label.
+    ///
+    /// The last three leave the file untouched.
+    pub fn open(self) -> Result<Ledger> {
+        if let Some(label) = &self.label {
+            input::check_name("instance label", label)?;
+        }
+        let config = StoreConfig {
+            synchronous: self.synchronous.pragma(),
+            busy_timeout: self.busy_timeout,
+            pool_size: self.pool_size,
+        };
+        let now = self.clock.now();
+        let store = Store::open(&self.path, &config, now)?;
+        let identity = ProcessIdentity::current();
+        let instance = store.insert_instance(&identity, self.label.as_deref(), now)?;
+        log::debug!(
+            "runledger: opened {} as instance {instance}",
+            store.path().display()
+        );
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                store,
+                clock: self.clock,
+                identity,
+                instance,
+                max_metadata_bytes: self.max_metadata_bytes,
+            }),
+        })
+    }
+}
+
+/// An open ledger: the registry of runs shared by every process that opens
+/// the same file.
+///
+/// `Ledger` is `Clone + Send + Sync`; clones are cheap and share one
+/// connection pool and one instance. The instance is closed when the last
+/// clone (and the last [`Run`] guard, which holds one) is dropped.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::{Ledger, RunSpec, RunStatus};
+/// # let dir = tempfile::tempdir()?;
+/// let ledger = Ledger::open(dir.path().join("runs/ledger.db"))?;
+/// let run = ledger.begin_run(RunSpec::new("build").source("terminal"))?;
+/// let id = run.id();
+/// run.succeed()?;
+/// assert_eq!(ledger.run(id)?.status, RunStatus::Succeeded);
+/// # Ok::<(), runledger::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    identity: ProcessIdentity,
+    instance: i64,
+    max_metadata_bytes: usize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.close_instance(self.instance, self.clock.now()) {
+            log::warn!("runledger: could not close instance {}: {e}", self.instance);
+        }
+    }
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.inner.store.path())
+            .field("instance", &self.inner.instance)
+            .finish()
+    }
+}
+
+/// How many runs one pruning transaction deletes at most, so that other
+/// writers wait for at most one short batch.
+const PRUNE_BATCH: usize = 500;
+
+impl Ledger {
+    /// Opens the ledger at `path` with default settings; see
+    /// [`Builder::open`] for what opening does and its errors.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::open`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = runledger::Ledger::open(dir.path().join("control/ledger.db"))?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<Ledger> {
+        Ledger::builder(path).open()
+    }
+
+    /// Settings for opening the ledger at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> Builder {
+        Builder {
+            path: path.as_ref().to_owned(),
+            synchronous: Synchronous::default(),
+            busy_timeout: Duration::from_secs(30),
+            pool_size: 8,
+            max_metadata_bytes: 64 * 1024,
+            clock: Arc::new(SystemClock),
+            label: None,
+        }
+    }
+
+    /// The canonical path of the database file.
+    pub fn path(&self) -> &Path {
+        self.inner.store.path()
+    }
+
+    /// The id of this process's instance: the owner of the runs it begins.
+    pub fn instance_id(&self) -> i64 {
+        self.inner.instance
+    }
+
+    /// The current time by the ledger's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Records a new run, owned by this process, and returns its guard.
+    ///
+    /// The run is `running` (or `queued`, see [`RunSpec::queued`]) and
+    /// visible to every process as soon as this returns.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidInput`] for a bad name, source or idempotency key,
+    ///   metadata over the size limit, or a non-UTF-8 log path;
+    /// - [`Error::Duplicate`] if an active run holds the spec's idempotency
+    ///   key (nothing is started; `existing` names that run);
+    /// - [`Error::NotFound`] if the spec's parent does not exist.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, Error};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let spec = RunSpec::new("nightly").idempotency_key("nightly:2026-11-22");
+    /// let run = ledger.begin_run(spec.clone())?;
+    /// match ledger.begin_run(spec) {
+    ///     Err(Error::Duplicate { existing, .. }) => assert_eq!(existing, run.id()),
+    ///     other => panic!("expected a duplicate, got {other:?}"),
+    /// }
+    /// run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn begin_run(&self, spec: RunSpec) -> Result<Run> {
+        input::check_name("run name", &spec.name)?;
+        input::check_name("run source", &spec.source)?;
+        if let Some(key) = &spec.idempotency_key {
+            input::check_name("idempotency key", key)?;
+        }
+        let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
+        let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
+        let inner = &self.inner;
+        let id = inner.store.insert_run(&NewRun {
+            name: &spec.name,
+            source: &spec.source,
+            status: if spec.queued {
+                RunStatus::Queued
+            } else {
+                RunStatus::Running
+            },
+            parent: spec.parent,
+            idempotency_key: spec.idempotency_key.as_deref(),
+            instance: inner.instance,
+            pid: inner.identity.pid,
+            host: &inner.identity.host,
+            metadata,
+            log_path,
+            at: inner.clock.now(),
+        })?;
+        log::debug!("runledger: run {id} ({}) begun", spec.name);
+        Ok(Run::new(self.clone(), id))
+    }
+
+    /// One run, with its progress.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if no run has this id (or it was pruned).
+    pub fn run(&self, id: RunId) -> Result<RunRecord> {
+        self.inner.store.run(id)
+    }
+
+    /// The runs that match `filter`, newest first.
+    ///
+    /// Listing active runs, or runs of one status or one name, reads an index
+    /// and never scans the whole history.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunFilter, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("train"))?;
+    /// let active = ledger.runs(RunFilter::default().active())?;
+    /// assert_eq!(active[0].id, run.id());
+    /// # run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {
+        self.inner.store.runs(&filter)
+    }
+
+    /// The steps of a run, in the order they started.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if no run has this id.
+    pub fn steps(&self, id: RunId) -> Result<Vec<StepRecord>> {
+        self.inner.store.steps(id)
+    }
+
+    /// The history of a run: its status changes, its steps' status changes
+    /// and cancel requests, in commit order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if no run has this id.
+    pub fn events(&self, id: RunId) -> Result<Vec<EventRecord>> {
+        self.inner.store.events(id)
+    }
+
+    /// Asks a run to stop, from any process, and returns its status after the
+    /// call:
+    ///
+    /// - a `queued` run is `cancelled` at once;
+    /// - a `running` run stays `running` with a cancel request, which its
+    ///   owner sees through [`Run::is_cancel_requested`];
+    /// - a run that has already ended is left exactly as it is: a cancel that
+    ///   arrives after a run succeeded never changes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if no run has this id.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("long-job"))?;
+    /// assert_eq!(ledger.cancel(run.id())?, RunStatus::Running);
+    /// assert!(run.is_cancel_requested()?);
+    /// run.cancelled()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn cancel(&self, id: RunId) -> Result<RunStatus> {
+        let (_, status) = self.transition(id, |state| Ok(crate::run::cancel_change(state)))?;
+        Ok(status)
+    }
+
+    /// Deletes runs that ended more than `older_than` ago, with their steps
+    /// and events, and returns how many. Active runs are never deleted.
+    ///
+    /// Works in transactions that each look at no more than 500 runs, oldest
+    /// first, so other writers are never held up for long; it stops at the
+    /// first run created after the cutoff, so it does not walk the recent
+    /// history. The newest run is kept whatever its age, so that its id is
+    /// never handed out again.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let deleted = ledger.prune(Duration::from_secs(30 * 24 * 3600))?;
+    /// # assert_eq!(deleted, 0);
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn prune(&self, older_than: Duration) -> Result<u64> {
+        let cutoff = self.now().saturating_sub(older_than);
+        let mut deleted = 0u64;
+        let mut after = Some(0);
+        while let Some(start) = after {
+            let (batch, next) = self.inner.store.prune_batch(cutoff, start, PRUNE_BATCH)?;
+            deleted += batch as u64;
+            after = next;
+        }
+        if deleted > 0 {
+            log::info!("runledger: pruned {deleted} runs that ended before {cutoff}");
+        }
+        Ok(deleted)
+    }
+
+    pub(crate) fn transition(
+        &self,
+        id: RunId,
+        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+    ) -> Result<(RunState, RunStatus)> {
+        self.inner.store.update_run(id, self.now(), decide)
+    }
+
+    pub(crate) fn finish_run(&self, id: RunId, outcome: &Outcome) -> Result<RunStatus> {
+        let (_, status) = self.transition(id, |state| outcome.decide(id, state))?;
+        log::debug!("runledger: run {id} ended as {status}");
+        Ok(status)
+    }
+
+    pub(crate) fn cancel_requested(&self, id: RunId) -> Result<bool> {
+        self.inner.store.cancel_requested(id)
+    }
+
+    pub(crate) fn begin_step(&self, run: RunId, name: &str) -> Result<i64> {
+        self.inner.store.insert_step(run, name, self.now())
+    }
+
+    pub(crate) fn finish_step(
+        &self,
+        run: RunId,
+        step: i64,
+        name: &str,
+        to: StepStatus,
+        error: Option<String>,
+    ) -> Result<()> {
+        self.inner
+            .store
+            .finish_step(run, step, name, to, error.as_deref(), self.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+
+    #[test]
+    fn ledger_is_send_sync_and_clone() {
+        assert_send_sync_clone::<Ledger>();
+    }
+
+    #[test]
+    fn error_is_send_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<crate::Error>();
+    }
+}

@@ -1,0 +1,113 @@
+//! A crash-safe registry of runs, shared by every process that opens the same
+//! SQLite file.
+//!
+//! Terminals, workers and dashboards of one application often run at once
+//! against one database. Without care they leave runs stuck in `running`
+//! after a crash, show only the runs one process launched, and fail with
+//! `database is locked` under bursts of writers. `runledger` records *who is
+//! running what* so that every process sees every run, every run ends with a
+//! true status, and concurrent writers simply take turns.
+//!
+//! # Quick start
+//!
+//! ```
+//! use runledger::{Ledger, RunFilter, RunSpec, RunStatus};
+//!
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("runs/control/ledger.db");
+//! let ledger = Ledger::open(&path)?; // creates the file and its folders
+//!
+//! let run = ledger.begin_run(
+//!     RunSpec::new("build")
+//!         .source("terminal")
+//!         .metadata(serde_json::json!({"symbol": "AAPL"})),
+//! )?;
+//! for day in ["2026-11-20", "2026-11-21"] {
+//!     let step = run.step(day)?;
+//!     // … the step's work …
+//!     step.succeed()?;
+//! }
+//! let id = run.id();
+//! assert_eq!(run.succeed()?, RunStatus::Succeeded);
+//!
+//! // Any process that opens the same file sees the run.
+//! let record = ledger.run(id)?;
+//! assert_eq!(record.progress.succeeded, 2);
+//! let failures = ledger.runs(RunFilter::default().status(RunStatus::Failed))?;
+//! assert!(failures.is_empty());
+//! # Ok::<(), runledger::Error>(())
+//! ```
+//!
+//! # The lifecycle of a run
+//!
+//! ```text
+//! queued ──► running ──► succeeded | partial | failed | cancelled
+//!    └─────────────────► failed | cancelled
+//! ```
+//!
+//! [`Ledger::begin_run`] records a run and returns a [`Run`] guard. The run
+//! ends with [`Run::succeed`], [`Run::fail`], [`Run::exit`] or
+//! [`Run::cancelled`]; a guard dropped without an outcome (an early return, a
+//! `?`, a panic) still closes the run, as `failed` with the reason. A run with
+//! [steps](Run::step) finishes as `succeeded` if every step succeeded,
+//! `partial` if some failed, `failed` if all failed.
+//!
+//! [`Ledger::cancel`] asks a run to stop; the owner sees it through
+//! [`Run::is_cancel_requested`]. Terminal statuses are final: every transition
+//! is a compare-and-set on the status it was decided from, so a late cancel
+//! or a second outcome changes nothing and returns
+//! [`Error::InvalidTransition`].
+//!
+//! # Guarantees
+//!
+//! - **Nothing is lost on a crash.** Every call that changes the ledger is one
+//!   SQLite transaction that commits whole or not at all, and returns only
+//!   after it committed. A process killed at any instant (kill -9 included)
+//!   leaves a consistent database. With the default
+//!   [`Synchronous::Normal`], a *power cut* may roll back the last commits;
+//!   [`Synchronous::Full`] makes every returned commit durable.
+//! - **Every process sees every run**, as soon as the call that wrote it
+//!   returns.
+//! - **Writers take turns instead of failing.** Every write transaction is
+//!   `BEGIN IMMEDIATE` with a busy timeout (30 s by default), so
+//!   `database is locked` is not surfaced under normal contention.
+//! - **Terminal statuses are final**, and every status change is recorded in
+//!   the run's history ([`Ledger::events`]) in the same transaction.
+//! - **At most one active run per idempotency key**, enforced by a unique
+//!   index, so two racing processes cannot both start the same work.
+//! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
+//!   typed [`Error`] naming the offending value.
+//!
+//! # Time
+//!
+//! Every timestamp comes from the ledger's [`Clock`]: the system clock by
+//! default, a [`ManualClock`] in tests that move time without sleeping.
+//!
+//! # Logging
+//!
+//! The crate logs through the [`log`](https://docs.rs/log) facade: opening and
+//! migrating at `info`, run transitions at `debug`, errors that a guard's
+//! `Drop` could not return at `error`.
+
+mod clock;
+mod error;
+mod input;
+mod ledger;
+mod liveness;
+mod record;
+mod run;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use error::{Error, Result, StorageError};
+pub use ledger::{Builder, Ledger, Synchronous};
+pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+pub use run::{Run, RunId, RunSpec, RunStatus, Step, StepStatus};
+
+/// The newest schema version this build of the crate reads and writes.
+pub const SCHEMA_VERSION: u32 = store::SCHEMA_VERSION;
+
+// The README's code is compiled and run as a doctest so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,237 @@
+//! What the ledger reports: plain records with public fields, all
+//! `Serialize`, and the filter for listing runs.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::clock::Timestamp;
+use crate::run::{RunId, RunStatus, StepStatus};
+
+/// One run, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// What it does, such as `"build"`.
+    pub name: String,
+    /// Who started it, such as `"terminal"`.
+    pub source: String,
+    /// Where it is in its life.
+    pub status: RunStatus,
+    /// The run it is a child of, if any.
+    pub parent: Option<RunId>,
+    /// Its idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// The ledger instance (one process's open ledger) that owns it.
+    pub instance: i64,
+    /// The owner's process id.
+    pub pid: u32,
+    /// The owner's host name.
+    pub host: String,
+    /// The exit code, when the run ended with one.
+    pub exit_code: Option<i32>,
+    /// Why the run failed, was cancelled or was reaped; for a `partial` run,
+    /// how many steps failed.
+    pub error: Option<String>,
+    /// The JSON metadata of its spec (`null` when none).
+    pub metadata: serde_json::Value,
+    /// Where its log is written, if recorded.
+    pub log_path: Option<PathBuf>,
+    /// When it was registered.
+    pub created_at: Timestamp,
+    /// When it started running (equal to `created_at` unless it was queued).
+    pub started_at: Option<Timestamp>,
+    /// Its last progress heartbeat, if it ever sent one.
+    pub heartbeat_at: Option<Timestamp>,
+    /// When it reached its terminal status.
+    pub finished_at: Option<Timestamp>,
+    /// When a cancel was requested, if one was.
+    pub cancel_requested_at: Option<Timestamp>,
+    /// Its steps, counted by status.
+    pub progress: Progress,
+}
+
+/// How far a run's steps have got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Progress {
+    /// Steps started.
+    pub total: u32,
+    /// Steps that succeeded.
+    pub succeeded: u32,
+    /// Steps that failed.
+    pub failed: u32,
+    /// Steps still running.
+    pub running: u32,
+    /// The most recently started step that is still running.
+    pub current: Option<String>,
+}
+
+impl Progress {
+    /// Steps finished, well or badly.
+    pub fn done(&self) -> u32 {
+        self.succeeded + self.failed
+    }
+}
+
+/// One step of a run, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct StepRecord {
+    /// The run it belongs to.
+    pub run: RunId,
+    /// Its name, unique within the run.
+    pub name: String,
+    /// Where it is in its life.
+    pub status: StepStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One entry of a run's history: every status change of the run or one of its
+/// steps, and every cancel request, in commit order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct EventRecord {
+    /// The event's position in the ledger's history: strictly increasing in
+    /// commit order across all runs, never reused.
+    pub id: i64,
+    /// The run it is about.
+    pub run: RunId,
+    /// When it happened.
+    pub at: Timestamp,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+    /// The reason given, if any (a failure reason, for example).
+    pub message: Option<String>,
+}
+
+/// What an [`EventRecord`] records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The run changed status. `from` is `None` when the run was registered.
+    Status {
+        /// The status before.
+        from: Option<RunStatus>,
+        /// The status after.
+        to: RunStatus,
+    },
+    /// A step changed status. `from` is `None` when the step started.
+    Step {
+        /// The step's name.
+        step: String,
+        /// The status before.
+        from: Option<StepStatus>,
+        /// The status after.
+        to: StepStatus,
+    },
+    /// Someone asked the run to stop.
+    CancelRequested,
+}
+
+/// Which runs [`Ledger::runs`](crate::Ledger::runs) lists: newest first, at
+/// most 100 unless [`limit`](RunFilter::limit) says otherwise.
+///
+/// Every condition narrows the list; the default lists the newest 100 runs.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::{RunFilter, RunStatus};
+/// let active_builds = RunFilter::default().active().name("build");
+/// let recent_failures = RunFilter::default().status(RunStatus::Failed).limit(20);
+/// ```
+#[derive(Clone, Debug)]
+#[must_use = "a RunFilter does nothing until passed to Ledger::runs"]
+pub struct RunFilter {
+    pub(crate) statuses: Vec<RunStatus>,
+    pub(crate) name: Option<String>,
+    pub(crate) source: Option<String>,
+    pub(crate) since: Option<Timestamp>,
+    pub(crate) until: Option<Timestamp>,
+    pub(crate) before: Option<RunId>,
+    pub(crate) limit: usize,
+}
+
+impl Default for RunFilter {
+    fn default() -> RunFilter {
+        RunFilter {
+            statuses: Vec::new(),
+            name: None,
+            source: None,
+            since: None,
+            until: None,
+            before: None,
+            limit: RunFilter::DEFAULT_LIMIT,
+        }
+    }
+}
+
+impl RunFilter {
+    /// How many runs are listed when no limit is set.
+    pub const DEFAULT_LIMIT: usize = 100;
+
+    /// Lists runs in `status` (call again to add more statuses).
+    pub fn status(mut self, status: RunStatus) -> RunFilter {
+        if !self.statuses.contains(&status) {
+            self.statuses.push(status);
+        }
+        self
+    }
+
+    /// Lists runs in any of `statuses`.
+    pub fn statuses(self, statuses: impl IntoIterator<Item = RunStatus>) -> RunFilter {
+        statuses.into_iter().fold(self, RunFilter::status)
+    }
+
+    /// Lists active runs only: queued and running.
+    pub fn active(self) -> RunFilter {
+        self.statuses(RunStatus::ACTIVE)
+    }
+
+    /// Lists runs named exactly `name`.
+    pub fn name(mut self, name: impl Into<String>) -> RunFilter {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Lists runs from exactly `source`.
+    pub fn source(mut self, source: impl Into<String>) -> RunFilter {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Lists runs created at or after `t`.
+    pub fn since(mut self, t: Timestamp) -> RunFilter {
+        self.since = Some(t);
+        self
+    }
+
+    /// Lists runs created before `t`.
+    pub fn until(mut self, t: Timestamp) -> RunFilter {
+        self.until = Some(t);
+        self
+    }
+
+    /// Lists runs older than `id`: pass the last id of one page to get the
+    /// next page.
+    pub fn before(mut self, id: RunId) -> RunFilter {
+        self.before = Some(id);
+        self
+    }
+
+    /// Lists at most `limit` runs. Defaults to [`RunFilter::DEFAULT_LIMIT`].
+    pub fn limit(mut self, limit: usize) -> RunFilter {
+        self.limit = limit;
+        self
+    }
+}

@@ -1,0 +1,807 @@
+//! Runs and steps: identifiers, statuses, the state machine, the spec a run
+//! starts from, and the [`Run`] and [`Step`] guards.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::ledger::Ledger;
+
+/// The identifier of a run: a positive integer, never reused in one ledger.
+///
+/// `Display`s as its number and converts from and to `i64`.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::RunId;
+/// let id = RunId::from(42);
+/// assert_eq!(id.to_string(), "42");
+/// assert_eq!(i64::from(id), 42);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct RunId(i64);
+
+impl From<i64> for RunId {
+    fn from(id: i64) -> RunId {
+        RunId(id)
+    }
+}
+
+impl From<RunId> for i64 {
+    fn from(id: RunId) -> i64 {
+        id.0
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = Error;
+
+    /// Parses a run id as written by `Display`: a positive decimal integer.
+    fn from_str(s: &str) -> Result<RunId> {
+        match s.trim().parse::<i64>() {
+            Ok(n) if n > 0 => Ok(RunId(n)),
+            _ => Err(Error::invalid("run id", s, "must be a positive integer")),
+        }
+    }
+}
+
+/// Where a run is in its life.
+///
+/// ```text
+/// queued ──► running ──► succeeded | partial | failed | cancelled
+///    └─────────────────► failed | cancelled
+/// ```
+///
+/// The last four are terminal: once there, a run never changes status again.
+/// Serializes and displays in lowercase (`"running"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Registered, not started yet (waiting for locks, a slot or a worker).
+    Queued,
+    /// Started and not finished.
+    Running,
+    /// Finished well: every step (if any) succeeded.
+    Succeeded,
+    /// Finished with some steps succeeded and some failed.
+    Partial,
+    /// Finished badly: failed explicitly, exited non-zero, every step failed,
+    /// dropped without an outcome, or reaped because its owner died.
+    Failed,
+    /// Stopped on request before finishing.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Partial,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// The statuses of a run that has not finished: queued and running.
+    pub const ACTIVE: [RunStatus; 2] = [RunStatus::Queued, RunStatus::Running];
+
+    /// The terminal statuses.
+    pub const TERMINAL: [RunStatus; 4] = [
+        RunStatus::Succeeded,
+        RunStatus::Partial,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// True for the statuses a run never leaves.
+    pub fn is_terminal(self) -> bool {
+        !self.is_active()
+    }
+
+    /// True for queued and running.
+    pub fn is_active(self) -> bool {
+        matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+
+    /// Whether the state machine allows going from `self` to `to`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::RunStatus::*;
+    /// assert!(Queued.can_become(Running));
+    /// assert!(Running.can_become(Partial));
+    /// assert!(!Succeeded.can_become(Failed));
+    /// assert!(!Queued.can_become(Succeeded));
+    /// ```
+    pub fn can_become(self, to: RunStatus) -> bool {
+        use RunStatus::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Failed | Cancelled)
+                | (Running, Succeeded | Partial | Failed | Cancelled)
+        )
+    }
+
+    /// The lowercase name, as stored and displayed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Partial => "partial",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = Error;
+
+    /// Parses the lowercase name.
+    fn from_str(s: &str) -> Result<RunStatus> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "run status",
+                    s,
+                    "expected queued, running, succeeded, partial, failed or cancelled",
+                )
+            })
+    }
+}
+
+/// Where a step is in its life: running, then succeeded or failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// Started and not finished.
+    Running,
+    /// Finished well.
+    Succeeded,
+    /// Finished badly, or left unfinished when its run ended.
+    Failed,
+}
+
+impl StepStatus {
+    /// The lowercase name, as stored and displayed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Running => "running",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<StepStatus> {
+        [
+            StepStatus::Running,
+            StepStatus::Succeeded,
+            StepStatus::Failed,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == s)
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What a new run is: its name and the facts recorded with it.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::RunSpec;
+/// let spec = RunSpec::new("build")
+///     .source("terminal")
+///     .metadata(serde_json::json!({"symbol": "AAPL"}))
+///     .log_path("runs/logs/build-aapl.log")
+///     .idempotency_key("build:AAPL:2026-11-22");
+/// ```
+#[derive(Clone, Debug)]
+#[must_use = "a RunSpec does nothing until passed to Ledger::begin_run"]
+pub struct RunSpec {
+    pub(crate) name: String,
+    pub(crate) source: String,
+    pub(crate) metadata: serde_json::Value,
+    pub(crate) log_path: Option<PathBuf>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) parent: Option<RunId>,
+    pub(crate) queued: bool,
+}
+
+impl RunSpec {
+    /// A run named `name` (what it does, such as `"build"`; not unique).
+    ///
+    /// Names are 1 to 256 bytes of UTF-8 without control characters or
+    /// leading or trailing whitespace; [`Ledger::begin_run`] checks them.
+    pub fn new(name: impl Into<String>) -> RunSpec {
+        RunSpec {
+            name: name.into(),
+            source: "library".to_owned(),
+            metadata: serde_json::Value::Null,
+            log_path: None,
+            idempotency_key: None,
+            parent: None,
+            queued: false,
+        }
+    }
+
+    /// Who started the run: `"terminal"`, `"dashboard"`, `"worker"`…
+    /// Same rules as the name. Defaults to `"library"`.
+    pub fn source(mut self, source: impl Into<String>) -> RunSpec {
+        self.source = source.into();
+        self
+    }
+
+    /// Free-form JSON recorded with the run. At most
+    /// [`Builder::max_metadata_bytes`](crate::Builder::max_metadata_bytes)
+    /// once serialized (64 KiB by default). Defaults to `null`.
+    pub fn metadata(mut self, metadata: serde_json::Value) -> RunSpec {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Where the run writes its log, recorded so that other processes can find
+    /// it. The path must be UTF-8. The ledger never opens it. Defaults to none.
+    pub fn log_path(mut self, path: impl Into<PathBuf>) -> RunSpec {
+        self.log_path = Some(path.into());
+        self
+    }
+
+    /// Makes the run unique among *active* runs: while a queued or running run
+    /// holds this key, [`Ledger::begin_run`] starts nothing and returns
+    /// [`Error::Duplicate`] naming that run. Once it has finished, the key is
+    /// free again. Same rules as the name. Defaults to none.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> RunSpec {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Records the run as a child of `parent`, which must exist.
+    /// Defaults to none.
+    pub fn parent(mut self, parent: RunId) -> RunSpec {
+        self.parent = Some(parent);
+        self
+    }
+
+    /// Registers the run as `queued` instead of `running`: it has not started
+    /// yet (it waits for locks, a slot, a worker…). [`Run::start`] starts it;
+    /// [`Ledger::cancel`] cancels it at once. Defaults to starting at once.
+    pub fn queued(mut self) -> RunSpec {
+        self.queued = true;
+        self
+    }
+}
+
+/// The state of a run as a transition sees it, read in the transition's own
+/// write transaction.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunState {
+    pub status: RunStatus,
+    pub steps_succeeded: u32,
+    pub steps_failed: u32,
+    pub steps_running: u32,
+    pub cancel_requested: bool,
+}
+
+/// A change a transition asks the store to write, as one compare-and-set on
+/// the status it was decided from.
+#[derive(Clone, Debug)]
+pub(crate) enum RunChange {
+    /// Move to another status.
+    Status {
+        to: RunStatus,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    },
+    /// Record a cancel request; the status stays.
+    CancelRequest,
+}
+
+/// How a run ends, as its owner or its guard's Drop says.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    Succeed,
+    Exit(i32),
+    Fail(String),
+    Cancelled,
+    /// The guard was dropped without an outcome; the text is the reason.
+    Dropped(&'static str),
+}
+
+/// The reason written on a step that was still running when its run ended.
+pub(crate) const STEP_LEFT_RUNNING: &str = "its run ended before the step finished";
+
+impl Outcome {
+    /// Decides the change an outcome makes to a run in `state`: the state
+    /// machine and the step aggregation, in plain Rust.
+    ///
+    /// `Ok(None)` means nothing to write (a drop after the run already ended).
+    pub(crate) fn decide(&self, run: RunId, state: &RunState) -> Result<Option<RunChange>> {
+        let (to, exit_code, error) = match self {
+            Outcome::Succeed => aggregate(state, None),
+            Outcome::Exit(0) => aggregate(state, Some(0)),
+            Outcome::Exit(code) => (
+                RunStatus::Failed,
+                Some(*code),
+                Some(format!("exited with code {code}")),
+            ),
+            Outcome::Fail(reason) => (RunStatus::Failed, None, Some(reason.clone())),
+            Outcome::Cancelled => (RunStatus::Cancelled, None, None),
+            Outcome::Dropped(reason) => (RunStatus::Failed, None, Some((*reason).to_owned())),
+        };
+        if state.status.can_become(to) {
+            Ok(Some(RunChange::Status {
+                to,
+                exit_code,
+                error,
+            }))
+        } else if matches!(self, Outcome::Dropped(_)) && state.status.is_terminal() {
+            // The run ended by another path (cancelled, reaped): Drop has
+            // nothing left to do.
+            Ok(None)
+        } else {
+            Err(Error::InvalidTransition {
+                run,
+                from: state.status,
+                to,
+            })
+        }
+    }
+}
+
+/// The final status of a run that finished well, from its steps: all
+/// succeeded (or none) → succeeded, a mix → partial, all failed → failed.
+/// A step still running when the run ends counts as failed.
+fn aggregate(state: &RunState, exit_code: Option<i32>) -> (RunStatus, Option<i32>, Option<String>) {
+    let ok = state.steps_succeeded;
+    let bad = state.steps_failed + state.steps_running;
+    let total = ok + bad;
+    if bad == 0 {
+        (RunStatus::Succeeded, exit_code, None)
+    } else if ok == 0 {
+        let error = format!("all {total} steps failed");
+        (RunStatus::Failed, exit_code, Some(error))
+    } else {
+        let error = format!("{bad} of {total} steps failed");
+        (RunStatus::Partial, exit_code, Some(error))
+    }
+}
+
+/// What `cancel` does to a run in `state`: a queued run is cancelled at once,
+/// a running one gets a request (once), a terminal one is left alone.
+pub(crate) fn cancel_change(state: &RunState) -> Option<RunChange> {
+    match state.status {
+        RunStatus::Queued => Some(RunChange::Status {
+            to: RunStatus::Cancelled,
+            exit_code: None,
+            error: Some("cancelled before it started".to_owned()),
+        }),
+        RunStatus::Running if !state.cancel_requested => Some(RunChange::CancelRequest),
+        _ => None,
+    }
+}
+
+/// A run this process is doing: the guard [`Ledger::begin_run`] returns.
+///
+/// End it with [`succeed`](Run::succeed), [`fail`](Run::fail),
+/// [`exit`](Run::exit) or [`cancelled`](Run::cancelled). If it is dropped
+/// without one (an early return, a `?`, a panic), the run is still closed, as
+/// `failed` with the reason `dropped without outcome` (or `panicked` while
+/// unwinding). Drop never panics; an error while closing is logged.
+#[must_use = "dropping a Run closes it as failed; end it with succeed(), fail(), exit() or cancelled()"]
+#[derive(Debug)]
+pub struct Run {
+    ledger: Ledger,
+    id: RunId,
+    /// False once an outcome was written (or tried): Drop does nothing then.
+    open: bool,
+}
+
+impl Run {
+    pub(crate) fn new(ledger: Ledger, id: RunId) -> Run {
+        Run {
+            ledger,
+            id,
+            open: true,
+        }
+    }
+
+    /// The run's id.
+    pub fn id(&self) -> RunId {
+        self.id
+    }
+
+    /// The ledger the run is recorded in.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Starts a run that was begun [`queued`](RunSpec::queued): `queued →
+    /// running`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run is not queued (it was cancelled
+    /// meanwhile, or already started).
+    pub fn start(&self) -> Result<()> {
+        self.ledger.transition(self.id, |state| {
+            if state.status.can_become(RunStatus::Running) {
+                Ok(Some(RunChange::Status {
+                    to: RunStatus::Running,
+                    exit_code: None,
+                    error: None,
+                }))
+            } else {
+                Err(Error::InvalidTransition {
+                    run: self.id,
+                    from: state.status,
+                    to: RunStatus::Running,
+                })
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Starts a step named `name`, unique within this run.
+    ///
+    /// The step ends with [`Step::succeed`] or [`Step::fail`]; a step dropped
+    /// without an outcome is recorded as failed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a bad name or one this run already used;
+    /// [`Error::RunFinished`] if the run has ended meanwhile (cancelled,
+    /// reaped).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(runledger::RunSpec::new("backfill"))?;
+    /// for day in ["2026-11-20", "2026-11-21"] {
+    ///     let step = run.step(day)?;
+    ///     // … the step's work …
+    ///     step.succeed()?;
+    /// }
+    /// assert_eq!(run.succeed()?, runledger::RunStatus::Succeeded);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn step(&self, name: impl Into<String>) -> Result<Step<'_>> {
+        let name = name.into();
+        crate::input::check_name("step name", &name)?;
+        let id = self.ledger.begin_step(self.id, &name)?;
+        Ok(Step {
+            run: self,
+            id,
+            name,
+            open: true,
+        })
+    }
+
+    /// Whether someone asked this run to stop ([`Ledger::cancel`]), from any
+    /// process. One indexed read: cheap enough to call in a work loop.
+    ///
+    /// The run decides what to do; typically it stops and calls
+    /// [`cancelled`](Run::cancelled).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    pub fn is_cancel_requested(&self) -> Result<bool> {
+        self.ledger.cancel_requested(self.id)
+    }
+
+    /// Ends the run well. Without steps it becomes `succeeded`; with steps its
+    /// status comes from them: all succeeded → `succeeded`, a mix → `partial`,
+    /// all failed → `failed` (a step still running counts as failed).
+    /// Returns the final status.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run is not running: already ended
+    /// (by a cancel or the reaper), which is left as it is, or still queued,
+    /// which is then closed as `failed` like a dropped guard.
+    pub fn succeed(mut self) -> Result<RunStatus> {
+        self.finish(Outcome::Succeed)
+    }
+
+    /// Ends the run as `failed`, recording `reason` as its error. Reasons
+    /// longer than 4 KiB are truncated.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run has already ended.
+    pub fn fail(mut self, reason: impl fmt::Display) -> Result<RunStatus> {
+        self.finish(Outcome::Fail(crate::input::reason(reason)))
+    }
+
+    /// Ends the run with a process-style exit code: `0` behaves as
+    /// [`succeed`](Run::succeed), anything else fails the run. The code is
+    /// recorded either way. Returns the final status.
+    ///
+    /// # Errors
+    ///
+    /// As [`succeed`](Run::succeed).
+    pub fn exit(mut self, code: i32) -> Result<RunStatus> {
+        self.finish(Outcome::Exit(code))
+    }
+
+    /// Ends the run as `cancelled`, typically after seeing
+    /// [`is_cancel_requested`](Run::is_cancel_requested).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run has already ended.
+    pub fn cancelled(mut self) -> Result<RunStatus> {
+        self.finish(Outcome::Cancelled)
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> Result<RunStatus> {
+        let result = self.ledger.finish_run(self.id, &outcome);
+        // An outcome the state machine refused while the run is still active
+        // (succeed on a queued run) leaves the run to Drop, which closes it:
+        // a consumed guard must never leave its run active. Any other result
+        // means the run ended, or the outcome reached storage and failed
+        // there; writing a second, different outcome would be wrong.
+        self.open = matches!(
+            result,
+            Err(Error::InvalidTransition { from, .. }) if from.is_active()
+        );
+        result
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let reason = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "dropped without outcome"
+        };
+        if let Err(e) = self.finish(Outcome::Dropped(reason)) {
+            log::error!("runledger: could not close run {} ({reason}): {e}", self.id);
+        }
+    }
+}
+
+/// A step of a [`Run`]: the guard [`Run::step`] returns.
+///
+/// End it with [`succeed`](Step::succeed) or [`fail`](Step::fail); dropped
+/// without one, it is recorded as failed (`dropped without outcome`, or
+/// `panicked`). It borrows its run, so a run cannot be finished while one of
+/// its step guards is alive.
+#[must_use = "dropping a Step records it as failed; end it with succeed() or fail()"]
+#[derive(Debug)]
+pub struct Step<'r> {
+    run: &'r Run,
+    id: i64,
+    name: String,
+    open: bool,
+}
+
+impl Step<'_> {
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ends the step as `succeeded`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RunFinished`] if the run ended meanwhile (cancelled by its
+    /// owner elsewhere, or reaped); the step was then already closed as failed.
+    pub fn succeed(mut self) -> Result<()> {
+        self.finish(StepStatus::Succeeded, None)
+    }
+
+    /// Ends the step as `failed`, recording `reason`. Reasons longer than
+    /// 4 KiB are truncated.
+    ///
+    /// # Errors
+    ///
+    /// As [`succeed`](Step::succeed).
+    pub fn fail(mut self, reason: impl fmt::Display) -> Result<()> {
+        self.finish(StepStatus::Failed, Some(crate::input::reason(reason)))
+    }
+
+    fn finish(&mut self, to: StepStatus, error: Option<String>) -> Result<()> {
+        self.open = false;
+        self.run
+            .ledger
+            .finish_step(self.run.id, self.id, &self.name, to, error)
+    }
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let reason = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "dropped without outcome"
+        };
+        match self.finish(StepStatus::Failed, Some(reason.to_owned())) {
+            Ok(()) | Err(Error::RunFinished { .. }) => {}
+            Err(e) => log::error!(
+                "runledger: could not close step {:?} of run {} ({reason}): {e}",
+                self.name,
+                self.run.id
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RunStatus::*;
+
+    fn state(status: RunStatus, ok: u32, bad: u32, running: u32) -> RunState {
+        RunState {
+            status,
+            steps_succeeded: ok,
+            steps_failed: bad,
+            steps_running: running,
+            cancel_requested: false,
+        }
+    }
+
+    fn decided(outcome: Outcome, st: RunState) -> Result<Option<RunStatus>> {
+        Ok(outcome.decide(RunId(1), &st)?.map(|change| match change {
+            RunChange::Status { to, .. } => to,
+            RunChange::CancelRequest => unreachable!(),
+        }))
+    }
+
+    #[test]
+    fn only_the_documented_transitions_are_allowed() {
+        let allowed = [
+            (Queued, Running),
+            (Queued, Failed),
+            (Queued, Cancelled),
+            (Running, Succeeded),
+            (Running, Partial),
+            (Running, Failed),
+            (Running, Cancelled),
+        ];
+        for from in RunStatus::ALL {
+            for to in RunStatus::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
+        for terminal in RunStatus::TERMINAL {
+            assert!(RunStatus::ALL.iter().all(|&to| !terminal.can_become(to)));
+        }
+    }
+
+    #[test]
+    fn steps_decide_the_final_status() {
+        assert_eq!(
+            decided(Outcome::Succeed, state(Running, 0, 0, 0)).unwrap(),
+            Some(Succeeded)
+        );
+        assert_eq!(
+            decided(Outcome::Succeed, state(Running, 3, 0, 0)).unwrap(),
+            Some(Succeeded)
+        );
+        assert_eq!(
+            decided(Outcome::Succeed, state(Running, 2, 1, 0)).unwrap(),
+            Some(Partial)
+        );
+        assert_eq!(
+            decided(Outcome::Succeed, state(Running, 2, 0, 1)).unwrap(),
+            Some(Partial)
+        );
+        assert_eq!(
+            decided(Outcome::Succeed, state(Running, 0, 2, 0)).unwrap(),
+            Some(Failed)
+        );
+        assert_eq!(
+            decided(Outcome::Exit(0), state(Running, 1, 1, 0)).unwrap(),
+            Some(Partial)
+        );
+        assert_eq!(
+            decided(Outcome::Exit(3), state(Running, 3, 0, 0)).unwrap(),
+            Some(Failed)
+        );
+    }
+
+    #[test]
+    fn terminal_runs_refuse_outcomes_but_drop_is_quiet() {
+        for terminal in RunStatus::TERMINAL {
+            let err = decided(Outcome::Succeed, state(terminal, 0, 0, 0)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidTransition { from, to: Succeeded, .. } if from == terminal)
+            );
+            assert_eq!(
+                decided(Outcome::Dropped("x"), state(terminal, 0, 0, 0)).unwrap(),
+                None
+            );
+        }
+        // A queued run can fail or be cancelled but not succeed.
+        assert!(decided(Outcome::Succeed, state(Queued, 0, 0, 0)).is_err());
+        assert_eq!(
+            decided(Outcome::Dropped("x"), state(Queued, 0, 0, 0)).unwrap(),
+            Some(Failed)
+        );
+        assert_eq!(
+            decided(Outcome::Cancelled, state(Queued, 0, 0, 0)).unwrap(),
+            Some(Cancelled)
+        );
+    }
+
+    #[test]
+    fn cancel_never_touches_a_terminal_run() {
+        for terminal in RunStatus::TERMINAL {
+            assert!(cancel_change(&state(terminal, 0, 0, 0)).is_none());
+        }
+        assert!(matches!(
+            cancel_change(&state(Queued, 0, 0, 0)),
+            Some(RunChange::Status { to: Cancelled, .. })
+        ));
+        assert!(matches!(
+            cancel_change(&state(Running, 0, 0, 0)),
+            Some(RunChange::CancelRequest)
+        ));
+        let mut requested = state(Running, 0, 0, 0);
+        requested.cancel_requested = true;
+        assert!(cancel_change(&requested).is_none());
+    }
+
+    #[test]
+    fn statuses_round_trip_through_text() {
+        for status in RunStatus::ALL {
+            assert_eq!(status.as_str().parse::<RunStatus>().unwrap(), status);
+        }
+        assert!("done".parse::<RunStatus>().unwrap_err().is_invalid_input());
+    }
+
+    #[test]
+    fn run_ids_parse_only_positive_integers() {
+        assert_eq!("42".parse::<RunId>().unwrap(), RunId(42));
+        for bad in ["", "0", "-3", "4x", "99999999999999999999"] {
+            assert!(
+                bad.parse::<RunId>().unwrap_err().is_invalid_input(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The SQLite store: every line of SQL in the crate, the connection pool,
+//! the pragmas, immediate write transactions, and the schema.
+//!
+//! The rest of the crate speaks in domain terms (runs, states, changes) and
+//! never sees SQL; a second backend is a second store with the same methods.
+//!
+//! # Files
+//!
+//! Beside the database `ledger.db`, SQLite keeps `ledger.db-wal` and
+//! `ledger.db-shm`, and runledger keeps a sidecar folder `ledger.db-runledger/`
+//! for its cross-process file locks (`init.lock` serializes opening and
+//! migrating). The sidecar is named from the *canonical* path of the database,
+//! so every path that reaches the same file (a symlink, `..`) locks the same
+//! sidecar.
+
+mod runs;
+mod schema;
+
+pub(crate) use runs::NewRun;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use r2d2::Pool;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use scheduled_thread_pool::ScheduledThreadPool;
+
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::liveness::ProcessIdentity;
+
+pub(crate) use schema::LATEST as SCHEMA_VERSION;
+
+/// How the store is opened; the builder's settings that concern SQLite.
+#[derive(Clone, Debug)]
+pub(crate) struct StoreConfig {
+    /// The value of `PRAGMA synchronous`.
+    pub synchronous: &'static str,
+    pub busy_timeout: Duration,
+    pub pool_size: u32,
+}
+
+/// The SQLite store of one open ledger.
+pub(crate) struct Store {
+    pool: Pool<SqliteConnectionManager>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, applies pending
+    /// migrations under the cross-process init lock, and starts the pool.
+    pub(crate) fn open(path: &Path, config: &StoreConfig, now: Timestamp) -> Result<Store> {
+        if path.as_os_str().is_empty() {
+            return Err(Error::Open {
+                path: path.into(),
+                reason: "the path is empty".into(),
+                source: None,
+            });
+        }
+        if path.is_dir() {
+            return Err(Error::Open {
+                path: path.into(),
+                reason: "it is a folder, not a database file".into(),
+                source: None,
+            });
+        }
+        refuse_non_sqlite(path)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::create_dir_all(parent).map_err(|e| {
+            Error::open(
+                path,
+                format!("cannot create the folder {}", parent.display()),
+                e,
+            )
+        })?;
+        let canonical = canonical_path(path, parent)
+            .map_err(|e| Error::open(path, "cannot resolve the path", e))?;
+
+        let init_lock = InitLock::acquire(&canonical)
+            .map_err(|e| Error::open(path, "cannot take the init lock in the sidecar folder", e))?;
+        let mut conn = open_connection(&canonical, config).map_err(|e| open_error(path, e))?;
+        match schema::inspect(&conn).map_err(|e| open_error(path, e))? {
+            schema::Found::Foreign(reason) => {
+                return Err(Error::NotALedger {
+                    path: path.into(),
+                    reason,
+                });
+            }
+            schema::Found::Ledger(found) if found > schema::LATEST => {
+                return Err(Error::SchemaTooNew {
+                    path: path.into(),
+                    found,
+                    supported: schema::LATEST,
+                });
+            }
+            schema::Found::Ledger(found) => {
+                if found == 0 {
+                    // Only takes effect on a file with no pages yet.
+                    conn.pragma_update(None, "page_size", schema::PAGE_SIZE)
+                        .map_err(|e| open_error(path, e))?;
+                }
+                let mode: String = conn
+                    .pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
+                    .map_err(|e| open_error(path, e))?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    log::warn!(
+                        "runledger: {} stays in journal mode {mode}, not WAL",
+                        path.display()
+                    );
+                }
+                if found < schema::LATEST {
+                    let applied = schema::migrate(&mut conn, now.as_millis())
+                        .map_err(|e| open_error(path, e))?;
+                    log::info!(
+                        "runledger: {} migrated to schema {} ({applied} migrations)",
+                        path.display(),
+                        schema::LATEST
+                    );
+                }
+            }
+        }
+        drop(conn);
+        drop(init_lock);
+
+        let init_config = config.clone();
+        let manager = SqliteConnectionManager::file(&canonical)
+            .with_flags(open_flags())
+            .with_init(move |c| configure(c, &init_config));
+        let pool = Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(Some(1))
+            .test_on_check_out(false)
+            .max_lifetime(None)
+            .connection_timeout(config.busy_timeout.max(Duration::from_secs(1)))
+            .thread_pool(shared_thread_pool())
+            .build(manager)
+            .map_err(|e| Error::open(path, "cannot open the connection pool", e))?;
+        Ok(Store {
+            pool,
+            path: canonical,
+        })
+    }
+
+    /// The canonical path of the database file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one immediate write transaction and commits it. An error
+    /// from `f` (or from the commit) rolls everything back.
+    ///
+    /// `BEGIN IMMEDIATE` takes the write lock up front, so SQLite's busy
+    /// handler waits for it; a deferred transaction that reads and then writes
+    /// would fail with `SQLITE_BUSY` without waiting. The `BEGIN` and
+    /// `COMMIT` statements are cached like every other statement.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.pool.get()?;
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let mut tx = WriteTx {
+            conn: &conn,
+            open: true,
+        };
+        let value = f(tx.conn)?;
+        tx.conn.prepare_cached("COMMIT")?.execute([])?;
+        tx.open = false;
+        Ok(value)
+    }
+    /// Runs `f` on a pooled connection, outside any explicit transaction.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.pool.get()?;
+        f(&conn)
+    }
+
+    /// Records a new instance (this process's open ledger); returns its id.
+    pub(crate) fn insert_instance(
+        &self,
+        identity: &ProcessIdentity,
+        label: Option<&str>,
+        now: Timestamp,
+    ) -> Result<i64> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO instances (host, boot_id, pid, start_time, label, started_at, heartbeat_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            )?
+            .execute((
+                &identity.host,
+                &identity.boot_id,
+                identity.pid,
+                identity.start_time.map(|t| t as i64),
+                label,
+                now.as_millis(),
+            ))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Marks an instance closed (its process closed the ledger).
+    pub(crate) fn close_instance(&self, id: i64, now: Timestamp) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached("UPDATE instances SET closed_at = ?2 WHERE id = ?1")?
+                .execute((id, now.as_millis()))?;
+            Ok(())
+        })
+    }
+}
+
+/// Rolls back the open write transaction of a connection unless it committed,
+/// so that an error (or a panic) never leaves the pooled connection inside a
+/// transaction.
+struct WriteTx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        if self.open
+            && !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            log::error!("runledger: rollback failed: {e}");
+        }
+    }
+}
+
+fn open_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+}
+
+fn open_connection(path: &Path, config: &StoreConfig) -> rusqlite::Result<Connection> {
+    let mut conn = Connection::open_with_flags(path, open_flags())?;
+    configure(&mut conn, config)?;
+    Ok(conn)
+}
+
+/// The per-connection settings, applied to every pooled connection.
+fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()> {
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {};",
+        config.synchronous
+    ))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Maps an error met while opening to the error a person can act on.
+fn open_error(path: &Path, e: impl Into<Error>) -> Error {
+    let e = e.into();
+    let code = match &e {
+        Error::Storage { source } | Error::Busy { source } => std::error::Error::source(source)
+            .and_then(|s| s.downcast_ref::<rusqlite::Error>())
+            .and_then(rusqlite::Error::sqlite_error_code),
+        _ => None,
+    };
+    match code {
+        Some(ErrorCode::NotADatabase) => Error::NotALedger {
+            path: path.into(),
+            reason: "not a SQLite database".into(),
+        },
+        Some(ErrorCode::CannotOpen) => {
+            Error::open(path, "cannot open or create the database file", e)
+        }
+        Some(ErrorCode::ReadOnly) => Error::open(path, "the location is read-only", e),
+        Some(ErrorCode::PermissionDenied) => Error::open(path, "permission denied", e),
+        _ => e,
+    }
+}
+
+/// Refuses an existing, non-empty file that does not start with SQLite's
+/// header, before anything (the sidecar folder included) is created for it.
+fn refuse_non_sqlite(path: &Path) -> Result<()> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::open(path, "cannot read the database file", e)),
+    };
+    let mut header = [0u8; 16];
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::open(path, "cannot read the database file", e)),
+        }
+    }
+    if read == 0 || header == *SQLITE_HEADER {
+        Ok(())
+    } else {
+        Err(Error::NotALedger {
+            path: path.into(),
+            reason: "not a SQLite database".into(),
+        })
+    }
+}
+
+/// The canonical path of `path`, which may not exist yet: its file if it
+/// does (following symlinks), else its canonical folder joined with its name.
+fn canonical_path(path: &Path, parent: &Path) -> io::Result<PathBuf> {
+    match fs::canonicalize(path) {
+        Ok(p) => Ok(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let name = path.file_name().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name")
+            })?;
+            Ok(fs::canonicalize(parent)?.join(name))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The sidecar folder of a database: `<canonical path>-runledger`.
+fn sidecar_dir(canonical: &Path) -> PathBuf {
+    let mut name = canonical.file_name().unwrap_or_default().to_owned();
+    name.push("-runledger");
+    canonical.with_file_name(name)
+}
+
+/// The cross-process lock held while opening and migrating: an exclusive
+/// `flock` on `<sidecar>/init.lock`, released on drop (or by the kernel if
+/// the process dies).
+struct InitLock(File);
+
+impl InitLock {
+    fn acquire(canonical: &Path) -> io::Result<InitLock> {
+        let dir = sidecar_dir(canonical);
+        fs::create_dir_all(&dir)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("init.lock"))?;
+        // Called through the trait on purpose: std's inherent `File::lock`
+        // would shadow it.
+        fs4::FileExt::lock(&file)?;
+        Ok(InitLock(file))
+    }
+}
+
+impl Drop for InitLock {
+    fn drop(&mut self) {
+        let _ = fs4::FileExt::unlock(&self.0);
+    }
+}
+
+/// One small thread pool shared by every connection pool of the process, for
+/// r2d2's housekeeping (replacing idle connections), instead of three threads
+/// per open ledger.
+fn shared_thread_pool() -> Arc<ScheduledThreadPool> {
+    static POOL: OnceLock<Arc<ScheduledThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(1)
+                .thread_name_pattern("runledger-pool-{}")
+                .build(),
+        )
+    })
+    .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_is_named_from_the_file() {
+        assert_eq!(
+            sidecar_dir(Path::new("/data/runs/ledger.db")),
+            Path::new("/data/runs/ledger.db-runledger")
+        );
+    }
+}

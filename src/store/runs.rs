@@ -1,0 +1,731 @@
+//! SQL for runs, steps and events.
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Row, ToSql};
+
+use super::Store;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
+
+/// A run to insert, already validated and serialized.
+#[derive(Debug)]
+pub(crate) struct NewRun<'a> {
+    pub name: &'a str,
+    pub source: &'a str,
+    pub status: RunStatus,
+    pub parent: Option<RunId>,
+    pub idempotency_key: Option<&'a str>,
+    pub instance: i64,
+    pub pid: u32,
+    pub host: &'a str,
+    pub metadata: Option<String>,
+    pub log_path: Option<String>,
+    pub at: Timestamp,
+}
+
+impl ToSql for RunId {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(i64::from(*self)))
+    }
+}
+
+impl FromSql for RunId {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<RunId> {
+        i64::column_result(value).map(RunId::from)
+    }
+}
+
+impl ToSql for RunStatus {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for RunStatus {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<RunStatus> {
+        value
+            .as_str()?
+            .parse()
+            .map_err(|e| FromSqlError::Other(Box::new(e)))
+    }
+}
+
+impl ToSql for StepStatus {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for StepStatus {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<StepStatus> {
+        let text = value.as_str()?;
+        StepStatus::parse(text)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown step status {text:?}").into()))
+    }
+}
+
+impl ToSql for Timestamp {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_millis()))
+    }
+}
+
+impl FromSql for Timestamp {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Timestamp> {
+        i64::column_result(value).map(Timestamp::from_millis)
+    }
+}
+
+const ACTIVE: &str = "('queued','running')";
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
+}
+
+/// Appends events to one run's chain (see the schema): each new event points
+/// at the previous one, and the caller stores the last id on the run row in
+/// the same transaction.
+struct Chain {
+    run: RunId,
+    last: Option<i64>,
+    at: Timestamp,
+}
+
+impl Chain {
+    fn append(
+        &mut self,
+        tx: &Connection,
+        kind: &str,
+        step: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<()> {
+        tx.prepare_cached(
+            "INSERT INTO events (run_id, prev_id, at, kind, step, from_status, to_status, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute((self.run, self.last, self.at, kind, step, from, to, message))?;
+        self.last = Some(tx.last_insert_rowid());
+        Ok(())
+    }
+}
+
+/// The ids of a run's events, newest first, by walking its chain.
+const EVENT_CHAIN: &str = "
+    WITH RECURSIVE chain(id) AS (
+        SELECT last_event_id FROM runs WHERE id = ?1 AND last_event_id IS NOT NULL
+        UNION ALL
+        SELECT e.prev_id FROM events e JOIN chain c ON e.id = c.id WHERE e.prev_id IS NOT NULL
+    )";
+
+/// The status and event-chain head of a run, read in a write transaction.
+fn run_head(tx: &Connection, run: RunId) -> Result<(RunStatus, Option<i64>)> {
+    tx.prepare_cached("SELECT status, last_event_id FROM runs WHERE id = ?1")?
+        .query_row([run], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .ok_or_else(|| Error::run_not_found(run))
+}
+
+impl Store {
+    /// Inserts a run and its first event. Refuses a second active run with
+    /// the same idempotency key (the unique partial index decides, so two
+    /// racing processes cannot both insert).
+    pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<RunId> {
+        self.write(|tx| {
+            if let Some(parent) = new.parent {
+                let found: Option<i64> = tx
+                    .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
+                    .query_row([parent], |row| row.get(0))
+                    .optional()?;
+                if found.is_none() {
+                    return Err(Error::NotFound {
+                        what: "parent run",
+                        id: parent.to_string(),
+                    });
+                }
+            }
+            let started_at = (new.status == RunStatus::Running).then_some(new.at);
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
+                         instance_id, pid, host, metadata, log_path, created_at, started_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?
+                .execute((
+                    new.name,
+                    new.source,
+                    new.status,
+                    new.parent,
+                    new.idempotency_key,
+                    new.instance,
+                    new.pid,
+                    new.host,
+                    &new.metadata,
+                    &new.log_path,
+                    new.at,
+                    started_at,
+                ));
+            match (inserted, new.idempotency_key) {
+                (Err(e), Some(key)) if is_unique_violation(&e) => {
+                    let existing = tx
+                        .prepare_cached(&format!(
+                            "SELECT id FROM runs WHERE idempotency_key = ?1 AND status IN {ACTIVE}"
+                        ))?
+                        .query_row([key], |row| row.get(0))?;
+                    return Err(Error::Duplicate {
+                        key: key.to_owned(),
+                        existing,
+                    });
+                }
+                (inserted, _) => inserted?,
+            };
+            let id = RunId::from(tx.last_insert_rowid());
+            let mut chain = Chain {
+                run: id,
+                last: None,
+                at: new.at,
+            };
+            chain.append(tx, "status", None, None, Some(new.status.as_str()), None)?;
+            tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
+                .execute((id, chain.last))?;
+            Ok(id)
+        })
+    }
+
+    /// Applies one transition to a run: reads its state in an immediate
+    /// transaction, asks `decide` what to change, and writes that change as a
+    /// compare-and-set on the status it was decided from, with its event.
+    ///
+    /// Returns the state that was decided from and the status after.
+    pub(crate) fn update_run(
+        &self,
+        run: RunId,
+        at: Timestamp,
+        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+    ) -> Result<(RunState, RunStatus)> {
+        self.write(|tx| {
+            let (state, last_event) = tx
+                .prepare_cached(
+                    "SELECT status, steps_total, steps_succeeded, steps_failed,
+                            cancel_requested_at IS NOT NULL, last_event_id
+                     FROM runs WHERE id = ?1",
+                )?
+                .query_row([run], |row| {
+                    let total: u32 = row.get(1)?;
+                    let succeeded: u32 = row.get(2)?;
+                    let failed: u32 = row.get(3)?;
+                    let state = RunState {
+                        status: row.get(0)?,
+                        steps_succeeded: succeeded,
+                        steps_failed: failed,
+                        steps_running: total.saturating_sub(succeeded + failed),
+                        cancel_requested: row.get(4)?,
+                    };
+                    Ok((state, row.get::<_, Option<i64>>(5)?))
+                })
+                .optional()?
+                .ok_or_else(|| Error::run_not_found(run))?;
+            let Some(change) = decide(&state)? else {
+                return Ok((state, state.status));
+            };
+            let mut chain = Chain {
+                run,
+                last: last_event,
+                at,
+            };
+            let (to, changed) = match change {
+                RunChange::Status {
+                    to,
+                    exit_code,
+                    error,
+                } => {
+                    let closed = if to.is_terminal() && state.steps_running > 0 {
+                        close_running_steps(tx, &mut chain)?
+                    } else {
+                        0
+                    };
+                    chain.append(
+                        tx,
+                        "status",
+                        None,
+                        Some(state.status.as_str()),
+                        Some(to.as_str()),
+                        error.as_deref(),
+                    )?;
+                    let changed = tx
+                        .prepare_cached(
+                            "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5,
+                                 started_at = coalesce(started_at, ?6), finished_at = ?7,
+                                 steps_failed = steps_failed + ?8, last_event_id = ?9
+                             WHERE id = ?1 AND status = ?2",
+                        )?
+                        .execute((
+                            run,
+                            state.status,
+                            to,
+                            exit_code,
+                            &error,
+                            (to == RunStatus::Running).then_some(at),
+                            to.is_terminal().then_some(at),
+                            closed,
+                            chain.last,
+                        ))?;
+                    (to, changed)
+                }
+                RunChange::CancelRequest => {
+                    chain.append(tx, "cancel_requested", None, None, None, None)?;
+                    let changed = tx
+                        .prepare_cached(
+                            "UPDATE runs SET cancel_requested_at = ?3, last_event_id = ?4
+                             WHERE id = ?1 AND status = ?2 AND cancel_requested_at IS NULL",
+                        )?
+                        .execute((run, state.status, at, chain.last))?;
+                    (state.status, changed)
+                }
+            };
+            if changed != 1 {
+                // Cannot happen while the write lock is held; refuse rather
+                // than record an event for a change that was not made.
+                return Err(Error::InvalidTransition {
+                    run,
+                    from: state.status,
+                    to,
+                });
+            }
+            Ok((state, to))
+        })
+    }
+
+    /// Whether a cancel was requested for the run.
+    pub(crate) fn cancel_requested(&self, run: RunId) -> Result<bool> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT cancel_requested_at IS NOT NULL FROM runs WHERE id = ?1")?
+                .query_row([run], |row| row.get(0))
+                .optional()?
+                .ok_or_else(|| Error::run_not_found(run))
+        })
+    }
+
+    /// Starts a step of an active run; returns the step's row id.
+    pub(crate) fn insert_step(&self, run: RunId, name: &str, at: Timestamp) -> Result<i64> {
+        self.write(|tx| {
+            let (status, last) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO steps (run_id, name, status, started_at)
+                     VALUES (?1, ?2, 'running', ?3)",
+                )?
+                .execute((run, name, at));
+            match inserted {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Error::invalid(
+                        "step name",
+                        name,
+                        format!("run {run} already has a step of that name"),
+                    ));
+                }
+                inserted => inserted?,
+            };
+            let step = tx.last_insert_rowid();
+            let mut chain = Chain { run, last, at };
+            chain.append(tx, "step", Some(name), None, Some("running"), None)?;
+            tx.prepare_cached(
+                "UPDATE runs SET steps_total = steps_total + 1, last_event_id = ?2 WHERE id = ?1",
+            )?
+            .execute((run, chain.last))?;
+            Ok(step)
+        })
+    }
+
+    /// Ends a running step as `to`.
+    pub(crate) fn finish_step(
+        &self,
+        run: RunId,
+        step: i64,
+        name: &str,
+        to: StepStatus,
+        error: Option<&str>,
+        at: Timestamp,
+    ) -> Result<()> {
+        self.write(|tx| {
+            let (status, last) = run_head(tx, run)?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE steps SET status = ?2, error = ?3, finished_at = ?4
+                     WHERE id = ?1 AND status = 'running'",
+                )?
+                .execute((step, to, error, at))?;
+            if changed == 0 {
+                // Ending a run closes its running steps: the run has ended.
+                return Err(Error::RunFinished { run, status });
+            }
+            let mut chain = Chain { run, last, at };
+            chain.append(
+                tx,
+                "step",
+                Some(name),
+                Some("running"),
+                Some(to.as_str()),
+                error,
+            )?;
+            let (ok, bad) = if to == StepStatus::Succeeded {
+                (1, 0)
+            } else {
+                (0, 1)
+            };
+            tx.prepare_cached(
+                "UPDATE runs SET steps_succeeded = steps_succeeded + ?2,
+                     steps_failed = steps_failed + ?3, last_event_id = ?4
+                 WHERE id = ?1",
+            )?
+            .execute((run, ok, bad, chain.last))?;
+            Ok(())
+        })
+    }
+
+    /// One run with its progress.
+    pub(crate) fn run(&self, run: RunId) -> Result<RunRecord> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
+                .query_row([run], run_record)
+                .optional()?
+                .ok_or_else(|| Error::run_not_found(run))
+        })
+    }
+
+    /// Runs matching `filter`, newest first.
+    ///
+    /// Active runs are read from the `runs_active` index; other filters are
+    /// applied while walking the history newest first, which stops as soon
+    /// as `limit` runs matched.
+    pub(crate) fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        let (sql, params) = runs_query(filter);
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), run_record)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// The steps of a run, in the order they started.
+    pub(crate) fn steps(&self, run: RunId) -> Result<Vec<StepRecord>> {
+        self.read(|conn| {
+            let steps = conn
+                .prepare_cached(
+                    "SELECT name, status, error, started_at, finished_at
+                     FROM steps WHERE run_id = ?1 ORDER BY id",
+                )?
+                .query_map([run], |row| {
+                    Ok(StepRecord {
+                        run,
+                        name: row.get(0)?,
+                        status: row.get(1)?,
+                        error: row.get(2)?,
+                        started_at: row.get(3)?,
+                        finished_at: row.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if steps.is_empty() {
+                ensure_run_exists(conn, run)?;
+            }
+            Ok(steps)
+        })
+    }
+
+    /// The history of a run, in commit order.
+    pub(crate) fn events(&self, run: RunId) -> Result<Vec<EventRecord>> {
+        self.read(|conn| {
+            let events = conn
+                .prepare_cached(&format!(
+                    "{EVENT_CHAIN}
+                     SELECT id, run_id, at, kind, step, from_status, to_status, message
+                     FROM events WHERE id IN chain ORDER BY id"
+                ))?
+                .query_map([run], event_record)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if events.is_empty() {
+                ensure_run_exists(conn, run)?;
+            }
+            Ok(events)
+        })
+    }
+
+    /// One transaction of retention: walks runs oldest first from after
+    /// `after`, looking at up to `batch` of them, and deletes those that ended
+    /// before `cutoff` (with their steps and events).
+    ///
+    /// Returns how many were deleted and where the next batch starts, or
+    /// `None` when the walk reached runs created at or after the cutoff (or
+    /// the end): a run cannot have ended before it was created, so nothing
+    /// past that point qualifies, and a pass never walks the recent history.
+    ///
+    /// The newest run and the run of the newest event are kept, so that
+    /// SQLite never hands out their ids again.
+    pub(crate) fn prune_batch(
+        &self,
+        cutoff: Timestamp,
+        after: i64,
+        batch: usize,
+    ) -> Result<(usize, Option<i64>)> {
+        self.write(|tx| {
+            let keep: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT max(id) FROM runs
+                     UNION ALL SELECT run_id FROM events WHERE id = (SELECT max(id) FROM events)",
+                )?
+                .query_map([], |row| row.get::<_, Option<i64>>(0))?
+                .filter_map(|id| id.transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            let candidates = tx
+                .prepare_cached(
+                    "SELECT id, created_at, status, finished_at FROM runs
+                     WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )?
+                .query_map((after, i64::try_from(batch).unwrap_or(i64::MAX)), |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, Timestamp>(1)?,
+                        row.get::<_, RunStatus>(2)?,
+                        row.get::<_, Option<Timestamp>>(3)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut delete_events = tx.prepare_cached(&format!(
+                "{EVENT_CHAIN} DELETE FROM events WHERE id IN chain"
+            ))?;
+            let mut delete_run = tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?;
+            let mut deleted = 0;
+            let mut next = Some(after);
+            for (id, created_at, status, finished_at) in &candidates {
+                if *created_at >= cutoff {
+                    next = None;
+                    break;
+                }
+                next = Some(*id);
+                let ended_before_cutoff = finished_at.is_some_and(|t| t < cutoff);
+                if status.is_terminal() && ended_before_cutoff && !keep.contains(id) {
+                    delete_events.execute([id])?;
+                    delete_run.execute([id])?;
+                    deleted += 1;
+                }
+            }
+            if candidates.len() < batch {
+                next = None;
+            }
+            Ok((deleted, next))
+        })
+    }
+}
+
+/// The SQL and parameters that list the runs matching `filter`.
+fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
+    let mut sql = format!("{RUN_SELECT} WHERE 1");
+    let mut params: Vec<Box<dyn ToSql>> = Vec::new();
+    let mut param = |sql: &mut String, clause: &str, value: Box<dyn ToSql>| {
+        params.push(value);
+        sql.push_str(&clause.replace('?', &format!("?{}", params.len())));
+    };
+    if !filter.statuses.is_empty() {
+        if filter.statuses.iter().all(|s| s.is_active()) {
+            // The partial index's own condition, verbatim, so that SQLite
+            // uses the index.
+            sql.push_str(&format!(" AND r.status IN {ACTIVE}"));
+        }
+        let list = filter
+            .statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        sql.push_str(&format!(" AND r.status IN ({list})"));
+    }
+    if let Some(name) = &filter.name {
+        param(&mut sql, " AND r.name = ?", Box::new(name.clone()));
+    }
+    if let Some(source) = &filter.source {
+        param(&mut sql, " AND r.source = ?", Box::new(source.clone()));
+    }
+    if let Some(since) = filter.since {
+        param(&mut sql, " AND r.created_at >= ?", Box::new(since));
+    }
+    if let Some(until) = filter.until {
+        param(&mut sql, " AND r.created_at < ?", Box::new(until));
+    }
+    if let Some(before) = filter.before {
+        param(&mut sql, " AND r.id < ?", Box::new(before));
+    }
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    param(&mut sql, " ORDER BY r.id DESC LIMIT ?", Box::new(limit));
+    (sql, params)
+}
+
+fn ensure_run_exists(conn: &Connection, run: RunId) -> Result<()> {
+    conn.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
+        .query_row([run], |_| Ok(()))
+        .optional()?
+        .ok_or_else(|| Error::run_not_found(run))
+}
+
+/// Fails every step of the chain's run still running (its run is ending);
+/// returns how many, each with its own event.
+fn close_running_steps(tx: &Connection, chain: &mut Chain) -> Result<u32> {
+    let running = tx
+        .prepare_cached("SELECT id, name FROM steps WHERE run_id = ?1 AND status = 'running'")?
+        .query_map([chain.run], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut close = tx.prepare_cached(
+        "UPDATE steps SET status = 'failed', error = ?2, finished_at = ?3
+         WHERE id = ?1 AND status = 'running'",
+    )?;
+    for (id, name) in &running {
+        close.execute((id, STEP_LEFT_RUNNING, chain.at))?;
+        chain.append(
+            tx,
+            "step",
+            Some(name),
+            Some("running"),
+            Some("failed"),
+            Some(STEP_LEFT_RUNNING),
+        )?;
+    }
+    Ok(running.len() as u32)
+}
+
+const RUN_SELECT: &str = "
+    SELECT r.id, r.name, r.source, r.status, r.parent_id, r.idempotency_key, r.instance_id,
+           r.pid, r.host, r.exit_code, r.error, r.metadata, r.log_path, r.created_at,
+           r.started_at, r.heartbeat_at, r.finished_at, r.cancel_requested_at,
+           r.steps_total, r.steps_succeeded, r.steps_failed,
+           CASE WHEN r.steps_total > r.steps_succeeded + r.steps_failed THEN
+               (SELECT s.name FROM steps s
+                WHERE s.run_id = r.id AND s.status = 'running' ORDER BY s.id DESC LIMIT 1)
+           END
+    FROM runs r";
+
+fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
+    let metadata = match row.get_ref(11)?.as_str_or_null()? {
+        None => serde_json::Value::Null,
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+    };
+    let total: u32 = row.get(18)?;
+    let succeeded: u32 = row.get(19)?;
+    let failed: u32 = row.get(20)?;
+    Ok(RunRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        source: row.get(2)?,
+        status: row.get(3)?,
+        parent: row.get(4)?,
+        idempotency_key: row.get(5)?,
+        instance: row.get(6)?,
+        pid: row.get(7)?,
+        host: row.get(8)?,
+        exit_code: row.get(9)?,
+        error: row.get(10)?,
+        metadata,
+        log_path: row.get::<_, Option<String>>(12)?.map(Into::into),
+        created_at: row.get(13)?,
+        started_at: row.get(14)?,
+        heartbeat_at: row.get(15)?,
+        finished_at: row.get(16)?,
+        cancel_requested_at: row.get(17)?,
+        progress: Progress {
+            total,
+            succeeded,
+            failed,
+            running: total.saturating_sub(succeeded + failed),
+            current: row.get(21)?,
+        },
+    })
+}
+
+fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
+    let kind: String = row.get(3)?;
+    let kind = match kind.as_str() {
+        "status" => EventKind::Status {
+            from: row.get(5)?,
+            to: row.get(6)?,
+        },
+        "step" => EventKind::Step {
+            step: row.get(4)?,
+            from: row.get(5)?,
+            to: row.get(6)?,
+        },
+        "cancel_requested" => EventKind::CancelRequested,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                format!("unknown event kind {other:?}").into(),
+            ));
+        }
+    };
+    Ok(EventRecord {
+        id: row.get(0)?,
+        run: row.get(1)?,
+        at: row.get(2)?,
+        kind,
+        message: row.get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str, params: &[Box<dyn ToSql>]) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+        .join("; ")
+    }
+
+    /// Listing active runs and reading one run use an index, never a scan of
+    /// the history.
+    #[test]
+    fn the_active_list_and_one_run_read_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn, 0).unwrap();
+        for filter in [
+            RunFilter::default().active(),
+            RunFilter::default().status(RunStatus::Running),
+            RunFilter::default().status(RunStatus::Queued).name("x"),
+        ] {
+            let (sql, params) = runs_query(&filter);
+            let plan = plan(&conn, &sql, &params);
+            assert!(
+                plan.contains("USING INDEX runs_active"),
+                "{filter:?}: {plan}"
+            );
+        }
+        let plan = plan(
+            &conn,
+            &format!("{RUN_SELECT} WHERE r.id = ?1"),
+            &[Box::new(1)],
+        );
+        assert!(
+            plan.starts_with("SEARCH r USING INTEGER PRIMARY KEY"),
+            "{plan}"
+        );
+        assert!(plan.contains("steps_running"), "{plan}");
+    }
+}

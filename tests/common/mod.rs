@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use runledger::{Ledger, ManualClock, Timestamp};
+
+/// A fresh ledger in a temporary folder, with a manual clock.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+    pub ledger: Ledger,
+}
+
+pub const T0: Timestamp = Timestamp::from_millis(1_763_799_302_000);
+
+pub fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let ledger = Ledger::builder(dir.path().join("ledger.db"))
+        .clock(clock.clone())
+        .open()
+        .unwrap();
+    Fixture { dir, clock, ledger }
+}
+
+/// The `worker` example: a real process that does one ledger operation.
+///
+/// `cargo test` builds the examples before it runs the tests; when a test is
+/// run alone (`cargo test --test NAME`) they may be missing or stale, so the
+/// first call builds it once.
+pub fn worker() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--example", "worker"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the worker example failed");
+        // tests run from target/<profile>/deps/; examples live beside deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap();
+        let path = profile_dir
+            .join("examples")
+            .join(format!("worker{}", std::env::consts::EXE_SUFFIX));
+        assert!(path.exists(), "{} missing", path.display());
+        path
+    })
+}
+
+/// Starts the worker with `args`, stdout piped.
+pub fn spawn_worker(db: &Path, args: &[&str]) -> Child {
+    Command::new(worker())
+        .arg(db)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker starts")
+}
+
+/// Waits for a worker and returns its stdout lines, asserting it exited 0.
+pub fn finish(child: Child) -> Vec<String> {
+    let out: Output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "worker failed: {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().map(str::to_owned).collect()
+}
+
+/// A Unix time in milliseconds `ms` from now: an instant for several
+/// processes to act at together.
+pub fn instant_in(ms: u64) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    (now + Duration::from_millis(ms)).as_millis().to_string()
+}
+
+/// The bytes of a file, to prove it was not modified.
+pub fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}

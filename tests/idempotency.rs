@@ -1,0 +1,94 @@
+//! Idempotency keys: at most one active run per key, across processes.
+
+mod common;
+
+use common::{finish, fixture, instant_in, spawn_worker};
+use runledger::{Error, RunFilter, RunSpec, RunStatus};
+
+#[test]
+fn a_second_active_run_with_the_key_is_refused() {
+    let f = fixture();
+    let spec = RunSpec::new("sync").idempotency_key("sync:2026-11-22");
+    let first = f.ledger.begin_run(spec.clone()).unwrap();
+    let first_id = first.id();
+    let err = f.ledger.begin_run(spec.clone()).unwrap_err();
+    match &err {
+        Error::Duplicate { key, existing } => {
+            assert_eq!((key.as_str(), *existing), ("sync:2026-11-22", first.id()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.is_duplicate());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "run {} is already active with idempotency key \"sync:2026-11-22\"",
+            first.id()
+        )
+    );
+    // Nothing was inserted for the refused call.
+    assert_eq!(f.ledger.runs(RunFilter::default()).unwrap().len(), 1);
+    // A queued run holds the key too.
+    first.succeed().unwrap();
+    let queued = f.ledger.begin_run(spec.clone().queued()).unwrap();
+    assert!(f.ledger.begin_run(spec.clone()).unwrap_err().is_duplicate());
+    f.ledger.cancel(queued.id()).unwrap();
+    // Once the holder ended, the key is free again.
+    let again = f.ledger.begin_run(spec).unwrap();
+    assert_ne!(again.id(), first_id);
+    again.succeed().unwrap();
+}
+
+#[test]
+fn different_keys_do_not_collide() {
+    let f = fixture();
+    let a = f
+        .ledger
+        .begin_run(RunSpec::new("x").idempotency_key("a"))
+        .unwrap();
+    let b = f
+        .ledger
+        .begin_run(RunSpec::new("x").idempotency_key("b"))
+        .unwrap();
+    let c = f.ledger.begin_run(RunSpec::new("x")).unwrap();
+    let d = f.ledger.begin_run(RunSpec::new("x")).unwrap();
+    for run in [a, b, c, d] {
+        run.succeed().unwrap();
+    }
+}
+
+/// Six processes begin a run with one key at the same instant: exactly one
+/// starts, and the others are told which run it is.
+#[test]
+fn racing_processes_start_exactly_one_run() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let at = instant_in(400);
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            spawn_worker(
+                &db,
+                &[
+                    "begin",
+                    "import",
+                    "--key",
+                    "import:batch-7",
+                    "--at",
+                    &at,
+                    "--hold-ms",
+                    "600",
+                ],
+            )
+        })
+        .collect();
+    let lines: Vec<String> = children.into_iter().map(|c| finish(c).remove(0)).collect();
+    let started: Vec<&String> = lines.iter().filter(|l| l.starts_with("started ")).collect();
+    assert_eq!(started.len(), 1, "{lines:?}");
+    let id = started[0].strip_prefix("started ").unwrap();
+    for line in lines.iter().filter(|l| !l.starts_with("started ")) {
+        assert_eq!(line, &format!("duplicate {id}"), "{lines:?}");
+    }
+    let runs = f.ledger.runs(RunFilter::default().name("import")).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Succeeded);
+}

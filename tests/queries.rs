@@ -1,0 +1,168 @@
+//! Listing and reading runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{T0, fixture};
+use runledger::{RunFilter, RunId, RunSpec, RunStatus};
+
+/// Makes runs named `name-i` one second apart, ending each as `end` says.
+fn seed(f: &common::Fixture) -> Vec<RunId> {
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let source = if i % 2 == 0 { "terminal" } else { "worker" };
+        let run = f
+            .ledger
+            .begin_run(RunSpec::new(format!("job-{}", i % 3)).source(source))
+            .unwrap();
+        ids.push(run.id());
+        match i % 3 {
+            0 => drop(run.succeed().unwrap()),
+            1 => drop(run.fail("x").unwrap()),
+            _ => std::mem::forget(run), // stays running
+        }
+        f.clock.advance(Duration::from_secs(1));
+    }
+    ids
+}
+
+fn ids(runs: &[runledger::RunRecord]) -> Vec<i64> {
+    runs.iter().map(|r| i64::from(r.id)).collect()
+}
+
+#[test]
+fn runs_are_listed_newest_first_with_every_filter() {
+    let f = fixture();
+    let all = seed(&f);
+    let n = |i: usize| i64::from(all[i]);
+    let list = |filter: RunFilter| ids(&f.ledger.runs(filter).unwrap());
+
+    assert_eq!(
+        list(RunFilter::default()),
+        (0..9).rev().map(n).collect::<Vec<_>>()
+    );
+    assert_eq!(list(RunFilter::default().active()), vec![n(8), n(5), n(2)]);
+    assert_eq!(
+        list(RunFilter::default().status(RunStatus::Running)),
+        vec![n(8), n(5), n(2)]
+    );
+    assert_eq!(
+        list(RunFilter::default().status(RunStatus::Failed)),
+        vec![n(7), n(4), n(1)]
+    );
+    assert_eq!(
+        list(
+            RunFilter::default()
+                .statuses([RunStatus::Failed, RunStatus::Succeeded])
+                .limit(4)
+        ),
+        vec![n(7), n(6), n(4), n(3)]
+    );
+    assert_eq!(
+        list(RunFilter::default().name("job-0")),
+        vec![n(6), n(3), n(0)]
+    );
+    assert_eq!(
+        list(RunFilter::default().source("worker")),
+        vec![n(7), n(5), n(3), n(1)]
+    );
+    assert_eq!(
+        list(RunFilter::default().name("job-1").source("worker")),
+        vec![n(7), n(1)]
+    );
+    let t = |s: u64| T0.saturating_add(Duration::from_secs(s));
+    assert_eq!(
+        list(RunFilter::default().since(t(6))),
+        vec![n(8), n(7), n(6)]
+    );
+    assert_eq!(list(RunFilter::default().until(t(2))), vec![n(1), n(0)]);
+    assert_eq!(
+        list(RunFilter::default().since(t(2)).until(t(4))),
+        vec![n(3), n(2)]
+    );
+    assert!(list(RunFilter::default().name("nope")).is_empty());
+}
+
+#[test]
+fn paging_walks_the_whole_history_once() {
+    let f = fixture();
+    let all = seed(&f);
+    let mut seen = Vec::new();
+    let mut filter = RunFilter::default().limit(4);
+    loop {
+        let page = f.ledger.runs(filter.clone()).unwrap();
+        let Some(last) = page.last() else { break };
+        filter = filter.before(last.id);
+        seen.extend(ids(&page));
+    }
+    let mut expected: Vec<i64> = all.iter().map(|&id| i64::from(id)).collect();
+    expected.reverse();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn the_default_limit_is_one_hundred() {
+    let f = fixture();
+    for _ in 0..(RunFilter::DEFAULT_LIMIT + 5) {
+        f.ledger
+            .begin_run(RunSpec::new("many"))
+            .unwrap()
+            .succeed()
+            .unwrap();
+    }
+    assert_eq!(
+        f.ledger.runs(RunFilter::default()).unwrap().len(),
+        RunFilter::DEFAULT_LIMIT
+    );
+    assert_eq!(
+        f.ledger
+            .runs(RunFilter::default().limit(usize::MAX))
+            .unwrap()
+            .len(),
+        105
+    );
+}
+
+#[test]
+fn unknown_ids_are_not_found_everywhere() {
+    let f = fixture();
+    let missing = RunId::from(4242);
+    for err in [
+        f.ledger.run(missing).unwrap_err(),
+        f.ledger.steps(missing).unwrap_err(),
+        f.ledger.events(missing).unwrap_err(),
+        f.ledger.cancel(missing).unwrap_err(),
+        f.ledger
+            .begin_run(RunSpec::new("child").parent(missing))
+            .unwrap_err(),
+    ] {
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(err.to_string().contains("4242"), "{err}");
+    }
+}
+
+#[test]
+fn every_timestamp_comes_from_the_injected_clock() {
+    let f = fixture();
+    let run = f.ledger.begin_run(RunSpec::new("timed")).unwrap();
+    let id = run.id();
+    f.clock.advance(Duration::from_millis(1500));
+    let step = run.step("s").unwrap();
+    f.clock.advance(Duration::from_millis(500));
+    step.succeed().unwrap();
+    f.clock.advance(Duration::from_secs(1));
+    run.succeed().unwrap();
+    let r = f.ledger.run(id).unwrap();
+    assert_eq!(r.created_at, T0);
+    assert_eq!(
+        r.finished_at,
+        Some(T0.saturating_add(Duration::from_secs(3)))
+    );
+    let s = &f.ledger.steps(id).unwrap()[0];
+    assert_eq!(s.started_at, T0.saturating_add(Duration::from_millis(1500)));
+    assert_eq!(
+        s.finished_at,
+        Some(T0.saturating_add(Duration::from_secs(2)))
+    );
+}

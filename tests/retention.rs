@@ -1,0 +1,90 @@
+//! Pruning finished runs by age, with the injected clock.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fixture;
+use runledger::{RunFilter, RunSpec, RunStatus};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[test]
+fn prune_deletes_old_finished_runs_with_their_steps_and_events() {
+    let f = fixture();
+    let old = f.ledger.begin_run(RunSpec::new("old")).unwrap();
+    old.step("s").unwrap().succeed().unwrap();
+    let old_id = old.id();
+    old.succeed().unwrap();
+    let still_running = f.ledger.begin_run(RunSpec::new("long")).unwrap();
+    f.clock.advance(10 * DAY);
+    let recent = f.ledger.begin_run(RunSpec::new("recent")).unwrap();
+    let recent_id = recent.id();
+    recent.succeed().unwrap();
+
+    assert_eq!(f.ledger.prune(7 * DAY).unwrap(), 1);
+    assert!(f.ledger.run(old_id).unwrap_err().is_not_found());
+    assert!(f.ledger.events(old_id).unwrap_err().is_not_found());
+    // No orphaned steps or events remain.
+    let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
+    let orphans: i64 = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM steps WHERE run_id = ?1) + (SELECT count(*) FROM events WHERE run_id = ?1)",
+            [i64::from(old_id)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(orphans, 0);
+    // Active and recent runs stay, with their whole history.
+    assert_eq!(
+        f.ledger.run(still_running.id()).unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(f.ledger.events(recent_id).unwrap().len(), 2);
+    // Nothing more to prune.
+    assert_eq!(f.ledger.prune(7 * DAY).unwrap(), 0);
+    still_running.succeed().unwrap();
+}
+
+#[test]
+fn a_run_that_ended_recently_is_kept_however_old_its_start() {
+    let f = fixture();
+    let long = f.ledger.begin_run(RunSpec::new("long")).unwrap();
+    let id = long.id();
+    f.clock.advance(30 * DAY);
+    long.succeed().unwrap();
+    f.ledger
+        .begin_run(RunSpec::new("newest"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+    assert_eq!(f.ledger.prune(7 * DAY).unwrap(), 0);
+    f.clock.advance(8 * DAY);
+    assert_eq!(f.ledger.prune(7 * DAY).unwrap(), 1);
+    assert!(f.ledger.run(id).unwrap_err().is_not_found());
+}
+
+#[test]
+fn prune_works_in_batches_and_never_reuses_ids() {
+    let f = fixture();
+    for _ in 0..1_203 {
+        f.ledger
+            .begin_run(RunSpec::new("bulk"))
+            .unwrap()
+            .succeed()
+            .unwrap();
+    }
+    let newest = f.ledger.runs(RunFilter::default().limit(1)).unwrap()[0].id;
+    f.clock.advance(2 * DAY);
+    // Everything is old; the newest run is kept so that its id stays taken.
+    assert_eq!(f.ledger.prune(DAY).unwrap(), 1_202);
+    let left = f.ledger.runs(RunFilter::default()).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, newest);
+    let next = f.ledger.begin_run(RunSpec::new("after")).unwrap();
+    assert!(next.id() > newest, "{} after {newest}", next.id());
+    // Event ids keep growing too.
+    let last_event = f.ledger.events(newest).unwrap().last().unwrap().id;
+    assert!(f.ledger.events(next.id()).unwrap()[0].id > last_event);
+    next.succeed().unwrap();
+}
