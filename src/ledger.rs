@@ -81,7 +81,7 @@ impl Builder {
     }
 
     /// How long a write waits for other writers before failing with
-    /// [`Error::Busy`]. Writers normally wait microseconds to milliseconds;
+    /// [`Error::Busy`](crate::Error::Busy). Writers normally wait microseconds to milliseconds;
     /// this bounds pathological cases. Defaults to 30 seconds.
     pub fn busy_timeout(mut self, timeout: Duration) -> Builder {
         self.busy_timeout = timeout;
@@ -124,12 +124,12 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// - [`Error::Open`] if the location cannot be created or written (the
+    /// - [`Error::Open`](crate::Error::Open) if the location cannot be created or written (the
     ///   error names the path);
-    /// - [`Error::NotALedger`] for a file that is not a SQLite database, or is
+    /// - [`Error::NotALedger`](crate::Error::NotALedger) for a file that is not a SQLite database, or is
     ///   another application's;
-    /// - [`Error::SchemaTooNew`] for a ledger written by a newer version;
-    /// - [`Error::InvalidInput`] for a bad label.
+    /// - [`Error::SchemaTooNew`](crate::Error::SchemaTooNew) for a ledger written by a newer version;
+    /// - [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad label.
     ///
     /// The last three leave the file untouched.
     pub fn open(self) -> Result<Ledger> {
@@ -268,11 +268,11 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// - [`Error::InvalidInput`] for a bad name, source or idempotency key,
+    /// - [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad name, source or idempotency key,
     ///   metadata over the size limit, or a non-UTF-8 log path;
-    /// - [`Error::Duplicate`] if an active run holds the spec's idempotency
+    /// - [`Error::Duplicate`](crate::Error::Duplicate) if an active run holds the spec's idempotency
     ///   key (nothing is started; `existing` names that run);
-    /// - [`Error::NotFound`] if the spec's parent does not exist.
+    /// - [`Error::NotFound`](crate::Error::NotFound) if the spec's parent does not exist.
     ///
     /// # Examples
     ///
@@ -323,7 +323,7 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if no run has this id (or it was pruned).
+    /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id (or it was pruned).
     pub fn run(&self, id: RunId) -> Result<RunRecord> {
         self.inner.store.run(id)
     }
@@ -357,7 +357,7 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if no run has this id.
+    /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id.
     pub fn steps(&self, id: RunId) -> Result<Vec<StepRecord>> {
         self.inner.store.steps(id)
     }
@@ -367,7 +367,7 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if no run has this id.
+    /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id.
     pub fn events(&self, id: RunId) -> Result<Vec<EventRecord>> {
         self.inner.store.events(id)
     }
@@ -383,7 +383,7 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if no run has this id.
+    /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id.
     ///
     /// # Examples
     ///
