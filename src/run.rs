@@ -332,7 +332,7 @@ pub(crate) enum Outcome {
     Fail(String),
     Cancelled,
     /// The guard was dropped without an outcome; the text is the reason.
-    Dropped(&'static str),
+    Dropped(String),
 }
 
 /// The reason written on a step that was still running when its run ended.
@@ -354,7 +354,7 @@ impl Outcome {
             ),
             Outcome::Fail(reason) => (RunStatus::Failed, None, Some(reason.clone())),
             Outcome::Cancelled => (RunStatus::Cancelled, None, None),
-            Outcome::Dropped(reason) => (RunStatus::Failed, None, Some((*reason).to_owned())),
+            Outcome::Dropped(reason) => (RunStatus::Failed, None, Some(reason.clone())),
         };
         if state.status.can_become(to) {
             Ok(Some(RunChange::Status {
@@ -415,13 +415,22 @@ pub(crate) fn cancel_change(state: &RunState) -> Option<RunChange> {
 /// without one (an early return, a `?`, a panic), the run is still closed, as
 /// `failed` with the reason `dropped without outcome` (or `panicked` while
 /// unwinding). Drop never panics; an error while closing is logged.
+///
+/// If an outcome cannot be written (the database stayed locked past the
+/// busy timeout, an I/O error), the outcome method returns the error and the
+/// guard, already consumed, tries once more to close the run as `failed`
+/// with the reason `its outcome could not be recorded: …`. Drop therefore
+/// waits at most the builder's busy timeout, and only when the database is
+/// that busy.
 #[must_use = "dropping a Run closes it as failed; end it with succeed(), fail(), exit() or cancelled()"]
 #[derive(Debug)]
 pub struct Run {
     ledger: Ledger,
     id: RunId,
-    /// False once an outcome was written (or tried): Drop does nothing then.
+    /// True while Drop must still close the run.
     open: bool,
+    /// Why the last outcome could not be written, for Drop's reason.
+    unrecorded: Option<String>,
 }
 
 impl Run {
@@ -430,6 +439,7 @@ impl Run {
             ledger,
             id,
             open: true,
+            unrecorded: None,
         }
     }
 
@@ -503,6 +513,7 @@ impl Run {
             id,
             name,
             open: true,
+            unrecorded: None,
         })
     }
 
@@ -566,16 +577,31 @@ impl Run {
 
     fn finish(&mut self, outcome: Outcome) -> Result<RunStatus> {
         let result = self.ledger.finish_run(self.id, &outcome);
-        // An outcome the state machine refused while the run is still active
-        // (succeed on a queued run) leaves the run to Drop, which closes it:
-        // a consumed guard must never leave its run active. Any other result
-        // means the run ended, or the outcome reached storage and failed
-        // there; writing a second, different outcome would be wrong.
-        self.open = matches!(
-            result,
-            Err(Error::InvalidTransition { from, .. }) if from.is_active()
-        );
+        self.open = match &result {
+            Ok(_) | Err(Error::NotFound { .. }) => false,
+            // The state machine refused: nothing changed. A run still active
+            // (succeed on a queued run) is left to Drop, which closes it.
+            Err(Error::InvalidTransition { from, .. }) => from.is_active(),
+            // Storage failed, so nothing was written (each write is one
+            // transaction): Drop tries once more to close the run as failed
+            // rather than leave it active with no guard to end it.
+            Err(e) => {
+                self.unrecorded = Some(format!("its outcome could not be recorded: {e}"));
+                true
+            }
+        };
         result
+    }
+}
+
+/// The reason Drop gives for a guard it closes.
+fn drop_reason(unrecorded: &mut Option<String>) -> String {
+    if std::thread::panicking() {
+        "panicked".to_owned()
+    } else {
+        unrecorded
+            .take()
+            .unwrap_or_else(|| "dropped without outcome".to_owned())
     }
 }
 
@@ -584,14 +610,11 @@ impl Drop for Run {
         if !self.open {
             return;
         }
-        let reason = if std::thread::panicking() {
-            "panicked"
-        } else {
-            "dropped without outcome"
-        };
-        if let Err(e) = self.finish(Outcome::Dropped(reason)) {
+        let reason = drop_reason(&mut self.unrecorded);
+        if let Err(e) = self.finish(Outcome::Dropped(reason.clone())) {
             log::error!("runledger: could not close run {} ({reason}): {e}", self.id);
         }
+        self.open = false;
     }
 }
 
@@ -607,7 +630,10 @@ pub struct Step<'r> {
     run: &'r Run,
     id: i64,
     name: String,
+    /// True while Drop must still close the step.
     open: bool,
+    /// Why the last outcome could not be written, for Drop's reason.
+    unrecorded: Option<String>,
 }
 
 impl Step<'_> {
@@ -637,10 +663,19 @@ impl Step<'_> {
     }
 
     fn finish(&mut self, to: StepStatus, error: Option<String>) -> Result<()> {
-        self.open = false;
-        self.run
+        let result = self
+            .run
             .ledger
-            .finish_step(self.run.id, self.id, &self.name, to, error)
+            .finish_step(self.run.id, self.id, &self.name, to, error);
+        // As for a run: only a storage failure leaves the step to Drop.
+        self.open = match &result {
+            Ok(()) | Err(Error::RunFinished { .. } | Error::NotFound { .. }) => false,
+            Err(e) => {
+                self.unrecorded = Some(format!("its outcome could not be recorded: {e}"));
+                true
+            }
+        };
+        result
     }
 }
 
@@ -649,12 +684,9 @@ impl Drop for Step<'_> {
         if !self.open {
             return;
         }
-        let reason = if std::thread::panicking() {
-            "panicked"
-        } else {
-            "dropped without outcome"
-        };
-        match self.finish(StepStatus::Failed, Some(reason.to_owned())) {
+        let reason = drop_reason(&mut self.unrecorded);
+        match self.finish(StepStatus::Failed, Some(reason.clone())) {
+            // The run ended first and closed the step itself.
             Ok(()) | Err(Error::RunFinished { .. }) => {}
             Err(e) => log::error!(
                 "runledger: could not close step {:?} of run {} ({reason}): {e}",
@@ -662,6 +694,7 @@ impl Drop for Step<'_> {
                 self.run.id
             ),
         }
+        self.open = false;
     }
 }
 
@@ -759,7 +792,7 @@ mod tests {
         // A queued run can fail or be cancelled but not succeed.
         assert!(decided(Outcome::Succeed, state(Queued, 0, 0, 0)).is_err());
         assert_eq!(
-            decided(Outcome::Dropped("x"), state(Queued, 0, 0, 0)).unwrap(),
+            decided(Outcome::Dropped("x".into()), state(Queued, 0, 0, 0)).unwrap(),
             Some(Failed)
         );
         assert_eq!(

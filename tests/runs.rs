@@ -456,3 +456,66 @@ fn work_across_processes_is_visible_to_all() {
     assert_ne!(r.pid, std::process::id());
     assert_ne!(r.instance, f.ledger.instance_id());
 }
+
+/// Holds SQLite's write lock from another connection for `hold`, like a
+/// stuck writer in another process.
+fn hold_write_lock(db: &std::path::Path, hold: Duration) -> std::thread::JoinHandle<()> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        conn.execute_batch("COMMIT").unwrap();
+    })
+}
+
+/// Regression: an outcome that could not be written used to consume the
+/// guard and leave the run `running` with no one to end it.
+#[test]
+fn an_outcome_that_cannot_be_written_still_closes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let ledger = runledger::Ledger::builder(&db)
+        .busy_timeout(Duration::from_millis(400))
+        .open()
+        .unwrap();
+    let run = ledger.begin_run(RunSpec::new("unlucky")).unwrap();
+    let id = run.id();
+    // The lock outlives the outcome's wait (400 ms) but not the guard's
+    // second try (400 to 800 ms).
+    let holder = hold_write_lock(&db, Duration::from_millis(600));
+    let err = run.succeed().unwrap_err();
+    assert!(err.is_busy(), "{err:?}");
+    holder.join().unwrap();
+    let r = ledger.run(id).unwrap();
+    assert_eq!(r.status, RunStatus::Failed);
+    let reason = r.error.unwrap();
+    assert!(
+        reason.starts_with("its outcome could not be recorded"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_step_outcome_that_cannot_be_written_still_closes_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let ledger = runledger::Ledger::builder(&db)
+        .busy_timeout(Duration::from_millis(400))
+        .open()
+        .unwrap();
+    let run = ledger.begin_run(RunSpec::new("unlucky")).unwrap();
+    let step = run.step("s").unwrap();
+    let holder = hold_write_lock(&db, Duration::from_millis(600));
+    assert!(step.succeed().unwrap_err().is_busy());
+    holder.join().unwrap();
+    let steps = ledger.steps(run.id()).unwrap();
+    assert_eq!(steps[0].status, StepStatus::Failed);
+    assert!(
+        steps[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("its outcome could not be recorded")
+    );
+    assert_eq!(run.succeed().unwrap(), RunStatus::Failed);
+}
