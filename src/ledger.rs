@@ -141,10 +141,9 @@ impl Builder {
             busy_timeout: self.busy_timeout,
             pool_size: self.pool_size,
         };
-        let now = self.clock.now();
-        let store = Store::open(&self.path, &config, now)?;
+        let store = Store::open(&self.path, &config, self.clock.clone())?;
         let identity = ProcessIdentity::current();
-        let instance = store.insert_instance(&identity, self.label.as_deref(), now)?;
+        let instance = store.insert_instance(&identity, self.label.as_deref())?;
         log::debug!(
             "runledger: opened {} as instance {instance}",
             store.path().display()
@@ -195,7 +194,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.store.close_instance(self.instance, self.clock.now()) {
+        if let Err(e) = self.store.close_instance(self.instance) {
             log::warn!("runledger: could not close instance {}: {e}", self.instance);
         }
     }
@@ -313,7 +312,6 @@ impl Ledger {
             host: &inner.identity.host,
             metadata,
             log_path,
-            at: inner.clock.now(),
         })?;
         log::debug!("runledger: run {id} ({}) begun", spec.name);
         Ok(Run::new(self.clone(), id))
@@ -445,7 +443,7 @@ impl Ledger {
         id: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
     ) -> Result<(RunState, RunStatus)> {
-        self.inner.store.update_run(id, self.now(), decide)
+        self.inner.store.update_run(id, decide)
     }
 
     pub(crate) fn finish_run(&self, id: RunId, outcome: &Outcome) -> Result<RunStatus> {
@@ -459,7 +457,7 @@ impl Ledger {
     }
 
     pub(crate) fn begin_step(&self, run: RunId, name: &str) -> Result<i64> {
-        self.inner.store.insert_step(run, name, self.now())
+        self.inner.store.insert_step(run, name)
     }
 
     pub(crate) fn finish_step(
@@ -472,7 +470,7 @@ impl Ledger {
     ) -> Result<()> {
         self.inner
             .store
-            .finish_step(run, step, name, to, error.as_deref(), self.now())
+            .finish_step(run, step, name, to, error.as_deref())
     }
 }
 

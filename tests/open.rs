@@ -150,23 +150,112 @@ fn an_unwritable_location_names_the_path() {
     assert!(std::error::Error::source(&err).is_some());
 }
 
-#[cfg(unix)]
-#[test]
-fn a_read_only_folder_is_reported_when_permissions_apply() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let ro = dir.path().join("ro");
-    std::fs::create_dir(&ro).unwrap();
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
-    let db = ro.join("ledger.db");
-    let result = Ledger::open(&db);
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // Root ignores folder permissions; anyone else must get a clear error.
-    if std::fs::File::create(ro.join("probe")).is_err() || result.is_err() {
-        let err = result.unwrap_err();
-        assert!(matches!(err, Error::Open { .. }), "{err:?}");
-        assert!(err.to_string().contains("ledger.db"), "{err}");
+/// Makes a file immutable with `chattr +i`, which binds root too (plain
+/// permissions do not). `None` when the file system or the sandbox does not
+/// allow it.
+#[cfg(target_os = "linux")]
+fn immutable(path: &Path) -> Option<impl Drop> {
+    struct Undo(std::path::PathBuf);
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
     }
+    let ok = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| Undo(path.to_owned()))
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_read_only_ledger_file_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    drop(Ledger::open(&db).unwrap());
+    let Some(_undo) = immutable(&db) else {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    };
+    // In another process: within one process SQLite may reuse a descriptor
+    // opened read-write before the file became immutable.
+    let out = spawn_worker(&db, &["open"]).wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("cannot open ledger"), "{stdout}");
+    assert!(
+        stdout.contains(&*db.to_string_lossy()) && stdout.contains("read-only"),
+        "{stdout}"
+    );
+}
+
+/// Copies `db` and its `-wal` while `conn` is open, as a crash leaves them:
+/// the copy's WAL still holds transactions not yet folded into the file.
+fn snapshot_with_wal(conn: &rusqlite::Connection, db: &Path, to: &Path) {
+    let wal =
+        |p: &Path| p.with_file_name(format!("{}-wal", p.file_name().unwrap().to_string_lossy()));
+    conn.pragma_query_value(None, "user_version", |_| Ok(()))
+        .unwrap();
+    std::fs::copy(db, to).unwrap();
+    std::fs::copy(wal(db), wal(to)).unwrap();
+    assert!(
+        bytes(&wal(to)).len() > 32,
+        "the snapshot's WAL holds frames"
+    );
+}
+
+/// Regression: closing the inspecting connection used to checkpoint the WAL
+/// of a file it then refused, rewriting the file.
+#[test]
+fn a_newer_schema_with_a_pending_wal_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    drop(Ledger::open(&db).unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    let copy = dir.path().join("copy.db");
+    snapshot_with_wal(&conn, &db, &copy);
+    drop(conn);
+    let copy_wal = dir.path().join("copy.db-wal");
+    let (before, wal_before) = (bytes(&copy), bytes(&copy_wal));
+    let err = Ledger::open(&copy).unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { found, .. } if found == SCHEMA_VERSION + 1),
+        "{err:?}"
+    );
+    assert_eq!(bytes(&copy), before, "the database file was modified");
+    assert_eq!(bytes(&copy_wal), wal_before, "the WAL was modified");
+}
+
+#[test]
+fn another_applications_wal_database_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "journal_mode", "wal").unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY); INSERT INTO users VALUES (1);",
+    )
+    .unwrap();
+    let copy = dir.path().join("copy.db");
+    snapshot_with_wal(&conn, &db, &copy);
+    drop(conn);
+    let (before, wal_before) = (bytes(&copy), bytes(&dir.path().join("copy.db-wal")));
+    assert!(matches!(
+        Ledger::open(&copy).unwrap_err(),
+        Error::NotALedger { .. }
+    ));
+    assert_eq!(bytes(&copy), before);
+    assert_eq!(bytes(&dir.path().join("copy.db-wal")), wal_before);
 }
 
 #[test]
@@ -196,4 +285,28 @@ fn a_symlinked_path_is_the_same_ledger_and_the_same_lock() {
         .unwrap();
     assert_eq!(first.run(run.id()).unwrap().name, "via-link");
     run.succeed().unwrap();
+}
+
+#[test]
+fn the_instance_is_closed_when_the_last_handle_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let closed_at = |id: i64| -> Option<i64> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("SELECT closed_at FROM instances WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let ledger = Ledger::builder(&db).label("api-server").open().unwrap();
+    let id = ledger.instance_id();
+    let clone = ledger.clone();
+    let run = ledger
+        .begin_run(runledger::RunSpec::new("holds-a-handle"))
+        .unwrap();
+    drop(ledger);
+    drop(clone);
+    assert_eq!(closed_at(id), None, "a run guard keeps the ledger open");
+    run.succeed().unwrap();
+    assert!(closed_at(id).is_some());
 }

@@ -26,10 +26,11 @@ use std::time::Duration;
 
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, ErrorCode, MAIN_DB, OpenFlags};
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::clock::Timestamp;
+use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
 use crate::liveness::ProcessIdentity;
 
@@ -48,6 +49,7 @@ pub(crate) struct StoreConfig {
 pub(crate) struct Store {
     pool: Pool<SqliteConnectionManager>,
     path: PathBuf,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Store {
@@ -63,7 +65,7 @@ const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 impl Store {
     /// Opens (creating if needed) the database at `path`, applies pending
     /// migrations under the cross-process init lock, and starts the pool.
-    pub(crate) fn open(path: &Path, config: &StoreConfig, now: Timestamp) -> Result<Store> {
+    pub(crate) fn open(path: &Path, config: &StoreConfig, clock: Arc<dyn Clock>) -> Result<Store> {
         if path.as_os_str().is_empty() {
             return Err(Error::Open {
                 path: path.into(),
@@ -96,6 +98,13 @@ impl Store {
         let init_lock = InitLock::acquire(&canonical)
             .map_err(|e| Error::open(path, "cannot take the init lock in the sidecar folder", e))?;
         let mut conn = open_connection(&canonical, config).map_err(|e| open_error(path, e))?;
+        // Closing the last connection to a WAL database folds the log into
+        // the file: a file refused below must stay untouched, so this
+        // connection never checkpoints on close. (A hot rollback journal of a
+        // non-WAL foreign file would still be rolled back on first read, as
+        // by any SQLite reader; ledgers are always in WAL mode.)
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(|e| open_error(path, e))?;
         match schema::inspect(&conn).map_err(|e| open_error(path, e))? {
             schema::Found::Foreign(reason) => {
                 return Err(Error::NotALedger {
@@ -108,6 +117,13 @@ impl Store {
                     path: path.into(),
                     found,
                     supported: schema::LATEST,
+                });
+            }
+            schema::Found::Ledger(_) if conn.is_readonly(MAIN_DB).unwrap_or(false) => {
+                return Err(Error::Open {
+                    path: path.into(),
+                    reason: "the file is read-only (or its folder is)".into(),
+                    source: None,
                 });
             }
             schema::Found::Ledger(found) => {
@@ -126,7 +142,7 @@ impl Store {
                     );
                 }
                 if found < schema::LATEST {
-                    let applied = schema::migrate(&mut conn, now.as_millis())
+                    let applied = schema::migrate(&mut conn, clock.now().as_millis())
                         .map_err(|e| open_error(path, e))?;
                     log::info!(
                         "runledger: {} migrated to schema {} ({applied} migrations)",
@@ -155,6 +171,7 @@ impl Store {
         Ok(Store {
             pool,
             path: canonical,
+            clock,
         })
     }
 
@@ -170,14 +187,17 @@ impl Store {
     /// handler waits for it; a deferred transaction that reads and then writes
     /// would fail with `SQLITE_BUSY` without waiting. The `BEGIN` and
     /// `COMMIT` statements are cached like every other statement.
-    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    ///
+    /// `f` gets the time to stamp its writes with, read once the write lock is
+    /// held: timestamps then follow commit order, whatever the wait.
+    fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
         let conn = self.pool.get()?;
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         let mut tx = WriteTx {
             conn: &conn,
             open: true,
         };
-        let value = f(tx.conn)?;
+        let value = f(tx.conn, self.clock.now())?;
         tx.conn.prepare_cached("COMMIT")?.execute([])?;
         tx.open = false;
         Ok(value)
@@ -193,9 +213,8 @@ impl Store {
         &self,
         identity: &ProcessIdentity,
         label: Option<&str>,
-        now: Timestamp,
     ) -> Result<i64> {
-        self.write(|tx| {
+        self.write(|tx, now| {
             tx.prepare_cached(
                 "INSERT INTO instances (host, boot_id, pid, start_time, label, started_at, heartbeat_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
@@ -213,8 +232,8 @@ impl Store {
     }
 
     /// Marks an instance closed (its process closed the ledger).
-    pub(crate) fn close_instance(&self, id: i64, now: Timestamp) -> Result<()> {
-        self.write(|tx| {
+    pub(crate) fn close_instance(&self, id: i64) -> Result<()> {
+        self.write(|tx, now| {
             tx.prepare_cached("UPDATE instances SET closed_at = ?2 WHERE id = ?1")?
                 .execute((id, now.as_millis()))?;
             Ok(())

@@ -22,7 +22,6 @@ pub(crate) struct NewRun<'a> {
     pub host: &'a str,
     pub metadata: Option<String>,
     pub log_path: Option<String>,
-    pub at: Timestamp,
 }
 
 impl ToSql for RunId {
@@ -138,7 +137,7 @@ impl Store {
     /// the same idempotency key (the unique partial index decides, so two
     /// racing processes cannot both insert).
     pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<RunId> {
-        self.write(|tx| {
+        self.write(|tx, at| {
             if let Some(parent) = new.parent {
                 let found: Option<i64> = tx
                     .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
@@ -151,7 +150,7 @@ impl Store {
                     });
                 }
             }
-            let started_at = (new.status == RunStatus::Running).then_some(new.at);
+            let started_at = (new.status == RunStatus::Running).then_some(at);
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
@@ -169,7 +168,7 @@ impl Store {
                     new.host,
                     &new.metadata,
                     &new.log_path,
-                    new.at,
+                    at,
                     started_at,
                 ));
             match (inserted, new.idempotency_key) {
@@ -190,7 +189,7 @@ impl Store {
             let mut chain = Chain {
                 run: id,
                 last: None,
-                at: new.at,
+                at,
             };
             chain.append(tx, "status", None, None, Some(new.status.as_str()), None)?;
             tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
@@ -207,10 +206,9 @@ impl Store {
     pub(crate) fn update_run(
         &self,
         run: RunId,
-        at: Timestamp,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
     ) -> Result<(RunState, RunStatus)> {
-        self.write(|tx| {
+        self.write(|tx, at| {
             let (state, last_event) = tx
                 .prepare_cached(
                     "SELECT status, steps_total, steps_succeeded, steps_failed,
@@ -314,8 +312,8 @@ impl Store {
     }
 
     /// Starts a step of an active run; returns the step's row id.
-    pub(crate) fn insert_step(&self, run: RunId, name: &str, at: Timestamp) -> Result<i64> {
-        self.write(|tx| {
+    pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
+        self.write(|tx, at| {
             let (status, last) = run_head(tx, run)?;
             if status.is_terminal() {
                 return Err(Error::RunFinished { run, status });
@@ -355,9 +353,8 @@ impl Store {
         name: &str,
         to: StepStatus,
         error: Option<&str>,
-        at: Timestamp,
     ) -> Result<()> {
-        self.write(|tx| {
+        self.write(|tx, at| {
             let (status, last) = run_head(tx, run)?;
             let changed = tx
                 .prepare_cached(
@@ -478,7 +475,7 @@ impl Store {
         after: i64,
         batch: usize,
     ) -> Result<(usize, Option<i64>)> {
-        self.write(|tx| {
+        self.write(|tx, _| {
             let keep: Vec<i64> = tx
                 .prepare_cached(
                     "SELECT max(id) FROM runs
