@@ -785,7 +785,7 @@ mod tests {
                 matches!(err, Error::InvalidTransition { from, to: Succeeded, .. } if from == terminal)
             );
             assert_eq!(
-                decided(Outcome::Dropped("x"), state(terminal, 0, 0, 0)).unwrap(),
+                decided(Outcome::Dropped("x".into()), state(terminal, 0, 0, 0)).unwrap(),
                 None
             );
         }
