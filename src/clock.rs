@@ -68,13 +68,32 @@ impl From<SystemTime> for Timestamp {
 }
 
 impl From<Timestamp> for SystemTime {
+    /// The same instant; saturates at the platform's earliest or latest
+    /// representable time.
     fn from(t: Timestamp) -> SystemTime {
         let magnitude = Duration::from_millis(t.0.unsigned_abs());
-        if t.0 >= 0 {
-            UNIX_EPOCH + magnitude
+        let moved = if t.0 >= 0 {
+            UNIX_EPOCH.checked_add(magnitude)
         } else {
-            UNIX_EPOCH - magnitude
-        }
+            UNIX_EPOCH.checked_sub(magnitude)
+        };
+        moved.unwrap_or_else(|| {
+            // Halve the distance until it fits: the nearest representable end.
+            let mut step = magnitude;
+            let mut at = UNIX_EPOCH;
+            while !step.is_zero() {
+                let next = if t.0 >= 0 {
+                    at.checked_add(step)
+                } else {
+                    at.checked_sub(step)
+                };
+                match next {
+                    Some(next) => at = next,
+                    None => step /= 2,
+                }
+            }
+            at
+        })
     }
 }
 
@@ -147,8 +166,14 @@ impl ManualClock {
     }
 
     /// Moves the time forward by `d`.
+    /// Saturates at the end of time.
     pub fn advance(&self, d: Duration) {
-        self.0.fetch_add(millis(d), Ordering::SeqCst);
+        let ms = millis(d);
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(ms))
+            });
     }
 
     /// Sets the time to `t` (which may be earlier than now).
@@ -193,6 +218,16 @@ mod tests {
             let t = Timestamp::from_millis(ms);
             assert_eq!(Timestamp::from(SystemTime::from(t)), t);
         }
+    }
+
+    #[test]
+    fn extreme_timestamps_convert_without_panicking() {
+        for ms in [i64::MAX, i64::MIN] {
+            let _ = SystemTime::from(Timestamp::from_millis(ms));
+        }
+        let clock = ManualClock::new(Timestamp::from_millis(i64::MAX - 1));
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(clock.now().as_millis(), i64::MAX);
     }
 
     #[test]

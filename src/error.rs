@@ -111,19 +111,25 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
-    /// The database stayed locked by other writers for longer than the busy
-    /// timeout. Under normal contention this does not happen; it means a
-    /// writer held the database for very long, or the timeout is too short.
-    #[error("the ledger database stayed locked longer than the busy timeout")]
+    /// The database stayed locked by other writers (or every pooled
+    /// connection stayed in use) for longer than the busy timeout. Under
+    /// normal contention this does not happen; it means a writer held the
+    /// database for very long, or the timeout is too short. Nothing was
+    /// written; retrying later may succeed.
+    #[error("ledger {} stayed locked by other writers longer than the busy timeout", .path.display())]
     Busy {
+        /// The database file.
+        path: PathBuf,
         /// The storage error reported.
         #[source]
         source: StorageError,
     },
 
     /// The storage layer failed (I/O error, disk full, corruption…).
-    #[error("ledger storage error")]
+    #[error("storage error in ledger {}", .path.display())]
     Storage {
+        /// The database file.
+        path: PathBuf,
         /// The storage error reported.
         #[source]
         source: StorageError,
@@ -173,6 +179,16 @@ impl Error {
             what: "run",
             id: id.to_string(),
         }
+    }
+
+    /// Names the ledger in a storage error made without one.
+    pub(crate) fn in_ledger(mut self, ledger: &std::path::Path) -> Error {
+        if let Error::Busy { path, .. } | Error::Storage { path, .. } = &mut self
+            && path.as_os_str().is_empty()
+        {
+            ledger.clone_into(path);
+        }
+        self
     }
 
     pub(crate) fn open(
@@ -249,17 +265,21 @@ impl From<rusqlite::Error> for Error {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
         );
         let source = StorageError(StorageErrorKind::Sqlite(e));
+        let path = PathBuf::new();
         if busy {
-            Error::Busy { source }
+            Error::Busy { path, source }
         } else {
-            Error::Storage { source }
+            Error::Storage { path, source }
         }
     }
 }
 
 impl From<r2d2::Error> for Error {
+    /// r2d2 fails only when no connection came free within its timeout (the
+    /// busy timeout): every connection was busy.
     fn from(e: r2d2::Error) -> Error {
-        Error::Storage {
+        Error::Busy {
+            path: PathBuf::new(),
             source: StorageError(StorageErrorKind::Pool(e)),
         }
     }
@@ -268,6 +288,7 @@ impl From<r2d2::Error> for Error {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
         Error::Storage {
+            path: PathBuf::new(),
             source: StorageError(StorageErrorKind::Io(e)),
         }
     }

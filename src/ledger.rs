@@ -322,14 +322,32 @@ impl Ledger {
     /// # Errors
     ///
     /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id (or it was pruned).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("index").source("worker"))?;
+    /// let record = ledger.run(run.id())?;
+    /// assert_eq!((record.status, record.source.as_str()), (RunStatus::Running, "worker"));
+    /// assert_eq!(record.pid, std::process::id());
+    /// # run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn run(&self, id: RunId) -> Result<RunRecord> {
         self.inner.store.run(id)
     }
 
     /// The runs that match `filter`, newest first.
     ///
-    /// Listing active runs, or runs of one status or one name, reads an index
-    /// and never scans the whole history.
+    /// Listing active runs (queued, running, or both) reads an index and never
+    /// scans the history. Every other filter (a terminal status, a name, a
+    /// source, a time range) is applied while walking the history newest
+    /// first, stopping as soon as `limit` runs matched: fast for recent or
+    /// common matches, a walk of the whole history for a match that does not
+    /// exist. Writes stay cheaper for it (see the crate's performance notes).
     ///
     /// # Errors
     ///
@@ -356,6 +374,20 @@ impl Ledger {
     /// # Errors
     ///
     /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, StepStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("job"))?;
+    /// run.step("download")?.succeed()?;
+    /// let steps = ledger.steps(run.id())?;
+    /// assert_eq!((steps[0].name.as_str(), steps[0].status), ("download", StepStatus::Succeeded));
+    /// # run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn steps(&self, id: RunId) -> Result<Vec<StepRecord>> {
         self.inner.store.steps(id)
     }
@@ -366,6 +398,20 @@ impl Ledger {
     /// # Errors
     ///
     /// [`Error::NotFound`](crate::Error::NotFound) if no run has this id.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventKind, Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("job"))?;
+    /// let id = run.id();
+    /// run.succeed()?;
+    /// let last = ledger.events(id)?.pop().unwrap();
+    /// assert_eq!(last.kind, EventKind::Status { from: Some(RunStatus::Running), to: RunStatus::Succeeded });
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn events(&self, id: RunId) -> Result<Vec<EventRecord>> {
         self.inner.store.events(id)
     }
@@ -401,7 +447,8 @@ impl Ledger {
     }
 
     /// Deletes runs that ended more than `older_than` ago, with their steps
-    /// and events, and returns how many. Active runs are never deleted.
+    /// and events, and returns how many. Active runs are never deleted. The
+    /// records of processes that closed the ledger before the cutoff go too.
     ///
     /// Works in transactions that each look at no more than 500 runs, oldest
     /// first, so other writers are never held up for long; it stops at the
@@ -432,6 +479,7 @@ impl Ledger {
             deleted += batch as u64;
             after = next;
         }
+        self.inner.store.prune_instances(cutoff)?;
         if deleted > 0 {
             log::info!("runledger: pruned {deleted} runs that ended before {cutoff}");
         }

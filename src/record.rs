@@ -72,7 +72,7 @@ pub struct Progress {
 impl Progress {
     /// Steps finished, well or badly.
     pub fn done(&self) -> u32 {
-        self.succeeded + self.failed
+        self.succeeded.saturating_add(self.failed)
     }
 }
 

@@ -381,8 +381,8 @@ impl Outcome {
 /// A step still running when the run ends counts as failed.
 fn aggregate(state: &RunState, exit_code: Option<i32>) -> (RunStatus, Option<i32>, Option<String>) {
     let ok = state.steps_succeeded;
-    let bad = state.steps_failed + state.steps_running;
-    let total = ok + bad;
+    let bad = state.steps_failed.saturating_add(state.steps_running);
+    let total = ok.saturating_add(bad);
     if bad == 0 {
         (RunStatus::Succeeded, exit_code, None)
     } else if ok == 0 {
@@ -460,6 +460,20 @@ impl Run {
     ///
     /// [`Error::InvalidTransition`] if the run is not queued (it was cancelled
     /// meanwhile, or already started).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("deploy").queued())?;
+    /// // … wait for a slot …
+    /// run.start()?;
+    /// assert_eq!(ledger.run(run.id())?.status, RunStatus::Running);
+    /// # run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn start(&self) -> Result<()> {
         self.ledger.transition(self.id, |state| {
             if state.status.can_become(RunStatus::Running) {
@@ -540,6 +554,8 @@ impl Run {
     /// [`Error::InvalidTransition`] if the run is not running: already ended
     /// (by a cancel or the reaper), which is left as it is, or still queued,
     /// which is then closed as `failed` like a dropped guard.
+    /// [`Error::Busy`] or [`Error::Storage`] if the outcome could not be
+    /// written; the guard then closes the run as `failed` (see [`Run`]).
     pub fn succeed(mut self) -> Result<RunStatus> {
         self.finish(Outcome::Succeed)
     }
@@ -550,6 +566,19 @@ impl Run {
     /// # Errors
     ///
     /// [`Error::InvalidTransition`] if the run has already ended.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("fetch"))?;
+    /// let id = run.id();
+    /// run.fail("upstream returned 503")?;
+    /// assert_eq!(ledger.run(id)?.error.as_deref(), Some("upstream returned 503"));
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn fail(mut self, reason: impl fmt::Display) -> Result<RunStatus> {
         self.finish(Outcome::Fail(crate::input::reason(reason)))
     }
@@ -561,6 +590,19 @@ impl Run {
     /// # Errors
     ///
     /// As [`succeed`](Run::succeed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("make"))?;
+    /// let id = run.id();
+    /// assert_eq!(run.exit(2)?, RunStatus::Failed);
+    /// assert_eq!(ledger.run(id)?.exit_code, Some(2));
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn exit(mut self, code: i32) -> Result<RunStatus> {
         self.finish(Outcome::Exit(code))
     }
@@ -658,6 +700,19 @@ impl Step<'_> {
     /// # Errors
     ///
     /// As [`succeed`](Step::succeed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("per-file"))?;
+    /// run.step("a.csv")?.succeed()?;
+    /// run.step("b.csv")?.fail("bad header")?;
+    /// assert_eq!(run.succeed()?, RunStatus::Partial);
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn fail(mut self, reason: impl fmt::Display) -> Result<()> {
         self.finish(StepStatus::Failed, Some(crate::input::reason(reason)))
     }

@@ -88,3 +88,26 @@ fn prune_works_in_batches_and_never_reuses_ids() {
     assert!(f.ledger.events(next.id()).unwrap()[0].id > last_event);
     next.succeed().unwrap();
 }
+
+#[test]
+fn prune_forgets_processes_that_closed_long_ago() {
+    let f = fixture();
+    let count = |f: &common::Fixture| -> i64 {
+        let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
+        conn.query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap()
+    };
+    let path = f.dir.path().join("ledger.db");
+    for _ in 0..3 {
+        drop(
+            runledger::Ledger::builder(&path)
+                .clock(f.clock.clone())
+                .open()
+                .unwrap(),
+        );
+    }
+    assert_eq!(count(&f), 4);
+    f.clock.advance(2 * DAY);
+    assert_eq!(f.ledger.prune(DAY).unwrap(), 0);
+    assert_eq!(count(&f), 1, "only the open instance is left");
+}

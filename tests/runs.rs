@@ -519,3 +519,30 @@ fn a_step_outcome_that_cannot_be_written_still_closes_the_step() {
     );
     assert_eq!(run.succeed().unwrap(), RunStatus::Failed);
 }
+
+#[test]
+fn a_busy_ledger_is_reported_as_busy_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let ledger = runledger::Ledger::builder(&db)
+        .busy_timeout(Duration::from_millis(100))
+        .open()
+        .unwrap();
+    let holder = hold_write_lock(&db, Duration::from_millis(400));
+    let err = ledger.begin_run(RunSpec::new("blocked")).unwrap_err();
+    holder.join().unwrap();
+    assert!(err.is_busy(), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&*ledger.path().to_string_lossy()),
+        "{message}"
+    );
+    assert!(std::error::Error::source(&err).is_some());
+    // Nothing was written, and the ledger works again once the lock is gone.
+    assert!(ledger.runs(Default::default()).unwrap().is_empty());
+    ledger
+        .begin_run(RunSpec::new("later"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+}

@@ -191,21 +191,24 @@ impl Store {
     /// `f` gets the time to stamp its writes with, read once the write lock is
     /// held: timestamps then follow commit order, whatever the wait.
     fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
-        let conn = self.pool.get()?;
-        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-        let mut tx = WriteTx {
-            conn: &conn,
-            open: true,
+        let in_transaction = || {
+            let conn = self.pool.get()?;
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            let mut tx = WriteTx {
+                conn: &conn,
+                open: true,
+            };
+            let value = f(tx.conn, self.clock.now())?;
+            tx.conn.prepare_cached("COMMIT")?.execute([])?;
+            tx.open = false;
+            Ok(value)
         };
-        let value = f(tx.conn, self.clock.now())?;
-        tx.conn.prepare_cached("COMMIT")?.execute([])?;
-        tx.open = false;
-        Ok(value)
+        in_transaction().map_err(|e: Error| e.in_ledger(&self.path))
     }
     /// Runs `f` on a pooled connection, outside any explicit transaction.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.pool.get()?;
-        f(&conn)
+        let on_connection = || f(&*self.pool.get()?);
+        on_connection().map_err(|e| e.in_ledger(&self.path))
     }
 
     /// Records a new instance (this process's open ledger); returns its id.
@@ -229,6 +232,25 @@ impl Store {
             ))?;
             Ok(tx.last_insert_rowid())
         })
+    }
+
+    /// Deletes the instances that closed before `cutoff`, in bounded
+    /// transactions. Runs keep their owner's pid and host in their own row.
+    pub(crate) fn prune_instances(&self, cutoff: Timestamp) -> Result<()> {
+        const BATCH: i64 = 1000;
+        loop {
+            let deleted = self.write(|tx, _| {
+                Ok(tx
+                    .prepare_cached(
+                        "DELETE FROM instances WHERE id IN (
+                             SELECT id FROM instances WHERE closed_at < ?1 LIMIT ?2)",
+                    )?
+                    .execute((cutoff, BATCH))?)
+            })?;
+            if (deleted as i64) < BATCH {
+                return Ok(());
+            }
+        }
     }
 
     /// Marks an instance closed (its process closed the ledger).
@@ -287,9 +309,11 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
 fn open_error(path: &Path, e: impl Into<Error>) -> Error {
     let e = e.into();
     let code = match &e {
-        Error::Storage { source } | Error::Busy { source } => std::error::Error::source(source)
-            .and_then(|s| s.downcast_ref::<rusqlite::Error>())
-            .and_then(rusqlite::Error::sqlite_error_code),
+        Error::Storage { source, .. } | Error::Busy { source, .. } => {
+            std::error::Error::source(source)
+                .and_then(|s| s.downcast_ref::<rusqlite::Error>())
+                .and_then(rusqlite::Error::sqlite_error_code)
+        }
         _ => None,
     };
     match code {
@@ -302,7 +326,7 @@ fn open_error(path: &Path, e: impl Into<Error>) -> Error {
         }
         Some(ErrorCode::ReadOnly) => Error::open(path, "the location is read-only", e),
         Some(ErrorCode::PermissionDenied) => Error::open(path, "permission denied", e),
-        _ => e,
+        _ => e.in_ledger(path),
     }
 }
 

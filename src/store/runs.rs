@@ -223,7 +223,7 @@ impl Store {
                         status: row.get(0)?,
                         steps_succeeded: succeeded,
                         steps_failed: failed,
-                        steps_running: total.saturating_sub(succeeded + failed),
+                        steps_running: total.saturating_sub(succeeded.saturating_add(failed)),
                         cancel_requested: row.get(4)?,
                     };
                     Ok((state, row.get::<_, Option<i64>>(5)?))
@@ -645,7 +645,7 @@ fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
             total,
             succeeded,
             failed,
-            running: total.saturating_sub(succeeded + failed),
+            running: total.saturating_sub(succeeded.saturating_add(failed)),
             current: row.get(21)?,
         },
     })
