@@ -8,7 +8,17 @@
 //! cargo run --example worker -- DB race-succeed NAME --at MS
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
+//! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
+//! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
 //! ```
+//!
+//! `--mode` is `exclusive` (the default), `shared` or `slots:N`. `hold` takes
+//! the lock (printing `held TOKEN`, or `timeout`/`conflict` and the error),
+//! keeps it `--hold-ms` or until killed with `--forever`, then releases it.
+//! `critical` takes the lock `--times` times; each time it appends
+//! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
+//! in append mode) around a critical section that, with `--counter`, reads a
+//! number from a plain file and writes it back plus one.
 //!
 //! `--at MS` waits until that Unix time in milliseconds before acting, so that
 //! several processes act at the same instant. Each command prints one line
@@ -17,7 +27,27 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use runledger::{Error, Ledger, RunId, RunSpec};
+use std::io::Write;
+
+use runledger::{Error, Ledger, LockMode, LockRequest, RunId, RunSpec};
+
+fn mode(args: &[String]) -> Result<LockMode, String> {
+    match flag(args, "--mode").unwrap_or("exclusive") {
+        "exclusive" => Ok(LockMode::Exclusive),
+        "shared" => Ok(LockMode::Shared),
+        other => other
+            .strip_prefix("slots:")
+            .and_then(|n| n.parse().ok())
+            .map(LockMode::Slots)
+            .ok_or_else(|| format!("unknown mode {other:?}")),
+    }
+}
+
+fn number(args: &[String], name: &str, default: u64) -> u64 {
+    flag(args, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,7 +84,11 @@ fn say(line: impl std::fmt::Display) {
 fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (db, command) = match args {
         [db, command, ..] => (db, command.as_str()),
-        _ => return Err("usage: worker DB open|begin|race-succeed|cancel|panic ...".into()),
+        _ => {
+            return Err(
+                "usage: worker DB open|begin|race-succeed|cancel|panic|hold|critical ...".into(),
+            );
+        }
     };
     let arg = |i: usize| args.get(i).map(String::as_str).ok_or("missing argument");
     match command {
@@ -104,6 +138,64 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 "worker panicked on purpose while run {} was active",
                 run.id()
             );
+        }
+        "hold" => {
+            let ledger = Ledger::open(db)?;
+            let mut request = LockRequest::new([arg(2)?]).mode(mode(args)?);
+            request = match flag(args, "--wait-ms") {
+                Some(ms) => request.wait(Duration::from_millis(ms.parse()?)),
+                None => request.wait_forever(),
+            };
+            wait_until(args);
+            let guard = match ledger.acquire(request) {
+                Ok(guard) => guard,
+                Err(e @ (Error::Timeout { .. } | Error::Conflict { .. })) => {
+                    let word = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "conflict"
+                    };
+                    say(format_args!("{word} {e}"));
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            say(format_args!("held {}", guard.token()));
+            if args.iter().any(|a| a == "--forever") {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(number(args, "--hold-ms", 0)));
+            guard.release()?;
+            say("released");
+        }
+        "critical" => {
+            let ledger = Ledger::open(db)?;
+            let key = arg(2)?;
+            let mode = mode(args)?;
+            let witness = flag(args, "--witness").ok_or("missing --witness")?;
+            let mut witness = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(witness)?;
+            let pid = std::process::id();
+            for _ in 0..number(args, "--times", 1) {
+                let guard = ledger.acquire(LockRequest::new([key]).mode(mode).wait_forever())?;
+                let token = guard.token();
+                witness.write_all(format!("enter {key} {token} {pid} {mode}\n").as_bytes())?;
+                if let Some(counter) = flag(args, "--counter") {
+                    let n: u64 = std::fs::read_to_string(counter)?
+                        .trim()
+                        .parse()
+                        .unwrap_or(0);
+                    std::thread::sleep(Duration::from_micros(200));
+                    std::fs::write(counter, format!("{}\n", n + 1))?;
+                }
+                witness.write_all(format!("exit {key} {token} {pid} {mode}\n").as_bytes())?;
+                guard.release()?;
+            }
+            say("done");
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use crate::lock::{Holder, Seconds};
 use crate::run::{RunId, RunStatus};
 
 /// The result type of every fallible `runledger` call.
@@ -15,8 +17,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// predicates ([`is_not_found`](Error::is_not_found),
 /// [`is_busy`](Error::is_busy), …) and let the rest propagate.
 ///
-/// The enum is `#[non_exhaustive]`: later versions add variants (the lock
-/// errors `Conflict` and `Timeout` among them) without a breaking change.
+/// The enum is `#[non_exhaustive]`: later versions may add variants without
+/// a breaking change.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -71,6 +73,49 @@ pub enum Error {
         key: String,
         /// The active run that holds it.
         existing: RunId,
+    },
+
+    /// A lock request was refused because its keys are taken (by holders, or
+    /// by earlier waiters it may not overtake). Nothing was changed.
+    ///
+    /// `self_conflict` is true when everything in the way belongs to this
+    /// very ledger instance (this process): waiting could never end, so the
+    /// request fails at once even when it was allowed to wait.
+    #[error("{}{}", holders_sentence(holders), if *self_conflict { "; it is held by this process, so waiting would never end" } else { "" })]
+    Conflict {
+        /// The keys of the request.
+        keys: Vec<String>,
+        /// Who is in the way, one entry per key and holder.
+        holders: Vec<Holder>,
+        /// Everything in the way belongs to this process.
+        self_conflict: bool,
+    },
+
+    /// A lock request waited until its deadline without being granted. Its
+    /// place in the queue was removed.
+    #[error("gave up after waiting {} for {}: {}", Seconds(*waited), keys_list(keys), holders_sentence(holders))]
+    Timeout {
+        /// The keys of the request.
+        keys: Vec<String>,
+        /// How long it waited.
+        waited: Duration,
+        /// Who was in the way at the end.
+        holders: Vec<Holder>,
+    },
+
+    /// A lock was taken away from its holder before the holder released it:
+    /// released by force, or reclaimed because its holder was judged dead
+    /// while it was only paused. Work done under it may have overlapped with
+    /// another holder's; its fencing token is stale.
+    #[error(
+        "lock on {} (token {token}) was taken away before it was released",
+        keys_list(keys)
+    )]
+    LockLost {
+        /// The keys of the lock.
+        keys: Vec<String>,
+        /// Its fencing token, now stale.
+        token: u64,
     },
 
     /// The database was written by a newer version of `runledger`. It was not
@@ -136,7 +181,40 @@ pub enum Error {
     },
 }
 
+fn keys_list(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn holders_sentence(holders: &[Holder]) -> String {
+    if holders.is_empty() {
+        return "the keys are taken".to_owned();
+    }
+    holders
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl Error {
+    /// True for [`Error::Conflict`].
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+
+    /// True for [`Error::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True for [`Error::LockLost`].
+    pub fn is_lock_lost(&self) -> bool {
+        matches!(self, Error::LockLost { .. })
+    }
+
     /// True for [`Error::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })

@@ -3,15 +3,17 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::Result;
 use crate::input;
-use crate::liveness::ProcessIdentity;
+use crate::liveness::{ProcessIdentity, Verdict, judge};
+use crate::lock::{Holder, LockGuard, LockRecord, LockRequest, Wait};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus};
-use crate::store::{NewRun, Store, StoreConfig};
+use crate::store::{Ahead, Attempt, LockAsk, NewRun, Store, StoreConfig};
+use crate::wake::{WakeSocket, wake};
 
 /// How hard SQLite works to make a commit survive a power cut: the
 /// `synchronous` pragma.
@@ -71,9 +73,18 @@ pub struct Builder {
     max_metadata_bytes: usize,
     clock: Arc<dyn Clock>,
     label: Option<String>,
+    lock_wait: Duration,
 }
 
 impl Builder {
+    /// How long [`Ledger::lock`] (and a [`LockRequest`] without a wait of
+    /// its own) waits in the queue before failing with
+    /// [`Error::Timeout`](crate::Error::Timeout). Defaults to 30 seconds.
+    pub fn lock_wait(mut self, wait: Duration) -> Builder {
+        self.lock_wait = wait;
+        self
+    }
+
     /// The durability of each commit. Defaults to [`Synchronous::Normal`].
     pub fn synchronous(mut self, synchronous: Synchronous) -> Builder {
         self.synchronous = synchronous;
@@ -155,6 +166,7 @@ impl Builder {
                 identity,
                 instance,
                 max_metadata_bytes: self.max_metadata_bytes,
+                lock_wait: self.lock_wait,
             }),
         })
     }
@@ -190,6 +202,7 @@ struct Inner {
     identity: ProcessIdentity,
     instance: i64,
     max_metadata_bytes: usize,
+    lock_wait: Duration,
 }
 
 impl Drop for Inner {
@@ -242,6 +255,7 @@ impl Ledger {
             max_metadata_bytes: 64 * 1024,
             clock: Arc::new(SystemClock),
             label: None,
+            lock_wait: Duration::from_secs(30),
         }
     }
 
@@ -486,12 +500,256 @@ impl Ledger {
         Ok(deleted)
     }
 
+    /// Takes an exclusive lock on `key`, waiting in the queue up to the
+    /// ledger's default wait ([`Builder::lock_wait`], 30 seconds unless set).
+    ///
+    /// The lock belongs to this process, not to a run; see
+    /// [`Run::lock`](crate::Run::lock) for locks that end with a run.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`](crate::Error::Timeout) if the wait ran out (its
+    /// place in the queue is removed); [`Error::Conflict`](crate::Error::Conflict)
+    /// at once if only this process is in the way;
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let guard = ledger.lock("build:symbol=AAPL")?;
+    /// // … only one process at a time gets here …
+    /// guard.release()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn lock(&self, key: impl Into<String>) -> Result<LockGuard> {
+        self.acquire(LockRequest::new([key]))
+    }
+
+    /// Takes an exclusive lock on `key` if it is free, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`](crate::Error::Conflict), naming each holder in the
+    /// way (key, mode, run, pid, host, for how long), if the key is taken or
+    /// queued for; [`Error::InvalidInput`](crate::Error::InvalidInput) for a
+    /// bad key.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// # let other = runledger::Ledger::open(ledger.path())?;
+    /// let held = ledger.try_lock("train:symbol=AAPL")?;
+    /// let err = other.try_lock("train:symbol=AAPL").unwrap_err();
+    /// assert!(err.is_conflict());
+    /// println!("{err}"); // lock "train:symbol=AAPL" is held by a lock (exclusive, pid …)
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn try_lock(&self, key: impl Into<String>) -> Result<LockGuard> {
+        self.acquire(LockRequest::new([key]).no_wait())
+    }
+
+    /// Takes the locks `request` describes: all its keys in its mode, or
+    /// none, waiting as it says.
+    ///
+    /// Waiting is first come, first served: the request takes a place in the
+    /// queue (visible in [`locks`](Ledger::locks)) and no later request that
+    /// conflicts with it overtakes it. A holder or waiter whose process died
+    /// is removed on the spot, and the removal recorded.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Ledger::lock) and [`try_lock`](Ledger::try_lock), and
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for no keys, zero
+    /// slots, or a slots capacity that differs from the one the key is used
+    /// with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use runledger::{LockMode, LockRequest};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// # let other = runledger::Ledger::open(ledger.path())?;
+    /// let gpu = LockRequest::new(["gpu"]).mode(LockMode::Slots(2)).wait(Duration::from_secs(5));
+    /// let first = ledger.acquire(gpu.clone())?;
+    /// let second = other.acquire(gpu)?; // two slots: both hold
+    /// assert_ne!(first.token(), second.token());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn acquire(&self, request: LockRequest) -> Result<LockGuard> {
+        self.acquire_for(request, None)
+    }
+
+    /// Every lock request, held or waiting: one record per key, ordered by
+    /// key, then by place in the queue.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    pub fn locks(&self) -> Result<Vec<LockRecord>> {
+        self.inner.store.locks()
+    }
+
+    /// Releases every holder of `key` by force, for operators, and returns
+    /// how many. Each release is recorded with `reason` and this process's
+    /// pid and host; the holders find out ([`LockGuard::is_held`] is false,
+    /// [`LockGuard::release`] returns [`Error::LockLost`](crate::Error::LockLost)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key or an
+    /// empty reason.
+    pub fn force_unlock(&self, key: &str, reason: &str) -> Result<usize> {
+        input::check_name("lock key", key)?;
+        if reason.trim().is_empty() {
+            return Err(crate::Error::invalid("reason", reason, "must say why"));
+        }
+        let inner = &self.inner;
+        let (released, wakes) =
+            inner
+                .store
+                .force_unlock(key, &input::reason(reason), &inner.identity)?;
+        wake(&wakes);
+        log::warn!("runledger: forced release of {key:?} ({released} holders): {reason}");
+        Ok(released)
+    }
+
+    pub(crate) fn acquire_for(
+        &self,
+        request: LockRequest,
+        run: Option<RunId>,
+    ) -> Result<LockGuard> {
+        const FIRST_POLL: Duration = Duration::from_millis(1);
+        const MAX_POLL: Duration = Duration::from_millis(100);
+        let keys = request.checked_keys()?;
+        let wait = request.wait.unwrap_or(Wait::For(self.inner.lock_wait));
+        let inner = &self.inner;
+        let socket = if wait == Wait::No {
+            None
+        } else {
+            WakeSocket::bind()
+        };
+        let ask = LockAsk {
+            keys: &keys,
+            mode: request.mode,
+            run,
+            instance: inner.instance,
+            pid: inner.identity.pid,
+            host: &inner.identity.host,
+            queue: wait != Wait::No,
+            wake: socket.as_ref().map(WakeSocket::address),
+        };
+        let started = Instant::now();
+        let mut place = QueuePlace {
+            ledger: self,
+            ticket: None,
+        };
+        let mut poll = FIRST_POLL;
+        loop {
+            let ahead = match inner.store.try_lock(&ask, place.ticket)? {
+                Attempt::Granted { id, token } => {
+                    place.ticket = None;
+                    return Ok(LockGuard::new(
+                        self.clone(),
+                        id,
+                        keys,
+                        request.mode,
+                        token,
+                        run,
+                    ));
+                }
+                Attempt::Blocked { ticket, ahead } => {
+                    place.ticket = ticket;
+                    ahead
+                }
+            };
+            // Liveness is judged outside the write transaction (it reads
+            // /proc); the reclaim then only removes the rows it judged.
+            let dead: Vec<(Ahead, String)> = ahead
+                .iter()
+                .filter(|a| a.instance != inner.instance)
+                .filter_map(|a| match judge(&inner.identity, &a.owner) {
+                    Verdict::Dead(reason) => Some((a.clone(), reason)),
+                    Verdict::Alive | Verdict::Unknown => None,
+                })
+                .collect();
+            if !dead.is_empty() {
+                wake(&inner.store.reclaim(&dead, &inner.identity)?);
+                continue;
+            }
+            let now = self.now();
+            let holders: Vec<Holder> = ahead
+                .iter()
+                .map(|a| Holder {
+                    key: a.key.clone(),
+                    mode: a.mode,
+                    state: a.state,
+                    run: a.run.clone(),
+                    pid: a.owner.pid,
+                    host: a.owner.host.clone(),
+                    held_for: now.saturating_duration_since(a.since),
+                    is_self: a.instance == inner.instance,
+                })
+                .collect();
+            let self_conflict = holders.iter().all(|h| h.is_self);
+            if wait == Wait::No || self_conflict {
+                return Err(crate::Error::Conflict {
+                    keys,
+                    holders,
+                    self_conflict,
+                });
+            }
+            let waited = started.elapsed();
+            let remaining = match wait {
+                Wait::For(limit) => limit.saturating_sub(waited),
+                _ => Duration::MAX,
+            };
+            if remaining.is_zero() {
+                return Err(crate::Error::Timeout {
+                    keys,
+                    waited,
+                    holders,
+                });
+            }
+            let nap = poll.min(remaining);
+            match &socket {
+                Some(socket) => {
+                    socket.wait(nap);
+                }
+                None => std::thread::sleep(nap),
+            }
+            poll = (poll * 2).min(MAX_POLL);
+        }
+    }
+
+    pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
+        self.inner.store.lock_is_held(id, token)
+    }
+
+    /// Releases a held lock; false if it was no longer held.
+    pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<bool> {
+        match self.inner.store.release_lock(id, token)? {
+            Some(wakes) => {
+                wake(&wakes);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     pub(crate) fn transition(
         &self,
         id: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
     ) -> Result<(RunState, RunStatus)> {
-        self.inner.store.update_run(id, decide)
+        let (state, status, wakes) = self.inner.store.update_run(id, decide)?;
+        wake(&wakes);
+        Ok((state, status))
     }
 
     pub(crate) fn finish_run(&self, id: RunId, outcome: &Outcome) -> Result<RunStatus> {
@@ -519,6 +777,24 @@ impl Ledger {
         self.inner
             .store
             .finish_step(run, step, name, to, error.as_deref())
+    }
+}
+
+/// A request's place in the lock queue, left on drop unless it was granted:
+/// an error, a timeout or a panic never leaves a stale waiter behind.
+struct QueuePlace<'l> {
+    ledger: &'l Ledger,
+    ticket: Option<i64>,
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            match self.ledger.inner.store.leave_queue(ticket) {
+                Ok(wakes) => wake(&wakes),
+                Err(e) => log::error!("runledger: could not leave lock queue place {ticket}: {e}"),
+            }
+        }
     }
 }
 

@@ -94,13 +94,16 @@ mod error;
 mod input;
 mod ledger;
 mod liveness;
+mod lock;
 mod record;
 mod run;
 mod store;
+mod wake;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
 pub use ledger::{Builder, Ledger, Synchronous};
+pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
 pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 pub use run::{Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 

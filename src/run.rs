@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
+use crate::lock::{LockGuard, LockRequest};
 
 /// The identifier of a run: a positive integer, never reused in one ledger.
 ///
@@ -529,6 +530,46 @@ impl Run {
             open: true,
             unrecorded: None,
         })
+    }
+
+    /// Takes an exclusive lock on `key` for this run, waiting up to the
+    /// ledger's default wait. The lock is released when the guard drops, and
+    /// at the latest when the run ends, in the transaction that ends it.
+    ///
+    /// A run that waits for its locks shows as `queued` if it was begun
+    /// [`queued`](RunSpec::queued): take its locks, then [`start`](Run::start).
+    ///
+    /// # Errors
+    ///
+    /// As [`Ledger::lock`], and [`Error::RunFinished`] if the run has ended.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("build").queued())?;
+    /// let _guard = run.lock("build:symbol=AAPL")?;
+    /// run.start()?;
+    /// // … build …
+    /// run.succeed()?; // releases the lock too
+    /// assert!(ledger.locks()?.is_empty());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn lock(&self, key: impl Into<String>) -> Result<LockGuard> {
+        self.acquire(LockRequest::new([key]))
+    }
+
+    /// Takes the locks `request` describes for this run; see
+    /// [`Ledger::acquire`] and [`Run::lock`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Ledger::acquire`], and [`Error::RunFinished`] if the run has
+    /// ended.
+    pub fn acquire(&self, request: LockRequest) -> Result<LockGuard> {
+        self.ledger.acquire_for(request, Some(self.id))
     }
 
     /// Whether someone asked this run to stop ([`Ledger::cancel`]), from any

@@ -15,3 +15,7 @@ pub(crate) fn boot_id() -> Option<String> {
 pub(crate) fn process_start_time(_pid: u32) -> Option<u64> {
     None
 }
+
+pub(crate) fn process_status(_pid: u32) -> Option<super::ProcessStatus> {
+    None
+}

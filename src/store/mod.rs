@@ -13,9 +13,11 @@
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
+mod locks;
 mod runs;
 mod schema;
 
+pub(crate) use locks::{Ahead, Attempt, LockAsk};
 pub(crate) use runs::NewRun;
 
 use std::fs::{self, File, OpenOptions};

@@ -4,6 +4,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRe
 use rusqlite::{Connection, OptionalExtension, Row, ToSql};
 
 use super::Store;
+use super::locks::{Wakes, release_run_locks};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
@@ -207,7 +208,7 @@ impl Store {
         &self,
         run: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
-    ) -> Result<(RunState, RunStatus)> {
+    ) -> Result<(RunState, RunStatus, Wakes)> {
         self.write(|tx, at| {
             let (state, last_event) = tx
                 .prepare_cached(
@@ -231,7 +232,7 @@ impl Store {
                 .optional()?
                 .ok_or_else(|| Error::run_not_found(run))?;
             let Some(change) = decide(&state)? else {
-                return Ok((state, state.status));
+                return Ok((state, state.status, Vec::new()));
             };
             let mut chain = Chain {
                 run,
@@ -297,7 +298,13 @@ impl Store {
                     to,
                 });
             }
-            Ok((state, to))
+            // A run's locks and queue places end with it, in this transaction.
+            let wakes = if to.is_terminal() {
+                release_run_locks(tx, run)?
+            } else {
+                Vec::new()
+            };
+            Ok((state, to, wakes))
         })
     }
 

@@ -102,6 +102,58 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         message      TEXT
     );
     "#,
+    // 2: locks.
+    r#"
+    -- One row per key ever locked: the fencing counter. Kept after release,
+    -- so tokens only grow, across restarts and pruning.
+    CREATE TABLE lock_keys (
+        key         TEXT PRIMARY KEY,
+        last_token  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- One row per lock request, granted or queued. Its id is the queue
+    -- ticket: among waiters, lower ids are served first.
+    CREATE TABLE locks (
+        id            INTEGER PRIMARY KEY,
+        state         TEXT NOT NULL CHECK (state IN ('held','waiting')),
+        mode          TEXT NOT NULL CHECK (mode IN ('exclusive','shared','slots')),
+        capacity      INTEGER,
+        token         INTEGER,          -- set when granted
+        keys          TEXT NOT NULL,    -- JSON array of the request's keys
+        instance_id   INTEGER NOT NULL,
+        run_id        INTEGER,          -- the owning run, if any
+        pid           INTEGER NOT NULL,
+        host          TEXT NOT NULL,
+        wake          TEXT,             -- a waiter's wake-up address
+        requested_at  INTEGER NOT NULL,
+        granted_at    INTEGER
+    );
+    CREATE INDEX locks_by_run ON locks(run_id) WHERE run_id IS NOT NULL;
+
+    -- The keys of each request: per key, its holders and waiters in ticket
+    -- order.
+    CREATE TABLE lock_entries (
+        key      TEXT NOT NULL,
+        lock_id  INTEGER NOT NULL,
+        PRIMARY KEY (key, lock_id)
+    ) WITHOUT ROWID;
+
+    -- Locks taken away from their holders: reclaimed from a dead owner, or
+    -- released by force.
+    CREATE TABLE lock_events (
+        id           INTEGER PRIMARY KEY,
+        at           INTEGER NOT NULL,
+        kind         TEXT NOT NULL CHECK (kind IN ('reclaimed','forced')),
+        keys         TEXT NOT NULL,
+        token        INTEGER,
+        run_id       INTEGER,
+        holder_pid   INTEGER NOT NULL,
+        holder_host  TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        by_pid       INTEGER NOT NULL,
+        by_host      TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes and understands.

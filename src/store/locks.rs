@@ -1,0 +1,449 @@
+//! SQL for locks: grants, the queue, releases, reclaims.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Store;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::lock::{LockMode, LockRecord, LockState, compatible};
+use crate::run::{RunId, RunStatus};
+
+/// A lock request as the store sees it: checked, keys sorted.
+#[derive(Debug)]
+pub(crate) struct LockAsk<'a> {
+    pub keys: &'a [String],
+    pub mode: LockMode,
+    pub run: Option<RunId>,
+    pub instance: i64,
+    pub pid: u32,
+    pub host: &'a str,
+    /// Take a place in the queue when blocked.
+    pub queue: bool,
+    /// The waiter's wake-up address.
+    pub wake: Option<&'a str>,
+}
+
+/// What one attempt at a grant found.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    Granted {
+        id: i64,
+        token: u64,
+    },
+    /// Blocked by `ahead`. `ticket` is the request's place in the queue, if
+    /// it has one.
+    Blocked {
+        ticket: Option<i64>,
+        ahead: Vec<Ahead>,
+    },
+}
+
+/// A request in the way: a holder, or a waiter queued earlier.
+#[derive(Clone, Debug)]
+pub(crate) struct Ahead {
+    pub lock_id: i64,
+    pub key: String,
+    pub mode: LockMode,
+    pub state: LockState,
+    pub token: Option<i64>,
+    pub run: Option<(RunId, String)>,
+    pub instance: i64,
+    pub owner: InstanceRecord,
+    pub since: Timestamp,
+}
+
+/// Wake-up addresses of waiters to wake once the transaction committed.
+pub(crate) type Wakes = Vec<String>;
+
+fn keys_json(keys: &[String]) -> String {
+    serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn parse_keys(text: &str) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn mode_of(mode: &str, capacity: Option<u32>) -> rusqlite::Result<LockMode> {
+    LockMode::from_parts(mode, capacity).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown lock mode {mode:?}").into(),
+        )
+    })
+}
+
+fn state_of(state: &str) -> LockState {
+    if state == "held" {
+        LockState::Held
+    } else {
+        LockState::Waiting
+    }
+}
+
+/// The requests ahead of `ticket` on `key`: every holder, and the waiters
+/// with a lower ticket (all waiters, for a request without a ticket).
+fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+    let rows = tx
+        .prepare_cached(
+            "SELECT l.id, l.state, l.mode, l.capacity, l.token, l.run_id, r.name,
+                    l.instance_id, coalesce(i.host, l.host), i.boot_id, l.pid, i.start_time,
+                    i.id IS NULL OR i.closed_at IS NOT NULL,
+                    coalesce(l.granted_at, l.requested_at)
+             FROM lock_entries e
+             JOIN locks l ON l.id = e.lock_id
+             LEFT JOIN instances i ON i.id = l.instance_id
+             LEFT JOIN runs r ON r.id = l.run_id
+             WHERE e.key = ?1 AND e.lock_id <> ?2 AND (l.state = 'held' OR e.lock_id < ?2)
+             ORDER BY e.lock_id",
+        )?
+        .query_map(params![key, ticket.unwrap_or(i64::MAX)], |row| {
+            let run: Option<RunId> = row.get(5)?;
+            let name: Option<String> = row.get(6)?;
+            Ok(Ahead {
+                lock_id: row.get(0)?,
+                key: key.to_owned(),
+                state: state_of(&row.get::<_, String>(1)?),
+                mode: mode_of(&row.get::<_, String>(2)?, row.get(3)?)?,
+                token: row.get(4)?,
+                run: run.map(|id| (id, name.unwrap_or_default())),
+                instance: row.get(7)?,
+                owner: InstanceRecord {
+                    host: row.get(8)?,
+                    boot_id: row.get(9)?,
+                    pid: row.get(10)?,
+                    start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
+                    closed: row.get(12)?,
+                },
+                since: row.get(13)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// The wake-up addresses of the waiters on `keys`.
+fn waiters_of(tx: &Connection, keys: &[String]) -> Result<Wakes> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT l.wake FROM lock_entries e JOIN locks l ON l.id = e.lock_id
+         WHERE e.key = ?1 AND l.state = 'waiting' AND l.wake IS NOT NULL",
+    )?;
+    let mut wakes = Vec::new();
+    for key in keys {
+        for wake in stmt.query_map([key], |row| row.get::<_, String>(0))? {
+            let wake = wake?;
+            if !wakes.contains(&wake) {
+                wakes.push(wake);
+            }
+        }
+    }
+    Ok(wakes)
+}
+
+/// Deletes a lock row and its entries; returns its keys, or `None` if the
+/// row (with that token) was gone.
+fn delete_lock(tx: &Connection, id: i64, token: Option<i64>) -> Result<Option<Vec<String>>> {
+    let keys: Option<String> = tx
+        .prepare_cached("DELETE FROM locks WHERE id = ?1 AND token IS ?2 RETURNING keys")?
+        .query_row(params![id, token], |row| row.get(0))
+        .optional()?;
+    let Some(keys) = keys else { return Ok(None) };
+    let keys = parse_keys(&keys)?;
+    let mut entry =
+        tx.prepare_cached("DELETE FROM lock_entries WHERE key = ?1 AND lock_id = ?2")?;
+    for key in &keys {
+        entry.execute(params![key, id])?;
+    }
+    Ok(Some(keys))
+}
+
+/// Releases every lock (held or queued) of a run that is ending, in its
+/// transaction; returns the waiters to wake.
+pub(super) fn release_run_locks(tx: &Connection, run: RunId) -> Result<Wakes> {
+    let owned = tx
+        .prepare_cached("SELECT id, token FROM locks WHERE run_id = ?1")?
+        .query_map([run], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut wakes = Vec::new();
+    for (id, token) in owned {
+        if let Some(keys) = delete_lock(tx, id, token)? {
+            wakes.extend(waiters_of(tx, &keys)?);
+        }
+    }
+    Ok(wakes)
+}
+
+impl Store {
+    /// One attempt at granting `ask` (already queued as `ticket`, if given),
+    /// in one immediate transaction. A blocked request that may wait takes a
+    /// place in the queue in the same transaction.
+    pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
+        self.write(|tx, now| {
+            if let Some(run) = ask.run {
+                let status: RunStatus = tx
+                    .prepare_cached("SELECT status FROM runs WHERE id = ?1")?
+                    .query_row([run], |row| row.get(0))
+                    .optional()?
+                    .ok_or_else(|| Error::run_not_found(run))?;
+                if status.is_terminal() {
+                    return Err(Error::RunFinished { run, status });
+                }
+            }
+            // A queue place that vanished (its run ended) is taken anew.
+            let ticket = match ticket {
+                Some(t) => tx
+                    .prepare_cached("SELECT id FROM locks WHERE id = ?1 AND state = 'waiting'")?
+                    .query_row([t], |row| row.get::<_, i64>(0))
+                    .optional()?,
+                None => None,
+            };
+            let mut blocked = Vec::new();
+            for key in ask.keys {
+                let ahead = ahead_on(tx, key, ticket)?;
+                let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
+                match compatible(&modes, ask.mode) {
+                    Ok(true) => {}
+                    Ok(false) => blocked.extend(ahead),
+                    Err(capacity) => {
+                        return Err(Error::invalid(
+                            "slots capacity",
+                            &ask.mode.to_string(),
+                            format!("lock {key:?} is used with {capacity} slots"),
+                        ));
+                    }
+                }
+            }
+            if !blocked.is_empty() {
+                let ticket = match ticket {
+                    Some(t) => Some(t),
+                    None if ask.queue => Some(insert_lock(tx, ask, "waiting", None, now)?),
+                    None => None,
+                };
+                return Ok(Attempt::Blocked {
+                    ticket,
+                    ahead: blocked,
+                });
+            }
+            let mut last = 0i64;
+            let mut read = tx.prepare_cached("SELECT last_token FROM lock_keys WHERE key = ?1")?;
+            for key in ask.keys {
+                let token: Option<i64> = read.query_row([key], |row| row.get(0)).optional()?;
+                last = last.max(token.unwrap_or(0));
+            }
+            let token = last + 1;
+            let mut write = tx.prepare_cached(
+                "INSERT INTO lock_keys (key, last_token) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",
+            )?;
+            for key in ask.keys {
+                write.execute(params![key, token])?;
+            }
+            let id = match ticket {
+                Some(t) => {
+                    tx.prepare_cached(
+                        "UPDATE locks SET state = 'held', token = ?2, granted_at = ?3, wake = NULL
+                         WHERE id = ?1 AND state = 'waiting'",
+                    )?
+                    .execute(params![t, token, now])?;
+                    t
+                }
+                None => insert_lock(tx, ask, "held", Some(token), now)?,
+            };
+            Ok(Attempt::Granted {
+                id,
+                token: token as u64,
+            })
+        })
+    }
+
+    /// Leaves the queue: deletes a waiting request; returns the waiters to
+    /// wake (those behind it may go now).
+    pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
+        self.write(|tx, _| {
+            let state: Option<String> = tx
+                .prepare_cached("SELECT state FROM locks WHERE id = ?1")?
+                .query_row([ticket], |row| row.get(0))
+                .optional()?;
+            if state.as_deref() != Some("waiting") {
+                return Ok(Vec::new());
+            }
+            match delete_lock(tx, ticket, None)? {
+                Some(keys) => waiters_of(tx, &keys),
+                None => Ok(Vec::new()),
+            }
+        })
+    }
+
+    /// Releases a held lock. `None` if it was no longer held (taken away, or
+    /// released with its run); otherwise the waiters to wake.
+    pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<Option<Wakes>> {
+        self.write(|tx, _| match delete_lock(tx, id, Some(token as i64))? {
+            Some(keys) => Ok(Some(waiters_of(tx, &keys)?)),
+            None => Ok(None),
+        })
+    }
+
+    /// Whether the grant `id` with `token` is still held.
+    pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM locks WHERE id = ?1 AND token = ?2 AND state = 'held'",
+                )?
+                .query_row(params![id, token as i64], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    /// Takes locks away from owners judged dead, each only if it is still
+    /// the row that was judged (same id and token), and records why.
+    pub(crate) fn reclaim(&self, dead: &[(Ahead, String)], by: &ProcessIdentity) -> Result<Wakes> {
+        self.write(|tx, now| {
+            let mut wakes = Vec::new();
+            for (ahead, reason) in dead {
+                let Some(keys) = delete_lock(tx, ahead.lock_id, ahead.token)? else {
+                    continue;
+                };
+                record_lock_event(tx, now, "reclaimed", &keys, ahead, reason, by)?;
+                log::warn!(
+                    "runledger: reclaimed lock {keys:?} of pid {} on {}: {reason}",
+                    ahead.owner.pid,
+                    ahead.owner.host
+                );
+                wakes.extend(waiters_of(tx, &keys)?);
+            }
+            Ok(wakes)
+        })
+    }
+
+    /// Releases by force every holder of `key`; returns how many and the
+    /// waiters to wake.
+    pub(crate) fn force_unlock(
+        &self,
+        key: &str,
+        reason: &str,
+        by: &ProcessIdentity,
+    ) -> Result<(usize, Wakes)> {
+        self.write(|tx, now| {
+            let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
+                .into_iter()
+                .filter(|a| a.state == LockState::Held)
+                .collect();
+            let mut wakes = Vec::new();
+            let mut released = 0;
+            for holder in &holders {
+                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
+                    record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
+                    wakes.extend(waiters_of(tx, &keys)?);
+                    released += 1;
+                }
+            }
+            Ok((released, wakes))
+        })
+    }
+
+    /// Every lock request, held or waiting, one record per key, by key then
+    /// ticket.
+    pub(crate) fn locks(&self) -> Result<Vec<LockRecord>> {
+        self.read(|conn| {
+            let records = conn
+                .prepare_cached(
+                    "SELECT e.key, l.mode, l.capacity, l.state, l.token, l.id, l.keys, l.run_id,
+                            r.name, l.instance_id, l.pid, l.host, l.requested_at, l.granted_at
+                     FROM lock_entries e
+                     JOIN locks l ON l.id = e.lock_id
+                     LEFT JOIN runs r ON r.id = l.run_id
+                     ORDER BY e.key, e.lock_id",
+                )?
+                .query_map([], |row| {
+                    Ok(LockRecord {
+                        key: row.get(0)?,
+                        mode: mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
+                        state: state_of(&row.get::<_, String>(3)?),
+                        token: row.get::<_, Option<i64>>(4)?.map(|t| t as u64),
+                        ticket: row.get(5)?,
+                        keys: parse_keys(&row.get::<_, String>(6)?)?,
+                        run: row.get(7)?,
+                        run_name: row.get(8)?,
+                        instance: row.get(9)?,
+                        pid: row.get(10)?,
+                        host: row.get(11)?,
+                        requested_at: row.get(12)?,
+                        granted_at: row.get(13)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(records)
+        })
+    }
+}
+
+fn insert_lock(
+    tx: &Connection,
+    ask: &LockAsk<'_>,
+    state: &str,
+    token: Option<i64>,
+    now: Timestamp,
+) -> Result<i64> {
+    let granted_at = token.map(|_| now);
+    tx.prepare_cached(
+        "INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id, pid, host,
+                            wake, requested_at, granted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        state,
+        ask.mode.as_str(),
+        ask.mode.capacity(),
+        token,
+        keys_json(ask.keys),
+        ask.instance,
+        ask.run,
+        ask.pid,
+        ask.host,
+        if state == "waiting" { ask.wake } else { None },
+        now,
+        granted_at,
+    ])?;
+    let id = tx.last_insert_rowid();
+    let mut entry = tx.prepare_cached("INSERT INTO lock_entries (key, lock_id) VALUES (?1, ?2)")?;
+    for key in ask.keys {
+        entry.execute(params![key, id])?;
+    }
+    Ok(id)
+}
+
+fn record_lock_event(
+    tx: &Connection,
+    now: Timestamp,
+    kind: &str,
+    keys: &[String],
+    holder: &Ahead,
+    reason: &str,
+    by: &ProcessIdentity,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO lock_events (at, kind, keys, token, run_id, holder_pid, holder_host, reason,
+                                  by_pid, by_host)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        now,
+        kind,
+        keys_json(keys),
+        holder.token,
+        holder.run.as_ref().map(|(id, _)| *id),
+        holder.owner.pid,
+        holder.owner.host,
+        reason,
+        by.pid,
+        by.host,
+    ])?;
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Linux: one abstract datagram socket per waiter.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A waiter's socket; its name is the address others wake it through.
+#[derive(Debug)]
+pub(crate) struct WakeSocket {
+    socket: UnixDatagram,
+    address: String,
+}
+
+impl WakeSocket {
+    /// A new socket with a name no one else uses; `None` if the platform
+    /// refuses (then the waiter only polls).
+    pub(crate) fn bind() -> Option<WakeSocket> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let address = format!(
+            "runledger/{}/{}/{}",
+            std::process::id(),
+            crate::liveness::ProcessIdentity::current_start_time().unwrap_or(0),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let addr = SocketAddr::from_abstract_name(address.as_bytes()).ok()?;
+        let socket = UnixDatagram::bind_addr(&addr)
+            .map_err(|e| log::debug!("runledger: no wake-up socket ({e}); polling"))
+            .ok()?;
+        Some(WakeSocket { socket, address })
+    }
+
+    /// The address to record on the queue row.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Sleeps until woken or until `timeout`; true if woken.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let timeout = timeout.max(Duration::from_millis(1));
+        if self.socket.set_read_timeout(Some(timeout)).is_err() {
+            std::thread::sleep(timeout);
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        let woken = self.socket.recv(&mut buf).is_ok();
+        // Drain wake-ups that arrived meanwhile: one re-check covers them all.
+        if woken && self.socket.set_nonblocking(true).is_ok() {
+            while self.socket.recv(&mut buf).is_ok() {}
+            let _ = self.socket.set_nonblocking(false);
+        }
+        woken
+    }
+}
+
+/// Wakes the waiters at `addresses`, best effort: a waiter that is gone, or
+/// whose queue of wake-ups is full, is skipped (it polls anyway).
+pub(crate) fn wake(addresses: &[String]) {
+    static SENDER: OnceLock<io::Result<UnixDatagram>> = OnceLock::new();
+    let Ok(sender) = SENDER.get_or_init(|| {
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    }) else {
+        return;
+    };
+    for address in addresses {
+        if let Ok(addr) = SocketAddr::from_abstract_name(address.as_bytes()) {
+            let _ = sender.send_to_addr(b"!", &addr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_waiter_is_woken_and_times_out_otherwise() {
+        let socket = WakeSocket::bind().unwrap();
+        let started = Instant::now();
+        assert!(!socket.wait(Duration::from_millis(20)));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        wake(&[socket.address().to_owned(), socket.address().to_owned()]);
+        assert!(socket.wait(Duration::from_secs(5)));
+        // Both wake-ups were drained by one wait.
+        assert!(!socket.wait(Duration::from_millis(5)));
+        // Waking someone gone is harmless.
+        wake(&["runledger/nobody/0/0".to_owned()]);
+    }
+}

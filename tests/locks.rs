@@ -1,0 +1,415 @@
+//! Lock semantics: modes, multi-key grants, conflicts, the queue, tokens,
+//! runs that own locks, forced release. Two handles opened separately are two
+//! instances, as two processes would be; tests/locks_processes.rs uses real
+//! processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fixture;
+use runledger::{Error, Ledger, LockKey, LockMode, LockRequest, LockState, RunSpec, RunStatus};
+
+fn second(f: &common::Fixture) -> Ledger {
+    Ledger::open(f.ledger.path()).unwrap()
+}
+
+/// Waits (at most 20 s) until `ledger.locks()` satisfies `ready`.
+fn wait_until_locks(ledger: &Ledger, ready: impl Fn(&[runledger::LockRecord]) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let locks = ledger.locks().unwrap();
+        if ready(&locks) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {locks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn an_exclusive_lock_refuses_others_and_names_the_holder() {
+    let f = fixture();
+    let other = second(&f);
+    let run = f.ledger.begin_run(RunSpec::new("build")).unwrap();
+    let guard = run.lock("build:symbol=AAPL").unwrap();
+    assert_eq!(guard.keys(), ["build:symbol=AAPL"]);
+    assert_eq!(guard.mode(), LockMode::Exclusive);
+    assert_eq!(guard.run(), Some(run.id()));
+    let err = other.try_lock("build:symbol=AAPL").unwrap_err();
+    let Error::Conflict {
+        keys,
+        holders,
+        self_conflict,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(keys, &["build:symbol=AAPL"]);
+    assert!(!self_conflict);
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].run, Some((run.id(), "build".to_owned())));
+    assert_eq!(holders[0].pid, std::process::id());
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "lock \"build:symbol=AAPL\" is held by run {} (build, exclusive, pid {}",
+            run.id(),
+            std::process::id()
+        )),
+        "{message}"
+    );
+    guard.release().unwrap();
+    other
+        .try_lock("build:symbol=AAPL")
+        .unwrap()
+        .release()
+        .unwrap();
+    run.succeed().unwrap();
+}
+
+#[test]
+fn shared_holders_coexist_and_keep_exclusive_out() {
+    let f = fixture();
+    let (a, b, c) = (second(&f), second(&f), second(&f));
+    let shared = LockRequest::new(["dataset"])
+        .mode(LockMode::Shared)
+        .no_wait();
+    let g1 = a.acquire(shared.clone()).unwrap();
+    let g2 = b.acquire(shared.clone()).unwrap();
+    assert!(c.try_lock("dataset").unwrap_err().is_conflict());
+    drop((g1, g2));
+    let x = c.try_lock("dataset").unwrap();
+    assert!(a.acquire(shared).unwrap_err().is_conflict());
+    x.release().unwrap();
+}
+
+#[test]
+fn slots_admit_at_most_n_holders_and_must_agree_on_n() {
+    let f = fixture();
+    let ledgers: Vec<Ledger> = (0..3).map(|_| second(&f)).collect();
+    let gpu = LockRequest::new(["gpu"]).mode(LockMode::Slots(2)).no_wait();
+    let g0 = ledgers[0].acquire(gpu.clone()).unwrap();
+    let g1 = ledgers[1].acquire(gpu.clone()).unwrap();
+    assert!(ledgers[2].acquire(gpu.clone()).unwrap_err().is_conflict());
+    let err = ledgers[2]
+        .acquire(LockRequest::new(["gpu"]).mode(LockMode::Slots(3)).no_wait())
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    assert!(err.to_string().contains("used with 2 slots"), "{err}");
+    assert!(
+        ledgers[2]
+            .acquire(LockRequest::new(["gpu"]).mode(LockMode::Shared).no_wait())
+            .unwrap_err()
+            .is_conflict()
+    );
+    drop(g0);
+    let g2 = ledgers[2].acquire(gpu).unwrap();
+    drop((g1, g2));
+    // Idle again: another capacity is fine now.
+    ledgers[0]
+        .acquire(LockRequest::new(["gpu"]).mode(LockMode::Slots(3)).no_wait())
+        .unwrap()
+        .release()
+        .unwrap();
+}
+
+#[test]
+fn several_keys_are_taken_all_or_nothing() {
+    let f = fixture();
+    let other = second(&f);
+    let b = other.try_lock("b").unwrap();
+    let err = f
+        .ledger
+        .acquire(LockRequest::new(["a", "b", "c"]).no_wait())
+        .unwrap_err();
+    assert!(err.is_conflict());
+    // Nothing of the request is held: "a" and "c" are free.
+    assert!(f.ledger.locks().unwrap().iter().all(|l| l.key == "b"));
+    other.try_lock("a").unwrap().release().unwrap();
+    drop(b);
+    let all = f
+        .ledger
+        .acquire(LockRequest::new(["c", "a", "b", "a"]).no_wait())
+        .unwrap();
+    assert_eq!(all.keys(), ["a", "b", "c"]);
+    for key in ["a", "b", "c"] {
+        assert!(other.try_lock(key).unwrap_err().is_conflict());
+    }
+}
+
+#[test]
+fn a_conflict_with_only_this_process_fails_at_once() {
+    let f = fixture();
+    let _held = f.ledger.lock("mine").unwrap();
+    let started = std::time::Instant::now();
+    let err = f
+        .ledger
+        .acquire(LockRequest::new(["mine"]).wait(Duration::from_secs(30)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                self_conflict: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(err.to_string().contains("held by this process"), "{err}");
+    assert_eq!(
+        f.ledger.locks().unwrap().len(),
+        1,
+        "no queue place was left behind"
+    );
+}
+
+#[test]
+fn a_wait_ends_in_a_timeout_and_leaves_the_queue() {
+    let f = fixture();
+    let other = second(&f);
+    let _held = other.lock("busy").unwrap();
+    let err = f
+        .ledger
+        .acquire(LockRequest::new(["busy"]).wait(Duration::from_millis(150)))
+        .unwrap_err();
+    let Error::Timeout {
+        keys,
+        waited,
+        holders,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(keys, &["busy"]);
+    assert!(*waited >= Duration::from_millis(150));
+    assert_eq!(holders.len(), 1);
+    assert!(
+        err.to_string().starts_with("gave up after waiting"),
+        "{err}"
+    );
+    let locks = f.ledger.locks().unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].state, LockState::Held);
+}
+
+#[test]
+fn a_waiter_is_served_when_the_holder_releases() {
+    let f = fixture();
+    let other = second(&f);
+    let held = other.lock("k").unwrap();
+    let ledger = f.ledger.clone();
+    let waiter = std::thread::spawn(move || {
+        ledger.acquire(LockRequest::new(["k"]).wait(Duration::from_secs(10)))
+    });
+    // The waiter shows in the queue.
+    wait_until_locks(&f.ledger, |locks| {
+        locks.iter().any(|l| l.state == LockState::Waiting)
+    });
+    let first_token = held.token();
+    held.release().unwrap();
+    let granted = waiter.join().unwrap().unwrap();
+    assert!(granted.token() > first_token);
+}
+
+/// A stream of shared requests must not overtake an exclusive request that
+/// queued before them.
+#[test]
+fn a_queued_exclusive_request_is_not_starved_by_shared_ones() {
+    let f = fixture();
+    let (reader, writer, late) = (second(&f), second(&f), second(&f));
+    let shared = LockRequest::new(["table"]).mode(LockMode::Shared);
+    let r = reader.acquire(shared.clone().no_wait()).unwrap();
+    let w = std::thread::spawn(move || {
+        writer
+            .acquire(LockRequest::new(["table"]).wait(Duration::from_secs(10)))
+            .map(|g| g.token())
+    });
+    wait_until_locks(&f.ledger, |locks| locks.len() >= 2);
+    // A later shared request is compatible with the holder but not with the
+    // exclusive waiter ahead of it: refused.
+    let err = late.acquire(shared.clone().no_wait()).unwrap_err();
+    let Error::Conflict { holders, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        holders
+            .iter()
+            .any(|h| h.state == LockState::Waiting && h.mode == LockMode::Exclusive),
+        "{err}"
+    );
+    drop(r);
+    let writer_token = w.join().unwrap().unwrap();
+    let after = late.acquire(shared.no_wait()).unwrap();
+    assert!(after.token() > writer_token);
+}
+
+#[test]
+fn tokens_grow_per_key_across_releases_and_handles() {
+    let f = fixture();
+    let other = second(&f);
+    let mut last = 0;
+    for i in 0..10 {
+        let ledger = if i % 2 == 0 { &f.ledger } else { &other };
+        let g = ledger.try_lock("fenced").unwrap();
+        assert!(g.token() > last);
+        last = g.token();
+    }
+    // A multi-key grant is above every earlier grant of each of its keys.
+    let g = f
+        .ledger
+        .acquire(LockRequest::new(["fenced", "fresh"]).no_wait())
+        .unwrap();
+    assert!(g.token() > last);
+    drop(g);
+    // ...and a reopened ledger continues from there.
+    let again = Ledger::open(f.ledger.path())
+        .unwrap()
+        .try_lock("fresh")
+        .unwrap();
+    assert!(again.token() > last + 1);
+}
+
+#[test]
+fn a_runs_locks_end_with_the_run() {
+    let f = fixture();
+    let other = second(&f);
+    let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
+    let guard = run.acquire(LockRequest::new(["x", "y"]).no_wait()).unwrap();
+    run.start().unwrap();
+    let id = run.id();
+    assert_eq!(run.succeed().unwrap(), RunStatus::Succeeded);
+    assert!(f.ledger.locks().unwrap().is_empty());
+    assert!(!guard.is_held().unwrap());
+    // Released with its run: not lost.
+    guard.release().unwrap();
+    other.try_lock("x").unwrap().release().unwrap();
+    assert!(f.ledger.run(id).unwrap().status.is_terminal());
+}
+
+#[test]
+fn a_finished_run_cannot_take_locks() {
+    let f = fixture();
+    let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
+    f.ledger.cancel(run.id()).unwrap();
+    let err = run.lock("late").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RunFinished {
+                status: RunStatus::Cancelled,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_forced_release_is_recorded_and_the_holder_finds_out() {
+    let f = fixture();
+    let other = second(&f);
+    let guard = other.lock("stuck").unwrap();
+    assert!(guard.is_held().unwrap());
+    assert_eq!(
+        f.ledger
+            .force_unlock("stuck", "operator: holder hung")
+            .unwrap(),
+        1
+    );
+    assert!(!guard.is_held().unwrap());
+    let err = guard.release().unwrap_err();
+    assert!(matches!(err, Error::LockLost { .. }), "{err:?}");
+    assert!(err.to_string().contains("taken away"), "{err}");
+    // Someone else can take it now, with a higher token.
+    f.ledger.try_lock("stuck").unwrap().release().unwrap();
+    let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
+    let (kind, reason): (String, String) = conn
+        .query_row("SELECT kind, reason FROM lock_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("forced", "operator: holder hung")
+    );
+    assert!(
+        f.ledger
+            .force_unlock("stuck", " ")
+            .unwrap_err()
+            .is_invalid_input()
+    );
+}
+
+#[test]
+fn locks_lists_holders_and_waiters() {
+    let f = fixture();
+    let other = second(&f);
+    let run = other.begin_run(RunSpec::new("owner")).unwrap();
+    let _held = run.acquire(LockRequest::new(["a", "b"]).no_wait()).unwrap();
+    let ledger = f.ledger.clone();
+    let waiter = std::thread::spawn(move || {
+        ledger.acquire(LockRequest::new(["b"]).wait(Duration::from_millis(500)))
+    });
+    wait_until_locks(&f.ledger, |locks| locks.len() >= 3);
+    let locks = f.ledger.locks().unwrap();
+    let summary: Vec<_> = locks
+        .iter()
+        .map(|l| (l.key.as_str(), l.state, l.run_name.as_deref()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("a", LockState::Held, Some("owner")),
+            ("b", LockState::Held, Some("owner")),
+            ("b", LockState::Waiting, None)
+        ]
+    );
+    assert_eq!(locks[0].keys, ["a", "b"]);
+    assert!(locks[0].token.is_some() && locks[2].token.is_none());
+    assert!(locks[1].ticket < locks[2].ticket);
+    let json = serde_json::to_value(&locks[0]).unwrap();
+    assert_eq!(json["state"], "held");
+    assert_eq!(json["mode"]["mode"], "exclusive");
+    assert!(waiter.join().unwrap().unwrap_err().is_timeout());
+    run.succeed().unwrap();
+}
+
+#[test]
+fn bad_keys_and_requests_are_refused() {
+    let f = fixture();
+    for bad in ["", " k", "k\n", &"k".repeat(257)] {
+        let err = f.ledger.try_lock(bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidInput {
+                    what: "lock key",
+                    ..
+                }
+            ),
+            "{bad:?}: {err:?}"
+        );
+    }
+    assert!(
+        f.ledger
+            .acquire(LockRequest::new(Vec::<String>::new()))
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        f.ledger
+            .acquire(LockRequest::new(["k"]).mode(LockMode::Slots(0)))
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    let key = LockKey::new("build")
+        .part("symbol", "AAPL")
+        .part("lake", "raw");
+    f.ledger.try_lock(key).unwrap().release().unwrap();
+}

@@ -1,0 +1,296 @@
+//! Locks across real OS processes (the `worker` example): mutual exclusion,
+//! FIFO order, timeouts, SIGKILLed holders, limits under contention.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::{finish, fixture, spawn_worker};
+use runledger::{LockState, RunSpec};
+
+/// Reads the next line a worker prints.
+fn next_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+/// Waits until the ledger shows `n` waiting requests.
+fn wait_for_waiters(ledger: &runledger::Ledger, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ledger
+        .locks()
+        .unwrap()
+        .iter()
+        .filter(|l| l.state == LockState::Waiting)
+        .count()
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "waiters never queued: {:?}",
+            ledger.locks().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Checks a witness file (lines `enter|exit KEY TOKEN PID MODE`, in the
+/// order they were appended): per key, an exclusive holder is alone, shared
+/// holders never meet an exclusive one, `slots(n)` holders are at most n,
+/// and exclusive tokens strictly grow. Returns how many entries it read.
+fn check_witness(path: &Path) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut inside: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    let mut last_exclusive: HashMap<&str, u64> = HashMap::new();
+    let mut entries = 0;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [event, key, token, _pid, mode] = parts[..] else {
+            panic!("bad witness line {line:?}")
+        };
+        let token: u64 = token.parse().unwrap();
+        let holders = inside.entry(key).or_default();
+        match event {
+            "enter" => {
+                entries += 1;
+                holders.push((token, mode));
+                let exclusive = holders.iter().filter(|(_, m)| *m == "exclusive").count();
+                assert!(
+                    exclusive == 0 || holders.len() == 1,
+                    "{key}: exclusive holder not alone: {holders:?}"
+                );
+                if let Some(n) = mode
+                    .strip_prefix("slots(")
+                    .and_then(|m| m.strip_suffix(')'))
+                {
+                    let n: usize = n.parse().unwrap();
+                    assert!(
+                        holders.len() <= n,
+                        "{key}: {} holders of {n} slots",
+                        holders.len()
+                    );
+                }
+                if mode == "exclusive" {
+                    let last = last_exclusive.entry(key).or_insert(0);
+                    assert!(token > *last, "{key}: token {token} after {last}");
+                    *last = token;
+                }
+            }
+            "exit" => holders.retain(|(t, _)| *t != token),
+            other => panic!("bad witness event {other:?}"),
+        }
+    }
+    entries
+}
+
+/// Four processes increment a counter kept in a plain file, 40 times each,
+/// under an exclusive lock: the count is exact and no critical sections
+/// overlap.
+#[test]
+fn an_exclusive_lock_serializes_processes() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let counter = f.dir.path().join("counter");
+    let witness = f.dir.path().join("witness");
+    std::fs::write(&counter, "0\n").unwrap();
+    let (counter_s, witness_s) = (counter.to_str().unwrap(), witness.to_str().unwrap());
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            spawn_worker(
+                &db,
+                &[
+                    "critical",
+                    "counter",
+                    "--times",
+                    "40",
+                    "--witness",
+                    witness_s,
+                    "--counter",
+                    counter_s,
+                ],
+            )
+        })
+        .collect();
+    for w in workers {
+        assert_eq!(finish(w), ["done"]);
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "160");
+    assert_eq!(check_witness(&witness), 160);
+    assert!(f.ledger.locks().unwrap().is_empty());
+}
+
+#[test]
+fn slots_and_shared_limits_hold_under_contention() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let witness = f.dir.path().join("witness");
+    let w = witness.to_str().unwrap();
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(spawn_worker(
+            &db,
+            &[
+                "critical",
+                "gpu",
+                "--mode",
+                "slots:2",
+                "--times",
+                "25",
+                "--witness",
+                w,
+            ],
+        ));
+        workers.push(spawn_worker(
+            &db,
+            &[
+                "critical",
+                "table",
+                "--mode",
+                "shared",
+                "--times",
+                "25",
+                "--witness",
+                w,
+            ],
+        ));
+    }
+    workers.push(spawn_worker(
+        &db,
+        &[
+            "critical",
+            "table",
+            "--mode",
+            "exclusive",
+            "--times",
+            "25",
+            "--witness",
+            w,
+        ],
+    ));
+    for worker in workers {
+        assert_eq!(finish(worker), ["done"]);
+    }
+    assert_eq!(check_witness(&witness), 175);
+}
+
+#[test]
+fn waiters_in_other_processes_are_served_first_come_first_served() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let held = f.ledger.lock("fifo").unwrap();
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        waiters.push(spawn_worker(
+            &db,
+            &["hold", "fifo", "--hold-ms", "20", "--wait-ms", "20000"],
+        ));
+        wait_for_waiters(&f.ledger, i + 1);
+    }
+    held.release().unwrap();
+    let tokens: Vec<u64> = waiters
+        .iter_mut()
+        .map(|w| next_line(w).strip_prefix("held ").unwrap().parse().unwrap())
+        .collect();
+    for w in waiters {
+        finish(w);
+    }
+    assert!(
+        tokens.windows(2).all(|t| t[0] < t[1]),
+        "served out of queue order: {tokens:?}"
+    );
+}
+
+#[test]
+fn a_waiting_process_times_out_and_leaves_the_queue() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let _held = f.ledger.lock("slow").unwrap();
+    let line = finish(spawn_worker(&db, &["hold", "slow", "--wait-ms", "200"])).remove(0);
+    assert!(line.starts_with("timeout gave up after waiting"), "{line}");
+    assert!(
+        line.contains(&format!("pid {}", std::process::id())),
+        "{line}"
+    );
+    assert_eq!(f.ledger.locks().unwrap().len(), 1);
+}
+
+/// A holder killed with SIGKILL never releases: a process waiting for its
+/// key gets it anyway, without any sweep, and the reclaim is recorded.
+#[test]
+fn the_lock_of_a_killed_holder_passes_to_a_waiting_process() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let mut holder = spawn_worker(&db, &["hold", "victim", "--forever"]);
+    let first: u64 = next_line(&mut holder)
+        .strip_prefix("held ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut waiter = spawn_worker(&db, &["hold", "victim", "--wait-ms", "20000"]);
+    wait_for_waiters(&f.ledger, 1);
+    holder.kill().unwrap(); // SIGKILL
+    let started = Instant::now();
+    let line = next_line(&mut waiter);
+    let second: u64 = line
+        .strip_prefix("held ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    assert!(second > first);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    finish(waiter);
+    holder.wait().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (kind, reason, pid): (String, String, u32) = conn
+        .query_row(
+            "SELECT kind, reason, holder_pid FROM lock_events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_str(), pid),
+        ("reclaimed", "process exited", holder.id())
+    );
+}
+
+/// The same: the next acquirer in this process finds the dead holder and
+/// takes the key at once.
+#[test]
+fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let run = f.ledger.begin_run(RunSpec::new("next")).unwrap();
+    let mut holder = spawn_worker(&db, &["hold", "k", "--forever"]);
+    assert!(next_line(&mut holder).starts_with("held "));
+    let err = run
+        .acquire(runledger::LockRequest::new(["k"]).no_wait())
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let guard = f.ledger.try_lock("k").unwrap();
+    assert!(guard.is_held().unwrap());
+    run.succeed().unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_path_shares_the_locks() {
+    let f = fixture();
+    let link = f.dir.path().join("link.db");
+    std::os::unix::fs::symlink(f.dir.path().join("ledger.db"), &link).unwrap();
+    let mut holder = spawn_worker(&link, &["hold", "shared-file", "--forever"]);
+    assert!(next_line(&mut holder).starts_with("held "));
+    let err = f.ledger.try_lock("shared-file").unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
