@@ -10,7 +10,17 @@
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
+//! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
+//! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
 //! ```
+//!
+//! `pingpong` takes and releases `KEY` `--times` times, holding it
+//! `--hold-us` each time, and prints `acquired NS` and `released NS` (Unix
+//! nanoseconds) for each: two of them hand the key back and forth. `load`
+//! loops acquire/release on `--keys` keys, with the ledger or with a bare
+//! SQLite row lock (the baseline: `INSERT` to take, `DELETE` to release,
+//! retried, `busy_timeout` alone), and writes each acquire's latency in
+//! microseconds to `--out`.
 //!
 //! `--mode` is `exclusive` (the default), `shared` or `slots:N`. `hold` takes
 //! the lock (printing `held TOKEN`, or `timeout`/`conflict` and the error),
@@ -72,6 +82,13 @@ fn wait_until(args: &[String]) {
             std::thread::sleep(Duration::from_millis((at - now) as u64));
         }
     }
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn say(line: impl std::fmt::Display) {
@@ -196,6 +213,64 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 guard.release()?;
             }
             say("done");
+        }
+        "pingpong" => {
+            let ledger = Ledger::open(db)?;
+            let key = arg(2)?;
+            let hold = Duration::from_micros(number(args, "--hold-us", 500));
+            let mut out = String::new();
+            for _ in 0..number(args, "--times", 100) {
+                let guard = ledger.acquire(LockRequest::new([key]).wait_forever())?;
+                out.push_str(&format!("acquired {}\n", unix_nanos()));
+                std::thread::sleep(hold);
+                out.push_str(&format!("released {}\n", unix_nanos()));
+                guard.release()?;
+            }
+            print!("{out}");
+        }
+        "load" => {
+            let keys = number(args, "--keys", 4);
+            let ops = number(args, "--ops", 1000);
+            let out = flag(args, "--out").ok_or("missing --out")?;
+            let bare = flag(args, "--impl") == Some("bare");
+            let mut latencies = String::new();
+            let started = std::time::Instant::now();
+            if bare {
+                let conn = rusqlite::Connection::open(db)?;
+                conn.busy_timeout(Duration::from_secs(60))?;
+                conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+                for i in 0..ops {
+                    let key = format!("key-{}", (i + u64::from(std::process::id())) % keys);
+                    let t = std::time::Instant::now();
+                    loop {
+                        conn.execute_batch("BEGIN IMMEDIATE")?;
+                        let taken = conn.execute(
+                            "INSERT OR IGNORE INTO bare_locks (key) VALUES (?1)",
+                            [&key],
+                        )?;
+                        conn.execute_batch("COMMIT")?;
+                        if taken == 1 {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                    latencies.push_str(&format!("{}\n", t.elapsed().as_micros()));
+                    conn.execute_batch("BEGIN IMMEDIATE")?;
+                    conn.execute("DELETE FROM bare_locks WHERE key = ?1", [&key])?;
+                    conn.execute_batch("COMMIT")?;
+                }
+            } else {
+                let ledger = Ledger::open(db)?;
+                for i in 0..ops {
+                    let key = format!("key-{}", (i + u64::from(std::process::id())) % keys);
+                    let t = std::time::Instant::now();
+                    let guard = ledger.acquire(LockRequest::new([key]).wait_forever())?;
+                    latencies.push_str(&format!("{}\n", t.elapsed().as_micros()));
+                    guard.release()?;
+                }
+            }
+            std::fs::write(out, latencies)?;
+            say(format_args!("done {}", started.elapsed().as_micros()));
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }

@@ -624,6 +624,9 @@ impl Ledger {
         request: LockRequest,
         run: Option<RunId>,
     ) -> Result<LockGuard> {
+        // Without a wake-up socket (another platform) a waiter polls with a
+        // backoff; with one, releasers wake it and the timer is only the
+        // fallback (a holder killed with SIGKILL wakes no one).
         const FIRST_POLL: Duration = Duration::from_millis(1);
         const MAX_POLL: Duration = Duration::from_millis(100);
         let keys = request.checked_keys()?;
@@ -649,7 +652,11 @@ impl Ledger {
             ledger: self,
             ticket: None,
         };
-        let mut poll = FIRST_POLL;
+        let mut poll = if socket.is_some() {
+            MAX_POLL
+        } else {
+            FIRST_POLL
+        };
         loop {
             let ahead = match inner.store.try_lock(&ask, place.ticket)? {
                 Attempt::Granted { id, token } => {
@@ -724,6 +731,21 @@ impl Ledger {
                 None => std::thread::sleep(nap),
             }
             poll = (poll * 2).min(MAX_POLL);
+            // Releasers hand keys to the head of the queue themselves: a
+            // read tells whether that happened, without the write lock.
+            if let Some(ticket) = place.ticket
+                && let Some(token) = inner.store.granted_token(ticket)?
+            {
+                place.ticket = None;
+                return Ok(LockGuard::new(
+                    self.clone(),
+                    ticket,
+                    keys,
+                    request.mode,
+                    token,
+                    run,
+                ));
+            }
         }
     }
 

@@ -125,22 +125,80 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
     Ok(rows)
 }
 
-/// The wake-up addresses of the waiters on `keys`.
-fn waiters_of(tx: &Connection, keys: &[String]) -> Result<Wakes> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT l.wake FROM lock_entries e JOIN locks l ON l.id = e.lock_id
-         WHERE e.key = ?1 AND l.state = 'waiting' AND l.wake IS NOT NULL",
-    )?;
+/// Hands `keys`, just freed, to their waiters: per key, the waiters are taken
+/// in ticket order and each one that fits now (with every one of its keys) is
+/// granted in this same transaction, until one does not. Returns the
+/// wake-up addresses of those granted: they find their lock held with a read,
+/// without competing for the write lock.
+fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
     let mut wakes = Vec::new();
+    let mut queue = tx.prepare_cached(
+        "SELECT l.id, l.mode, l.capacity, l.keys, l.wake
+         FROM lock_entries e JOIN locks l ON l.id = e.lock_id
+         WHERE e.key = ?1 AND l.state = 'waiting'
+         ORDER BY e.lock_id",
+    )?;
     for key in keys {
-        for wake in stmt.query_map([key], |row| row.get::<_, String>(0))? {
-            let wake = wake?;
-            if !wakes.contains(&wake) {
+        let waiters = queue
+            .query_map([key], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
+                    parse_keys(&row.get::<_, String>(3)?)?,
+                    row.get::<_, Option<String>>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (id, mode, their_keys, wake) in waiters {
+            if !fits(tx, &their_keys, mode, Some(id))? {
+                break;
+            }
+            let token = next_token(tx, &their_keys)?;
+            tx.prepare_cached(
+                "UPDATE locks SET state = 'held', token = ?2, granted_at = ?3, wake = NULL
+                 WHERE id = ?1 AND state = 'waiting'",
+            )?
+            .execute(params![id, token, now])?;
+            if let Some(wake) = wake
+                && !wakes.contains(&wake)
+            {
                 wakes.push(wake);
             }
         }
     }
     Ok(wakes)
+}
+
+/// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
+/// everything ahead of it on every key. A capacity mismatch never fits.
+fn fits(tx: &Connection, keys: &[String], mode: LockMode, ticket: Option<i64>) -> Result<bool> {
+    for key in keys {
+        let modes: Vec<LockMode> = ahead_on(tx, key, ticket)?.iter().map(|a| a.mode).collect();
+        if compatible(&modes, mode) != Ok(true) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Takes the next fencing token for a grant of `keys`: above the last token
+/// of every one of them, recorded on each.
+fn next_token(tx: &Connection, keys: &[String]) -> Result<i64> {
+    let mut last = 0i64;
+    let mut read = tx.prepare_cached("SELECT last_token FROM lock_keys WHERE key = ?1")?;
+    for key in keys {
+        let token: Option<i64> = read.query_row([key], |row| row.get(0)).optional()?;
+        last = last.max(token.unwrap_or(0));
+    }
+    let token = last + 1;
+    let mut write = tx.prepare_cached(
+        "INSERT INTO lock_keys (key, last_token) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",
+    )?;
+    for key in keys {
+        write.execute(params![key, token])?;
+    }
+    Ok(token)
 }
 
 /// Deletes a lock row and its entries; returns its keys, or `None` if the
@@ -162,7 +220,7 @@ fn delete_lock(tx: &Connection, id: i64, token: Option<i64>) -> Result<Option<Ve
 
 /// Releases every lock (held or queued) of a run that is ending, in its
 /// transaction; returns the waiters to wake.
-pub(super) fn release_run_locks(tx: &Connection, run: RunId) -> Result<Wakes> {
+pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> Result<Wakes> {
     let owned = tx
         .prepare_cached("SELECT id, token FROM locks WHERE run_id = ?1")?
         .query_map([run], |row| {
@@ -172,7 +230,7 @@ pub(super) fn release_run_locks(tx: &Connection, run: RunId) -> Result<Wakes> {
     let mut wakes = Vec::new();
     for (id, token) in owned {
         if let Some(keys) = delete_lock(tx, id, token)? {
-            wakes.extend(waiters_of(tx, &keys)?);
+            wakes.extend(grant_waiters(tx, &keys, now)?);
         }
     }
     Ok(wakes)
@@ -194,12 +252,25 @@ impl Store {
                     return Err(Error::RunFinished { run, status });
                 }
             }
-            // A queue place that vanished (its run ended) is taken anew.
+            // A queued request may have been granted by a releaser meanwhile;
+            // a queue place that vanished (its run ended) is taken anew.
             let ticket = match ticket {
-                Some(t) => tx
-                    .prepare_cached("SELECT id FROM locks WHERE id = ?1 AND state = 'waiting'")?
-                    .query_row([t], |row| row.get::<_, i64>(0))
-                    .optional()?,
+                Some(t) => {
+                    let row: Option<(String, Option<i64>)> = tx
+                        .prepare_cached("SELECT state, token FROM locks WHERE id = ?1")?
+                        .query_row([t], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()?;
+                    match row {
+                        Some((state, Some(token))) if state == "held" => {
+                            return Ok(Attempt::Granted {
+                                id: t,
+                                token: token as u64,
+                            });
+                        }
+                        Some(_) => Some(t),
+                        None => None,
+                    }
+                }
                 None => None,
             };
             let mut blocked = Vec::new();
@@ -229,20 +300,7 @@ impl Store {
                     ahead: blocked,
                 });
             }
-            let mut last = 0i64;
-            let mut read = tx.prepare_cached("SELECT last_token FROM lock_keys WHERE key = ?1")?;
-            for key in ask.keys {
-                let token: Option<i64> = read.query_row([key], |row| row.get(0)).optional()?;
-                last = last.max(token.unwrap_or(0));
-            }
-            let token = last + 1;
-            let mut write = tx.prepare_cached(
-                "INSERT INTO lock_keys (key, last_token) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",
-            )?;
-            for key in ask.keys {
-                write.execute(params![key, token])?;
-            }
+            let token = next_token(tx, ask.keys)?;
             let id = match ticket {
                 Some(t) => {
                     tx.prepare_cached(
@@ -261,19 +319,32 @@ impl Store {
         })
     }
 
-    /// Leaves the queue: deletes a waiting request; returns the waiters to
-    /// wake (those behind it may go now).
+    /// The token of a queued request that a releaser has granted meanwhile:
+    /// a read, so a woken waiter does not compete for the write lock.
+    pub(crate) fn granted_token(&self, ticket: i64) -> Result<Option<u64>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT token FROM locks WHERE id = ?1 AND state = 'held'")?
+                .query_row([ticket], |row| row.get::<_, i64>(0))
+                .optional()?
+                .map(|t| t as u64))
+        })
+    }
+
+    /// Leaves the queue: deletes a request that gave up (timed out, failed),
+    /// whether still waiting or granted by a releaser after it stopped
+    /// looking; hands its keys on.
     pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
-        self.write(|tx, _| {
-            let state: Option<String> = tx
-                .prepare_cached("SELECT state FROM locks WHERE id = ?1")?
+        self.write(|tx, now| {
+            let token: Option<Option<i64>> = tx
+                .prepare_cached("SELECT token FROM locks WHERE id = ?1")?
                 .query_row([ticket], |row| row.get(0))
                 .optional()?;
-            if state.as_deref() != Some("waiting") {
+            let Some(token) = token else {
                 return Ok(Vec::new());
-            }
-            match delete_lock(tx, ticket, None)? {
-                Some(keys) => waiters_of(tx, &keys),
+            };
+            match delete_lock(tx, ticket, token)? {
+                Some(keys) => grant_waiters(tx, &keys, now),
                 None => Ok(Vec::new()),
             }
         })
@@ -282,8 +353,8 @@ impl Store {
     /// Releases a held lock. `None` if it was no longer held (taken away, or
     /// released with its run); otherwise the waiters to wake.
     pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<Option<Wakes>> {
-        self.write(|tx, _| match delete_lock(tx, id, Some(token as i64))? {
-            Some(keys) => Ok(Some(waiters_of(tx, &keys)?)),
+        self.write(|tx, now| match delete_lock(tx, id, Some(token as i64))? {
+            Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
             None => Ok(None),
         })
     }
@@ -316,7 +387,7 @@ impl Store {
                     ahead.owner.pid,
                     ahead.owner.host
                 );
-                wakes.extend(waiters_of(tx, &keys)?);
+                wakes.extend(grant_waiters(tx, &keys, now)?);
             }
             Ok(wakes)
         })
@@ -340,7 +411,7 @@ impl Store {
             for holder in &holders {
                 if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
                     record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
-                    wakes.extend(waiters_of(tx, &keys)?);
+                    wakes.extend(grant_waiters(tx, &keys, now)?);
                     released += 1;
                 }
             }

@@ -20,11 +20,12 @@ mod schema;
 pub(crate) use locks::{Ahead, Attempt, LockAsk};
 pub(crate) use runs::NewRun;
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
@@ -52,6 +53,7 @@ pub(crate) struct Store {
     pool: Pool<SqliteConnectionManager>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
+    busy_timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -174,6 +176,7 @@ impl Store {
             pool,
             path: canonical,
             clock,
+            busy_timeout: config.busy_timeout,
         })
     }
 
@@ -195,6 +198,7 @@ impl Store {
     fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
         let in_transaction = || {
             let conn = self.pool.get()?;
+            let _deadline = BusyDeadline::set(self.busy_timeout);
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let mut tx = WriteTx {
                 conn: &conn,
@@ -209,7 +213,11 @@ impl Store {
     }
     /// Runs `f` on a pooled connection, outside any explicit transaction.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let on_connection = || f(&*self.pool.get()?);
+        let on_connection = || {
+            let conn = self.pool.get()?;
+            let _deadline = BusyDeadline::set(self.busy_timeout);
+            f(&conn)
+        };
         on_connection().map_err(|e| e.in_ledger(&self.path))
     }
 
@@ -299,12 +307,57 @@ fn open_connection(path: &Path, config: &StoreConfig) -> rusqlite::Result<Connec
 /// The per-connection settings, applied to every pooled connection.
 fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()> {
     conn.busy_timeout(config.busy_timeout)?;
+    // Replaces the handler busy_timeout installed; see `busy_handler`.
+    conn.busy_handler(Some(busy_handler))?;
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = ON; PRAGMA synchronous = {};",
         config.synchronous
     ))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
+}
+
+thread_local! {
+    /// When the statement this thread runs must stop waiting for the lock.
+    static BUSY_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's busy deadline for one store call.
+struct BusyDeadline(Option<Instant>);
+
+impl BusyDeadline {
+    fn set(timeout: Duration) -> BusyDeadline {
+        let deadline = Instant::now().checked_add(timeout);
+        BusyDeadline(BUSY_DEADLINE.with(|d| d.replace(deadline)))
+    }
+}
+
+impl Drop for BusyDeadline {
+    fn drop(&mut self) {
+        BUSY_DEADLINE.with(|d| d.set(self.0));
+    }
+}
+
+/// Waits for SQLite's write lock with short sleeps, until the deadline of
+/// the store call.
+///
+/// SQLite's own handler (what `busy_timeout` installs) sleeps 1, 2, 5, 10 …
+/// up to 100 ms between tries: a writer that just missed the lock sleeps far
+/// longer than the transactions it waits for (tens of microseconds), which
+/// stretches the tail and wastes the wake-up a lock waiter just received.
+/// rusqlite takes a plain `fn`, so the deadline lives in a thread-local set
+/// around each store call; without one, the handler gives up after about
+/// 30 seconds of tries.
+fn busy_handler(count: i32) -> bool {
+    let within = match BUSY_DEADLINE.with(Cell::get) {
+        Some(deadline) => Instant::now() < deadline,
+        None => count < 15_000,
+    };
+    if within {
+        let backoff = Duration::from_micros(50) * (1u32 << count.clamp(0, 5));
+        std::thread::sleep(backoff.min(Duration::from_millis(2)));
+    }
+    within
 }
 
 /// Maps an error met while opening to the error a person can act on.

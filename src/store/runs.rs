@@ -300,7 +300,7 @@ impl Store {
             }
             // A run's locks and queue places end with it, in this transaction.
             let wakes = if to.is_terminal() {
-                release_run_locks(tx, run)?
+                release_run_locks(tx, run, at)?
             } else {
                 Vec::new()
             };
