@@ -1,5 +1,5 @@
-//! Opens a ledger file, records a run with a few steps, then prints every run
-//! of the ledger as a table.
+//! Opens a ledger file, records a run with a few steps under a lock, then
+//! prints every run of the ledger as a table.
 //!
 //! ```text
 //! cargo run --example quickstart                 # ledger in target/quickstart/
@@ -22,6 +22,14 @@ fn main() -> Result<(), runledger::Error> {
             .source("terminal")
             .metadata(serde_json::json!({"symbol": "AAPL", "days": 3})),
     )?;
+    // Only one process at a time backfills this symbol; the lock is released
+    // when the guard drops, and at the latest when the run ends.
+    let lock = run.lock("backfill:symbol=AAPL")?;
+    println!(
+        "holding {:?} with fencing token {}",
+        lock.keys(),
+        lock.token()
+    );
     for day in ["2026-11-18", "2026-11-19", "2026-11-20"] {
         let step = run.step(day)?;
         // … the day's work would go here …

@@ -1,5 +1,5 @@
-//! A crash-safe registry of runs, shared by every process that opens the same
-//! SQLite file.
+//! A crash-safe registry of runs and strict cross-process locks, shared by
+//! every process that opens the same SQLite file.
 //!
 //! Terminals, workers and dashboards of one application often run at once
 //! against one database. Without care they leave runs stuck in `running`
@@ -58,6 +58,48 @@
 //! or a second outcome changes nothing and returns
 //! [`Error::InvalidTransition`].
 //!
+//! # Locks
+//!
+//! [`Ledger::lock`], [`Ledger::try_lock`] and [`Ledger::acquire`] (or
+//! [`Run::lock`] for a lock that ends with its run) return a [`LockGuard`]
+//! that releases on drop. A [`LockRequest`] names one or more keys, taken all
+//! or nothing, in a [`LockMode`]: exclusive, shared, or `Slots(n)`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use runledger::{Ledger, LockMode, LockRequest};
+//! # let dir = tempfile::tempdir()?;
+//! # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+//! let guard = ledger.acquire(
+//!     LockRequest::new(["gpu"]).mode(LockMode::Slots(2)).wait(Duration::from_secs(60)),
+//! )?;
+//! println!("token {}", guard.token());
+//! # Ok::<(), runledger::Error>(())
+//! ```
+//!
+//! A request that cannot be granted at once takes a place in a queue that
+//! every process can see ([`Ledger::locks`]). It is served first come, first
+//! served, or gives up at its deadline with [`Error::Timeout`]. A request
+//! that may not wait fails with [`Error::Conflict`], which names who is in
+//! the way.
+//!
+//! **Waking up.** Releasing a lock hands it to the head of the queue in the
+//! same transaction and wakes that waiter at once. On Linux the wake-up is a
+//! datagram to an abstract Unix socket the waiter listens on. Waiters also
+//! re-check every 100 ms, which covers holders killed without releasing and
+//! platforms without such sockets.
+//!
+//! **Dead holders.** Holders and waiters in the way are judged by pid *and*
+//! process start time (same host). The lock of a dead one is taken over by
+//! the next acquirer, and the takeover is recorded. An owner on another host
+//! cannot be judged from here yet; until heartbeat leases come, its locks
+//! are treated as alive.
+//!
+//! **Within one process.** A request that conflicts only with locks of its
+//! own ledger instance fails at once ([`Error::Conflict`] with
+//! `self_conflict`), since waiting would never end. Threads of one process
+//! that must exclude each other open their own [`Ledger`] each.
+//!
 //! # Guarantees
 //!
 //! - **Nothing is lost on a crash.** Every call that changes the ledger is one
@@ -75,6 +117,10 @@
 //!   the run's history ([`Ledger::events`]) in the same transaction.
 //! - **At most one active run per idempotency key**, enforced by a unique
 //!   index, so two racing processes cannot both start the same work.
+//! - **Two holders never overlap.** Conflicting modes are never granted
+//!   together. A [fencing token](LockGuard#fencing-tokens) grows strictly per
+//!   key, across processes, restarts and pruning. A holder whose lock was
+//!   taken away finds out ([`LockGuard::is_held`], [`Error::LockLost`]).
 //! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
 //!   typed [`Error`] naming the offending value.
 //!
