@@ -457,6 +457,20 @@ fn work_across_processes_is_visible_to_all() {
     assert_ne!(r.instance, f.ledger.instance_id());
 }
 
+/// A ledger in a fresh folder that waits at most `busy_timeout` for the
+/// write lock.
+fn impatient_ledger(
+    busy_timeout: Duration,
+) -> (tempfile::TempDir, std::path::PathBuf, runledger::Ledger) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let ledger = runledger::Ledger::builder(&db)
+        .busy_timeout(busy_timeout)
+        .open()
+        .unwrap();
+    (dir, db, ledger)
+}
+
 /// Holds SQLite's write lock from another connection for `hold`, like a
 /// stuck writer in another process.
 fn hold_write_lock(db: &std::path::Path, hold: Duration) -> std::thread::JoinHandle<()> {
@@ -472,12 +486,7 @@ fn hold_write_lock(db: &std::path::Path, hold: Duration) -> std::thread::JoinHan
 /// guard and leave the run `running` with no one to end it.
 #[test]
 fn an_outcome_that_cannot_be_written_still_closes_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = runledger::Ledger::builder(&db)
-        .busy_timeout(Duration::from_millis(400))
-        .open()
-        .unwrap();
+    let (_dir, db, ledger) = impatient_ledger(Duration::from_millis(400));
     let run = ledger.begin_run(RunSpec::new("unlucky")).unwrap();
     let id = run.id();
     // The lock outlives the outcome's wait (400 ms) but not the guard's
@@ -497,12 +506,7 @@ fn an_outcome_that_cannot_be_written_still_closes_the_run() {
 
 #[test]
 fn a_step_outcome_that_cannot_be_written_still_closes_the_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = runledger::Ledger::builder(&db)
-        .busy_timeout(Duration::from_millis(400))
-        .open()
-        .unwrap();
+    let (_dir, db, ledger) = impatient_ledger(Duration::from_millis(400));
     let run = ledger.begin_run(RunSpec::new("unlucky")).unwrap();
     let step = run.step("s").unwrap();
     let holder = hold_write_lock(&db, Duration::from_millis(600));
@@ -522,12 +526,7 @@ fn a_step_outcome_that_cannot_be_written_still_closes_the_step() {
 
 #[test]
 fn a_busy_ledger_is_reported_as_busy_with_its_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = runledger::Ledger::builder(&db)
-        .busy_timeout(Duration::from_millis(100))
-        .open()
-        .unwrap();
+    let (_dir, db, ledger) = impatient_ledger(Duration::from_millis(100));
     let holder = hold_write_lock(&db, Duration::from_millis(400));
     let err = ledger.begin_run(RunSpec::new("blocked")).unwrap_err();
     holder.join().unwrap();
