@@ -167,6 +167,7 @@ impl Builder {
                 instance,
                 max_metadata_bytes: self.max_metadata_bytes,
                 lock_wait: self.lock_wait,
+                orphans: parking_lot::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -203,6 +204,17 @@ struct Inner {
     instance: i64,
     max_metadata_bytes: usize,
     lock_wait: Duration,
+    /// Lock rows a guard or a queue place could not delete on drop (the
+    /// database was busy, an I/O error): retried on the next lock call, so
+    /// that a live process never leaves a stale holder or waiter behind.
+    orphans: parking_lot::Mutex<Vec<Orphan>>,
+}
+
+/// A lock row whose owner dropped it without managing to delete it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Orphan {
+    Held { id: i64, token: u64 },
+    Queued { ticket: i64 },
 }
 
 impl Drop for Inner {
@@ -619,6 +631,25 @@ impl Ledger {
         Ok(released)
     }
 
+    /// Remembers a lock row to delete later.
+    pub(crate) fn adopt_orphan(&self, orphan: Orphan) {
+        self.inner.orphans.lock().push(orphan);
+    }
+
+    /// Retries deleting the rows of dropped guards and queue places.
+    fn clean_orphans(&self) {
+        let orphans = std::mem::take(&mut *self.inner.orphans.lock());
+        for orphan in orphans {
+            let done = match orphan {
+                Orphan::Held { id, token } => self.release_lock(id, token).map(drop),
+                Orphan::Queued { ticket } => self.inner.store.leave_queue(ticket).map(|w| wake(&w)),
+            };
+            if done.is_err() {
+                self.adopt_orphan(orphan);
+            }
+        }
+    }
+
     pub(crate) fn acquire_for(
         &self,
         request: LockRequest,
@@ -630,6 +661,9 @@ impl Ledger {
         const FIRST_POLL: Duration = Duration::from_millis(1);
         const MAX_POLL: Duration = Duration::from_millis(100);
         let keys = request.checked_keys()?;
+        if !self.inner.orphans.lock().is_empty() {
+            self.clean_orphans();
+        }
         let wait = request.wait.unwrap_or(Wait::For(self.inner.lock_wait));
         let inner = &self.inner;
         let socket = if wait == Wait::No {
@@ -703,7 +737,11 @@ impl Ledger {
                     is_self: a.instance == inner.instance,
                 })
                 .collect();
-            let self_conflict = holders.iter().all(|h| h.is_self);
+            // Only this process's own *held* locks in the way: nothing else
+            // will release them while this thread waits.
+            let self_conflict = holders
+                .iter()
+                .all(|h| h.is_self && h.state == crate::lock::LockState::Held);
             if wait == Wait::No || self_conflict {
                 return Err(crate::Error::Conflict {
                     keys,
@@ -747,6 +785,10 @@ impl Ledger {
                 ));
             }
         }
+    }
+
+    pub(crate) fn lock_was_taken_away(&self, id: i64) -> Result<bool> {
+        self.inner.store.was_taken_away(id)
     }
 
     pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
@@ -814,7 +856,10 @@ impl Drop for QueuePlace<'_> {
         if let Some(ticket) = self.ticket.take() {
             match self.ledger.inner.store.leave_queue(ticket) {
                 Ok(wakes) => wake(&wakes),
-                Err(e) => log::error!("runledger: could not leave lock queue place {ticket}: {e}"),
+                Err(e) => {
+                    log::warn!("runledger: could not leave lock queue place {ticket} yet: {e}");
+                    self.ledger.adopt_orphan(Orphan::Queued { ticket });
+                }
             }
         }
     }

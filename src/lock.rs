@@ -507,14 +507,14 @@ impl LockGuard {
         if !self.held {
             return Ok(());
         }
+        // On a storage error `held` stays true, so that Drop tries again.
+        let released = self.ledger.release_lock(self.id, self.token)?;
         self.held = false;
-        if self.ledger.release_lock(self.id, self.token)? {
+        if released {
             return Ok(());
         }
-        // Gone already: with its run, or taken away.
-        if let Some(run) = self.run
-            && self.ledger.run(run)?.status.is_terminal()
-        {
+        // Gone already: taken away (recorded), or released with its run.
+        if self.run.is_some() && !self.ledger.lock_was_taken_away(self.id)? {
             return Ok(());
         }
         Err(Error::LockLost {
@@ -526,8 +526,20 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Err(e) = self.release_() {
-            log::error!("runledger: releasing lock {:?}: {e}", self.keys);
+        match self.release_() {
+            Ok(()) => {}
+            Err(e @ Error::LockLost { .. }) => log::error!("runledger: {e}"),
+            Err(e) => {
+                // Not deleted: retried on this ledger's next lock call.
+                log::warn!(
+                    "runledger: releasing lock {:?} failed, will retry: {e}",
+                    self.keys
+                );
+                self.ledger.adopt_orphan(crate::ledger::Orphan::Held {
+                    id: self.id,
+                    token: self.token,
+                });
+            }
         }
     }
 }

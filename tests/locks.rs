@@ -413,3 +413,168 @@ fn bad_keys_and_requests_are_refused() {
         .part("lake", "raw");
     f.ledger.try_lock(key).unwrap().release().unwrap();
 }
+
+/// Regression: lock ids were reused after deletion, so a stale guard could
+/// "release" (delete) a later holder's lock of another key.
+#[test]
+fn a_stale_guard_never_touches_a_later_lock() {
+    let f = fixture();
+    let (a, b, c) = (second(&f), second(&f), second(&f));
+    let stale = a.lock("a").unwrap();
+    f.ledger.force_unlock("a", "test").unwrap();
+    let later = b.lock("b").unwrap();
+    assert!(stale.release().unwrap_err().is_lock_lost());
+    assert!(later.is_held().unwrap());
+    assert!(c.try_lock("b").unwrap_err().is_conflict());
+}
+
+/// Regression: the guard of a run's lock, dropped after its run ended, used
+/// to delete whatever lock had reused its id.
+#[test]
+fn a_guard_outliving_its_run_never_touches_a_later_lock() {
+    let f = fixture();
+    let other = second(&f);
+    let run = f.ledger.begin_run(RunSpec::new("job")).unwrap();
+    let guard = run.lock("a").unwrap();
+    run.succeed().unwrap();
+    let later = other.lock("b").unwrap();
+    guard.release().unwrap(); // released with its run: not lost
+    assert!(later.is_held().unwrap());
+}
+
+/// Regression: ending a run deleted its held rows one by one, handing a
+/// freed key to the run's own queued request, which then stayed held.
+#[test]
+fn a_run_that_ends_leaves_no_lock_behind_even_while_waiting() {
+    let f = fixture();
+    let other = second(&f);
+    let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
+    let shared = LockRequest::new(["a"]).mode(LockMode::Shared).no_wait();
+    let _mine = run.acquire(shared.clone()).unwrap();
+    let theirs = other.acquire(shared).unwrap();
+    std::thread::scope(|s| {
+        // The run also waits for "a" exclusively: behind the other holder.
+        let waiting =
+            s.spawn(|| run.acquire(LockRequest::new(["a"]).wait(Duration::from_secs(10))));
+        wait_until_locks(&f.ledger, |locks| {
+            locks.iter().any(|l| l.state == LockState::Waiting)
+        });
+        drop(theirs); // now only the run's own shared lock is in the way
+        f.ledger.cancel(run.id()).unwrap();
+        let err = waiting.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::RunFinished {
+                    status: RunStatus::Cancelled,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    });
+    assert!(
+        f.ledger.locks().unwrap().is_empty(),
+        "{:?}",
+        f.ledger.locks().unwrap()
+    );
+}
+
+/// Regression: a request for a free key queued behind a waiter that this
+/// very holder blocks, and both waited forever.
+#[test]
+fn a_waiter_held_back_by_my_lock_does_not_block_me() {
+    let f = fixture();
+    let other = second(&f);
+    let mine = f.ledger.lock("a").unwrap();
+    std::thread::scope(|s| {
+        let theirs =
+            s.spawn(|| other.acquire(LockRequest::new(["a", "b"]).wait(Duration::from_secs(10))));
+        wait_until_locks(&f.ledger, |locks| {
+            locks.iter().any(|l| l.state == LockState::Waiting)
+        });
+        let started = std::time::Instant::now();
+        let b = f
+            .ledger
+            .acquire(LockRequest::new(["b"]).wait(Duration::from_secs(5)))
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop((mine, b));
+        assert_eq!(theirs.join().unwrap().unwrap().keys(), ["a", "b"]);
+    });
+}
+
+/// Regression: a release granted queued readers only up to the first one
+/// that did not fit, leaving later ones that fit to the 100 ms poll.
+#[test]
+fn a_release_grants_every_queued_reader_that_fits() {
+    let f = fixture();
+    let (holder, m_holder) = (second(&f), second(&f));
+    let readers: Vec<Ledger> = (0..3).map(|_| second(&f)).collect();
+    let k = holder.lock("k").unwrap();
+    let _m = m_holder.lock("m").unwrap();
+    std::thread::scope(|s| {
+        let requests = [vec!["k"], vec!["k", "m"], vec!["k"]];
+        let mut threads = Vec::new();
+        for (i, keys) in requests.into_iter().enumerate() {
+            let reader = &readers[i];
+            threads.push(s.spawn(move || {
+                reader.acquire(
+                    LockRequest::new(keys)
+                        .mode(LockMode::Shared)
+                        .wait(Duration::from_millis(1500)),
+                )
+            }));
+            wait_until_locks(&f.ledger, |locks| {
+                locks
+                    .iter()
+                    .filter(|l| l.state == LockState::Waiting && l.key == "k")
+                    .count()
+                    == i + 1
+            });
+        }
+        k.release().unwrap();
+        // Granted by the release itself, not by a later poll.
+        let held_on_k: Vec<_> = f
+            .ledger
+            .locks()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.key == "k" && l.state == LockState::Held)
+            .collect();
+        assert_eq!(held_on_k.len(), 2, "{held_on_k:?}");
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert!(results[1].as_ref().unwrap_err().is_timeout());
+    });
+}
+
+/// Regression: a waiter of this same process ahead was reported as a
+/// self-conflict ("waiting would never end") although it would end.
+#[test]
+fn a_queued_request_of_this_process_is_not_a_self_conflict() {
+    let f = fixture();
+    let other = second(&f);
+    let _theirs = other.lock("k").unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            f.ledger
+                .acquire(LockRequest::new(["k"]).wait(Duration::from_millis(500)))
+        });
+        wait_until_locks(&f.ledger, |locks| {
+            locks.iter().any(|l| l.state == LockState::Waiting)
+        });
+        let err = f.ledger.try_lock("k").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Conflict {
+                    self_conflict: false,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(waiter.join().unwrap().unwrap_err().is_timeout());
+    });
+}

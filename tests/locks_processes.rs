@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{finish, fixture, spawn_worker};
+use common::{KillOnDrop, finish, fixture, spawn_worker};
 use runledger::{LockState, RunSpec};
 
 /// Reads the next line a worker prints.
@@ -227,7 +227,7 @@ fn a_waiting_process_times_out_and_leaves_the_queue() {
 fn the_lock_of_a_killed_holder_passes_to_a_waiting_process() {
     let f = fixture();
     let db = f.dir.path().join("ledger.db");
-    let mut holder = spawn_worker(&db, &["hold", "victim", "--forever"]);
+    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
     let first: u64 = next_line(&mut holder)
         .strip_prefix("held ")
         .unwrap()
@@ -268,7 +268,7 @@ fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer() {
     let f = fixture();
     let db = f.dir.path().join("ledger.db");
     let run = f.ledger.begin_run(RunSpec::new("next")).unwrap();
-    let mut holder = spawn_worker(&db, &["hold", "k", "--forever"]);
+    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "k", "--forever"]));
     assert!(next_line(&mut holder).starts_with("held "));
     let err = run
         .acquire(runledger::LockRequest::new(["k"]).no_wait())
@@ -287,9 +287,40 @@ fn a_symlinked_path_shares_the_locks() {
     let f = fixture();
     let link = f.dir.path().join("link.db");
     std::os::unix::fs::symlink(f.dir.path().join("ledger.db"), &link).unwrap();
-    let mut holder = spawn_worker(&link, &["hold", "shared-file", "--forever"]);
+    let mut holder = KillOnDrop(spawn_worker(&link, &["hold", "shared-file", "--forever"]));
     assert!(next_line(&mut holder).starts_with("held "));
     let err = f.ledger.try_lock("shared-file").unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+/// A holder in another pid namespace (a container sharing the host name and
+/// the file) cannot be judged by its pid: it must not be reclaimed.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_holder_in_another_pid_namespace_is_not_reclaimed() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let unshare = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(common::worker())
+        .arg(&db)
+        .args(["hold", "contained", "--forever"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(holder) = unshare else {
+        eprintln!("skipped: unshare is not available");
+        return;
+    };
+    let mut holder = KillOnDrop(holder);
+    let line = next_line(&mut holder);
+    if !line.starts_with("held ") {
+        eprintln!("skipped: unshare --pid is not allowed here ({line:?})");
+        return;
+    }
+    let err = f.ledger.try_lock("contained").unwrap_err();
     assert!(err.is_conflict(), "{err:?}");
     holder.kill().unwrap();
     holder.wait().unwrap();

@@ -13,6 +13,12 @@ pub(crate) fn boot_id() -> Option<String> {
     Some(id.trim().to_owned())
 }
 
+/// The pid namespace of this process, such as `pid:[4026531836]`.
+pub(crate) fn pid_namespace() -> Option<String> {
+    let link = fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(link.to_string_lossy().into_owned())
+}
+
 /// Field 22 of `/proc/PID/stat`: the start time in clock ticks since boot.
 pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     process_status(pid).map(|s| s.start_time)

@@ -22,6 +22,9 @@ pub(crate) struct ProcessIdentity {
     pub boot_id: Option<String>,
     /// The process id.
     pub pid: u32,
+    /// The pid namespace the pid belongs to (Linux containers), if known:
+    /// pids of different namespaces cannot be compared.
+    pub pid_ns: Option<String>,
     /// When the process started, in the platform's own units (clock ticks
     /// since boot on Linux). Together with the pid and boot id it names one
     /// process, even after the pid is reused.
@@ -41,6 +44,7 @@ impl ProcessIdentity {
             host: sys::hostname().unwrap_or_else(|| "localhost".to_owned()),
             boot_id: sys::boot_id(),
             pid,
+            pid_ns: sys::pid_namespace(),
             start_time: sys::process_start_time(pid),
         }
     }
@@ -53,6 +57,7 @@ pub(crate) struct InstanceRecord {
     pub host: String,
     pub boot_id: Option<String>,
     pub pid: u32,
+    pub pid_ns: Option<String>,
     pub start_time: Option<u64>,
     /// The process closed the ledger (dropped its last handle).
     pub closed: bool,
@@ -87,6 +92,11 @@ pub(crate) fn judge(me: &ProcessIdentity, other: &InstanceRecord) -> Verdict {
         (Some(_), Some(_)) => {}
         _ => return Verdict::Unknown,
     }
+    // Another pid namespace (a container sharing the host name and the
+    // file): its pids mean nothing here.
+    if other.pid_ns.is_none() || other.pid_ns != me.pid_ns {
+        return Verdict::Unknown;
+    }
     if other.pid == me.pid && other.start_time == me.start_time {
         return Verdict::Alive;
     }
@@ -117,6 +127,7 @@ mod tests {
             host: me.host.clone(),
             boot_id: me.boot_id.clone(),
             pid: me.pid,
+            pid_ns: me.pid_ns.clone(),
             start_time: me.start_time,
             closed: false,
         }
@@ -147,6 +158,11 @@ mod tests {
         let mut closed = record_of(&me);
         closed.closed = true;
         assert!(matches!(judge(&me, &closed), Verdict::Dead(_)));
+        // Another pid namespace: pids cannot be compared.
+        let mut contained = record_of(&me);
+        contained.pid = u32::MAX - 7;
+        contained.pid_ns = Some("pid:[1]".into());
+        assert_eq!(judge(&me, &contained), Verdict::Unknown);
     }
 
     #[cfg(target_os = "linux")]

@@ -19,3 +19,7 @@ pub(crate) fn process_start_time(_pid: u32) -> Option<u64> {
 pub(crate) fn process_status(_pid: u32) -> Option<super::ProcessStatus> {
     None
 }
+
+pub(crate) fn pid_namespace() -> Option<String> {
+    None
+}

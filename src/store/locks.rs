@@ -44,6 +44,8 @@ pub(crate) enum Attempt {
 pub(crate) struct Ahead {
     pub lock_id: i64,
     pub key: String,
+    /// Every key of that request.
+    pub keys: Vec<String>,
     pub mode: LockMode,
     pub state: LockState,
     pub token: Option<i64>,
@@ -92,7 +94,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
             "SELECT l.id, l.state, l.mode, l.capacity, l.token, l.run_id, r.name,
                     l.instance_id, coalesce(i.host, l.host), i.boot_id, l.pid, i.start_time,
                     i.id IS NULL OR i.closed_at IS NOT NULL,
-                    coalesce(l.granted_at, l.requested_at)
+                    coalesce(l.granted_at, l.requested_at), i.pid_ns, l.keys
              FROM lock_entries e
              JOIN locks l ON l.id = e.lock_id
              LEFT JOIN instances i ON i.id = l.instance_id
@@ -106,6 +108,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
             Ok(Ahead {
                 lock_id: row.get(0)?,
                 key: key.to_owned(),
+                keys: parse_keys(&row.get::<_, String>(15)?)?,
                 state: state_of(&row.get::<_, String>(1)?),
                 mode: mode_of(&row.get::<_, String>(2)?, row.get(3)?)?,
                 token: row.get(4)?,
@@ -115,6 +118,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                     host: row.get(8)?,
                     boot_id: row.get(9)?,
                     pid: row.get(10)?,
+                    pid_ns: row.get(14)?,
                     start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
                     closed: row.get(12)?,
                 },
@@ -126,8 +130,9 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
 }
 
 /// Hands `keys`, just freed, to their waiters: per key, the waiters are taken
-/// in ticket order and each one that fits now (with every one of its keys) is
-/// granted in this same transaction, until one does not. Returns the
+/// in ticket order and each one that fits now (with every one of its keys,
+/// behind every earlier waiter) is granted in this same transaction, up to
+/// the first exclusive one that does not fit. Returns the
 /// wake-up addresses of those granted: they find their lock held with a read,
 /// without competing for the write lock.
 fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
@@ -151,7 +156,13 @@ fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wak
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for (id, mode, their_keys, wake) in waiters {
             if !fits(tx, &their_keys, mode, Some(id))? {
-                break;
+                // Nothing behind an exclusive waiter fits on this key; a
+                // shared or slots waiter may be blocked only by another of
+                // its keys, and those behind it may still fit.
+                if mode == LockMode::Exclusive {
+                    break;
+                }
+                continue;
             }
             let token = next_token(tx, &their_keys)?;
             tx.prepare_cached(
@@ -167,6 +178,22 @@ fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wak
         }
     }
     Ok(wakes)
+}
+
+/// Whether the waiting request `waiter` is held back by a lock that
+/// `instance` holds on one of its keys.
+fn held_back_by(tx: &Connection, waiter: &Ahead, instance: i64) -> Result<bool> {
+    for key in &waiter.keys {
+        for a in ahead_on(tx, key, Some(waiter.lock_id))? {
+            if a.state == LockState::Held
+                && a.instance == instance
+                && compatible(&[a.mode], waiter.mode) != Ok(true)
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
@@ -220,6 +247,10 @@ fn delete_lock(tx: &Connection, id: i64, token: Option<i64>) -> Result<Option<Ve
 
 /// Releases every lock (held or queued) of a run that is ending, in its
 /// transaction; returns the waiters to wake.
+///
+/// Every row of the run goes first, and only then are the keys handed on: a
+/// key freed by one of the run's rows must not be granted to another of its
+/// rows.
 pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> Result<Wakes> {
     let owned = tx
         .prepare_cached("SELECT id, token FROM locks WHERE run_id = ?1")?
@@ -227,13 +258,15 @@ pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> 
             Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut wakes = Vec::new();
+    let mut freed = Vec::new();
     for (id, token) in owned {
         if let Some(keys) = delete_lock(tx, id, token)? {
-            wakes.extend(grant_waiters(tx, &keys, now)?);
+            freed.extend(keys);
         }
     }
-    Ok(wakes)
+    freed.sort();
+    freed.dedup();
+    grant_waiters(tx, &freed, now)
 }
 
 impl Store {
@@ -273,9 +306,28 @@ impl Store {
                 }
                 None => None,
             };
+            let holds_locks = tx
+                .prepare_cached(
+                    "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
+                )?
+                .query_row([ask.instance], |_| Ok(()))
+                .optional()?
+                .is_some();
             let mut blocked = Vec::new();
             for key in ask.keys {
-                let ahead = ahead_on(tx, key, ticket)?;
+                let mut ahead = ahead_on(tx, key, ticket)?;
+                if holds_locks {
+                    // A waiter that this instance's own locks hold back would
+                    // wait for this request forever while it waits for that
+                    // waiter (first come, first served): it does not count.
+                    let mut kept = Vec::with_capacity(ahead.len());
+                    for a in ahead {
+                        if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
+                            kept.push(a);
+                        }
+                    }
+                    ahead = kept;
+                }
                 let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
                 match compatible(&modes, ask.mode) {
                     Ok(true) => {}
@@ -359,6 +411,18 @@ impl Store {
         })
     }
 
+    /// Whether the lock `id` was taken away from its holder (reclaimed or
+    /// released by force) rather than released.
+    pub(crate) fn was_taken_away(&self, id: i64) -> Result<bool> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM lock_events WHERE lock_id = ?1")?
+                .query_row([id], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
     /// Whether the grant `id` with `token` is still held.
     pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
         self.read(|conn| {
@@ -376,7 +440,7 @@ impl Store {
     /// the row that was judged (same id and token), and records why.
     pub(crate) fn reclaim(&self, dead: &[(Ahead, String)], by: &ProcessIdentity) -> Result<Wakes> {
         self.write(|tx, now| {
-            let mut wakes = Vec::new();
+            let mut freed = Vec::new();
             for (ahead, reason) in dead {
                 let Some(keys) = delete_lock(tx, ahead.lock_id, ahead.token)? else {
                     continue;
@@ -387,9 +451,11 @@ impl Store {
                     ahead.owner.pid,
                     ahead.owner.host
                 );
-                wakes.extend(grant_waiters(tx, &keys, now)?);
+                freed.extend(keys);
             }
-            Ok(wakes)
+            freed.sort();
+            freed.dedup();
+            grant_waiters(tx, &freed, now)
         })
     }
 
@@ -500,13 +566,14 @@ fn record_lock_event(
     by: &ProcessIdentity,
 ) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO lock_events (at, kind, keys, token, run_id, holder_pid, holder_host, reason,
-                                  by_pid, by_host)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO lock_events (at, kind, lock_id, keys, token, run_id, holder_pid, holder_host,
+                                  reason, by_pid, by_host)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         now,
         kind,
+        holder.lock_id,
         keys_json(keys),
         holder.token,
         holder.run.as_ref().map(|(id, _)| *id),

@@ -229,13 +229,15 @@ impl Store {
     ) -> Result<i64> {
         self.write(|tx, now| {
             tx.prepare_cached(
-                "INSERT INTO instances (host, boot_id, pid, start_time, label, started_at, heartbeat_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label, started_at,
+                                        heartbeat_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
             )?
             .execute((
                 &identity.host,
                 &identity.boot_id,
                 identity.pid,
+                &identity.pid_ns,
                 identity.start_time.map(|t| t as i64),
                 label,
                 now.as_millis(),

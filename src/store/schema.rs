@@ -30,6 +30,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         host          TEXT NOT NULL,
         boot_id       TEXT,
         pid           INTEGER NOT NULL,
+        pid_ns        TEXT,             -- pid namespace (containers), if known
         start_time    INTEGER,          -- process start, platform units
         label         TEXT,
         started_at    INTEGER NOT NULL, -- ms since the epoch, like every *_at
@@ -112,9 +113,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
 
     -- One row per lock request, granted or queued. Its id is the queue
-    -- ticket: among waiters, lower ids are served first.
+    -- ticket: among waiters, lower ids are served first. Never reused, so
+    -- that a stale guard or queue place can never match another request.
     CREATE TABLE locks (
-        id            INTEGER PRIMARY KEY,
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
         state         TEXT NOT NULL CHECK (state IN ('held','waiting')),
         mode          TEXT NOT NULL CHECK (mode IN ('exclusive','shared','slots')),
         capacity      INTEGER,
@@ -144,6 +146,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         id           INTEGER PRIMARY KEY,
         at           INTEGER NOT NULL,
         kind         TEXT NOT NULL CHECK (kind IN ('reclaimed','forced')),
+        lock_id      INTEGER NOT NULL,
         keys         TEXT NOT NULL,
         token        INTEGER,
         run_id       INTEGER,

@@ -63,6 +63,30 @@ pub fn spawn_worker(db: &Path, args: &[&str]) -> Child {
         .expect("worker starts")
 }
 
+/// A child process killed (SIGKILL) and reaped when dropped, so that a test
+/// that fails midway never leaves a worker running.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits for a worker and returns its stdout lines, asserting it exited 0.
 pub fn finish(child: Child) -> Vec<String> {
     let out: Output = child.wait_with_output().unwrap();
