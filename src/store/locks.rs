@@ -306,17 +306,24 @@ impl Store {
                 }
                 None => None,
             };
-            let holds_locks = tx
-                .prepare_cached(
-                    "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
-                )?
-                .query_row([ask.instance], |_| Ok(()))
-                .optional()?
-                .is_some();
+            // Whether this instance holds any lock: asked only when a waiter
+            // is ahead, so the uncontended path does not pay for it.
+            let mut holds_locks = None;
             let mut blocked = Vec::new();
             for key in ask.keys {
                 let mut ahead = ahead_on(tx, key, ticket)?;
-                if holds_locks {
+                let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
+                if waiter_ahead && holds_locks.is_none() {
+                    holds_locks = Some(
+                        tx.prepare_cached(
+                            "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
+                        )?
+                        .query_row([ask.instance], |_| Ok(()))
+                        .optional()?
+                        .is_some(),
+                    );
+                }
+                if waiter_ahead && holds_locks == Some(true) {
                     // A waiter that this instance's own locks hold back would
                     // wait for this request forever while it waits for that
                     // waiter (first come, first served): it does not count.
