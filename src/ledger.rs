@@ -694,15 +694,7 @@ impl Ledger {
         loop {
             let ahead = match inner.store.try_lock(&ask, place.ticket)? {
                 Attempt::Granted { id, token } => {
-                    place.ticket = None;
-                    return Ok(LockGuard::new(
-                        self.clone(),
-                        id,
-                        keys,
-                        request.mode,
-                        token,
-                        run,
-                    ));
+                    return Ok(place.granted(id, token, keys, request.mode, run));
                 }
                 Attempt::Blocked { ticket, ahead } => {
                     place.ticket = ticket;
@@ -774,15 +766,7 @@ impl Ledger {
             if let Some(ticket) = place.ticket
                 && let Some(token) = inner.store.granted_token(ticket)?
             {
-                place.ticket = None;
-                return Ok(LockGuard::new(
-                    self.clone(),
-                    ticket,
-                    keys,
-                    request.mode,
-                    token,
-                    run,
-                ));
+                return Ok(place.granted(ticket, token, keys, request.mode, run));
             }
         }
     }
@@ -849,6 +833,22 @@ impl Ledger {
 struct QueuePlace<'l> {
     ledger: &'l Ledger,
     ticket: Option<i64>,
+}
+
+impl QueuePlace<'_> {
+    /// The request was granted as lock `id`: the place is kept (it is now
+    /// the lock's row) and handed to a guard.
+    fn granted(
+        &mut self,
+        id: i64,
+        token: u64,
+        keys: Vec<String>,
+        mode: crate::LockMode,
+        run: Option<RunId>,
+    ) -> LockGuard {
+        self.ticket = None;
+        LockGuard::new(self.ledger.clone(), id, keys, mode, token, run)
+    }
 }
 
 impl Drop for QueuePlace<'_> {

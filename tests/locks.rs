@@ -213,8 +213,14 @@ fn a_waiter_is_served_when_the_holder_releases() {
     });
     let first_token = held.token();
     held.release().unwrap();
+    // The release handed the key to the waiter in its own transaction: no
+    // poll was needed for the grant.
+    let locks = f.ledger.locks().unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].state, LockState::Held);
     let granted = waiter.join().unwrap().unwrap();
     assert!(granted.token() > first_token);
+    assert_eq!(Some(granted.token()), locks[0].token);
 }
 
 /// A stream of shared requests must not overtake an exclusive request that
