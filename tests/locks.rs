@@ -499,12 +499,11 @@ fn a_waiter_held_back_by_my_lock_does_not_block_me() {
         wait_until_locks(&f.ledger, |locks| {
             locks.iter().any(|l| l.state == LockState::Waiting)
         });
-        let started = std::time::Instant::now();
+        // Before the fix this waited out its 5 s and failed with a timeout.
         let b = f
             .ledger
             .acquire(LockRequest::new(["b"]).wait(Duration::from_secs(5)))
             .unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2));
         drop((mine, b));
         assert_eq!(theirs.join().unwrap().unwrap().keys(), ["a", "b"]);
     });
