@@ -3,11 +3,12 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Store;
+use super::runs::run_head;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, compatible};
-use crate::run::{RunId, RunStatus};
+use crate::run::RunId;
 
 /// A lock request as the store sees it: checked, keys sorted.
 #[derive(Debug)]
@@ -276,11 +277,7 @@ impl Store {
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         self.write(|tx, now| {
             if let Some(run) = ask.run {
-                let status: RunStatus = tx
-                    .prepare_cached("SELECT status FROM runs WHERE id = ?1")?
-                    .query_row([run], |row| row.get(0))
-                    .optional()?
-                    .ok_or_else(|| Error::run_not_found(run))?;
+                let (status, _) = run_head(tx, run)?;
                 if status.is_terminal() {
                     return Err(Error::RunFinished { run, status });
                 }

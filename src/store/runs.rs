@@ -126,7 +126,7 @@ const EVENT_CHAIN: &str = "
     )";
 
 /// The status and event-chain head of a run, read in a write transaction.
-fn run_head(tx: &Connection, run: RunId) -> Result<(RunStatus, Option<i64>)> {
+pub(super) fn run_head(tx: &Connection, run: RunId) -> Result<(RunStatus, Option<i64>)> {
     tx.prepare_cached("SELECT status, last_event_id FROM runs WHERE id = ?1")?
         .query_row([run], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?
@@ -140,16 +140,13 @@ impl Store {
     pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<RunId> {
         self.write(|tx, at| {
             if let Some(parent) = new.parent {
-                let found: Option<i64> = tx
-                    .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
-                    .query_row([parent], |row| row.get(0))
-                    .optional()?;
-                if found.is_none() {
-                    return Err(Error::NotFound {
+                ensure_run_exists(tx, parent).map_err(|e| match e {
+                    Error::NotFound { id, .. } => Error::NotFound {
                         what: "parent run",
-                        id: parent.to_string(),
-                    });
-                }
+                        id,
+                    },
+                    other => other,
+                })?;
             }
             let started_at = (new.status == RunStatus::Running).then_some(at);
             let inserted = tx
