@@ -557,7 +557,7 @@ impl Ledger {
     /// let held = ledger.try_lock("train:symbol=AAPL")?;
     /// let err = other.try_lock("train:symbol=AAPL").unwrap_err();
     /// assert!(err.is_conflict());
-    /// println!("{err}"); // lock "train:symbol=AAPL" is held by a lock (exclusive, pid …)
+    /// println!("{err}"); // lock "train:symbol=AAPL" is held by pid … on … (exclusive, for 0ms)
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn try_lock(&self, key: impl Into<String>) -> Result<LockGuard> {

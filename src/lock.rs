@@ -379,18 +379,19 @@ impl fmt::Display for Holder {
             LockState::Waiting => "is awaited first",
         };
         write!(f, "lock {:?} {verb} ", self.key)?;
+        let since = Seconds(self.held_for);
         match &self.run {
-            Some((id, name)) => write!(f, "by run {id} ({name}, ")?,
-            None => f.write_str("by a lock (")?,
+            Some((id, name)) => write!(
+                f,
+                "by run {id} ({name}, {}, pid {} on {}, for {since})",
+                self.mode, self.pid, self.host
+            )?,
+            None => write!(
+                f,
+                "by pid {} on {} ({}, for {since})",
+                self.pid, self.host, self.mode
+            )?,
         }
-        write!(
-            f,
-            "{}, pid {} on {}, for {})",
-            self.mode,
-            self.pid,
-            self.host,
-            Seconds(self.held_for)
-        )?;
         if self.is_self {
             f.write_str(", in this very process")?;
         }

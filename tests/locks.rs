@@ -170,6 +170,17 @@ fn a_conflict_with_only_this_process_fails_at_once() {
 }
 
 #[test]
+fn a_holder_without_a_run_is_named_by_its_process() {
+    let f = fixture();
+    let other = second(&f);
+    let _held = other.lock("plain").unwrap();
+    let message = f.ledger.try_lock("plain").unwrap_err().to_string();
+    let expected = format!("lock \"plain\" is held by pid {} on ", std::process::id());
+    assert!(message.starts_with(&expected), "{message}");
+    assert!(message.contains("(exclusive, for "), "{message}");
+}
+
+#[test]
 fn a_wait_ends_in_a_timeout_and_leaves_the_queue() {
     let f = fixture();
     let other = second(&f);
