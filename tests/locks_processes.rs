@@ -131,49 +131,28 @@ fn slots_and_shared_limits_hold_under_contention() {
     let f = fixture();
     let db = f.dir.path().join("ledger.db");
     let witness = f.dir.path().join("witness");
-    let w = witness.to_str().unwrap();
+    let critical = |key: &str, mode: &str| {
+        let w = witness.to_str().unwrap();
+        spawn_worker(
+            &db,
+            &[
+                "critical",
+                key,
+                "--mode",
+                mode,
+                "--times",
+                "25",
+                "--witness",
+                w,
+            ],
+        )
+    };
     let mut workers = Vec::new();
     for _ in 0..3 {
-        workers.push(spawn_worker(
-            &db,
-            &[
-                "critical",
-                "gpu",
-                "--mode",
-                "slots:2",
-                "--times",
-                "25",
-                "--witness",
-                w,
-            ],
-        ));
-        workers.push(spawn_worker(
-            &db,
-            &[
-                "critical",
-                "table",
-                "--mode",
-                "shared",
-                "--times",
-                "25",
-                "--witness",
-                w,
-            ],
-        ));
+        workers.push(critical("gpu", "slots:2"));
+        workers.push(critical("table", "shared"));
     }
-    workers.push(spawn_worker(
-        &db,
-        &[
-            "critical",
-            "table",
-            "--mode",
-            "exclusive",
-            "--times",
-            "25",
-            "--witness",
-            w,
-        ],
-    ));
+    workers.push(critical("table", "exclusive"));
     for worker in workers {
         assert_eq!(finish(worker), ["done"]);
     }
