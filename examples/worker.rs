@@ -9,6 +9,7 @@
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
+//! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
@@ -25,6 +26,10 @@
 //! `--mode` is `exclusive` (the default), `shared` or `slots:N`. `hold` takes
 //! the lock (printing `held TOKEN`, or `timeout`/`conflict` and the error),
 //! keeps it `--hold-ms` or until killed with `--forever`, then releases it.
+//! `occupy` begins a run, starts a step it never finishes, takes `--lock`
+//! for the run, prints `occupying RUN TOKEN`, then waits forever in the
+//! queue of `--wait-for`: a process to kill with everything a process can
+//! own in the ledger.
 //! `critical` takes the lock `--times` times; each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
@@ -186,6 +191,18 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_millis(number(args, "--hold-ms", 0)));
             guard.release()?;
             say("released");
+        }
+        "occupy" => {
+            let ledger = Ledger::open(db)?;
+            let run = ledger.begin_run(RunSpec::new(arg(2)?).source("worker"))?;
+            let step = run.step("forever")?;
+            let guard = run.lock(flag(args, "--lock").ok_or("missing --lock")?)?;
+            say(format_args!("occupying {} {}", run.id(), guard.token()));
+            let wait_for = flag(args, "--wait-for").ok_or("missing --wait-for")?;
+            let queued = ledger.acquire(LockRequest::new([wait_for]).wait_forever());
+            // Only reached if the key was free or the queue place vanished.
+            say(format_args!("unexpected {:?}", queued.map(|g| g.token())));
+            drop((step, guard));
         }
         "critical" => {
             let ledger = Ledger::open(db)?;

@@ -3,16 +3,19 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::Result;
 use crate::input;
-use crate::liveness::{ProcessIdentity, Verdict, judge};
+use crate::keeper::{Keeper, Kept};
+use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
 use crate::lock::{Holder, LockGuard, LockRecord, LockRequest, Wait};
+use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus};
-use crate::store::{Ahead, Attempt, LockAsk, NewRun, Store, StoreConfig};
+use crate::store::{Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
 use crate::wake::{WakeSocket, wake};
 
 /// How hard SQLite works to make a commit survive a power cut: the
@@ -74,9 +77,89 @@ pub struct Builder {
     clock: Arc<dyn Clock>,
     label: Option<String>,
     lock_wait: Duration,
+    stale_after: Duration,
+    heartbeat_interval: Option<Duration>,
+    reap_interval: Duration,
+    retention: Option<Duration>,
+    background: bool,
+    host: Option<String>,
 }
 
+/// How long an instance may go without a heartbeat before the lease judges
+/// it dead, unless [`Builder::stale_after`] says otherwise.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// How often the background keeper runs the reapers, unless
+/// [`Builder::reap_interval`] says otherwise.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Builder {
+    /// How long an instance judged by its heartbeat lease may stay silent
+    /// before it is dead. Defaults to [`DEFAULT_STALE_AFTER`] (60 s).
+    ///
+    /// The lease only decides where the process itself cannot be checked:
+    /// an instance on another host, or one on this host without a lock file
+    /// or pid to check. A process on this host is judged by the process
+    /// itself, never by the clock, so a long pause (a debugger, a suspended
+    /// laptop, a clock jump) never gets it reaped. The lease compares the
+    /// ledger's own timestamps, so hosts that share a ledger need clocks in
+    /// step (NTP) to within a fraction of this.
+    pub fn stale_after(mut self, stale_after: Duration) -> Builder {
+        self.stale_after = stale_after;
+        self
+    }
+
+    /// How often the background keeper renews this instance's heartbeat
+    /// lease: one small write each time, however many runs and locks the
+    /// instance owns. Must be shorter than [`stale_after`](Builder::stale_after);
+    /// defaults to a quarter of it (15 s).
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Builder {
+        self.heartbeat_interval = Some(interval);
+        self
+    }
+
+    /// How often the background keeper runs every reaper
+    /// ([`Ledger::reap`]). Defaults to [`DEFAULT_REAP_INTERVAL`] (10 s). A
+    /// lock of a dead holder does not wait for this: the next acquirer
+    /// reclaims it at once.
+    pub fn reap_interval(mut self, interval: Duration) -> Builder {
+        self.reap_interval = interval;
+        self
+    }
+
+    /// Prunes runs that finished more than `older_than` ago on every reap
+    /// pass (the `retention` reaper; see [`Ledger::prune`]). Off unless set.
+    pub fn retention(mut self, older_than: Duration) -> Builder {
+        self.retention = Some(older_than);
+        self
+    }
+
+    /// Whether this ledger keeps a background thread that heartbeats its
+    /// instance and runs the reapers. On by default.
+    ///
+    /// One thread serves every ledger of the same database in a process and
+    /// holds none of them open: it ends when the last one closes. With
+    /// `false` the host calls [`Ledger::heartbeat`] more often than
+    /// [`stale_after`](Builder::stale_after) (only processes judged by the
+    /// lease need it) and [`Ledger::reap`] when it likes. Opening still
+    /// reaps the dead instances at once, either way.
+    pub fn background(mut self, background: bool) -> Builder {
+        self.background = background;
+        self
+    }
+
+    /// Records this instance under another host name than the machine's,
+    /// and makes it a host of its own: its process cannot be checked by
+    /// others, so they judge it by its heartbeat lease only, and it judges
+    /// every other instance that way too.
+    ///
+    /// For processes whose host name is not unique, and for tests that play
+    /// several hosts in one process. Same rules as a run name.
+    pub fn host(mut self, host: impl Into<String>) -> Builder {
+        self.host = Some(host.into());
+        self
+    }
+
     /// How long [`Ledger::lock`] (and a [`LockRequest`] without a wait of
     /// its own) waits in the queue before failing with
     /// [`Error::Timeout`](crate::Error::Timeout). Defaults to 30 seconds.
@@ -147,29 +230,99 @@ impl Builder {
         if let Some(label) = &self.label {
             input::check_name("instance label", label)?;
         }
+        if let Some(host) = &self.host {
+            input::check_name("host", host)?;
+        }
+        let heartbeat_every = self.heartbeat_interval.unwrap_or(self.stale_after / 4);
+        if heartbeat_every.is_zero() || heartbeat_every >= self.stale_after {
+            return Err(crate::Error::InvalidInput {
+                what: "heartbeat interval",
+                value: format!(
+                    "{heartbeat_every:?} with stale_after {:?}",
+                    self.stale_after
+                ),
+                reason: "must be above zero and shorter than stale_after".into(),
+            });
+        }
+        if self.reap_interval.is_zero() {
+            return Err(crate::Error::InvalidInput {
+                what: "reap interval",
+                value: "0s".into(),
+                reason: "must be above zero".into(),
+            });
+        }
         let config = StoreConfig {
             synchronous: self.synchronous.pragma(),
             busy_timeout: self.busy_timeout,
             pool_size: self.pool_size,
         };
         let store = Store::open(&self.path, &config, self.clock.clone())?;
-        let identity = ProcessIdentity::current();
-        let instance = store.insert_instance(&identity, self.label.as_deref())?;
+        let mut identity = ProcessIdentity::current();
+        if let Some(host) = self.host {
+            // A host of its own: nothing here can check its process.
+            identity.host = host;
+            identity.boot_id = None;
+        }
+        let instances_dir = crate::store::instances_dir(store.path());
+        let instance_lock = match InstanceLock::take(&instances_dir, &identity) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                // Liveness then falls back to the pid and the lease.
+                log::warn!(
+                    "runledger: no instance lock in {}: {e}",
+                    instances_dir.display()
+                );
+                None
+            }
+        };
+        let instance = store.insert_instance(
+            &identity,
+            self.label.as_deref(),
+            instance_lock.as_ref().map(InstanceLock::name),
+        )?;
         log::debug!(
             "runledger: opened {} as instance {instance}",
             store.path().display()
         );
-        Ok(Ledger {
-            inner: Arc::new(Inner {
-                store,
-                clock: self.clock,
-                identity,
-                instance,
-                max_metadata_bytes: self.max_metadata_bytes,
-                lock_wait: self.lock_wait,
-                orphans: parking_lot::Mutex::new(Vec::new()),
-            }),
-        })
+        let mut reapers: Vec<Arc<dyn Reaper>> = vec![Arc::new(DeadOwners), Arc::new(HungRuns)];
+        if let Some(older_than) = self.retention {
+            reapers.push(Arc::new(Retention(older_than)));
+        }
+        let inner = Arc::new(Inner {
+            judge: Judge {
+                me: identity,
+                instances_dir,
+                stale_after: self.stale_after,
+            },
+            store,
+            clock: self.clock,
+            instance: AtomicI64::new(instance),
+            instance_lock,
+            max_metadata_bytes: self.max_metadata_bytes,
+            lock_wait: self.lock_wait,
+            orphans: parking_lot::Mutex::new(Vec::new()),
+            reapers: parking_lot::RwLock::new(reapers),
+            keeper: std::sync::OnceLock::new(),
+        });
+        let ledger = Ledger { inner };
+        // Restart recovery: whatever a previous life of this service (or any
+        // dead process) left running is closed before this one starts.
+        if let Err(e) = ledger.reap_dead_owners() {
+            log::warn!("runledger: could not reap dead instances on open: {e}");
+        }
+        if self.background {
+            let weak = Arc::downgrade(&ledger.inner);
+            let kept: std::sync::Weak<dyn Kept> = weak;
+            let keeper = Keeper::join(
+                ledger.inner.store.path(),
+                kept,
+                heartbeat_every,
+                self.reap_interval,
+            )
+            .map_err(|e| crate::Error::open(&self.path, "cannot start the keeper thread", e))?;
+            let _ = ledger.inner.keeper.set(keeper);
+        }
+        Ok(ledger)
     }
 }
 
@@ -200,14 +353,48 @@ pub struct Ledger {
 struct Inner {
     store: Store,
     clock: Arc<dyn Clock>,
-    identity: ProcessIdentity,
-    instance: i64,
+    /// This process's identity, and how it judges others.
+    judge: Judge,
+    /// This process's instance: changes only if a reaper closed it (see
+    /// [`Ledger::heartbeat`]).
+    instance: AtomicI64,
+    /// Held for the instance's whole life; released last, on drop.
+    instance_lock: Option<InstanceLock>,
     max_metadata_bytes: usize,
     lock_wait: Duration,
     /// Lock rows a guard or a queue place could not delete on drop (the
     /// database was busy, an I/O error): retried on the next lock call, so
     /// that a live process never leaves a stale holder or waiter behind.
     orphans: parking_lot::Mutex<Vec<Orphan>>,
+    /// The built-in reapers, then the host's.
+    reapers: parking_lot::RwLock<Vec<Arc<dyn Reaper>>>,
+    /// The background keeper serving this instance, if any.
+    keeper: std::sync::OnceLock<Arc<Keeper>>,
+}
+
+impl Inner {
+    fn instance(&self) -> i64 {
+        self.instance.load(Ordering::Acquire)
+    }
+
+    fn identity(&self) -> &ProcessIdentity {
+        &self.judge.me
+    }
+}
+
+impl Kept for Inner {
+    fn heartbeat(self: Arc<Self>) {
+        if let Err(e) = (Ledger { inner: self }).heartbeat() {
+            log::warn!("runledger: heartbeat failed: {e}");
+        }
+    }
+
+    fn reap(self: Arc<Self>) {
+        // Each failing pass is logged by the pass itself.
+        if let Err(e) = (Ledger { inner: self }).reap() {
+            log::warn!("runledger: reap failed: {e}");
+        }
+    }
 }
 
 /// A lock row whose owner dropped it without managing to delete it.
@@ -219,8 +406,14 @@ pub(crate) enum Orphan {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.store.close_instance(self.instance) {
-            log::warn!("runledger: could not close instance {}: {e}", self.instance);
+        let instance = self.instance();
+        match self.store.close_instance(self.identity(), instance) {
+            Ok(wakes) => wake(&wakes),
+            Err(e) => log::warn!("runledger: could not close instance {instance}: {e}"),
+        }
+        // The lock file goes after the row is closed (the field's own drop).
+        if let Some(keeper) = self.keeper.get() {
+            keeper.wake();
         }
     }
 }
@@ -229,8 +422,25 @@ impl fmt::Debug for Ledger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ledger")
             .field("path", &self.inner.store.path())
-            .field("instance", &self.inner.instance)
+            .field("instance", &self.inner.instance())
             .finish()
+    }
+}
+
+/// Why a run is judged hung, for its `error`.
+fn hung_reason(run: &HungRun, now: crate::Timestamp) -> String {
+    use crate::lock::Seconds;
+    match run.last_heartbeat {
+        Some(beat) => format!(
+            "hung: no heartbeat for {} (timeout {})",
+            Seconds(now.saturating_duration_since(beat)),
+            Seconds(run.timeout)
+        ),
+        None => format!(
+            "hung: no heartbeat since it started {} ago (timeout {})",
+            Seconds(now.saturating_duration_since(run.started_at.unwrap_or(run.hung_at))),
+            Seconds(run.timeout)
+        ),
     }
 }
 
@@ -268,6 +478,12 @@ impl Ledger {
             clock: Arc::new(SystemClock),
             label: None,
             lock_wait: Duration::from_secs(30),
+            stale_after: DEFAULT_STALE_AFTER,
+            heartbeat_interval: None,
+            reap_interval: DEFAULT_REAP_INTERVAL,
+            retention: None,
+            background: true,
+            host: None,
         }
     }
 
@@ -278,7 +494,7 @@ impl Ledger {
 
     /// The id of this process's instance: the owner of the runs it begins.
     pub fn instance_id(&self) -> i64 {
-        self.inner.instance
+        self.inner.instance()
     }
 
     /// The current time by the ledger's clock.
@@ -333,11 +549,14 @@ impl Ledger {
             },
             parent: spec.parent,
             idempotency_key: spec.idempotency_key.as_deref(),
-            instance: inner.instance,
-            pid: inner.identity.pid,
-            host: &inner.identity.host,
+            instance: inner.instance(),
+            pid: inner.identity().pid,
+            host: &inner.identity().host,
             metadata,
             log_path,
+            heartbeat_timeout: spec
+                .heartbeat_timeout
+                .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
         })?;
         log::debug!("runledger: run {id} ({}) begun", spec.name);
         Ok(Run::new(self.clone(), id))
@@ -625,10 +844,191 @@ impl Ledger {
         let (released, wakes) =
             inner
                 .store
-                .force_unlock(key, &input::reason(reason), &inner.identity)?;
+                .force_unlock(key, &input::reason(reason), inner.identity())?;
         wake(&wakes);
         log::warn!("runledger: forced release of {key:?} ({released} holders): {reason}");
         Ok(released)
+    }
+
+    /// Renews this instance's heartbeat lease: one small write, however many
+    /// runs and locks the instance owns.
+    ///
+    /// The background keeper calls this on its own (see
+    /// [`Builder::background`]); a host that turned it off calls it more
+    /// often than [`Builder::stale_after`].
+    ///
+    /// If another process already judged this instance dead (possible only
+    /// through the lease: this process was silent for longer than
+    /// `stale_after`, or its clock and theirs disagree), its runs were failed
+    /// and its locks released; this logs an error and registers the process
+    /// again as a new instance, so that work begun from now on is owned and
+    /// kept alive. Guards of the old runs and locks find out on their next
+    /// call ([`Error::InvalidTransition`](crate::Error::InvalidTransition),
+    /// [`Error::LockLost`](crate::Error::LockLost)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`](crate::Error::Busy) or [`Error::Storage`](crate::Error::Storage) if the write failed.
+    pub fn heartbeat(&self) -> Result<()> {
+        let inner = &self.inner;
+        let instance = inner.instance();
+        if inner.store.heartbeat_instance(instance)? {
+            return Ok(());
+        }
+        let reason = inner
+            .store
+            .instance(instance)?
+            .and_then(|i| i.closed_reason)
+            .map_or_else(String::new, |r| format!(" ({r})"));
+        let fresh = inner.store.insert_instance(
+            inner.identity(),
+            None,
+            inner.instance_lock.as_ref().map(InstanceLock::name),
+        )?;
+        // Only one thread registers again.
+        if inner
+            .instance
+            .compare_exchange(instance, fresh, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            inner
+                .store
+                .close_instance(inner.identity(), fresh)
+                .map(|w| wake(&w))?;
+        } else {
+            log::error!(
+                "runledger: instance {instance} was judged dead by another process{reason}; \
+                 its runs were failed and its locks released; registered again as instance {fresh}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs every reaper once and returns one report per reaper, the
+    /// built-ins first (see [`Reaper`] for what each does), then those of
+    /// [`Ledger::register_reaper`] in the order they were registered.
+    ///
+    /// Every change is a compare-and-set on the state that was judged: a run
+    /// that ended between the check and the write stays ended, and an
+    /// instance judged by its lease that heartbeated meanwhile is left
+    /// alone. A pass that fails or panics is reported in its
+    /// [`ReapReport::error`] and the others still run.
+    ///
+    /// The background keeper runs this every
+    /// [`Builder::reap_interval`]; call it yourself after turning the keeper
+    /// off, or to see at once what is left of a crash.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`](crate::Error::Busy) or [`Error::Storage`](crate::Error::Storage)
+    /// if this instance's own heartbeat, written first, failed: the ledger is
+    /// not usable now.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// for report in ledger.reap()? {
+    ///     println!("{report}"); // "dead-owners: nothing to do", …
+    ///     assert!(report.is_ok());
+    /// }
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn reap(&self) -> Result<Vec<ReapReport>> {
+        self.heartbeat()?;
+        let reapers = self.inner.reapers.read().clone();
+        Ok(reapers.iter().map(|r| run_pass(r.as_ref(), self)).collect())
+    }
+
+    /// Adds a reaper of the host's own to every [`reap`](Ledger::reap) pass
+    /// of this ledger (and of its clones), after the built-ins.
+    ///
+    /// See [`Reaper`] for an example.
+    pub fn register_reaper(&self, reaper: impl Reaper) {
+        self.inner.reapers.write().push(Arc::new(reaper));
+    }
+
+    /// The `dead-owners` pass: judges every open instance and reaps the dead.
+    pub(crate) fn reap_dead_owners(&self) -> Result<Vec<Reaped>> {
+        let inner = &self.inner;
+        let me = inner.instance();
+        let mut reaped = Vec::new();
+        for instance in inner.store.open_instances()? {
+            if instance.id == me {
+                continue;
+            }
+            if let Verdict::Dead {
+                reason,
+                stale_heartbeat,
+            } = inner.judge.judge(&instance, self.now())
+            {
+                reaped.extend(self.reap_owner(&instance, &reason, stale_heartbeat)?);
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Reaps one instance judged dead; see `Store::reap_instance`.
+    fn reap_owner(
+        &self,
+        owner: &InstanceRecord,
+        reason: &str,
+        stale_heartbeat: Option<crate::Timestamp>,
+    ) -> Result<Vec<Reaped>> {
+        let inner = &self.inner;
+        let run_reason = format!("owner gone: {reason} (pid {} on {})", owner.pid, owner.host);
+        let done = inner.store.reap_instance(
+            owner,
+            reason,
+            &run_reason,
+            stale_heartbeat,
+            inner.identity(),
+        )?;
+        wake(&done.wakes);
+        if stale_heartbeat.is_none()
+            && let Some(file) = &owner.lock_file
+        {
+            crate::liveness::remove_lock_file(&inner.judge.instances_dir, file);
+        }
+        if !done.reaped.is_empty() {
+            log::warn!(
+                "runledger: reaped instance {} (pid {} on {}): {reason}",
+                owner.id,
+                owner.pid,
+                owner.host
+            );
+        }
+        Ok(done.reaped)
+    }
+
+    /// The `hung-runs` pass: fails running runs whose heartbeat deadline
+    /// passed.
+    pub(crate) fn reap_hung_runs(&self) -> Result<Vec<Reaped>> {
+        const BATCH: usize = 1000;
+        let inner = &self.inner;
+        let mut reaped = Vec::new();
+        loop {
+            let now = self.now();
+            let hung = inner.store.hung_runs(now, BATCH)?;
+            let full = hung.len() == BATCH;
+            let before = reaped.len();
+            for run in &hung {
+                let reason = hung_reason(run, now);
+                if let Some((name, wakes)) = inner.store.fail_hung(run, &reason)? {
+                    wake(&wakes);
+                    reaped.push(Reaped::Run {
+                        id: run.id,
+                        name,
+                        from: RunStatus::Running,
+                        reason,
+                    });
+                }
+            }
+            if !full || reaped.len() == before {
+                return Ok(reaped);
+            }
+        }
     }
 
     /// Remembers a lock row to delete later.
@@ -675,9 +1075,9 @@ impl Ledger {
             keys: &keys,
             mode: request.mode,
             run,
-            instance: inner.instance,
-            pid: inner.identity.pid,
-            host: &inner.identity.host,
+            instance: inner.instance(),
+            pid: inner.identity().pid,
+            host: &inner.identity().host,
             queue: wait != Wait::No,
             wake: socket.as_ref().map(WakeSocket::address),
         };
@@ -702,20 +1102,30 @@ impl Ledger {
                 }
             };
             // Liveness is judged outside the write transaction (it reads
-            // /proc); the reclaim then only removes the rows it judged.
-            let dead: Vec<(Ahead, String)> = ahead
-                .iter()
-                .filter(|a| a.instance != inner.instance)
-                .filter_map(|a| match judge(&inner.identity, &a.owner) {
-                    Verdict::Dead(reason) => Some((a.clone(), reason)),
-                    Verdict::Alive | Verdict::Unknown => None,
-                })
-                .collect();
-            if !dead.is_empty() {
-                wake(&inner.store.reclaim(&dead, &inner.identity)?);
+            // /proc and lock files); a dead owner is then reaped whole, its
+            // runs and queue places with its locks, and only in the state it
+            // was judged in.
+            let me = inner.instance();
+            let now = self.now();
+            let mut reaped_any = false;
+            let mut judged = Vec::new();
+            for a in ahead.iter().filter(|a| a.instance != me) {
+                if judged.contains(&a.instance) {
+                    continue;
+                }
+                judged.push(a.instance);
+                if let Verdict::Dead {
+                    reason,
+                    stale_heartbeat,
+                } = inner.judge.judge(&a.owner, now)
+                {
+                    self.reap_owner(&a.owner, &reason, stale_heartbeat)?;
+                    reaped_any = true;
+                }
+            }
+            if reaped_any {
                 continue;
             }
-            let now = self.now();
             let holders: Vec<Holder> = ahead
                 .iter()
                 .map(|a| Holder {
@@ -726,7 +1136,7 @@ impl Ledger {
                     pid: a.owner.pid,
                     host: a.owner.host.clone(),
                     held_for: now.saturating_duration_since(a.since),
-                    is_self: a.instance == inner.instance,
+                    is_self: a.instance == me,
                 })
                 .collect();
             // Only this process's own *held* locks in the way: nothing else
@@ -806,6 +1216,10 @@ impl Ledger {
         Ok(status)
     }
 
+    pub(crate) fn run_heartbeat(&self, id: RunId) -> Result<RunStatus> {
+        self.inner.store.run_heartbeat(id)
+    }
+
     pub(crate) fn cancel_requested(&self, id: RunId) -> Result<bool> {
         self.inner.store.cancel_requested(id)
     }
@@ -868,6 +1282,147 @@ impl Drop for QueuePlace<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+
+    fn ledger_in(dir: &Path, clock: &ManualClock) -> Builder {
+        Ledger::builder(dir.join("ledger.db"))
+            .clock(clock.clone())
+            .background(false)
+    }
+
+    /// A reaper writes only in the state it judged: an instance judged by
+    /// its lease that heartbeats before the write is kept, and a run that
+    /// ends between the check and the write stays ended.
+    #[test]
+    fn a_verdict_is_acted_on_only_in_the_state_it_was_made_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(crate::Timestamp::from_millis(1_000_000_000_000));
+        let judge_side = ledger_in(dir.path(), &clock).open().unwrap();
+        let remote = ledger_in(dir.path(), &clock)
+            .host("elsewhere")
+            .open()
+            .unwrap();
+        let ends = remote.begin_run(RunSpec::new("ends")).unwrap();
+        let stays = remote.begin_run(RunSpec::new("stays")).unwrap();
+        clock.advance(Duration::from_secs(120));
+
+        let judge = |ledger: &Ledger| {
+            let record = ledger
+                .inner
+                .store
+                .instance(remote.instance_id())
+                .unwrap()
+                .unwrap();
+            match ledger.inner.judge.judge(&record, ledger.now()) {
+                Verdict::Dead {
+                    reason,
+                    stale_heartbeat,
+                } => (record, reason, stale_heartbeat),
+                Verdict::Alive => panic!("judged alive"),
+            }
+        };
+
+        // Judged stale; then it heartbeats; then the write: nothing changes.
+        let (record, reason, stale) = judge(&judge_side);
+        assert!(stale.is_some(), "{reason}");
+        remote.heartbeat().unwrap();
+        let reaped = judge_side.reap_owner(&record, &reason, stale).unwrap();
+        assert!(reaped.is_empty(), "{reaped:?}");
+        assert_eq!(
+            judge_side.run(stays.id()).unwrap().status,
+            RunStatus::Running
+        );
+
+        // Judged stale again; a run ends meanwhile: it stays ended, the
+        // others fail.
+        clock.advance(Duration::from_secs(120));
+        let (record, reason, stale) = judge(&judge_side);
+        let ends_id = ends.id();
+        assert_eq!(ends.succeed().unwrap(), RunStatus::Succeeded);
+        // (Ending a run writes no heartbeat: the verdict still holds.)
+        let reaped = judge_side.reap_owner(&record, &reason, stale).unwrap();
+        assert_eq!(
+            judge_side.run(ends_id).unwrap().status,
+            RunStatus::Succeeded
+        );
+        assert_eq!(
+            judge_side.run(stays.id()).unwrap().status,
+            RunStatus::Failed
+        );
+        let runs: Vec<RunId> = reaped
+            .iter()
+            .filter_map(|r| match r {
+                Reaped::Run { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(runs, [stays.id()]);
+    }
+
+    #[test]
+    fn a_hung_verdict_is_dropped_if_the_run_heartbeats_or_ends_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(crate::Timestamp::from_millis(1_000_000_000_000));
+        let ledger = ledger_in(dir.path(), &clock).open().unwrap();
+        let spec = RunSpec::new("slow").heartbeat_timeout(Duration::from_secs(10));
+        let beats = ledger.begin_run(spec.clone()).unwrap();
+        let ends = ledger.begin_run(spec).unwrap();
+        clock.advance(Duration::from_secs(11));
+        let hung = ledger.inner.store.hung_runs(ledger.now(), 10).unwrap();
+        assert_eq!(hung.len(), 2);
+        beats.heartbeat().unwrap();
+        let ends_id = ends.id();
+        ends.succeed().unwrap();
+        for run in &hung {
+            assert!(ledger.inner.store.fail_hung(run, "hung").unwrap().is_none());
+        }
+        assert_eq!(beats.succeed().unwrap(), RunStatus::Succeeded);
+        assert_eq!(ledger.run(ends_id).unwrap().status, RunStatus::Succeeded);
+    }
+
+    #[test]
+    fn the_keeper_heartbeats_and_stops_with_the_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(crate::Timestamp::from_millis(1_000_000_000_000));
+        let ledger = Ledger::builder(dir.path().join("ledger.db"))
+            .clock(clock.clone())
+            .stale_after(Duration::from_millis(400))
+            .open()
+            .unwrap();
+        let path = ledger.path().to_owned();
+        let second = Ledger::builder(&path)
+            .clock(clock.clone())
+            .stale_after(Duration::from_millis(400))
+            .open()
+            .unwrap();
+        assert!(Keeper::is_running(&path));
+        clock.advance(Duration::from_secs(5));
+        let beat_of = |l: &Ledger| {
+            l.inner
+                .store
+                .instance(l.instance_id())
+                .unwrap()
+                .unwrap()
+                .heartbeat_at
+        };
+        // One thread heartbeats both instances (every 100 ms).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while beat_of(&ledger) != clock.now() || beat_of(&second) != clock.now() {
+            assert!(Instant::now() < deadline, "no heartbeat");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(ledger);
+        assert!(Keeper::is_running(&path), "one instance is still open");
+        drop(second);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Keeper::is_running(&path) {
+            assert!(Instant::now() < deadline, "the keeper did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Without the keeper, nothing runs.
+        let quiet = ledger_in(dir.path(), &clock).open().unwrap();
+        assert!(!Keeper::is_running(quiet.path()));
+    }
 
     fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
 

@@ -138,9 +138,11 @@
 mod clock;
 mod error;
 mod input;
+mod keeper;
 mod ledger;
 mod liveness;
 mod lock;
+mod reaper;
 mod record;
 mod run;
 mod store;
@@ -148,8 +150,9 @@ mod wake;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
-pub use ledger::{Builder, Ledger, Synchronous};
+pub use ledger::{Builder, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous};
 pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
+pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
 pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 pub use run::{Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 

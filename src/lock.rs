@@ -399,18 +399,23 @@ impl fmt::Display for Holder {
     }
 }
 
-/// A duration shown to a person: `850ms`, `12s`, `4m10s`.
+/// A duration shown to a person: `850ms`, `12s`, `4m10s`, `3h5m`, `7d0h`.
 pub(crate) struct Seconds(pub Duration);
 
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
+        let secs = ms / 1000;
         if ms < 1000 {
             write!(f, "{ms}ms")
-        } else if ms < 60_000 {
-            write!(f, "{}s", ms / 1000)
+        } else if secs < 120 {
+            write!(f, "{secs}s")
+        } else if secs < 3600 {
+            write!(f, "{}m{}s", secs / 60, secs % 60)
+        } else if secs < 24 * 3600 {
+            write!(f, "{}h{}m", secs / 3600, (secs / 60) % 60)
         } else {
-            write!(f, "{}m{}s", ms / 60_000, (ms / 1000) % 60)
+            write!(f, "{}d{}h", secs / (24 * 3600), (secs / 3600) % 24)
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -234,6 +235,7 @@ pub struct RunSpec {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) parent: Option<RunId>,
     pub(crate) queued: bool,
+    pub(crate) heartbeat_timeout: Option<Duration>,
 }
 
 impl RunSpec {
@@ -250,6 +252,7 @@ impl RunSpec {
             idempotency_key: None,
             parent: None,
             queued: false,
+            heartbeat_timeout: None,
         }
     }
 
@@ -296,6 +299,21 @@ impl RunSpec {
     /// [`Ledger::cancel`] cancels it at once. Defaults to starting at once.
     pub fn queued(mut self) -> RunSpec {
         self.queued = true;
+        self
+    }
+
+    /// Makes the run prove progress: once running, it must call
+    /// [`Run::heartbeat`] at least every `timeout`, or the `hung-runs`
+    /// reaper fails it as hung (its `error` says so) even though its process
+    /// is alive. A run that never heartbeats is judged from its start.
+    ///
+    /// For work that can wedge (a stuck network call, a deadlock) while its
+    /// process lives on. Unlike a dead owner, a hung run is judged by the
+    /// clock, so pick a timeout well above the longest gap between two
+    /// heartbeats, and above any jump the wall clock may make. Defaults to
+    /// none: a run of a live process is never judged hung.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> RunSpec {
+        self.heartbeat_timeout = Some(timeout);
         self
     }
 }
@@ -570,6 +588,40 @@ impl Run {
     /// ended.
     pub fn acquire(&self, request: LockRequest) -> Result<LockGuard> {
         self.ledger.acquire_for(request, Some(self.id))
+    }
+
+    /// Records progress: the run's `heartbeat_at` moves to now, and with a
+    /// [heartbeat timeout](RunSpec::heartbeat_timeout) its deadline moves on.
+    /// One small write. Returns the run's status, which a reaper or a
+    /// cancel may have changed: a run no longer `running` is left as it is.
+    ///
+    /// This is the run's own progress signal, not the process's: the
+    /// process's liveness needs nothing from the caller.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`] or [`Error::Storage`] if the write failed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("crawl").heartbeat_timeout(Duration::from_secs(300)))?;
+    /// for page in 0..3 {
+    ///     // … fetch `page` …
+    ///     # let _ = page;
+    ///     if run.heartbeat()? != RunStatus::Running {
+    ///         break; // failed as hung, or cancelled: stop working
+    ///     }
+    /// }
+    /// run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn heartbeat(&self) -> Result<RunStatus> {
+        self.ledger.run_heartbeat(self.id)
     }
 
     /// Whether someone asked this run to stop ([`Ledger::cancel`]), from any

@@ -63,7 +63,7 @@ fn keys_json(keys: &[String]) -> String {
     serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned())
 }
 
-fn parse_keys(text: &str) -> rusqlite::Result<Vec<String>> {
+pub(super) fn parse_keys(text: &str) -> rusqlite::Result<Vec<String>> {
     serde_json::from_str(text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
@@ -79,7 +79,7 @@ fn mode_of(mode: &str, capacity: Option<u32>) -> rusqlite::Result<LockMode> {
     })
 }
 
-fn state_of(state: &str) -> LockState {
+pub(super) fn state_of(state: &str) -> LockState {
     if state == "held" {
         LockState::Held
     } else {
@@ -95,7 +95,8 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
             "SELECT l.id, l.state, l.mode, l.capacity, l.token, l.run_id, r.name,
                     l.instance_id, coalesce(i.host, l.host), i.boot_id, l.pid, i.start_time,
                     i.id IS NULL OR i.closed_at IS NOT NULL,
-                    coalesce(l.granted_at, l.requested_at), i.pid_ns, l.keys
+                    coalesce(l.granted_at, l.requested_at), i.pid_ns, l.keys,
+                    i.lock_file, coalesce(i.heartbeat_at, 0)
              FROM lock_entries e
              JOIN locks l ON l.id = e.lock_id
              LEFT JOIN instances i ON i.id = l.instance_id
@@ -116,12 +117,16 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                 run: run.map(|id| (id, name.unwrap_or_default())),
                 instance: row.get(7)?,
                 owner: InstanceRecord {
+                    id: row.get(7)?,
+                    lock_file: row.get(16)?,
+                    heartbeat_at: row.get(17)?,
                     host: row.get(8)?,
                     boot_id: row.get(9)?,
                     pid: row.get(10)?,
                     pid_ns: row.get(14)?,
                     start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
                     closed: row.get(12)?,
+                    closed_reason: None,
                 },
                 since: row.get(13)?,
             })
@@ -136,7 +141,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
 /// the first exclusive one that does not fit. Returns the
 /// wake-up addresses of those granted: they find their lock held with a read,
 /// without competing for the write lock.
-fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
+pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
     let mut wakes = Vec::new();
     let mut queue = tx.prepare_cached(
         "SELECT l.id, l.mode, l.capacity, l.keys, l.wake
@@ -231,7 +236,11 @@ fn next_token(tx: &Connection, keys: &[String]) -> Result<i64> {
 
 /// Deletes a lock row and its entries; returns its keys, or `None` if the
 /// row (with that token) was gone.
-fn delete_lock(tx: &Connection, id: i64, token: Option<i64>) -> Result<Option<Vec<String>>> {
+pub(super) fn delete_lock(
+    tx: &Connection,
+    id: i64,
+    token: Option<i64>,
+) -> Result<Option<Vec<String>>> {
     let keys: Option<String> = tx
         .prepare_cached("DELETE FROM locks WHERE id = ?1 AND token IS ?2 RETURNING keys")?
         .query_row(params![id, token], |row| row.get(0))
@@ -440,29 +449,6 @@ impl Store {
         })
     }
 
-    /// Takes locks away from owners judged dead, each only if it is still
-    /// the row that was judged (same id and token), and records why.
-    pub(crate) fn reclaim(&self, dead: &[(Ahead, String)], by: &ProcessIdentity) -> Result<Wakes> {
-        self.write(|tx, now| {
-            let mut freed = Vec::new();
-            for (ahead, reason) in dead {
-                let Some(keys) = delete_lock(tx, ahead.lock_id, ahead.token)? else {
-                    continue;
-                };
-                record_lock_event(tx, now, "reclaimed", &keys, ahead, reason, by)?;
-                log::warn!(
-                    "runledger: reclaimed lock {keys:?} of pid {} on {}: {reason}",
-                    ahead.owner.pid,
-                    ahead.owner.host
-                );
-                freed.extend(keys);
-            }
-            freed.sort();
-            freed.dedup();
-            grant_waiters(tx, &freed, now)
-        })
-    }
-
     /// Releases by force every holder of `key`; returns how many and the
     /// waiters to wake.
     pub(crate) fn force_unlock(
@@ -569,6 +555,36 @@ fn record_lock_event(
     reason: &str,
     by: &ProcessIdentity,
 ) -> Result<()> {
+    let taken = TakenLock {
+        id: holder.lock_id,
+        token: holder.token,
+        run: holder.run.as_ref().map(|(id, _)| *id),
+        pid: holder.owner.pid,
+        host: &holder.owner.host,
+    };
+    record_taken(tx, now, kind, keys, &taken, reason, by)
+}
+
+/// A held lock taken away from its holder, as `lock_events` records it.
+pub(super) struct TakenLock<'a> {
+    pub id: i64,
+    pub token: Option<i64>,
+    pub run: Option<RunId>,
+    pub pid: u32,
+    pub host: &'a str,
+}
+
+/// Records that a held lock was taken away, so that its guard reports
+/// [`Error::LockLost`](crate::Error::LockLost).
+pub(super) fn record_taken(
+    tx: &Connection,
+    now: Timestamp,
+    kind: &str,
+    keys: &[String],
+    taken: &TakenLock<'_>,
+    reason: &str,
+    by: &ProcessIdentity,
+) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO lock_events (at, kind, lock_id, keys, token, run_id, holder_pid, holder_host,
                                   reason, by_pid, by_host)
@@ -577,12 +593,12 @@ fn record_lock_event(
     .execute(params![
         now,
         kind,
-        holder.lock_id,
+        taken.id,
         keys_json(keys),
-        holder.token,
-        holder.run.as_ref().map(|(id, _)| *id),
-        holder.owner.pid,
-        holder.owner.host,
+        taken.token,
+        taken.run,
+        taken.pid,
+        taken.host,
         reason,
         by.pid,
         by.host,

@@ -13,12 +13,13 @@
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
+mod instances;
 mod locks;
 mod runs;
 mod schema;
 
-pub(crate) use locks::{Ahead, Attempt, LockAsk};
-pub(crate) use runs::NewRun;
+pub(crate) use locks::{Attempt, LockAsk};
+pub(crate) use runs::{HungRun, NewRun};
 
 use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
@@ -35,7 +36,6 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
-use crate::liveness::ProcessIdentity;
 
 pub(crate) use schema::LATEST as SCHEMA_VERSION;
 
@@ -163,9 +163,15 @@ impl Store {
         let manager = SqliteConnectionManager::file(&canonical)
             .with_flags(open_flags())
             .with_init(move |c| configure(c, &init_config));
+        // No minimum of idle connections: r2d2 would open a replacement in
+        // the background whenever one is checked out, and a connection still
+        // being opened there outlives the ledger's last handle for a moment
+        // (closing the ledger must let go of the file at once). Connections
+        // are opened on demand and kept: the caller waits for them.
         let pool = Pool::builder()
             .max_size(config.pool_size)
-            .min_idle(Some(1))
+            .min_idle(Some(0))
+            .idle_timeout(None)
             .test_on_check_out(false)
             .max_lifetime(None)
             .connection_timeout(config.busy_timeout.max(Duration::from_secs(1)))
@@ -219,59 +225,6 @@ impl Store {
             f(&conn)
         };
         on_connection().map_err(|e| e.in_ledger(&self.path))
-    }
-
-    /// Records a new instance (this process's open ledger); returns its id.
-    pub(crate) fn insert_instance(
-        &self,
-        identity: &ProcessIdentity,
-        label: Option<&str>,
-    ) -> Result<i64> {
-        self.write(|tx, now| {
-            tx.prepare_cached(
-                "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label, started_at,
-                                        heartbeat_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            )?
-            .execute((
-                &identity.host,
-                &identity.boot_id,
-                identity.pid,
-                &identity.pid_ns,
-                identity.start_time.map(|t| t as i64),
-                label,
-                now.as_millis(),
-            ))?;
-            Ok(tx.last_insert_rowid())
-        })
-    }
-
-    /// Deletes the instances that closed before `cutoff`, in bounded
-    /// transactions. Runs keep their owner's pid and host in their own row.
-    pub(crate) fn prune_instances(&self, cutoff: Timestamp) -> Result<()> {
-        const BATCH: i64 = 1000;
-        loop {
-            let deleted = self.write(|tx, _| {
-                Ok(tx
-                    .prepare_cached(
-                        "DELETE FROM instances WHERE id IN (
-                             SELECT id FROM instances WHERE closed_at < ?1 LIMIT ?2)",
-                    )?
-                    .execute((cutoff, BATCH))?)
-            })?;
-            if (deleted as i64) < BATCH {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Marks an instance closed (its process closed the ledger).
-    pub(crate) fn close_instance(&self, id: i64) -> Result<()> {
-        self.write(|tx, now| {
-            tx.prepare_cached("UPDATE instances SET closed_at = ?2 WHERE id = ?1")?
-                .execute((id, now.as_millis()))?;
-            Ok(())
-        })
     }
 }
 
@@ -428,6 +381,11 @@ fn canonical_path(path: &Path, parent: &Path) -> io::Result<PathBuf> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The folder of the instances' lock files, in the sidecar folder.
+pub(crate) fn instances_dir(canonical: &Path) -> PathBuf {
+    sidecar_dir(canonical).join("instances")
 }
 
 /// The sidecar folder of a database: `<canonical path>-runledger`.

@@ -1,7 +1,9 @@
 //! SQL for runs, steps and events.
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::{Connection, OptionalExtension, Row, ToSql};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
 
 use super::Store;
 use super::locks::{Wakes, release_run_locks};
@@ -23,6 +25,8 @@ pub(crate) struct NewRun<'a> {
     pub host: &'a str,
     pub metadata: Option<String>,
     pub log_path: Option<String>,
+    /// The run's progress heartbeat timeout, in ms.
+    pub heartbeat_timeout: Option<i64>,
 }
 
 impl ToSql for RunId {
@@ -152,8 +156,9 @@ impl Store {
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
-                         instance_id, pid, host, metadata, log_path, created_at, started_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                         instance_id, pid, host, metadata, log_path, created_at, started_at,
+                         heartbeat_timeout, hung_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12 + ?13)",
                 )?
                 .execute((
                     new.name,
@@ -168,6 +173,7 @@ impl Store {
                     &new.log_path,
                     at,
                     started_at,
+                    new.heartbeat_timeout,
                 ));
             match (inserted, new.idempotency_key) {
                 (Err(e), Some(key)) if is_unique_violation(&e) => {
@@ -206,102 +212,74 @@ impl Store {
         run: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
     ) -> Result<(RunState, RunStatus, Wakes)> {
+        self.write(|tx, at| apply_change(tx, run, at, decide))
+    }
+
+    /// Records a progress heartbeat of a run: a running run's deadline moves
+    /// on by its timeout. Returns the run's status; only a running run is
+    /// changed.
+    pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
         self.write(|tx, at| {
-            let (state, last_event) = tx
-                .prepare_cached(
-                    "SELECT status, steps_total, steps_succeeded, steps_failed,
-                            cancel_requested_at IS NOT NULL, last_event_id
-                     FROM runs WHERE id = ?1",
+            let (status, _) = run_head(tx, run)?;
+            if status == RunStatus::Running {
+                tx.prepare_cached(
+                    "UPDATE runs SET heartbeat_at = ?2, hung_at = ?2 + heartbeat_timeout
+                     WHERE id = ?1 AND status = 'running'",
                 )?
-                .query_row([run], |row| {
-                    let total: u32 = row.get(1)?;
-                    let succeeded: u32 = row.get(2)?;
-                    let failed: u32 = row.get(3)?;
-                    let state = RunState {
-                        status: row.get(0)?,
-                        steps_succeeded: succeeded,
-                        steps_failed: failed,
-                        steps_running: total.saturating_sub(succeeded.saturating_add(failed)),
-                        cancel_requested: row.get(4)?,
-                    };
-                    Ok((state, row.get::<_, Option<i64>>(5)?))
-                })
-                .optional()?
-                .ok_or_else(|| Error::run_not_found(run))?;
-            let Some(change) = decide(&state)? else {
-                return Ok((state, state.status, Vec::new()));
-            };
-            let mut chain = Chain {
-                run,
-                last: last_event,
-                at,
-            };
-            let (to, changed) = match change {
-                RunChange::Status {
-                    to,
-                    exit_code,
-                    error,
-                } => {
-                    let closed = if to.is_terminal() && state.steps_running > 0 {
-                        close_running_steps(tx, &mut chain)?
-                    } else {
-                        0
-                    };
-                    chain.append(
-                        tx,
-                        "status",
-                        None,
-                        Some(state.status.as_str()),
-                        Some(to.as_str()),
-                        error.as_deref(),
-                    )?;
-                    let changed = tx
-                        .prepare_cached(
-                            "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5,
-                                 started_at = coalesce(started_at, ?6), finished_at = ?7,
-                                 steps_failed = steps_failed + ?8, last_event_id = ?9
-                             WHERE id = ?1 AND status = ?2",
-                        )?
-                        .execute((
-                            run,
-                            state.status,
-                            to,
-                            exit_code,
-                            &error,
-                            (to == RunStatus::Running).then_some(at),
-                            to.is_terminal().then_some(at),
-                            closed,
-                            chain.last,
-                        ))?;
-                    (to, changed)
-                }
-                RunChange::CancelRequest => {
-                    chain.append(tx, "cancel_requested", None, None, None, None)?;
-                    let changed = tx
-                        .prepare_cached(
-                            "UPDATE runs SET cancel_requested_at = ?3, last_event_id = ?4
-                             WHERE id = ?1 AND status = ?2 AND cancel_requested_at IS NULL",
-                        )?
-                        .execute((run, state.status, at, chain.last))?;
-                    (state.status, changed)
-                }
-            };
-            if changed != 1 {
-                // Cannot happen while the write lock is held; refuse rather
-                // than record an event for a change that was not made.
-                return Err(Error::InvalidTransition {
-                    run,
-                    from: state.status,
-                    to,
-                });
+                .execute((run, at))?;
             }
-            // A run's locks and queue places end with it, in this transaction.
-            let wakes = if to.is_terminal() {
-                release_run_locks(tx, run, at)?
-            } else {
-                Vec::new()
+            Ok(status)
+        })
+    }
+
+    /// Running runs whose heartbeat deadline passed before `now`, oldest
+    /// deadline first, at most `limit` (read from the `runs_hung` index).
+    pub(crate) fn hung_runs(&self, now: Timestamp, limit: usize) -> Result<Vec<HungRun>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(HUNG_RUNS)?
+                .query_map(params![now, limit as i64], |row| {
+                    Ok(HungRun {
+                        id: row.get(0)?,
+                        hung_at: row.get(1)?,
+                        timeout: Duration::from_millis(row.get::<_, i64>(2)?.max(0) as u64),
+                        last_heartbeat: row.get(3)?,
+                        started_at: row.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// Fails a run judged hung, only if it is still running with the
+    /// deadline that was judged (it may have heartbeated or ended since).
+    /// Returns its name, and the waiters its locks go to.
+    pub(crate) fn fail_hung(
+        &self,
+        hung: &HungRun,
+        reason: &str,
+    ) -> Result<Option<(String, Wakes)>> {
+        self.write(|tx, at| {
+            let current: Option<(Option<Timestamp>, String)> = tx
+                .prepare_cached("SELECT hung_at, name FROM runs WHERE id = ?1")?
+                .query_row([hung.id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            let Some((Some(deadline), name)) = current else {
+                return Ok(None);
             };
-            Ok((state, to, wakes))
+            if deadline != hung.hung_at {
+                return Ok(None);
+            }
+            let (_, to, wakes) = apply_change(tx, hung.id, at, |state| {
+                Ok(
+                    (state.status == RunStatus::Running).then(|| RunChange::Status {
+                        to: RunStatus::Failed,
+                        exit_code: None,
+                        error: Some(reason.to_owned()),
+                    }),
+                )
+            })?;
+            Ok((to == RunStatus::Failed).then_some((name, wakes)))
         })
     }
 
@@ -604,6 +582,129 @@ fn close_running_steps(tx: &Connection, chain: &mut Chain) -> Result<u32> {
     }
     Ok(running.len() as u32)
 }
+
+/// Applies one transition to a run inside the caller's write transaction:
+/// see [`Store::update_run`].
+pub(super) fn apply_change(
+    tx: &Connection,
+    run: RunId,
+    at: Timestamp,
+    decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+) -> Result<(RunState, RunStatus, Wakes)> {
+    let (state, last_event) = tx
+        .prepare_cached(
+            "SELECT status, steps_total, steps_succeeded, steps_failed,
+                    cancel_requested_at IS NOT NULL, last_event_id
+             FROM runs WHERE id = ?1",
+        )?
+        .query_row([run], |row| {
+            let total: u32 = row.get(1)?;
+            let succeeded: u32 = row.get(2)?;
+            let failed: u32 = row.get(3)?;
+            let state = RunState {
+                status: row.get(0)?,
+                steps_succeeded: succeeded,
+                steps_failed: failed,
+                steps_running: total.saturating_sub(succeeded.saturating_add(failed)),
+                cancel_requested: row.get(4)?,
+            };
+            Ok((state, row.get::<_, Option<i64>>(5)?))
+        })
+        .optional()?
+        .ok_or_else(|| Error::run_not_found(run))?;
+    let Some(change) = decide(&state)? else {
+        return Ok((state, state.status, Vec::new()));
+    };
+    let mut chain = Chain {
+        run,
+        last: last_event,
+        at,
+    };
+    let (to, changed) = match change {
+        RunChange::Status {
+            to,
+            exit_code,
+            error,
+        } => {
+            let closed = if to.is_terminal() && state.steps_running > 0 {
+                close_running_steps(tx, &mut chain)?
+            } else {
+                0
+            };
+            chain.append(
+                tx,
+                "status",
+                None,
+                Some(state.status.as_str()),
+                Some(to.as_str()),
+                error.as_deref(),
+            )?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5,
+                         started_at = coalesce(started_at, ?6), finished_at = ?7,
+                         steps_failed = steps_failed + ?8, last_event_id = ?9,
+                         hung_at = CASE WHEN ?3 = 'running' THEN ?10 + heartbeat_timeout END
+                     WHERE id = ?1 AND status = ?2",
+                )?
+                .execute((
+                    run,
+                    state.status,
+                    to,
+                    exit_code,
+                    &error,
+                    (to == RunStatus::Running).then_some(at),
+                    to.is_terminal().then_some(at),
+                    closed,
+                    chain.last,
+                    at,
+                ))?;
+            (to, changed)
+        }
+        RunChange::CancelRequest => {
+            chain.append(tx, "cancel_requested", None, None, None, None)?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE runs SET cancel_requested_at = ?3, last_event_id = ?4
+                     WHERE id = ?1 AND status = ?2 AND cancel_requested_at IS NULL",
+                )?
+                .execute((run, state.status, at, chain.last))?;
+            (state.status, changed)
+        }
+    };
+    if changed != 1 {
+        // Cannot happen while the write lock is held; refuse rather
+        // than record an event for a change that was not made.
+        return Err(Error::InvalidTransition {
+            run,
+            from: state.status,
+            to,
+        });
+    }
+    // A run's locks and queue places end with it, in this transaction.
+    let wakes = if to.is_terminal() {
+        release_run_locks(tx, run, at)?
+    } else {
+        Vec::new()
+    };
+    Ok((state, to, wakes))
+}
+
+/// A running run past its heartbeat deadline, as the hung-run reaper judged
+/// it.
+#[derive(Clone, Debug)]
+pub(crate) struct HungRun {
+    pub id: RunId,
+    pub hung_at: Timestamp,
+    pub timeout: Duration,
+    pub last_heartbeat: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+}
+
+pub(super) const HUNG_RUNS: &str = "
+    SELECT id, hung_at, heartbeat_timeout, heartbeat_at, started_at FROM runs
+    WHERE hung_at IS NOT NULL AND hung_at < ?1
+    ORDER BY hung_at LIMIT ?2";
 
 const RUN_SELECT: &str = "
     SELECT r.id, r.name, r.source, r.status, r.parent_id, r.idempotency_key, r.instance_id,

@@ -157,6 +157,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         by_host      TEXT NOT NULL
     );
     "#,
+    // 3: liveness: instance locks and closing reasons, run heartbeats.
+    r#"
+    -- The file (in the sidecar folder's instances/) that the instance's
+    -- process holds an OS lock on for its whole life: a failed try-lock by
+    -- another process on the same kernel proves it alive.
+    ALTER TABLE instances ADD COLUMN lock_file TEXT;
+    -- Why the instance was closed: it closed the ledger, or a reaper judged
+    -- it dead (the reason of its verdict).
+    ALTER TABLE instances ADD COLUMN closed_reason TEXT;
+    -- The instances still open: what the dead-owner reaper judges.
+    CREATE INDEX instances_open ON instances(id) WHERE closed_at IS NULL;
+
+    -- Opt-in progress heartbeats: a running run with a timeout is hung once
+    -- hung_at (its last heartbeat, or its start, plus the timeout) passes.
+    -- NULL for every other run, so that they stay out of the index.
+    ALTER TABLE runs ADD COLUMN heartbeat_timeout INTEGER;  -- ms
+    ALTER TABLE runs ADD COLUMN hung_at INTEGER;
+    CREATE INDEX runs_hung ON runs(hung_at) WHERE hung_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes and understands.

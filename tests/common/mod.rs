@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use runledger::{Ledger, ManualClock, Timestamp};
+use runledger::{Ledger, LockState, ManualClock, Timestamp};
 
 /// A fresh ledger in a temporary folder, with a manual clock.
 pub struct Fixture {
@@ -110,4 +111,33 @@ pub fn instant_in(ms: u64) -> String {
 /// The bytes of a file, to prove it was not modified.
 pub fn bytes(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
+}
+
+/// Reads the next line a worker prints.
+pub fn next_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_owned()
+}
+
+/// Waits until the ledger shows `n` waiting requests.
+pub fn wait_for_waiters(ledger: &runledger::Ledger, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ledger
+        .locks()
+        .unwrap()
+        .iter()
+        .filter(|l| l.state == LockState::Waiting)
+        .count()
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "waiters never queued: {:?}",
+            ledger.locks().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -1,0 +1,298 @@
+//! SQL for instances: registering, heartbeating, closing, and reaping the
+//! dead ones.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Store;
+use super::locks::{
+    TakenLock, Wakes, delete_lock, grant_waiters, parse_keys, record_taken, state_of,
+};
+use super::runs::apply_change;
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::lock::LockState;
+use crate::reaper::Reaped;
+use crate::run::{RunChange, RunId, RunStatus};
+
+const INSTANCE_SELECT: &str = "
+    SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
+           closed_at IS NOT NULL, closed_reason
+    FROM instances";
+
+fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: row.get(0)?,
+        host: row.get(1)?,
+        boot_id: row.get(2)?,
+        pid: row.get(3)?,
+        pid_ns: row.get(4)?,
+        start_time: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        lock_file: row.get(6)?,
+        heartbeat_at: row.get(7)?,
+        closed: row.get(8)?,
+        closed_reason: row.get(9)?,
+    })
+}
+
+/// The statement that lists the open instances (the `instances_open`
+/// index serves it).
+pub(super) const OPEN_INSTANCES: &str = "
+    SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
+           closed_at IS NOT NULL, closed_reason
+    FROM instances WHERE closed_at IS NULL";
+
+/// What reaping one instance changed.
+#[derive(Debug, Default)]
+pub(crate) struct InstanceReaped {
+    pub reaped: Vec<Reaped>,
+    pub wakes: Wakes,
+}
+
+impl Store {
+    /// Records a new instance (this process's open ledger); returns its id.
+    pub(crate) fn insert_instance(
+        &self,
+        identity: &ProcessIdentity,
+        label: Option<&str>,
+        lock_file: Option<&str>,
+    ) -> Result<i64> {
+        self.write(|tx, now| {
+            tx.prepare_cached(
+                "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label, started_at,
+                                        heartbeat_at, lock_file)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+            )?
+            .execute(params![
+                &identity.host,
+                &identity.boot_id,
+                identity.pid,
+                &identity.pid_ns,
+                identity.start_time.map(|t| t as i64),
+                label,
+                now,
+                lock_file,
+            ])?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Renews an instance's heartbeat lease: one write, however many runs
+    /// and locks it owns. False if the instance is closed (a reaper judged
+    /// it dead).
+    pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
+        self.write(|tx, now| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE instances SET heartbeat_at = ?2 WHERE id = ?1 AND closed_at IS NULL",
+                )?
+                .execute(params![id, now])?
+                == 1)
+        })
+    }
+
+    /// Every instance not closed yet.
+    pub(crate) fn open_instances(&self) -> Result<Vec<InstanceRecord>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(OPEN_INSTANCES)?
+                .query_map([], instance_record)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// One instance, if it exists.
+    pub(crate) fn instance(&self, id: i64) -> Result<Option<InstanceRecord>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(&format!("{INSTANCE_SELECT} WHERE id = ?1"))?
+                .query_row([id], instance_record)
+                .optional()?)
+        })
+    }
+
+    /// Deletes the instances that closed before `cutoff`, in bounded
+    /// transactions. Runs keep their owner's pid and host in their own row.
+    pub(crate) fn prune_instances(&self, cutoff: Timestamp) -> Result<()> {
+        const BATCH: i64 = 1000;
+        loop {
+            let deleted = self.write(|tx, _| {
+                Ok(tx
+                    .prepare_cached(
+                        "DELETE FROM instances WHERE id IN (
+                             SELECT id FROM instances WHERE closed_at < ?1 LIMIT ?2)",
+                    )?
+                    .execute((cutoff, BATCH))?)
+            })?;
+            if (deleted as i64) < BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Closes this process's own instance (its last handle dropped). Anything
+    /// it still owns (a run whose guard was leaked, a lock row a guard could
+    /// not delete) is closed with it, in the same transaction.
+    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
+        let record = InstanceRecord {
+            id,
+            host: me.host.clone(),
+            boot_id: me.boot_id.clone(),
+            pid: me.pid,
+            pid_ns: me.pid_ns.clone(),
+            start_time: me.start_time,
+            lock_file: None,
+            heartbeat_at: Timestamp::EPOCH,
+            closed: false,
+            closed_reason: None,
+        };
+        let reason = "its process closed the ledger";
+        self.reap_instance(&record, reason, reason, None, me)
+            .map(|r| r.wakes)
+    }
+
+    /// Closes an instance judged dead, in one transaction: its lock requests
+    /// go (held ones are recorded as reclaimed, so that their guards report
+    /// `LockLost`), its active runs fail with `run_reason` (their running
+    /// steps too), the keys it held pass to their waiters, and the instance
+    /// is closed with `reason`.
+    ///
+    /// When only the heartbeat lease judged it (`stale_heartbeat`), nothing
+    /// is written if the instance heartbeated since or is closed already: a
+    /// verdict is only acted on in the state it was made in. A run that
+    /// ended meanwhile stays ended: only active runs are failed.
+    pub(crate) fn reap_instance(
+        &self,
+        instance: &InstanceRecord,
+        reason: &str,
+        run_reason: &str,
+        stale_heartbeat: Option<Timestamp>,
+        by: &ProcessIdentity,
+    ) -> Result<InstanceReaped> {
+        self.write(|tx, now| {
+            let current: Option<(Timestamp, bool)> = tx
+                .prepare_cached(
+                    "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = ?1",
+                )?
+                .query_row([instance.id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if let Some(judged) = stale_heartbeat
+                && current != Some((judged, false))
+            {
+                return Ok(InstanceReaped::default());
+            }
+            let mut out = InstanceReaped::default();
+            let freed = delete_instance_locks(tx, now, instance, run_reason, by, &mut out)?;
+            fail_instance_runs(tx, now, instance.id, run_reason, &mut out)?;
+            out.wakes.extend(grant_waiters(tx, &freed, now)?);
+            let closed = tx
+                .prepare_cached(
+                    "UPDATE instances SET closed_at = ?2, closed_reason = ?3
+                     WHERE id = ?1 AND closed_at IS NULL",
+                )?
+                .execute(params![instance.id, now, reason])?;
+            if closed == 1 {
+                out.reaped.push(Reaped::Instance {
+                    id: instance.id,
+                    pid: instance.pid,
+                    host: instance.host.clone(),
+                    reason: reason.to_owned(),
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Deletes every lock request of an instance; returns the keys it held.
+fn delete_instance_locks(
+    tx: &Connection,
+    now: Timestamp,
+    instance: &InstanceRecord,
+    reason: &str,
+    by: &ProcessIdentity,
+    out: &mut InstanceReaped,
+) -> Result<Vec<String>> {
+    // The locks table holds only live requests, never history.
+    let rows = tx
+        .prepare_cached(
+            "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = ?1",
+        )?
+        .query_map([instance.id], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Option<i64>>(1)?,
+                state_of(&row.get::<_, String>(2)?),
+                row.get::<_, Option<RunId>>(3)?,
+                row.get::<_, u32>(4)?,
+                row.get::<_, String>(5)?,
+                parse_keys(&row.get::<_, String>(6)?)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut freed = Vec::new();
+    for (id, token, state, run, pid, host, keys) in rows {
+        if delete_lock(tx, id, token)?.is_none() {
+            continue;
+        }
+        if state == LockState::Held {
+            let taken = TakenLock {
+                id,
+                token,
+                run,
+                pid,
+                host: &host,
+            };
+            record_taken(tx, now, "reclaimed", &keys, &taken, reason, by)?;
+        }
+        // A waiter gone may unblock the ones queued behind it, too.
+        freed.extend(keys.iter().cloned());
+        out.reaped.push(Reaped::Lock {
+            keys,
+            state,
+            token: token.map(|t| t as u64),
+            reason: reason.to_owned(),
+        });
+    }
+    freed.sort();
+    freed.dedup();
+    Ok(freed)
+}
+
+/// Fails every active run of an instance, each as its own compare-and-set.
+fn fail_instance_runs(
+    tx: &Connection,
+    now: Timestamp,
+    instance: i64,
+    reason: &str,
+    out: &mut InstanceReaped,
+) -> Result<()> {
+    let runs = tx
+        .prepare_cached(
+            "SELECT id, name FROM runs
+             WHERE status IN ('queued','running') AND instance_id = ?1",
+        )?
+        .query_map([instance], |row| {
+            Ok((row.get::<_, RunId>(0)?, row.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (id, name) in runs {
+        let (state, to, wakes) = apply_change(tx, id, now, |state| {
+            Ok(state.status.is_active().then(|| RunChange::Status {
+                to: RunStatus::Failed,
+                exit_code: None,
+                error: Some(reason.to_owned()),
+            }))
+        })?;
+        out.wakes.extend(wakes);
+        if to == RunStatus::Failed && state.status.is_active() {
+            out.reaped.push(Reaped::Run {
+                id,
+                name,
+                from: state.status,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}

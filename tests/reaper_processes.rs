@@ -1,0 +1,132 @@
+//! Liveness across real OS processes (the `worker` example): processes
+//! killed with SIGKILL while owning runs, steps, locks and queue places;
+//! restart recovery; a paused process is never reaped.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{KillOnDrop, fixture, next_line, spawn_worker, wait_for_waiters};
+use runledger::{Ledger, LockState, Reaped, RunId, RunStatus, StepStatus};
+
+/// Starts `occupy`: a run with a step left running, a lock held for the run
+/// (`owned`) and a queue place on `wanted`. Returns the worker, its run and
+/// its token.
+fn occupier(db: &std::path::Path, owned: &str, wanted: &str) -> (KillOnDrop, RunId, u64) {
+    let mut worker = KillOnDrop(spawn_worker(
+        db,
+        &["occupy", "victim", "--lock", owned, "--wait-for", wanted],
+    ));
+    let line = next_line(&mut worker);
+    let mut parts = line
+        .strip_prefix("occupying ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .split(' ');
+    let run: RunId = parts.next().unwrap().parse().unwrap();
+    let token = parts.next().unwrap().parse().unwrap();
+    (worker, run, token)
+}
+
+fn lock_files(db: &std::path::Path) -> usize {
+    let dir = db.with_file_name("ledger.db-runledger").join("instances");
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+fn one_reap_leaves_nothing_of_a_killed_process_active() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let wanted = f.ledger.lock("wanted").unwrap();
+    let (mut victim, run, token) = occupier(&db, "owned", "wanted");
+    wait_for_waiters(&f.ledger, 1);
+    assert_eq!(lock_files(&db), 2);
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+
+    let reports = f.ledger.reap().unwrap();
+    let dead = reports.iter().find(|r| r.reaper == "dead-owners").unwrap();
+    assert!(dead.is_ok(), "{dead}");
+    let record = f.ledger.run(run).unwrap();
+    assert_eq!(record.status, RunStatus::Failed);
+    let error = record.error.unwrap();
+    assert!(
+        error.starts_with("owner gone: process exited")
+            && error.contains(&format!("pid {}", victim.id())),
+        "{error}"
+    );
+    let steps = f.ledger.steps(run).unwrap();
+    assert_eq!(steps[0].status, StepStatus::Failed);
+    // Its held lock and its queue place are gone; only ours is left.
+    let locks = f.ledger.locks().unwrap();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0].key, "wanted");
+    assert!(dead.reaped.iter().any(|r| matches!(
+        r,
+        Reaped::Lock { keys, state: LockState::Held, token: Some(t), .. }
+            if keys == &["owned"] && *t == token
+    )));
+    assert!(dead.reaped.iter().any(|r| matches!(
+        r,
+        Reaped::Lock { keys, state: LockState::Waiting, .. } if keys == &["wanted"]
+    )));
+    let owned = f.ledger.try_lock("owned").unwrap();
+    assert!(owned.token() > token);
+    // Its lock file went with it; a second pass finds nothing to do.
+    assert_eq!(lock_files(&db), 1);
+    let again = f.ledger.reap().unwrap();
+    assert!(again.iter().all(|r| r.reaped.is_empty()), "{again:?}");
+    drop((owned, wanted));
+}
+
+#[test]
+fn opening_a_ledger_reaps_the_dead_of_this_host_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let first = Ledger::builder(&db).background(false).open().unwrap();
+    let wanted = first.lock("wanted").unwrap();
+    let (mut victim, run, _) = occupier(&db, "owned", "wanted");
+    wait_for_waiters(&first, 1);
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    drop((wanted, first));
+    // The restarted service opens the ledger: no reap() call, no keeper
+    // pass, and the dead one's run is already closed.
+    let ledger = Ledger::builder(&db).background(false).open().unwrap();
+    let record = ledger.run(run).unwrap();
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(record.error.unwrap().contains("process exited"));
+    assert!(ledger.locks().unwrap().is_empty());
+}
+
+#[test]
+fn a_paused_process_is_never_reaped_whatever_the_clock() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let wanted = f.ledger.lock("paused-wanted").unwrap();
+    let (mut paused, run, _) = occupier(&db, "paused-owned", "paused-wanted");
+    wait_for_waiters(&f.ledger, 1);
+    let pid = paused.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Hours pass by the ledger's clock; the process is frozen, not dead.
+    f.clock.advance(Duration::from_secs(6 * 3600));
+    let reports = f.ledger.reap().unwrap();
+    assert!(reports.iter().all(|r| r.reaped.is_empty()), "{reports:?}");
+    assert_eq!(f.ledger.run(run).unwrap().status, RunStatus::Running);
+    assert!(f.ledger.try_lock("paused-owned").unwrap_err().is_conflict());
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    // And once it is really gone, the next acquirer reclaims at once.
+    paused.kill().unwrap();
+    paused.wait().unwrap();
+    let started = Instant::now();
+    let guard = f.ledger.try_lock("paused-owned").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(f.ledger.run(run).unwrap().status, RunStatus::Failed);
+    drop((guard, wanted));
+}
