@@ -89,16 +89,64 @@
 //! re-check every 100 ms, which covers holders killed without releasing and
 //! platforms without such sockets.
 //!
-//! **Dead holders.** Holders and waiters in the way are judged by pid *and*
-//! process start time (same host). The lock of a dead one is taken over by
-//! the next acquirer, and the takeover is recorded. An owner on another host
-//! cannot be judged from here yet; until heartbeat leases come, its locks
-//! are treated as alive.
+//! **Dead holders.** A holder or waiter in the way whose process is dead
+//! (see [Liveness](#liveness-and-the-reaper)) is reaped by the next acquirer
+//! in that same call: its locks, queue places and runs go at once, without
+//! waiting for a sweep, and the takeover is recorded.
 //!
 //! **Within one process.** A request that conflicts only with locks of its
 //! own ledger instance fails at once ([`Error::Conflict`] with
 //! `self_conflict`), since waiting would never end. Threads of one process
 //! that must exclude each other open their own [`Ledger`] each.
+//!
+//! # Liveness and the reaper
+//!
+//! Each process that opens a ledger registers an *instance*, which owns the
+//! runs it begins and the locks and queue places it takes. Whether an
+//! instance is alive is decided so that a live one is never reaped:
+//!
+//! - **On this host** (same kernel), by the process itself: an instance holds
+//!   an OS lock on its own file in the sidecar folder for its whole life, so
+//!   a failed try-lock proves it alive and a free one proves it gone. This
+//!   is immune to pid reuse, works across pid namespaces (two containers
+//!   sharing the file), and never reads the clock: a paused process, a
+//!   debugger or a clock jump cannot get it reaped. Without that file, the
+//!   pid and the process start time decide.
+//! - **Elsewhere** (another host, or [`Builder::host`]), by its heartbeat
+//!   lease: dead once its last heartbeat is older than
+//!   [`Builder::stale_after`] (60 s by default).
+//!
+//! Every verdict carries a reason (`process exited`, `process exited (pid
+//! 4242 reused)`, `heartbeat stale for 93s`, …), which a reaped run's
+//! `error` repeats. A background keeper thread per process and database
+//! renews the heartbeat (one write per interval, however much the instance
+//! owns) and runs [`Ledger::reap`] every [`Builder::reap_interval`]; it holds
+//! no ledger open and ends with the last handle ([`Builder::background`]
+//! turns it off). Opening a ledger reaps the dead at once, so a restarted
+//! service never shows its previous life's runs as running.
+//!
+//! [`Ledger::reap`] runs the built-in [`Reaper`]s (dead owners, hung runs,
+//! and retention when [`Builder::retention`] is set) and the host's own
+//! ([`Ledger::register_reaper`]), and returns one [`ReapReport`] each. Every
+//! change is a compare-and-set on the state that was judged: a run that
+//! ended meanwhile stays ended, and a failing or panicking reaper does not
+//! stop the others. A run can also prove progress
+//! ([`RunSpec::heartbeat_timeout`], [`Run::heartbeat`]): one that stops is
+//! failed as hung even though its process lives.
+//!
+//! ```
+//! use std::time::Duration;
+//! use runledger::Ledger;
+//! # let dir = tempfile::tempdir()?;
+//! let ledger = Ledger::builder(dir.path().join("ledger.db"))
+//!     .stale_after(Duration::from_secs(30))
+//!     .retention(Duration::from_secs(30 * 24 * 3600))
+//!     .open()?;
+//! for report in ledger.reap()? {
+//!     println!("{report}");
+//! }
+//! # Ok::<(), runledger::Error>(())
+//! ```
 //!
 //! # Guarantees
 //!
@@ -121,6 +169,9 @@
 //!   together. A [fencing token](LockGuard#fencing-tokens) grows strictly per
 //!   key, across processes, restarts and pruning. A holder whose lock was
 //!   taken away finds out ([`LockGuard::is_held`], [`Error::LockLost`]).
+//! - **Nothing stays `running` after its owner died.** The next acquirer in
+//!   the way, the next open and every reap pass close what a dead instance
+//!   owned, in one transaction per owner, with the reason.
 //! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
 //!   typed [`Error`] naming the offending value.
 //!
