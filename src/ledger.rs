@@ -82,6 +82,7 @@ pub struct Builder {
     reap_interval: Duration,
     retention: Option<Duration>,
     background: bool,
+    reap_on_open: bool,
     host: Option<String>,
 }
 
@@ -145,6 +146,16 @@ impl Builder {
     /// reaps the dead instances at once, either way.
     pub fn background(mut self, background: bool) -> Builder {
         self.background = background;
+        self
+    }
+
+    /// Whether opening reaps dead owners at once (restart recovery, the
+    /// `dead-owners` pass of [`Ledger::reap`]). On by default, so that a
+    /// restarted service never shows its previous life's runs as running;
+    /// turn it off to see those changes in the reports of your own first
+    /// [`Ledger::reap`] instead.
+    pub fn reap_on_open(mut self, reap: bool) -> Builder {
+        self.reap_on_open = reap;
         self
     }
 
@@ -307,7 +318,9 @@ impl Builder {
         let ledger = Ledger { inner };
         // Restart recovery: whatever a previous life of this service (or any
         // dead process) left running is closed before this one starts.
-        if let Err(e) = ledger.reap_dead_owners() {
+        if self.reap_on_open
+            && let Err(e) = ledger.reap_dead_owners()
+        {
             log::warn!("runledger: could not reap dead instances on open: {e}");
         }
         if self.background {
@@ -483,6 +496,7 @@ impl Ledger {
             reap_interval: DEFAULT_REAP_INTERVAL,
             retention: None,
             background: true,
+            reap_on_open: true,
             host: None,
         }
     }

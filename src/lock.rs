@@ -129,6 +129,11 @@ pub struct LockRequest {
 }
 
 impl LockRequest {
+    /// The keys requested, as given (checked when the request is made).
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
     /// A request for `keys`, exclusive, waiting up to the ledger's default
     /// wait ([`Builder::lock_wait`](crate::Builder::lock_wait)).
     pub fn new<K: Into<String>>(keys: impl IntoIterator<Item = K>) -> LockRequest {

@@ -151,9 +151,11 @@ impl Judge {
             }
             _ => return None,
         }
-        let pid_check = (other.pid_ns.is_some() && other.pid_ns == me.pid_ns)
-            .then(|| pid_verdict(me, other))
-            .flatten();
+        let pid_check = || {
+            (other.pid_ns.is_some() && other.pid_ns == me.pid_ns)
+                .then(|| pid_verdict(me, other))
+                .flatten()
+        };
         match other
             .lock_file
             .as_deref()
@@ -162,11 +164,11 @@ impl Judge {
             Some(Probe::Held) => Some(Verdict::Alive),
             // The kernel drops the lock when the process dies: dead. The pid
             // check only words the reason better.
-            Some(Probe::Free) => Some(match pid_check {
+            Some(Probe::Free) => Some(match pid_check() {
                 Some(dead @ Verdict::Dead { .. }) => dead,
                 _ => Verdict::dead("process exited (its instance lock is free)"),
             }),
-            Some(Probe::Unknown) | None => pid_check,
+            Some(Probe::Unknown) | None => pid_check(),
         }
     }
 }

@@ -1,0 +1,338 @@
+//! `runledger`: the command-line face of a ledger, for terminals and for
+//! programs in any language. Everything goes through the library's public
+//! API; this binary has no SQL of its own.
+//!
+//! Exit codes: 0 ok, 1 error, 2 usage, 75 (`EX_TEMPFAIL`) a lock conflict or
+//! a lock wait that timed out; `exec` exits with its command's code, or
+//! 128 + the signal number when the command was killed by a signal.
+
+mod exec;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use runledger::{Error, Ledger, RunFilter, RunId, RunStatus};
+
+/// Exit code for a lock that was taken or did not come in time
+/// (`EX_TEMPFAIL` of sysexits.h: try again later).
+const EXIT_TEMPFAIL: u8 = 75;
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 1 error, 2 usage, 75 lock conflict or wait timed out;
+`exec` exits with its command's code (128 + N if a signal N killed it).
+
+The ledger is --db, else $RUNLEDGER_DB, else
+$XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).";
+
+/// A crash-safe registry of runs and strict cross-process locks.
+///
+/// Every command run through `runledger exec` is recorded as a run that
+/// every process sharing the ledger sees, and respects the ledger's locks.
+#[derive(Debug, Parser)]
+#[command(name = "runledger", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The ledger file (created if missing).
+    #[arg(long, global = true, env = "RUNLEDGER_DB", value_name = "PATH")]
+    db: Option<PathBuf>,
+
+    /// Print JSON instead of tables (reading commands; see each one's help).
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command as a recorded run, under the ledger's locks.
+    ///
+    /// Registers the run (source `terminal` by default), takes the locks
+    /// (the run is `queued` while it waits, and stderr says who holds
+    /// them), runs the command with its output copied to the terminal and
+    /// to a log file recorded on the run, forwards SIGINT, SIGTERM and
+    /// SIGHUP to it, records its exit code or signal, releases the locks
+    /// and exits with the command's code. The command sees `RUNLEDGER_DB`
+    /// and `RUNLEDGER_RUN_ID`.
+    ///
+    /// Locks of one mode are taken together, all or nothing; with several
+    /// modes, one key at a time in key order (so two `exec`s never
+    /// deadlock).
+    #[command(after_help = "\
+Examples:
+  runledger exec --lock build:symbol=AAPL -- make build SYMBOL=AAPL
+  runledger exec --name nightly --shared dataset:raw --slots gpu=2 --wait 10m -- python train.py
+  runledger exec --no-wait --lock deploy -- ./deploy.sh   # exits 75 if deploy is held")]
+    Exec(exec::ExecArgs),
+
+    /// List the active runs (queued and running).
+    ///
+    /// --json: an array of run objects (see `runs`).
+    #[command(after_help = "Examples:\n  runledger ps\n  runledger ps --json | jq '.[].name'")]
+    Ps,
+
+    /// List past and present runs, newest first.
+    ///
+    /// --json: an array of run objects with the fields id, name, source,
+    /// status, parent, idempotency_key, instance, pid, host, exit_code,
+    /// error, metadata, log_path, created_at, started_at, heartbeat_at,
+    /// finished_at, cancel_requested_at, progress {total, succeeded,
+    /// failed, running, current}. Times are RFC 3339 in UTC.
+    #[command(after_help = "\
+Examples:
+  runledger runs --status failed --since 1d
+  runledger runs --name build --limit 5 --json")]
+    Runs(RunsArgs),
+
+    /// Show one run: its fields, steps, events, locks and what it waits on.
+    ///
+    /// --json: {"run": run, "steps": [...], "events": [...], "locks": [...]}.
+    #[command(after_help = "Examples:\n  runledger show 42\n  runledger show 42 --json")]
+    Show {
+        /// The run's id.
+        id: RunId,
+    },
+
+    /// Print a run's log file; with -f, follow it until the run ends.
+    #[command(after_help = "Examples:\n  runledger logs 42\n  runledger logs -f 42")]
+    Logs {
+        /// The run's id.
+        id: RunId,
+        /// Keep printing what is appended until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+
+    /// List held locks with their holders and tokens, and the queue.
+    ///
+    /// --json: an array of {key, mode, state, token, ticket, keys, run,
+    /// run_name, instance, pid, host, requested_at, granted_at}; mode is
+    /// "exclusive", "shared" or {"slots": N}; state "held" or "waiting".
+    #[command(after_help = "Examples:\n  runledger locks\n  runledger locks --json")]
+    Locks,
+
+    /// Ask a run to stop (a queued run is cancelled at once).
+    ///
+    /// Prints the run's status after the call. --json: {"id", "status"}.
+    #[command(after_help = "Example:\n  runledger cancel 42")]
+    Cancel {
+        /// The run's id.
+        id: RunId,
+    },
+
+    /// Close what dead processes left behind, and hung runs, now.
+    ///
+    /// --json: an array of reports {reaper, reaped: [...], error, took}.
+    #[command(after_help = "Example:\n  runledger reap")]
+    Reap,
+
+    /// Delete runs that finished longer ago than a duration.
+    ///
+    /// --json: {"pruned": N}.
+    #[command(after_help = "Example:\n  runledger prune --older-than 30d")]
+    Prune {
+        /// Such as 30d, 12h, 90m.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Duration,
+    },
+
+    /// Release a lock by force (for operators); recorded with the reason.
+    ///
+    /// Its holder finds out: its guard reports the lock lost. --json:
+    /// {"key", "released"}.
+    #[command(
+        after_help = "Example:\n  runledger unlock build:symbol=AAPL --force --reason 'stuck since the outage'"
+    )]
+    Unlock {
+        /// The key.
+        key: String,
+        /// Required: this takes a lock away from a holder that may be alive.
+        #[arg(long, required = true)]
+        force: bool,
+        /// Why, recorded with the release.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunsArgs {
+    /// Only runs with this status (repeatable): queued, running, succeeded,
+    /// partial, failed, cancelled.
+    #[arg(long)]
+    status: Vec<RunStatus>,
+    /// Only runs with this exact name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only runs from this source (terminal, worker, …).
+    #[arg(long)]
+    source: Option<String>,
+    /// Only runs created within this long (such as 2h, 1d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+/// Parses a duration such as `90s`, `5m`, `1h30m` or `2d`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (try a duration such as 30s, 5m, 1h30m or 2d)"))
+}
+
+/// An error of a command, with the exit code it maps to.
+pub(crate) struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let code = if e.is_conflict() || e.is_timeout() {
+            EXIT_TEMPFAIL
+        } else {
+            1
+        };
+        Failure {
+            message: e.to_string(),
+            code,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { message, code: 1 }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("runledger: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// The ledger's path: `--db`/`RUNLEDGER_DB`, else the per-user default.
+fn db_path(cli: &Cli) -> Result<PathBuf, Failure> {
+    if let Some(db) = &cli.db {
+        return Ok(db.clone());
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .ok_or_else(|| {
+            Failure::from(
+                "no ledger: pass --db PATH or set RUNLEDGER_DB (HOME is not set)".to_owned(),
+            )
+        })?;
+    Ok(data.join("runledger").join("ledger.db"))
+}
+
+fn open(path: &std::path::Path) -> Result<Ledger, Failure> {
+    Ok(Ledger::builder(path).label("runledger-cli").open()?)
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
+    let path = db_path(&cli)?;
+    let json = cli.json;
+    let out = output::Out { json };
+    match cli.command {
+        Command::Exec(args) => exec::exec(&path, args),
+        Command::Ps => {
+            let ledger = open(&path)?;
+            let runs = ledger.runs(RunFilter::default().active().limit(1000))?;
+            out.runs(&ledger, &runs);
+            Ok(0)
+        }
+        Command::Runs(args) => {
+            let ledger = open(&path)?;
+            let mut filter = RunFilter::default().statuses(args.status).limit(args.limit);
+            if let Some(name) = args.name {
+                filter = filter.name(name);
+            }
+            if let Some(source) = args.source {
+                filter = filter.source(source);
+            }
+            if let Some(since) = args.since {
+                filter = filter.since(ledger.now().saturating_sub(since));
+            }
+            let runs = ledger.runs(filter)?;
+            out.runs(&ledger, &runs);
+            Ok(0)
+        }
+        Command::Show { id } => {
+            let ledger = open(&path)?;
+            out.show(&ledger, id)?;
+            Ok(0)
+        }
+        Command::Logs { id, follow } => {
+            let ledger = open(&path)?;
+            output::logs(&ledger, id, follow)?;
+            Ok(0)
+        }
+        Command::Locks => {
+            let ledger = open(&path)?;
+            out.locks(&ledger, &ledger.locks()?);
+            Ok(0)
+        }
+        Command::Cancel { id } => {
+            let ledger = open(&path)?;
+            let status = ledger.cancel(id)?;
+            out.value(
+                &serde_json::json!({"id": id, "status": status}),
+                format_args!("run {id}: {status}"),
+            );
+            Ok(0)
+        }
+        Command::Reap => {
+            // Not reaped on open, so that this pass reports what it closes.
+            let ledger = Ledger::builder(&path)
+                .label("runledger-cli")
+                .reap_on_open(false)
+                .open()?;
+            let reports = ledger.reap()?;
+            out.reports(&reports);
+            Ok(if reports.iter().all(|r| r.is_ok()) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Prune { older_than } => {
+            let ledger = open(&path)?;
+            let pruned = ledger.prune(older_than)?;
+            out.value(
+                &serde_json::json!({"pruned": pruned}),
+                format_args!("pruned {pruned} runs"),
+            );
+            Ok(0)
+        }
+        Command::Unlock {
+            key,
+            force: _,
+            reason,
+        } => {
+            let ledger = open(&path)?;
+            let released = ledger.force_unlock(&key, &reason)?;
+            out.value(
+                &serde_json::json!({"key": key, "released": released}),
+                format_args!("released {released} holder(s) of {key:?}"),
+            );
+            Ok(0)
+        }
+    }
+}
