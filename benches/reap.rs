@@ -66,7 +66,8 @@ fn add_dead_owner(conn: &rusqlite::Connection) {
              VALUES ('gone-host', 4242, 0, 0);
          WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100)
          INSERT INTO runs (name, source, status, instance_id, pid, host, created_at, started_at)
-         SELECT 'stale-' || x, 'bench', 'running', last_insert_rowid(), 4242, 'gone-host', 0, 0
+         SELECT 'stale-' || x, 'bench', 'running', (SELECT max(id) FROM instances), 4242,
+                'gone-host', 0, 0
          FROM n;
          COMMIT;",
     )

@@ -1,12 +1,16 @@
 //! The background keeper: one thread per process and database that
-//! heartbeats the instances open on that database and runs their reapers.
+//! heartbeats the instances open on that database, and beside it one thread
+//! that runs their reapers, so that a slow pass (a long prune, a host's own
+//! reaper) never delays a heartbeat into a stale lease.
 //!
-//! The thread holds only weak references: it never keeps a ledger open, and
+//! The keeper holds only weak references: it never keeps a ledger open, and
 //! it ends once the last instance of its database in this process closed.
+//! A reap pass in progress holds its ledger until the pass ends.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -31,6 +35,15 @@ struct Member {
     reap_every: Duration,
     next_heartbeat: Instant,
     next_reap: Instant,
+    /// A pass of this instance is queued or running: the next one waits.
+    reaping: Arc<AtomicBool>,
+}
+
+/// `now + d`, for any `d` (a year at most, so that huge settings never
+/// overflow).
+fn after(now: Instant, d: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(d.min(YEAR)).unwrap_or(now)
 }
 
 /// The keepers running, by canonical database path.
@@ -52,8 +65,9 @@ impl Keeper {
             kept,
             heartbeat_every,
             reap_every,
-            next_heartbeat: now + heartbeat_every,
-            next_reap: now + reap_every,
+            next_heartbeat: after(now, heartbeat_every),
+            next_reap: after(now, reap_every),
+            reaping: Arc::new(AtomicBool::new(false)),
         };
         let mut keepers = KEEPERS.lock();
         if let Some(keeper) = keepers.get(path) {
@@ -86,6 +100,19 @@ impl Keeper {
 
     fn run(self: Arc<Keeper>, path: &Path) {
         log::debug!("runledger: keeper of {} started", path.display());
+        let (passes, queued) = mpsc::channel::<(Arc<dyn Kept>, Arc<AtomicBool>)>();
+        // Ends when `passes` is dropped, as this thread returns.
+        let reaper = std::thread::Builder::new()
+            .name("runledger-reaper".into())
+            .spawn(move || {
+                for (kept, reaping) in queued {
+                    kept.reap();
+                    reaping.store(false, Ordering::Release);
+                }
+            });
+        if let Err(e) = &reaper {
+            log::error!("runledger: no reaper thread, passes run beside heartbeats: {e}");
+        }
         loop {
             let mut due = Vec::new();
             {
@@ -105,17 +132,19 @@ impl Keeper {
                 let now = Instant::now();
                 for m in members.iter_mut() {
                     let beat = m.next_heartbeat <= now;
-                    let reap = m.next_reap <= now;
+                    let reap_due = m.next_reap <= now;
                     if beat {
-                        m.next_heartbeat = now + m.heartbeat_every;
+                        m.next_heartbeat = after(now, m.heartbeat_every);
                     }
-                    if reap {
-                        m.next_reap = now + m.reap_every;
+                    if reap_due {
+                        m.next_reap = after(now, m.reap_every);
                     }
+                    // A pass still running: this one is skipped, not queued.
+                    let reap = reap_due && !m.reaping.load(Ordering::Acquire);
                     if (beat || reap)
                         && let Some(kept) = m.kept.upgrade()
                     {
-                        due.push((kept, beat, reap));
+                        due.push((kept, beat, reap.then(|| m.reaping.clone())));
                     }
                 }
                 if due.is_empty() {
@@ -132,8 +161,14 @@ impl Keeper {
                 if beat {
                     kept.clone().heartbeat();
                 }
-                if reap {
-                    kept.reap();
+                if let Some(reaping) = reap {
+                    reaping.store(true, Ordering::Release);
+                    if reaper.is_ok() {
+                        let _ = passes.send((kept, reaping));
+                    } else {
+                        kept.reap();
+                        reaping.store(false, Ordering::Release);
+                    }
                 }
             }
         }

@@ -139,7 +139,9 @@ impl Builder {
     /// instance and runs the reapers. On by default.
     ///
     /// One thread serves every ledger of the same database in a process and
-    /// holds none of them open: it ends when the last one closes. With
+    /// holds none of them open: it ends when the last one closes (a reap
+    /// pass in progress, on a second thread, finishes first and closes the
+    /// ledger if it was the last handle). With
     /// `false` the host calls [`Ledger::heartbeat`] more often than
     /// [`stale_after`](Builder::stale_after) (only processes judged by the
     /// lease need it) and [`Ledger::reap`] when it likes. Opening still
@@ -440,6 +442,16 @@ impl fmt::Debug for Ledger {
     }
 }
 
+/// The error when reapers closed this process's instance again right after
+/// it registered anew: its heartbeats cannot keep up with the lease.
+fn closed_twice(path: &Path) -> crate::Error {
+    let e = std::io::Error::other(
+        "this process's instance was closed by reapers twice in a row \
+         (its heartbeat cannot keep up with stale_after)",
+    );
+    crate::Error::from(e).in_ledger(path)
+}
+
 /// Why a run is judged hung, for its `error`.
 fn hung_reason(run: &HungRun, now: crate::Timestamp) -> String {
     use crate::lock::Seconds;
@@ -553,7 +565,7 @@ impl Ledger {
         let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
         let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
         let inner = &self.inner;
-        let id = inner.store.insert_run(&NewRun {
+        let mut new = NewRun {
             name: &spec.name,
             source: &spec.source,
             status: if spec.queued {
@@ -571,7 +583,19 @@ impl Ledger {
             heartbeat_timeout: spec
                 .heartbeat_timeout
                 .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
-        })?;
+        };
+        let id = match inner.store.insert_run(&new)? {
+            Some(id) => id,
+            None => {
+                // This instance was reaped while silent: register again.
+                self.register_again()?;
+                new.instance = inner.instance();
+                inner
+                    .store
+                    .insert_run(&new)?
+                    .ok_or_else(|| closed_twice(inner.store.path()))?
+            }
+        };
         log::debug!("runledger: run {id} ({}) begun", spec.name);
         Ok(Run::new(self.clone(), id))
     }
@@ -884,11 +908,18 @@ impl Ledger {
     ///
     /// [`Error::Busy`](crate::Error::Busy) or [`Error::Storage`](crate::Error::Storage) if the write failed.
     pub fn heartbeat(&self) -> Result<()> {
+        if self.inner.store.heartbeat_instance(self.inner.instance())? {
+            Ok(())
+        } else {
+            self.register_again()
+        }
+    }
+
+    /// Registers this process again as a new instance, after a reaper
+    /// closed its instance (see [`Ledger::heartbeat`]).
+    fn register_again(&self) -> Result<()> {
         let inner = &self.inner;
         let instance = inner.instance();
-        if inner.store.heartbeat_instance(instance)? {
-            return Ok(());
-        }
         let reason = inner
             .store
             .instance(instance)?
@@ -899,16 +930,14 @@ impl Ledger {
             None,
             inner.instance_lock.as_ref().map(InstanceLock::name),
         )?;
-        // Only one thread registers again.
+        // Only one thread registers again; another one's fresh instance is
+        // closed at once.
         if inner
             .instance
             .compare_exchange(instance, fresh, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            inner
-                .store
-                .close_instance(inner.identity(), fresh)
-                .map(|w| wake(&w))?;
+            wake(&inner.store.close_instance(inner.identity(), fresh)?);
         } else {
             log::error!(
                 "runledger: instance {instance} was judged dead by another process{reason}; \
@@ -980,6 +1009,14 @@ impl Ledger {
                 reaped.extend(self.reap_owner(&instance, &reason, stale_heartbeat)?);
             }
         }
+        // Leftovers of instances already closed (a cleanup that failed).
+        for owner in inner.store.orphaned_owners()? {
+            let reason = owner
+                .closed_reason
+                .clone()
+                .unwrap_or_else(|| "its instance was closed".to_owned());
+            reaped.extend(self.reap_owner(&owner, &reason, None)?);
+        }
         Ok(reaped)
     }
 
@@ -1000,7 +1037,10 @@ impl Ledger {
             inner.identity(),
         )?;
         wake(&done.wakes);
+        // The lock file goes only when its lock was found free: a closed
+        // instance's file may serve the same process registered again.
         if stale_heartbeat.is_none()
+            && !owner.closed
             && let Some(file) = &owner.lock_file
         {
             crate::liveness::remove_lock_file(&inner.judge.instances_dir, file);
@@ -1085,7 +1125,8 @@ impl Ledger {
         } else {
             WakeSocket::bind()
         };
-        let ask = LockAsk {
+        let mut reregistered = false;
+        let mut ask = LockAsk {
             keys: &keys,
             mode: request.mode,
             run,
@@ -1113,6 +1154,18 @@ impl Ledger {
                 Attempt::Blocked { ticket, ahead } => {
                     place.ticket = ticket;
                     ahead
+                }
+                Attempt::InstanceClosed => {
+                    // Reaped (judged by its lease while silent): its queue
+                    // place went with it. Register again and ask anew.
+                    if reregistered {
+                        return Err(closed_twice(inner.store.path()));
+                    }
+                    self.register_again()?;
+                    reregistered = true;
+                    ask.instance = inner.instance();
+                    place.ticket = None;
+                    continue;
                 }
             };
             // Liveness is judged outside the write transaction (it reads
@@ -1392,6 +1445,55 @@ mod tests {
         }
         assert_eq!(beats.succeed().unwrap(), RunStatus::Succeeded);
         assert_eq!(ledger.run(ends_id).unwrap().status, RunStatus::Succeeded);
+    }
+
+    /// A slow reap pass (a host's own reaper, a long prune) must not hold
+    /// back the heartbeat: the lease would go stale while the process lives.
+    #[test]
+    fn a_slow_reap_pass_does_not_delay_heartbeats() {
+        use std::sync::atomic::AtomicBool;
+        struct Slow(Arc<AtomicBool>);
+        impl Reaper for Slow {
+            fn name(&self) -> &str {
+                "slow"
+            }
+            fn reap(&self, _: &Ledger) -> std::result::Result<Vec<Reaped>, crate::ReapError> {
+                self.0.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(2));
+                Ok(Vec::new())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(crate::Timestamp::from_millis(1_000_000_000_000));
+        let ledger = Ledger::builder(dir.path().join("ledger.db"))
+            .clock(clock.clone())
+            .stale_after(Duration::from_millis(400))
+            .reap_interval(Duration::from_millis(20))
+            .open()
+            .unwrap();
+        let started = Arc::new(AtomicBool::new(false));
+        ledger.register_reaper(Slow(started.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !started.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the pass never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The pass sleeps; the heartbeat (every 100 ms) goes on.
+        clock.advance(Duration::from_secs(5));
+        let beat = || {
+            ledger
+                .inner
+                .store
+                .instance(ledger.instance_id())
+                .unwrap()
+                .unwrap()
+                .heartbeat_at
+        };
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while beat() != clock.now() {
+            assert!(Instant::now() < deadline, "no heartbeat during the pass");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -112,18 +112,28 @@
 //!   sharing the file), and never reads the clock: a paused process, a
 //!   debugger or a clock jump cannot get it reaped. Without that file, the
 //!   pid and the process start time decide.
-//! - **Elsewhere** (another host, or [`Builder::host`]), by its heartbeat
-//!   lease: dead once its last heartbeat is older than
-//!   [`Builder::stale_after`] (60 s by default).
+//! - **Elsewhere** (another host, another boot of this one, or
+//!   [`Builder::host`]), by its heartbeat lease: dead once its last
+//!   heartbeat is older than [`Builder::stale_after`] (60 s by default). A
+//!   process judged dead this way that was only silent finds out: its runs
+//!   ended and its locks went ([`Error::LockLost`]), and it registers again
+//!   as a new instance for the work it begins next.
+//!
+//! The instance lock belongs to the process's open file: a child that
+//! `fork`s without `exec` shares it and keeps its parent looking alive
+//! while it lives (children started with [`std::process::Command`] do not).
 //!
 //! Every verdict carries a reason (`process exited`, `process exited (pid
 //! 4242 reused)`, `heartbeat stale for 93s`, …), which a reaped run's
 //! `error` repeats. A background keeper thread per process and database
 //! renews the heartbeat (one write per interval, however much the instance
-//! owns) and runs [`Ledger::reap`] every [`Builder::reap_interval`]; it holds
-//! no ledger open and ends with the last handle ([`Builder::background`]
-//! turns it off). Opening a ledger reaps the dead at once, so a restarted
-//! service never shows its previous life's runs as running.
+//! owns) and, on a thread of its own so that a slow pass never delays a
+//! heartbeat, runs [`Ledger::reap`] every [`Builder::reap_interval`]. It
+//! holds no ledger open (a pass in progress finishes first) and ends with
+//! the last handle ([`Builder::background`] turns it off). Opening a ledger
+//! reaps the dead at once, so a service restarted on the same boot never
+//! shows its previous life's runs as running (after a reboot, they go once
+//! their lease is stale).
 //!
 //! [`Ledger::reap`] runs the built-in [`Reaper`]s (dead owners, hung runs,
 //! and retention when [`Builder::retention`] is set) and the host's own

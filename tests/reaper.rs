@@ -86,6 +86,69 @@ fn another_host_lives_while_its_heartbeat_is_fresh_and_is_reaped_after() {
 }
 
 #[test]
+fn work_begun_after_being_reaped_belongs_to_a_new_live_instance() {
+    let f = fixture();
+    let elsewhere = remote(&f, "elsewhere");
+    let first = elsewhere.instance_id();
+    f.clock.advance(Duration::from_secs(120));
+    f.ledger.reap().unwrap();
+    // Silent too long: reaped. Before its next heartbeat it goes on working:
+    // a lock first, then a run, each must land on a live instance.
+    let guard = elsewhere.lock("window").unwrap();
+    let second = elsewhere.instance_id();
+    assert_ne!(second, first);
+    let run = elsewhere.begin_run(RunSpec::new("after")).unwrap();
+    assert_eq!(f.ledger.run(run.id()).unwrap().instance, second);
+    // Others see a live owner: its lock is held, its run is kept.
+    assert!(f.ledger.try_lock("window").unwrap_err().is_conflict());
+    f.ledger.reap().unwrap();
+    assert!(guard.is_held().unwrap());
+    assert_eq!(f.ledger.run(run.id()).unwrap().status, RunStatus::Running);
+    // And once it is silent too long again, all of it goes.
+    f.clock.advance(Duration::from_secs(61));
+    f.ledger.reap().unwrap();
+    assert_eq!(f.ledger.run(run.id()).unwrap().status, RunStatus::Failed);
+    drop(f.ledger.try_lock("window").unwrap());
+    // Reaped again, it begins a run first: that too lands on a live one.
+    let third = elsewhere.begin_run(RunSpec::new("after-again")).unwrap();
+    let owner = f.ledger.run(third.id()).unwrap().instance;
+    assert_eq!(owner, elsewhere.instance_id());
+    assert_ne!(owner, second);
+    f.ledger.reap().unwrap();
+    assert_eq!(third.succeed().unwrap(), RunStatus::Succeeded);
+}
+
+#[test]
+fn leftovers_of_a_closed_instance_are_reaped() {
+    let f = fixture();
+    let other = remote(&f, "elsewhere");
+    let run = other.begin_run(RunSpec::new("left")).unwrap();
+    let guard = other.lock("left-lock").unwrap();
+    // A cleanup that failed halfway: the instance is closed, its work not.
+    let conn = rusqlite::Connection::open(f.dir.path().join("ledger.db")).unwrap();
+    conn.execute(
+        "UPDATE instances SET closed_at = 1, closed_reason = 'cut off mid-close' WHERE id = ?1",
+        [other.instance_id()],
+    )
+    .unwrap();
+    let reports = f.ledger.reap().unwrap();
+    assert_eq!(
+        report(&reports, "dead-owners").reaped.len(),
+        2,
+        "{reports:?}"
+    );
+    let record = f.ledger.run(run.id()).unwrap();
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(
+        record
+            .error
+            .unwrap()
+            .starts_with("owner gone: cut off mid-close")
+    );
+    assert!(guard.release().unwrap_err().is_lock_lost());
+}
+
+#[test]
 fn hosts_judge_each_other_by_their_last_heartbeat() {
     // Two hosts of their own: each judges the other by the lease only.
     let f = fixture();
@@ -329,9 +392,15 @@ fn lease_settings_are_checked() {
     assert!(err.is_invalid_input(), "{err}");
     let err = Ledger::builder(&path).host(" padded").open().unwrap_err();
     assert!(err.is_invalid_input(), "{err}");
-    // A short lease with its default interval is fine.
+    // A short lease with its default interval is fine, and so are
+    // intervals too long for any clock.
     Ledger::builder(&path)
         .stale_after(Duration::from_secs(2))
+        .open()
+        .unwrap();
+    Ledger::builder(&path)
+        .stale_after(Duration::MAX)
+        .reap_interval(Duration::MAX)
         .open()
         .unwrap();
 }

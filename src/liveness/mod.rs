@@ -144,11 +144,12 @@ impl Judge {
     /// The verdict of the process checks, or `None` when they cannot decide.
     fn process_verdict(&self, other: &InstanceRecord) -> Option<Verdict> {
         let me = &self.me;
+        // Another boot is another kernel: nothing here can check the
+        // process. Not even under the same host name (a reboot, or another
+        // machine named the same: cloned VMs, `localhost`): the lease
+        // decides, and a host that rebooted has stopped heartbeating.
         match (&me.boot_id, &other.boot_id) {
             (Some(mine), Some(theirs)) if mine == theirs => {}
-            (Some(_), Some(_)) if other.host == me.host => {
-                return Some(Verdict::dead("its host rebooted"));
-            }
             _ => return None,
         }
         let pid_check = || {
@@ -166,7 +167,9 @@ impl Judge {
             // check only words the reason better.
             Some(Probe::Free) => Some(match pid_check() {
                 Some(dead @ Verdict::Dead { .. }) => dead,
-                _ => Verdict::dead("process exited (its instance lock is free)"),
+                // Killed processes drop their locks a moment before their
+                // pid goes: the same words either way.
+                _ => Verdict::dead("process exited"),
             }),
             Some(Probe::Unknown) | None => pid_check(),
         }
@@ -345,10 +348,14 @@ mod tests {
         let mut closed = record_of(me);
         closed.closed = true;
         assert!(is_dead(&judge.judge(&closed, NOW), "closed"));
-        // Same host name, another boot: the host rebooted.
+        // Same host name, another boot: a reboot, or another machine of the
+        // same name; only the lease can tell.
         let mut rebooted = record_of(me);
         rebooted.boot_id = Some("another-boot".into());
-        assert!(is_dead(&judge.judge(&rebooted, NOW), "rebooted"));
+        rebooted.pid = u32::MAX - 7;
+        assert_eq!(judge.judge(&rebooted, NOW), Verdict::Alive);
+        let late = NOW.saturating_add(Duration::from_secs(61));
+        assert!(is_dead(&judge.judge(&rebooted, late), "stale for 61s"));
     }
 
     #[test]

@@ -48,6 +48,28 @@ pub(super) const INSTANCE_RUNS: &str = "
     SELECT id, name FROM runs
     WHERE status IN ('queued','running') AND instance_id = ?1";
 
+/// Whether an instance is open, read inside the caller's write
+/// transaction: rows are only ever written for an open instance, so a
+/// reaped one never gains new work.
+pub(super) fn is_open(tx: &Connection, instance: i64) -> Result<bool> {
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM instances WHERE id = ?1 AND closed_at IS NULL")?
+        .query_row([instance], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Instances that are closed (or gone) but still own active runs or lock
+/// rows: left behind by a failed cleanup. The active runs are read from the
+/// active-runs index, the locks table holds only live requests.
+pub(super) const ORPHANED_OWNERS: &str = "
+    SELECT DISTINCT r.instance_id FROM runs r
+    WHERE r.status IN ('queued','running')
+      AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
+    UNION
+    SELECT DISTINCT l.instance_id FROM locks l
+    WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
+
 /// What reaping one instance changed.
 #[derive(Debug, Default)]
 pub(crate) struct InstanceReaped {
@@ -105,6 +127,33 @@ impl Store {
                 .query_map([], instance_record)?
                 .collect::<rusqlite::Result<Vec<_>>>()?)
         })
+    }
+
+    /// Instances closed or gone that still own active runs or lock rows,
+    /// as records to reap (a missing instance gets a placeholder).
+    pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
+        let ids: Vec<i64> = self.read(|conn| {
+            Ok(conn
+                .prepare_cached(ORPHANED_OWNERS)?
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        let mut owners = Vec::with_capacity(ids.len());
+        for id in ids {
+            owners.push(self.instance(id)?.unwrap_or(InstanceRecord {
+                id,
+                host: "an unknown host".into(),
+                boot_id: None,
+                pid: 0,
+                pid_ns: None,
+                start_time: None,
+                lock_file: None,
+                heartbeat_at: Timestamp::EPOCH,
+                closed: true,
+                closed_reason: None,
+            }));
+        }
+        Ok(owners)
     }
 
     /// One instance, if it exists.
@@ -326,6 +375,7 @@ mod tests {
         super::super::schema::migrate(&mut conn, 0).unwrap();
         for (sql, index) in [
             (OPEN_INSTANCES, "USING INDEX instances_open"),
+            (ORPHANED_OWNERS, "USING INDEX runs_active"),
             (HUNG_RUNS, "SEARCH runs USING INDEX runs_hung"),
             (INSTANCE_RUNS, "USING INDEX runs_active"),
         ] {

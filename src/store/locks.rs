@@ -38,6 +38,9 @@ pub(crate) enum Attempt {
         ticket: Option<i64>,
         ahead: Vec<Ahead>,
     },
+    /// The asking instance was closed (a reaper judged it dead): nothing
+    /// was written; the caller registers again and retries.
+    InstanceClosed,
 }
 
 /// A request in the way: a holder, or a waiter queued earlier.
@@ -285,6 +288,9 @@ impl Store {
     /// place in the queue in the same transaction.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         self.write(|tx, now| {
+            if !super::instances::is_open(tx, ask.instance)? {
+                return Ok(Attempt::InstanceClosed);
+            }
             if let Some(run) = ask.run {
                 let (status, _) = run_head(tx, run)?;
                 if status.is_terminal() {

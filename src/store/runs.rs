@@ -141,8 +141,14 @@ impl Store {
     /// Inserts a run and its first event. Refuses a second active run with
     /// the same idempotency key (the unique partial index decides, so two
     /// racing processes cannot both insert).
-    pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<RunId> {
+    ///
+    /// `None` if the owning instance is closed (a reaper judged it dead):
+    /// nothing is written, and the caller registers again.
+    pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<Option<RunId>> {
         self.write(|tx, at| {
+            if !super::instances::is_open(tx, new.instance)? {
+                return Ok(None);
+            }
             if let Some(parent) = new.parent {
                 ensure_run_exists(tx, parent).map_err(|e| match e {
                     Error::NotFound { id, .. } => Error::NotFound {
@@ -198,7 +204,7 @@ impl Store {
             chain.append(tx, "status", None, None, Some(new.status.as_str()), None)?;
             tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
                 .execute((id, chain.last))?;
-            Ok(id)
+            Ok(Some(id))
         })
     }
 

@@ -226,7 +226,8 @@ fn take_locks(
     requests: Vec<LockRequest>,
     args: &ExecArgs,
 ) -> runledger::Result<Vec<LockGuard>> {
-    let deadline = args.wait.map(|w| Instant::now() + w);
+    // A wait too long to add to a clock is a wait forever.
+    let deadline = args.wait.and_then(|w| Instant::now().checked_add(w));
     let mut guards = Vec::new();
     for request in requests {
         let keys: Vec<String> = request.keys().to_vec();
