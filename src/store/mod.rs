@@ -156,9 +156,6 @@ impl Store {
                 }
             }
         }
-        drop(conn);
-        drop(init_lock);
-
         let init_config = config.clone();
         let manager = SqliteConnectionManager::file(&canonical)
             .with_flags(open_flags())
@@ -178,6 +175,13 @@ impl Store {
             .thread_pool(shared_thread_pool())
             .build(manager)
             .map_err(|e| Error::open(path, "cannot open the connection pool", e))?;
+        // The pool's first connection opens while the inspecting one is
+        // still open: the first connection to a write-ahead log that no
+        // process has open rebuilds its index from the log, and this way
+        // only one of them does.
+        drop(pool.get().map_err(|e| open_error(path, e))?);
+        drop(conn);
+        drop(init_lock);
         Ok(Store {
             pool,
             path: canonical,
@@ -269,6 +273,11 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
         config.synchronous
     ))?;
     conn.set_prepared_statement_cache_capacity(64);
+    // The last connection to close would fold the write-ahead log into the
+    // file, with two fsyncs: milliseconds at the end of every short-lived
+    // process (a CLI call). The log is folded by SQLite's auto-checkpoint
+    // as writers commit instead, and stays beside the file meanwhile.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     Ok(())
 }
 
