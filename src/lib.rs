@@ -185,6 +185,16 @@
 //! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
 //!   typed [`Error`] naming the offending value.
 //!
+//! # Command-line tool
+//!
+//! With the `cli` feature the crate also builds `runledger`, a binary over
+//! this API for terminals and for programs in any language
+//! (`cargo install runledger --features cli`): `runledger exec --lock K --
+//! CMD…` records a command as a run under the ledger's locks, and `ps`,
+//! `runs`, `show`, `logs`, `locks`, `cancel`, `reap`, `prune` and `unlock`
+//! serve operators, each with `--json`. Library users who leave the feature
+//! off never build its dependencies.
+//!
 //! # Time
 //!
 //! Every timestamp comes from the ledger's [`Clock`]: the system clock by
