@@ -206,6 +206,8 @@
 //! migrating at `info`, run transitions at `debug`, errors that a guard's
 //! `Drop` could not return at `error`.
 
+#![forbid(unsafe_code)]
+
 mod clock;
 mod error;
 mod input;

@@ -328,7 +328,9 @@ pub enum LockState {
 pub struct LockRecord {
     /// The key.
     pub key: String,
-    /// The mode of the request.
+    /// The mode of the request. In JSON, flattened: `"mode": "exclusive"`,
+    /// or `"mode": "slots", "capacity": 2`.
+    #[serde(flatten)]
     pub mode: LockMode,
     /// Held or waiting.
     pub state: LockState,
@@ -361,7 +363,8 @@ pub struct LockRecord {
 pub struct Holder {
     /// The key it holds (or waits for).
     pub key: String,
-    /// Its mode.
+    /// Its mode (flattened in JSON, as in [`LockRecord`]).
+    #[serde(flatten)]
     pub mode: LockMode,
     /// Held, or queued ahead of the request.
     pub state: LockState,

@@ -94,8 +94,13 @@ pub struct ReapReport {
     /// Why the pass failed or panicked, if it did (what it changed before
     /// stays in `reaped` only for the built-ins, which commit per owner).
     pub error: Option<String>,
-    /// How long the pass took.
+    /// How long the pass took (in JSON: `took_ms`, milliseconds).
+    #[serde(rename = "took_ms", serialize_with = "as_millis")]
     pub took: Duration,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
 }
 
 impl ReapReport {

@@ -13,10 +13,13 @@ struct Cli {
 }
 
 impl Cli {
+    /// A folder with an empty ledger in it.
     fn new() -> Cli {
-        Cli {
+        let cli = Cli {
             dir: tempfile::tempdir().unwrap(),
-        }
+        };
+        drop(runledger::Ledger::open(cli.db()).unwrap());
+        cli
     }
 
     fn db(&self) -> PathBuf {
@@ -231,16 +234,17 @@ fn a_wait_that_runs_out_exits_75() {
 #[test]
 fn sigterm_to_exec_reaches_the_command_and_is_recorded() {
     let cli = Cli::new();
-    let exec = cli.spawn(&[
-        "exec",
-        "--name",
-        "trapper",
-        "--",
-        "sh",
-        "-c",
-        "trap 'echo got-term; exit 3' TERM; sleep 30 & wait",
-    ]);
-    cli.running("trapper");
+    let ready = cli.dir.path().join("ready");
+    let script = format!(
+        "trap 'echo got-term; exit 3' TERM; touch {}; sleep 30 & wait",
+        ready.display()
+    );
+    let exec = cli.spawn(&["exec", "--name", "trapper", "--", "sh", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the trap was never set");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     kill(exec.id(), "-TERM");
     let out = exec.wait_with_output().unwrap();
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
@@ -269,8 +273,24 @@ fn a_killed_exec_is_reaped_with_the_reason() {
         "exec", "--name", "orphan", "--lock", "k", "--", "sh", "-c", &script,
     ]);
     let run = cli.running("orphan");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
     kill(exec.id(), "-KILL");
     exec.wait().unwrap();
+    // The command dies with its `exec`: it must not go on without the lock.
+    let proc_dir = Path::new("/proc").join(pid.trim());
+    while proc_dir.exists()
+        && !std::fs::read_to_string(proc_dir.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(Instant::now() < deadline, "the command outlived its exec");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let reap = cli.run(&["reap"]);
     assert_eq!(code(&reap), 0, "{}", text(&reap.stderr));
     assert!(
@@ -287,14 +307,6 @@ fn a_killed_exec_is_reaped_with_the_reason() {
             .contains("owner gone: process exited")
     );
     assert_eq!(shown["locks"], serde_json::json!([]));
-    // The orphaned command is the test's to stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pidfile.exists() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pid = std::fs::read_to_string(&pidfile).unwrap();
-    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
 }
 
 #[test]
@@ -360,6 +372,7 @@ fn every_json_output_parses_with_the_documented_fields() {
     let reports = cli.json(&["reap"]);
     assert_eq!(reports[0]["reaper"], "dead-owners");
     assert!(reports[0]["reaped"].is_array() && reports[0].get("error").is_some());
+    assert!(reports[0]["took_ms"].is_f64(), "{}", reports[0]);
     assert_eq!(
         cli.json(&["prune", "--older-than", "1d"]),
         serde_json::json!({"pruned": 0})
@@ -420,6 +433,235 @@ fn bad_input_gets_one_line_and_the_documented_code() {
             "{sub} --help shows no example"
         );
     }
+}
+
+#[test]
+fn a_closed_reader_stops_the_command_as_it_would_without_exec() {
+    use std::io::Read;
+    let cli = Cli::new();
+    let mut exec = cli.spawn(&["exec", "--name", "yes", "--", "yes"]);
+    let mut first = [0u8; 2];
+    exec.stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(&first, b"y\n");
+    drop(exec.stdout.take()); // `| head -1`
+    let started = Instant::now();
+    let status = exec.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(128 + 13), "yes dies of SIGPIPE");
+    let run = &cli.json(&["runs"])[0];
+    assert_eq!(run["error"], "killed by signal 13 (SIGPIPE)");
+}
+
+#[test]
+fn a_slow_reader_still_gets_every_byte() {
+    use std::io::Read;
+    let cli = Cli::new();
+    let mut exec = cli.spawn(&["exec", "--name", "seq", "--", "seq", "1", "60000"]);
+    let mut stdout = exec.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(exec.wait().unwrap().success());
+    let expected: String = (1..=60000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(got.len(), expected.len());
+    let run = &cli.json(&["runs"])[0];
+    let log = std::fs::read_to_string(run["log_path"].as_str().unwrap()).unwrap();
+    assert_eq!(log, expected);
+}
+
+#[test]
+fn a_signal_to_the_whole_group_reaches_the_command_once() {
+    use std::os::unix::process::CommandExt;
+    let cli = Cli::new();
+    let seen = cli.dir.path().join("seen");
+    let stop = cli.dir.path().join("stop");
+    let script = format!(
+        "trap 'echo term >> {seen}' TERM; while [ ! -e {stop} ]; do sleep 0.02; done",
+        seen = seen.display(),
+        stop = stop.display()
+    );
+    // `exec` leads a process group of its own, as under `timeout` or a
+    // shell's job control; the group is signalled as a whole.
+    let exec = cli
+        .command(&["exec", "--name", "group", "--", "sh", "-c", &script])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli.running("group");
+    let count = || {
+        std::fs::read_to_string(&seen)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} signals arrived",
+                count()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Time for a second copy to arrive, if one were sent.
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // Until the trap is set, a TERM would kill the command: repeat the
+    // first signal until one is seen.
+    let group = format!("-{}", exec.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() == 0 {
+        assert!(Instant::now() < deadline, "the trap never ran");
+        let status = Command::new("kill")
+            .args(["-TERM", "--", &group])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(), 1, "one signal to the group, one received");
+    kill(exec.id(), "-TERM"); // to `exec` alone: forwarded once
+    wait_for(2);
+    assert_eq!(count(), 2);
+    std::fs::write(&stop, "").unwrap();
+    let out = exec.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_signal_while_waiting_for_locks_cancels_the_run() {
+    let cli = Cli::new();
+    let mut holder = cli.spawn(&[
+        "exec", "--name", "holder", "--lock", "k", "--", "sleep", "30",
+    ]);
+    cli.running("holder");
+    let waiter = cli.spawn(&["exec", "--name", "waiter", "--lock", "k", "--", "true"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli.json(&["locks"]).as_array().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(waiter.id(), "-INT");
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(code(&out), 128 + 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.trim_end().lines().last().unwrap().contains("cancelled"),
+        "{err}"
+    );
+    let runs = cli.json(&["runs"]);
+    let waiter_run = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "waiter")
+        .unwrap();
+    assert_eq!(waiter_run["status"], "cancelled");
+    assert_eq!(cli.json(&["locks"]).as_array().unwrap().len(), 1);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn a_lock_taken_away_is_reported_by_exec() {
+    let cli = Cli::new();
+    let exec = cli.spawn(&["exec", "--name", "u", "--lock", "u", "--", "sleep", "2"]);
+    cli.running("u");
+    let unlock = cli.run(&["unlock", "u", "--force", "--reason", "stuck"]);
+    assert_eq!(code(&unlock), 0);
+    let out = exec.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0);
+    assert!(
+        text(&out.stderr).contains("was taken away"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn reading_commands_survive_a_closed_pipe_and_never_create_a_ledger() {
+    use std::io::Read;
+    let cli = Cli::new();
+    let typo = cli.dir.path().join("typo/ledger.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .arg("--db")
+        .arg(&typo)
+        .arg("ps")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    assert!(one_line_error(&out).contains("no ledger at"));
+    assert!(!typo.exists(), "a reading command created a ledger");
+    // Enough runs to overflow a pipe, through the library itself.
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    for i in 0..400 {
+        let run = ledger
+            .begin_run(runledger::RunSpec::new(format!("run-{i}")))
+            .unwrap();
+        run.succeed().unwrap();
+    }
+    for args in [
+        &["runs", "--json", "--limit", "1000"][..],
+        &["runs", "--limit", "1000"],
+        &["reap"],
+    ] {
+        let mut child = cli.spawn(args);
+        let mut one = [0u8; 1];
+        child.stdout.as_mut().unwrap().read_exact(&mut one).unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_ne!(out.status.code(), Some(101), "{args:?}");
+    }
+}
+
+#[test]
+fn exec_refuses_a_key_asked_in_two_modes_before_registering() {
+    let cli = Cli::new();
+    let out = cli.run(&["exec", "--lock", "same", "--shared", "same", "--", "true"]);
+    assert_eq!(code(&out), 2);
+    assert!(one_line_error(&out).contains("asked twice"));
+    let out = cli.run(&["exec", "--slots", "g=2", "--slots", "g=3", "--", "true"]);
+    assert_eq!(code(&out), 2);
+    assert_eq!(
+        cli.json(&["runs"]),
+        serde_json::json!([]),
+        "nothing was recorded"
+    );
+}
+
+#[test]
+fn a_relative_log_folder_is_recorded_whole() {
+    let cli = Cli::new();
+    let out = cli
+        .command(&["exec", "--log-dir", "rel-logs", "--", "echo", "hi"])
+        .current_dir(cli.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0);
+    let run = &cli.json(&["runs"])[0];
+    let path = Path::new(run["log_path"].as_str().unwrap());
+    assert!(path.is_absolute(), "{path:?}");
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "hi\n");
 }
 
 #[test]

@@ -392,7 +392,15 @@ fn locks_lists_holders_and_waiters() {
     assert!(locks[1].ticket < locks[2].ticket);
     let json = serde_json::to_value(&locks[0]).unwrap();
     assert_eq!(json["state"], "held");
-    assert_eq!(json["mode"]["mode"], "exclusive");
+    assert_eq!(json["mode"], "exclusive");
+    assert!(json.get("capacity").is_none());
+    let mut slots = locks[0].clone();
+    slots.mode = LockMode::Slots(2);
+    let json = serde_json::to_value(&slots).unwrap();
+    assert_eq!(
+        (json["mode"].as_str(), json["capacity"].as_u64()),
+        (Some("slots"), Some(2))
+    );
     assert!(waiter.join().unwrap().unwrap_err().is_timeout());
     run.succeed().unwrap();
 }

@@ -3,18 +3,19 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::IsTerminal;
 use std::io::{Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use runledger::{Ledger, LockGuard, LockMode, LockRequest, LockState, Run, RunSpec};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use runledger::{Ledger, LockGuard, LockMode, LockRequest, LockState, Run, RunId, RunSpec};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
@@ -100,7 +101,8 @@ impl ExecArgs {
     /// The lock requests, in the order to take them. One mode: one request,
     /// all or nothing. Several modes: one request per key in key order, so
     /// that two `exec`s that share keys always take them in the same order.
-    fn requests(&self) -> Vec<LockRequest> {
+    /// A key asked in two modes is a usage error.
+    fn requests(&self) -> Result<Vec<LockRequest>, Failure> {
         let mut keyed: Vec<(String, LockMode)> = self
             .locks
             .iter()
@@ -113,35 +115,46 @@ impl ExecArgs {
             )
             .collect();
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
-        keyed.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        keyed.dedup();
+        if let Some(pair) = keyed.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Failure {
+                message: format!(
+                    "the lock {:?} is asked twice, as {} and as {}",
+                    pair[0].0, pair[0].1, pair[1].1
+                ),
+                code: 2,
+            });
+        }
         let Some(first) = keyed.first().map(|k| k.1) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        if keyed.iter().all(|k| k.1 == first) {
+        Ok(if keyed.iter().all(|k| k.1 == first) {
             vec![LockRequest::new(keyed.into_iter().map(|k| k.0)).mode(first)]
         } else {
             keyed
                 .into_iter()
                 .map(|(key, mode)| LockRequest::new([key]).mode(mode))
                 .collect()
-        }
+        })
     }
 }
 
-/// The default name of a run: the command's file name.
+/// The default name of a run: the command's file name, cut to the 256
+/// bytes a name may have.
 fn command_name(command: &[OsString]) -> String {
     let name = Path::new(&command[0])
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if name.trim().is_empty() {
+    let mut name: String = name.trim().chars().filter(|c| !c.is_control()).collect();
+    while name.len() > 256 {
+        name.pop();
+    }
+    let name = name.trim().to_owned();
+    if name.is_empty() {
         "command".to_owned()
     } else {
-        name.trim()
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect()
+        name
     }
 }
 
@@ -163,21 +176,47 @@ fn log_file_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{stamp}-{}-{safe}.log", std::process::id()))
 }
 
+/// What `exec` shares with its signal thread.
+struct Shared {
+    ledger: Ledger,
+    /// The run, once registered (0 before).
+    run: AtomicI64,
+    /// The command's pid, once started (0 before).
+    child: AtomicI32,
+    /// The command has exited (its pid may be reused: never signal it).
+    exited: AtomicBool,
+    /// A signal that came before the command started.
+    interrupted: AtomicI32,
+    /// The command runs in a process group of its own (no terminal): every
+    /// signal for it comes through `exec`.
+    own_group: bool,
+}
+
 pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
+    let requests = args.requests()?;
     let ledger = Ledger::builder(db).label("runledger exec").open()?;
+    let shared = Arc::new(Shared {
+        ledger: ledger.clone(),
+        run: AtomicI64::new(0),
+        child: AtomicI32::new(0),
+        exited: AtomicBool::new(false),
+        interrupted: AtomicI32::new(0),
+        own_group: !std::io::stdin().is_terminal(),
+    });
+    // Watched from the start: a signal while waiting for locks ends the
+    // wait (the run is cancelled), one after the start goes to the command.
+    let forwarder = forward_signals(shared.clone())?;
     let name = args
         .name
         .clone()
         .unwrap_or_else(|| command_name(&args.command));
     let log_dir = match &args.log_dir {
-        Some(dir) => dir.clone(),
+        Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
         None => ledger.path().with_file_name("logs"),
     };
     std::fs::create_dir_all(&log_dir)
         .map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
     let log_path = log_file_path(&log_dir, &name);
-    let log = File::create(&log_path)
-        .map_err(|e| format!("cannot create the log file {}: {e}", log_path.display()))?;
 
     let mut metadata = serde_json::Map::new();
     metadata.insert(
@@ -193,7 +232,6 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     for (key, value) in &args.meta {
         metadata.insert(key.clone(), value.clone().into());
     }
-    let requests = args.requests();
     let mut spec = RunSpec::new(name)
         .source(args.source.clone())
         .metadata(metadata.into())
@@ -202,10 +240,31 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         spec = spec.queued();
     }
     let run = ledger.begin_run(spec)?;
+    shared.run.store(i64::from(run.id()), Ordering::SeqCst);
+    let log = match File::create(&log_path) {
+        Ok(log) => log,
+        Err(e) => {
+            let reason = format!("cannot create the log file {}: {e}", log_path.display());
+            let _ = run.fail(&reason);
+            return Err(reason.into());
+        }
+    };
 
     let guards = match take_locks(&ledger, &run, requests, &args) {
         Ok(guards) => guards,
         Err(e) => {
+            let signal = shared.interrupted.load(Ordering::SeqCst);
+            if signal != 0 {
+                // Cancelled by the signal thread, which ended the wait.
+                return Err(Failure {
+                    message: format!(
+                        "run {} cancelled: signal {signal}{} while it waited for its locks",
+                        run.id(),
+                        signal_name(signal)
+                    ),
+                    code: (128 + signal).clamp(0, 255) as u8,
+                });
+            }
             let failure = Failure::from(e);
             let _ = run.fail(format!("did not get its locks: {}", failure.message));
             return Err(failure);
@@ -214,7 +273,8 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     if !guards.is_empty() {
         run.start()?;
     }
-    let code = supervise(&ledger, run, &args.command, log)?;
+    let code = supervise(&shared, run, &args.command, log, &guards)?;
+    forwarder.close();
     drop(guards); // released with the run already; this only drops the handles
     Ok(code)
 }
@@ -277,18 +337,66 @@ fn take_locks(
     Ok(guards)
 }
 
+/// Makes the kernel kill the command if `exec` dies (SIGKILL included):
+/// a command that outlived its `exec` would go on without the locks, which
+/// the reaper then hands to someone else.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe work is allowed. It makes two raw system calls
+    // (prctl, getppid) through rustix and builds errors without
+    // allocating; it touches no lock and no memory shared with the parent.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+            // exec died between fork and prctl: the signal will never come.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::ErrorKind::Other.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What one output copy is doing, for the drain after the command exits.
+#[derive(Default)]
+struct TeeState {
+    /// Blocked reading the command's output (not writing it out).
+    reading: AtomicBool,
+    /// When it last got data, in ms since `exec` started supervising.
+    last_data_ms: AtomicU64,
+    done: AtomicBool,
+}
+
 /// Runs the command, tees its output, forwards signals, records how it
 /// ended. Returns the exit code for `exec`.
-fn supervise(ledger: &Ledger, run: Run, command: &[OsString], log: File) -> Result<u8, Failure> {
-    let spawned = Command::new(&command[0])
+fn supervise(
+    shared: &Shared,
+    run: Run,
+    command: &[OsString],
+    log: File,
+    guards: &[LockGuard],
+) -> Result<u8, Failure> {
+    let signal = shared.interrupted.load(Ordering::SeqCst);
+    if signal != 0 {
+        run.cancelled()?;
+        return Ok((128 + signal).clamp(0, 255) as u8);
+    }
+    let mut builder = Command::new(&command[0]);
+    builder
         .args(&command[1..])
-        .env("RUNLEDGER_DB", ledger.path())
+        .env("RUNLEDGER_DB", shared.ledger.path())
         .env("RUNLEDGER_RUN_ID", run.id().to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
+        .stderr(Stdio::piped());
+    if shared.own_group {
+        builder.process_group(0);
+    }
+    die_with_parent(&mut builder);
+    let mut child = match builder.spawn() {
         Ok(child) => child,
         Err(e) => {
             let what = command[0].to_string_lossy();
@@ -307,11 +415,14 @@ fn supervise(ledger: &Ledger, run: Run, command: &[OsString], log: File) -> Resu
         }
     };
     let pid = rustix::process::Pid::from_child(&child);
-    let exited = Arc::new(AtomicBool::new(false));
-    let forwarder = forward_signals(pid, exited.clone())?;
+    shared
+        .child
+        .store(pid.as_raw_nonzero().get(), Ordering::SeqCst);
 
+    let started = Instant::now();
     let log = Arc::new(Mutex::new(log));
     let (tees_running, tees_done) = mpsc::channel::<()>();
+    let mut states = Vec::new();
     for (source, to_stderr) in [
         (
             child
@@ -328,18 +439,28 @@ fn supervise(ledger: &Ledger, run: Run, command: &[OsString], log: File) -> Resu
             true,
         ),
     ] {
-        tee(source, to_stderr, log.clone(), tees_running.clone());
+        let state = Arc::new(TeeState::default());
+        states.push(state.clone());
+        tee(
+            source,
+            to_stderr,
+            log.clone(),
+            tees_running.clone(),
+            state,
+            started,
+        );
     }
 
-    // Wait in a thread, so that this one can watch for a cancel request.
+    // Wait in a thread, so that this one can watch for a cancel request
+    // and for locks taken away.
     let (done_tx, done) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let status = child.wait();
-        exited.store(true, Ordering::SeqCst);
         let _ = done_tx.send(());
         status
     });
     let mut cancelled = false;
+    let mut lost = vec![false; guards.len()];
     while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_millis(500)) {
         if !cancelled && run.is_cancel_requested().unwrap_or(false) {
             eprintln!(
@@ -349,17 +470,24 @@ fn supervise(ledger: &Ledger, run: Run, command: &[OsString], log: File) -> Resu
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             cancelled = true;
         }
+        for (guard, lost) in guards.iter().zip(lost.iter_mut()) {
+            if !*lost && guard.is_held().ok() == Some(false) {
+                *lost = true;
+                eprintln!(
+                    "runledger: run {}: its lock on {:?} was taken away (released by force, or \
+                     its holder judged dead); the command goes on without it",
+                    run.id(),
+                    guard.keys()
+                );
+            }
+        }
     }
     let status = waiter
         .join()
         .map_err(|_| "the waiting thread panicked".to_owned())?
         .map_err(|e| format!("waiting for the command failed: {e}"))?;
-    // The output still in the pipes comes at once; a process the command
-    // left behind may hold them open for much longer, and is not waited for.
-    drop(tees_running);
-    // Every tee holds a sender: the channel disconnects when both are done.
-    let _ = tees_done.recv_timeout(TEE_GRACE);
-    forwarder.close();
+    shared.exited.store(true, Ordering::SeqCst);
+    drain(&tees_done, tees_running, &states, started);
 
     if cancelled {
         run.cancelled()?;
@@ -377,6 +505,32 @@ fn supervise(ledger: &Ledger, run: Run, command: &[OsString], log: File) -> Resu
     Ok(signal_code(&status))
 }
 
+/// Waits for the command's output to be copied out: as long as it keeps
+/// coming, or is being written to a slow reader. A pipe that a process the
+/// command left behind holds open, silent for [`TEE_GRACE`], is not waited
+/// for.
+fn drain(
+    done: &mpsc::Receiver<()>,
+    running: mpsc::Sender<()>,
+    states: &[Arc<TeeState>],
+    started: Instant,
+) {
+    drop(running);
+    // Every copy holds a sender: the channel disconnects when all are done.
+    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_millis(50)) {
+        let now = started.elapsed().as_millis() as u64;
+        let grace = TEE_GRACE.as_millis() as u64;
+        let idle = states.iter().all(|s| {
+            s.done.load(Ordering::SeqCst)
+                || (s.reading.load(Ordering::SeqCst)
+                    && now.saturating_sub(s.last_data_ms.load(Ordering::SeqCst)) >= grace)
+        });
+        if idle {
+            return;
+        }
+    }
+}
+
 /// 128 + the signal that killed a process, as shells report it.
 fn signal_code(status: &std::process::ExitStatus) -> u8 {
     (128 + status.signal().unwrap_or(0)).clamp(0, 255) as u8
@@ -386,67 +540,116 @@ fn signal_name(signal: i32) -> &'static str {
     match signal {
         SIGHUP => " (SIGHUP)",
         SIGINT => " (SIGINT)",
-        9 => " (SIGKILL)",
-        SIGTERM => " (SIGTERM)",
+        SIGQUIT => " (SIGQUIT)",
         6 => " (SIGABRT)",
+        9 => " (SIGKILL)",
         11 => " (SIGSEGV)",
+        13 => " (SIGPIPE)",
+        SIGTERM => " (SIGTERM)",
         _ => "",
     }
 }
 
-/// Copies a child's output to ours and to the log, as it comes.
-/// `running` is dropped when the copy ends (end of output, or an error).
+/// Copies a command's output to the log and to ours, as it comes. When our
+/// side is closed (`| head`), it stops reading, so that the command meets
+/// the closed pipe as it would without `exec`. `running` is dropped when the
+/// copy ends.
 fn tee(
     source: Option<Box<dyn Read + Send>>,
     to_stderr: bool,
     log: Arc<Mutex<File>>,
     running: mpsc::Sender<()>,
+    state: Arc<TeeState>,
+    started: Instant,
 ) {
     std::thread::spawn(move || {
         let _running = running;
+        let _done = Finished(&state.done);
         let Some(mut source) = source else { return };
         let mut buf = [0u8; 16 * 1024];
-        let mut terminal_open = true;
         loop {
-            let n = match source.read(&mut buf) {
+            state.reading.store(true, Ordering::SeqCst);
+            let read = source.read(&mut buf);
+            state
+                .last_data_ms
+                .store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+            state.reading.store(false, Ordering::SeqCst);
+            let n = match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if terminal_open {
-                // A closed terminal (`| head`) must not stop the log.
-                terminal_open = if to_stderr {
-                    let mut err = std::io::stderr().lock();
-                    err.write_all(&buf[..n]).and_then(|()| err.flush()).is_ok()
-                } else {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&buf[..n]).and_then(|()| out.flush()).is_ok()
-                };
-            }
+            // The log first: what reached the terminal is always logged.
             if let Ok(mut log) = log.lock() {
                 let _ = log.write_all(&buf[..n]);
+            }
+            let written = if to_stderr {
+                let mut err = std::io::stderr().lock();
+                err.write_all(&buf[..n]).and_then(|()| err.flush())
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&buf[..n]).and_then(|()| out.flush())
+            };
+            if written.is_err() {
+                return;
             }
         }
     });
 }
 
-/// Forwards SIGINT, SIGTERM and SIGHUP sent to `exec` by another process to
-/// the command. A terminal's own signals (Ctrl-C, hang-up) already reach
-/// the command, which shares `exec`'s process group: those are not sent a
-/// second time.
-fn forward_signals(
-    child: rustix::process::Pid,
-    exited: Arc<AtomicBool>,
-) -> Result<signal_hook::iterator::Handle, Failure> {
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
+/// Sets a flag when dropped: a thread's end, however it ends.
+struct Finished<'a>(&'a AtomicBool);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Whether this process leads its session (`ssh -t host runledger exec`,
+/// a container's entry point): a hang-up then reaches it alone.
+fn leads_its_session() -> bool {
+    rustix::process::getsid(None).is_ok_and(|sid| sid == rustix::process::getpid())
+}
+
+/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the command.
+///
+/// Without a terminal the command has a process group of its own, so every
+/// signal for it comes through here, once. With a terminal it shares
+/// `exec`'s group, as it must to read the terminal: the terminal's own
+/// signals (Ctrl-C, Ctrl-\, a hang-up) already reach it and are not sent a
+/// second time, except a hang-up to a session leader, which reaches the
+/// leader alone. Before the command starts, a signal cancels the run (which
+/// ends a wait for locks).
+fn forward_signals(shared: Arc<Shared>) -> Result<signal_hook::iterator::Handle, Failure> {
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(|e| format!("cannot watch signals: {e}"))?;
     let handle = signals.handle();
     std::thread::spawn(move || {
         for origin in signals.forever() {
-            if exited.load(Ordering::SeqCst) || origin.cause == Cause::Kernel {
+            let signal = origin.signal;
+            let pid = shared.child.load(Ordering::SeqCst);
+            if pid == 0 {
+                shared.interrupted.store(signal, Ordering::SeqCst);
+                let run = shared.run.load(Ordering::SeqCst);
+                if run != 0 {
+                    let _ = shared.ledger.cancel(RunId::from(run));
+                }
                 continue;
             }
-            if let Some(signal) = rustix::process::Signal::from_named_raw(origin.signal) {
-                let _ = rustix::process::kill_process(child, signal);
+            if shared.exited.load(Ordering::SeqCst) {
+                continue;
+            }
+            let reached_it = origin.cause == Cause::Kernel
+                && !shared.own_group
+                && !(signal == SIGHUP && leads_its_session());
+            if reached_it {
+                continue;
+            }
+            if let (Some(pid), Some(signal)) = (
+                rustix::process::Pid::from_raw(pid),
+                rustix::process::Signal::from_named_raw(signal),
+            ) {
+                let _ = rustix::process::kill_process(pid, signal);
             }
         }
     });

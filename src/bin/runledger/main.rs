@@ -6,6 +6,15 @@
 //! a lock wait that timed out; `exec` exits with its command's code, or
 //! 128 + the signal number when the command was killed by a signal.
 
+/// `println!` that never panics: a closed stdout (`| head`) ends the output
+/// quietly instead.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod exec;
 mod output;
 
@@ -108,9 +117,10 @@ Examples:
 
     /// List held locks with their holders and tokens, and the queue.
     ///
-    /// --json: an array of {key, mode, state, token, ticket, keys, run,
-    /// run_name, instance, pid, host, requested_at, granted_at}; mode is
-    /// "exclusive", "shared" or {"slots": N}; state "held" or "waiting".
+    /// --json: an array of {key, mode, capacity, state, token, ticket, keys,
+    /// run, run_name, instance, pid, host, requested_at, granted_at}; mode is
+    /// "exclusive", "shared" or "slots" (with capacity N, only then); state
+    /// "held" or "waiting".
     #[command(after_help = "Examples:\n  runledger locks\n  runledger locks --json")]
     Locks,
 
@@ -125,7 +135,9 @@ Examples:
 
     /// Close what dead processes left behind, and hung runs, now.
     ///
-    /// --json: an array of reports {reaper, reaped: [...], error, took}.
+    /// --json: an array of reports {reaper, reaped: [...], error, took_ms};
+    /// each reaped item has a "kind" (run, lock, instance, pruned, other)
+    /// and a "reason".
     #[command(after_help = "Example:\n  runledger reap")]
     Reap,
 
@@ -242,8 +254,24 @@ fn db_path(cli: &Cli) -> Result<PathBuf, Failure> {
     Ok(data.join("runledger").join("ledger.db"))
 }
 
+/// Opens an existing ledger for a reading or operator command: a path with
+/// no ledger is an error, not a new empty ledger (a typo would look like one).
 fn open(path: &std::path::Path) -> Result<Ledger, Failure> {
-    Ok(Ledger::builder(path).label("runledger-cli").open()?)
+    open_with(path, |b| b)
+}
+
+fn open_with(
+    path: &std::path::Path,
+    settings: impl FnOnce(runledger::Builder) -> runledger::Builder,
+) -> Result<Ledger, Failure> {
+    if !path.exists() {
+        return Err(format!(
+            "no ledger at {} (check --db or RUNLEDGER_DB; `runledger exec` creates one)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(settings(Ledger::builder(path).label("runledger-cli")).open()?)
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
@@ -300,10 +328,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Reap => {
             // Not reaped on open, so that this pass reports what it closes.
-            let ledger = Ledger::builder(&path)
-                .label("runledger-cli")
-                .reap_on_open(false)
-                .open()?;
+            let ledger = open_with(&path, |b| b.reap_on_open(false))?;
             let reports = ledger.reap()?;
             out.reports(&reports);
             Ok(if reports.iter().all(|r| r.is_ok()) {

@@ -16,12 +16,12 @@ pub(crate) struct Out {
     pub json: bool,
 }
 
-/// Prints a JSON value on one line.
+/// Prints a JSON value, indented.
 fn print_json(value: &impl serde::Serialize) {
     // Serializing records cannot fail: they are plain data.
     let text =
         serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-    println!("{text}");
+    outln!("{text}");
 }
 
 impl Out {
@@ -30,7 +30,7 @@ impl Out {
         if self.json {
             print_json(json);
         } else {
-            println!("{human}");
+            outln!("{human}");
         }
     }
 
@@ -39,7 +39,7 @@ impl Out {
             return print_json(&runs);
         }
         if runs.is_empty() {
-            println!("no runs");
+            outln!("no runs");
             return;
         }
         let now = ledger.now();
@@ -80,7 +80,7 @@ impl Out {
             return Ok(());
         }
         let now = ledger.now();
-        let field = |name: &str, value: &dyn fmt::Display| println!("{name:<10} {value}");
+        let field = |name: &str, value: &dyn fmt::Display| outln!("{name:<10} {value}");
         field("run", &run.id);
         field("name", &run.name);
         field("status", &run.status);
@@ -133,7 +133,7 @@ impl Out {
             );
         }
         if !steps.is_empty() {
-            println!("\nsteps:");
+            outln!("\nsteps:");
             let mut table = Table::new(["STEP", "STATUS", "STARTED", "TOOK", "ERROR"]);
             for step in &steps {
                 table.row([
@@ -151,10 +151,10 @@ impl Out {
             table.print();
         }
         if !locks.is_empty() {
-            println!("\nlocks:");
+            outln!("\nlocks:");
             lock_table(now, &locks).print();
         }
-        println!("\nevents:");
+        outln!("\nevents:");
         let mut table = Table::new(["AT", "EVENT", "MESSAGE"]);
         for event in &events {
             table.row([
@@ -172,7 +172,7 @@ impl Out {
             return print_json(&locks);
         }
         if locks.is_empty() {
-            println!("no locks held or awaited");
+            outln!("no locks held or awaited");
             return;
         }
         lock_table(ledger.now(), locks).print();
@@ -183,7 +183,7 @@ impl Out {
             return print_json(&reports);
         }
         for report in reports {
-            println!("{report}");
+            outln!("{report}");
         }
     }
 }
