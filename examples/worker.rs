@@ -250,6 +250,16 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             let ops = number(args, "--ops", 1000);
             let out = flag(args, "--out").ok_or("missing --out")?;
             let bare = flag(args, "--impl") == Some("bare");
+            // Every process on a key of its own: writer contention without
+            // lock contention.
+            let own = args.iter().any(|a| a == "--own-key");
+            let key_of = |i: u64| {
+                if own {
+                    format!("own-{}", std::process::id())
+                } else {
+                    format!("key-{}", (i + u64::from(std::process::id())) % keys)
+                }
+            };
             let mut latencies = String::new();
             let started = std::time::Instant::now();
             if bare {
@@ -257,7 +267,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 conn.busy_timeout(Duration::from_secs(60))?;
                 conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
                 for i in 0..ops {
-                    let key = format!("key-{}", (i + u64::from(std::process::id())) % keys);
+                    let key = key_of(i);
                     let t = std::time::Instant::now();
                     loop {
                         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -279,7 +289,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 let ledger = Ledger::open(db)?;
                 for i in 0..ops {
-                    let key = format!("key-{}", (i + u64::from(std::process::id())) % keys);
+                    let key = key_of(i);
                     let t = std::time::Instant::now();
                     let guard = ledger.acquire(LockRequest::new([key]).wait_forever())?;
                     latencies.push_str(&format!("{}\n", t.elapsed().as_micros()));

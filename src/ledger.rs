@@ -15,7 +15,7 @@ use crate::lock::{Holder, LockGuard, LockRecord, LockRequest, Wait};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus};
-use crate::store::{Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
+use crate::store::{Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
 use crate::wake::{WakeSocket, wake};
 
 /// How hard SQLite works to make a commit survive a power cut: the
@@ -1171,23 +1171,33 @@ impl Ledger {
             // Liveness is judged outside the write transaction (it reads
             // /proc and lock files); a dead owner is then reaped whole, its
             // runs and queue places with its locks, and only in the state it
-            // was judged in.
+            // was judged in. Holders first: while a live holder alone keeps
+            // this request out, a dead waiter ahead costs nothing yet (a
+            // releaser would grant it, and it is then judged as a holder), so
+            // the waiters are judged only once the holders no longer block.
             let me = inner.instance();
             let now = self.now();
             let mut reaped_any = false;
             let mut judged = Vec::new();
-            for a in ahead.iter().filter(|a| a.instance != me) {
-                if judged.contains(&a.instance) {
-                    continue;
+            for waiting in [false, true] {
+                if waiting && (reaped_any || held_off(&ahead, request.mode)) {
+                    break;
                 }
-                judged.push(a.instance);
-                if let Verdict::Dead {
-                    reason,
-                    stale_heartbeat,
-                } = inner.judge.judge(&a.owner, now)
-                {
-                    self.reap_owner(&a.owner, &reason, stale_heartbeat)?;
-                    reaped_any = true;
+                for a in ahead.iter().filter(|a| {
+                    a.instance != me && (a.state == crate::lock::LockState::Waiting) == waiting
+                }) {
+                    if judged.contains(&a.instance) {
+                        continue;
+                    }
+                    judged.push(a.instance);
+                    if let Verdict::Dead {
+                        reason,
+                        stale_heartbeat,
+                    } = inner.judge.judge(&a.owner, now)
+                    {
+                        self.reap_owner(&a.owner, &reason, stale_heartbeat)?;
+                        reaped_any = true;
+                    }
                 }
             }
             if reaped_any {
@@ -1307,6 +1317,19 @@ impl Ledger {
             .store
             .finish_step(run, step, name, to, error.as_deref())
     }
+}
+
+/// Whether the holders in `ahead` alone keep a request in `mode` out, on at
+/// least one key (whatever the waiters ahead of it).
+fn held_off(ahead: &[Ahead], mode: crate::LockMode) -> bool {
+    ahead.iter().any(|a| {
+        let held: Vec<crate::LockMode> = ahead
+            .iter()
+            .filter(|b| b.key == a.key && b.state == crate::lock::LockState::Held)
+            .map(|b| b.mode)
+            .collect();
+        crate::lock::compatible(&held, mode) == Ok(false)
+    })
 }
 
 /// A request's place in the lock queue, left on drop unless it was granted:

@@ -18,7 +18,7 @@ mod locks;
 mod runs;
 mod schema;
 
-pub(crate) use locks::{Attempt, LockAsk};
+pub(crate) use locks::{Ahead, Attempt, LockAsk};
 pub(crate) use runs::{HungRun, NewRun};
 
 use std::cell::Cell;

@@ -7,6 +7,13 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// This process's start time, read once: part of every address, so that a
+/// recycled pid never receives another process's wake-ups.
+fn start_time() -> u64 {
+    static START: OnceLock<u64> = OnceLock::new();
+    *START.get_or_init(|| crate::liveness::ProcessIdentity::current_start_time().unwrap_or(0))
+}
+
 /// A waiter's socket; its name is the address others wake it through.
 #[derive(Debug)]
 pub(crate) struct WakeSocket {
@@ -22,7 +29,7 @@ impl WakeSocket {
         let address = format!(
             "runledger/{}/{}/{}",
             std::process::id(),
-            crate::liveness::ProcessIdentity::current_start_time().unwrap_or(0),
+            start_time(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let addr = SocketAddr::from_abstract_name(address.as_bytes()).ok()?;
