@@ -184,6 +184,10 @@ pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) ->
             {
                 wakes.push(wake);
             }
+            // An exclusive holder now: nothing behind it fits on this key.
+            if mode == LockMode::Exclusive {
+                break;
+            }
         }
     }
     Ok(wakes)
