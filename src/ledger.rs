@@ -1123,7 +1123,7 @@ impl Ledger {
         let socket = if wait == Wait::No {
             None
         } else {
-            WakeSocket::bind()
+            WakeSocket::for_this_thread()
         };
         let mut reregistered = false;
         let mut ask = LockAsk {
@@ -1134,7 +1134,7 @@ impl Ledger {
             pid: inner.identity().pid,
             host: &inner.identity().host,
             queue: wait != Wait::No,
-            wake: socket.as_ref().map(WakeSocket::address),
+            wake: socket.as_deref().map(WakeSocket::address),
         };
         let started = Instant::now();
         let mut place = QueuePlace {

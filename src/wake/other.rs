@@ -6,7 +6,7 @@ use std::time::Duration;
 pub(crate) struct WakeSocket;
 
 impl WakeSocket {
-    pub(crate) fn bind() -> Option<WakeSocket> {
+    pub(crate) fn for_this_thread() -> Option<std::rc::Rc<WakeSocket>> {
         None
     }
 
