@@ -91,8 +91,9 @@ pub struct ReapReport {
     pub reaper: String,
     /// What it changed. Empty when everything was already true.
     pub reaped: Vec<Reaped>,
-    /// Why the pass failed or panicked, if it did (what it changed before
-    /// stays in `reaped` only for the built-ins, which commit per owner).
+    /// Why the pass failed or panicked, if it did. What a failed pass
+    /// committed before failing stays changed (the built-ins commit one
+    /// owner or run at a time) but is not listed in `reaped`.
     pub error: Option<String>,
     /// How long the pass took (in JSON: `took_ms`, milliseconds).
     #[serde(rename = "took_ms", serialize_with = "as_millis")]
