@@ -487,7 +487,8 @@ fn a_signal_to_the_whole_group_reaches_the_command_once() {
     let seen = cli.dir.path().join("seen");
     let stop = cli.dir.path().join("stop");
     let script = format!(
-        "trap 'echo term >> {seen}' TERM; while [ ! -e {stop} ]; do sleep 0.02; done",
+        "trap 'echo term >> {seen}' TERM; i=0; \
+         while [ ! -e {stop} ] && [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done",
         seen = seen.display(),
         stop = stop.display()
     );
