@@ -9,7 +9,10 @@
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
+//!     [--host NAME --stale-ms N] [--report]
 //! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY
+//! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME]
+//! cargo run --example worker -- DB burst-runs N [--at MS]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
@@ -30,6 +33,14 @@
 //! for the run, prints `occupying RUN TOKEN`, then waits forever in the
 //! queue of `--wait-for`: a process to kill with everything a process can
 //! own in the ledger.
+//! `torture` loops until killed: a run with one to three steps, each step
+//! taking a random request (exclusive or shared on one or two of the keys
+//! `k0`…`k3`, or a slot of `gpu` with 2) and holding it through a short
+//! critical section. In `--dir` it appends `begun RUN` to `begun` once a run
+//! is registered, `enter|exit KEY TOKEN PID MODE` to `witness` around each
+//! section, and `error KIND MESSAGE` to `errors` for any error (`busy` for
+//! `database is locked`). `burst-runs` begins and finishes N runs and
+//! prints `done N` (or the first error).
 //! `critical` takes the lock `--times` times; each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
@@ -162,7 +173,16 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         "hold" => {
-            let ledger = Ledger::open(db)?;
+            // --host NAME --stale-ms N: a host of its own, judged by a
+            // lease of N ms (to be paused past it).
+            let mut builder = Ledger::builder(db);
+            if let Some(host) = flag(args, "--host") {
+                builder = builder.host(host);
+            }
+            if let Some(ms) = flag(args, "--stale-ms") {
+                builder = builder.stale_after(Duration::from_millis(ms.parse()?));
+            }
+            let ledger = builder.open()?;
             let mut request = LockRequest::new([arg(2)?]).mode(mode(args)?);
             request = match flag(args, "--wait-ms") {
                 Some(ms) => request.wait(Duration::from_millis(ms.parse()?)),
@@ -189,6 +209,15 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             std::thread::sleep(Duration::from_millis(number(args, "--hold-ms", 0)));
+            if args.iter().any(|a| a == "--report") {
+                say(format_args!("still held {}", guard.is_held()?));
+                match guard.release() {
+                    Ok(()) => say("released"),
+                    Err(e) if e.is_lock_lost() => say(format_args!("lost {e}")),
+                    Err(e) => return Err(e.into()),
+                }
+                return Ok(());
+            }
             guard.release()?;
             say("released");
         }
@@ -203,6 +232,17 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             // Only reached if the key was free or the queue place vanished.
             say(format_args!("unexpected {:?}", queued.map(|g| g.token())));
             drop((step, guard));
+        }
+        "torture" => torture(db, args)?,
+        "burst-runs" => {
+            let ledger = Ledger::open(db)?;
+            let n = arg(2)?.parse::<u64>()?;
+            wait_until(args);
+            for i in 0..n {
+                let run = ledger.begin_run(RunSpec::new(format!("burst-{i}")).source("worker"))?;
+                run.succeed()?;
+            }
+            say(format_args!("done {n}"));
         }
         "critical" => {
             let ledger = Ledger::open(db)?;
@@ -302,4 +342,113 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("unknown command {other:?}").into()),
     }
     Ok(())
+}
+
+/// A small deterministic generator (xorshift64*): the torture's choices are
+/// reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Appends one line to a file opened in append mode: one `write`, so lines
+/// of concurrent processes never interleave.
+fn append(file: &std::fs::File, line: std::fmt::Arguments<'_>) {
+    let mut file = file;
+    let _ = file.write_all(format!("{line}\n").as_bytes());
+}
+
+fn torture(db: &str, args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::path::PathBuf::from(flag(args, "--dir").ok_or("missing --dir")?);
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+    };
+    let (begun, witness, errors) = (open("begun")?, open("witness")?, open("errors")?);
+    let mut builder = Ledger::builder(db).lock_wait(Duration::from_secs(60));
+    if let Some(host) = flag(args, "--host") {
+        builder = builder.host(host);
+    }
+    let ledger = builder.open()?;
+    let pid = std::process::id();
+    let mut rng = Rng(number(args, "--seed", 1) ^ (u64::from(pid) << 20) | 1);
+    let record = |e: &Error| {
+        let kind = if e.is_busy() { "busy" } else { "other" };
+        append(&errors, format_args!("error {kind} {pid} {e}"));
+    };
+    loop {
+        let run = match ledger.begin_run(RunSpec::new("torture").source("worker")) {
+            Ok(run) => run,
+            Err(e) => {
+                record(&e);
+                continue;
+            }
+        };
+        append(&begun, format_args!("begun {}", run.id()));
+        for s in 0..=rng.below(3) {
+            let step = match run.step(format!("step-{s}")) {
+                Ok(step) => step,
+                Err(e) => {
+                    record(&e);
+                    break;
+                }
+            };
+            let (keys, mode) = match rng.below(5) {
+                0 | 1 => (pick_keys(&mut rng), LockMode::Exclusive),
+                2 | 3 => (pick_keys(&mut rng), LockMode::Shared),
+                _ => (vec!["gpu".to_owned()], LockMode::Slots(2)),
+            };
+            match run.acquire(LockRequest::new(keys.clone()).mode(mode)) {
+                Ok(guard) => {
+                    let token = guard.token();
+                    for key in &keys {
+                        append(
+                            &witness,
+                            format_args!("enter {key} {token} {pid} {}", mode.as_str()),
+                        );
+                    }
+                    std::thread::sleep(Duration::from_micros(rng.below(2000)));
+                    for key in &keys {
+                        append(
+                            &witness,
+                            format_args!("exit {key} {token} {pid} {}", mode.as_str()),
+                        );
+                    }
+                    if let Err(e) = guard.release() {
+                        record(&e);
+                    }
+                }
+                Err(e) => record(&e),
+            }
+            if let Err(e) = step.succeed() {
+                record(&e);
+            }
+        }
+        if let Err(e) = run.succeed() {
+            record(&e);
+        }
+    }
+}
+
+/// One or two distinct keys among k0…k3.
+fn pick_keys(rng: &mut Rng) -> Vec<String> {
+    let first = rng.below(4);
+    let mut keys = vec![format!("k{first}")];
+    if rng.below(2) == 0 {
+        let second = (first + 1 + rng.below(3)) % 4;
+        keys.push(format!("k{second}"));
+    }
+    keys
 }
