@@ -95,8 +95,10 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Builder {
-    /// How long an instance judged by its heartbeat lease may stay silent
-    /// before it is dead. Defaults to [`DEFAULT_STALE_AFTER`] (60 s).
+    /// How long this instance may stay silent before others that judge it
+    /// by its heartbeat lease call it dead: the lease is recorded with the
+    /// instance, so each process is judged by its own setting. Defaults to
+    /// [`DEFAULT_STALE_AFTER`] (60 s).
     ///
     /// The lease only decides where the process itself cannot be checked:
     /// an instance on another host, or one on this host without a lock file
@@ -292,6 +294,7 @@ impl Builder {
             &identity,
             self.label.as_deref(),
             instance_lock.as_ref().map(InstanceLock::name),
+            self.stale_after,
         )?;
         log::debug!(
             "runledger: opened {} as instance {instance}",
@@ -929,6 +932,7 @@ impl Ledger {
             inner.identity(),
             None,
             inner.instance_lock.as_ref().map(InstanceLock::name),
+            inner.judge.stale_after,
         )?;
         // Only one thread registers again; another one's fresh instance is
         // closed at once.

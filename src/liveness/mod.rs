@@ -71,6 +71,8 @@ pub(crate) struct InstanceRecord {
     /// The name of the instance's lock file in the instances folder.
     pub lock_file: Option<String>,
     pub heartbeat_at: Timestamp,
+    /// The lease it promised to renew (its `stale_after`), if recorded.
+    pub lease: Option<Duration>,
     /// The process closed the ledger (dropped its last handle), or a reaper
     /// already judged it dead.
     pub closed: bool,
@@ -122,7 +124,8 @@ impl Judge {
     /// the process start time decide within one pid namespace. None of this
     /// reads the clock. Everywhere else (another host, or this host when
     /// neither check can decide) the heartbeat lease decides: dead once the
-    /// last heartbeat is older than `stale_after`.
+    /// last heartbeat is older than its lease (its own `stale_after`, or
+    /// ours when it recorded none).
     pub fn judge(&self, other: &InstanceRecord, now: Timestamp) -> Verdict {
         if other.closed {
             return Verdict::dead("its process closed the ledger");
@@ -131,7 +134,7 @@ impl Judge {
             return verdict;
         }
         let age = now.saturating_duration_since(other.heartbeat_at);
-        if age > self.stale_after {
+        if age > other.lease.unwrap_or(self.stale_after) {
             Verdict::Dead {
                 reason: format!("heartbeat stale for {}s", age.as_secs()),
                 stale_heartbeat: Some(other.heartbeat_at),
@@ -317,6 +320,7 @@ mod tests {
             start_time: me.start_time,
             lock_file: None,
             heartbeat_at: NOW,
+            lease: None,
             closed: false,
             closed_reason: None,
         }
@@ -378,6 +382,12 @@ mod tests {
                 stale_heartbeat: Some(beat),
             }
         );
+        // The owner's own lease decides, not the judge's.
+        let mut quick = remote.clone();
+        quick.lease = Some(Duration::from_secs(10));
+        let eleven = NOW.saturating_add(Duration::from_secs(11));
+        assert!(is_dead(&judge.judge(&quick, eleven), "stale for 11s"));
+        assert_eq!(judge.judge(&remote, eleven), Verdict::Alive);
         // A clock that went back: a heartbeat from the future is fresh.
         let before = NOW.saturating_sub(Duration::from_secs(3600));
         assert_eq!(judge.judge(&remote, before), Verdict::Alive);

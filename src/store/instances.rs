@@ -17,7 +17,7 @@ use crate::run::{RunChange, RunId, RunStatus};
 
 const INSTANCE_SELECT: &str = "
     SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
-           closed_at IS NOT NULL, closed_reason
+           closed_at IS NOT NULL, closed_reason, stale_after
     FROM instances";
 
 fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
@@ -32,6 +32,9 @@ fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> 
         heartbeat_at: row.get(7)?,
         closed: row.get(8)?,
         closed_reason: row.get(9)?,
+        lease: row
+            .get::<_, Option<i64>>(10)?
+            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
     })
 }
 
@@ -39,7 +42,7 @@ fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> 
 /// index serves it).
 pub(super) const OPEN_INSTANCES: &str = "
     SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
-           closed_at IS NOT NULL, closed_reason
+           closed_at IS NOT NULL, closed_reason, stale_after
     FROM instances WHERE closed_at IS NULL";
 
 /// The active runs of one instance, from the active-runs index (its WHERE
@@ -84,12 +87,13 @@ impl Store {
         identity: &ProcessIdentity,
         label: Option<&str>,
         lock_file: Option<&str>,
+        lease: std::time::Duration,
     ) -> Result<i64> {
         self.write(|tx, now| {
             tx.prepare_cached(
                 "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label, started_at,
-                                        heartbeat_at, lock_file)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                                        heartbeat_at, lock_file, stale_after)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
             )?
             .execute(params![
                 &identity.host,
@@ -100,6 +104,7 @@ impl Store {
                 label,
                 now,
                 lock_file,
+                i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
             ])?;
             Ok(tx.last_insert_rowid())
         })
@@ -149,6 +154,7 @@ impl Store {
                 start_time: None,
                 lock_file: None,
                 heartbeat_at: Timestamp::EPOCH,
+                lease: None,
                 closed: true,
                 closed_reason: None,
             }));
@@ -198,6 +204,7 @@ impl Store {
             start_time: me.start_time,
             lock_file: None,
             heartbeat_at: Timestamp::EPOCH,
+            lease: None,
             closed: false,
             closed_reason: None,
         };

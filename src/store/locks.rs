@@ -99,7 +99,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                     l.instance_id, coalesce(i.host, l.host), i.boot_id, l.pid, i.start_time,
                     i.id IS NULL OR i.closed_at IS NOT NULL,
                     coalesce(l.granted_at, l.requested_at), i.pid_ns, l.keys,
-                    i.lock_file, coalesce(i.heartbeat_at, 0)
+                    i.lock_file, coalesce(i.heartbeat_at, 0), i.stale_after
              FROM lock_entries e
              JOIN locks l ON l.id = e.lock_id
              LEFT JOIN instances i ON i.id = l.instance_id
@@ -130,6 +130,9 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                     start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
                     closed: row.get(12)?,
                     closed_reason: None,
+                    lease: row
+                        .get::<_, Option<i64>>(18)?
+                        .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
                 },
                 since: row.get(13)?,
             })

@@ -166,6 +166,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- Why the instance was closed: it closed the ledger, or a reaper judged
     -- it dead (the reason of its verdict).
     ALTER TABLE instances ADD COLUMN closed_reason TEXT;
+    -- The heartbeat lease the instance promised to renew (ms): others judge
+    -- it by its own lease, not theirs.
+    ALTER TABLE instances ADD COLUMN stale_after INTEGER;
     -- The instances still open: what the dead-owner reaper judges.
     CREATE INDEX instances_open ON instances(id) WHERE closed_at IS NULL;
 
