@@ -191,9 +191,14 @@ impl Builder {
 
     /// How long a write waits for other writers before failing with
     /// [`Error::Busy`](crate::Error::Busy). Writers normally wait microseconds to milliseconds;
-    /// this bounds pathological cases. Defaults to 30 seconds.
+    /// this bounds pathological cases. Defaults to 30 seconds. Values above
+    /// SQLite's limit of `i32::MAX` milliseconds (about 24.8 days) count as
+    /// that limit.
     pub fn busy_timeout(mut self, timeout: Duration) -> Builder {
-        self.busy_timeout = timeout;
+        // SQLite takes the timeout in an i32 of milliseconds: rusqlite
+        // panics on more, and the connection pool adds it to an Instant.
+        const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+        self.busy_timeout = timeout.min(MAX_BUSY_TIMEOUT);
         self
     }
 
@@ -1382,6 +1387,27 @@ mod tests {
         Ledger::builder(dir.join("ledger.db"))
             .clock(clock.clone())
             .background(false)
+    }
+
+    /// Regression: a busy timeout above `i32::MAX` milliseconds made `open`
+    /// panic in rusqlite ("too big"), and `Duration::MAX` would have
+    /// overflowed the pool's `Instant` arithmetic.
+    #[test]
+    fn a_busy_timeout_beyond_sqlites_limit_opens_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::default();
+        for timeout in [Duration::from_millis(i32::MAX as u64 + 1), Duration::MAX] {
+            let ledger = ledger_in(dir.path(), &clock)
+                .busy_timeout(timeout)
+                .open()
+                .unwrap();
+            ledger
+                .begin_run(RunSpec::new("x"))
+                .unwrap()
+                .succeed()
+                .unwrap();
+            ledger.try_lock("k").unwrap().release().unwrap();
+        }
     }
 
     /// A reaper writes only in the state it judged: an instance judged by
