@@ -14,6 +14,10 @@ pub(crate) const MAX_REASON_BYTES: usize = 4096;
 /// Longest log path, in bytes.
 pub(crate) const MAX_PATH_BYTES: usize = 4096;
 
+/// Deepest nesting of arrays and objects in metadata: serde_json refuses to
+/// parse deeper JSON, so deeper metadata would be stored but never read back.
+pub(crate) const MAX_METADATA_DEPTH: usize = 127;
+
 /// Checks a name-like value: 1 to 256 bytes, no control characters, no
 /// leading or trailing whitespace.
 pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
@@ -62,11 +66,21 @@ pub(crate) fn reason(reason: impl fmt::Display) -> String {
     text
 }
 
-/// Serializes metadata, refusing it when larger than `limit` bytes.
-/// `null` is stored as no metadata at all.
+/// Serializes metadata, refusing it when larger than `limit` bytes or nested
+/// deeper than [`MAX_METADATA_DEPTH`]. `null` is stored as no metadata at all.
 pub(crate) fn metadata(value: &serde_json::Value, limit: usize) -> Result<Option<String>> {
     if value.is_null() {
         return Ok(None);
+    }
+    if nesting(value) > MAX_METADATA_DEPTH {
+        return Err(Error::InvalidInput {
+            what: "metadata",
+            value: String::new(),
+            reason: format!(
+                "nests arrays and objects deeper than {MAX_METADATA_DEPTH} levels, \
+                 more than it could be read back with"
+            ),
+        });
     }
     let text = serde_json::to_string(value).map_err(|e| Error::InvalidInput {
         what: "metadata",
@@ -81,6 +95,28 @@ pub(crate) fn metadata(value: &serde_json::Value, limit: usize) -> Result<Option
         });
     }
     Ok(Some(text))
+}
+
+/// How many arrays and objects enclose the deepest value of `value`
+/// (counting itself), without recursion and stopping just past the limit.
+fn nesting(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((value, enclosing)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        let level = enclosing + 1;
+        deepest = deepest.max(level);
+        if deepest > MAX_METADATA_DEPTH {
+            break;
+        }
+        stack.extend(children.map(|child| (child, level)));
+    }
+    deepest
 }
 
 /// Checks a log path: UTF-8, at most 4 KiB, no NUL.
@@ -143,6 +179,28 @@ mod tests {
         assert!(kept.len() <= MAX_REASON_BYTES);
         assert!(kept.ends_with('…'));
         assert_eq!(reason("short"), "short");
+    }
+
+    /// Regression: metadata nested 128 levels deep was stored, and then
+    /// every read of the run (and every listing that included it) failed
+    /// with serde_json's "recursion limit exceeded".
+    #[test]
+    fn metadata_is_refused_only_when_nested_too_deep_to_read_back() {
+        for wrap in [
+            |v| serde_json::json!([v]),
+            |v| serde_json::json!({ "n": v, "flat": "x" }),
+        ] {
+            let mut value = serde_json::json!(1);
+            for _ in 0..MAX_METADATA_DEPTH {
+                value = wrap(value);
+            }
+            let text = metadata(&value, usize::MAX).unwrap().unwrap();
+            serde_json::from_str::<serde_json::Value>(&text).unwrap();
+            let msg = metadata(&wrap(value), usize::MAX).unwrap_err().to_string();
+            assert!(msg.contains("127 levels"), "{msg}");
+        }
+        assert_eq!(nesting(&serde_json::json!([])), 1);
+        assert_eq!(nesting(&serde_json::json!("leaf")), 0);
     }
 
     #[test]

@@ -544,7 +544,7 @@ impl Ledger {
     /// # Errors
     ///
     /// - [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad name, source or idempotency key,
-    ///   metadata over the size limit, or a non-UTF-8 log path;
+    ///   metadata over the size limit or nested more than 127 levels deep, or a non-UTF-8 log path;
     /// - [`Error::Duplicate`](crate::Error::Duplicate) if an active run holds the spec's idempotency
     ///   key (nothing is started; `existing` names that run);
     /// - [`Error::NotFound`](crate::Error::NotFound) if the spec's parent does not exist.

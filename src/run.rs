@@ -265,7 +265,9 @@ impl RunSpec {
 
     /// Free-form JSON recorded with the run. At most
     /// [`Builder::max_metadata_bytes`](crate::Builder::max_metadata_bytes)
-    /// once serialized (64 KiB by default). Defaults to `null`.
+    /// once serialized (64 KiB by default), with arrays and objects nested
+    /// at most 127 levels deep (as deep as it can be read back). Defaults to
+    /// `null`.
     pub fn metadata(mut self, metadata: serde_json::Value) -> RunSpec {
         self.metadata = metadata;
         self
