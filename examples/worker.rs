@@ -16,6 +16,7 @@
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
+//! cargo run --example worker -- DB fill NAME --bytes N
 //! ```
 //!
 //! `pingpong` takes and releases `KEY` `--times` times, holding it
@@ -45,6 +46,12 @@
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
 //! number from a plain file and writes it back plus one.
+//!
+//! `fill` begins and succeeds runs carrying `--bytes` of metadata each,
+//! printing `begun ID` once a run's begin committed, until a write fails: it
+//! then prints `failed` and the error's `Debug` form and exits 1. Run under
+//! a file size limit (`ulimit -f`, with SIGXFSZ ignored), it shows what a
+//! full disk does to a writer.
 //!
 //! `--at MS` waits until that Unix time in milliseconds before acting, so that
 //! several processes act at the same instant. Each command prints one line
@@ -338,6 +345,25 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
             std::fs::write(out, latencies)?;
             say(format_args!("done {}", started.elapsed().as_micros()));
+        }
+        "fill" => {
+            let ledger = Ledger::builder(db).background(false).open()?;
+            let blob = "x".repeat(usize::try_from(number(args, "--bytes", 4000))?);
+            let outcome = (|| -> Result<(), Error> {
+                loop {
+                    let run = ledger.begin_run(
+                        RunSpec::new(arg(2).unwrap_or("fill"))
+                            .source("worker")
+                            .metadata(serde_json::json!({ "blob": blob })),
+                    )?;
+                    say(format_args!("begun {}", run.id()));
+                    run.succeed()?;
+                }
+            })();
+            if let Err(e) = outcome {
+                say(format_args!("failed {e:?}"));
+                std::process::exit(1);
+            }
         }
         other => return Err(format!("unknown command {other:?}").into()),
     }
