@@ -136,6 +136,14 @@ pub enum EventKind {
     },
     /// Someone asked the run to stop.
     CancelRequested,
+    /// A lock the run held was released by force
+    /// ([`Ledger::force_unlock`](crate::Ledger::force_unlock), `runledger
+    /// unlock --force`); the event's message is the reason given, and who
+    /// gave it.
+    LockForced {
+        /// The keys of the lock taken away.
+        keys: Vec<String>,
+    },
 }
 
 /// Which runs [`Ledger::runs`](crate::Ledger::runs) lists: newest first, at

@@ -592,6 +592,24 @@ fn a_lock_taken_away_is_reported_by_exec() {
         "{}",
         text(&out.stderr)
     );
+    // Recorded as an event of the run, with the reason.
+    let id = cli.json(&["runs"])[0]["id"].to_string();
+    let events = cli.json(&["show", &id])["events"].clone();
+    let forced = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "lock_forced")
+        .unwrap_or_else(|| panic!("{events}"));
+    assert_eq!(forced["keys"], serde_json::json!(["u"]));
+    assert!(
+        forced["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("stuck (by pid")
+    );
+    let shown = text(&cli.run(&["show", &id]).stdout);
+    assert!(shown.contains("lock [\"u\"] released by force"), "{shown}");
 }
 
 #[test]

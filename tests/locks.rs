@@ -355,6 +355,25 @@ fn a_forced_release_is_recorded_and_the_holder_finds_out() {
         (kind.as_str(), reason.as_str()),
         ("forced", "operator: holder hung")
     );
+    // A run's lock forced away is in the run's own history.
+    let run = other.begin_run(RunSpec::new("held-by-a-run")).unwrap();
+    let _kept = run.lock("run-held").unwrap();
+    f.ledger
+        .force_unlock("run-held", "stuck since the outage")
+        .unwrap();
+    let events = f.ledger.events(run.id()).unwrap();
+    let forced = events.last().unwrap();
+    assert_eq!(
+        forced.kind,
+        runledger::EventKind::LockForced {
+            keys: vec!["run-held".into()]
+        }
+    );
+    let message = forced.message.as_deref().unwrap();
+    assert!(
+        message.starts_with("stuck since the outage (by pid "),
+        "{message}"
+    );
     assert!(
         f.ledger
             .force_unlock("stuck", " ")

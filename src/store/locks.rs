@@ -480,6 +480,18 @@ impl Store {
             for holder in &holders {
                 if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
                     record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
+                    // The holder's run keeps it in its history too.
+                    if let Some((run, _)) = &holder.run {
+                        let why = format!("{reason} (by pid {} on {})", by.pid, by.host);
+                        super::runs::append_event(
+                            tx,
+                            *run,
+                            now,
+                            "lock_forced",
+                            Some(&keys_json(&keys)),
+                            Some(&why),
+                        )?;
+                    }
                     wakes.extend(grant_waiters(tx, &keys, now)?);
                     released += 1;
                 }

@@ -562,6 +562,23 @@ fn ensure_run_exists(conn: &Connection, run: RunId) -> Result<()> {
         .ok_or_else(|| Error::run_not_found(run))
 }
 
+/// Appends one event to a run's history inside the caller's transaction.
+pub(super) fn append_event(
+    tx: &Connection,
+    run: RunId,
+    at: Timestamp,
+    kind: &str,
+    detail: Option<&str>,
+    message: Option<&str>,
+) -> Result<()> {
+    let (_, last) = run_head(tx, run)?;
+    let mut chain = Chain { run, last, at };
+    chain.append(tx, kind, detail, None, None, message)?;
+    tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
+        .execute((run, chain.last))?;
+    Ok(())
+}
+
 /// Fails every step of the chain's run still running (its run is ending);
 /// returns how many, each with its own event.
 fn close_running_steps(tx: &Connection, chain: &mut Chain) -> Result<u32> {
@@ -775,6 +792,9 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
             to: row.get(6)?,
         },
         "cancel_requested" => EventKind::CancelRequested,
+        "lock_forced" => EventKind::LockForced {
+            keys: super::locks::parse_keys(&row.get::<_, String>(4)?)?,
+        },
         other => {
             return Err(rusqlite::Error::FromSqlConversionFailure(
                 3,

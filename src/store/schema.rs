@@ -178,6 +178,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE runs ADD COLUMN heartbeat_timeout INTEGER;  -- ms
     ALTER TABLE runs ADD COLUMN hung_at INTEGER;
     CREATE INDEX runs_hung ON runs(hung_at) WHERE hung_at IS NOT NULL;
+
+    -- From this version on, events.kind may also be 'lock_forced' (a lock of
+    -- the run released by force), with the lock's keys as JSON in
+    -- events.step and the reason in events.message.
     "#,
 ];
 

@@ -253,6 +253,7 @@ fn event_text(event: &EventRecord) -> String {
             to,
         } => format!("step {step}: {from} → {to}"),
         EventKind::CancelRequested => "cancel requested".to_owned(),
+        EventKind::LockForced { keys } => format!("lock {keys:?} released by force"),
         other => format!("{other:?}"),
     }
 }
