@@ -25,6 +25,7 @@ use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,9 @@ pub(crate) struct StoreConfig {
 
 /// The SQLite store of one open ledger.
 pub(crate) struct Store {
-    pool: Pool<SqliteConnectionManager>,
+    pool: Arc<Pool<SqliteConnectionManager>>,
+    /// A checkpoint is queued or running on the background thread.
+    checkpointing: Arc<AtomicBool>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
     busy_timeout: Duration,
@@ -183,7 +186,8 @@ impl Store {
         drop(conn);
         drop(init_lock);
         Ok(Store {
-            pool,
+            pool: Arc::new(pool),
+            checkpointing: Arc::new(AtomicBool::new(false)),
             path: canonical,
             clock,
             busy_timeout: config.busy_timeout,
@@ -209,6 +213,7 @@ impl Store {
         let in_transaction = || {
             let conn = self.pool.get()?;
             let _deadline = BusyDeadline::set(self.busy_timeout);
+            WAL_FRAMES.with(|f| f.set(0));
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let mut tx = WriteTx {
                 conn: &conn,
@@ -217,10 +222,39 @@ impl Store {
             let value = f(tx.conn, self.clock.now())?;
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
+            if WAL_FRAMES.with(Cell::get) >= CHECKPOINT_FRAMES {
+                self.checkpoint_soon();
+            }
             Ok(value)
         };
         in_transaction().map_err(|e: Error| e.in_ledger(&self.path))
     }
+    /// Copies the write-ahead log back into the database on the shared
+    /// background thread, unless that is already under way.
+    ///
+    /// SQLite's automatic checkpoint runs inside the `COMMIT` that crosses
+    /// its threshold, so the caller waits for it (with synchronous=NORMAL,
+    /// two fsyncs: milliseconds). A lock release would wake its waiters only
+    /// after that, and every waiter queued behind them would wait too. On
+    /// another thread, the commit returns at once; a passive checkpoint
+    /// never blocks writers.
+    fn checkpoint_soon(&self) {
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::downgrade(&self.pool);
+        let flag = self.checkpointing.clone();
+        shared_thread_pool().execute(move || {
+            if let Some(pool) = pool.upgrade()
+                && let Ok(conn) = pool.get()
+                && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+            {
+                log::debug!("runledger: background checkpoint failed: {e}");
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
     /// Runs `f` on a pooled connection, outside any explicit transaction.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let on_connection = || {
@@ -268,6 +302,7 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
     conn.busy_timeout(config.busy_timeout)?;
     // Replaces the handler busy_timeout installed; see `busy_handler`.
     conn.busy_handler(Some(busy_handler))?;
+    conn.wal_hook(Some(wal_hook));
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = ON; PRAGMA synchronous = {};",
         config.synchronous
@@ -278,6 +313,24 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
     // process (a CLI call). The log is folded by SQLite's auto-checkpoint
     // as writers commit instead, and stays beside the file meanwhile.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    Ok(())
+}
+
+/// The size of the write-ahead log, in frames, from which a commit asks for
+/// a checkpoint: SQLite's default automatic threshold.
+const CHECKPOINT_FRAMES: i32 = 1000;
+
+thread_local! {
+    /// Frames in the write-ahead log after this thread's last commit, as
+    /// reported by SQLite's WAL hook (0 if the commit reported none).
+    static WAL_FRAMES: Cell<i32> = const { Cell::new(0) };
+}
+
+/// Replaces SQLite's automatic checkpoint (which runs inside the commit):
+/// notes the log's size for [`Store::write`], which hands the checkpoint to
+/// a background thread.
+fn wal_hook(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.with(|f| f.set(frames));
     Ok(())
 }
 
