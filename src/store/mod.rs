@@ -222,7 +222,14 @@ impl Store {
             let value = f(tx.conn, self.clock.now())?;
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
-            if WAL_FRAMES.with(Cell::get) >= CHECKPOINT_FRAMES {
+            let frames = WAL_FRAMES.with(Cell::get);
+            if frames >= INLINE_CHECKPOINT_FRAMES {
+                // The background fell behind (or every process is too short
+                // lived to see one through): fold the log here, once.
+                if let Err(e) = tx.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                    log::debug!("runledger: checkpoint failed: {e}");
+                }
+            } else if frames >= CHECKPOINT_FRAMES {
                 self.checkpoint_soon();
             }
             Ok(value)
@@ -263,6 +270,18 @@ impl Store {
             f(&conn)
         };
         on_connection().map_err(|e| e.in_ledger(&self.path))
+    }
+}
+
+impl Drop for Store {
+    /// Waits (briefly) for a background checkpoint still running, so that no
+    /// connection of this store outlives it: closing the ledger lets go of
+    /// the file at once.
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.checkpointing.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -319,6 +338,10 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
 /// The size of the write-ahead log, in frames, from which a commit asks for
 /// a checkpoint: SQLite's default automatic threshold.
 const CHECKPOINT_FRAMES: i32 = 1000;
+
+/// The size from which the committing call folds the log itself: the bound
+/// on the log's growth when background checkpoints do not keep up.
+const INLINE_CHECKPOINT_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
 
 thread_local! {
     /// Frames in the write-ahead log after this thread's last commit, as
