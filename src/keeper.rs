@@ -100,13 +100,17 @@ impl Keeper {
 
     fn run(self: Arc<Keeper>, path: &Path) {
         log::debug!("runledger: keeper of {} started", path.display());
-        let (passes, queued) = mpsc::channel::<(Arc<dyn Kept>, Arc<AtomicBool>)>();
+        // Weak references here too: a ledger dropped while its pass waits
+        // behind another one's is not kept open for it.
+        let (passes, queued) = mpsc::channel::<(Weak<dyn Kept>, Arc<AtomicBool>)>();
         // Ends when `passes` is dropped, as this thread returns.
         let reaper = std::thread::Builder::new()
             .name("runledger-reaper".into())
             .spawn(move || {
                 for (kept, reaping) in queued {
-                    kept.reap();
+                    if let Some(kept) = kept.upgrade() {
+                        kept.reap();
+                    }
                     reaping.store(false, Ordering::Release);
                 }
             });
@@ -164,7 +168,7 @@ impl Keeper {
                 if let Some(reaping) = reap {
                     reaping.store(true, Ordering::Release);
                     if reaper.is_ok() {
-                        let _ = passes.send((kept, reaping));
+                        let _ = passes.send((Arc::downgrade(&kept), reaping));
                     } else {
                         kept.reap();
                         reaping.store(false, Ordering::Release);

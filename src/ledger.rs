@@ -147,7 +147,8 @@ impl Builder {
     /// `false` the host calls [`Ledger::heartbeat`] more often than
     /// [`stale_after`](Builder::stale_after) (only processes judged by the
     /// lease need it) and [`Ledger::reap`] when it likes. Opening still
-    /// reaps the dead instances at once, either way.
+    /// reaps the dead instances at once either way, unless
+    /// [`reap_on_open`](Builder::reap_on_open) is off.
     pub fn background(mut self, background: bool) -> Builder {
         self.background = background;
         self
@@ -319,6 +320,7 @@ impl Builder {
             clock: self.clock,
             instance: AtomicI64::new(instance),
             instance_lock,
+            label: self.label,
             max_metadata_bytes: self.max_metadata_bytes,
             lock_wait: self.lock_wait,
             orphans: parking_lot::Mutex::new(Vec::new()),
@@ -383,6 +385,8 @@ struct Inner {
     instance: AtomicI64,
     /// Held for the instance's whole life; released last, on drop.
     instance_lock: Option<InstanceLock>,
+    /// The instance's label, recorded again if it registers again.
+    label: Option<String>,
     max_metadata_bytes: usize,
     lock_wait: Duration,
     /// Lock rows a guard or a queue place could not delete on drop (the
@@ -935,7 +939,7 @@ impl Ledger {
             .map_or_else(String::new, |r| format!(" ({r})"));
         let fresh = inner.store.insert_instance(
             inner.identity(),
-            None,
+            inner.label.as_deref(),
             inner.instance_lock.as_ref().map(InstanceLock::name),
             inner.judge.stale_after,
         )?;
@@ -1039,7 +1043,7 @@ impl Ledger {
         let inner = &self.inner;
         let run_reason = format!("owner gone: {reason} (pid {} on {})", owner.pid, owner.host);
         let done = inner.store.reap_instance(
-            owner,
+            owner.into(),
             reason,
             &run_reason,
             stale_heartbeat,

@@ -103,7 +103,8 @@
 //!
 //! Each process that opens a ledger registers an *instance*, which owns the
 //! runs it begins and the locks and queue places it takes. Whether an
-//! instance is alive is decided so that a live one is never reaped:
+//! instance is alive is decided so that a live process on the same host is
+//! never taken for dead, and one elsewhere only once its lease ran out:
 //!
 //! - **On this host** (same kernel), by the process itself: an instance holds
 //!   an OS lock on its own file in the sidecar folder for its whole life, so

@@ -594,8 +594,9 @@ impl Run {
 
     /// Records progress: the run's `heartbeat_at` moves to now, and with a
     /// [heartbeat timeout](RunSpec::heartbeat_timeout) its deadline moves on.
-    /// One small write. Returns the run's status, which a reaper or a
-    /// cancel may have changed: a run no longer `running` is left as it is.
+    /// One small write. Returns the run's status, which a reaper may have
+    /// changed (a run no longer `running` is left as it is). A cancel does
+    /// not change the status: see [`is_cancel_requested`](Run::is_cancel_requested).
     ///
     /// This is the run's own progress signal, not the process's: the
     /// process's liveness needs nothing from the caller.
@@ -615,8 +616,8 @@ impl Run {
     /// for page in 0..3 {
     ///     // … fetch `page` …
     ///     # let _ = page;
-    ///     if run.heartbeat()? != RunStatus::Running {
-    ///         break; // failed as hung, or cancelled: stop working
+    ///     if run.heartbeat()? != RunStatus::Running || run.is_cancel_requested()? {
+    ///         break; // failed as hung, or asked to stop
     ///     }
     /// }
     /// run.succeed()?;

@@ -84,10 +84,10 @@ fn sixty_four_processes_lock_and_release_four_keys_at_once() {
 fn a_holder_paused_past_its_lease_finds_its_lock_lost() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
-    let ledger = Ledger::builder(&db)
-        .stale_after(Duration::from_millis(400))
-        .open()
-        .unwrap();
+    // The test's clock starts at the real time, as the worker's does, and
+    // moves past the holder's lease without sleeping.
+    let clock = runledger::ManualClock::default();
+    let ledger = Ledger::builder(&db).clock(clock.clone()).open().unwrap();
     let mut holder = KillOnDrop(spawn_worker(
         &db,
         &[
@@ -112,7 +112,7 @@ fn a_holder_paused_past_its_lease_finds_its_lock_lost() {
             .unwrap()
             .success()
     );
-    std::thread::sleep(Duration::from_millis(600)); // past the 400 ms lease
+    clock.advance(Duration::from_secs(30)); // far past its 400 ms lease
     let reports = ledger.reap().unwrap();
     assert!(
         reports[0]

@@ -15,10 +15,16 @@ use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunChange, RunId, RunStatus};
 
-const INSTANCE_SELECT: &str = "
-    SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
-           closed_at IS NOT NULL, closed_reason, stale_after
-    FROM instances";
+/// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
+macro_rules! instance_select {
+    () => {
+        "SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
+                closed_at IS NOT NULL, closed_reason, stale_after
+         FROM instances"
+    };
+}
+
+const INSTANCE_SELECT: &str = instance_select!();
 
 fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> {
     Ok(InstanceRecord {
@@ -32,18 +38,18 @@ fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> 
         heartbeat_at: row.get(7)?,
         closed: row.get(8)?,
         closed_reason: row.get(9)?,
-        lease: row
-            .get::<_, Option<i64>>(10)?
-            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+        lease: lease_of(row.get(10)?),
     })
+}
+
+/// An instance's recorded lease, from its milliseconds.
+pub(super) fn lease_of(ms: Option<i64>) -> Option<std::time::Duration> {
+    ms.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64))
 }
 
 /// The statement that lists the open instances (the `instances_open`
 /// index serves it).
-pub(super) const OPEN_INSTANCES: &str = "
-    SELECT id, host, boot_id, pid, pid_ns, start_time, lock_file, heartbeat_at,
-           closed_at IS NOT NULL, closed_reason, stale_after
-    FROM instances WHERE closed_at IS NULL";
+pub(super) const OPEN_INSTANCES: &str = concat!(instance_select!(), " WHERE closed_at IS NULL");
 
 /// The active runs of one instance, from the active-runs index (its WHERE
 /// clause repeats the index's condition verbatim).
@@ -72,6 +78,24 @@ pub(super) const ORPHANED_OWNERS: &str = "
     UNION
     SELECT DISTINCT l.instance_id FROM locks l
     WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
+
+/// The instance a reap is about: enough to find its rows and to name it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Owner<'a> {
+    pub id: i64,
+    pub pid: u32,
+    pub host: &'a str,
+}
+
+impl<'a> From<&'a InstanceRecord> for Owner<'a> {
+    fn from(record: &'a InstanceRecord) -> Owner<'a> {
+        Owner {
+            id: record.id,
+            pid: record.pid,
+            host: &record.host,
+        }
+    }
+}
 
 /// What reaping one instance changed.
 #[derive(Debug, Default)]
@@ -195,21 +219,13 @@ impl Store {
     /// it still owns (a run whose guard was leaked, a lock row a guard could
     /// not delete) is closed with it, in the same transaction.
     pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
-        let record = InstanceRecord {
+        let owner = Owner {
             id,
-            host: me.host.clone(),
-            boot_id: me.boot_id.clone(),
             pid: me.pid,
-            pid_ns: me.pid_ns.clone(),
-            start_time: me.start_time,
-            lock_file: None,
-            heartbeat_at: Timestamp::EPOCH,
-            lease: None,
-            closed: false,
-            closed_reason: None,
+            host: &me.host,
         };
         let reason = "its process closed the ledger";
-        self.reap_instance(&record, reason, reason, None, me)
+        self.reap_instance(owner, reason, reason, None, me)
             .map(|r| r.wakes)
     }
 
@@ -225,7 +241,7 @@ impl Store {
     /// ended meanwhile stays ended: only active runs are failed.
     pub(crate) fn reap_instance(
         &self,
-        instance: &InstanceRecord,
+        instance: Owner<'_>,
         reason: &str,
         run_reason: &str,
         stale_heartbeat: Option<Timestamp>,
@@ -257,7 +273,7 @@ impl Store {
                 out.reaped.push(Reaped::Instance {
                     id: instance.id,
                     pid: instance.pid,
-                    host: instance.host.clone(),
+                    host: instance.host.to_owned(),
                     reason: reason.to_owned(),
                 });
             }
@@ -270,7 +286,7 @@ impl Store {
 fn delete_instance_locks(
     tx: &Connection,
     now: Timestamp,
-    instance: &InstanceRecord,
+    instance: Owner<'_>,
     reason: &str,
     by: &ProcessIdentity,
     out: &mut InstanceReaped,

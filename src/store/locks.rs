@@ -130,9 +130,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                     start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
                     closed: row.get(12)?,
                     closed_reason: None,
-                    lease: row
-                        .get::<_, Option<i64>>(18)?
-                        .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+                    lease: super::instances::lease_of(row.get(18)?),
                 },
                 since: row.get(13)?,
             })

@@ -241,6 +241,10 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     }
     let run = ledger.begin_run(spec)?;
     shared.run.store(i64::from(run.id()), Ordering::SeqCst);
+    // A signal that came before the run had an id cancelled nothing yet.
+    if shared.interrupted.load(Ordering::SeqCst) != 0 {
+        let _ = ledger.cancel(run.id());
+    }
     let log = match File::create(&log_path) {
         Ok(log) => log,
         Err(e) => {

@@ -271,7 +271,14 @@ fn open_with(
         )
         .into());
     }
-    Ok(settings(Ledger::builder(path).label("runledger-cli")).open()?)
+    // A call that lives milliseconds needs no keeper thread. Opening still
+    // registers this process and closes what dead processes left.
+    Ok(settings(
+        Ledger::builder(path)
+            .label("runledger-cli")
+            .background(false),
+    )
+    .open()?)
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {

@@ -56,7 +56,7 @@ impl Out {
                 run.source.clone(),
                 run.pid.to_string(),
                 run.host.clone(),
-                ago(now, run.created_at),
+                ago(now, started),
                 duration(took.saturating_duration_since(started)),
                 info(run),
             ]);
@@ -271,12 +271,14 @@ pub(crate) fn ago(now: Timestamp, then: Timestamp) -> String {
     }
 }
 
-/// "850ms", "42s", "3m10s", "2h5m", "3d4h".
+/// "850ms", "42s", "3m10s", "2h5m", "3d4h": the same words as the
+/// library's error messages.
 pub(crate) fn duration(d: Duration) -> String {
     let secs = d.as_secs();
     if secs == 0 {
         format!("{}ms", d.as_millis())
-    } else if secs < 60 {
+    } else if secs < 120 {
+        // As the library's messages word it (up to 119s, then 2m0s).
         format!("{secs}s")
     } else if secs < 3600 {
         format!("{}m{}s", secs / 60, secs % 60)
