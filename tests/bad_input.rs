@@ -25,7 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
-use common::{T0, bytes, fixture};
+use common::{T0, bytes, fixture, immutable};
 use runledger::{
     Error, Ledger, LockKey, LockMode, LockRequest, ManualClock, RunFilter, RunId, RunSpec,
     Timestamp,
@@ -1034,28 +1034,6 @@ fn a_file_overwritten_with_random_bytes_is_refused_untouched_or_fails_call_by_ca
 // ---------------------------------------------------------------------------
 // A read-only folder
 // ---------------------------------------------------------------------------
-
-/// Makes `path` immutable with `chattr +i`, which binds root too (plain
-/// permissions do not); undone on drop. `None` when the file system or the
-/// sandbox does not allow it.
-fn immutable(path: &Path) -> Option<impl Drop> {
-    struct Undo(PathBuf);
-    impl Drop for Undo {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .arg("-i")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let ok = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then(|| Undo(path.to_owned()))
-}
 
 #[test]
 fn a_read_only_folder_is_a_clear_error() {

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{bytes, finish, instant_in, spawn_worker};
+use common::{bytes, finish, immutable, instant_in, spawn_worker};
 use runledger::{Error, Ledger, SCHEMA_VERSION};
 
 fn schema_rows(db: &Path) -> Vec<(i64, i64)> {
@@ -148,29 +148,6 @@ fn an_unwritable_location_names_the_path() {
     let message = err.to_string();
     assert!(message.contains(&*db.to_string_lossy()), "{message}");
     assert!(std::error::Error::source(&err).is_some());
-}
-
-/// Makes a file immutable with `chattr +i`, which binds root too (plain
-/// permissions do not). `None` when the file system or the sandbox does not
-/// allow it.
-#[cfg(target_os = "linux")]
-fn immutable(path: &Path) -> Option<impl Drop> {
-    struct Undo(std::path::PathBuf);
-    impl Drop for Undo {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .arg("-i")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let ok = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then(|| Undo(path.to_owned()))
 }
 
 #[cfg(target_os = "linux")]

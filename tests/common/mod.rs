@@ -141,3 +141,22 @@ pub fn wait_for_waiters(ledger: &runledger::Ledger, n: usize) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Makes `path` immutable with `chattr +i`, which binds root too (plain
+/// permissions do not); undone on drop. `None` when the file system or the
+/// sandbox does not allow it.
+pub fn immutable(path: &Path) -> Option<impl Drop> {
+    struct Undo(PathBuf);
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let ok = Command::new("chattr")
+        .arg("+i")
+        .arg(path)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| Undo(path.to_owned()))
+}
