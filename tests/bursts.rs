@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{KillOnDrop, finish, instant_in, next_line, spawn_worker};
@@ -104,14 +103,8 @@ fn a_holder_paused_past_its_lease_finds_its_lock_lost() {
     ));
     let line = next_line(&mut holder);
     let old: u64 = line.strip_prefix("held ").unwrap().parse().unwrap();
-    let pid = holder.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = holder.id();
+    common::signal(pid, "-STOP");
     clock.advance(Duration::from_secs(30)); // far past its 400 ms lease
     let reports = ledger.reap().unwrap();
     assert!(
@@ -123,13 +116,7 @@ fn a_holder_paused_past_its_lease_finds_its_lock_lost() {
     );
     let mine = ledger.try_lock("paused").unwrap();
     assert!(mine.token() > old);
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(pid, "-CONT");
     let mut text = String::new();
     std::io::Read::read_to_string(holder.stdout.as_mut().unwrap(), &mut text).unwrap();
     assert!(holder.wait().unwrap().success(), "{text}");

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{KillOnDrop, fixture, next_line, spawn_worker, wait_for_waiters};
@@ -114,21 +113,15 @@ fn a_paused_process_is_never_reaped_whatever_the_clock() {
     let wanted = f.ledger.lock("paused-wanted").unwrap();
     let (mut paused, run, _) = occupier(&db, "paused-owned", "paused-wanted");
     wait_for_waiters(&f.ledger, 1);
-    let pid = paused.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = paused.id();
+    common::signal(pid, "-STOP");
     // Hours pass by the ledger's clock; the process is frozen, not dead.
     f.clock.advance(Duration::from_secs(6 * 3600));
     let reports = f.ledger.reap().unwrap();
     assert!(reports.iter().all(|r| r.reaped.is_empty()), "{reports:?}");
     assert_eq!(f.ledger.run(run).unwrap().status, RunStatus::Running);
     assert!(f.ledger.try_lock("paused-owned").unwrap_err().is_conflict());
-    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    common::signal(pid, "-CONT");
     // And once it is really gone, the next acquirer reclaims at once.
     paused.kill().unwrap();
     paused.wait().unwrap();

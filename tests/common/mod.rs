@@ -160,3 +160,13 @@ pub fn immutable(path: &Path) -> Option<impl Drop> {
         .is_ok_and(|s| s.success());
     ok.then(|| Undo(path.to_owned()))
 }
+
+/// Sends `signal` (such as `-STOP`, `-CONT`) to a process, asserting that
+/// `kill` accepted it.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
