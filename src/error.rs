@@ -65,6 +65,20 @@ pub enum Error {
         status: RunStatus,
     },
 
+    /// A run could not be adopted because a process owns it: another
+    /// adopter that came first, or the process that began it (only runs made
+    /// by [`Ledger::create_run`](crate::Ledger::create_run) can be adopted).
+    /// Nothing was changed.
+    #[error("run {run} is already owned by pid {pid} on {host}")]
+    AlreadyOwned {
+        /// The run.
+        run: RunId,
+        /// Its owner's process id.
+        pid: u32,
+        /// Its owner's host name.
+        host: String,
+    },
+
     /// An active run already holds this idempotency key: no second run was
     /// started. `existing` is the run to follow instead.
     #[error("run {existing} is already active with idempotency key {key:?}")]

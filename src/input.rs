@@ -69,12 +69,22 @@ pub(crate) fn reason(reason: impl fmt::Display) -> String {
 /// Serializes metadata, refusing it when larger than `limit` bytes or nested
 /// deeper than [`MAX_METADATA_DEPTH`]. `null` is stored as no metadata at all.
 pub(crate) fn metadata(value: &serde_json::Value, limit: usize) -> Result<Option<String>> {
+    json("metadata", value, limit)
+}
+
+/// Serializes a JSON value handed to the API (`what` names it in errors),
+/// with the rules of [`metadata`].
+pub(crate) fn json(
+    what: &'static str,
+    value: &serde_json::Value,
+    limit: usize,
+) -> Result<Option<String>> {
     if value.is_null() {
         return Ok(None);
     }
     if nesting(value) > MAX_METADATA_DEPTH {
         return Err(Error::InvalidInput {
-            what: "metadata",
+            what,
             value: String::new(),
             reason: format!(
                 "nests arrays and objects deeper than {MAX_METADATA_DEPTH} levels, \
@@ -83,13 +93,13 @@ pub(crate) fn metadata(value: &serde_json::Value, limit: usize) -> Result<Option
         });
     }
     let text = serde_json::to_string(value).map_err(|e| Error::InvalidInput {
-        what: "metadata",
+        what,
         value: String::new(),
         reason: format!("cannot be serialized: {e}"),
     })?;
     if text.len() > limit {
         return Err(Error::InvalidInput {
-            what: "metadata",
+            what,
             value: format!("of {} bytes", text.len()),
             reason: format!("larger than the {limit}-byte limit (see Builder::max_metadata_bytes)"),
         });

@@ -14,9 +14,12 @@ use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verd
 use crate::lock::{Holder, LockGuard, LockRecord, LockRequest, Wait};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
-use crate::run::{Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus};
-use crate::store::{Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
+use crate::run::{
+    DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
+};
+use crate::store::{Adopter, Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
 use crate::wake::{WakeSocket, wake};
+use crate::watch::{EventCursor, EventPage, Watch};
 
 /// How hard SQLite works to make a commit survive a power cut: the
 /// `synchronous` pragma.
@@ -569,6 +572,115 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn begin_run(&self, spec: RunSpec) -> Result<Run> {
+        let id = self.insert_run(&spec, None)?;
+        log::debug!("runledger: run {id} ({}) begun", spec.name);
+        Ok(Run::new(self.clone(), id))
+    }
+
+    /// Records a new run for another process to do, and returns its id.
+    ///
+    /// The run is `queued` and owned by nobody: this process cannot end it,
+    /// and its death does not fail it. Pass the id to the worker (through
+    /// `RUNLEDGER_RUN_ID` in its environment, for example, which `runledger
+    /// exec` reads); the worker calls [`adopt_run`](Ledger::adopt_run) and
+    /// from then on owns the run like one it had begun: its outcome, its
+    /// steps, its locks, and its death, after which the reaper fails the run.
+    ///
+    /// A run that nobody adopts within [`RunSpec::adopt_within`] (by default
+    /// [`DEFAULT_ADOPT_WITHIN`], five minutes) is failed by the `dead-owners`
+    /// reaper with the reason `not adopted within …`. Until then it can be
+    /// cancelled like any queued run. The record's `pid` and `host` name the
+    /// creating process until the run is adopted, and its `instance` is 0.
+    ///
+    /// # Errors
+    ///
+    /// As [`begin_run`](Ledger::begin_run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// // The dashboard:
+    /// let id = ledger.create_run(RunSpec::new("backtest").source("dashboard"))?;
+    /// // std::process::Command::new("worker").env("RUNLEDGER_RUN_ID", id.to_string()).spawn()?;
+    /// assert_eq!(ledger.run(id)?.status, RunStatus::Queued);
+    ///
+    /// // The worker, in another process:
+    /// # let worker = ledger.clone();
+    /// let run = worker.adopt_run(id)?;
+    /// assert_eq!(worker.run(id)?.status, RunStatus::Running);
+    /// run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn create_run(&self, spec: RunSpec) -> Result<RunId> {
+        let within = spec.adopt_within.unwrap_or(DEFAULT_ADOPT_WITHIN);
+        let id = self.insert_run(&spec, Some(within))?;
+        log::debug!("runledger: run {id} ({}) created for adoption", spec.name);
+        Ok(id)
+    }
+
+    /// Takes ownership of a run made by [`create_run`](Ledger::create_run)
+    /// in another process, and starts it (`queued → running`), in one
+    /// compare-and-set: of several processes that try, exactly one wins.
+    ///
+    /// The returned guard has the same rules as one from
+    /// [`begin_run`](Ledger::begin_run): the run ends with its outcome, or
+    /// as failed if the guard drops without one, and the reaper fails it if
+    /// this process dies. Use [`adopt_run_queued`](Ledger::adopt_run_queued)
+    /// to take its locks before it counts as running.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::AlreadyOwned`](crate::Error::AlreadyOwned) if another
+    ///   process adopted the run first, or it was begun by its owner rather
+    ///   than created for adoption: the error names that owner;
+    /// - [`Error::RunFinished`](crate::Error::RunFinished) if the run has
+    ///   ended (cancelled, or failed because its adoption deadline passed:
+    ///   adopting it after the deadline fails it at once);
+    /// - [`Error::NotFound`](crate::Error::NotFound) for an unknown id.
+    pub fn adopt_run(&self, id: RunId) -> Result<Run> {
+        self.adopt(id, true)
+    }
+
+    /// As [`adopt_run`](Ledger::adopt_run), but leaves the run `queued`:
+    /// take its locks with [`Run::acquire`], then call [`Run::start`].
+    ///
+    /// # Errors
+    ///
+    /// As [`adopt_run`](Ledger::adopt_run).
+    pub fn adopt_run_queued(&self, id: RunId) -> Result<Run> {
+        self.adopt(id, false)
+    }
+
+    fn adopt(&self, id: RunId, start: bool) -> Result<Run> {
+        let inner = &self.inner;
+        let mut reregistered = false;
+        loop {
+            let adopter = Adopter {
+                instance: inner.instance(),
+                pid: inner.identity().pid,
+                host: &inner.identity().host,
+            };
+            match inner.store.adopt_run(id, &adopter, start)? {
+                Some(wakes) => {
+                    wake(&wakes);
+                    log::debug!("runledger: run {id} adopted");
+                    return Ok(Run::new(self.clone(), id));
+                }
+                None if reregistered => return Err(closed_twice(inner.store.path())),
+                None => {
+                    self.register_again()?;
+                    reregistered = true;
+                }
+            }
+        }
+    }
+
+    /// Checks a spec and inserts its run: owned by this instance, or by
+    /// nobody until adopted when `adopt_within` is given.
+    fn insert_run(&self, spec: &RunSpec, adopt_within: Option<Duration>) -> Result<RunId> {
         input::check_name("run name", &spec.name)?;
         input::check_name("run source", &spec.source)?;
         if let Some(key) = &spec.idempotency_key {
@@ -576,11 +688,12 @@ impl Ledger {
         }
         let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
         let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let inner = &self.inner;
         let mut new = NewRun {
             name: &spec.name,
             source: &spec.source,
-            status: if spec.queued {
+            status: if spec.queued || adopt_within.is_some() {
                 RunStatus::Queued
             } else {
                 RunStatus::Running
@@ -592,12 +705,11 @@ impl Ledger {
             host: &inner.identity().host,
             metadata,
             log_path,
-            heartbeat_timeout: spec
-                .heartbeat_timeout
-                .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
+            heartbeat_timeout: spec.heartbeat_timeout.map(millis),
+            adopt_within: adopt_within.map(millis),
         };
-        let id = match inner.store.insert_run(&new)? {
-            Some(id) => id,
+        match inner.store.insert_run(&new)? {
+            Some(id) => Ok(id),
             None => {
                 // This instance was reaped while silent: register again.
                 self.register_again()?;
@@ -605,11 +717,9 @@ impl Ledger {
                 inner
                     .store
                     .insert_run(&new)?
-                    .ok_or_else(|| closed_twice(inner.store.path()))?
+                    .ok_or_else(|| closed_twice(inner.store.path()))
             }
-        };
-        log::debug!("runledger: run {id} ({}) begun", spec.name);
-        Ok(Run::new(self.clone(), id))
+        }
     }
 
     /// One run, with its progress.
@@ -709,6 +819,88 @@ impl Ledger {
     /// ```
     pub fn events(&self, id: RunId) -> Result<Vec<EventRecord>> {
         self.inner.store.events(id)
+    }
+
+    /// The next events of every run after `cursor`, at most `limit` of them,
+    /// in commit order, with the cursor to continue from: the feed a
+    /// dashboard polls to follow every change in every process without
+    /// reading the ledger again.
+    ///
+    /// One read of the events table's primary key from the cursor on: its
+    /// cost depends on the events returned, not on the history's length.
+    /// Start from [`EventCursor::START`] for the whole history, or from
+    /// [`events_cursor`](Ledger::events_cursor) for only what comes next;
+    /// [`watch`](Ledger::watch) waits for new events instead of polling.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`](crate::Error::Busy) or
+    /// [`Error::Storage`](crate::Error::Storage) if the ledger cannot be read.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventCursor, Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let mut cursor = EventCursor::START;
+    /// ledger.begin_run(RunSpec::new("a"))?.succeed()?;
+    /// let page = ledger.events_since(cursor, 100)?;
+    /// assert_eq!(page.events.len(), 2); // registered running, then succeeded
+    /// cursor = page.next;
+    /// assert!(ledger.events_since(cursor, 100)?.events.is_empty());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn events_since(&self, cursor: EventCursor, limit: usize) -> Result<EventPage> {
+        let events = self
+            .inner
+            .store
+            .events_since(cursor.last_event_id(), limit)?;
+        let next = events
+            .last()
+            .map_or(cursor, |event| EventCursor::after(event.id));
+        Ok(EventPage { events, next })
+    }
+
+    /// The cursor at the end of the feed as it is now: the events after it
+    /// are those still to come.
+    ///
+    /// # Errors
+    ///
+    /// As [`events_since`](Ledger::events_since).
+    pub fn events_cursor(&self) -> Result<EventCursor> {
+        Ok(EventCursor::after(self.inner.store.last_event_id()?))
+    }
+
+    /// Follows the event feed live from `cursor`: see [`Watch`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Busy`](crate::Error::Busy) or
+    /// [`Error::Storage`](crate::Error::Storage) if the watch cannot be
+    /// registered.
+    pub fn watch(&self, cursor: EventCursor) -> Result<Watch> {
+        Watch::new(self.clone(), cursor)
+    }
+
+    pub(crate) fn add_watcher(&self, address: &str) -> Result<i64> {
+        self.inner.store.add_watcher(self.inner.instance(), address)
+    }
+
+    pub(crate) fn remove_watcher(&self, id: i64) -> Result<()> {
+        self.inner.store.remove_watcher(id)
+    }
+
+    pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
+        self.inner.store.set_log_path(run, path)
+    }
+
+    pub(crate) fn max_metadata_bytes(&self) -> usize {
+        self.inner.max_metadata_bytes
+    }
+
+    pub(crate) fn custom_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<()> {
+        self.inner.store.insert_event(run, name, data).map(drop)
     }
 
     /// Asks a run to stop, from any process, and returns its status after the
@@ -1029,6 +1221,19 @@ impl Ledger {
                 .clone()
                 .unwrap_or_else(|| "its instance was closed".to_owned());
             reaped.extend(self.reap_owner(&owner, &reason, None)?);
+        }
+        // Runs made for adoption that nobody adopted in time (a batch a
+        // pass; the next pass takes the rest).
+        for (id, deadline) in inner.store.unadopted_runs(self.now(), 1000)? {
+            if let Some((name, from, reason)) = inner.store.fail_unadopted(id, deadline)? {
+                log::warn!("runledger: run {id} failed: {reason}");
+                reaped.push(Reaped::Run {
+                    id,
+                    name,
+                    from,
+                    reason,
+                });
+            }
         }
         Ok(reaped)
     }

@@ -159,6 +159,62 @@
 //! # Ok::<(), runledger::Error>(())
 //! ```
 //!
+//! # Handing a run to another process
+//!
+//! A dashboard often starts a worker to do a run, and the worker, not the
+//! dashboard, must own it: the run has to end with the worker's outcome even
+//! if the dashboard restarts meanwhile. [`Ledger::create_run`] records a
+//! `queued` run owned by nobody and returns its id; the worker calls
+//! [`Ledger::adopt_run`] with it and gets a [`Run`] guard, with every rule of
+//! one it had begun. Adoption is one compare-and-set: a second adopter gets
+//! [`Error::AlreadyOwned`] naming the first. A run nobody adopts within
+//! [`RunSpec::adopt_within`] (five minutes by default) is failed by the
+//! reaper; the creator's death alone never fails it.
+//!
+//! ```
+//! use runledger::{Ledger, RunSpec};
+//! # let dir = tempfile::tempdir()?;
+//! # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+//! let id = ledger.create_run(RunSpec::new("backtest").source("dashboard"))?;
+//! // Command::new("runledger").args(["exec", "--", "backtest.sh"])
+//! //     .env("RUNLEDGER_RUN_ID", id.to_string()).spawn()?;
+//! # let worker = ledger.clone();
+//! let run = worker.adopt_run(id)?; // in the worker
+//! run.succeed()?;
+//! # Ok::<(), runledger::Error>(())
+//! ```
+//!
+//! `runledger exec` adopts the run named by `RUNLEDGER_RUN_ID` when it is
+//! set, so a parent in any language can hand a run to a command.
+//!
+//! # The event feed
+//!
+//! Every change of every run is an event ([`EventRecord`]): status changes,
+//! steps, cancel requests, adoptions, and the owner's own events
+//! ([`Run::event`]). Their ids grow in commit order across all runs, so a
+//! dashboard follows everything with a cursor: [`Ledger::events_since`]
+//! returns the events after it and the next cursor, from an index range
+//! whose cost does not grow with the history, and [`Ledger::watch`] yields
+//! them as they commit in any process, woken by the writer itself (the
+//! wake-up mechanism of the locks) rather than by polling.
+//!
+//! ```
+//! use std::time::Duration;
+//! use runledger::{EventCursor, Ledger, RunSpec};
+//! # let dir = tempfile::tempdir()?;
+//! # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+//! let mut watch = ledger.watch(ledger.events_cursor()?)?;
+//! let run = ledger.begin_run(RunSpec::new("train"))?;
+//! run.event("progress", serde_json::json!({"epoch": 1}))?;
+//! while let Some(event) = watch.next_timeout(Duration::from_millis(100))? {
+//!     println!("{} run {}: {:?}", event.at, event.run, event.kind);
+//! }
+//! let saved: EventCursor = watch.cursor(); // resume here next time
+//! # run.succeed()?;
+//! # let _ = saved;
+//! # Ok::<(), runledger::Error>(())
+//! ```
+//!
 //! # Guarantees
 //!
 //! - **Nothing is lost on a crash.** Every call that changes the ledger is one
@@ -192,8 +248,8 @@
 //! this API for terminals and for programs in any language
 //! (`cargo install runledger --features cli`): `runledger exec --lock K --
 //! CMD…` records a command as a run under the ledger's locks, and `ps`,
-//! `runs`, `show`, `logs`, `locks`, `cancel`, `reap`, `prune` and `unlock`
-//! serve operators, each with `--json`. Library users who leave the feature
+//! `runs`, `show`, `logs`, `locks`, `watch`, `cancel`, `reap`, `prune` and
+//! `unlock` serve operators, each with `--json`. Library users who leave the feature
 //! off never build its dependencies.
 //!
 //! # Time
@@ -221,6 +277,7 @@ mod record;
 mod run;
 mod store;
 mod wake;
+mod watch;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
@@ -228,7 +285,8 @@ pub use ledger::{Builder, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Sy
 pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
 pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
-pub use run::{Run, RunId, RunSpec, RunStatus, Step, StepStatus};
+pub use run::{DEFAULT_ADOPT_WITHIN, Run, RunId, RunSpec, RunStatus, Step, StepStatus};
+pub use watch::{EventCursor, EventPage, Watch};
 
 /// The newest schema version this build of the crate reads and writes.
 pub const SCHEMA_VERSION: u32 = store::SCHEMA_VERSION;

@@ -21,7 +21,9 @@ pub type ReapError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// - `dead-owners`: instances whose process is gone (or whose heartbeat is
 ///   stale): their runs become `failed` with the verdict's reason, their
 ///   steps fail, their locks are released and their queue places removed,
-///   all in one transaction per owner;
+///   all in one transaction per owner; and runs made by
+///   [`Ledger::create_run`](crate::Ledger::create_run) that nobody adopted
+///   within their deadline: `failed`, `not adopted within …`;
 /// - `hung-runs`: running runs with a
 ///   [heartbeat timeout](crate::RunSpec::heartbeat_timeout) that did not
 ///   heartbeat in time: `failed`, the reason says so;

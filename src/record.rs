@@ -49,6 +49,11 @@ pub struct RunRecord {
     pub finished_at: Option<Timestamp>,
     /// When a cancel was requested, if one was.
     pub cancel_requested_at: Option<Timestamp>,
+    /// For a run made by [`Ledger::create_run`](crate::Ledger::create_run)
+    /// that no process has adopted yet: the deadline for its adoption. While
+    /// set, the run is owned by nobody (`instance` is 0; `pid` and `host`
+    /// name its creator).
+    pub adopt_by: Option<Timestamp>,
     /// Its steps, counted by status.
     pub progress: Progress,
 }
@@ -95,7 +100,7 @@ pub struct StepRecord {
 }
 
 /// One entry of a run's history: every status change of the run or one of its
-/// steps, and every cancel request, in commit order.
+/// steps, every cancel request, adoption and custom event, in commit order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct EventRecord {
@@ -143,6 +148,23 @@ pub enum EventKind {
     LockForced {
         /// The keys of the lock taken away.
         keys: Vec<String>,
+    },
+    /// A process adopted the run ([`Ledger::adopt_run`](crate::Ledger::adopt_run))
+    /// and owns it from then on.
+    Adopted {
+        /// The adopter's ledger instance.
+        instance: i64,
+        /// The adopter's process id.
+        pid: u32,
+        /// The adopter's host name.
+        host: String,
+    },
+    /// An event the run's owner recorded with [`Run::event`](crate::Run::event).
+    Custom {
+        /// Its name, such as `"progress"`.
+        name: String,
+        /// Its JSON data (`null` when none).
+        data: serde_json::Value,
     },
 }
 

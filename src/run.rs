@@ -236,7 +236,13 @@ pub struct RunSpec {
     pub(crate) parent: Option<RunId>,
     pub(crate) queued: bool,
     pub(crate) heartbeat_timeout: Option<Duration>,
+    pub(crate) adopt_within: Option<Duration>,
 }
+
+/// How long a run made by [`Ledger::create_run`](crate::Ledger::create_run)
+/// waits for a process to adopt it before the reaper fails it, unless
+/// [`RunSpec::adopt_within`] says otherwise: five minutes.
+pub const DEFAULT_ADOPT_WITHIN: Duration = Duration::from_secs(5 * 60);
 
 impl RunSpec {
     /// A run named `name` (what it does, such as `"build"`; not unique).
@@ -253,6 +259,7 @@ impl RunSpec {
             parent: None,
             queued: false,
             heartbeat_timeout: None,
+            adopt_within: None,
         }
     }
 
@@ -316,6 +323,19 @@ impl RunSpec {
     /// none: a run of a live process is never judged hung.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> RunSpec {
         self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
+    /// For a run made by [`Ledger::create_run`](crate::Ledger::create_run):
+    /// how long it may wait for a process to
+    /// [adopt](crate::Ledger::adopt_run) it. Once that has passed without an
+    /// adopter, the `dead-owners` reaper fails it (`not adopted within …`),
+    /// and a late adopter gets [`Error::RunFinished`]. Measured by the
+    /// ledger's clock from the run's creation. Defaults to
+    /// [`DEFAULT_ADOPT_WITHIN`]; ignored by
+    /// [`Ledger::begin_run`](crate::Ledger::begin_run).
+    pub fn adopt_within(mut self, within: Duration) -> RunSpec {
+        self.adopt_within = Some(within);
         self
     }
 }
@@ -638,6 +658,52 @@ impl Run {
     /// Storage errors only.
     pub fn is_cancel_requested(&self) -> Result<bool> {
         self.ledger.cancel_requested(self.id)
+    }
+
+    /// Records where the run writes its log, for a run begun or
+    /// [adopted](crate::Ledger::adopt_run) without one (or to move it). The
+    /// path must be UTF-8; the ledger never opens it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a path that is not UTF-8;
+    /// [`Error::RunFinished`] if the run has ended.
+    pub fn set_log_path(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = crate::input::log_path(path.as_ref())?;
+        self.ledger.set_log_path(self.id, &path)
+    }
+
+    /// Appends a custom event to the run's history: `name` says what it is
+    /// (`"progress"`, `"checkpoint"`…; same rules as a run name), `data` is
+    /// free-form JSON with the size and nesting limits of metadata (`null`
+    /// for none).
+    ///
+    /// The event is written in its own transaction and, like every event,
+    /// shows in [`Ledger::events`](crate::Ledger::events), in the feed of
+    /// [`Ledger::events_since`](crate::Ledger::events_since) and in every
+    /// [`Ledger::watch`](crate::Ledger::watch), as
+    /// [`EventKind::Custom`](crate::EventKind::Custom).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] for a bad name or data over the limits;
+    /// [`Error::RunFinished`] if the run has ended meanwhile.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(runledger::RunSpec::new("train"))?;
+    /// run.event("progress", serde_json::json!({"epoch": 3, "loss": 0.21}))?;
+    /// # run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn event(&self, name: impl Into<String>, data: serde_json::Value) -> Result<()> {
+        let name = name.into();
+        crate::input::check_name("event name", &name)?;
+        let data = crate::input::json("event data", &data, self.ledger.max_metadata_bytes())?;
+        self.ledger.custom_event(self.id, &name, data.as_deref())
     }
 
     /// Ends the run well. Without steps it becomes `succeeded`; with steps its

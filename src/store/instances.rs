@@ -73,7 +73,7 @@ pub(super) fn is_open(tx: &Connection, instance: i64) -> Result<bool> {
 /// active-runs index, the locks table holds only live requests.
 pub(super) const ORPHANED_OWNERS: &str = "
     SELECT DISTINCT r.instance_id FROM runs r
-    WHERE r.status IN ('queued','running')
+    WHERE r.status IN ('queued','running') AND r.adopt_by IS NULL
       AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
     UNION
     SELECT DISTINCT l.instance_id FROM locks l
@@ -263,6 +263,8 @@ impl Store {
             let freed = delete_instance_locks(tx, now, instance, run_reason, by, &mut out)?;
             fail_instance_runs(tx, now, instance.id, run_reason, &mut out)?;
             out.wakes.extend(grant_waiters(tx, &freed, now)?);
+            tx.prepare_cached("DELETE FROM watchers WHERE instance_id = ?1")?
+                .execute([instance.id])?;
             let closed = tx
                 .prepare_cached(
                     "UPDATE instances SET closed_at = ?2, closed_reason = ?3
@@ -401,6 +403,10 @@ mod tests {
             (ORPHANED_OWNERS, "USING INDEX runs_active"),
             (HUNG_RUNS, "SEARCH runs USING INDEX runs_hung"),
             (INSTANCE_RUNS, "USING INDEX runs_active"),
+            (
+                super::super::runs::UNADOPTED_RUNS,
+                "SEARCH runs USING COVERING INDEX runs_unadopted",
+            ),
         ] {
             let plan = plan(&conn, sql);
             assert!(plan.contains(index), "{sql}: {plan}");

@@ -19,7 +19,7 @@ mod runs;
 mod schema;
 
 pub(crate) use locks::{Ahead, Attempt, LockAsk};
-pub(crate) use runs::{HungRun, NewRun};
+pub(crate) use runs::{Adopter, HungRun, NewRun};
 
 use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
@@ -37,6 +37,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result};
+use crate::wake::wake;
 
 pub(crate) use schema::LATEST as SCHEMA_VERSION;
 
@@ -219,9 +220,16 @@ impl Store {
                 conn: &conn,
                 open: true,
             };
+            EVENTS_WRITTEN.with(|w| w.set(false));
             let value = f(tx.conn, self.clock.now())?;
+            let watchers = if EVENTS_WRITTEN.with(Cell::get) {
+                watchers(tx.conn)?
+            } else {
+                Vec::new()
+            };
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
+            wake(&watchers);
             let frames = WAL_FRAMES.with(Cell::get);
             if frames >= INLINE_CHECKPOINT_FRAMES {
                 // The background fell behind (or every process is too short
@@ -355,6 +363,21 @@ thread_local! {
 fn wal_hook(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
     WAL_FRAMES.with(|f| f.set(frames));
     Ok(())
+}
+
+thread_local! {
+    /// Set when the write transaction under way appended an event: its
+    /// commit then wakes the watchers of the feed.
+    pub(super) static EVENTS_WRITTEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The wake-up addresses of the feed's watchers, read in the transaction
+/// that appended events (a read of an empty table when nobody watches).
+fn watchers(tx: &Connection) -> Result<Vec<String>> {
+    Ok(tx
+        .prepare_cached("SELECT address FROM watchers")?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 thread_local! {

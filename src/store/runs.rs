@@ -27,6 +27,9 @@ pub(crate) struct NewRun<'a> {
     pub log_path: Option<String>,
     /// The run's progress heartbeat timeout, in ms.
     pub heartbeat_timeout: Option<i64>,
+    /// For a run created for another process to adopt: how long it may
+    /// wait for its adopter, in ms. The run is then owned by nobody.
+    pub adopt_within: Option<i64>,
 }
 
 impl ToSql for RunId {
@@ -84,6 +87,10 @@ impl FromSql for Timestamp {
 
 const ACTIVE: &str = "('queued','running')";
 
+/// The owner instance of a run awaiting adoption: no instance has this id
+/// (SQLite hands out row ids from 1).
+pub(super) const NOBODY: i64 = 0;
+
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(
         e,
@@ -117,6 +124,7 @@ impl Chain {
         )?
         .execute((self.run, self.last, self.at, kind, step, from, to, message))?;
         self.last = Some(tx.last_insert_rowid());
+        super::EVENTS_WRITTEN.with(|w| w.set(true));
         Ok(())
     }
 }
@@ -163,8 +171,9 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
                          instance_id, pid, host, metadata, log_path, created_at, started_at,
-                         heartbeat_timeout, hung_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12 + ?13)",
+                         heartbeat_timeout, hung_at, adopt_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12 + ?13,
+                             ?11 + ?14)",
                 )?
                 .execute((
                     new.name,
@@ -172,7 +181,12 @@ impl Store {
                     new.status,
                     new.parent,
                     new.idempotency_key,
-                    new.instance,
+                    // A run awaiting its adopter belongs to no instance.
+                    if new.adopt_within.is_some() {
+                        NOBODY
+                    } else {
+                        new.instance
+                    },
                     new.pid,
                     new.host,
                     &new.metadata,
@@ -180,6 +194,7 @@ impl Store {
                     at,
                     started_at,
                     new.heartbeat_timeout,
+                    new.adopt_within,
                 ));
             match (inserted, new.idempotency_key) {
                 (Err(e), Some(key)) if is_unique_violation(&e) => {
@@ -219,6 +234,192 @@ impl Store {
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
     ) -> Result<(RunState, RunStatus, Wakes)> {
         self.write(|tx, at| apply_change(tx, run, at, decide))
+    }
+
+    /// Hands a run awaiting adoption to `adopter`, in one compare-and-set,
+    /// and starts it if `start`. Returns the waiters to wake (none today),
+    /// or `None` if the adopter's instance is closed (it registers again).
+    ///
+    /// A run past its adoption deadline is failed here, as the reaper would
+    /// have, and the adopter gets [`Error::RunFinished`].
+    pub(crate) fn adopt_run(
+        &self,
+        run: RunId,
+        adopter: &Adopter<'_>,
+        start: bool,
+    ) -> Result<Option<Wakes>> {
+        self.write(|tx, at| {
+            if !super::instances::is_open(tx, adopter.instance)? {
+                return Ok(None);
+            }
+            let (status, adopt_by, pid, host): (RunStatus, Option<Timestamp>, u32, String) = tx
+                .prepare_cached("SELECT status, adopt_by, pid, host FROM runs WHERE id = ?1")?
+                .query_row([run], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })
+                .optional()?
+                .ok_or_else(|| Error::run_not_found(run))?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            let Some(deadline) = adopt_by else {
+                return Err(Error::AlreadyOwned { run, pid, host });
+            };
+            if at >= deadline {
+                // Failing it is this transaction's only write: commit it,
+                // then report the run as finished.
+                return Ok(Some(Err(fail_unadopted_in(tx, run, deadline, at)?)));
+            }
+            let (_, last) = run_head(tx, run)?;
+            let mut chain = Chain { run, last, at };
+            let who = serde_json::json!({
+                "instance": adopter.instance,
+                "pid": adopter.pid,
+                "host": adopter.host,
+            })
+            .to_string();
+            chain.append(tx, "adopted", Some(&who), None, None, None)?;
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE runs SET instance_id = ?2, pid = ?3, host = ?4, adopt_by = NULL,
+                         last_event_id = ?5
+                     WHERE id = ?1 AND adopt_by IS NOT NULL AND status = 'queued'",
+                )?
+                .execute((run, adopter.instance, adopter.pid, adopter.host, chain.last))?;
+            if changed != 1 {
+                // Cannot happen while the write lock is held.
+                return Err(Error::AlreadyOwned { run, pid, host });
+            }
+            let wakes = if start {
+                apply_change(tx, run, at, |state| {
+                    Ok(Some(RunChange::Status {
+                        to: RunStatus::Running,
+                        exit_code: None,
+                        error: None,
+                    })
+                    .filter(|_| state.status == RunStatus::Queued))
+                })?
+                .2
+            } else {
+                Vec::new()
+            };
+            Ok(Some(Ok(wakes)))
+        })?
+        .map(|adopted| adopted.map_err(|status| Error::RunFinished { run, status }))
+        .transpose()
+    }
+
+    /// Records the log path of an active run.
+    pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
+        self.write(|tx, _| {
+            let (status, _) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            tx.prepare_cached("UPDATE runs SET log_path = ?2 WHERE id = ?1")?
+                .execute((run, path))?;
+            Ok(())
+        })
+    }
+
+    /// Runs whose adoption deadline passed before `now` without an adopter,
+    /// oldest deadline first, at most `limit` (read from the
+    /// `runs_unadopted` index).
+    pub(crate) fn unadopted_runs(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(RunId, Timestamp)>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(UNADOPTED_RUNS)?
+                .query_map(params![now, limit as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// Fails a run nobody adopted, only if it still awaits adoption with the
+    /// deadline that was judged. Returns its name and reason if it failed it.
+    pub(crate) fn fail_unadopted(
+        &self,
+        run: RunId,
+        deadline: Timestamp,
+    ) -> Result<Option<(String, RunStatus, String)>> {
+        self.write(|tx, at| {
+            let current: Option<(Option<Timestamp>, String, RunStatus)> = tx
+                .prepare_cached("SELECT adopt_by, name, status FROM runs WHERE id = ?1")?
+                .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .optional()?;
+            match current {
+                Some((Some(by), name, from)) if by == deadline && from.is_active() => {
+                    fail_unadopted_in(tx, run, deadline, at)?;
+                    let reason = tx
+                        .prepare_cached("SELECT error FROM runs WHERE id = ?1")?
+                        .query_row([run], |row| row.get(0))?;
+                    Ok(Some((name, from, reason)))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Appends a custom event to an active run's history.
+    pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
+        self.write(|tx, at| {
+            let (status, last) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            let mut chain = Chain { run, last, at };
+            chain.append(tx, "custom", Some(name), None, None, data)?;
+            tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
+                .execute((run, chain.last))?;
+            Ok(chain.last.unwrap_or_default())
+        })
+    }
+
+    /// Up to `limit` events of every run after event `after`, in commit
+    /// order: a range of the events table's primary key.
+    pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(EVENTS_SINCE)?
+                .query_map(
+                    params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    event_record,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    /// Registers a watcher of the feed: commits that append events wake
+    /// `address`. Returns the watcher's id.
+    pub(crate) fn add_watcher(&self, instance: i64, address: &str) -> Result<i64> {
+        self.write(|tx, _| {
+            tx.prepare_cached("INSERT INTO watchers (instance_id, address) VALUES (?1, ?2)")?
+                .execute((instance, address))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Removes a watcher registered by [`add_watcher`](Store::add_watcher).
+    pub(crate) fn remove_watcher(&self, id: i64) -> Result<()> {
+        self.write(|tx, _| {
+            tx.prepare_cached("DELETE FROM watchers WHERE id = ?1")?
+                .execute([id])?;
+            Ok(())
+        })
+    }
+
+    /// The id of the newest event, 0 when there is none.
+    pub(crate) fn last_event_id(&self) -> Result<i64> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
+                .query_row([], |row| row.get(0))?)
+        })
     }
 
     /// Records a progress heartbeat of a run: a running run's deadline moves
@@ -667,7 +868,8 @@ pub(super) fn apply_change(
                     "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5,
                          started_at = coalesce(started_at, ?6), finished_at = ?7,
                          steps_failed = steps_failed + ?8, last_event_id = ?9,
-                         hung_at = CASE WHEN ?3 = 'running' THEN ?10 + heartbeat_timeout END
+                         hung_at = CASE WHEN ?3 = 'running' THEN ?10 + heartbeat_timeout END,
+                         adopt_by = CASE WHEN ?7 IS NULL THEN adopt_by END
                      WHERE id = ?1 AND status = ?2",
                 )?
                 .execute((
@@ -729,6 +931,49 @@ pub(super) const HUNG_RUNS: &str = "
     WHERE hung_at IS NOT NULL AND hung_at < ?1
     ORDER BY hung_at LIMIT ?2";
 
+pub(super) const UNADOPTED_RUNS: &str = "
+    SELECT id, adopt_by FROM runs
+    WHERE adopt_by IS NOT NULL AND adopt_by <= ?1
+    ORDER BY adopt_by LIMIT ?2";
+
+pub(super) const EVENTS_SINCE: &str = "
+    SELECT id, run_id, at, kind, step, from_status, to_status, message
+    FROM events WHERE id > ?1 ORDER BY id LIMIT ?2";
+
+/// Who adopts a run: the new owner's instance and process.
+#[derive(Debug)]
+pub(crate) struct Adopter<'a> {
+    pub instance: i64,
+    pub pid: u32,
+    pub host: &'a str,
+}
+
+/// Fails a run awaiting adoption whose deadline passed, in the caller's
+/// transaction; returns the status it ended in.
+fn fail_unadopted_in(
+    tx: &Connection,
+    run: RunId,
+    deadline: Timestamp,
+    at: Timestamp,
+) -> Result<RunStatus> {
+    let (created, pid, host): (Timestamp, u32, String) = tx
+        .prepare_cached("SELECT created_at, pid, host FROM runs WHERE id = ?1")?
+        .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    let within = deadline.saturating_duration_since(created);
+    let reason = format!(
+        "not adopted within {} (created by pid {pid} on {host})",
+        crate::lock::Seconds(within)
+    );
+    let (_, to, _) = apply_change(tx, run, at, |state| {
+        Ok(state.status.is_active().then_some(RunChange::Status {
+            to: RunStatus::Failed,
+            exit_code: None,
+            error: Some(reason),
+        }))
+    })?;
+    Ok(to)
+}
+
 const RUN_SELECT: &str = "
     SELECT r.id, r.name, r.source, r.status, r.parent_id, r.idempotency_key, r.instance_id,
            r.pid, r.host, r.exit_code, r.error, r.metadata, r.log_path, r.created_at,
@@ -737,7 +982,8 @@ const RUN_SELECT: &str = "
            CASE WHEN r.steps_total > r.steps_succeeded + r.steps_failed THEN
                (SELECT s.name FROM steps s
                 WHERE s.run_id = r.id AND s.status = 'running' ORDER BY s.id DESC LIMIT 1)
-           END
+           END,
+           r.adopt_by
     FROM runs r";
 
 fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
@@ -769,6 +1015,7 @@ fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         heartbeat_at: row.get(15)?,
         finished_at: row.get(16)?,
         cancel_requested_at: row.get(17)?,
+        adopt_by: row.get(22)?,
         progress: Progress {
             total,
             succeeded,
@@ -777,6 +1024,20 @@ fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
             current: row.get(21)?,
         },
     })
+}
+
+/// A JSON text column (`null` when NULL).
+fn json_column(row: &Row<'_>, index: usize) -> rusqlite::Result<serde_json::Value> {
+    match row.get_ref(index)?.as_str_or_null()? {
+        None => Ok(serde_json::Value::Null),
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                index,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        }),
+    }
 }
 
 fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
@@ -795,6 +1056,29 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "lock_forced" => EventKind::LockForced {
             keys: super::locks::parse_keys(&row.get::<_, String>(4)?)?,
         },
+        "adopted" => {
+            let who: serde_json::Value = json_column(row, 4)?;
+            EventKind::Adopted {
+                instance: who["instance"].as_i64().unwrap_or_default(),
+                pid: who["pid"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or_default(),
+                host: who["host"].as_str().unwrap_or_default().to_owned(),
+            }
+        }
+        "custom" => {
+            return Ok(EventRecord {
+                id: row.get(0)?,
+                run: row.get(1)?,
+                at: row.get(2)?,
+                kind: EventKind::Custom {
+                    name: row.get(4)?,
+                    data: json_column(row, 7)?,
+                },
+                message: None,
+            });
+        }
         other => {
             return Err(rusqlite::Error::FromSqlConversionFailure(
                 3,
@@ -855,5 +1139,15 @@ mod tests {
             "{plan}"
         );
         assert!(plan.contains("steps_running"), "{plan}");
+    }
+
+    /// The event feed reads a range of the primary key from the cursor: its
+    /// cost does not grow with the history.
+    #[test]
+    fn the_event_feed_reads_a_range_of_the_primary_key() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn, 0).unwrap();
+        let plan = plan(&conn, EVENTS_SINCE, &[Box::new(5), Box::new(100)]);
+        assert_eq!(plan, "SEARCH events USING INTEGER PRIMARY KEY (rowid>?)");
     }
 }

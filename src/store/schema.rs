@@ -183,6 +183,27 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- the run released by force), with the lock's keys as JSON in
     -- events.step and the reason in events.message.
     "#,
+    // 4: runs handed from one process to another, custom events, watchers.
+    r#"
+    -- A run created for another process to adopt (Ledger::create_run) is
+    -- owned by nobody (instance_id 0; pid and host name its creator) until
+    -- adopted, and fails once adopt_by (ms) passes. NULL for every other run,
+    -- so that they stay out of the index.
+    ALTER TABLE runs ADD COLUMN adopt_by INTEGER;
+    CREATE INDEX runs_unadopted ON runs(adopt_by) WHERE adopt_by IS NOT NULL;
+
+    -- Processes watching the event feed (Ledger::watch): a writer that
+    -- appends events wakes each address after its commit.
+    CREATE TABLE watchers (
+        id           INTEGER PRIMARY KEY,
+        instance_id  INTEGER NOT NULL,
+        address      TEXT NOT NULL
+    );
+
+    -- From this version on, events.kind may also be 'adopted' (JSON of the
+    -- adopter's instance, pid and host in events.step) and 'custom' (the
+    -- event's name in events.step, its JSON data in events.message).
+    "#,
 ];
 
 /// The schema version this build writes and understands.
