@@ -17,7 +17,20 @@
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
 //! cargo run --example worker -- DB fill NAME --bytes N
+//! cargo run --example worker -- DB dispatch NAME [--linger] [ADOPT-FLAGS…]
+//! cargo run --example worker -- DB adopt ID [--hold-ms N] [--exit CODE] [--forever]
+//! cargo run --example worker -- DB watch-latency --count N
 //! ```
+//!
+//! `dispatch` creates a run for another process to adopt, prints `created
+//! ID`, starts `worker DB adopt ID` with the flags it was given (its output
+//! goes to the same place), prints `spawned PID`, and exits at once, or
+//! with `--linger` waits to be killed. `adopt` adopts the run, prints
+//! `adopted ID`, waits `--hold-ms` (or forever), ends the run with
+//! `run.exit(--exit)` and prints `status S`. `watch-latency` prints
+//! `watching`, then for each of the next `--count` custom events whose data
+//! has `sent_ns` (Unix nanoseconds), its `i` and the nanoseconds from then
+//! to its arrival through `Ledger::watch`.
 //!
 //! `pingpong` takes and releases `KEY` `--times` times, holding it
 //! `--hold-us` each time, and prints `acquired NS` and `released NS` (Unix
@@ -136,6 +149,58 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             wait_until(args);
             let ledger = Ledger::open(db)?;
             say(format_args!("opened {}", ledger.instance_id()));
+        }
+        "dispatch" => {
+            let ledger = Ledger::open(db)?;
+            let id = ledger.create_run(RunSpec::new(arg(2)?).source("dispatcher"))?;
+            say(format_args!("created {id}"));
+            let passed: Vec<&String> = args[3..].iter().filter(|a| *a != "--linger").collect();
+            let child = std::process::Command::new(std::env::current_exe()?)
+                .arg(db)
+                .arg("adopt")
+                .arg(id.to_string())
+                .args(passed)
+                .spawn()?;
+            say(format_args!("spawned {}", child.id()));
+            if args.iter().any(|a| a == "--linger") {
+                loop {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+            }
+        }
+        "adopt" => {
+            let ledger = Ledger::open(db)?;
+            let id: RunId = arg(2)?.parse()?;
+            let run = ledger.adopt_run(id)?;
+            say(format_args!("adopted {id}"));
+            if args.iter().any(|a| a == "--forever") {
+                loop {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(number(args, "--hold-ms", 0)));
+            let code = flag(args, "--exit").map_or(Ok(0), str::parse)?;
+            say(format_args!("status {}", run.exit(code)?));
+        }
+        "watch-latency" => {
+            let ledger = Ledger::open(db)?;
+            let mut watch = ledger.watch(ledger.events_cursor()?)?;
+            say("watching");
+            let mut left = number(args, "--count", 1);
+            while left > 0 {
+                let event = watch.next().ok_or("the watch ended")??;
+                let arrived = unix_nanos();
+                if let runledger::EventKind::Custom { data, .. } = &event.kind
+                    && let Some(sent) = data["sent_ns"].as_u64()
+                {
+                    say(format_args!(
+                        "{} {}",
+                        data["i"],
+                        arrived.saturating_sub(u128::from(sent))
+                    ));
+                    left -= 1;
+                }
+            }
         }
         "begin" => {
             let ledger = Ledger::open(db)?;

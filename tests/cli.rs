@@ -33,6 +33,7 @@ impl Cli {
             .arg(self.db())
             .args(args)
             .env_remove("RUNLEDGER_DB")
+            .env_remove("RUNLEDGER_RUN_ID")
             .stdin(Stdio::null());
         command
     }
@@ -700,4 +701,172 @@ fn the_default_ledger_lives_in_the_users_data_folder() {
             .join(".local/share/runledger/ledger.db")
             .exists()
     );
+}
+
+#[test]
+fn exec_adopts_the_run_its_parent_created_and_takes_its_locks_for_it() {
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    let id = ledger
+        .create_run(runledger::RunSpec::new("nightly").source("dashboard"))
+        .unwrap();
+    let worker = cli
+        .command(&[
+            "exec",
+            "--lock",
+            "report",
+            "--",
+            "sh",
+            "-c",
+            "echo \"adopted=$RUNLEDGER_RUN_ID\"; sleep 1; exit 4",
+        ])
+        .env("RUNLEDGER_RUN_ID", id.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, its lock is the run's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let locks = cli.json(&["locks"]);
+        if locks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == "report")
+        {
+            assert_eq!(locks[0]["run"], i64::from(id), "{locks}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never locked: {locks}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A second worker handed the same run is refused, naming the first.
+    let second = cli
+        .command(&["exec", "--", "true"])
+        .env("RUNLEDGER_RUN_ID", id.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(code(&second), 1);
+    let err = one_line_error(&second);
+    assert!(
+        err.contains(&format!("run {id} is already owned by pid {}", worker.id())),
+        "{err}"
+    );
+
+    let out = worker.wait_with_output().unwrap();
+    assert_eq!(code(&out), 4);
+    assert!(text(&out.stdout).starts_with(&format!("adopted={id}")));
+    let runs = cli.json(&["runs"]);
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        1,
+        "no run of its own: {runs}"
+    );
+    let run = &runs[0];
+    assert_eq!(run["id"], i64::from(id));
+    assert_eq!(run["name"], "nightly", "the creator's spec");
+    assert_eq!(
+        (&run["status"], &run["exit_code"]),
+        (&"failed".into(), &4.into())
+    );
+    let log = std::fs::read_to_string(run["log_path"].as_str().unwrap()).unwrap();
+    assert!(log.contains(&format!("adopted={id}")), "{log}");
+    let shown = cli.json(&["show", &id.to_string()]);
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["status", "adopted", "status", "status"], "{shown}");
+}
+
+#[test]
+fn an_exec_under_an_exec_records_a_child_run_and_a_bad_id_is_refused() {
+    let cli = Cli::new();
+    let out = cli
+        .command(&[
+            "exec",
+            "--name",
+            "outer",
+            "--",
+            "sh",
+            "-c",
+            "\"$RUNLEDGER_BIN\" exec --name inner -- true",
+        ])
+        .env("RUNLEDGER_BIN", env!("CARGO_BIN_EXE_runledger"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let runs = cli.json(&["runs"]);
+    let (inner, outer) = (&runs[0], &runs[1]);
+    assert_eq!(
+        (&inner["name"], &outer["name"]),
+        (&"inner".into(), &"outer".into())
+    );
+    assert_eq!(inner["parent"], outer["id"]);
+    assert_eq!(inner["status"], "succeeded");
+
+    for bad in ["seven", "999"] {
+        let out = cli
+            .command(&["exec", "--", "true"])
+            .env("RUNLEDGER_RUN_ID", bad)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 2, "{bad}");
+        let err = one_line_error(&out);
+        assert!(err.contains("RUNLEDGER_RUN_ID"), "{err}");
+    }
+}
+
+#[test]
+fn watch_prints_the_feed_live_as_text_or_json_lines() {
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    ledger
+        .begin_run(runledger::RunSpec::new("earlier"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+    // From the start of the history, as text.
+    let out = cli.run(&["watch", "--from", "0", "--count", "2"]);
+    assert_eq!(code(&out), 0);
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].contains("run 1 earlier  registered running"),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains("running → succeeded"), "{lines:?}");
+
+    // Live, as JSON lines: only what comes after it started.
+    let watcher = cli.spawn(&["watch", "--json", "--count", "3"]);
+    // Its start is not observable from here; a run that begins before it
+    // reads the feed's end would be missed, so wait until it is registered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let conn = rusqlite::Connection::open(cli.db()).unwrap();
+    while conn
+        .query_row("SELECT count(*) FROM watchers", [], |r| r.get::<_, i64>(0))
+        .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the watch never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let run = ledger.begin_run(runledger::RunSpec::new("later")).unwrap();
+    run.event("progress", serde_json::json!({"pct": 50}))
+        .unwrap();
+    run.succeed().unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let events: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["status", "custom", "status"]);
+    assert!(events.iter().all(|e| e["run"] == 2));
+    assert_eq!(events[1]["name"], "progress");
+    assert_eq!(events[1]["data"]["pct"], 50);
 }

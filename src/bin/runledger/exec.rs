@@ -216,7 +216,7 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     };
     std::fs::create_dir_all(&log_dir)
         .map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
-    let log_path = log_file_path(&log_dir, &name);
+    let mut log_path = log_file_path(&log_dir, &name);
 
     let mut metadata = serde_json::Map::new();
     metadata.insert(
@@ -234,12 +234,24 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     }
     let mut spec = RunSpec::new(name)
         .source(args.source.clone())
-        .metadata(metadata.into())
-        .log_path(&log_path);
+        .metadata(metadata.into());
     if !requests.is_empty() {
         spec = spec.queued();
     }
-    let run = ledger.begin_run(spec)?;
+    let run = match handed_run()? {
+        None => ledger.begin_run(spec.log_path(&log_path))?,
+        Some(id) => match adopt(&ledger, id, !requests.is_empty())? {
+            Handed::Adopted(run, recorded) => {
+                // The creator's log path, if it chose one; else ours.
+                match recorded {
+                    Some(path) => log_path = path,
+                    None => run.set_log_path(&log_path)?,
+                }
+                run
+            }
+            Handed::Nested(parent) => ledger.begin_run(spec.parent(parent).log_path(&log_path))?,
+        },
+    };
     shared.run.store(i64::from(run.id()), Ordering::SeqCst);
     // A signal that came before the run had an id cancelled nothing yet.
     if shared.interrupted.load(Ordering::SeqCst) != 0 {
@@ -281,6 +293,86 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     forwarder.close();
     drop(guards); // released with the run already; this only drops the handles
     Ok(code)
+}
+
+/// The run id a parent handed down in `RUNLEDGER_RUN_ID`, if any.
+fn handed_run() -> Result<Option<RunId>, Failure> {
+    let Some(text) = std::env::var_os("RUNLEDGER_RUN_ID").filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    text.to_str()
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .map(|id| Some(RunId::from(id)))
+        .ok_or_else(|| Failure {
+            message: format!("RUNLEDGER_RUN_ID is not a run id: {text:?}"),
+            code: 2,
+        })
+}
+
+/// What `exec` does with a handed-down run.
+enum Handed {
+    /// Adopted (with the log path its creator recorded, if any).
+    Adopted(Run, Option<PathBuf>),
+    /// The run of an `exec` this one runs under: a run of its own, as its
+    /// child.
+    Nested(RunId),
+}
+
+/// Adopts the run a parent created for this `exec` (leaving it queued while
+/// `exec` takes its locks). A run owned by an ancestor process, the run of
+/// an outer `runledger exec` whose command runs this one, is a parent
+/// instead; any other owner is an error naming it.
+fn adopt(ledger: &Ledger, id: RunId, queued: bool) -> Result<Handed, Failure> {
+    let record = ledger.run(id).map_err(|e| Failure {
+        message: format!("RUNLEDGER_RUN_ID names run {id}: {e}"),
+        code: 2,
+    })?;
+    if record.adopt_by.is_none()
+        && record.status.is_active()
+        && this_host().as_deref() == Some(record.host.as_str())
+        && is_ancestor(record.pid)
+    {
+        return Ok(Handed::Nested(id));
+    }
+    let run = if queued {
+        ledger.adopt_run_queued(id)?
+    } else {
+        ledger.adopt_run(id)?
+    };
+    Ok(Handed::Adopted(run, record.log_path))
+}
+
+fn this_host() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_owned())
+}
+
+/// Whether `pid` is this process's parent, grandparent, and so on.
+fn is_ancestor(pid: u32) -> bool {
+    let mut current = std::os::unix::process::parent_id();
+    // A bounded walk: a cycle cannot happen, a very deep tree gives up.
+    for _ in 0..256 {
+        if current == pid {
+            return true;
+        }
+        if current <= 1 {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{current}/stat")) else {
+            return false;
+        };
+        // The fields after the command name (which may hold spaces or
+        // parentheses): state, then the parent's pid.
+        let Some(parent) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+        else {
+            return false;
+        };
+        current = parent;
+    }
+    false
 }
 
 /// Takes the locks for the run, saying on stderr what it waits for.

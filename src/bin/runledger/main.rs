@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use runledger::{Error, Ledger, RunFilter, RunId, RunStatus};
+use runledger::{Error, EventCursor, Ledger, RunFilter, RunId, RunStatus};
 
 /// Exit code for a lock that was taken or did not come in time
 /// (`EX_TEMPFAIL` of sysexits.h: try again later).
@@ -149,6 +149,26 @@ Examples:
         /// Such as 30d, 12h, 90m.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         older_than: Duration,
+    },
+
+    /// Print every event of every run as it commits, until interrupted.
+    ///
+    /// One line per event: its time, id, run and what happened. Starts with
+    /// the events still to come; --from N starts after event N (0: the whole
+    /// history kept). --json: one event object per line, {id, run, at, kind,
+    /// message, ...} with the fields of its kind (status: from, to; step:
+    /// step, from, to; lock_forced: keys; adopted: instance, pid, host;
+    /// custom: name, data).
+    #[command(
+        after_help = "Examples:\n  runledger watch\n  runledger watch --json --from 0 | jq .kind"
+    )]
+    Watch {
+        /// Start after this event id instead of at the end.
+        #[arg(long, value_name = "EVENT_ID")]
+        from: Option<EventCursor>,
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
 
     /// Release a lock by force (for operators); recorded with the reason.
@@ -351,6 +371,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                 &serde_json::json!({"pruned": pruned}),
                 format_args!("pruned {pruned} runs"),
             );
+            Ok(0)
+        }
+        Command::Watch { from, count } => {
+            // Long-lived: its instance heartbeats like any other.
+            let ledger = open_with(&path, |b| b.background(true))?;
+            output::watch(&ledger, from, count, json)?;
             Ok(0)
         }
         Command::Unlock {

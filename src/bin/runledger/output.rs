@@ -1,12 +1,14 @@
 //! What the reading commands print: aligned tables for people, JSON for
 //! programs.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use runledger::{
-    EventKind, EventRecord, Ledger, LockRecord, LockState, ReapReport, RunId, RunRecord, Timestamp,
+    EventCursor, EventKind, EventRecord, Ledger, LockRecord, LockState, ReapReport, RunId,
+    RunRecord, Timestamp,
 };
 
 use crate::Failure;
@@ -85,13 +87,24 @@ impl Out {
         field("name", &run.name);
         field("status", &run.status);
         field("source", &run.source);
-        field(
-            "owner",
-            &format_args!(
-                "pid {} on {} (instance {})",
-                run.pid, run.host, run.instance
+        match run.adopt_by {
+            Some(by) => field(
+                "owner",
+                &format_args!(
+                    "nobody yet: created by pid {} on {}, to be adopted by {by} ({})",
+                    run.pid,
+                    run.host,
+                    ago(now, by)
+                ),
             ),
-        );
+            None => field(
+                "owner",
+                &format_args!(
+                    "pid {} on {} (instance {})",
+                    run.pid, run.host, run.instance
+                ),
+            ),
+        }
         field(
             "created",
             &format_args!("{} ({})", run.created_at, ago(now, run.created_at)),
@@ -235,7 +248,7 @@ fn info(run: &RunRecord) -> String {
     }
 }
 
-fn event_text(event: &EventRecord) -> String {
+pub(crate) fn event_text(event: &EventRecord) -> String {
     match &event.kind {
         EventKind::Status { from: None, to } => format!("registered {to}"),
         EventKind::Status {
@@ -254,8 +267,58 @@ fn event_text(event: &EventRecord) -> String {
         } => format!("step {step}: {from} → {to}"),
         EventKind::CancelRequested => "cancel requested".to_owned(),
         EventKind::LockForced { keys } => format!("lock {keys:?} released by force"),
+        EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
+        EventKind::Custom { name, data } if data.is_null() => name.clone(),
+        EventKind::Custom { name, data } => format!("{name} {data}"),
         other => format!("{other:?}"),
     }
+}
+
+/// Prints the event feed as it commits: `count` events, or until stdout
+/// closes (`runledger watch | head`) or the process is interrupted.
+pub(crate) fn watch(
+    ledger: &Ledger,
+    from: Option<EventCursor>,
+    count: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let cursor = match from {
+        Some(cursor) => cursor,
+        None => ledger.events_cursor()?,
+    };
+    let mut names: HashMap<RunId, String> = HashMap::new();
+    if count == Some(0) {
+        return Ok(());
+    }
+    for (done, event) in ledger.watch(cursor)?.enumerate() {
+        let event = event?;
+        let line = if json {
+            serde_json::to_string(&event).map_err(|e| e.to_string())?
+        } else {
+            let name = names
+                .entry(event.run)
+                .or_insert_with(|| ledger.run(event.run).map(|r| r.name).unwrap_or_default());
+            let mut line = format!(
+                "{}  #{}  run {} {name}  {}",
+                event.at,
+                event.id,
+                event.run,
+                event_text(&event)
+            );
+            if let Some(message) = &event.message {
+                line.push_str(": ");
+                line.push_str(message);
+            }
+            line
+        };
+        if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+            break; // the reader went away
+        }
+        if count.is_some_and(|count| done as u64 + 1 >= count) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// "3m ago", "just now", "in 5s" (a clock behind the writer's).
