@@ -20,11 +20,14 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use criterion::Criterion;
+
+mod common;
+use common::{percentile, worker};
 use runledger::{EventCursor, Ledger, RunSpec};
 
 /// A ledger whose history holds `events` events (one run, status events
@@ -70,26 +73,6 @@ fn feed(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// The `worker` example, built in release.
-fn worker() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--example", "worker"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/worker")
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn watch(worker: &Path) {

@@ -21,11 +21,14 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+
+mod common;
+use common::{percentile, worker};
 use runledger::Ledger;
 use rusqlite::Connection;
 
@@ -89,26 +92,6 @@ fn uncontended(c: &mut Criterion) {
         })
     });
     group.finish();
-}
-
-/// The `worker` example, built in release.
-fn worker() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--example", "worker"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/worker")
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn summary(mut values: Vec<u64>) -> String {

@@ -266,7 +266,11 @@ fn an_unadopted_run_can_be_cancelled_and_is_listed_as_queued() {
     assert_eq!(queued[0].id, id);
     assert!(f.ledger.run(id).unwrap().adopt_by.is_some());
     assert_eq!(f.ledger.cancel(id).unwrap(), RunStatus::Cancelled);
-    assert_eq!(f.ledger.run(id).unwrap().adopt_by, None, "no longer awaited");
+    assert_eq!(
+        f.ledger.run(id).unwrap().adopt_by,
+        None,
+        "no longer awaited"
+    );
     let worker = other(&f, "worker");
     assert!(matches!(
         worker.adopt_run(id),

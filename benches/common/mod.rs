@@ -1,0 +1,26 @@
+//! Helpers shared by the benches that spawn processes.
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `worker` example, built in release.
+pub fn worker() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--example", "worker"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/worker")
+}
+
+/// The value at fraction `p` of `sorted` (nearest rank).
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
