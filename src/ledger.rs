@@ -616,6 +616,13 @@ impl Ledger {
     /// ```
     pub fn create_run(&self, spec: RunSpec) -> Result<RunId> {
         let within = spec.adopt_within.unwrap_or(DEFAULT_ADOPT_WITHIN);
+        if within.is_zero() {
+            return Err(crate::Error::invalid(
+                "adoption deadline",
+                "0s",
+                "must be more than zero, or no process could ever adopt the run",
+            ));
+        }
         let id = self.insert_run(&spec, Some(within))?;
         log::debug!("runledger: run {id} ({}) created for adoption", spec.name);
         Ok(id)
@@ -688,7 +695,10 @@ impl Ledger {
         }
         let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
         let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        // Stored in ms and added to times in SQL: a century is long enough
+        // for any deadline, and keeps every sum far from overflowing.
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        let millis = |d: Duration| d.min(CENTURY).as_millis() as i64;
         let inner = &self.inner;
         let mut new = NewRun {
             name: &spec.name,
@@ -834,7 +844,9 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::Busy`](crate::Error::Busy) or
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a cursor past
+    /// the end of the feed (saved from another ledger, say: it would skip
+    /// every event up to it); [`Error::Busy`](crate::Error::Busy) or
     /// [`Error::Storage`](crate::Error::Storage) if the ledger cannot be read.
     ///
     /// # Examples
@@ -856,10 +868,30 @@ impl Ledger {
             .inner
             .store
             .events_since(cursor.last_event_id(), limit)?;
+        if events.is_empty() {
+            self.check_cursor(cursor)?;
+        }
         let next = events
             .last()
             .map_or(cursor, |event| EventCursor::after(event.id));
         Ok(EventPage { events, next })
+    }
+
+    /// Refuses a cursor past the end of the feed: saved from another ledger
+    /// (or a ledger since made anew), it would skip every event up to it.
+    fn check_cursor(&self, cursor: EventCursor) -> Result<()> {
+        let end = self.events_cursor()?;
+        if cursor > end {
+            return Err(crate::Error::invalid(
+                "event cursor",
+                &cursor.to_string(),
+                format!(
+                    "is past the end of this ledger's feed (event {end}); \
+                     was it saved from another ledger?"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The cursor at the end of the feed as it is now: the events after it
@@ -876,10 +908,12 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// [`Error::Busy`](crate::Error::Busy) or
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a cursor past
+    /// the end of the feed; [`Error::Busy`](crate::Error::Busy) or
     /// [`Error::Storage`](crate::Error::Storage) if the watch cannot be
     /// registered.
     pub fn watch(&self, cursor: EventCursor) -> Result<Watch> {
+        self.check_cursor(cursor)?;
         Watch::new(self.clone(), cursor)
     }
 

@@ -319,8 +319,9 @@ impl RunSpec {
     /// For work that can wedge (a stuck network call, a deadlock) while its
     /// process lives on. Unlike a dead owner, a hung run is judged by the
     /// clock, so pick a timeout well above the longest gap between two
-    /// heartbeats, and above any jump the wall clock may make. Defaults to
-    /// none: a run of a live process is never judged hung.
+    /// heartbeats, and above any jump the wall clock may make (more than a
+    /// century counts as a century). Defaults to none: a run of a live
+    /// process is never judged hung.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> RunSpec {
         self.heartbeat_timeout = Some(timeout);
         self
@@ -331,7 +332,8 @@ impl RunSpec {
     /// [adopt](crate::Ledger::adopt_run) it. Once that has passed without an
     /// adopter, the `dead-owners` reaper fails it (`not adopted within …`),
     /// and a late adopter gets [`Error::RunFinished`]. Measured by the
-    /// ledger's clock from the run's creation. Defaults to
+    /// ledger's clock from the run's creation; more than a century counts as
+    /// a century, and zero is refused as invalid input. Defaults to
     /// [`DEFAULT_ADOPT_WITHIN`]; ignored by
     /// [`Ledger::begin_run`](crate::Ledger::begin_run).
     pub fn adopt_within(mut self, within: Duration) -> RunSpec {

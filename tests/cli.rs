@@ -779,7 +779,11 @@ fn exec_adopts_the_run_its_parent_created_and_takes_its_locks_for_it() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["status", "adopted", "status", "status"], "{shown}");
+    assert_eq!(
+        kinds,
+        ["status", "adopted", "custom", "status", "status"],
+        "{shown}"
+    );
 }
 
 #[test]
@@ -869,4 +873,129 @@ fn watch_prints_the_feed_live_as_text_or_json_lines() {
     assert!(events.iter().all(|e| e["run"] == 2));
     assert_eq!(events[1]["name"], "progress");
     assert_eq!(events[1]["data"]["pct"], 50);
+}
+
+/// An `exec` whose command runs an `exec` on another ledger: the inner one
+/// inherits the outer run's id, which names nothing of its own ledger (here
+/// a run awaiting its adopter, with the same number). It must neither take
+/// that run nor refuse to work.
+#[test]
+fn an_exec_on_another_ledger_under_an_exec_neither_hijacks_nor_refuses() {
+    let outer = Cli::new();
+    let inner = Cli::new();
+    let dashboard = runledger::Ledger::open(inner.db()).unwrap();
+    let theirs = dashboard
+        .create_run(runledger::RunSpec::new("nightly-report"))
+        .unwrap();
+    let out = outer
+        .command(&["exec", "--name", "outer", "--", "sh", "-c"])
+        .arg(format!(
+            "\"$RUNLEDGER_BIN\" --db \"{}\" exec --name inner -- echo inner-ran",
+            inner.db().display()
+        ))
+        .env("RUNLEDGER_BIN", env!("CARGO_BIN_EXE_runledger"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("inner-ran"));
+    let record = dashboard.run(theirs).unwrap();
+    assert_eq!(record.status, runledger::RunStatus::Queued, "{record:?}");
+    assert!(record.adopt_by.is_some(), "still awaiting its worker");
+    let runs = inner.json(&["runs"]);
+    let own = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "inner")
+        .unwrap_or_else(|| panic!("{runs}"));
+    assert_eq!(own["parent"], Value::Null, "no parent from another ledger");
+}
+
+/// An `exec` left in the background by another `exec`'s command starts
+/// after that run ended: it records a run of its own, as before.
+#[test]
+fn an_exec_left_in_the_background_by_an_exec_still_runs_its_command() {
+    let cli = Cli::new();
+    let marker = cli.dir.path().join("inner-ran");
+    let out = cli
+        .command(&["exec", "--name", "outer", "--", "sh", "-c"])
+        .arg(format!(
+            "(sleep 1; \"$RUNLEDGER_BIN\" exec --name inner -- touch \"{}\") >/dev/null 2>&1 &",
+            marker.display()
+        ))
+        .env("RUNLEDGER_BIN", env!("CARGO_BIN_EXE_runledger"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the inner exec never ran: {}",
+            cli.json(&["runs"])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A creator that recorded a log path in a folder not made yet: `exec`
+/// makes the folder and appends to the file.
+#[test]
+fn exec_writes_the_log_where_the_creator_of_its_run_said() {
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    let log = cli.dir.path().join("runs/nightly/out.log");
+    let id = ledger
+        .create_run(runledger::RunSpec::new("nightly").log_path(&log))
+        .unwrap();
+    let out = cli
+        .command(&["exec", "--meta", "ticket=OPS-9", "--", "echo", "worked"])
+        .env("RUNLEDGER_RUN_ID", id.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("worked"));
+    // What exec ran is recorded beside the creator's metadata.
+    let shown = cli.json(&["show", &id.to_string()]);
+    let exec_event = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "custom" && e["name"] == "exec")
+        .unwrap_or_else(|| panic!("{shown}"))
+        .clone();
+    assert_eq!(exec_event["data"]["command"][0], "echo");
+    assert_eq!(exec_event["data"]["ticket"], "OPS-9");
+}
+
+/// `runledger watch | head -1`: once the reader is gone, watch exits even
+/// when no further event comes to write.
+#[test]
+fn watch_exits_when_its_reader_goes_away_on_a_quiet_ledger() {
+    use std::io::{BufRead, BufReader};
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    ledger
+        .begin_run(runledger::RunSpec::new("only"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+    let mut watch = cli.spawn(&["watch", "--from", "1"]);
+    let mut line = String::new();
+    BufReader::new(watch.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap(); // and the reader is dropped
+    assert!(line.contains("succeeded"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while watch.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("watch still runs 20 s after its reader went away");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A cursor past the end is refused, not silently waited from.
+    let out = cli.run(&["watch", "--from", "1000"]);
+    assert_eq!(code(&out), 1);
+    assert!(one_line_error(&out).contains("past the end"));
 }

@@ -219,3 +219,32 @@ fn watchers(f: &common::Fixture) -> i64 {
     conn.query_row("SELECT count(*) FROM watchers", [], |row| row.get(0))
         .unwrap()
 }
+
+#[test]
+fn a_cursor_past_the_end_of_the_feed_is_refused() {
+    let f = fixture();
+    f.ledger
+        .begin_run(RunSpec::new("a"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+    let end = f.ledger.events_cursor().unwrap();
+    assert_eq!(end, EventCursor::after(2));
+    // At the end: an empty page, the same cursor.
+    let page = f.ledger.events_since(end, 10).unwrap();
+    assert!(page.events.is_empty() && page.next == end);
+    // Past it (saved from another ledger, say): every event up to it would
+    // be skipped without a word, so it is refused.
+    let past = EventCursor::after(1000);
+    for e in [
+        f.ledger.events_since(past, 10).unwrap_err(),
+        f.ledger.watch(past).unwrap_err(),
+    ] {
+        assert!(e.is_invalid_input(), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("invalid event cursor \"1000\": is past the end"),
+            "{e}"
+        );
+    }
+}

@@ -301,3 +301,43 @@ fn a_created_run_is_checked_like_a_begun_one() {
         other => panic!("expected a duplicate, got {other:?}"),
     }
 }
+
+#[test]
+fn an_adoption_deadline_of_zero_is_refused_and_a_huge_one_is_a_century() {
+    let f = fixture();
+    let e = f
+        .ledger
+        .create_run(RunSpec::new("never").adopt_within(Duration::ZERO))
+        .unwrap_err();
+    assert!(e.is_invalid_input(), "{e}");
+    assert!(
+        e.to_string().starts_with("invalid adoption deadline"),
+        "{e}"
+    );
+    // Duration::MAX: stored as a century from now, readable, adoptable,
+    // and the listings still read (an overflow in SQL once made the column
+    // a REAL that nothing could read back).
+    let id = f
+        .ledger
+        .create_run(
+            RunSpec::new("forever")
+                .adopt_within(Duration::MAX)
+                .heartbeat_timeout(Duration::MAX),
+        )
+        .unwrap();
+    let record = f.ledger.run(id).unwrap();
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    assert_eq!(
+        record
+            .adopt_by
+            .unwrap()
+            .saturating_duration_since(record.created_at),
+        century
+    );
+    f.ledger.runs(RunFilter::default()).unwrap();
+    let worker = other(&f, "worker");
+    let run = worker.adopt_run(id).unwrap();
+    run.heartbeat().unwrap();
+    f.ledger.runs(RunFilter::default().active()).unwrap();
+    run.succeed().unwrap();
+}

@@ -48,8 +48,10 @@ pub(super) fn lease_of(ms: Option<i64>) -> Option<std::time::Duration> {
 }
 
 /// The statement that lists the open instances (the `instances_open`
-/// index serves it).
-pub(super) const OPEN_INSTANCES: &str = concat!(instance_select!(), " WHERE closed_at IS NULL");
+/// index serves it), but for instance 0 (the owner of runs awaiting
+/// adoption, which no process is).
+pub(super) const OPEN_INSTANCES: &str =
+    concat!(instance_select!(), " WHERE closed_at IS NULL AND id <> 0");
 
 /// The active runs of one instance, from the active-runs index (its WHERE
 /// clause repeats the index's condition verbatim).
@@ -413,5 +415,67 @@ mod tests {
             // A full scan reads "SCAN runs" with no index named after it.
             assert!(plan.split("; ").all(|step| step != "SCAN runs"), "{plan}");
         }
+    }
+
+    /// A process of the previous release (schema 3) that still runs after
+    /// this one migrated the file reaps with its own queries: instance 0
+    /// must look like a live instance to them, or they would fail every run
+    /// awaiting adoption as a closed instance's.
+    #[test]
+    fn runs_awaiting_adoption_are_safe_from_the_previous_releases_reaper() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn, 0).unwrap();
+        conn.execute(
+            "INSERT INTO runs (name, source, status, instance_id, pid, host, created_at, adopt_by)
+             VALUES ('handed', 'dashboard', 'queued', 0, 42, 'h', 1, 300001)",
+            [],
+        )
+        .unwrap();
+        // Schema 3's query for the leftovers of closed instances, verbatim.
+        const V3_ORPHANED_OWNERS: &str = "
+            SELECT DISTINCT r.instance_id FROM runs r
+            WHERE r.status IN ('queued','running')
+              AND NOT EXISTS (SELECT 1 FROM instances i
+                              WHERE i.id = r.instance_id AND i.closed_at IS NULL)";
+        let orphans: Vec<i64> = conn
+            .prepare(V3_ORPHANED_OWNERS)
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(orphans.is_empty(), "{orphans:?}");
+        // Its judge of open instances (the same as this one's) finds
+        // instance 0 alive, whatever the time: no boot, a heartbeat ahead.
+        let nobody = conn
+            .query_row(
+                &format!("{INSTANCE_SELECT} WHERE id = 0"),
+                [],
+                instance_record,
+            )
+            .unwrap();
+        let judge = crate::liveness::Judge {
+            me: crate::liveness::ProcessIdentity::current(),
+            instances_dir: std::env::temp_dir(),
+            stale_after: std::time::Duration::from_secs(60),
+        };
+        for now in [
+            Timestamp::from_millis(0),
+            Timestamp::from_millis(4_102_444_800_000),
+        ] {
+            assert!(
+                matches!(judge.judge(&nobody, now), crate::liveness::Verdict::Alive),
+                "{nobody:?}"
+            );
+        }
+        // This release never judges it.
+        let open: Vec<i64> = conn
+            .prepare(OPEN_INSTANCES)
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(open.is_empty(), "{open:?}");
     }
 }

@@ -87,8 +87,8 @@ impl FromSql for Timestamp {
 
 const ACTIVE: &str = "('queued','running')";
 
-/// The owner instance of a run awaiting adoption: no instance has this id
-/// (SQLite hands out row ids from 1).
+/// The owner instance of a run awaiting adoption: the row of id 0 that the
+/// schema inserts, which no process is (row ids are handed out from 1).
 pub(super) const NOBODY: i64 = 0;
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {

@@ -191,6 +191,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- so that they stay out of the index.
     ALTER TABLE runs ADD COLUMN adopt_by INTEGER;
     CREATE INDEX runs_unadopted ON runs(adopt_by) WHERE adopt_by IS NOT NULL;
+    -- Instance 0, the owner of those runs: an open row that no process
+    -- heartbeats, on no boot, with a heartbeat far in the future. This
+    -- version never judges it; a process of an earlier version, still
+    -- running while this one migrated the file, judges it alive by its lease
+    -- and leaves its runs alone (without the row it would take them for the
+    -- runs of a closed instance and fail them).
+    INSERT INTO instances (id, host, boot_id, pid, label, started_at, heartbeat_at)
+        VALUES (0, 'nobody', NULL, 0, 'owner of runs awaiting adoption', 0,
+                9007199254740991);
 
     -- Processes watching the event feed (Ledger::watch): a writer that
     -- appends events wakes each address after its commit.

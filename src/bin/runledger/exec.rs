@@ -234,30 +234,49 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     }
     let mut spec = RunSpec::new(name)
         .source(args.source.clone())
-        .metadata(metadata.into());
+        .metadata(metadata.clone().into());
     if !requests.is_empty() {
         spec = spec.queued();
     }
-    let run = match handed_run()? {
-        None => ledger.begin_run(spec.log_path(&log_path))?,
-        Some(id) => match adopt(&ledger, id, !requests.is_empty())? {
-            Handed::Adopted(run, recorded) => {
-                // The creator's log path, if it chose one; else ours.
-                match recorded {
-                    Some(path) => log_path = path,
-                    None => run.set_log_path(&log_path)?,
+    let run = match handed_run(&ledger)? {
+        Handed::None => ledger.begin_run(spec.log_path(&log_path))?,
+        Handed::Outer(parent) => ledger.begin_run(spec.parent(parent).log_path(&log_path))?,
+        Handed::Adopt(id) => {
+            let recorded = ledger
+                .run(id)
+                .map_err(|e| Failure {
+                    message: format!("RUNLEDGER_RUN_ID names run {id}: {e}"),
+                    code: 2,
+                })?
+                .log_path;
+            let run = if requests.is_empty() {
+                ledger.adopt_run(id)?
+            } else {
+                ledger.adopt_run_queued(id)?
+            };
+            // The run keeps its creator's name, source and metadata; what
+            // this exec runs is recorded beside them.
+            run.event("exec", metadata.clone().into())?;
+            // The creator's log path, if it chose one; else ours.
+            match recorded {
+                Some(path) => {
+                    if let Some(dir) = path.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    log_path = path;
                 }
-                run
+                None => run.set_log_path(&log_path)?,
             }
-            Handed::Nested(parent) => ledger.begin_run(spec.parent(parent).log_path(&log_path))?,
-        },
+            run
+        }
     };
     shared.run.store(i64::from(run.id()), Ordering::SeqCst);
     // A signal that came before the run had an id cancelled nothing yet.
     if shared.interrupted.load(Ordering::SeqCst) != 0 {
         let _ = ledger.cancel(run.id());
     }
-    let log = match File::create(&log_path) {
+    // Appended to: a creator may have written to the file it recorded.
+    let log = match File::options().create(true).append(true).open(&log_path) {
         Ok(log) => log,
         Err(e) => {
             let reason = format!("cannot create the log file {}: {e}", log_path.display());
@@ -295,84 +314,50 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     Ok(code)
 }
 
-/// The run id a parent handed down in `RUNLEDGER_RUN_ID`, if any.
-fn handed_run() -> Result<Option<RunId>, Failure> {
+/// Set by `exec` for its command to the id of its run, beside
+/// `RUNLEDGER_RUN_ID`: an `exec` that finds both equal runs under another
+/// `exec` rather than being handed a run.
+const EXEC_RUN_VAR: &str = "RUNLEDGER_EXEC_RUN_ID";
+
+/// What `RUNLEDGER_RUN_ID` asks of this `exec`.
+#[derive(Debug)]
+enum Handed {
+    /// Nothing: a run of its own.
+    None,
+    /// A run made for it to adopt (by `Ledger::create_run`).
+    Adopt(RunId),
+    /// The run of the `exec` whose command runs this one, on this ledger:
+    /// a run of its own, as that run's child.
+    Outer(RunId),
+}
+
+/// Reads `RUNLEDGER_RUN_ID`. A parent that hands a run sets it; an outer
+/// `exec` sets it too, for its command to know its run, and marks it as its
+/// own with `RUNLEDGER_EXEC_RUN_ID`: that id is a parent (when it is a run
+/// of this very ledger, as `RUNLEDGER_DB` says), never a run to take.
+fn handed_run(ledger: &Ledger) -> Result<Handed, Failure> {
     let Some(text) = std::env::var_os("RUNLEDGER_RUN_ID").filter(|t| !t.is_empty()) else {
-        return Ok(None);
+        return Ok(Handed::None);
     };
-    text.to_str()
+    let id = text
+        .to_str()
         .and_then(|t| t.trim().parse::<i64>().ok())
-        .map(|id| Some(RunId::from(id)))
+        .map(RunId::from)
         .ok_or_else(|| Failure {
             message: format!("RUNLEDGER_RUN_ID is not a run id: {text:?}"),
             code: 2,
-        })
-}
-
-/// What `exec` does with a handed-down run.
-enum Handed {
-    /// Adopted (with the log path its creator recorded, if any).
-    Adopted(Run, Option<PathBuf>),
-    /// The run of an `exec` this one runs under: a run of its own, as its
-    /// child.
-    Nested(RunId),
-}
-
-/// Adopts the run a parent created for this `exec` (leaving it queued while
-/// `exec` takes its locks). A run owned by an ancestor process, the run of
-/// an outer `runledger exec` whose command runs this one, is a parent
-/// instead; any other owner is an error naming it.
-fn adopt(ledger: &Ledger, id: RunId, queued: bool) -> Result<Handed, Failure> {
-    let record = ledger.run(id).map_err(|e| Failure {
-        message: format!("RUNLEDGER_RUN_ID names run {id}: {e}"),
-        code: 2,
-    })?;
-    if record.adopt_by.is_none()
-        && record.status.is_active()
-        && this_host().as_deref() == Some(record.host.as_str())
-        && is_ancestor(record.pid)
-    {
-        return Ok(Handed::Nested(id));
+        })?;
+    if std::env::var_os(EXEC_RUN_VAR).as_ref() != Some(&text) {
+        return Ok(Handed::Adopt(id));
     }
-    let run = if queued {
-        ledger.adopt_run_queued(id)?
+    let same_ledger = std::env::var_os("RUNLEDGER_DB")
+        .and_then(|db| std::fs::canonicalize(db).ok())
+        .is_some_and(|db| db == ledger.path());
+    Ok(if same_ledger && ledger.run(id).is_ok() {
+        Handed::Outer(id)
     } else {
-        ledger.adopt_run(id)?
-    };
-    Ok(Handed::Adopted(run, record.log_path))
-}
-
-fn this_host() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    Some(name.trim().to_owned())
-}
-
-/// Whether `pid` is this process's parent, grandparent, and so on.
-fn is_ancestor(pid: u32) -> bool {
-    let mut current = std::os::unix::process::parent_id();
-    // A bounded walk: a cycle cannot happen, a very deep tree gives up.
-    for _ in 0..256 {
-        if current == pid {
-            return true;
-        }
-        if current <= 1 {
-            return false;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{current}/stat")) else {
-            return false;
-        };
-        // The fields after the command name (which may hold spaces or
-        // parentheses): state, then the parent's pid.
-        let Some(parent) = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse().ok())
-        else {
-            return false;
-        };
-        current = parent;
-    }
-    false
+        Handed::None
+    })
 }
 
 /// Takes the locks for the run, saying on stderr what it waits for.
@@ -485,6 +470,9 @@ fn supervise(
         .args(&command[1..])
         .env("RUNLEDGER_DB", shared.ledger.path())
         .env("RUNLEDGER_RUN_ID", run.id().to_string())
+        // The same id, marked as this exec's own: an exec in the command sees
+        // it is not a run handed to it (see `handed_run`).
+        .env(EXEC_RUN_VAR, run.id().to_string())
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

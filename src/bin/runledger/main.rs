@@ -65,7 +65,11 @@ enum Command {
     /// to a log file recorded on the run, forwards SIGINT, SIGTERM and
     /// SIGHUP to it, records its exit code or signal, releases the locks
     /// and exits with the command's code. The command sees `RUNLEDGER_DB`
-    /// and `RUNLEDGER_RUN_ID`.
+    /// and `RUNLEDGER_RUN_ID` (also as `RUNLEDGER_EXEC_RUN_ID`).
+    ///
+    /// With `RUNLEDGER_RUN_ID` set by a parent that created a run for this
+    /// command (and no `RUNLEDGER_EXEC_RUN_ID` equal to it), `exec` adopts
+    /// that run instead of registering one.
     ///
     /// Locks of one mode are taken together, all or nothing; with several
     /// modes, one key at a time in key order (so two `exec`s never

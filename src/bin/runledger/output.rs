@@ -290,8 +290,18 @@ pub(crate) fn watch(
     if count == Some(0) {
         return Ok(());
     }
-    for (done, event) in ledger.watch(cursor)?.enumerate() {
-        let event = event?;
+    let mut watch = ledger.watch(cursor)?;
+    let mut printed = 0;
+    loop {
+        // A reader that went away (`runledger watch | head -1`) is seen by
+        // the next write, or, on a quiet ledger, by a look at stdout while
+        // waiting.
+        let Some(event) = watch.next_timeout(Duration::from_millis(500))? else {
+            if stdout_closed() {
+                break;
+            }
+            continue;
+        };
         let line = if json {
             serde_json::to_string(&event).map_err(|e| e.to_string())?
         } else {
@@ -314,11 +324,25 @@ pub(crate) fn watch(
         if writeln!(std::io::stdout().lock(), "{line}").is_err() {
             break; // the reader went away
         }
-        if count.is_some_and(|count| done as u64 + 1 >= count) {
+        printed += 1;
+        if count.is_some_and(|count| printed >= count) {
             break;
         }
     }
     Ok(())
+}
+
+/// Whether stdout is a pipe or socket whose reader has gone.
+fn stdout_closed() -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&zero)).is_ok()
+        && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
 }
 
 /// "3m ago", "just now", "in 5s" (a clock behind the writer's).
