@@ -242,6 +242,14 @@ mod tests {
     use super::*;
     use crate::run::RunSpec;
 
+    /// A watch can move to the thread that serves a dashboard's stream.
+    #[test]
+    fn a_watch_is_send() {
+        fn send<T: Send>() {}
+        send::<Watch>();
+        send::<EventPage>();
+    }
+
     /// The wake-up itself, without the fallback read: a commit that appends
     /// events sends the watch a datagram, and one that appends none (a lock)
     /// sends nothing.
