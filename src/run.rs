@@ -496,7 +496,8 @@ impl Run {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn start(&self) -> Result<()> {
-        self.ledger.transition(self.id, |state| {
+        let id = self.id;
+        self.ledger.transition(id, move |state| {
             if state.status.can_become(RunStatus::Running) {
                 Ok(Some(RunChange::Status {
                     to: RunStatus::Running,
@@ -505,7 +506,7 @@ impl Run {
                 }))
             } else {
                 Err(Error::InvalidTransition {
-                    run: self.id,
+                    run: id,
                     from: state.status,
                     to: RunStatus::Running,
                 })

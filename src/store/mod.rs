@@ -13,6 +13,7 @@
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
+mod group;
 mod instances;
 mod locks;
 mod runs;
@@ -47,6 +48,9 @@ pub(crate) struct StoreConfig {
     pub synchronous: &'static str,
     pub busy_timeout: Duration,
     pub pool_size: u32,
+    /// Whether writes of several threads share transactions (see
+    /// [`group`]).
+    pub group_commit: bool,
 }
 
 /// The SQLite store of one open ledger.
@@ -57,6 +61,9 @@ pub(crate) struct Store {
     path: PathBuf,
     clock: Arc<dyn Clock>,
     busy_timeout: Duration,
+    /// The lead and queue of group commit, shared with the other stores of
+    /// the file in this process; `None` when it is off.
+    group: Option<Arc<group::Group>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -185,7 +192,11 @@ impl Store {
         drop(pool.get().map_err(|e| open_error(path, e))?);
         drop(conn);
         drop(init_lock);
+        let group = config
+            .group_commit
+            .then(|| group::Group::for_file(&canonical, config.synchronous));
         Ok(Store {
+            group,
             pool: Arc::new(pool),
             checkpointing: Arc::new(AtomicBool::new(false)),
             path: canonical,
@@ -202,6 +213,21 @@ impl Store {
     /// Runs `f` in one immediate write transaction and commits it. An error
     /// from `f` (or from the commit) rolls everything back.
     ///
+    /// With group commit on, `f` waits for its turn behind the other writes
+    /// of this process, and runs with the shared writes queued meanwhile
+    /// (see [`group`]); [`Store::write_shared`] is for writes that another
+    /// thread may run.
+    fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
+        match &self.group {
+            Some(group) => self.write_leading(group, f),
+            None => self.transaction(f),
+        }
+    }
+
+    /// Runs `f` in one immediate write transaction of this thread and
+    /// commits it. An error from `f` (or from the commit) rolls everything
+    /// back.
+    ///
     /// `BEGIN IMMEDIATE` takes the write lock up front, so SQLite's busy
     /// handler waits for it; a deferred transaction that reads and then writes
     /// would fail with `SQLITE_BUSY` without waiting. The `BEGIN` and
@@ -209,7 +235,7 @@ impl Store {
     ///
     /// `f` gets the time to stamp its writes with, read once the write lock is
     /// held: timestamps then follow commit order, whatever the wait.
-    fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
+    fn transaction<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
         let in_transaction = || {
             let conn = self.pool.get()?;
             let _deadline = BusyDeadline::set(self.busy_timeout);
@@ -222,19 +248,25 @@ impl Store {
             let value = f(tx.conn, self.clock.now())?;
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
-            let frames = WAL_FRAMES.with(Cell::get);
-            if frames >= INLINE_CHECKPOINT_FRAMES {
-                // The background fell behind (or every process is too short
-                // lived to see one through): fold the log here, once.
-                if let Err(e) = tx.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                    log::debug!("runledger: checkpoint failed: {e}");
-                }
-            } else if frames >= CHECKPOINT_FRAMES {
-                self.checkpoint_soon();
-            }
+            self.after_commit(tx.conn);
             Ok(value)
         };
         in_transaction().map_err(|e: Error| e.in_ledger(&self.path))
+    }
+
+    /// What follows a commit of this thread: the checkpoint that the log's
+    /// size asks for.
+    fn after_commit(&self, conn: &Connection) {
+        let frames = WAL_FRAMES.with(Cell::get);
+        if frames >= INLINE_CHECKPOINT_FRAMES {
+            // The background fell behind (or every process is too short
+            // lived to see one through): fold the log here, once.
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                log::debug!("runledger: checkpoint failed: {e}");
+            }
+        } else if frames >= CHECKPOINT_FRAMES {
+            self.checkpoint_soon();
+        }
     }
     /// Copies the write-ahead log back into the database on the shared
     /// background thread, unless that is already under way.
@@ -367,7 +399,11 @@ struct BusyDeadline(Option<Instant>);
 
 impl BusyDeadline {
     fn set(timeout: Duration) -> BusyDeadline {
-        let deadline = Instant::now().checked_add(timeout);
+        BusyDeadline::until(Instant::now().checked_add(timeout))
+    }
+
+    /// Sets this thread's busy deadline to `deadline` (a group's earliest).
+    fn until(deadline: Option<Instant>) -> BusyDeadline {
         BusyDeadline(BUSY_DEADLINE.with(|d| d.replace(deadline)))
     }
 }

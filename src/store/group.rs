@@ -1,0 +1,898 @@
+//! Group commit: writes that threads of this process make while one of them
+//! is writing share the next transaction.
+//!
+//! SQLite has one writer at a time, and a commit costs about as much as the
+//! small writes in it (with `synchronous=FULL`, far more: an fsync). So a
+//! store keeps a *lead*: the thread that holds it is in (or about to start)
+//! a write transaction. A writer that finds the lead free takes it and runs
+//! its write alone, exactly as without grouping (no savepoint, no hand-off).
+//! A writer that finds it taken waits in a first-come queue:
+//!
+//! - a *shared* write ([`Store::write_shared`]: a closure that owns its
+//!   inputs, `Send + 'static`) leaves the closure in the queue, where the
+//!   next leader runs it;
+//! - any other write ([`Store::write`]) can only run on its own thread, and
+//!   waits for its turn to lead.
+//!
+//! When the leader's transaction ends it hands the lead to the first waiting
+//! thread, which takes every queued closure and runs them (after its own
+//! write, if it has one) in one `BEGIN IMMEDIATE … COMMIT`, each in a
+//! savepoint of its own: a write that fails or panics is rolled back to its
+//! savepoint and its error (or panic) goes to its own caller, the others
+//! commit. Only after the `COMMIT` does a caller get its answer: if the
+//! commit fails, every write of the group gets an error. The leader hands
+//! the lead on before it answers, so the next group starts while the answers
+//! travel. Nothing slow runs inside a group: the closures are SQL and the
+//! plain-Rust state machine, no file I/O and no user callbacks.
+//!
+//! A waiter gives up with [`Error::Busy`] at the busy timeout only while its
+//! write is still queued; once a leader took it, it waits for the answer (the
+//! leader's `BEGIN` waits no longer than the earliest deadline of its group).
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+use rusqlite::Connection;
+
+use super::{BusyDeadline, Store, WAL_FRAMES, WriteTx};
+use crate::clock::{Clock, Timestamp};
+use crate::error::{Error, Result, SharedError};
+
+/// What a write produced: its value or error, or the panic of its closure.
+type Produced<T> = std::thread::Result<Result<T>>;
+
+/// The lead and the queue of one database file in this process.
+///
+/// Every [`Store`] of the same file (every [`Ledger`](crate::Ledger) opened
+/// on it, such as one per thread for locks that exclude each other) shares
+/// one, if it commits with the same `synchronous` setting: a group's commit
+/// is as durable as each of its writes asked.
+#[derive(Default)]
+pub(super) struct Group {
+    state: Mutex<State>,
+}
+
+impl Group {
+    /// The group of the database at `canonical` committed with
+    /// `synchronous`, made on first use.
+    pub(super) fn for_file(canonical: &Path, synchronous: &'static str) -> Arc<Group> {
+        type Registry = HashMap<(PathBuf, &'static str), Weak<Group>>;
+        static GROUPS: OnceLock<Mutex<Registry>> = OnceLock::new();
+        let mut groups = GROUPS.get_or_init(Default::default).lock();
+        groups.retain(|_, group| group.strong_count() > 0);
+        let key = (canonical.to_owned(), synchronous);
+        if let Some(group) = groups.get(&key).and_then(Weak::upgrade) {
+            return group;
+        }
+        let group = Arc::new(Group::default());
+        groups.insert(key, Arc::downgrade(&group));
+        group
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// A thread holds the lead.
+    leading: bool,
+    /// Shared writes waiting for a leader to run them, first come first.
+    jobs: Vec<Queued>,
+    /// Threads waiting for the lead (or for their queued job's answer),
+    /// first come first.
+    waiters: VecDeque<Waiter>,
+    /// Numbers the waiters, to find one again.
+    next: u64,
+    /// Test hook: how many writes were queued since the store opened.
+    #[cfg(test)]
+    queued_total: u64,
+}
+
+/// A shared write in the queue.
+struct Queued {
+    seq: u64,
+    deadline: Option<Instant>,
+    job: Box<dyn Job>,
+}
+
+/// A thread in the queue.
+struct Waiter {
+    seq: u64,
+    /// Its job is in `jobs` (until a leader takes it).
+    has_job: bool,
+    wake: Arc<dyn Lead>,
+}
+
+/// A waiting thread that can be told it holds the lead now.
+trait Lead: Send + Sync {
+    fn lead(&self);
+}
+
+/// A shared write, type-erased for the queue.
+trait Job: Send {
+    /// Runs the write; true if it succeeded (its changes stand).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Turns a success (or a write that never ran) into `error`: the
+    /// transaction did not commit.
+    fn fail(&mut self, error: Error);
+    /// Hands the caller what the write produced.
+    fn answer(self: Box<Self>);
+}
+
+/// Where a waiting caller gets its answer, or the lead.
+struct Slot<T> {
+    answer: Mutex<Answer<T>>,
+    ready: Condvar,
+}
+
+enum Answer<T> {
+    Waiting,
+    Lead,
+    Done(Produced<T>),
+    /// Taken by its caller.
+    Taken,
+}
+
+/// What a wait on a slot ended with.
+enum Woken<T> {
+    Lead,
+    Done(Produced<T>),
+    TimedOut,
+}
+
+impl<T> Slot<T> {
+    fn new() -> Arc<Slot<T>> {
+        Arc::new(Slot {
+            answer: Mutex::new(Answer::Waiting),
+            ready: Condvar::new(),
+        })
+    }
+
+    fn set(&self, answer: Answer<T>) {
+        *self.answer.lock() = answer;
+        self.ready.notify_one();
+    }
+
+    fn wait(&self, deadline: Option<Instant>) -> Woken<T> {
+        let mut answer = self.answer.lock();
+        loop {
+            match std::mem::replace(&mut *answer, Answer::Taken) {
+                Answer::Lead => return Woken::Lead,
+                Answer::Done(produced) => return Woken::Done(produced),
+                Answer::Waiting | Answer::Taken => *answer = Answer::Waiting,
+            }
+            match deadline {
+                Some(deadline) => {
+                    if self.ready.wait_until(&mut answer, deadline).timed_out()
+                        && matches!(*answer, Answer::Waiting)
+                    {
+                        return Woken::TimedOut;
+                    }
+                }
+                None => self.ready.wait(&mut answer),
+            }
+        }
+    }
+}
+
+impl<T: Send> Lead for Slot<T> {
+    fn lead(&self) {
+        self.set(Answer::Lead);
+    }
+}
+
+/// A shared write and where its answer goes.
+struct Pending<F, T> {
+    write: Option<F>,
+    /// The clock of the write's own ledger.
+    clock: Arc<dyn Clock>,
+    produced: Option<Produced<T>>,
+    slot: Arc<Slot<T>>,
+}
+
+impl<F, T> Job for Pending<F, T>
+where
+    F: FnOnce(&Connection, Timestamp) -> Result<T> + Send,
+    T: Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(write) = self.write.take() else {
+            return false;
+        };
+        // Read with the write lock held, as for a write of its own.
+        let at = self.clock.now();
+        let produced = panic::catch_unwind(AssertUnwindSafe(|| write(conn, at)));
+        let ok = matches!(produced, Ok(Ok(_)));
+        self.produced = Some(produced);
+        ok
+    }
+
+    fn fail(&mut self, error: Error) {
+        if matches!(self.produced, None | Some(Ok(Ok(_)))) {
+            self.produced = Some(Ok(Err(error)));
+        }
+    }
+
+    fn answer(self: Box<Self>) {
+        let produced = self.produced.unwrap_or_else(|| {
+            // Every job is run or failed before it is answered.
+            Ok(Err(Error::from(std::io::Error::other(
+                "the write was dropped unanswered",
+            ))))
+        });
+        self.slot.set(Answer::Done(produced));
+    }
+}
+
+/// The lead, held: dropping it hands the lead to the first waiting thread
+/// (or frees it), also when the holder unwinds.
+struct Held<'g>(&'g Group);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        match state.waiters.pop_front() {
+            Some(next) => next.wake.lead(),
+            None => state.leading = false,
+        }
+    }
+}
+
+impl Group {
+    /// Takes the lead if it is free.
+    fn try_lead(&self) -> Option<Held<'_>> {
+        let mut state = self.state.lock();
+        if state.leading {
+            None
+        } else {
+            state.leading = true;
+            Some(Held(self))
+        }
+    }
+
+    /// Takes every queued job; the holder of the lead runs them.
+    fn take_jobs(&self) -> Vec<Queued> {
+        let mut state = self.state.lock();
+        if state.jobs.is_empty() {
+            return Vec::new();
+        }
+        // Their threads now wait for an answer, not for the lead.
+        state.waiters.retain(|w| !w.has_job);
+        std::mem::take(&mut state.jobs)
+    }
+
+    /// Takes a waiter out of the queue (with its job) if it is still there:
+    /// false if the lead was handed to it or a leader took its job.
+    fn withdraw(&self, seq: u64) -> bool {
+        let mut state = self.state.lock();
+        let Some(i) = state.waiters.iter().position(|w| w.seq == seq) else {
+            return false;
+        };
+        state.waiters.remove(i);
+        state.jobs.retain(|q| q.seq != seq);
+        true
+    }
+
+    /// How many writes waited in the queue since the store opened.
+    #[cfg(test)]
+    pub(super) fn queued_total(&self) -> u64 {
+        self.state.lock().queued_total
+    }
+}
+
+/// The deadline of a write that starts now.
+fn deadline_from_now(store: &Store) -> Option<Instant> {
+    Instant::now().checked_add(store.busy_timeout)
+}
+
+/// The error of a write that waited for the lead past its busy timeout.
+fn waited_too_long() -> Error {
+    Error::from(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        Some("other writes of this process held the database past the busy timeout".into()),
+    ))
+}
+
+/// Hands the caller what its write produced, resuming its panic.
+fn unwind<T>(produced: Produced<T>) -> Result<T> {
+    match produced {
+        Ok(result) => result,
+        Err(panic) => panic::resume_unwind(panic),
+    }
+}
+
+impl Store {
+    /// Runs `f` in a write transaction of its own thread, as [`Store::write`]
+    /// does with grouping on: alone if no other write of this process is
+    /// under way, else at its turn, together with the shared writes queued
+    /// meanwhile.
+    pub(super) fn write_leading<T>(
+        &self,
+        group: &Group,
+        f: impl FnOnce(&Connection, Timestamp) -> Result<T>,
+    ) -> Result<T> {
+        let deadline = deadline_from_now(self);
+        let held = match group.try_lead() {
+            Some(held) => held,
+            None => {
+                let slot = Slot::<()>::new();
+                let seq = {
+                    let mut state = group.state.lock();
+                    // Freed meanwhile: no need to wait.
+                    if !state.leading {
+                        state.leading = true;
+                        None
+                    } else {
+                        let seq = state.next;
+                        state.next += 1;
+                        state.waiters.push_back(Waiter {
+                            seq,
+                            has_job: false,
+                            wake: slot.clone(),
+                        });
+                        Some(seq)
+                    }
+                };
+                if let Some(seq) = seq {
+                    let mut wait_until = deadline;
+                    loop {
+                        match slot.wait(wait_until) {
+                            Woken::Lead => break,
+                            Woken::TimedOut if group.withdraw(seq) => {
+                                return Err(waited_too_long().in_ledger(&self.path));
+                            }
+                            // Handed the lead as the deadline passed.
+                            Woken::TimedOut | Woken::Done(_) => wait_until = None,
+                        }
+                    }
+                }
+                Held(group)
+            }
+        };
+        let jobs = group.take_jobs();
+        if jobs.is_empty() {
+            let result = self.transaction(f);
+            self.carry_on(group, held);
+            return result;
+        }
+        let own = Own { write: f, deadline };
+        unwind(
+            self.run_groups(group, Some(own), jobs, held, 0)
+                .expect("own write"),
+        )
+    }
+
+    /// Runs `f` in a write transaction: alone if no other write of this
+    /// process is under way, else queued for the next group (see the
+    /// module's docs). Returns once the transaction holding `f`'s changes
+    /// committed (or failed); a panic in `f` resumes in this thread.
+    ///
+    /// `f` owns what it needs (`Send + 'static`), so that the thread that
+    /// leads the next group can run it.
+    pub(super) fn write_shared<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connection, Timestamp) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(group) = &self.group else {
+            return self.transaction(f);
+        };
+        if let Some(held) = group.try_lead() {
+            let result = self.transaction(f);
+            self.carry_on(group, held);
+            return result;
+        }
+        let deadline = deadline_from_now(self);
+        let slot = Slot::<T>::new();
+        let seq = {
+            let mut state = group.state.lock();
+            if !state.leading {
+                // Freed meanwhile.
+                state.leading = true;
+                drop(state);
+                let held = Held(group);
+                let result = self.transaction(f);
+                self.carry_on(group, held);
+                return result;
+            }
+            let seq = state.next;
+            state.next += 1;
+            #[cfg(test)]
+            {
+                state.queued_total += 1;
+            }
+            state.jobs.push(Queued {
+                seq,
+                deadline,
+                job: Box::new(Pending {
+                    write: Some(f),
+                    clock: self.clock.clone(),
+                    produced: None,
+                    slot: slot.clone(),
+                }),
+            });
+            state.waiters.push_back(Waiter {
+                seq,
+                has_job: true,
+                wake: slot.clone(),
+            });
+            seq
+        };
+        let mut wait_until = deadline;
+        loop {
+            match slot.wait(wait_until) {
+                Woken::Done(produced) => {
+                    return unwind(produced).map_err(|e| e.in_ledger(&self.path));
+                }
+                Woken::Lead => {
+                    // This thread leads the next group; its own job is in it.
+                    let jobs = group.take_jobs();
+                    let held = Held(group);
+                    self.run_groups(group, None::<Own<NoWrite>>, jobs, held, 0);
+                    wait_until = None;
+                }
+                Woken::TimedOut if group.withdraw(seq) => {
+                    return Err(waited_too_long().in_ledger(&self.path));
+                }
+                Woken::TimedOut => wait_until = None,
+            }
+        }
+    }
+
+    /// After a transaction of the lead's holder: runs the shared writes
+    /// queued meanwhile, or hands the lead on.
+    fn carry_on(&self, group: &Group, held: Held<'_>) {
+        match group.next_jobs(0) {
+            Some(jobs) => {
+                self.run_groups(group, None::<Own<NoWrite>>, jobs, held, 1);
+            }
+            None => drop(held),
+        }
+    }
+
+    /// Runs groups while the lead is held: this one (the leader's own write
+    /// first, if it has one, then every job, each in a savepoint), then
+    /// those queued meanwhile, up to [`EXTRA_GROUPS`]. Answers each group's
+    /// jobs after its commit; hands the lead on before answering the last
+    /// group. Returns what the own write produced.
+    fn run_groups<T, F>(
+        &self,
+        group: &Group,
+        mut own: Option<Own<F>>,
+        mut jobs: Vec<Queued>,
+        held: Held<'_>,
+        extra: u32,
+    ) -> Option<Produced<T>>
+    where
+        F: FnOnce(&Connection, Timestamp) -> Result<T>,
+    {
+        let mut held = Some(held);
+        let mut own_produced = None;
+        for ran in extra.. {
+            let (produced, conn) = self.group_transaction(own.take(), &mut jobs);
+            own_produced = own_produced.or(produced);
+            let next = group.next_jobs(ran);
+            if next.is_none() {
+                // The next group may start while the answers travel.
+                drop(held.take());
+            }
+            for queued in jobs.drain(..) {
+                queued.job.answer();
+            }
+            if let Some(conn) = &conn {
+                self.after_commit(conn);
+            }
+            match next {
+                Some(next) => jobs = next,
+                None => break,
+            }
+        }
+        own_produced
+    }
+
+    /// One group's transaction; what the own write produced, and the
+    /// connection (for the checkpoint after the answers).
+    fn group_transaction<T, F>(
+        &self,
+        own: Option<Own<F>>,
+        jobs: &mut [Queued],
+    ) -> (Option<Produced<T>>, Option<PooledConnection>)
+    where
+        F: FnOnce(&Connection, Timestamp) -> Result<T>,
+    {
+        let deadline = jobs
+            .iter()
+            .filter_map(|q| q.deadline)
+            .chain(own.as_ref().and_then(|o| o.deadline))
+            .min();
+        let mut own_produced: Option<Produced<T>> = None;
+        let mut conn = None;
+        let committed = (|| -> Result<()> {
+            let c: &Connection = conn.insert(self.pool.get()?);
+            let _deadline = BusyDeadline::until(deadline);
+            WAL_FRAMES.with(|f| f.set(0));
+            c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            let mut tx = WriteTx {
+                conn: c,
+                open: true,
+            };
+            let at = self.clock.now();
+            if let Some(own) = own {
+                in_savepoint(c, || {
+                    let produced = panic::catch_unwind(AssertUnwindSafe(|| (own.write)(c, at)));
+                    let ok = matches!(produced, Ok(Ok(_)));
+                    own_produced = Some(produced);
+                    ok
+                })?;
+            }
+            for queued in jobs.iter_mut() {
+                in_savepoint(c, || queued.job.run(c))?;
+            }
+            tx.conn.prepare_cached("COMMIT")?.execute([])?;
+            tx.open = false;
+            Ok(())
+        })()
+        .map_err(|e| e.in_ledger(&self.path));
+        if let Err(e) = committed {
+            let shared = SharedError::from(e);
+            if matches!(own_produced, None | Some(Ok(Ok(_)))) {
+                own_produced = Some(Ok(Err(shared.error())));
+            }
+            for queued in jobs.iter_mut() {
+                queued.job.fail(shared.error());
+            }
+        }
+        (own_produced, conn)
+    }
+}
+
+type PooledConnection = r2d2::PooledConnection<r2d2_sqlite::SqliteConnectionManager>;
+
+/// The type of an own write that is not there.
+type NoWrite = fn(&Connection, Timestamp) -> Result<()>;
+
+/// How many more groups the holder of the lead runs after its own
+/// transaction before it hands the lead on: the lead passes without waking
+/// a sleeping thread (the write lock would stay idle until it runs), at the
+/// cost of that many transactions more of latency for the holder's own call.
+const EXTRA_GROUPS: u32 = 1;
+
+impl Group {
+    /// The jobs the holder of the lead runs next, having run `ran` groups
+    /// since the one of its own write: `None` to hand the lead on (nothing
+    /// queued, a thread that can only run its own write is first in line,
+    /// or the holder ran its share).
+    fn next_jobs(&self, ran: u32) -> Option<Vec<Queued>> {
+        let mut state = self.state.lock();
+        if ran >= EXTRA_GROUPS || state.jobs.is_empty() {
+            return None;
+        }
+        if state.waiters.front().is_some_and(|w| !w.has_job) {
+            return None;
+        }
+        state.waiters.retain(|w| !w.has_job);
+        Some(std::mem::take(&mut state.jobs))
+    }
+}
+
+/// The leader's own write in a group, and its deadline.
+struct Own<F> {
+    write: F,
+    deadline: Option<Instant>,
+}
+
+/// Runs one write of a group in a savepoint of its own: its changes stand if
+/// `run` says it succeeded, else they are rolled back to the savepoint.
+/// `Err` if the transaction itself is gone (SQLite rolls a transaction back
+/// whole after some errors, such as a full disk): then nothing of the group
+/// can commit.
+fn in_savepoint(conn: &Connection, run: impl FnOnce() -> bool) -> Result<()> {
+    conn.prepare_cached("SAVEPOINT runledger_write")?
+        .execute([])?;
+    let ok = run();
+    if conn.is_autocommit() {
+        return Err(Error::from(std::io::Error::other(
+            "the transaction was rolled back by an error of a write grouped with this one",
+        )));
+    }
+    if !ok {
+        conn.prepare_cached("ROLLBACK TO runledger_write")?
+            .execute([])?;
+    }
+    conn.prepare_cached("RELEASE runledger_write")?
+        .execute([])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::StoreConfig;
+
+    fn open(dir: &tempfile::TempDir, busy_timeout: Duration) -> Arc<Store> {
+        let config = StoreConfig {
+            synchronous: "NORMAL",
+            busy_timeout,
+            pool_size: 4,
+            group_commit: true,
+        };
+        let store = Store::open(
+            &dir.path().join("ledger.db"),
+            &config,
+            Arc::new(SystemClock),
+        )
+        .expect("store opens");
+        store
+            .write(|tx, _| {
+                tx.execute_batch(
+                    "CREATE TABLE t (k INTEGER PRIMARY KEY);
+                     CREATE TABLE child (parent INTEGER REFERENCES t (k)
+                                         DEFERRABLE INITIALLY DEFERRED);",
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        Arc::new(store)
+    }
+
+    fn group(store: &Store) -> &Group {
+        store.group.as_deref().expect("grouping is on")
+    }
+
+    /// Holds the lead (inside a write transaction) until the returned
+    /// sender is used or dropped.
+    fn hold_lead(store: &Arc<Store>) -> (mpsc::Sender<()>, JoinHandle<Result<()>>) {
+        let (go, wait) = mpsc::channel::<()>();
+        let (held, is_held) = mpsc::channel();
+        let s = store.clone();
+        let leader = std::thread::spawn(move || {
+            s.write_shared(move |_, _| {
+                held.send(()).unwrap();
+                let _ = wait.recv();
+                Ok(())
+            })
+        });
+        is_held.recv().unwrap();
+        (go, leader)
+    }
+
+    fn wait_for_queue(store: &Store, n: u64) {
+        let start = Instant::now();
+        while group(store).queued_total() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "writes never queued"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn rows(store: &Store) -> Vec<i64> {
+        store
+            .read(|c| {
+                Ok(c.prepare("SELECT k FROM t ORDER BY k")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<i64>>>()?)
+            })
+            .unwrap()
+    }
+
+    /// Visible to a connection of its own, outside the pool: committed.
+    fn committed(dir: &tempfile::TempDir, k: i64) -> bool {
+        let conn = Connection::open(dir.path().join("ledger.db")).unwrap();
+        conn.query_row("SELECT count(*) FROM t WHERE k = ?1", [k], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    }
+
+    #[test]
+    fn a_lone_write_runs_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Duration::from_secs(10));
+        for k in 0..3 {
+            store
+                .write_shared(move |tx, _| {
+                    tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        assert_eq!(rows(&store), [0, 1, 2]);
+        assert_eq!(group(&store).queued_total(), 0);
+    }
+
+    /// Writes that wait share a transaction; one that fails or panics after
+    /// writing is rolled back alone, its error or panic goes to its own
+    /// caller, and every caller is answered only once the group committed.
+    #[test]
+    fn each_write_of_a_group_stands_or_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Duration::from_secs(10));
+        let (go, leader) = hold_lead(&store);
+        let writers: Vec<_> = (1..=12i64)
+            .map(|k| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let result = s.write_shared(move |tx, _| {
+                        tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                        match k % 4 {
+                            1 => Err(Error::invalid("k", &k.to_string(), "refused")),
+                            3 => panic!("write {k} panics"),
+                            _ => Ok(k * 10),
+                        }
+                    });
+                    (result, Instant::now())
+                })
+            })
+            .collect();
+        wait_for_queue(&store, 12);
+        // The last write of the group takes its time (a caller answered
+        // before the commit would find its row missing meanwhile) and notes
+        // when the commit starts.
+        let commit_at = Arc::new(Mutex::new(None));
+        let (s, at) = (store.clone(), commit_at.clone());
+        let slow = std::thread::spawn(move || {
+            s.write_shared(move |tx, _| {
+                tx.execute("INSERT INTO t (k) VALUES (100)", [])?;
+                std::thread::sleep(Duration::from_millis(300));
+                tx.commit_hook(Some(move || {
+                    at.lock().get_or_insert_with(Instant::now);
+                    false
+                }))?;
+                Ok(())
+            })
+        });
+        wait_for_queue(&store, 13);
+        go.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        for (i, writer) in writers.into_iter().enumerate() {
+            let k = i as i64 + 1;
+            match (k % 4, writer.join()) {
+                (1, Ok((Err(Error::InvalidInput { value, .. }), _))) => {
+                    assert_eq!(value, format!("{:?}", k.to_string()));
+                    assert!(!committed(&dir, k), "failed write {k} was committed");
+                }
+                (3, Err(panic)) => {
+                    let msg = panic.downcast_ref::<String>().unwrap();
+                    assert_eq!(msg, &format!("write {k} panics"));
+                    assert!(!committed(&dir, k), "panicked write {k} was committed");
+                }
+                (0 | 2, Ok((Ok(v), answered))) => {
+                    assert_eq!(v, k * 10);
+                    let commit_at = commit_at.lock().expect("the group committed");
+                    assert!(answered > commit_at, "write {k} answered before its commit");
+                    assert!(committed(&dir, k), "write {k} answered before its commit");
+                }
+                (_, other) => panic!("write {k}: {other:?}"),
+            }
+        }
+        slow.join().unwrap().unwrap();
+        assert_eq!(rows(&store), [2, 4, 6, 8, 10, 12, 100]);
+    }
+
+    /// A commit that fails (a deferred constraint, checked at COMMIT) fails
+    /// every write of the group, and none of them is visible.
+    #[test]
+    fn a_failed_commit_fails_every_write_of_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Duration::from_secs(10));
+        let (go, leader) = hold_lead(&store);
+        let mut writers: Vec<_> = (1..=4i64)
+            .map(|k| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    s.write_shared(move |tx, _| {
+                        tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        wait_for_queue(&store, 4);
+        let s = store.clone();
+        writers.push(std::thread::spawn(move || {
+            s.write_shared(|tx, _| {
+                // A parent that does not exist: only COMMIT finds out.
+                tx.execute("INSERT INTO child (parent) VALUES (999)", [])?;
+                Ok(())
+            })
+        }));
+        wait_for_queue(&store, 5);
+        go.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        for writer in writers {
+            let e = writer.join().unwrap().unwrap_err();
+            assert!(matches!(e, Error::Storage { .. }), "{e:?}");
+            assert!(e.to_string().contains("ledger.db"), "{e}");
+        }
+        assert_eq!(rows(&store), Vec::<i64>::new());
+        // The lead was handed on: the store still writes.
+        store
+            .write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (7)", [])?))
+            .unwrap();
+        assert_eq!(rows(&store), [7]);
+    }
+
+    /// A write that only its own thread can run waits for its turn to lead
+    /// and takes the queued shared writes into its transaction.
+    #[test]
+    fn a_write_of_its_own_thread_leads_the_next_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Duration::from_secs(10));
+        let (go, leader) = hold_lead(&store);
+        let s = store.clone();
+        let own = std::thread::spawn(move || {
+            let borrowed = String::from("50");
+            s.write(|tx, _| {
+                tx.execute("INSERT INTO t (k) VALUES (?1)", [&borrowed])?;
+                Ok(tx.is_autocommit())
+            })
+        });
+        while group(&store).state.lock().waiters.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let shared: Vec<_> = (1..=3i64)
+            .map(|k| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    s.write_shared(move |tx, _| {
+                        Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?)
+                    })
+                })
+            })
+            .collect();
+        wait_for_queue(&store, 3);
+        go.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        assert!(!own.join().unwrap().unwrap(), "ran outside a transaction");
+        for writer in shared {
+            assert_eq!(writer.join().unwrap().unwrap(), 1);
+        }
+        assert_eq!(rows(&store), [1, 2, 3, 50]);
+    }
+
+    /// A queued write whose busy timeout passes gives up with a busy error,
+    /// and is never run.
+    #[test]
+    fn a_queued_write_gives_up_at_its_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, Duration::from_millis(100));
+        let (go, leader) = hold_lead(&store);
+        let started = Instant::now();
+        let e = store
+            .write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (1)", [])?))
+            .unwrap_err();
+        assert!(e.is_busy(), "{e:?}");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        go.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        store
+            .write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (2)", [])?))
+            .unwrap();
+        assert_eq!(rows(&store), [2]);
+    }
+
+    /// Every store of a file in this process shares one group, unless it
+    /// commits with another `synchronous` setting.
+    #[test]
+    fn stores_of_one_file_share_a_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let a = Group::for_file(&path, "NORMAL");
+        assert!(Arc::ptr_eq(&a, &Group::for_file(&path, "NORMAL")));
+        assert!(!Arc::ptr_eq(&a, &Group::for_file(&path, "FULL")));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &Group::for_file(&dir.path().join("other.db"), "NORMAL")
+        ));
+    }
+}
