@@ -354,14 +354,11 @@ impl Store {
         let jobs = group.take_jobs();
         if jobs.is_empty() {
             let result = self.transaction(f);
-            self.carry_on(group, held);
+            drop(held);
             return result;
         }
         let own = Own { write: f, deadline };
-        unwind(
-            self.run_groups(group, Some(own), jobs, held, 0)
-                .expect("own write"),
-        )
+        unwind(self.run_group(Some(own), jobs, held).expect("own write"))
     }
 
     /// Runs `f` in a write transaction: alone if no other write of this
@@ -381,7 +378,7 @@ impl Store {
         };
         if let Some(held) = group.try_lead() {
             let result = self.transaction(f);
-            self.carry_on(group, held);
+            drop(held);
             return result;
         }
         let deadline = deadline_from_now(self);
@@ -394,7 +391,7 @@ impl Store {
                 drop(state);
                 let held = Held(group);
                 let result = self.transaction(f);
-                self.carry_on(group, held);
+                drop(held);
                 return result;
             }
             let seq = state.next;
@@ -430,7 +427,7 @@ impl Store {
                     // This thread leads the next group; its own job is in it.
                     let jobs = group.take_jobs();
                     let held = Held(group);
-                    self.run_groups(group, None::<Own<NoWrite>>, jobs, held, 0);
+                    self.run_group(None::<Own<NoWrite>>, jobs, held);
                     wait_until = None;
                 }
                 Woken::TimedOut if group.withdraw(seq) => {
@@ -441,53 +438,32 @@ impl Store {
         }
     }
 
-    /// After a transaction of the lead's holder: runs the shared writes
-    /// queued meanwhile, or hands the lead on.
-    fn carry_on(&self, group: &Group, held: Held<'_>) {
-        match group.next_jobs(0) {
-            Some(jobs) => {
-                self.run_groups(group, None::<Own<NoWrite>>, jobs, held, 1);
-            }
-            None => drop(held),
-        }
-    }
-
-    /// Runs groups while the lead is held: this one (the leader's own write
-    /// first, if it has one, then every job, each in a savepoint), then
-    /// those queued meanwhile, up to [`EXTRA_GROUPS`]. Answers each group's
-    /// jobs after its commit; hands the lead on before answering the last
-    /// group. Returns what the own write produced.
-    fn run_groups<T, F>(
+    /// Runs one group in one transaction: the leader's own write first (if
+    /// it has one), then every job, each in a savepoint. Hands the lead on
+    /// once the transaction ended, then answers the jobs; returns what the
+    /// own write produced.
+    ///
+    /// The lead goes to the next waiting thread before the answers, so that
+    /// the next group's transaction and this group's wake-ups overlap. (A
+    /// holder that ran the group queued meanwhile itself before handing on,
+    /// sparing one wake-up on the way to the next transaction, measured no
+    /// better: its answers then delayed that transaction instead.)
+    fn run_group<T, F>(
         &self,
-        group: &Group,
-        mut own: Option<Own<F>>,
+        own: Option<Own<F>>,
         mut jobs: Vec<Queued>,
         held: Held<'_>,
-        extra: u32,
     ) -> Option<Produced<T>>
     where
         F: FnOnce(&Connection, Timestamp) -> Result<T>,
     {
-        let mut held = Some(held);
-        let mut own_produced = None;
-        for ran in extra.. {
-            let (produced, conn) = self.group_transaction(own.take(), &mut jobs);
-            own_produced = own_produced.or(produced);
-            let next = group.next_jobs(ran);
-            if next.is_none() {
-                // The next group may start while the answers travel.
-                drop(held.take());
-            }
-            for queued in jobs.drain(..) {
-                queued.job.answer();
-            }
-            if let Some(conn) = &conn {
-                self.after_commit(conn);
-            }
-            match next {
-                Some(next) => jobs = next,
-                None => break,
-            }
+        let (own_produced, conn) = self.group_transaction(own, &mut jobs);
+        drop(held);
+        for queued in jobs {
+            queued.job.answer();
+        }
+        if let Some(conn) = &conn {
+            self.after_commit(conn);
         }
         own_produced
     }
@@ -552,30 +528,6 @@ type PooledConnection = r2d2::PooledConnection<r2d2_sqlite::SqliteConnectionMana
 
 /// The type of an own write that is not there.
 type NoWrite = fn(&Connection, Timestamp) -> Result<()>;
-
-/// How many more groups the holder of the lead runs after its own
-/// transaction before it hands the lead on: the lead passes without waking
-/// a sleeping thread (the write lock would stay idle until it runs), at the
-/// cost of that many transactions more of latency for the holder's own call.
-const EXTRA_GROUPS: u32 = 1;
-
-impl Group {
-    /// The jobs the holder of the lead runs next, having run `ran` groups
-    /// since the one of its own write: `None` to hand the lead on (nothing
-    /// queued, a thread that can only run its own write is first in line,
-    /// or the holder ran its share).
-    fn next_jobs(&self, ran: u32) -> Option<Vec<Queued>> {
-        let mut state = self.state.lock();
-        if ran >= EXTRA_GROUPS || state.jobs.is_empty() {
-            return None;
-        }
-        if state.waiters.front().is_some_and(|w| !w.has_job) {
-            return None;
-        }
-        state.waiters.retain(|w| !w.has_job);
-        Some(std::mem::take(&mut state.jobs))
-    }
-}
 
 /// The leader's own write in a group, and its deadline.
 struct Own<F> {
