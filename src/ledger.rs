@@ -34,7 +34,9 @@ pub enum Synchronous {
     #[default]
     Normal,
     /// `synchronous=FULL`: one fsync of the log per commit, so a commit that
-    /// returned survives a power cut.
+    /// returned survives a power cut. Writes that threads of one process make
+    /// at the same moment share a commit, and so one fsync (see
+    /// [`Builder::group_commit`]).
     Full,
     /// `synchronous=EXTRA`: `Full`, plus an fsync of the folder when the log
     /// is reset.
