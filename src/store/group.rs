@@ -654,6 +654,9 @@ mod tests {
             store
                 .write_shared(move |tx, _| {
                     tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                    // No savepoint around a lone write.
+                    let e = tx.execute_batch("RELEASE runledger_write").unwrap_err();
+                    assert!(e.to_string().contains("no such savepoint"), "{e}");
                     Ok(())
                 })
                 .unwrap();
