@@ -8,7 +8,11 @@
 //! ```text
 //! cargo bench --bench group
 //! RUNLEDGER_BENCH_SECS=3 RUNLEDGER_BENCH_REPS=5 cargo bench --bench group
+//! RUNLEDGER_BENCH_THREADS=16 RUNLEDGER_BENCH_GROUPING=on cargo bench --bench group -- full
 //! ```
+//!
+//! `RUNLEDGER_BENCH_GROUPING=on` (or `off`) measures one side only, for a
+//! profiler; the other side's columns then repeat it.
 
 #![allow(missing_docs)]
 
@@ -107,6 +111,7 @@ fn main() {
     // synchronous setting ("normal" or "full").
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let secs = env_number("RUNLEDGER_BENCH_SECS", 2) as f64;
+    let only = std::env::var("RUNLEDGER_BENCH_GROUPING").ok();
     let reps = env_number("RUNLEDGER_BENCH_REPS", 3).max(1) as usize;
     let thread_counts: Vec<usize> = std::env::var("RUNLEDGER_BENCH_THREADS")
         .ok()
@@ -144,7 +149,16 @@ fn main() {
                     [true, false]
                 };
                 for group in order {
-                    cells[usize::from(group)].push(measure(sync, group, threads, secs));
+                    match only.as_deref() {
+                        Some(side @ ("on" | "off")) => {
+                            if (side == "on") == group {
+                                let figures = measure(sync, group, threads, secs);
+                                cells[0].push(figures);
+                                cells[1].push(figures);
+                            }
+                        }
+                        _ => cells[usize::from(group)].push(measure(sync, group, threads, secs)),
+                    }
                 }
             }
             let summary = |c: &[Figures]| {

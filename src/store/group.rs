@@ -487,6 +487,10 @@ impl Store {
         let mut conn = None;
         let committed = (|| -> Result<()> {
             let c: &Connection = conn.insert(self.pool.get()?);
+            // The busy handler and the WAL hook report to thread-locals:
+            // this thread runs every statement of the group, so they are
+            // set and read here, for the whole group (the earliest deadline
+            // of its writes; the log's size after its commit).
             let _deadline = BusyDeadline::until(deadline);
             WAL_FRAMES.with(|f| f.set(0));
             c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
