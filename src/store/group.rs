@@ -16,10 +16,13 @@
 //!
 //! When the leader's transaction ends it hands the lead to the first waiting
 //! thread, which takes every queued closure and runs them (after its own
-//! write, if it has one) in one `BEGIN IMMEDIATE … COMMIT`, each in a
-//! savepoint of its own: a write that fails or panics is rolled back to its
-//! savepoint and its error (or panic) goes to its own caller, the others
-//! commit. Only after the `COMMIT` does a caller get its answer: if the
+//! write, if it has one) in one `BEGIN IMMEDIATE … COMMIT`, each on its own:
+//! a write that fails or panics is undone and its error (or panic) goes to
+//! its own caller, the others commit. Every write but the first runs in a
+//! savepoint of its own; the first needs none (a failure rolls the
+//! transaction back and begins it anew for the others), which spares a big
+//! write (a prune batch leading a group) from copying its pages into a
+//! savepoint journal. Only after the `COMMIT` does a caller get its answer: if the
 //! commit fails, every write of the group gets an error. The leader hands
 //! the lead on before it answers, so the next group starts while the answers
 //! travel. Nothing slow runs inside a group: the closures are SQL and the
@@ -499,8 +502,9 @@ impl Store {
                 open: true,
             };
             let at = self.clock.now();
+            let mut member = Member { first: true };
             if let Some(own) = own {
-                in_savepoint(c, || {
+                member.run(c, || {
                     let produced = panic::catch_unwind(AssertUnwindSafe(|| (own.write)(c, at)));
                     let ok = matches!(produced, Ok(Ok(_)));
                     own_produced = Some(produced);
@@ -508,7 +512,7 @@ impl Store {
                 })?;
             }
             for queued in jobs.iter_mut() {
-                in_savepoint(c, || queued.job.run(c))?;
+                member.run(c, || queued.job.run(c))?;
             }
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
@@ -537,6 +541,36 @@ type NoWrite = fn(&Connection, Timestamp) -> Result<()>;
 struct Own<F> {
     write: F,
     deadline: Option<Instant>,
+}
+
+/// Runs the writes of a group one after the other, each on its own.
+struct Member {
+    /// No write has changed anything in the transaction yet.
+    first: bool,
+}
+
+impl Member {
+    /// Runs one write of a group: its changes stand if `run` says it
+    /// succeeded, else they are undone. The first write of a transaction
+    /// needs no savepoint (a big one, such as a prune batch, would copy
+    /// every page it changes into the savepoint's journal): if it fails,
+    /// the transaction is rolled back and begun anew for the others. The
+    /// others run in a savepoint each. `Err` if the transaction is gone and
+    /// cannot be begun anew: then nothing of the group commits.
+    fn run(&mut self, conn: &Connection, run: impl FnOnce() -> bool) -> Result<()> {
+        if !self.first {
+            return in_savepoint(conn, run);
+        }
+        if run() {
+            self.first = false;
+            return Ok(());
+        }
+        if !conn.is_autocommit() {
+            conn.prepare_cached("ROLLBACK")?.execute([])?;
+        }
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(())
+    }
 }
 
 /// Runs one write of a group in a savepoint of its own: its changes stand if
@@ -782,41 +816,56 @@ mod tests {
     }
 
     /// A write that only its own thread can run waits for its turn to lead
-    /// and takes the queued shared writes into its transaction.
+    /// and takes the queued shared writes into its transaction; if it fails,
+    /// it fails alone.
     #[test]
     fn a_write_of_its_own_thread_leads_the_next_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir, Duration::from_secs(10));
-        let (go, leader) = hold_lead(&store);
-        let s = store.clone();
-        let own = std::thread::spawn(move || {
-            let borrowed = String::from("50");
-            s.write(|tx, _| {
-                tx.execute("INSERT INTO t (k) VALUES (?1)", [&borrowed])?;
-                Ok(tx.is_autocommit())
-            })
-        });
-        while group(&store).state.lock().waiters.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let shared: Vec<_> = (1..=3i64)
-            .map(|k| {
-                let s = store.clone();
-                std::thread::spawn(move || {
-                    s.write_shared(move |tx, _| {
-                        Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?)
+        for own_fails in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir, Duration::from_secs(10));
+            let (go, leader) = hold_lead(&store);
+            let s = store.clone();
+            let own = std::thread::spawn(move || {
+                let borrowed = String::from("50");
+                s.write(|tx, _| {
+                    tx.execute("INSERT INTO t (k) VALUES (?1)", [&borrowed])?;
+                    if own_fails {
+                        return Err(Error::invalid("k", &borrowed, "refused"));
+                    }
+                    Ok(tx.is_autocommit())
+                })
+            });
+            while group(&store).state.lock().waiters.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let shared: Vec<_> = (1..=3i64)
+                .map(|k| {
+                    let s = store.clone();
+                    std::thread::spawn(move || {
+                        s.write_shared(move |tx, _| {
+                            Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?)
+                        })
                     })
                 })
-            })
-            .collect();
-        wait_for_queue(&store, 3);
-        go.send(()).unwrap();
-        leader.join().unwrap().unwrap();
-        assert!(!own.join().unwrap().unwrap(), "ran outside a transaction");
-        for writer in shared {
-            assert_eq!(writer.join().unwrap().unwrap(), 1);
+                .collect();
+            wait_for_queue(&store, 3);
+            go.send(()).unwrap();
+            leader.join().unwrap().unwrap();
+            match own.join().unwrap() {
+                Err(e) if own_fails => assert!(e.is_invalid_input(), "{e:?}"),
+                Ok(autocommit) if !own_fails => assert!(!autocommit, "ran outside a transaction"),
+                other => panic!("own write: {other:?}"),
+            }
+            for writer in shared {
+                assert_eq!(writer.join().unwrap().unwrap(), 1);
+            }
+            let expected: &[i64] = if own_fails {
+                &[1, 2, 3]
+            } else {
+                &[1, 2, 3, 50]
+            };
+            assert_eq!(rows(&store), expected);
         }
-        assert_eq!(rows(&store), [1, 2, 3, 50]);
     }
 
     /// A queued write whose busy timeout passes gives up with a busy error,
