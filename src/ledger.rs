@@ -211,8 +211,8 @@ impl Builder {
     ///
     /// A write that finds no other write of this process under way runs
     /// alone, as with grouping off. Writes that arrive while one is under
-    /// way wait, and the next transaction runs them all, each in a
-    /// savepoint of its own: one that fails is rolled back alone and its
+    /// way wait, and the next transaction runs them all, each isolated
+    /// from the others (savepoints): one that fails is undone alone and its
     /// error goes to its own caller, and no call returns before the commit
     /// that holds its write. See [Group commit](crate#group-commit) for what
     /// is grouped and what it gains, most with [`Synchronous::Full`].

@@ -193,14 +193,15 @@
 //! runs alone, exactly as in a single-threaded program (no savepoint, no
 //! hand-off between threads). A write that arrives while another is under
 //! way waits, and the next transaction carries every write queued meanwhile,
-//! each in a savepoint of its own:
+//! each isolated from the others (every write after the first in a
+//! savepoint of its own):
 //!
 //! - **No call returns before the commit that holds its write.** A process
 //!   killed in the middle of a group loses only writes whose calls had not
 //!   returned, as without grouping.
 //! - **One write's failure is its own.** A write that fails (a transition
 //!   from a terminal state, a duplicate idempotency key, an unknown run) is
-//!   rolled back to its savepoint and its error goes to its own caller; a
+//!   undone alone and its error goes to its own caller; a
 //!   panic in it resumes in its caller's thread. The others commit. If the
 //!   commit itself fails, every write of the group gets an error.
 //! - **Which writes are grouped.** The writes of a run's life —
