@@ -229,43 +229,86 @@ where
     }
 }
 
-/// The lead, held: dropping it hands the lead to the first waiting thread
-/// (or frees it), also when the holder unwinds.
+/// The lead, held: dropping it passes the lead on (see [`State::pass_on`]),
+/// also when the holder unwinds.
 struct Held<'g>(&'g Group);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        match state.waiters.pop_front() {
-            Some(next) => next.wake.lead(),
-            None => state.leading = false,
+        self.0.state.lock().pass_on();
+    }
+}
+
+impl State {
+    /// Takes the lead if it is free, with every job queued meanwhile: the
+    /// taker runs them after its own write.
+    fn take_lead(&mut self) -> Option<Vec<Queued>> {
+        if self.leading {
+            return None;
         }
+        self.leading = true;
+        Some(self.take_jobs())
+    }
+
+    /// Takes every queued job; the holder of the lead runs them.
+    fn take_jobs(&mut self) -> Vec<Queued> {
+        if self.jobs.is_empty() {
+            return Vec::new();
+        }
+        // Their threads now wait for an answer, not for the lead.
+        self.waiters.retain(|w| !w.has_job);
+        std::mem::take(&mut self.jobs)
+    }
+
+    /// Passes on a lead that is being let go (or is free):
+    ///
+    /// - to the first waiting thread, if that thread can only run its own
+    ///   write (a lock write): it is handed the lead, and no later writer
+    ///   overtakes it;
+    /// - else the lead is freed, and the first waiting thread, whose write
+    ///   is queued, is woken to take it. A thread already running (such as
+    ///   one that was just answered and writes again) may take it first,
+    ///   and then runs the queued writes with its own: the write lock never
+    ///   waits for a sleeping thread to be scheduled, which on a busy
+    ///   machine takes milliseconds. Queued writes cannot starve: whoever
+    ///   takes the lead takes them all.
+    fn pass_on(&mut self) {
+        match self.waiters.front().map(|w| w.has_job) {
+            Some(false) => {
+                let next = self.waiters.pop_front().expect("a waiter");
+                self.leading = true;
+                next.wake.lead();
+            }
+            Some(true) => {
+                self.leading = false;
+                self.waiters[0].wake.lead();
+            }
+            None => self.leading = false,
+        }
+    }
+
+    /// Queues a waiting thread (and its job); returns its number.
+    fn enqueue(
+        &mut self,
+        wake: Arc<dyn Lead>,
+        job: Option<(Option<Instant>, Box<dyn Job>)>,
+    ) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        #[cfg(test)]
+        {
+            self.queued_total += u64::from(job.is_some());
+        }
+        let has_job = job.is_some();
+        if let Some((deadline, job)) = job {
+            self.jobs.push(Queued { seq, deadline, job });
+        }
+        self.waiters.push_back(Waiter { seq, has_job, wake });
+        seq
     }
 }
 
 impl Group {
-    /// Takes the lead if it is free.
-    fn try_lead(&self) -> Option<Held<'_>> {
-        let mut state = self.state.lock();
-        if state.leading {
-            None
-        } else {
-            state.leading = true;
-            Some(Held(self))
-        }
-    }
-
-    /// Takes every queued job; the holder of the lead runs them.
-    fn take_jobs(&self) -> Vec<Queued> {
-        let mut state = self.state.lock();
-        if state.jobs.is_empty() {
-            return Vec::new();
-        }
-        // Their threads now wait for an answer, not for the lead.
-        state.waiters.retain(|w| !w.has_job);
-        std::mem::take(&mut state.jobs)
-    }
-
     /// Takes a waiter out of the queue (with its job) if it is still there:
     /// false if the lead was handed to it or a leader took its job.
     fn withdraw(&self, seq: u64) -> bool {
@@ -275,6 +318,10 @@ impl Group {
         };
         state.waiters.remove(i);
         state.jobs.retain(|q| q.seq != seq);
+        if !state.leading {
+            // It may have been the one woken to take the free lead.
+            state.pass_on();
+        }
         true
     }
 
@@ -308,63 +355,43 @@ fn unwind<T>(produced: Produced<T>) -> Result<T> {
 
 impl Store {
     /// Runs `f` in a write transaction of its own thread, as [`Store::write`]
-    /// does with grouping on: alone if no other write of this process is
-    /// under way, else at its turn, together with the shared writes queued
-    /// meanwhile.
+    /// does with grouping on: at once if no other write of this process is
+    /// under way, else at its turn; with the shared writes queued meanwhile,
+    /// if any.
     pub(super) fn write_leading<T>(
         &self,
         group: &Group,
         f: impl FnOnce(&Connection, Timestamp) -> Result<T>,
     ) -> Result<T> {
         let deadline = deadline_from_now(self);
-        let held = match group.try_lead() {
-            Some(held) => held,
-            None => {
-                let slot = Slot::<()>::new();
-                let seq = {
-                    let mut state = group.state.lock();
-                    // Freed meanwhile: no need to wait.
-                    if !state.leading {
-                        state.leading = true;
-                        None
-                    } else {
-                        let seq = state.next;
-                        state.next += 1;
-                        state.waiters.push_back(Waiter {
-                            seq,
-                            has_job: false,
-                            wake: slot.clone(),
-                        });
-                        Some(seq)
-                    }
-                };
-                if let Some(seq) = seq {
-                    let mut wait_until = deadline;
-                    loop {
-                        match slot.wait(wait_until) {
-                            Woken::Lead => break,
-                            Woken::TimedOut if group.withdraw(seq) => {
-                                return Err(waited_too_long().in_ledger(&self.path));
-                            }
-                            // Handed the lead as the deadline passed.
-                            Woken::TimedOut | Woken::Done(_) => wait_until = None,
-                        }
-                    }
-                }
-                Held(group)
+        let slot = {
+            let mut state = group.state.lock();
+            if let Some(jobs) = state.take_lead() {
+                drop(state);
+                return self.lead(f, deadline, jobs, Held(group));
             }
+            let slot = Slot::<()>::new();
+            let seq = state.enqueue(slot.clone(), None);
+            (slot, seq)
         };
-        let jobs = group.take_jobs();
-        if jobs.is_empty() {
-            let result = self.transaction(f);
-            drop(held);
-            return result;
+        let (slot, seq) = slot;
+        let mut wait_until = deadline;
+        loop {
+            match slot.wait(wait_until) {
+                // Handed the lead: no other thread takes it meanwhile.
+                Woken::Lead => break,
+                Woken::TimedOut if group.withdraw(seq) => {
+                    return Err(waited_too_long().in_ledger(&self.path));
+                }
+                // Handed the lead as the deadline passed.
+                Woken::TimedOut | Woken::Done(_) => wait_until = None,
+            }
         }
-        let own = Own { write: f, deadline };
-        unwind(self.run_group(Some(own), jobs, held).expect("own write"))
+        let jobs = group.state.lock().take_jobs();
+        self.lead(f, deadline, jobs, Held(group))
     }
 
-    /// Runs `f` in a write transaction: alone if no other write of this
+    /// Runs `f` in a write transaction: at once if no other write of this
     /// process is under way, else queued for the next group (see the
     /// module's docs). Returns once the transaction holding `f`'s changes
     /// committed (or failed); a panic in `f` resumes in this thread.
@@ -379,46 +406,22 @@ impl Store {
         let Some(group) = &self.group else {
             return self.transaction(f);
         };
-        if let Some(held) = group.try_lead() {
-            let result = self.transaction(f);
-            drop(held);
-            return result;
-        }
         let deadline = deadline_from_now(self);
-        let slot = Slot::<T>::new();
-        let seq = {
+        let (slot, seq) = {
             let mut state = group.state.lock();
-            if !state.leading {
-                // Freed meanwhile.
-                state.leading = true;
+            if let Some(jobs) = state.take_lead() {
                 drop(state);
-                let held = Held(group);
-                let result = self.transaction(f);
-                drop(held);
-                return result;
+                return self.lead(f, deadline, jobs, Held(group));
             }
-            let seq = state.next;
-            state.next += 1;
-            #[cfg(test)]
-            {
-                state.queued_total += 1;
-            }
-            state.jobs.push(Queued {
-                seq,
-                deadline,
-                job: Box::new(Pending {
-                    write: Some(f),
-                    clock: self.clock.clone(),
-                    produced: None,
-                    slot: slot.clone(),
-                }),
+            let slot = Slot::<T>::new();
+            let job = Box::new(Pending {
+                write: Some(f),
+                clock: self.clock.clone(),
+                produced: None,
+                slot: slot.clone(),
             });
-            state.waiters.push_back(Waiter {
-                seq,
-                has_job: true,
-                wake: slot.clone(),
-            });
-            seq
+            let seq = state.enqueue(slot.clone(), Some((deadline, job)));
+            (slot, seq)
         };
         let mut wait_until = deadline;
         loop {
@@ -427,11 +430,15 @@ impl Store {
                     return unwind(produced).map_err(|e| e.in_ledger(&self.path));
                 }
                 Woken::Lead => {
-                    // This thread leads the next group; its own job is in it.
-                    let jobs = group.take_jobs();
-                    let held = Held(group);
-                    self.run_group(None::<Own<NoWrite>>, jobs, held);
-                    wait_until = None;
+                    // Woken to take the lead, which a running thread may
+                    // have taken first: then that one runs this write.
+                    let jobs = group.state.lock().take_lead();
+                    if let Some(jobs) = jobs {
+                        let held = Held(group);
+                        if !jobs.is_empty() {
+                            self.run_group(None::<Own<NoWrite>>, jobs, held);
+                        }
+                    }
                 }
                 Woken::TimedOut if group.withdraw(seq) => {
                     return Err(waited_too_long().in_ledger(&self.path));
@@ -441,15 +448,32 @@ impl Store {
         }
     }
 
+    /// Runs the leader's own write: alone if nothing is queued (the plain
+    /// path of a lone writer), else first in a group with `jobs`.
+    fn lead<T>(
+        &self,
+        f: impl FnOnce(&Connection, Timestamp) -> Result<T>,
+        deadline: Option<Instant>,
+        jobs: Vec<Queued>,
+        held: Held<'_>,
+    ) -> Result<T> {
+        if jobs.is_empty() {
+            let result = self.transaction(f);
+            drop(held);
+            return result;
+        }
+        let own = Own { write: f, deadline };
+        unwind(self.run_group(Some(own), jobs, held).expect("own write"))
+    }
+
     /// Runs one group in one transaction: the leader's own write first (if
     /// it has one), then every job, each in a savepoint. Hands the lead on
     /// once the transaction ended, then answers the jobs; returns what the
     /// own write produced.
     ///
-    /// The lead goes to the next waiting thread before the answers, so that
-    /// the next group's transaction and this group's wake-ups overlap. (A
-    /// holder that ran the group queued meanwhile itself before handing on,
-    /// sparing one wake-up on the way to the next transaction, measured no
+    /// The lead is passed on before the answers, so that the next group's
+    /// transaction and this group's wake-ups overlap. (A holder that ran the
+    /// group queued meanwhile itself before passing the lead on measured no
     /// better: its answers then delayed that transaction instead.)
     fn run_group<T, F>(
         &self,
