@@ -14,16 +14,19 @@
 //! - any other write ([`Store::write`]) can only run on its own thread, and
 //!   waits for its turn to lead.
 //!
-//! When the leader's transaction ends it hands the lead to the first waiting
-//! thread, which takes every queued closure and runs them (after its own
-//! write, if it has one) in one `BEGIN IMMEDIATE … COMMIT`, each on its own:
+//! When the leader's transaction ends it passes the lead on (see
+//! [`State::pass_on`]): to the first waiting thread if that one can only run
+//! its own write, else to whichever thread takes it first, the first waiting
+//! one (woken for it) or one that is running anyway. The new leader takes
+//! every queued closure and runs them (after its own write, if it has one)
+//! in one `BEGIN IMMEDIATE … COMMIT`, each on its own:
 //! a write that fails or panics is undone and its error (or panic) goes to
 //! its own caller, the others commit. Every write but the first runs in a
 //! savepoint of its own; the first needs none (a failure rolls the
 //! transaction back and begins it anew for the others), which spares a big
 //! write (a prune batch leading a group) from copying its pages into a
 //! savepoint journal. Only after the `COMMIT` does a caller get its answer: if the
-//! commit fails, every write of the group gets an error. The leader hands
+//! commit fails, every write of the group gets an error. The leader passes
 //! the lead on before it answers, so the next group starts while the answers
 //! travel. Nothing slow runs inside a group: the closures are SQL and the
 //! plain-Rust state machine, no file I/O and no user callbacks.
