@@ -229,10 +229,11 @@
 //! that often. A group pays one fsync for all its writes, so throughput grows
 //! with the number of threads writing and each caller waits for about one
 //! fsync more at most, instead of queueing behind one fsync per writer.
-//! This is where grouping gains most (about 10× at 16 threads on a small VM;
-//! see the README). With the default [`Synchronous::Normal`] a commit costs
-//! only a few microseconds more than its writes, so grouping mostly spares
-//! threads the busy-waiting of taking turns at SQLite's lock.
+//! This is where grouping gains most (4 to 10× the runs per second of one
+//! thread, at 16 threads on a small shared VM; see the README). With the
+//! default [`Synchronous::Normal`] a commit costs only a few microseconds
+//! more than its writes, so there grouping gains little when the CPU is the
+//! limit.
 //! [`Builder::group_commit`] turns grouping off.
 //!
 //! # Command-line tool
