@@ -649,8 +649,8 @@ mod tests {
         store
             .write(|tx, _| {
                 tx.execute_batch(
-                    "CREATE TABLE t (k INTEGER PRIMARY KEY);
-                     CREATE TABLE child (parent INTEGER REFERENCES t (k)
+                    "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY);
+                     CREATE TABLE IF NOT EXISTS child (parent INTEGER REFERENCES t (k)
                                          DEFERRABLE INITIALLY DEFERRED);",
                 )?;
                 Ok(())
@@ -914,6 +914,68 @@ mod tests {
             .write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (2)", [])?))
             .unwrap();
         assert_eq!(rows(&store), [2]);
+    }
+
+    /// Writers that give up at a short busy timeout while queued (some of
+    /// them the one woken to take a free lead) never strand the others:
+    /// writes of a store with a long timeout, sharing the queue, all
+    /// commit, and nothing waits for that timeout.
+    #[test]
+    fn writers_that_give_up_never_strand_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let patient = open(&dir, Duration::from_secs(20));
+        let hasty = open(&dir, Duration::from_millis(1));
+        let started = Instant::now();
+        let threads: Vec<_> = (0..8i64)
+            .map(|t| {
+                let store = if t % 2 == 0 {
+                    patient.clone()
+                } else {
+                    hasty.clone()
+                };
+                std::thread::spawn(move || {
+                    let mut outcomes = Vec::new();
+                    for i in 0..150i64 {
+                        let k = t * 1000 + i;
+                        let slow = i % 10 == 0;
+                        let write = move |tx: &Connection, _| {
+                            tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?;
+                            if slow {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            Ok(())
+                        };
+                        let result = if t == 6 {
+                            // A write of its own thread, among shared ones.
+                            store.write(write)
+                        } else {
+                            store.write_shared(write)
+                        };
+                        outcomes.push((k, result));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        let mut committed = Vec::new();
+        let mut gave_up = 0;
+        for (t, thread) in threads.into_iter().enumerate() {
+            for (k, result) in thread.join().unwrap() {
+                match result {
+                    Ok(()) => committed.push(k),
+                    Err(e) if t % 2 == 1 && e.is_busy() => gave_up += 1,
+                    Err(e) => panic!("write {k} of thread {t}: {e:?}"),
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a writer waited for its timeout: {:?}",
+            started.elapsed()
+        );
+        committed.sort_unstable();
+        assert_eq!(rows(&patient), committed);
+        assert!(committed.len() >= 4 * 150, "{gave_up} gave up");
     }
 
     /// Every store of a file in this process shares one group, unless it
