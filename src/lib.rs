@@ -210,11 +210,10 @@
 //!   wait in a queue and are run by whichever thread leads the next group.
 //!   Lock writes (a grant, a release, leaving the queue), instance heartbeats
 //!   and reaper passes always run on their own thread: each waits for its
-//!   turn (first come, first served, ahead of further grouping) and then
-//!   leads the next group, taking the queued run writes into its
-//!   transaction. A lock therefore waits at most for the transaction under
-//!   way and the lock writes queued before it, and its waiters are woken only
-//!   after the commit, as always.
+//!   turn and then leads the next group, taking the queued run writes into
+//!   its transaction. A lock write therefore waits at most for the
+//!   transaction under way, the lock writes queued before it and one group
+//!   of run writes; its waiters are woken only after the commit, as always.
 //! - **Nothing slow runs inside a group**: SQL and the plain-Rust state
 //!   machine only, never file I/O or user code (a [`Reaper`] runs outside
 //!   any transaction).

@@ -266,8 +266,8 @@ impl State {
     /// Passes on a lead that is being let go (or is free):
     ///
     /// - to the first waiting thread, if that thread can only run its own
-    ///   write (a lock write): it is handed the lead, and no later writer
-    ///   overtakes it;
+    ///   write (a lock write): it is handed the lead, so that no later
+    ///   writer overtakes it once it is first in line;
     /// - else the lead is freed, and the first waiting thread, whose write
     ///   is queued, is woken to take it. A thread already running (such as
     ///   one that was just answered and writes again) may take it first,
