@@ -11,7 +11,8 @@
 //! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
 //!     [--host NAME --stale-ms N] [--report]
 //! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY
-//! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME]
+//! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
+//! cargo run --example worker -- DB writers --threads N
 //! cargo run --example worker -- DB burst-runs N [--at MS]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
@@ -53,8 +54,17 @@
 //! critical section. In `--dir` it appends `begun RUN` to `begun` once a run
 //! is registered, `enter|exit KEY TOKEN PID MODE` to `witness` around each
 //! section, and `error KIND MESSAGE` to `errors` for any error (`busy` for
-//! `database is locked`). `burst-runs` begins and finishes N runs and
-//! prints `done N` (or the first error).
+//! `database is locked`). With `--threads N` (default 1), N threads run that
+//! loop at once, each with a ledger of its own (so that their locks exclude
+//! each other); their writes share transactions (group commit).
+//! `burst-runs` begins and finishes N runs and prints `done N` (or the first
+//! error).
+//!
+//! `writers` loops until killed on `--threads` threads sharing one ledger:
+//! each begins a run, prints `begun RUN`, gives it a step, then ends it and
+//! prints `succeeded RUN` (or `failed RUN` for every third run, failed on
+//! purpose), each line printed and flushed as soon as the call returned: a
+//! process to kill in the middle of a group commit.
 //! `critical` takes the lock `--times` times; each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
@@ -305,7 +315,45 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say(format_args!("unexpected {:?}", queued.map(|g| g.token())));
             drop((step, guard));
         }
-        "torture" => torture(db, args)?,
+        "torture" => {
+            let threads = number(args, "--threads", 1).max(1);
+            let loops: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (db, args) = (db.clone(), args.to_vec());
+                    std::thread::spawn(move || torture(&db, &args, t).map_err(|e| e.to_string()))
+                })
+                .collect();
+            for l in loops {
+                l.join().map_err(|_| "a torture thread panicked")??;
+            }
+        }
+        "writers" => {
+            let ledger = Ledger::builder(db).open()?;
+            let threads: Vec<_> = (0..number(args, "--threads", 8).max(1))
+                .map(|_| {
+                    let ledger = ledger.clone();
+                    std::thread::spawn(move || -> Result<(), Error> {
+                        for i in 0u64.. {
+                            let run = ledger.begin_run(RunSpec::new("writers").source("worker"))?;
+                            let id = run.id();
+                            say(format_args!("begun {id}"));
+                            run.step("only")?.succeed()?;
+                            if i % 3 == 2 {
+                                run.fail("failed on purpose")?;
+                                say(format_args!("failed {id}"));
+                            } else {
+                                run.succeed()?;
+                                say(format_args!("succeeded {id}"));
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().map_err(|_| "a writer thread panicked")??;
+            }
+        }
         "burst-runs" => {
             let ledger = Ledger::open(db)?;
             let n = arg(2)?.parse::<u64>()?;
@@ -459,7 +507,7 @@ fn append(file: &std::fs::File, line: std::fmt::Arguments<'_>) {
     let _ = file.write_all(format!("{line}\n").as_bytes());
 }
 
-fn torture(db: &str, args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+fn torture(db: &str, args: &[String], thread: u64) -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(flag(args, "--dir").ok_or("missing --dir")?);
     let open = |name: &str| {
         std::fs::OpenOptions::new()
@@ -474,7 +522,7 @@ fn torture(db: &str, args: &[String]) -> Result<(), Box<dyn std::error::Error>> 
     }
     let ledger = builder.open()?;
     let pid = std::process::id();
-    let mut rng = Rng(number(args, "--seed", 1) ^ (u64::from(pid) << 20) | 1);
+    let mut rng = Rng(number(args, "--seed", 1) ^ (u64::from(pid) << 20) ^ (thread << 52) | 1);
     let record = |e: &Error| {
         let kind = if e.is_busy() { "busy" } else { "other" };
         append(&errors, format_args!("error {kind} {pid} {e}"));

@@ -320,6 +320,9 @@ enum StorageErrorKind {
     Sqlite(rusqlite::Error),
     Pool(r2d2::Error),
     Io(std::io::Error),
+    /// One error that several callers get: the writes of a group whose
+    /// transaction failed.
+    Shared(std::sync::Arc<dyn std::error::Error + Send + Sync>),
 }
 
 impl StorageError {
@@ -328,6 +331,51 @@ impl StorageError {
             StorageErrorKind::Sqlite(e) => e,
             StorageErrorKind::Pool(e) => e,
             StorageErrorKind::Io(e) => e,
+            StorageErrorKind::Shared(e) => &**e,
+        }
+    }
+}
+
+/// An error that every write of a failed group gets a copy of: the same
+/// variant (busy or storage) and ledger, with the one underlying error as
+/// the source of each copy.
+pub(crate) struct SharedError {
+    busy: bool,
+    path: PathBuf,
+    source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl From<Error> for SharedError {
+    fn from(e: Error) -> SharedError {
+        match e {
+            Error::Busy { path, source } => SharedError {
+                busy: true,
+                path,
+                source: std::sync::Arc::new(source),
+            },
+            Error::Storage { path, source } => SharedError {
+                busy: false,
+                path,
+                source: std::sync::Arc::new(source),
+            },
+            other => SharedError {
+                busy: false,
+                path: PathBuf::new(),
+                source: std::sync::Arc::new(other),
+            },
+        }
+    }
+}
+
+impl SharedError {
+    /// One more copy.
+    pub(crate) fn error(&self) -> Error {
+        let source = StorageError(StorageErrorKind::Shared(self.source.clone()));
+        let path = self.path.clone();
+        if self.busy {
+            Error::Busy { path, source }
+        } else {
+            Error::Storage { path, source }
         }
     }
 }

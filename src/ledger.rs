@@ -37,7 +37,9 @@ pub enum Synchronous {
     #[default]
     Normal,
     /// `synchronous=FULL`: one fsync of the log per commit, so a commit that
-    /// returned survives a power cut.
+    /// returned survives a power cut. Writes that threads of one process make
+    /// at the same moment share a commit, and so one fsync (see
+    /// [`Builder::group_commit`]).
     Full,
     /// `synchronous=EXTRA`: `Full`, plus an fsync of the folder when the log
     /// is reset.
@@ -87,6 +89,7 @@ pub struct Builder {
     background: bool,
     reap_on_open: bool,
     host: Option<String>,
+    group_commit: bool,
 }
 
 /// How long an instance may go without a heartbeat before the lease judges
@@ -206,6 +209,25 @@ impl Builder {
         self
     }
 
+    /// Whether writes that threads of this process make at the same moment
+    /// share one transaction (group commit). On by default.
+    ///
+    /// A write that finds no other write of this process under way runs
+    /// alone, as with grouping off. Writes that arrive while one is under
+    /// way wait, and the next transaction runs them all, each isolated
+    /// from the others (savepoints): one that fails is undone alone and its
+    /// error goes to its own caller, and no call returns before the commit
+    /// that holds its write. See [Group commit](crate#group-commit) for what
+    /// is grouped and what it gains, most with [`Synchronous::Full`].
+    ///
+    /// With `false`, every write is a transaction of its own thread, and
+    /// threads of one process meet at SQLite's write lock as other
+    /// processes do.
+    pub fn group_commit(mut self, group: bool) -> Builder {
+        self.group_commit = group;
+        self
+    }
+
     /// The most SQLite connections this ledger keeps open (readers run in
     /// parallel; writers take turns). Values below 1 count as 1. Defaults to 8.
     pub fn pool_size(mut self, size: u32) -> Builder {
@@ -279,6 +301,7 @@ impl Builder {
             synchronous: self.synchronous.pragma(),
             busy_timeout: self.busy_timeout,
             pool_size: self.pool_size,
+            group_commit: self.group_commit,
         };
         let store = Store::open(&self.path, &config, self.clock.clone())?;
         let mut identity = ProcessIdentity::current();
@@ -525,6 +548,7 @@ impl Ledger {
             background: true,
             reap_on_open: true,
             host: None,
+            group_commit: true,
         }
     }
 
@@ -1532,7 +1556,7 @@ impl Ledger {
     pub(crate) fn transition(
         &self,
         id: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
     ) -> Result<(RunState, RunStatus)> {
         let (state, status, wakes) = self.inner.store.update_run(id, decide)?;
         wake(&wakes);
@@ -1540,7 +1564,8 @@ impl Ledger {
     }
 
     pub(crate) fn finish_run(&self, id: RunId, outcome: &Outcome) -> Result<RunStatus> {
-        let (_, status) = self.transition(id, |state| outcome.decide(id, state))?;
+        let outcome = outcome.clone();
+        let (_, status) = self.transition(id, move |state| outcome.decide(id, state))?;
         log::debug!("runledger: run {id} ended as {status}");
         Ok(status)
     }

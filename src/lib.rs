@@ -242,6 +242,56 @@
 //! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
 //!   typed [`Error`] naming the offending value.
 //!
+//! # Group commit
+//!
+//! Threads of one process that write at the same moment share a
+//! transaction. A write that finds no other write of this process under way
+//! runs alone, exactly as in a single-threaded program (no savepoint, no
+//! hand-off between threads). A write that arrives while another is under
+//! way waits, and the next transaction carries every write queued meanwhile,
+//! each isolated from the others (every write after the first in a
+//! savepoint of its own):
+//!
+//! - **No call returns before the commit that holds its write.** A process
+//!   killed in the middle of a group loses only writes whose calls had not
+//!   returned, as without grouping.
+//! - **One write's failure is its own.** A write that fails (a transition
+//!   from a terminal state, a duplicate idempotency key, an unknown run) is
+//!   undone alone and its error goes to its own caller; a
+//!   panic in it resumes in its caller's thread. The others commit. If the
+//!   commit itself fails, every write of the group gets an error.
+//! - **Which writes are grouped.** The writes of a run's life —
+//!   [`Ledger::begin_run`], [`Run::start`], [`Run::step`] and the step's
+//!   outcome, the run's outcome, [`Ledger::cancel`], [`Run::heartbeat`],
+//!   [`Run::event`] — wait in a queue and are run by whichever thread leads the next group.
+//!   Lock writes (a grant, a release, leaving the queue), instance heartbeats,
+//!   adoptions, watch registrations and reaper passes always run on their
+//!   own thread: each waits for its
+//!   turn and then leads the next group, taking the queued run writes into
+//!   its transaction. A lock write therefore waits at most for the
+//!   transaction under way, the lock writes queued before it and one group
+//!   of run writes; its waiters are woken only after the commit, as always.
+//! - **Nothing slow runs inside a group**: SQL and the plain-Rust state
+//!   machine only, never file I/O or user code (a [`Reaper`] runs outside
+//!   any transaction).
+//! - **One per file and process.** Every [`Ledger`] of the same file in a
+//!   process shares the queue (so threads that open a ledger each, for locks
+//!   that exclude each other, group too), if they commit with the same
+//!   [`Synchronous`] setting. Writes of other processes still take turns at
+//!   SQLite's write lock.
+//!
+//! **With [`Synchronous::Full`]** every commit waits for an fsync of the
+//! log, hundreds of microseconds to milliseconds: one writer can commit only
+//! that often. A group pays one fsync for all its writes, so throughput grows
+//! with the number of threads writing and each caller waits for about one
+//! fsync more at most, instead of queueing behind one fsync per writer.
+//! This is where grouping gains most (4 to 10× the runs per second of one
+//! thread, at 16 threads on a small shared VM; see the README). With the
+//! default [`Synchronous::Normal`] a commit costs only a few microseconds
+//! more than its writes, so there grouping gains little when the CPU is the
+//! limit.
+//! [`Builder::group_commit`] turns grouping off.
+//!
 //! # Command-line tool
 //!
 //! With the `cli` feature the crate also builds `runledger`, a binary over

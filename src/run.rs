@@ -518,7 +518,8 @@ impl Run {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn start(&self) -> Result<()> {
-        self.ledger.transition(self.id, |state| {
+        let id = self.id;
+        self.ledger.transition(id, move |state| {
             if state.status.can_become(RunStatus::Running) {
                 Ok(Some(RunChange::Status {
                     to: RunStatus::Running,
@@ -527,7 +528,7 @@ impl Run {
                 }))
             } else {
                 Err(Error::InvalidTransition {
-                    run: self.id,
+                    run: id,
                     from: state.status,
                     to: RunStatus::Running,
                 })

@@ -6,10 +6,15 @@
 //! only grew, nothing active or held is left, every begun run is in the
 //! ledger, the file passes `integrity_check`, no busy error reached a worker.
 //!
+//! Each worker process runs the loop on several threads at once, each with a
+//! ledger of its own: their writes share transactions (group commit), so a
+//! kill also lands in the middle of groups.
+//!
 //! Sized for CI (about a minute); scale it by hand with
-//! `RUNLEDGER_TORTURE_WORKERS` (default 8), `RUNLEDGER_TORTURE_KILLS`
-//! (default 1000) and `RUNLEDGER_TORTURE_SEED` (default: from the clock,
-//! printed so that a failing run can be replayed).
+//! `RUNLEDGER_TORTURE_WORKERS` (default 8), `RUNLEDGER_TORTURE_THREADS`
+//! (threads per worker, default 3), `RUNLEDGER_TORTURE_KILLS` (default 1000)
+//! and `RUNLEDGER_TORTURE_SEED` (default: from the clock, printed so that a
+//! failing run can be replayed).
 
 mod common;
 
@@ -41,11 +46,13 @@ impl Rng {
 }
 
 fn spawn(db: &Path, dir: &Path, seed: u64) -> Child {
+    let threads = env_number("RUNLEDGER_TORTURE_THREADS", 3).max(1);
     Command::new(worker())
         .arg(db)
         .args(["torture", "--dir"])
         .arg(dir)
         .args(["--seed", &seed.to_string()])
+        .args(["--threads", &threads.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -194,7 +201,10 @@ fn kill_nine_at_random_instants_breaks_no_guarantee() {
             .unwrap()
             .as_nanos() as u64,
     ) | 1;
-    eprintln!("torture: RUNLEDGER_TORTURE_SEED={seed} workers={workers} kills={kills}");
+    let threads = env_number("RUNLEDGER_TORTURE_THREADS", 3).max(1);
+    eprintln!(
+        "torture: RUNLEDGER_TORTURE_SEED={seed} workers={workers} threads={threads} kills={kills}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     drop(Ledger::open(&db).unwrap());
@@ -282,7 +292,7 @@ fn kill_nine_at_random_instants_breaks_no_guarantee() {
     let killed_in_section = witness.sections - witness.completed;
 
     println!(
-        "torture: seed {seed}, {workers} workers, {killed} kills ({killed_in_section} inside a \
+        "torture: seed {seed}, {workers} workers × {threads} threads, {killed} kills ({killed_in_section} inside a \
          critical section) in {:.1}s; {} runs ({} begun, {reaped} reaped), {} grants; \
          violations {}, stuck runs {}, lost runs {}, busy errors {}, other errors {}, \
          locks left {}, integrity {integrity}",

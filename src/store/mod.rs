@@ -13,6 +13,7 @@
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
+mod group;
 mod instances;
 mod locks;
 mod runs;
@@ -48,6 +49,9 @@ pub(crate) struct StoreConfig {
     pub synchronous: &'static str,
     pub busy_timeout: Duration,
     pub pool_size: u32,
+    /// Whether writes of several threads share transactions (see
+    /// [`group`]).
+    pub group_commit: bool,
 }
 
 /// The SQLite store of one open ledger.
@@ -58,6 +62,9 @@ pub(crate) struct Store {
     path: PathBuf,
     clock: Arc<dyn Clock>,
     busy_timeout: Duration,
+    /// The lead and queue of group commit, shared with the other stores of
+    /// the file in this process; `None` when it is off.
+    group: Option<Arc<group::Group>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -186,7 +193,11 @@ impl Store {
         drop(pool.get().map_err(|e| open_error(path, e))?);
         drop(conn);
         drop(init_lock);
+        let group = config
+            .group_commit
+            .then(|| group::Group::for_file(&canonical, config.synchronous));
         Ok(Store {
+            group,
             pool: Arc::new(pool),
             checkpointing: Arc::new(AtomicBool::new(false)),
             path: canonical,
@@ -203,6 +214,21 @@ impl Store {
     /// Runs `f` in one immediate write transaction and commits it. An error
     /// from `f` (or from the commit) rolls everything back.
     ///
+    /// With group commit on, `f` waits for its turn behind the other writes
+    /// of this process, and runs with the shared writes queued meanwhile
+    /// (see [`group`]); [`Store::write_shared`] is for writes that another
+    /// thread may run.
+    fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
+        match &self.group {
+            Some(group) => self.write_leading(group, f),
+            None => self.transaction(f),
+        }
+    }
+
+    /// Runs `f` in one immediate write transaction of this thread and
+    /// commits it. An error from `f` (or from the commit) rolls everything
+    /// back.
+    ///
     /// `BEGIN IMMEDIATE` takes the write lock up front, so SQLite's busy
     /// handler waits for it; a deferred transaction that reads and then writes
     /// would fail with `SQLITE_BUSY` without waiting. The `BEGIN` and
@@ -210,7 +236,7 @@ impl Store {
     ///
     /// `f` gets the time to stamp its writes with, read once the write lock is
     /// held: timestamps then follow commit order, whatever the wait.
-    fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
+    fn transaction<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
         let in_transaction = || {
             let conn = self.pool.get()?;
             let _deadline = BusyDeadline::set(self.busy_timeout);
@@ -222,27 +248,29 @@ impl Store {
             };
             EVENTS_WRITTEN.with(|w| w.set(false));
             let value = f(tx.conn, self.clock.now())?;
-            let watchers = if EVENTS_WRITTEN.with(Cell::get) {
-                watchers(tx.conn)?
-            } else {
-                Vec::new()
-            };
+            let watchers = watchers_to_wake(tx.conn)?;
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
             wake(&watchers);
-            let frames = WAL_FRAMES.with(Cell::get);
-            if frames >= INLINE_CHECKPOINT_FRAMES {
-                // The background fell behind (or every process is too short
-                // lived to see one through): fold the log here, once.
-                if let Err(e) = tx.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                    log::debug!("runledger: checkpoint failed: {e}");
-                }
-            } else if frames >= CHECKPOINT_FRAMES {
-                self.checkpoint_soon();
-            }
+            self.after_commit(tx.conn);
             Ok(value)
         };
         in_transaction().map_err(|e: Error| e.in_ledger(&self.path))
+    }
+
+    /// What follows a commit of this thread: the checkpoint that the log's
+    /// size asks for.
+    fn after_commit(&self, conn: &Connection) {
+        let frames = WAL_FRAMES.with(Cell::get);
+        if frames >= INLINE_CHECKPOINT_FRAMES {
+            // The background fell behind (or every process is too short
+            // lived to see one through): fold the log here, once.
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                log::debug!("runledger: checkpoint failed: {e}");
+            }
+        } else if frames >= CHECKPOINT_FRAMES {
+            self.checkpoint_soon();
+        }
     }
     /// Copies the write-ahead log back into the database on the shared
     /// background thread, unless that is already under way.
@@ -371,9 +399,14 @@ thread_local! {
     pub(super) static EVENTS_WRITTEN: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The wake-up addresses of the feed's watchers, read in the transaction
-/// that appended events (a read of an empty table when nobody watches).
-fn watchers(tx: &Connection) -> Result<Vec<String>> {
+/// The wake-up addresses of the feed's watchers if the transaction under
+/// way appended events (this thread's [`EVENTS_WRITTEN`], cleared at its
+/// `BEGIN`): read in that transaction, woken after its commit. A read of an
+/// empty table when nobody watches.
+fn watchers_to_wake(tx: &Connection) -> Result<Vec<String>> {
+    if !EVENTS_WRITTEN.with(Cell::get) {
+        return Ok(Vec::new());
+    }
     Ok(tx
         .prepare_cached("SELECT address FROM watchers")?
         .query_map([], |row| row.get(0))?
@@ -390,7 +423,11 @@ struct BusyDeadline(Option<Instant>);
 
 impl BusyDeadline {
     fn set(timeout: Duration) -> BusyDeadline {
-        let deadline = Instant::now().checked_add(timeout);
+        BusyDeadline::until(Instant::now().checked_add(timeout))
+    }
+
+    /// Sets this thread's busy deadline to `deadline` (a group's earliest).
+    fn until(deadline: Option<Instant>) -> BusyDeadline {
         BusyDeadline(BUSY_DEADLINE.with(|d| d.replace(deadline)))
     }
 }

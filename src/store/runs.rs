@@ -32,6 +32,61 @@ pub(crate) struct NewRun<'a> {
     pub adopt_within: Option<i64>,
 }
 
+/// A [`NewRun`] that owns its strings, for a write another thread may run.
+struct OwnedRun {
+    name: String,
+    source: String,
+    status: RunStatus,
+    parent: Option<RunId>,
+    idempotency_key: Option<String>,
+    instance: i64,
+    pid: u32,
+    host: String,
+    metadata: Option<String>,
+    log_path: Option<String>,
+    heartbeat_timeout: Option<i64>,
+    adopt_within: Option<i64>,
+}
+
+impl From<&NewRun<'_>> for OwnedRun {
+    fn from(new: &NewRun<'_>) -> OwnedRun {
+        OwnedRun {
+            name: new.name.to_owned(),
+            source: new.source.to_owned(),
+            status: new.status,
+            parent: new.parent,
+            idempotency_key: new.idempotency_key.map(str::to_owned),
+            instance: new.instance,
+            pid: new.pid,
+            host: new.host.to_owned(),
+            metadata: new.metadata.clone(),
+            log_path: new.log_path.clone(),
+            heartbeat_timeout: new.heartbeat_timeout,
+            adopt_within: new.adopt_within,
+        }
+    }
+}
+
+impl OwnedRun {
+    /// The run to insert; moves the serialized metadata and log path out.
+    fn borrowed(&mut self) -> NewRun<'_> {
+        NewRun {
+            name: &self.name,
+            source: &self.source,
+            status: self.status,
+            parent: self.parent,
+            idempotency_key: self.idempotency_key.as_deref(),
+            instance: self.instance,
+            pid: self.pid,
+            host: &self.host,
+            metadata: self.metadata.take(),
+            log_path: self.log_path.take(),
+            heartbeat_timeout: self.heartbeat_timeout,
+            adopt_within: self.adopt_within,
+        }
+    }
+}
+
 impl ToSql for RunId {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(ToSqlOutput::from(i64::from(*self)))
@@ -153,7 +208,9 @@ impl Store {
     /// `None` if the owning instance is closed (a reaper judged it dead):
     /// nothing is written, and the caller registers again.
     pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<Option<RunId>> {
-        self.write(|tx, at| {
+        let mut owned = OwnedRun::from(new);
+        self.write_shared(move |tx, at| {
+            let new = &owned.borrowed();
             if !super::instances::is_open(tx, new.instance)? {
                 return Ok(None);
             }
@@ -231,9 +288,9 @@ impl Store {
     pub(crate) fn update_run(
         &self,
         run: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
-        self.write(|tx, at| apply_change(tx, run, at, decide))
+        self.write_shared(move |tx, at| apply_change(tx, run, at, decide))
     }
 
     /// Hands a run awaiting adoption to `adopter`, in one compare-and-set,
@@ -367,13 +424,14 @@ impl Store {
 
     /// Appends a custom event to an active run's history.
     pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
-        self.write(|tx, at| {
+        let (name, data) = (name.to_owned(), data.map(str::to_owned));
+        self.write_shared(move |tx, at| {
             let (status, last) = run_head(tx, run)?;
             if status.is_terminal() {
                 return Err(Error::RunFinished { run, status });
             }
             let mut chain = Chain { run, last, at };
-            chain.append(tx, "custom", Some(name), None, None, data)?;
+            chain.append(tx, "custom", Some(&name), None, None, data.as_deref())?;
             tx.prepare_cached("UPDATE runs SET last_event_id = ?2 WHERE id = ?1")?
                 .execute((run, chain.last))?;
             Ok(chain.last.unwrap_or_default())
@@ -426,7 +484,7 @@ impl Store {
     /// on by its timeout. Returns the run's status; only a running run is
     /// changed.
     pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
-        self.write(|tx, at| {
+        self.write_shared(move |tx, at| {
             let (status, _) = run_head(tx, run)?;
             if status == RunStatus::Running {
                 tx.prepare_cached(
@@ -502,7 +560,9 @@ impl Store {
 
     /// Starts a step of an active run; returns the step's row id.
     pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
-        self.write(|tx, at| {
+        let name = name.to_owned();
+        self.write_shared(move |tx, at| {
+            let name = name.as_str();
             let (status, last) = run_head(tx, run)?;
             if status.is_terminal() {
                 return Err(Error::RunFinished { run, status });
@@ -543,7 +603,9 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        self.write(|tx, at| {
+        let (name, error) = (name.to_owned(), error.map(str::to_owned));
+        self.write_shared(move |tx, at| {
+            let (name, error) = (name.as_str(), error.as_deref());
             let (status, last) = run_head(tx, run)?;
             let changed = tx
                 .prepare_cached(
