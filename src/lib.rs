@@ -211,6 +211,7 @@
 
 mod clock;
 mod error;
+mod gate;
 mod input;
 mod keeper;
 mod ledger;
@@ -224,7 +225,9 @@ mod wake;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
-pub use ledger::{Builder, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous};
+pub use ledger::{
+    Builder, DEFAULT_QUEUE_AFTER, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous,
+};
 pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
 pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
+use crate::gate::Held;
 use crate::input;
 use crate::ledger::Ledger;
 use crate::run::RunId;
@@ -452,6 +453,9 @@ pub struct LockGuard {
     token: u64,
     run: Option<RunId>,
     held: bool,
+    /// The gates of its keys that the request took (exclusive requests):
+    /// let go once the release has committed.
+    gates: Held,
 }
 
 impl LockGuard {
@@ -462,6 +466,7 @@ impl LockGuard {
         mode: LockMode,
         token: u64,
         run: Option<RunId>,
+        gates: Held,
     ) -> LockGuard {
         LockGuard {
             ledger,
@@ -471,6 +476,7 @@ impl LockGuard {
             token,
             run,
             held: true,
+            gates,
         }
     }
 
@@ -524,6 +530,9 @@ impl LockGuard {
         // On a storage error `held` stays true, so that Drop tries again.
         let released = self.ledger.release_lock(self.id, self.token)?;
         self.held = false;
+        // Only now that the row is gone: whoever gets a gate finds its key
+        // free.
+        drop(std::mem::take(&mut self.gates));
         if released {
             return Ok(());
         }

@@ -9,7 +9,8 @@
 //! Beside the database `ledger.db`, SQLite keeps `ledger.db-wal` and
 //! `ledger.db-shm`, and runledger keeps a sidecar folder `ledger.db-runledger/`
 //! for its cross-process file locks (`init.lock` serializes opening and
-//! migrating). The sidecar is named from the *canonical* path of the database,
+//! migrating; `instances/` proves processes alive; `keys/` holds the lock
+//! gates, see `crate::gate`). The sidecar is named from the *canonical* path of the database,
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
@@ -474,7 +475,7 @@ pub(crate) fn instances_dir(canonical: &Path) -> PathBuf {
 }
 
 /// The sidecar folder of a database: `<canonical path>-runledger`.
-fn sidecar_dir(canonical: &Path) -> PathBuf {
+pub(crate) fn sidecar_dir(canonical: &Path) -> PathBuf {
     let mut name = canonical.file_name().unwrap_or_default().to_owned();
     name.push("-runledger");
     canonical.with_file_name(name)
