@@ -181,19 +181,35 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// How many helper threads one waiting thread may keep: one waits for the
+/// caller, the others may still be blocked on gates it gave up on.
+const HELPERS_PER_THREAD: usize = 3;
+
 /// Blocks until `file` is locked, or until `deadline`.
 ///
-/// flock has no timeout, so the blocking call runs on a helper thread (one
-/// per waiting thread, kept for its life) while the caller waits on a
-/// condition variable. If the caller gives up first, the helper unlocks the
-/// file as soon as its lock is granted. `Err(Some(file))` gives the file
-/// back when the wait could not even start (the helper is still busy with an
-/// abandoned wait); `Err(None)` when it timed out.
+/// flock has no timeout, so the blocking call runs on a helper thread (kept
+/// for the waiting thread's life) while the caller waits on a condition
+/// variable. If the caller gives up first, the helper unlocks the file as
+/// soon as its lock is granted, and the next wait uses another helper
+/// meanwhile. `Err(Some(file))` gives the file back when the wait could not
+/// start (every helper is still busy with an abandoned wait, or none could
+/// be started); `Err(None)` when it timed out.
 fn wait_for(file: File, deadline: Instant) -> Result<File, Option<File>> {
     thread_local! {
-        static HELPER: Helper = Helper::spawn();
+        static HELPERS: std::cell::RefCell<Vec<Helper>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    HELPER.with(|helper| helper.wait(file, deadline))
+    HELPERS.with(|helpers| {
+        let mut helpers = helpers.borrow_mut();
+        let idle = match helpers.iter().position(Helper::is_idle) {
+            Some(i) => i,
+            None if helpers.len() < HELPERS_PER_THREAD => {
+                helpers.push(Helper::spawn());
+                helpers.len() - 1
+            }
+            None => return Err(Some(file)),
+        };
+        helpers[idle].wait(file, deadline)
+    })
 }
 
 enum State {
@@ -252,6 +268,13 @@ impl Helper {
             }
         };
         Helper { shared, tasks }
+    }
+
+    fn is_idle(&self) -> bool {
+        matches!(
+            *self.shared.0.lock().unwrap_or_else(|e| e.into_inner()),
+            State::Idle
+        )
     }
 
     fn wait(&self, file: File, deadline: Instant) -> Result<File, Option<File>> {
