@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::Result;
-use crate::gate::{Gates, Taken};
+use crate::gate::{Gates, Held, Taken};
 use crate::input;
 use crate::keeper::{Keeper, Kept};
 use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
@@ -1153,7 +1153,9 @@ impl Ledger {
         let orphans = std::mem::take(&mut *self.inner.orphans.lock());
         for orphan in orphans {
             let done = match orphan {
-                Orphan::Held { id, token } => self.release_lock(id, token).map(drop),
+                Orphan::Held { id, token } => {
+                    self.release_lock(id, token, Held::default()).map(drop)
+                }
                 Orphan::Queued { ticket } => self.inner.store.leave_queue(ticket).map(|w| wake(&w)),
             };
             if done.is_err() {
@@ -1405,8 +1407,15 @@ impl Ledger {
     }
 
     /// Releases a held lock; false if it was no longer held.
-    pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<bool> {
-        match self.inner.store.release_lock(id, token)? {
+    ///
+    /// `gates` (the lock's gates) are let go as soon as the release has
+    /// committed: before the waiters are woken, and before a checkpoint.
+    pub(crate) fn release_lock(&self, id: i64, token: u64, gates: Held) -> Result<bool> {
+        match self
+            .inner
+            .store
+            .release_lock(id, token, move || drop(gates))?
+        {
             Some(wakes) => {
                 wake(&wakes);
                 Ok(true)

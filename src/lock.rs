@@ -528,11 +528,11 @@ impl LockGuard {
             return Ok(());
         }
         // On a storage error `held` stays true, so that Drop tries again.
-        let released = self.ledger.release_lock(self.id, self.token)?;
+        // The gates go once the row is gone (whoever gets one finds its key
+        // free), or with this call if it fails.
+        let gates = std::mem::take(&mut self.gates);
+        let released = self.ledger.release_lock(self.id, self.token, gates)?;
         self.held = false;
-        // Only now that the row is gone: whoever gets a gate finds its key
-        // free.
-        drop(std::mem::take(&mut self.gates));
         if released {
             return Ok(());
         }

@@ -442,12 +442,21 @@ impl Store {
     }
 
     /// Releases a held lock. `None` if it was no longer held (taken away, or
-    /// released with its run); otherwise the waiters to wake.
-    pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<Option<Wakes>> {
-        self.write(|tx, now| match delete_lock(tx, id, Some(token as i64))? {
-            Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
-            None => Ok(None),
-        })
+    /// released with its run); otherwise the waiters to wake. `on_commit`
+    /// runs as soon as the release has committed.
+    pub(crate) fn release_lock(
+        &self,
+        id: i64,
+        token: u64,
+        on_commit: impl FnOnce(),
+    ) -> Result<Option<Wakes>> {
+        self.write_then(
+            |tx, now| match delete_lock(tx, id, Some(token as i64))? {
+                Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
+                None => Ok(None),
+            },
+            on_commit,
+        )
     }
 
     /// Whether the lock `id` was taken away from its holder (reclaimed or

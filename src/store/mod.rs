@@ -211,6 +211,17 @@ impl Store {
     /// `f` gets the time to stamp its writes with, read once the write lock is
     /// held: timestamps then follow commit order, whatever the wait.
     fn write<T>(&self, f: impl FnOnce(&Connection, Timestamp) -> Result<T>) -> Result<T> {
+        self.write_then(f, || {})
+    }
+
+    /// [`write`](Store::write), and `on_commit` right after the commit,
+    /// before any checkpoint the commit may call for (dropped, not called,
+    /// if the transaction fails).
+    fn write_then<T>(
+        &self,
+        f: impl FnOnce(&Connection, Timestamp) -> Result<T>,
+        on_commit: impl FnOnce(),
+    ) -> Result<T> {
         let in_transaction = || {
             let conn = self.pool.get()?;
             let _deadline = BusyDeadline::set(self.busy_timeout);
@@ -223,6 +234,7 @@ impl Store {
             let value = f(tx.conn, self.clock.now())?;
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
+            on_commit();
             let frames = WAL_FRAMES.with(Cell::get);
             if frames >= INLINE_CHECKPOINT_FRAMES {
                 // The background fell behind (or every process is too short
