@@ -236,14 +236,8 @@ impl Store {
             tx.open = false;
             on_commit();
             let frames = WAL_FRAMES.with(Cell::get);
-            if frames >= INLINE_CHECKPOINT_FRAMES {
-                // The background fell behind (or every process is too short
-                // lived to see one through): fold the log here, once.
-                if let Err(e) = tx.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                    log::debug!("runledger: checkpoint failed: {e}");
-                }
-            } else if frames >= CHECKPOINT_FRAMES {
-                self.checkpoint_soon();
+            if frames >= CHECKPOINT_FRAMES {
+                self.checkpoint_soon(frames >= RESTART_FRAMES);
             }
             Ok(value)
         };
@@ -258,18 +252,34 @@ impl Store {
     /// after that, and every waiter queued behind them would wait too. On
     /// another thread, the commit returns at once; a passive checkpoint
     /// never blocks writers.
-    fn checkpoint_soon(&self) {
+    ///
+    /// A passive checkpoint never empties a log that writers keep appending
+    /// to, though: the log only starts over once a checkpoint has copied all
+    /// of it, and under a steady stream of commits new frames always arrive
+    /// meanwhile. The log then grows without bound, each commit past the
+    /// threshold asks for another checkpoint (two fsyncs each), and lookups
+    /// in it get slower. With `restart`, the checkpoint blocks writers while
+    /// it copies the rest and waits for readers (at most [`RESTART_WAIT`]),
+    /// so that the next writer starts the log over.
+    fn checkpoint_soon(&self, restart: bool) {
         if self.checkpointing.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool = Arc::downgrade(&self.pool);
         let flag = self.checkpointing.clone();
         shared_thread_pool().execute(move || {
+            let sql = if restart {
+                "PRAGMA wal_checkpoint(RESTART)"
+            } else {
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            };
             if let Some(pool) = pool.upgrade()
                 && let Ok(conn) = pool.get()
-                && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
             {
-                log::debug!("runledger: background checkpoint failed: {e}");
+                let _deadline = BusyDeadline::set(RESTART_WAIT);
+                if let Err(e) = conn.execute_batch(sql) {
+                    log::debug!("runledger: background checkpoint failed: {e}");
+                }
             }
             flag.store(false, Ordering::Release);
         });
@@ -352,9 +362,14 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
 /// a checkpoint: SQLite's default automatic threshold.
 const CHECKPOINT_FRAMES: i32 = 1000;
 
-/// The size from which the committing call folds the log itself: the bound
-/// on the log's growth when background checkpoints do not keep up.
-const INLINE_CHECKPOINT_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+/// The size from which the checkpoint makes the log start over (a restart
+/// checkpoint): the bound on the log's growth under a steady stream of
+/// writers, which passive checkpoints never catch up with.
+const RESTART_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+
+/// How long a restart checkpoint waits for the writer and the readers before
+/// it gives up (having copied what it could): it blocks writers meanwhile.
+const RESTART_WAIT: Duration = Duration::from_millis(20);
 
 thread_local! {
     /// Frames in the write-ahead log after this thread's last commit, as
