@@ -236,8 +236,14 @@ impl Store {
             tx.open = false;
             on_commit();
             let frames = WAL_FRAMES.with(Cell::get);
-            if frames >= CHECKPOINT_FRAMES {
-                self.checkpoint_soon(frames >= RESTART_FRAMES);
+            if frames >= RESTART_FRAMES {
+                self.checkpoint_soon(true);
+            } else if frames >= CHECKPOINT_FRAMES && frames % CHECKPOINT_FRAMES < CHECKPOINT_WINDOW
+            {
+                // Only the commits that just crossed a multiple of the
+                // threshold (give or take a few), in whatever process: every
+                // commit past it would start one more (two fsyncs each).
+                self.checkpoint_soon(false);
             }
             Ok(value)
         };
@@ -361,6 +367,11 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
 /// The size of the write-ahead log, in frames, from which a commit asks for
 /// a checkpoint: SQLite's default automatic threshold.
 const CHECKPOINT_FRAMES: i32 = 1000;
+
+/// How far past a multiple of [`CHECKPOINT_FRAMES`] a commit may land and
+/// still ask for a passive checkpoint: about the frames of two small
+/// transactions.
+const CHECKPOINT_WINDOW: i32 = 16;
 
 /// The size from which the checkpoint makes the log start over (a restart
 /// checkpoint): the bound on the log's growth under a steady stream of
