@@ -24,10 +24,10 @@
 //! names hash alike (a 64-bit hash: practically never) would only share a
 //! gate, never a lock.
 //!
-//! The flock belongs to the open file: each acquire opens the file anew
-//! (close-on-exec, so a command started meanwhile does not inherit it) and
-//! unlocks it explicitly before closing, so that a child forked without exec
-//! cannot keep it.
+//! The flock belongs to the open file: each request has a file of its own
+//! (close-on-exec, so a command started meanwhile does not inherit it),
+//! opened anew or taken from the ledger's unlocked ones, and unlocks it
+//! explicitly when done, so that a child forked without exec cannot keep it.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
@@ -36,43 +36,76 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-/// The gates of one database: the folder of their files.
+/// The gates of one database: the folder of their files, and the ones this
+/// ledger opened and no one here holds, kept open for the next request
+/// (opening the file is most of what an uncontended gate costs).
 #[derive(Debug)]
 pub(crate) struct Gates {
     dir: PathBuf,
+    idle: Idle,
 }
 
-/// Gates held, one per key, released (unlocked, then closed) on drop.
+/// Open gate files, unlocked, by the hash of their key.
+type Idle = Arc<Mutex<Vec<Gate>>>;
+
+/// How many unlocked gate files a ledger keeps open.
+const MAX_IDLE: usize = 64;
+
+/// One key's gate file, open.
+#[derive(Debug)]
+struct Gate {
+    hash: u64,
+    file: File,
+}
+
+/// Gates held, one per key, released (unlocked, then kept for reuse or
+/// closed) on drop.
 #[derive(Debug, Default)]
-pub(crate) struct Held(Vec<File>);
+pub(crate) struct Held {
+    gates: Vec<Gate>,
+    idle: Option<Idle>,
+}
 
 impl Held {
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.gates.is_empty()
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        for file in &self.0 {
+        for gate in &self.gates {
             // Explicitly: a child forked without exec may share the file.
-            let _ = file.unlock();
+            let _ = gate.file.unlock();
+        }
+        if let Some(idle) = &self.idle {
+            keep_idle(idle, self.gates.drain(..));
         }
     }
 }
 
-/// A key's gate file, opened but not locked (someone else holds it).
+fn keep_idle(idle: &Idle, gates: impl Iterator<Item = Gate>) {
+    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+    for gate in gates {
+        if idle.len() >= MAX_IDLE {
+            break;
+        }
+        idle.push(gate);
+    }
+}
+
+/// A key's gate, opened but not locked (someone else holds it).
 #[derive(Debug)]
-pub(crate) struct Busy(File);
+pub(crate) struct Busy(Gate);
 
 /// What trying the gates of a request's keys gave.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
     /// The gates taken.
-    pub held: Held,
+    held: Held,
     /// The gates others hold, in key order.
-    pub busy: Vec<Busy>,
+    busy: Vec<Busy>,
 }
 
 impl Gates {
@@ -80,16 +113,23 @@ impl Gates {
     pub(crate) fn new(sidecar: &Path) -> Gates {
         Gates {
             dir: sidecar.join("keys"),
+            idle: Idle::default(),
         }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.dir
-            .join(format!("{:016x}.lock", fnv1a(key.as_bytes())))
+    fn path(&self, hash: u64) -> PathBuf {
+        self.dir.join(format!("{hash:016x}.lock"))
     }
 
-    fn open(&self, key: &str) -> io::Result<File> {
-        let path = self.path(key);
+    fn open(&self, key: &str) -> io::Result<Gate> {
+        let hash = fnv1a(key.as_bytes());
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = idle.iter().position(|g| g.hash == hash) {
+                return Ok(idle.swap_remove(i));
+            }
+        }
+        let path = self.path(hash);
         let open = || {
             OpenOptions::new()
                 .read(true)
@@ -98,28 +138,35 @@ impl Gates {
                 .truncate(false)
                 .open(&path)
         };
-        match open() {
+        let file = match open() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(&self.dir)?;
                 open()
             }
             other => other,
-        }
+        }?;
+        Ok(Gate { hash, file })
     }
 
     /// Tries the gate of each of `keys` (sorted), without waiting. `None` if
     /// a gate file cannot be opened or locked (a read-only folder, a file
     /// system without locks): the request then goes without gates.
     pub(crate) fn try_take(&self, keys: &[String]) -> Option<Taken> {
-        let mut taken = Taken::default();
+        let mut taken = Taken {
+            held: Held {
+                gates: Vec::with_capacity(keys.len()),
+                idle: Some(self.idle.clone()),
+            },
+            busy: Vec::new(),
+        };
         for key in keys {
-            let file = self
+            let gate = self
                 .open(key)
                 .map_err(|e| log::debug!("runledger: no gate for {key:?}: {e}"))
                 .ok()?;
-            match file.try_lock() {
-                Ok(()) => taken.held.0.push(file),
-                Err(TryLockError::WouldBlock) => taken.busy.push(Busy(file)),
+            match gate.file.try_lock() {
+                Ok(()) => taken.held.gates.push(gate),
+                Err(TryLockError::WouldBlock) => taken.busy.push(Busy(gate)),
                 Err(TryLockError::Error(e)) => {
                     log::debug!("runledger: no gate for {key:?}: {e}");
                     return None;
@@ -136,12 +183,12 @@ impl Taken {
     /// gates taken meanwhile are kept, the others stay busy).
     pub(crate) fn wait(&mut self, deadline: Instant) -> bool {
         while !self.busy.is_empty() {
-            let Busy(file) = self.busy.remove(0);
+            let Busy(Gate { hash, file }) = self.busy.remove(0);
             match wait_for(file, deadline) {
-                Ok(file) => self.held.0.push(file),
+                Ok(file) => self.held.gates.push(Gate { hash, file }),
                 Err(file) => {
                     if let Some(file) = file {
-                        self.busy.insert(0, Busy(file));
+                        self.busy.insert(0, Busy(Gate { hash, file }));
                     }
                     return false;
                 }
@@ -153,10 +200,10 @@ impl Taken {
     /// Takes the busy gates that are free by now, without waiting.
     pub(crate) fn retry(&mut self) {
         let mut busy = Vec::new();
-        for Busy(file) in self.busy.drain(..) {
-            match file.try_lock() {
-                Ok(()) => self.held.0.push(file),
-                Err(_) => busy.push(Busy(file)),
+        for Busy(gate) in self.busy.drain(..) {
+            match gate.file.try_lock() {
+                Ok(()) => self.held.gates.push(gate),
+                Err(_) => busy.push(Busy(gate)),
             }
         }
         self.busy = busy;
@@ -168,8 +215,11 @@ impl Taken {
     }
 
     /// The gates held; the busy ones are let go.
-    pub(crate) fn into_held(self) -> Held {
-        self.held
+    pub(crate) fn into_held(mut self) -> Held {
+        if let Some(idle) = &self.held.idle {
+            keep_idle(idle, self.busy.drain(..).map(|Busy(gate)| gate));
+        }
+        std::mem::take(&mut self.held)
     }
 }
 
@@ -328,7 +378,7 @@ mod tests {
         let first = gates.try_take(&keys).unwrap();
         assert!(first.complete());
         let second = gates.try_take(&keys).unwrap();
-        assert_eq!((second.held.0.len(), second.busy.len()), (0, 2));
+        assert_eq!((second.held.gates.len(), second.busy.len()), (0, 2));
         drop(second);
         let held = first.into_held();
         let mut third = gates.try_take(&keys[..1]).unwrap();
@@ -368,11 +418,12 @@ mod tests {
     #[test]
     fn key_files_have_stable_distinct_names() {
         let gates = Gates::new(Path::new("/db-runledger"));
+        let path = |key: &str| gates.path(fnv1a(key.as_bytes()));
         assert_eq!(
-            gates.path("build:symbol=AAPL"),
-            gates.path("build:symbol=AAPL")
+            path("build:symbol=AAPL"),
+            Path::new("/db-runledger/keys/c1456366f71375ec.lock")
         );
-        assert_ne!(gates.path("a"), gates.path("b"));
+        assert_ne!(path("a"), path("b"));
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
