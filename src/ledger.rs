@@ -883,8 +883,11 @@ impl Ledger {
     ///
     /// Waiting is first come, first served: the request takes a place in the
     /// queue (visible in [`locks`](Ledger::locks)) and no later request that
-    /// conflicts with it overtakes it. A holder or waiter whose process died
-    /// is removed on the spot, and the removal recorded.
+    /// conflicts with it overtakes it. An exclusive request first waits up
+    /// to [`Builder::queue_after`] (25 ms by default) outside the queue, at
+    /// its keys' gates, where the kernel, not arrival, orders it among the
+    /// others waiting there. A holder or waiter whose process died is
+    /// removed on the spot, and the removal recorded.
     ///
     /// # Errors
     ///

@@ -100,9 +100,11 @@ pub(crate) fn compatible(ahead: &[LockMode], wanted: LockMode) -> Result<bool, u
 pub enum Wait {
     /// Refuse at once with [`Error::Conflict`].
     No,
-    /// Wait in the queue up to this long, then fail with [`Error::Timeout`].
+    /// Wait up to this long, then fail with [`Error::Timeout`]: in the queue,
+    /// after at most [`Builder::queue_after`](crate::Builder::queue_after)
+    /// at the keys' gates for an exclusive request.
     For(Duration),
-    /// Wait in the queue until granted.
+    /// Wait until granted (in the queue, after the gates as for `For`).
     Forever,
 }
 
