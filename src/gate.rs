@@ -10,7 +10,7 @@
 //! once (the kernel drops the lock), so its waiters are woken at once and
 //! reclaim its row in their grant transaction.
 //!
-//! Waiting on a gate is bounded by [`Builder::queue_after`] (25 ms by
+//! Waiting on a gate is bounded by [`Builder::queue_after`] (20 ms by
 //! default): a request still blocked after that takes a visible place in
 //! the queue and is served first come, first served from then on. Gates are
 //! taken in key order and no gate is waited on past that bound, so gates can

@@ -85,7 +85,7 @@
 //!
 //! **Short waits are not ordered.** An *exclusive* request that finds its
 //! keys held by live processes first waits for them outside the queue, for
-//! at most [`Builder::queue_after`] (25 ms by default), on the key's
+//! at most [`Builder::queue_after`] (20 ms by default), on the key's
 //! *gate*: an OS file lock in the sidecar folder that every exclusive holder
 //! keeps until its release has committed. When the holder lets go, the
 //! kernel wakes one such request, which takes the key with a single
@@ -198,7 +198,7 @@
 //!   key, across processes, restarts and pruning. A holder whose lock was
 //!   taken away finds out ([`LockGuard::is_held`], [`Error::LockLost`]).
 //! - **No request waits behind later ones once queued.** The queue is served
-//!   in order; only waits shorter than [`Builder::queue_after`] (25 ms by
+//!   in order; only waits shorter than [`Builder::queue_after`] (20 ms by
 //!   default) are ordered by the kernel instead.
 //! - **Nothing stays `running` after its owner died.** The next acquirer in
 //!   the way, the next open and every reap pass close what a dead instance
