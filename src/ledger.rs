@@ -207,9 +207,11 @@ impl Builder {
     /// waiter first writes its place in the queue, is handed the key by the
     /// releaser and reads its grant. A busy key changes hands with fewer
     /// writes. The price is order: among the requests that wait less than
-    /// this, the kernel picks who goes next, not arrival. A request that
-    /// waits longer is queued and served first come, first served from then
-    /// on, and nothing that comes later overtakes it. `Duration::ZERO`
+    /// this, the kernel picks who goes next, not arrival, and a request
+    /// that arrives just as the key is let go (the releaser asking again at
+    /// once, say) may take it first. A request that waits longer is queued
+    /// and served first come, first served from then on, and nothing that
+    /// comes later overtakes it. `Duration::ZERO`
     /// queues every waiting request at once (strict arrival order). Shared
     /// and slots requests always queue.
     ///
