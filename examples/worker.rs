@@ -8,8 +8,8 @@
 //! cargo run --example worker -- DB race-succeed NAME --at MS
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
-//! cargo run --example worker -- DB hold KEY [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
-//!     [--host NAME --stale-ms N] [--report]
+//! cargo run --example worker -- DB hold KEY [--also KEY] [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
+//!     [--host NAME --stale-ms N] [--queue-after-ms N] [--report]
 //! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY
 //! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
 //! cargo run --example worker -- DB writers --threads N
@@ -42,8 +42,11 @@
 //! microseconds to `--out`.
 //!
 //! `--mode` is `exclusive` (the default), `shared` or `slots:N`. `hold` takes
-//! the lock (printing `held TOKEN`, or `timeout`/`conflict` and the error),
-//! keeps it `--hold-ms` or until killed with `--forever`, then releases it.
+//! the lock, with `--also` a second key in the same request (an exclusive
+//! request waits outside the queue up to `--queue-after-ms`, see
+//! `Builder::queue_after`), prints `held TOKEN` (or `timeout`/`conflict` and
+//! the error), keeps it `--hold-ms` or until killed with `--forever`, then
+//! releases it.
 //! `occupy` begins a run, starts a step it never finishes, takes `--lock`
 //! for the run, prints `occupying RUN TOKEN`, then waits forever in the
 //! queue of `--wait-for`: a process to kill with everything a process can
@@ -264,8 +267,13 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             if let Some(ms) = flag(args, "--stale-ms") {
                 builder = builder.stale_after(Duration::from_millis(ms.parse()?));
             }
+            if let Some(ms) = flag(args, "--queue-after-ms") {
+                builder = builder.queue_after(Duration::from_millis(ms.parse()?));
+            }
             let ledger = builder.open()?;
-            let mut request = LockRequest::new([arg(2)?]).mode(mode(args)?);
+            let mut keys = vec![arg(2)?];
+            keys.extend(flag(args, "--also"));
+            let mut request = LockRequest::new(keys).mode(mode(args)?);
             request = match flag(args, "--wait-ms") {
                 Some(ms) => request.wait(Duration::from_millis(ms.parse()?)),
                 None => request.wait_forever(),

@@ -83,11 +83,28 @@
 //! that may not wait fails with [`Error::Conflict`], which names who is in
 //! the way.
 //!
+//! **Short waits are not ordered.** An *exclusive* request that finds its
+//! keys held by live processes first waits for them outside the queue, for
+//! at most [`Builder::queue_after`] (20 ms by default), on the key's
+//! *gate*: an OS file lock in the sidecar folder that every exclusive holder
+//! keeps until its release has committed. When the holder lets go, the
+//! kernel wakes one such request, which takes the key with a single
+//! transaction. Among requests that wait less than that bound, the kernel
+//! picks who goes next (and a request that arrives just then may go first),
+//! not arrival. A request still waiting after the bound takes its place in
+//! the queue and is served in order from then on: no request, gated or not,
+//! is ever granted ahead of a conflicting one already queued. Shared and
+//! slots requests always queue at once, and `queue_after(Duration::ZERO)`
+//! makes every wait strictly first come, first served. Gates only decide
+//! who asks next; the database decides who holds.
+//!
 //! **Waking up.** Releasing a lock hands it to the head of the queue in the
 //! same transaction and wakes that waiter at once. On Linux the wake-up is a
 //! datagram to an abstract Unix socket the waiter listens on. Waiters also
 //! re-check every 100 ms, which covers holders killed without releasing and
-//! platforms without such sockets.
+//! platforms without such sockets. A holder killed without releasing lets
+//! go of its gates at once (the kernel drops its file locks), so requests
+//! still waiting at a gate take over its lock without that delay.
 //!
 //! **Dead holders.** A holder or waiter in the way whose process is dead
 //! (see [Liveness](#liveness-and-the-reaper)) is reaped by the next acquirer
@@ -236,6 +253,9 @@
 //!   together. A [fencing token](LockGuard#fencing-tokens) grows strictly per
 //!   key, across processes, restarts and pruning. A holder whose lock was
 //!   taken away finds out ([`LockGuard::is_held`], [`Error::LockLost`]).
+//! - **No request waits behind later ones once queued.** The queue is served
+//!   in order; only waits shorter than [`Builder::queue_after`] (20 ms by
+//!   default) are ordered by the kernel instead.
 //! - **Nothing stays `running` after its owner died.** The next acquirer in
 //!   the way, the next open and every reap pass close what a dead instance
 //!   owned, in one transaction per owner, with the reason.
@@ -317,6 +337,7 @@
 
 mod clock;
 mod error;
+mod gate;
 mod input;
 mod keeper;
 mod ledger;
@@ -331,7 +352,9 @@ mod watch;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
-pub use ledger::{Builder, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous};
+pub use ledger::{
+    Builder, DEFAULT_QUEUE_AFTER, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous,
+};
 pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
 pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
+use crate::gate::Held;
 use crate::input;
 use crate::ledger::Ledger;
 use crate::run::RunId;
@@ -99,9 +100,11 @@ pub(crate) fn compatible(ahead: &[LockMode], wanted: LockMode) -> Result<bool, u
 pub enum Wait {
     /// Refuse at once with [`Error::Conflict`].
     No,
-    /// Wait in the queue up to this long, then fail with [`Error::Timeout`].
+    /// Wait up to this long, then fail with [`Error::Timeout`]: in the queue,
+    /// after at most [`Builder::queue_after`](crate::Builder::queue_after)
+    /// at the keys' gates for an exclusive request.
     For(Duration),
-    /// Wait in the queue until granted.
+    /// Wait until granted (in the queue, after the gates as for `For`).
     Forever,
 }
 
@@ -452,6 +455,9 @@ pub struct LockGuard {
     token: u64,
     run: Option<RunId>,
     held: bool,
+    /// The gates of its keys that the request took (exclusive requests):
+    /// let go once the release has committed.
+    gates: Held,
 }
 
 impl LockGuard {
@@ -462,6 +468,7 @@ impl LockGuard {
         mode: LockMode,
         token: u64,
         run: Option<RunId>,
+        gates: Held,
     ) -> LockGuard {
         LockGuard {
             ledger,
@@ -471,6 +478,7 @@ impl LockGuard {
             token,
             run,
             held: true,
+            gates,
         }
     }
 
@@ -522,7 +530,10 @@ impl LockGuard {
             return Ok(());
         }
         // On a storage error `held` stays true, so that Drop tries again.
-        let released = self.ledger.release_lock(self.id, self.token)?;
+        // The gates go once the row is gone (whoever gets one finds its key
+        // free), or with this call if it fails.
+        let gates = std::mem::take(&mut self.gates);
+        let released = self.ledger.release_lock(self.id, self.token, gates)?;
         self.held = false;
         if released {
             return Ok(());

@@ -283,6 +283,7 @@ fn a_killed_exec_is_reaped_with_the_reason() {
     kill(exec.id(), "-KILL");
     exec.wait().unwrap();
     // The command dies with its `exec`: it must not go on without the lock.
+    let deadline = Instant::now() + Duration::from_secs(20);
     let proc_dir = Path::new("/proc").join(pid.trim());
     while proc_dir.exists()
         && !std::fs::read_to_string(proc_dir.join("stat"))

@@ -169,6 +169,33 @@ fn a_conflict_with_only_this_process_fails_at_once() {
     );
 }
 
+/// The same when the request could wait at the key's gate for long: the
+/// gate is held by this very process, which only the database can tell.
+#[test]
+fn a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate() {
+    let f = fixture();
+    let ledger = Ledger::builder(f.dir.path().join("ledger.db"))
+        .queue_after(Duration::from_secs(60))
+        .open()
+        .unwrap();
+    let _held = ledger.lock("mine").unwrap();
+    let started = std::time::Instant::now();
+    let err = ledger
+        .acquire(LockRequest::new(["mine"]).wait(Duration::from_secs(30)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                self_conflict: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 #[test]
 fn a_holder_without_a_run_is_named_by_its_process() {
     let f = fixture();

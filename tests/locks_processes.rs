@@ -274,3 +274,150 @@ fn a_holder_in_another_pid_namespace_is_not_reclaimed() {
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
+
+/// The number of requests waiting in the queue.
+fn queued(ledger: &runledger::Ledger) -> usize {
+    ledger
+        .locks()
+        .unwrap()
+        .iter()
+        .filter(|l| l.state == runledger::LockState::Waiting)
+        .count()
+}
+
+fn token_of(line: &str) -> u64 {
+    line.strip_prefix("held ")
+        .unwrap_or_else(|| panic!("not a grant: {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// An exclusive request that finds its key held waits at the key's gate,
+/// out of the queue, for `queue_after`; only then does it take a visible
+/// place in the queue. It is served once the holder lets go either way.
+#[test]
+fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let held = f.ledger.lock("gated").unwrap();
+    let spawned = Instant::now();
+    let mut waiter = spawn_worker(
+        &db,
+        &[
+            "hold",
+            "gated",
+            "--wait-ms",
+            "20000",
+            "--queue-after-ms",
+            "1500",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(queued(&f.ledger), 0, "{:?}", f.ledger.locks().unwrap());
+    wait_for_waiters(&f.ledger, 1);
+    assert!(
+        spawned.elapsed() >= Duration::from_millis(1500),
+        "queued after {:?}",
+        spawned.elapsed()
+    );
+    let first = held.token();
+    held.release().unwrap();
+    assert!(token_of(&next_line(&mut waiter)) > first);
+    finish(waiter);
+}
+
+/// A holder killed with SIGKILL lets go of its gate at once (the kernel
+/// drops its file lock): a request waiting at the gate takes the key, and
+/// reclaims the dead holder's row in its grant, without any sweep and
+/// without waiting for its turn in the queue.
+#[test]
+fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
+    let first = token_of(&next_line(&mut holder));
+    let mut waiter = spawn_worker(
+        &db,
+        &[
+            "hold",
+            "victim",
+            "--wait-ms",
+            "60000",
+            "--queue-after-ms",
+            "60000",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(queued(&f.ledger), 0, "{:?}", f.ledger.locks().unwrap());
+    holder.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    assert!(token_of(&next_line(&mut waiter)) > first);
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "served {:?} after the kill",
+        killed.elapsed()
+    );
+    finish(waiter);
+    holder.wait().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (kind, pid): (String, u32) = conn
+        .query_row("SELECT kind, holder_pid FROM lock_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((kind.as_str(), pid), ("reclaimed", holder.id()));
+}
+
+/// The short-wait relaxation never reorders the queue: a request that
+/// waits at a key's gate, and gets it when the key is free again, does not
+/// take the key from a request queued for it before (here one that also
+/// waits for a second key, so that the releaser could not hand it over).
+#[test]
+fn a_request_at_the_gate_never_overtakes_a_queued_one() {
+    let f = fixture();
+    let db = f.dir.path().join("ledger.db");
+    let (k, l) = (f.ledger.lock("k").unwrap(), f.ledger.lock("l").unwrap());
+    let first = k.token();
+    let mut queued_first = spawn_worker(
+        &db,
+        &[
+            "hold",
+            "k",
+            "--also",
+            "l",
+            "--wait-ms",
+            "60000",
+            "--queue-after-ms",
+            "0",
+            "--hold-ms",
+            "300",
+        ],
+    );
+    wait_for_waiters(&f.ledger, 2); // one record per key
+    let mut at_gate = spawn_worker(
+        &db,
+        &[
+            "hold",
+            "k",
+            "--wait-ms",
+            "60000",
+            "--queue-after-ms",
+            "60000",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(queued(&f.ledger), 2, "{:?}", f.ledger.locks().unwrap());
+    // "k" is free, but the request queued for it still waits for "l": the
+    // one at the gate gets the gate, and must queue behind it.
+    k.release().unwrap();
+    wait_for_waiters(&f.ledger, 3);
+    l.release().unwrap();
+    let queued_token = token_of(&next_line(&mut queued_first));
+    let gate_token = token_of(&next_line(&mut at_gate));
+    assert!(
+        first < queued_token && queued_token < gate_token,
+        "served out of order: first {first}, queued {queued_token}, at the gate {gate_token}"
+    );
+    finish(queued_first);
+    finish(at_gate);
+}

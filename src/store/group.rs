@@ -493,8 +493,8 @@ impl Store {
         for queued in jobs {
             queued.job.answer();
         }
-        if let Some(conn) = &conn {
-            self.after_commit(conn);
+        if conn.is_some() {
+            self.after_commit();
         }
         own_produced
     }

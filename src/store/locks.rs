@@ -287,6 +287,55 @@ pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> 
     grant_waiters(tx, &freed, now)
 }
 
+/// The requests that keep `ask` (queued as `ticket`, if it is) out: the
+/// holders and earlier waiters in its way on each key, except waiters that
+/// only this instance's own locks hold back. Empty when it can be granted.
+fn blockers(tx: &Connection, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+    // Whether this instance holds any lock: asked only when a waiter
+    // is ahead, so the uncontended path does not pay for it.
+    let mut holds_locks = None;
+    let mut blocked = Vec::new();
+    for key in ask.keys {
+        let mut ahead = ahead_on(tx, key, ticket)?;
+        let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
+        if waiter_ahead && holds_locks.is_none() {
+            holds_locks = Some(
+                tx.prepare_cached(
+                    "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
+                )?
+                .query_row([ask.instance], |_| Ok(()))
+                .optional()?
+                .is_some(),
+            );
+        }
+        if waiter_ahead && holds_locks == Some(true) {
+            // A waiter that this instance's own locks hold back would
+            // wait for this request forever while it waits for that
+            // waiter (first come, first served): it does not count.
+            let mut kept = Vec::with_capacity(ahead.len());
+            for a in ahead {
+                if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
+                    kept.push(a);
+                }
+            }
+            ahead = kept;
+        }
+        let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
+        match compatible(&modes, ask.mode) {
+            Ok(true) => {}
+            Ok(false) => blocked.extend(ahead),
+            Err(capacity) => {
+                return Err(Error::invalid(
+                    "slots capacity",
+                    &ask.mode.to_string(),
+                    format!("lock {key:?} is used with {capacity} slots"),
+                ));
+            }
+        }
+    }
+    Ok(blocked)
+}
+
 impl Store {
     /// One attempt at granting `ask` (already queued as `ticket`, if given),
     /// in one immediate transaction. A blocked request that may wait takes a
@@ -323,48 +372,7 @@ impl Store {
                 }
                 None => None,
             };
-            // Whether this instance holds any lock: asked only when a waiter
-            // is ahead, so the uncontended path does not pay for it.
-            let mut holds_locks = None;
-            let mut blocked = Vec::new();
-            for key in ask.keys {
-                let mut ahead = ahead_on(tx, key, ticket)?;
-                let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
-                if waiter_ahead && holds_locks.is_none() {
-                    holds_locks = Some(
-                        tx.prepare_cached(
-                            "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
-                        )?
-                        .query_row([ask.instance], |_| Ok(()))
-                        .optional()?
-                        .is_some(),
-                    );
-                }
-                if waiter_ahead && holds_locks == Some(true) {
-                    // A waiter that this instance's own locks hold back would
-                    // wait for this request forever while it waits for that
-                    // waiter (first come, first served): it does not count.
-                    let mut kept = Vec::with_capacity(ahead.len());
-                    for a in ahead {
-                        if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
-                            kept.push(a);
-                        }
-                    }
-                    ahead = kept;
-                }
-                let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
-                match compatible(&modes, ask.mode) {
-                    Ok(true) => {}
-                    Ok(false) => blocked.extend(ahead),
-                    Err(capacity) => {
-                        return Err(Error::invalid(
-                            "slots capacity",
-                            &ask.mode.to_string(),
-                            format!("lock {key:?} is used with {capacity} slots"),
-                        ));
-                    }
-                }
-            }
+            let blocked = blockers(tx, ask, ticket)?;
             if !blocked.is_empty() {
                 let ticket = match ticket {
                     Some(t) => Some(t),
@@ -393,6 +401,13 @@ impl Store {
                 token: token as u64,
             })
         })
+    }
+
+    /// What keeps `ask` out right now, read without the write lock: empty if
+    /// it looks grantable. Only a hint for how to wait (the grant
+    /// transaction decides); a request that has no place in the queue.
+    pub(crate) fn lock_blockers(&self, ask: &LockAsk<'_>) -> Result<Vec<Ahead>> {
+        self.read(|conn| blockers(conn, ask, None))
     }
 
     /// The token of a queued request that a releaser has granted meanwhile:
@@ -427,12 +442,21 @@ impl Store {
     }
 
     /// Releases a held lock. `None` if it was no longer held (taken away, or
-    /// released with its run); otherwise the waiters to wake.
-    pub(crate) fn release_lock(&self, id: i64, token: u64) -> Result<Option<Wakes>> {
-        self.write(|tx, now| match delete_lock(tx, id, Some(token as i64))? {
-            Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
-            None => Ok(None),
-        })
+    /// released with its run); otherwise the waiters to wake. `on_commit`
+    /// runs as soon as the release has committed.
+    pub(crate) fn release_lock(
+        &self,
+        id: i64,
+        token: u64,
+        on_commit: impl FnOnce(),
+    ) -> Result<Option<Wakes>> {
+        self.write_then(
+            |tx, now| match delete_lock(tx, id, Some(token as i64))? {
+                Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
+                None => Ok(None),
+            },
+            on_commit,
+        )
     }
 
     /// Whether the lock `id` was taken away from its holder (reclaimed or

@@ -9,7 +9,8 @@
 //! Beside the database `ledger.db`, SQLite keeps `ledger.db-wal` and
 //! `ledger.db-shm`, and runledger keeps a sidecar folder `ledger.db-runledger/`
 //! for its cross-process file locks (`init.lock` serializes opening and
-//! migrating). The sidecar is named from the *canonical* path of the database,
+//! migrating; `instances/` proves processes alive; `keys/` holds the lock
+//! gates, see `crate::gate`). The sidecar is named from the *canonical* path of the database,
 //! so every path that reaches the same file (a symlink, `..`) locks the same
 //! sidecar.
 
@@ -252,26 +253,39 @@ impl Store {
             tx.conn.prepare_cached("COMMIT")?.execute([])?;
             tx.open = false;
             wake(&watchers);
-            self.after_commit(tx.conn);
+            self.after_commit();
             Ok(value)
         };
         in_transaction().map_err(|e: Error| e.in_ledger(&self.path))
     }
 
     /// What follows a commit of this thread: the checkpoint that the log's
-    /// size asks for.
-    fn after_commit(&self, conn: &Connection) {
+    /// size asks for, on the background thread.
+    fn after_commit(&self) {
         let frames = WAL_FRAMES.with(Cell::get);
-        if frames >= INLINE_CHECKPOINT_FRAMES {
-            // The background fell behind (or every process is too short
-            // lived to see one through): fold the log here, once.
-            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-                log::debug!("runledger: checkpoint failed: {e}");
-            }
-        } else if frames >= CHECKPOINT_FRAMES {
-            self.checkpoint_soon();
+        if frames >= RESTART_FRAMES {
+            self.checkpoint_soon(true);
+        } else if frames >= CHECKPOINT_FRAMES && frames % CHECKPOINT_FRAMES < CHECKPOINT_WINDOW {
+            // Only the commits that just crossed a multiple of the
+            // threshold (give or take a few), in whatever process: every
+            // commit past it would start one more (two fsyncs each).
+            self.checkpoint_soon(false);
         }
     }
+
+    /// [`write`](Store::write), and `on_commit` once the write has committed
+    /// (dropped, not called, if it failed). The checkpoint a commit may call
+    /// for runs on the background thread, so it never delays `on_commit`.
+    fn write_then<T>(
+        &self,
+        f: impl FnOnce(&Connection, Timestamp) -> Result<T>,
+        on_commit: impl FnOnce(),
+    ) -> Result<T> {
+        let value = self.write(f)?;
+        on_commit();
+        Ok(value)
+    }
+
     /// Copies the write-ahead log back into the database on the shared
     /// background thread, unless that is already under way.
     ///
@@ -281,18 +295,34 @@ impl Store {
     /// after that, and every waiter queued behind them would wait too. On
     /// another thread, the commit returns at once; a passive checkpoint
     /// never blocks writers.
-    fn checkpoint_soon(&self) {
+    ///
+    /// A passive checkpoint never empties a log that writers keep appending
+    /// to, though: the log only starts over once a checkpoint has copied all
+    /// of it, and under a steady stream of commits new frames always arrive
+    /// meanwhile. The log then grows without bound, each commit past the
+    /// threshold asks for another checkpoint (two fsyncs each), and lookups
+    /// in it get slower. With `restart`, the checkpoint blocks writers while
+    /// it copies the rest and waits for readers (at most [`RESTART_WAIT`]),
+    /// so that the next writer starts the log over.
+    fn checkpoint_soon(&self, restart: bool) {
         if self.checkpointing.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool = Arc::downgrade(&self.pool);
         let flag = self.checkpointing.clone();
         shared_thread_pool().execute(move || {
+            let sql = if restart {
+                "PRAGMA wal_checkpoint(RESTART)"
+            } else {
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            };
             if let Some(pool) = pool.upgrade()
                 && let Ok(conn) = pool.get()
-                && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
             {
-                log::debug!("runledger: background checkpoint failed: {e}");
+                let _deadline = BusyDeadline::set(RESTART_WAIT);
+                if let Err(e) = conn.execute_batch(sql) {
+                    log::debug!("runledger: background checkpoint failed: {e}");
+                }
             }
             flag.store(false, Ordering::Release);
         });
@@ -375,9 +405,19 @@ fn configure(conn: &mut Connection, config: &StoreConfig) -> rusqlite::Result<()
 /// a checkpoint: SQLite's default automatic threshold.
 const CHECKPOINT_FRAMES: i32 = 1000;
 
-/// The size from which the committing call folds the log itself: the bound
-/// on the log's growth when background checkpoints do not keep up.
-const INLINE_CHECKPOINT_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+/// How far past a multiple of [`CHECKPOINT_FRAMES`] a commit may land and
+/// still ask for a passive checkpoint: about the frames of two small
+/// transactions.
+const CHECKPOINT_WINDOW: i32 = 16;
+
+/// The size from which the checkpoint makes the log start over (a restart
+/// checkpoint): the bound on the log's growth under a steady stream of
+/// writers, which passive checkpoints never catch up with.
+const RESTART_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+
+/// How long a restart checkpoint waits for the writer and the readers before
+/// it gives up (having copied what it could): it blocks writers meanwhile.
+const RESTART_WAIT: Duration = Duration::from_millis(20);
 
 thread_local! {
     /// Frames in the write-ahead log after this thread's last commit, as
@@ -534,7 +574,7 @@ pub(crate) fn instances_dir(canonical: &Path) -> PathBuf {
 }
 
 /// The sidecar folder of a database: `<canonical path>-runledger`.
-fn sidecar_dir(canonical: &Path) -> PathBuf {
+pub(crate) fn sidecar_dir(canonical: &Path) -> PathBuf {
     let mut name = canonical.file_name().unwrap_or_default().to_owned();
     name.push("-runledger");
     canonical.with_file_name(name)
