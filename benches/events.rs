@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use criterion::Criterion;
 
 mod common;
-use common::{percentile, worker};
+use common::{percentile, wanted_parts, worker};
 use runledger::{EventCursor, Ledger, RunSpec};
 
 /// A ledger whose history holds `events` events (one run, status events
@@ -120,11 +120,7 @@ fn watch(worker: &Path) {
 }
 
 fn main() {
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_default();
-    let wants = |part: &str| filter.is_empty() || part.contains(&filter) || filter.contains(part);
+    let wants = wanted_parts();
     if wants("feed/") {
         let mut c = Criterion::default().configure_from_args();
         feed(&mut c);

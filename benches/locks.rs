@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 
 mod common;
-use common::{percentile, worker};
+use common::{percentile, wanted_parts, worker};
 use runledger::Ledger;
 use rusqlite::Connection;
 
@@ -215,11 +215,7 @@ fn contention(worker: &Path) {
 }
 
 fn main() {
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_default();
-    let wants = |part: &str| filter.is_empty() || part.contains(&filter) || filter.contains(part);
+    let wants = wanted_parts();
     if wants("lock/") {
         let mut c = Criterion::default().configure_from_args();
         uncontended(&mut c);

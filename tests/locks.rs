@@ -145,22 +145,7 @@ fn several_keys_are_taken_all_or_nothing() {
 fn a_conflict_with_only_this_process_fails_at_once() {
     let f = fixture();
     let _held = f.ledger.lock("mine").unwrap();
-    let started = std::time::Instant::now();
-    let err = f
-        .ledger
-        .acquire(LockRequest::new(["mine"]).wait(Duration::from_secs(30)))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                self_conflict: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = fails_at_once_as_a_self_conflict(&f.ledger);
     assert!(err.to_string().contains("held by this process"), "{err}");
     assert_eq!(
         f.ledger.locks().unwrap().len(),
@@ -179,6 +164,12 @@ fn a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate() {
         .open()
         .unwrap();
     let _held = ledger.lock("mine").unwrap();
+    fails_at_once_as_a_self_conflict(&ledger);
+}
+
+/// Asks for `mine` again, allowed to wait 30 s: the request must fail at
+/// once as a self-conflict. Returns the error.
+fn fails_at_once_as_a_self_conflict(ledger: &Ledger) -> Error {
     let started = std::time::Instant::now();
     let err = ledger
         .acquire(LockRequest::new(["mine"]).wait(Duration::from_secs(30)))
@@ -194,6 +185,7 @@ fn a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate() {
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    err
 }
 
 #[test]

@@ -24,3 +24,14 @@ pub fn worker() -> PathBuf {
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// Which parts of a bench to run: the first argument that is not a flag
+/// (`cargo bench --bench NAME -- PART`) selects the parts it names or that
+/// name it; none selects all.
+pub fn wanted_parts() -> impl Fn(&str) -> bool {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    move |part: &str| filter.is_empty() || part.contains(&filter) || filter.contains(part)
+}
