@@ -1011,6 +1011,62 @@ mod tests {
         assert!(committed.len() >= 4 * 150, "{gave_up} gave up");
     }
 
+    /// Review: a write waits for SQLite's write lock up to its own busy
+    /// timeout, whatever the other writes grouped with it. Here another
+    /// connection (another process) holds the write lock for 1.5 s; a lock
+    /// write of a store with a 10 s busy timeout leads the next group, which
+    /// also carries a queued write of a store of the same file with a 600 ms
+    /// timeout. The lock write must wait and commit; it gets `Busy` at
+    /// 600 ms instead, because the group's `BEGIN` waits only until the
+    /// earliest deadline of its writes.
+    #[test]
+    fn review_a_patient_write_is_not_cut_short_by_a_hasty_one_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let quick = open(&dir, Duration::from_millis(300));
+        let hasty = open(&dir, Duration::from_millis(600));
+        let patient = open(&dir, Duration::from_secs(10));
+        // Another process's writer.
+        let other = Connection::open(dir.path().join("ledger.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = Instant::now();
+        // Takes the lead and waits in its BEGIN until its own 300 ms pass.
+        let s = quick.clone();
+        let first = std::thread::spawn(move || {
+            s.write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (1)", [])?))
+        });
+        while !group(&patient).state.lock().leading {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A write of its own thread (a lock write), first in line.
+        let s = patient.clone();
+        let own = std::thread::spawn(move || {
+            let result = s.write(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (2)", [])?));
+            (result, started.elapsed())
+        });
+        while group(&patient).state.lock().waiters.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A run write of a store with a shorter busy timeout, behind it.
+        let s = hasty.clone();
+        let shared = std::thread::spawn(move || {
+            s.write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (3)", [])?))
+        });
+        wait_for_queue(&patient, 1);
+        assert!(started.elapsed() < Duration::from_millis(250), "setup too slow");
+        std::thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
+        other.execute_batch("COMMIT").unwrap();
+        let e = first.join().unwrap().unwrap_err();
+        assert!(e.is_busy(), "{e:?}");
+        let _ = shared.join().unwrap(); // its own 600 ms: Busy is fair
+        let (result, after) = own.join().unwrap();
+        assert!(
+            result.is_ok(),
+            "the 10 s write failed after {after:?}, while the database was \
+             free again after 1.5 s: {result:?}"
+        );
+        assert!(rows(&patient).contains(&2));
+    }
+
     /// Every store of a file in this process shares one group, unless it
     /// commits with another `synchronous` setting.
     #[test]
