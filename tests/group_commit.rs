@@ -257,3 +257,48 @@ fn a_process_killed_mid_group_loses_only_unanswered_writes() {
         reported.len()
     );
 }
+
+/// Review: two ledgers of one file in one process share group commit, each
+/// with its own busy timeout. While another process holds SQLite's write
+/// lock for 1.5 s, a lock request of the ledger with a 10 s busy timeout
+/// leads a group that also carries a run write of the ledger with a 700 ms
+/// timeout: the request must wait and be granted, but it gets
+/// `database is locked` when the other ledger's timeout runs out.
+#[test]
+fn review_a_lock_request_waits_its_own_busy_timeout_beside_a_hastier_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let open = |timeout| {
+        Ledger::builder(&path)
+            .busy_timeout(timeout)
+            .background(false)
+            .open()
+            .unwrap()
+    };
+    let quick = open(Duration::from_millis(300));
+    let hasty = open(Duration::from_millis(700));
+    let patient = open(Duration::from_secs(10));
+    let hasty_run = hasty.begin_run(RunSpec::new("hasty")).unwrap();
+    // Another process's writer.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = Instant::now();
+    let first = std::thread::spawn(move || quick.begin_run(RunSpec::new("quick")).map(|r| r.id()));
+    std::thread::sleep(Duration::from_millis(60));
+    let lock = std::thread::spawn(move || {
+        let result = patient.try_lock("k").map(|g| g.token());
+        (result, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(60));
+    let shared = std::thread::spawn(move || hasty_run.succeed());
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
+    other.execute_batch("COMMIT").unwrap();
+    assert!(first.join().unwrap().unwrap_err().is_busy());
+    let _ = shared.join().unwrap(); // its own 700 ms ran out: fair
+    let (result, after) = lock.join().unwrap();
+    assert!(
+        result.is_ok(),
+        "a lock request with a 10 s busy timeout failed after {after:?} \
+         (the database was free again after 1.5 s): {result:?}"
+    );
+}
