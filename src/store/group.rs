@@ -1067,6 +1067,75 @@ mod tests {
         assert!(rows(&patient).contains(&2));
     }
 
+    /// A clock that panics once told to (the `Clock` trait is public: a
+    /// host may bring its own).
+    #[derive(Debug)]
+    struct BrokenClock(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Clock for BrokenClock {
+        fn now(&self) -> Timestamp {
+            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("the host's clock broke");
+            }
+            SystemClock.now()
+        }
+    }
+
+    /// Review: a panic in the group leader outside a write's `catch_unwind`
+    /// (here the clock of one ledger, read in `Pending::run` before the
+    /// write's closure) drops the other writes of the group unanswered:
+    /// their callers, on another ledger with a sound clock, must get an
+    /// answer (an error at worst), but wait forever.
+    #[test]
+    fn review_a_panic_outside_a_write_never_strands_the_rest_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = open(&dir, Duration::from_secs(2));
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let config = StoreConfig {
+            synchronous: "NORMAL",
+            busy_timeout: Duration::from_secs(2),
+            pool_size: 4,
+            group_commit: true,
+        };
+        let bad = Arc::new(
+            Store::open(
+                &dir.path().join("ledger.db"),
+                &config,
+                Arc::new(BrokenClock(broken.clone())),
+            )
+            .unwrap(),
+        );
+        let (go, leader) = hold_lead(&good);
+        let b = bad.clone();
+        let bad_caller = std::thread::spawn(move || {
+            b.write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (1)", [])?))
+        });
+        wait_for_queue(&good, 1);
+        let (answers, answered) = mpsc::channel();
+        for k in 2..=3i64 {
+            let (s, answers) = (good.clone(), answers.clone());
+            std::thread::spawn(move || {
+                let result =
+                    s.write_shared(move |tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?));
+                let _ = answers.send((k, result.is_ok()));
+            });
+        }
+        wait_for_queue(&good, 3);
+        broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        go.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        assert!(bad_caller.join().is_err(), "its own clock's panic");
+        for _ in 2..=3 {
+            match answered.recv_timeout(Duration::from_secs(10)) {
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "a write of the sound ledger, grouped with the broken one, \
+                     got no answer in 10 s (busy timeout 2 s)"
+                ),
+            }
+        }
+    }
+
     /// Every store of a file in this process shares one group, unless it
     /// commits with another `synchronous` setting.
     #[test]
