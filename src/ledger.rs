@@ -245,7 +245,9 @@ impl Builder {
 
     /// How long a write waits for other writers before failing with
     /// [`Error::Busy`](crate::Error::Busy). Writers normally wait microseconds to milliseconds;
-    /// this bounds pathological cases. Defaults to 30 seconds. Values above
+    /// this bounds pathological cases. Defaults to 30 seconds. A write that
+    /// [shares a transaction](crate#group-commit) with writes of other
+    /// ledgers of the file waits as long as the most patient of them. Values above
     /// SQLite's limit of `i32::MAX` milliseconds (about 24.8 days) count as
     /// that limit.
     pub fn busy_timeout(mut self, timeout: Duration) -> Builder {

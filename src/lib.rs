@@ -281,12 +281,13 @@
 //!   panic in it resumes in its caller's thread. The others commit. If the
 //!   commit itself fails, every write of the group gets an error.
 //! - **Which writes are grouped.** The writes of a run's life —
-//!   [`Ledger::begin_run`], [`Run::start`], [`Run::step`] and the step's
+//!   [`Ledger::begin_run`], [`Ledger::create_run`], [`Run::start`],
+//!   [`Run::step`] and the step's
 //!   outcome, the run's outcome, [`Ledger::cancel`], [`Run::heartbeat`],
 //!   [`Run::event`] — wait in a queue and are run by whichever thread leads the next group.
 //!   Lock writes (a grant, a release, leaving the queue), instance heartbeats,
-//!   adoptions, watch registrations and reaper passes always run on their
-//!   own thread: each waits for its
+//!   adoptions, [`Run::set_log_path`], watch registrations and reaper passes
+//!   always run on their own thread: each waits for its
 //!   turn and then leads the next group, taking the queued run writes into
 //!   its transaction. A lock write therefore waits at most for the
 //!   transaction under way, the lock writes queued before it and one group

@@ -265,7 +265,7 @@ fn a_process_killed_mid_group_loses_only_unanswered_writes() {
 /// timeout: the request must wait and be granted, but it gets
 /// `database is locked` when the other ledger's timeout runs out.
 #[test]
-fn review_a_lock_request_waits_its_own_busy_timeout_beside_a_hastier_ledger() {
+fn a_lock_request_waits_its_own_busy_timeout_beside_a_hastier_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     let open = |timeout| {

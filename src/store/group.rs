@@ -197,6 +197,21 @@ struct Pending<F, T> {
     clock: Arc<dyn Clock>,
     produced: Option<Produced<T>>,
     slot: Arc<Slot<T>>,
+    /// Set once its caller has its answer; a job dropped without one (its
+    /// leader unwound) answers with an error instead, so that no caller
+    /// waits for ever.
+    answered: bool,
+}
+
+impl<F, T> Drop for Pending<F, T> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.slot
+                .set(Answer::Done(Ok(Err(Error::from(std::io::Error::other(
+                    "the write was dropped unanswered: its group's leader panicked",
+                ))))));
+        }
+    }
 }
 
 impl<F, T> Job for Pending<F, T>
@@ -208,9 +223,10 @@ where
         let Some(write) = self.write.take() else {
             return false;
         };
-        // Read with the write lock held, as for a write of its own.
-        let at = self.clock.now();
-        let produced = panic::catch_unwind(AssertUnwindSafe(|| write(conn, at)));
+        // Read with the write lock held, as for a write of its own; the
+        // clock is the host's code, so it may panic like the write.
+        let clock = &self.clock;
+        let produced = panic::catch_unwind(AssertUnwindSafe(|| write(conn, clock.now())));
         let ok = matches!(produced, Ok(Ok(_)));
         self.produced = Some(produced);
         ok
@@ -222,14 +238,15 @@ where
         }
     }
 
-    fn answer(self: Box<Self>) {
-        let produced = self.produced.unwrap_or_else(|| {
+    fn answer(mut self: Box<Self>) {
+        let produced = self.produced.take().unwrap_or_else(|| {
             // Every job is run or failed before it is answered.
             Ok(Err(Error::from(std::io::Error::other(
                 "the write was dropped unanswered",
             ))))
         });
         self.slot.set(Answer::Done(produced));
+        self.answered = true;
     }
 }
 
@@ -423,6 +440,7 @@ impl Store {
                 clock: self.clock.clone(),
                 produced: None,
                 slot: slot.clone(),
+                answered: false,
             });
             let seq = state.enqueue(slot.clone(), Some((deadline, job)));
             (slot, seq)
@@ -509,11 +527,20 @@ impl Store {
     where
         F: FnOnce(&Connection, Timestamp) -> Result<T>,
     {
+        // The BEGIN waits as long as the most patient write of the group
+        // may wait (no deadline at all if one has none): a write is never
+        // failed as busy before its own busy timeout because a hastier
+        // write (of another ledger of the file, say) shares its group. A
+        // write whose own deadline passed meanwhile still runs: it is late,
+        // not lost.
         let deadline = jobs
             .iter()
-            .filter_map(|q| q.deadline)
-            .chain(own.as_ref().and_then(|o| o.deadline))
-            .min();
+            .map(|q| q.deadline)
+            .chain(own.as_ref().map(|o| o.deadline))
+            .try_fold(None, |latest: Option<Instant>, d| {
+                d.map(|d| Some(latest.map_or(d, |l| l.max(d))))
+            })
+            .flatten();
         let mut own_produced: Option<Produced<T>> = None;
         let mut conn = None;
         let mut watchers = Vec::new();
@@ -531,11 +558,11 @@ impl Store {
                 open: true,
             };
             EVENTS_WRITTEN.with(|w| w.set(false));
-            let at = self.clock.now();
             let mut member = Member { first: true };
             if let Some(own) = own {
                 member.run(c, || {
-                    let produced = panic::catch_unwind(AssertUnwindSafe(|| (own.write)(c, at)));
+                    let produced =
+                        panic::catch_unwind(AssertUnwindSafe(|| (own.write)(c, self.clock.now())));
                     let ok = matches!(produced, Ok(Ok(_)));
                     own_produced = Some(produced);
                     ok
@@ -1020,7 +1047,7 @@ mod tests {
     /// 600 ms instead, because the group's `BEGIN` waits only until the
     /// earliest deadline of its writes.
     #[test]
-    fn review_a_patient_write_is_not_cut_short_by_a_hasty_one_in_its_group() {
+    fn a_patient_write_is_not_cut_short_by_a_hasty_one_in_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let quick = open(&dir, Duration::from_millis(300));
         let hasty = open(&dir, Duration::from_millis(600));
@@ -1052,7 +1079,10 @@ mod tests {
             s.write_shared(|tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (3)", [])?))
         });
         wait_for_queue(&patient, 1);
-        assert!(started.elapsed() < Duration::from_millis(250), "setup too slow");
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "setup too slow"
+        );
         std::thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
         other.execute_batch("COMMIT").unwrap();
         let e = first.join().unwrap().unwrap_err();
@@ -1087,7 +1117,7 @@ mod tests {
     /// their callers, on another ledger with a sound clock, must get an
     /// answer (an error at worst), but wait forever.
     #[test]
-    fn review_a_panic_outside_a_write_never_strands_the_rest_of_its_group() {
+    fn a_panic_outside_a_write_never_strands_the_rest_of_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let good = open(&dir, Duration::from_secs(2));
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1115,8 +1145,9 @@ mod tests {
         for k in 2..=3i64 {
             let (s, answers) = (good.clone(), answers.clone());
             std::thread::spawn(move || {
-                let result =
-                    s.write_shared(move |tx, _| Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?));
+                let result = s.write_shared(move |tx, _| {
+                    Ok(tx.execute("INSERT INTO t (k) VALUES (?1)", [k])?)
+                });
                 let _ = answers.send((k, result.is_ok()));
             });
         }
