@@ -39,7 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use rusqlite::Connection;
@@ -128,6 +128,9 @@ trait Job: Send {
     fn answer(self: Box<Self>);
 }
 
+/// How long a queued writer yields before it sleeps for its answer.
+const SPIN: Duration = Duration::from_micros(100);
+
 /// Where a waiting caller gets its answer, or the lead.
 struct Slot<T> {
     answer: Mutex<Answer<T>>,
@@ -163,6 +166,21 @@ impl<T> Slot<T> {
     }
 
     fn wait(&self, deadline: Option<Instant>) -> Woken<T> {
+        // A group of run writes commits in tens of microseconds: yield the
+        // core to its leader for about that long before going to sleep,
+        // which costs a wake-up (and on a busy machine, a scheduler slice).
+        let spin_until = Instant::now() + SPIN;
+        while Instant::now() < spin_until {
+            {
+                let mut answer = self.answer.lock();
+                match std::mem::replace(&mut *answer, Answer::Taken) {
+                    Answer::Lead => return Woken::Lead,
+                    Answer::Done(produced) => return Woken::Done(produced),
+                    Answer::Waiting | Answer::Taken => *answer = Answer::Waiting,
+                }
+            }
+            std::thread::yield_now();
+        }
         let mut answer = self.answer.lock();
         loop {
             match std::mem::replace(&mut *answer, Answer::Taken) {
