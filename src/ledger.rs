@@ -18,7 +18,9 @@ use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
-use crate::store::{Adopter, Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig};
+use crate::store::{
+    Adopter, Adoption, Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig,
+};
 use crate::wake::{WakeSocket, wake};
 use crate::watch::{EventCursor, EventPage, Watch};
 
@@ -751,13 +753,17 @@ impl Ledger {
                 host: &inner.identity().host,
             };
             match inner.store.adopt_run(id, &adopter, start)? {
-                Some(wakes) => {
-                    wake(&wakes);
+                Adoption::Adopted => {
                     log::debug!("runledger: run {id} adopted");
                     return Ok(Run::new(self.clone(), id));
                 }
-                None if reregistered => return Err(closed_twice(inner.store.path())),
-                None => {
+                Adoption::Expired(status) => {
+                    return Err(crate::Error::RunFinished { run: id, status });
+                }
+                Adoption::InstanceClosed if reregistered => {
+                    return Err(closed_twice(inner.store.path()));
+                }
+                Adoption::InstanceClosed => {
                     self.register_again()?;
                     reregistered = true;
                 }

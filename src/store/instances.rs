@@ -437,13 +437,15 @@ mod tests {
             WHERE r.status IN ('queued','running')
               AND NOT EXISTS (SELECT 1 FROM instances i
                               WHERE i.id = r.instance_id AND i.closed_at IS NULL)";
-        let orphans: Vec<i64> = conn
-            .prepare(V3_ORPHANED_OWNERS)
-            .unwrap()
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let ids = |sql: &str| -> Vec<i64> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let orphans = ids(V3_ORPHANED_OWNERS);
         assert!(orphans.is_empty(), "{orphans:?}");
         // Its judge of open instances (the same as this one's) finds
         // instance 0 alive, whatever the time: no boot, a heartbeat ahead.
@@ -469,13 +471,7 @@ mod tests {
             );
         }
         // This release never judges it.
-        let open: Vec<i64> = conn
-            .prepare(OPEN_INSTANCES)
-            .unwrap()
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let open = ids(OPEN_INSTANCES);
         assert!(open.is_empty(), "{open:?}");
     }
 }

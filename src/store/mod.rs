@@ -21,7 +21,7 @@ mod runs;
 mod schema;
 
 pub(crate) use locks::{Ahead, Attempt, LockAsk};
-pub(crate) use runs::{Adopter, HungRun, NewRun};
+pub(crate) use runs::{Adopter, Adoption, HungRun, NewRun};
 
 use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};

@@ -294,25 +294,38 @@ impl Store {
     }
 
     /// Hands a run awaiting adoption to `adopter`, in one compare-and-set,
-    /// and starts it if `start`. Returns the waiters to wake (none today),
-    /// or `None` if the adopter's instance is closed (it registers again).
+    /// and starts it if `start`.
     ///
     /// A run past its adoption deadline is failed here, as the reaper would
-    /// have, and the adopter gets [`Error::RunFinished`].
+    /// have, and reported as [`Adoption::Expired`].
     pub(crate) fn adopt_run(
         &self,
         run: RunId,
         adopter: &Adopter<'_>,
         start: bool,
-    ) -> Result<Option<Wakes>> {
+    ) -> Result<Adoption> {
         self.write(|tx, at| {
             if !super::instances::is_open(tx, adopter.instance)? {
-                return Ok(None);
+                return Ok(Adoption::InstanceClosed);
             }
-            let (status, adopt_by, pid, host): (RunStatus, Option<Timestamp>, u32, String) = tx
-                .prepare_cached("SELECT status, adopt_by, pid, host FROM runs WHERE id = ?1")?
+            let (status, adopt_by, pid, host, last): (
+                RunStatus,
+                Option<Timestamp>,
+                u32,
+                String,
+                Option<i64>,
+            ) = tx
+                .prepare_cached(
+                    "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = ?1",
+                )?
                 .query_row([run], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
                 })
                 .optional()?
                 .ok_or_else(|| Error::run_not_found(run))?;
@@ -323,11 +336,11 @@ impl Store {
                 return Err(Error::AlreadyOwned { run, pid, host });
             };
             if at >= deadline {
-                // Failing it is this transaction's only write: commit it,
-                // then report the run as finished.
-                return Ok(Some(Err(fail_unadopted_in(tx, run, deadline, at)?)));
+                // Failing it is this transaction's only write: it commits,
+                // and the adopter hears that the run has finished.
+                let (status, _) = fail_unadopted_in(tx, run, deadline, at)?;
+                return Ok(Adoption::Expired(status));
             }
-            let (_, last) = run_head(tx, run)?;
             let mut chain = Chain { run, last, at };
             let who = serde_json::json!({
                 "instance": adopter.instance,
@@ -347,23 +360,20 @@ impl Store {
                 // Cannot happen while the write lock is held.
                 return Err(Error::AlreadyOwned { run, pid, host });
             }
-            let wakes = if start {
+            if start {
+                // queued → running releases nothing: no waiters to wake.
                 apply_change(tx, run, at, |state| {
-                    Ok(Some(RunChange::Status {
-                        to: RunStatus::Running,
-                        exit_code: None,
-                        error: None,
-                    })
-                    .filter(|_| state.status == RunStatus::Queued))
-                })?
-                .2
-            } else {
-                Vec::new()
-            };
-            Ok(Some(Ok(wakes)))
-        })?
-        .map(|adopted| adopted.map_err(|status| Error::RunFinished { run, status }))
-        .transpose()
+                    Ok(
+                        (state.status == RunStatus::Queued).then_some(RunChange::Status {
+                            to: RunStatus::Running,
+                            exit_code: None,
+                            error: None,
+                        }),
+                    )
+                })?;
+            }
+            Ok(Adoption::Adopted)
+        })
     }
 
     /// Records the log path of an active run.
@@ -398,7 +408,8 @@ impl Store {
     }
 
     /// Fails a run nobody adopted, only if it still awaits adoption with the
-    /// deadline that was judged. Returns its name and reason if it failed it.
+    /// deadline that was judged. Returns its name, the status it was in and
+    /// the reason, if it failed it.
     pub(crate) fn fail_unadopted(
         &self,
         run: RunId,
@@ -411,10 +422,7 @@ impl Store {
                 .optional()?;
             match current {
                 Some((Some(by), name, from)) if by == deadline && from.is_active() => {
-                    fail_unadopted_in(tx, run, deadline, at)?;
-                    let reason = tx
-                        .prepare_cached("SELECT error FROM runs WHERE id = ?1")?
-                        .query_row([run], |row| row.get(0))?;
+                    let (_, reason) = fail_unadopted_in(tx, run, deadline, at)?;
                     Ok(Some((name, from, reason)))
                 }
                 _ => Ok(None),
@@ -1002,6 +1010,19 @@ pub(super) const EVENTS_SINCE: &str = "
     SELECT id, run_id, at, kind, step, from_status, to_status, message
     FROM events WHERE id > ?1 ORDER BY id LIMIT ?2";
 
+/// What [`Store::adopt_run`] did.
+#[derive(Debug)]
+pub(crate) enum Adoption {
+    /// The run is the adopter's now.
+    Adopted,
+    /// Its deadline had passed: it was failed instead, and ended in this
+    /// status.
+    Expired(RunStatus),
+    /// The adopter's instance was closed (a reaper judged it dead): nothing
+    /// was written; it registers again.
+    InstanceClosed,
+}
+
 /// Who adopts a run: the new owner's instance and process.
 #[derive(Debug)]
 pub(crate) struct Adopter<'a> {
@@ -1011,13 +1032,13 @@ pub(crate) struct Adopter<'a> {
 }
 
 /// Fails a run awaiting adoption whose deadline passed, in the caller's
-/// transaction; returns the status it ended in.
+/// transaction; returns the status it ended in and the reason.
 fn fail_unadopted_in(
     tx: &Connection,
     run: RunId,
     deadline: Timestamp,
     at: Timestamp,
-) -> Result<RunStatus> {
+) -> Result<(RunStatus, String)> {
     let (created, pid, host): (Timestamp, u32, String) = tx
         .prepare_cached("SELECT created_at, pid, host FROM runs WHERE id = ?1")?
         .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
@@ -1030,10 +1051,10 @@ fn fail_unadopted_in(
         Ok(state.status.is_active().then_some(RunChange::Status {
             to: RunStatus::Failed,
             exit_code: None,
-            error: Some(reason),
+            error: Some(reason.clone()),
         }))
     })?;
-    Ok(to)
+    Ok((to, reason))
 }
 
 const RUN_SELECT: &str = "
