@@ -308,8 +308,8 @@ fn quote(value: &str) -> String {
     format!("{shown:?}")
 }
 
-/// An error of the storage layer (SQLite, the connection pool, the file
-/// system), kept opaque so that the storage crates' types stay out of the
+/// An error of the storage layer (SQLite or PostgreSQL, the connection
+/// pool, the file system), kept opaque so that the storage crates' types stay out of the
 /// public API.
 ///
 /// Its [`source`](std::error::Error::source) is the underlying error, and
@@ -318,6 +318,8 @@ pub struct StorageError(StorageErrorKind);
 
 enum StorageErrorKind {
     Sqlite(rusqlite::Error),
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::Error),
     Pool(r2d2::Error),
     Io(std::io::Error),
     /// One error that several callers get: the writes of a group whose
@@ -329,6 +331,8 @@ impl StorageError {
     fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match &self.0 {
             StorageErrorKind::Sqlite(e) => e,
+            #[cfg(feature = "postgres")]
+            StorageErrorKind::Postgres(e) => e,
             StorageErrorKind::Pool(e) => e,
             StorageErrorKind::Io(e) => e,
             StorageErrorKind::Shared(e) => &**e,
@@ -421,6 +425,33 @@ impl From<r2d2::Error> for Error {
         Error::Busy {
             path: PathBuf::new(),
             source: StorageError(StorageErrorKind::Pool(e)),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<postgres::Error> for Error {
+    /// Waiting too long for a lock (the writer lock's `lock_timeout`), a
+    /// serialization failure, a deadlock or a server out of connections is
+    /// [`Error::Busy`]: retrying later may succeed.
+    fn from(e: postgres::Error) -> Error {
+        use postgres::error::SqlState;
+        let busy = e.code().is_some_and(|code| {
+            [
+                SqlState::LOCK_NOT_AVAILABLE,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::QUERY_CANCELED,
+                SqlState::TOO_MANY_CONNECTIONS,
+            ]
+            .contains(code)
+        });
+        let source = StorageError(StorageErrorKind::Postgres(e));
+        let path = PathBuf::new();
+        if busy {
+            Error::Busy { path, source }
+        } else {
+            Error::Storage { path, source }
         }
     }
 }

@@ -41,7 +41,9 @@ use std::time::Instant;
 /// (opening the file is most of what an uncontended gate costs).
 #[derive(Debug)]
 pub(crate) struct Gates {
-    dir: PathBuf,
+    /// `None` for a ledger with no sidecar folder (PostgreSQL): requests go
+    /// without gates.
+    dir: Option<PathBuf>,
     idle: Idle,
 }
 
@@ -112,16 +114,27 @@ impl Gates {
     /// The gates of the database whose sidecar folder is `sidecar`.
     pub(crate) fn new(sidecar: &Path) -> Gates {
         Gates {
-            dir: sidecar.join("keys"),
+            dir: Some(sidecar.join("keys")),
             idle: Idle::default(),
         }
     }
 
-    fn path(&self, hash: u64) -> PathBuf {
-        self.dir.join(format!("{hash:016x}.lock"))
+    /// No gates: every request goes straight to the rows.
+    pub(crate) fn none() -> Gates {
+        Gates {
+            dir: None,
+            idle: Idle::default(),
+        }
+    }
+
+    fn path(&self, dir: &Path, hash: u64) -> PathBuf {
+        dir.join(format!("{hash:016x}.lock"))
     }
 
     fn open(&self, key: &str) -> io::Result<Gate> {
+        let Some(dir) = &self.dir else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
         let hash = fnv1a(key.as_bytes());
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -129,7 +142,7 @@ impl Gates {
                 return Ok(idle.swap_remove(i));
             }
         }
-        let path = self.path(hash);
+        let path = self.path(dir, hash);
         let open = || {
             OpenOptions::new()
                 .read(true)
@@ -140,7 +153,7 @@ impl Gates {
         };
         let file = match open() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&self.dir)?;
+                fs::create_dir_all(dir)?;
                 open()
             }
             other => other,
@@ -152,6 +165,7 @@ impl Gates {
     /// a gate file cannot be opened or locked (a read-only folder, a file
     /// system without locks): the request then goes without gates.
     pub(crate) fn try_take(&self, keys: &[String]) -> Option<Taken> {
+        self.dir.as_ref()?;
         let mut taken = Taken {
             held: Held {
                 gates: Vec::with_capacity(keys.len()),
@@ -418,7 +432,7 @@ mod tests {
     #[test]
     fn key_files_have_stable_distinct_names() {
         let gates = Gates::new(Path::new("/db-runledger"));
-        let path = |key: &str| gates.path(fnv1a(key.as_bytes()));
+        let path = |key: &str| gates.path(gates.dir.as_deref().unwrap(), fnv1a(key.as_bytes()));
         assert_eq!(
             path("build:symbol=AAPL"),
             Path::new("/db-runledger/keys/c1456366f71375ec.lock")

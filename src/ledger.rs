@@ -19,7 +19,7 @@ use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
 use crate::store::{
-    Adopter, Adoption, Ahead, Attempt, HungRun, LockAsk, NewRun, Store, StoreConfig,
+    Adopter, Adoption, Ahead, Attempt, HungRun, Location, LockAsk, NewRun, Store, StoreConfig,
 };
 use crate::wake::{WakeSocket, wake};
 use crate::watch::{EventCursor, EventPage, Watch};
@@ -77,7 +77,11 @@ impl Synchronous {
 #[derive(Debug)]
 #[must_use = "a Builder does nothing until open() is called"]
 pub struct Builder {
-    path: PathBuf,
+    location: Location,
+    /// The PostgreSQL schema, if set (refused for a SQLite file).
+    schema: Option<String>,
+    /// The clock was given by the user.
+    clock_given: bool,
     synchronous: Synchronous,
     busy_timeout: Duration,
     pool_size: u32,
@@ -295,8 +299,26 @@ impl Builder {
 
     /// The clock that stamps every record. Defaults to [`SystemClock`]; tests
     /// inject a [`ManualClock`](crate::ManualClock).
+    ///
+    /// On PostgreSQL the ledger's time is the server's (see
+    /// [`Ledger::builder_postgres`]): a clock given here is anchored to the
+    /// server's time at open, and from then on moves as it moves.
     pub fn clock(mut self, clock: impl Clock) -> Builder {
         self.clock = Arc::new(clock);
+        self.clock_given = true;
+        self
+    }
+
+    /// The PostgreSQL schema the ledger's tables live in, created if
+    /// missing, so that several applications (or environments) can share
+    /// one database. Defaults to `runledger`. Use 1 to 48 lower-case ASCII
+    /// letters, digits and underscores, not starting with a digit or `pg_`.
+    ///
+    /// Only for a ledger on PostgreSQL: [`open`](Builder::open) refuses it
+    /// for a SQLite file.
+    #[cfg(feature = "postgres")]
+    pub fn schema(mut self, schema: impl Into<String>) -> Builder {
+        self.schema = Some(schema.into());
         self
     }
 
@@ -354,25 +376,60 @@ impl Builder {
             pool_size: self.pool_size,
             group_commit: self.group_commit,
         };
-        let store = Store::open(&self.path, &config, self.clock.clone())?;
+        let location = match (self.location, self.schema) {
+            (Location::File(path), None) => Location::File(path),
+            #[cfg(not(feature = "postgres"))]
+            (Location::NoPostgres(url), _) => {
+                return Err(crate::Error::Open {
+                    path: url.split('@').next_back().unwrap_or_default().into(),
+                    reason: "this build of runledger has no PostgreSQL store \
+                             (cargo feature `postgres`)"
+                        .into(),
+                    source: None,
+                });
+            }
+            (Location::File(path), Some(schema)) => {
+                return Err(crate::Error::InvalidInput {
+                    what: "schema name",
+                    value: format!("{schema:?} for {}", path.display()),
+                    reason: "a schema is for a ledger on PostgreSQL, not a SQLite file".into(),
+                });
+            }
+            #[cfg(feature = "postgres")]
+            (Location::Postgres { url, schema }, given) => {
+                // The builder's schema wins over one in the URL.
+                let schema = given.unwrap_or(schema);
+                crate::store::postgres::check_schema(&schema)?;
+                Location::Postgres { url, schema }
+            }
+        };
+        let store = Store::open(&location, &config, self.clock.clone(), self.clock_given)?;
+        let clock = store.clock(&self.clock);
         let mut identity = ProcessIdentity::current();
         if let Some(host) = self.host {
             // A host of its own: nothing here can check its process.
             identity.host = host;
             identity.boot_id = None;
         }
-        let instances_dir = crate::store::instances_dir(store.path());
-        let gates = Gates::new(&crate::store::sidecar_dir(store.path()));
-        let instance_lock = match InstanceLock::take(&instances_dir, &identity) {
-            Ok(lock) => Some(lock),
-            Err(e) => {
-                // Liveness then falls back to the pid and the lease.
-                log::warn!(
-                    "runledger: no instance lock in {}: {e}",
-                    instances_dir.display()
-                );
-                None
-            }
+        // Instance lock files and key gates live in the sidecar folder of a
+        // SQLite file; on PostgreSQL, processes are judged by pid and lease.
+        let (instances_dir, gates, instance_lock) = if store.is_file() {
+            let instances_dir = crate::store::sqlite::instances_dir(store.path());
+            let gates = Gates::new(&crate::store::sqlite::sidecar_dir(store.path()));
+            let instance_lock = match InstanceLock::take(&instances_dir, &identity) {
+                Ok(lock) => Some(lock),
+                Err(e) => {
+                    // Liveness then falls back to the pid and the lease.
+                    log::warn!(
+                        "runledger: no instance lock in {}: {e}",
+                        instances_dir.display()
+                    );
+                    None
+                }
+            };
+            (instances_dir, gates, instance_lock)
+        } else {
+            (PathBuf::new(), Gates::none(), None)
         };
         let instance = store.insert_instance(
             &identity,
@@ -396,7 +453,7 @@ impl Builder {
             },
             store,
             gates,
-            clock: self.clock,
+            clock,
             instance: AtomicI64::new(instance),
             instance_lock,
             label: self.label,
@@ -424,7 +481,7 @@ impl Builder {
                 heartbeat_every,
                 self.reap_interval,
             )
-            .map_err(|e| crate::Error::open(&self.path, "cannot start the keeper thread", e))?;
+            .map_err(|e| crate::Error::open(ledger.path(), "cannot start the keeper thread", e))?;
             let _ = ledger.inner.keeper.set(keeper);
         }
         Ok(ledger)
@@ -589,8 +646,100 @@ impl Ledger {
 
     /// Settings for opening the ledger at `path`.
     pub fn builder(path: impl AsRef<Path>) -> Builder {
+        Builder::at(Location::File(path.as_ref().to_owned()))
+    }
+
+    /// Settings for opening the ledger in a PostgreSQL database: one ledger
+    /// that processes on many hosts share (feature `postgres`).
+    ///
+    /// `url` is a libpq-style connection URL or key=value string, such as
+    /// `postgres://app@db.internal:5432/jobs` or `host=/run/postgresql
+    /// dbname=jobs`; TLS is not supported yet. The ledger's tables live in
+    /// one schema, created (and migrated, under an advisory lock) on open:
+    /// the one named after a `#` at the end of `url`
+    /// (`postgres://app@db.internal/jobs#nightly`, the form
+    /// [`Ledger::path`] shows), else the one [`Builder::schema`] gives, else
+    /// `runledger`. Every method
+    /// then behaves as on SQLite, with these differences:
+    ///
+    /// - **Time is the server's.** Timestamps, leases and staleness follow
+    ///   the database server's clock: each process measures its offset to
+    ///   it at open and at every heartbeat, so hosts whose clocks disagree
+    ///   still agree on when a lease ran out.
+    /// - **Liveness.** A process on the same host (same boot, same pid
+    ///   namespace) is judged by its pid and start time, as on SQLite;
+    ///   processes on other hosts by their heartbeat lease
+    ///   ([`Builder::stale_after`]).
+    /// - **Writes** take turns on a transaction-level advisory lock of the
+    ///   schema, as SQLite's writers take turns on the file;
+    ///   [`Builder::busy_timeout`] bounds the wait. Lock waiters and
+    ///   [`watch`](Ledger::watch)es are woken across hosts by
+    ///   `LISTEN`/`NOTIFY`.
+    /// - **Durability** is the server's (`synchronous_commit`):
+    ///   [`Builder::synchronous`], [`Builder::group_commit`] and
+    ///   [`Builder::queue_after`] concern SQLite only.
+    /// - [`Ledger::path`] is the URL without its password, with the schema
+    ///   after a `#`: `postgres://app@db.internal:5432/jobs#runledger`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use runledger::{Ledger, RunSpec};
+    ///
+    /// let ledger = Ledger::builder_postgres("postgres://app@db.internal/jobs")
+    ///     .schema("nightly")
+    ///     .open()?;
+    /// let run = ledger.begin_run(RunSpec::new("backup"))?;
+    /// run.succeed()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn builder_postgres(url: impl Into<String>) -> Builder {
+        let mut url = url.into();
+        // The form `Ledger::path` shows: the schema after a `#`.
+        let mut schema = crate::store::postgres::DEFAULT_SCHEMA.to_owned();
+        if let Some(hash) = url.rfind('#') {
+            schema = url[hash + 1..].to_owned();
+            url.truncate(hash);
+        }
+        Builder::at(Location::Postgres { url, schema })
+    }
+
+    /// Settings for the ledger named by one string, as a command line or a
+    /// configuration file gives it: a `postgres://` or `postgresql://` URL
+    /// (see [`Ledger::builder_postgres`]; the crate must be built with the
+    /// `postgres` feature, else [`Builder::open`] refuses it), anything else
+    /// the path of a SQLite file (see [`Ledger::builder`]).
+    ///
+    /// [`Ledger::path`] gives back a string that names the same ledger
+    /// (without a password).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let from_config = dir.path().join("ledger.db");
+    /// # let from_config = from_config.to_str().unwrap();
+    /// let ledger = runledger::Ledger::builder_for(from_config).open()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn builder_for(location: &str) -> Builder {
+        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return Ledger::builder_postgres(location);
+            #[cfg(not(feature = "postgres"))]
+            return Builder::at(Location::NoPostgres(location.to_owned()));
+        }
+        Ledger::builder(location)
+    }
+}
+
+impl Builder {
+    fn at(location: Location) -> Builder {
         Builder {
-            path: path.as_ref().to_owned(),
+            location,
+            schema: None,
+            clock_given: false,
             synchronous: Synchronous::default(),
             busy_timeout: Duration::from_secs(30),
             pool_size: 8,
@@ -609,8 +758,12 @@ impl Ledger {
             group_commit: true,
         }
     }
+}
 
-    /// The canonical path of the database file.
+impl Ledger {
+    /// The canonical path of the database file (on PostgreSQL, the URL
+    /// without its password and the schema after a `#`, see
+    /// [`Ledger::builder_postgres`]).
     pub fn path(&self) -> &Path {
         self.inner.store.path()
     }

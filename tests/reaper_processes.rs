@@ -102,13 +102,7 @@ fn opening_a_ledger_reaps_the_dead_of_this_host_at_once() {
 fn a_paused_process_is_never_reaped_whatever_the_clock() {
     // The clock starts at the real time, as the worker's does: hours later
     // its lease alone would call it dead.
-    let dir = tempfile::tempdir().unwrap();
-    let clock = runledger::ManualClock::default();
-    let ledger = Ledger::builder(dir.path().join("ledger.db"))
-        .clock(clock.clone())
-        .open()
-        .unwrap();
-    let f = common::Fixture { dir, clock, ledger };
+    let f = common::Fixture::with_clock(common::Store::Sqlite, runledger::ManualClock::default());
     let db = f.dir.path().join("ledger.db");
     let wanted = f.ledger.lock("paused-wanted").unwrap();
     let (mut paused, run, _) = occupier(&db, "paused-owned", "paused-wanted");

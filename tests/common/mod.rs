@@ -9,23 +9,130 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runledger::{Ledger, LockState, ManualClock, Timestamp};
 
-/// A fresh ledger in a temporary folder, with a manual clock.
+/// A fresh ledger with a manual clock: a SQLite file in a temporary folder,
+/// or (see [`Store`]) a schema of its own in the PostgreSQL database of
+/// `RUNLEDGER_PG_URL`, dropped with the fixture.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub clock: ManualClock,
     pub ledger: Ledger,
+    /// How to name this ledger to [`Ledger::builder_for`] (and to workers):
+    /// the database path, or the URL with `#schema`.
+    pub location: String,
+    pub store: Store,
+    /// Drops the PostgreSQL schema last, after the ledger.
+    _schema: Option<SchemaGuard>,
 }
 
 pub const T0: Timestamp = Timestamp::from_millis(1_763_799_302_000);
 
+/// The store a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server of the tests: `RUNLEDGER_PG_URL`, if set.
+pub fn pg_url() -> Option<String> {
+    std::env::var("RUNLEDGER_PG_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// The store `fixture()` uses: `RUNLEDGER_TEST_STORE=postgres` picks
+/// PostgreSQL (with `RUNLEDGER_PG_URL` set), else SQLite.
+pub fn default_store() -> Store {
+    match std::env::var("RUNLEDGER_TEST_STORE").as_deref() {
+        Ok("postgres") => Store::Postgres,
+        _ => Store::Sqlite,
+    }
+}
+
 pub fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
-    let ledger = Ledger::builder(dir.path().join("ledger.db"))
-        .clock(clock.clone())
-        .open()
-        .unwrap();
-    Fixture { dir, clock, ledger }
+    Fixture::new(default_store())
+}
+
+impl Fixture {
+    /// A fresh ledger on `store`.
+    ///
+    /// # Panics
+    ///
+    /// On PostgreSQL without `RUNLEDGER_PG_URL`: tests that run on both
+    /// stores check [`pg_url`] first and report themselves skipped.
+    pub fn new(store: Store) -> Fixture {
+        Fixture::with_clock(store, ManualClock::new(T0))
+    }
+
+    /// A fresh ledger on `store` whose clock is `clock`.
+    pub fn with_clock(store: Store, clock: ManualClock) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (location, schema) = match store {
+            Store::Sqlite => (
+                dir.path().join("ledger.db").to_str().unwrap().to_owned(),
+                None,
+            ),
+            Store::Postgres => {
+                let guard = SchemaGuard::new();
+                (format!("{}#{}", guard.url, guard.name), Some(guard))
+            }
+        };
+        let ledger = Ledger::builder_for(&location)
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        Fixture {
+            dir,
+            clock,
+            ledger,
+            location,
+            store,
+            _schema: schema,
+        }
+    }
+
+    /// Settings for another ledger (another process's view) of the same
+    /// store, with this fixture's clock.
+    pub fn builder(&self) -> runledger::Builder {
+        Ledger::builder_for(&self.location).clock(self.clock.clone())
+    }
+}
+
+/// A PostgreSQL schema of one test, with a name no other test (of any test
+/// process) uses; dropped with everything in it on drop.
+pub struct SchemaGuard {
+    pub url: String,
+    pub name: String,
+}
+
+impl SchemaGuard {
+    pub fn new() -> SchemaGuard {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let url = pg_url().expect("RUNLEDGER_PG_URL names the PostgreSQL server of the tests");
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "test_{}_{}_{nanos:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        SchemaGuard { url, name }
+    }
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        match postgres::Client::connect(&self.url, postgres::NoTls) {
+            Ok(mut client) => {
+                let _ =
+                    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+            }
+            Err(e) => eprintln!("could not drop schema {}: {e}", self.name),
+        }
+    }
 }
 
 /// The `worker` example: a real process that does one ledger operation.

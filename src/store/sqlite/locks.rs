@@ -9,58 +9,7 @@ use crate::error::{Error, Result};
 use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, compatible};
 use crate::run::RunId;
-
-/// A lock request as the store sees it: checked, keys sorted.
-#[derive(Debug)]
-pub(crate) struct LockAsk<'a> {
-    pub keys: &'a [String],
-    pub mode: LockMode,
-    pub run: Option<RunId>,
-    pub instance: i64,
-    pub pid: u32,
-    pub host: &'a str,
-    /// Take a place in the queue when blocked.
-    pub queue: bool,
-    /// The waiter's wake-up address.
-    pub wake: Option<&'a str>,
-}
-
-/// What one attempt at a grant found.
-#[derive(Debug)]
-pub(crate) enum Attempt {
-    Granted {
-        id: i64,
-        token: u64,
-    },
-    /// Blocked by `ahead`. `ticket` is the request's place in the queue, if
-    /// it has one.
-    Blocked {
-        ticket: Option<i64>,
-        ahead: Vec<Ahead>,
-    },
-    /// The asking instance was closed (a reaper judged it dead): nothing
-    /// was written; the caller registers again and retries.
-    InstanceClosed,
-}
-
-/// A request in the way: a holder, or a waiter queued earlier.
-#[derive(Clone, Debug)]
-pub(crate) struct Ahead {
-    pub lock_id: i64,
-    pub key: String,
-    /// Every key of that request.
-    pub keys: Vec<String>,
-    pub mode: LockMode,
-    pub state: LockState,
-    pub token: Option<i64>,
-    pub run: Option<(RunId, String)>,
-    pub instance: i64,
-    pub owner: InstanceRecord,
-    pub since: Timestamp,
-}
-
-/// Wake-up addresses of waiters to wake once the transaction committed.
-pub(crate) type Wakes = Vec<String>;
+use crate::store::{Ahead, Attempt, LockAsk, Wakes};
 
 fn keys_json(keys: &[String]) -> String {
     serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned())

@@ -4,9 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Store;
-use super::locks::{
-    TakenLock, Wakes, delete_lock, grant_waiters, parse_keys, record_taken, state_of,
-};
+use super::locks::{TakenLock, delete_lock, grant_waiters, parse_keys, record_taken, state_of};
 use super::runs::apply_change;
 use crate::clock::Timestamp;
 use crate::error::Result;
@@ -14,6 +12,7 @@ use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunChange, RunId, RunStatus};
+use crate::store::{InstanceReaped, Owner, Wakes};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
 macro_rules! instance_select {
@@ -80,31 +79,6 @@ pub(super) const ORPHANED_OWNERS: &str = "
     UNION
     SELECT DISTINCT l.instance_id FROM locks l
     WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
-
-/// The instance a reap is about: enough to find its rows and to name it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Owner<'a> {
-    pub id: i64,
-    pub pid: u32,
-    pub host: &'a str,
-}
-
-impl<'a> From<&'a InstanceRecord> for Owner<'a> {
-    fn from(record: &'a InstanceRecord) -> Owner<'a> {
-        Owner {
-            id: record.id,
-            pid: record.pid,
-            host: &record.host,
-        }
-    }
-}
-
-/// What reaping one instance changed.
-#[derive(Debug, Default)]
-pub(crate) struct InstanceReaped {
-    pub reaped: Vec<Reaped>,
-    pub wakes: Wakes,
-}
 
 impl Store {
     /// Records a new instance (this process's open ledger); returns its id.
@@ -379,7 +353,7 @@ fn fail_instance_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::runs::HUNG_RUNS;
+    use crate::store::sqlite::runs::HUNG_RUNS;
 
     fn plan(conn: &Connection, sql: &str) -> String {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();

@@ -6,31 +6,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
 
 use super::Store;
-use super::locks::{Wakes, release_run_locks};
+use super::locks::release_run_locks;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
-
-/// A run to insert, already validated and serialized.
-#[derive(Debug)]
-pub(crate) struct NewRun<'a> {
-    pub name: &'a str,
-    pub source: &'a str,
-    pub status: RunStatus,
-    pub parent: Option<RunId>,
-    pub idempotency_key: Option<&'a str>,
-    pub instance: i64,
-    pub pid: u32,
-    pub host: &'a str,
-    pub metadata: Option<String>,
-    pub log_path: Option<String>,
-    /// The run's progress heartbeat timeout, in ms.
-    pub heartbeat_timeout: Option<i64>,
-    /// For a run created for another process to adopt: how long it may
-    /// wait for its adopter, in ms. The run is then owned by nobody.
-    pub adopt_within: Option<i64>,
-}
+use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
 
 /// A [`NewRun`] that owns its strings, for a write another thread may run.
 struct OwnedRun {
@@ -985,17 +966,6 @@ pub(super) fn apply_change(
     Ok((state, to, wakes))
 }
 
-/// A running run past its heartbeat deadline, as the hung-run reaper judged
-/// it.
-#[derive(Clone, Debug)]
-pub(crate) struct HungRun {
-    pub id: RunId,
-    pub hung_at: Timestamp,
-    pub timeout: Duration,
-    pub last_heartbeat: Option<Timestamp>,
-    pub started_at: Option<Timestamp>,
-}
-
 pub(super) const HUNG_RUNS: &str = "
     SELECT id, hung_at, heartbeat_timeout, heartbeat_at, started_at FROM runs
     WHERE hung_at IS NOT NULL AND hung_at < ?1
@@ -1009,27 +979,6 @@ pub(super) const UNADOPTED_RUNS: &str = "
 pub(super) const EVENTS_SINCE: &str = "
     SELECT id, run_id, at, kind, step, from_status, to_status, message
     FROM events WHERE id > ?1 ORDER BY id LIMIT ?2";
-
-/// What [`Store::adopt_run`] did.
-#[derive(Debug)]
-pub(crate) enum Adoption {
-    /// The run is the adopter's now.
-    Adopted,
-    /// Its deadline had passed: it was failed instead, and ended in this
-    /// status.
-    Expired(RunStatus),
-    /// The adopter's instance was closed (a reaper judged it dead): nothing
-    /// was written; it registers again.
-    InstanceClosed,
-}
-
-/// Who adopts a run: the new owner's instance and process.
-#[derive(Debug)]
-pub(crate) struct Adopter<'a> {
-    pub instance: i64,
-    pub pid: u32,
-    pub host: &'a str,
-}
 
 /// Fails a run awaiting adoption whose deadline passed, in the caller's
 /// transaction; returns the status it ended in and the reason.

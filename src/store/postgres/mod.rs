@@ -1,0 +1,557 @@
+//! The PostgreSQL store: one schema of a PostgreSQL database, shared by the
+//! processes of many hosts.
+//!
+//! It keeps the SQLite store's model, so that the two give the same
+//! guarantees from the same domain code:
+//!
+//! - **One writer at a time.** Every write transaction runs at `READ
+//!   COMMITTED` and first takes a transaction-level advisory lock of the
+//!   schema (`pg_advisory_xact_lock`), held until its `COMMIT`: the write
+//!   transactions of every host run one after the other, as SQLite's
+//!   `BEGIN IMMEDIATE` makes them. At `READ COMMITTED` each statement sees
+//!   everything committed before it started, so once the lock is held every
+//!   read of the transaction sees the latest state, and no other writer can
+//!   change it before the commit: the check of a lock grant and its insert
+//!   are atomic, and ids taken from sequences (event ids, queue tickets)
+//!   grow in commit order, as the event feed's cursors need. `SERIALIZABLE`
+//!   would give the same atomicity but abort a conflicting transaction
+//!   instead of queueing it, and every caller would have to retry; one
+//!   ledger's writes are short (a few statements), so queueing them costs
+//!   less than aborts under contention. Reads take no lock.
+//! - **Waiting for the writer lock** is bounded by the busy timeout
+//!   (`SET LOCAL lock_timeout`): past it the call fails with
+//!   [`Error::Busy`](crate::Error::Busy), as on SQLite.
+//! - **Wake-ups cross hosts.** A transaction that frees keys (or appends
+//!   events) sends, before its `COMMIT`, one `NOTIFY` on the schema's
+//!   channel with the wake-up addresses of the waiters (or watchers). The
+//!   notification is delivered on commit only. Each process that opened the
+//!   ledger listens on the channel ([`listen`]) and wakes the addresses that
+//!   live on its host; the writer also wakes its own host's at once, so a
+//!   same-host hand-off does not wait for the round trip. Waiters still
+//!   re-read on a capped timer: a wake-up is never relied upon.
+//! - **Time is the server's.** See [`ServerClock`].
+//! - **Liveness.** Instances record the same identity as on SQLite; a
+//!   process on the same host (same boot id and pid namespace) is judged by
+//!   its pid and start time, any other by its heartbeat lease. There are no
+//!   instance lock files or per-key gates: those are files beside a SQLite
+//!   database.
+
+mod instances;
+mod listen;
+mod locks;
+mod runs;
+mod schema;
+
+pub(crate) use schema::LATEST as SCHEMA_VERSION;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use postgres::types::ToSql;
+use postgres::{Client, Config, NoTls, Row, Statement};
+use r2d2::{ManageConnection, Pool};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::StoreConfig;
+use crate::clock::{Clock, Timestamp};
+use crate::error::{Error, Result};
+use crate::wake::wake;
+
+/// The schema a ledger uses unless told otherwise.
+pub(crate) const DEFAULT_SCHEMA: &str = "runledger";
+
+/// The PostgreSQL store of one open ledger.
+pub(crate) struct Store {
+    pool: Pool<Manager>,
+    /// How errors and logs name the ledger: the URL without its password,
+    /// and the schema.
+    name: PathBuf,
+    /// `BEGIN` of every write transaction: the writer lock and its timeout.
+    begin: String,
+    /// The channel of the schema's wake-ups.
+    channel: String,
+    clock: Arc<ServerClock>,
+    /// Stops this store's listener when the store is dropped.
+    _listener: listen::Listener,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to the database at `url`, creates `schema` if needed and
+    /// applies pending migrations under a session advisory lock.
+    ///
+    /// `clock` is the local clock the ledger was given; the store's clock
+    /// ([`Store::clock`]) follows the server's.
+    pub(crate) fn open(
+        url: &str,
+        schema: &str,
+        config: &StoreConfig,
+        clock: Arc<dyn Clock>,
+        follow_server: bool,
+    ) -> Result<Store> {
+        let pg = Config::from_str(url).map_err(|e| Error::Open {
+            path: PathBuf::from(redacted(url)),
+            reason: format!("not a PostgreSQL URL: {e}"),
+            source: None,
+        })?;
+        let name = PathBuf::from(display_name(&pg, schema));
+        let connect_error = |e: postgres::Error| Error::Open {
+            path: name.clone(),
+            reason: format!("cannot connect to PostgreSQL: {e}"),
+            source: None,
+        };
+        let mut setup = pg.connect(NoTls).map_err(connect_error)?;
+        schema::prepare(&mut setup, schema, &name)?;
+        let clock = Arc::new(ServerClock::anchored(&mut setup, clock, follow_server)?);
+        drop(setup);
+
+        let manager = Manager {
+            inner: PostgresConnectionManager::new(pg.clone(), NoTls),
+            search_path: format!("SET search_path TO {}", quote_ident(schema)),
+        };
+        let pool = Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(Some(0))
+            .idle_timeout(None)
+            .test_on_check_out(false)
+            .max_lifetime(None)
+            .connection_timeout(config.busy_timeout.max(Duration::from_secs(1)))
+            .thread_pool(super::sqlite::shared_thread_pool())
+            .build(manager)
+            .map_err(|e| Error::Open {
+                path: name.clone(),
+                reason: format!("cannot open the connection pool: {e}"),
+                source: None,
+            })?;
+        let channel = channel_of(schema);
+        let listener = listen::Listener::start(pg, channel.clone(), name.clone())?;
+        let lock_timeout = config.busy_timeout.as_millis().clamp(1, i32::MAX as u128);
+        Ok(Store {
+            pool,
+            begin: format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 SET LOCAL lock_timeout = {lock_timeout}; \
+                 SELECT pg_advisory_xact_lock({})",
+                writer_key(schema)
+            ),
+            channel,
+            clock,
+            name,
+            _listener: listener,
+        })
+    }
+
+    /// How errors name this ledger (and the key of its keeper thread).
+    pub(crate) fn path(&self) -> &Path {
+        &self.name
+    }
+
+    /// The clock of this ledger: the server's time, as this process follows
+    /// it.
+    pub(crate) fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// Runs `f` in one write transaction holding the schema's writer lock,
+    /// and commits it. An error from `f` (or from the commit) rolls
+    /// everything back.
+    ///
+    /// `f` gets the transaction, whose [`Tx::now`] is read once the writer
+    /// lock is held: timestamps then follow commit order, whatever the wait.
+    /// Before the commit, the transaction notifies the addresses given to
+    /// [`Tx::wake`] (and the watchers, if it appended events) on the
+    /// schema's channel; after it, it wakes them on this host.
+    fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        let in_transaction = || {
+            let mut conn = self.pool.get()?;
+            if let Err(e) = conn.client.batch_execute(&self.begin) {
+                // The writer lock timed out (or the connection broke): the
+                // transaction, if it began, is aborted.
+                let _ = conn.client.batch_execute("ROLLBACK");
+                return Err(e.into());
+            }
+            let mut tx = Tx {
+                conn: &mut conn,
+                now: self.clock.now(),
+                open: true,
+                events_written: false,
+                wakes: Vec::new(),
+            };
+            let value = f(&mut tx)?;
+            let mut watchers = Vec::new();
+            if tx.events_written {
+                let rows = tx.query("SELECT address FROM watchers", &[])?;
+                watchers.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+                tx.wakes.extend_from_slice(&watchers);
+            }
+            for payload in listen::payloads(&tx.wakes) {
+                let channel = self.channel.as_str();
+                tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])?;
+            }
+            tx.conn.client.batch_execute("COMMIT")?;
+            tx.open = false;
+            // This host's watchers at once; its lock waiters are woken by
+            // the caller, with the addresses the method returned.
+            wake(&watchers);
+            Ok(value)
+        };
+        in_transaction().map_err(|e: Error| e.in_ledger(&self.name))
+    }
+
+    /// [`write`](Store::write), and `on_commit` once the write has committed
+    /// (dropped, not called, if it failed).
+    fn write_then<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+        on_commit: impl FnOnce(),
+    ) -> Result<T> {
+        let value = self.write(f)?;
+        on_commit();
+        Ok(value)
+    }
+
+    /// Measures the offset to the server's clock again (see
+    /// [`ServerClock`]), on a pooled connection.
+    fn follow_server_clock(&self) {
+        if self.clock.follow
+            && let Ok(mut conn) = self.pool.get()
+        {
+            self.clock.follow(&mut conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection, outside any explicit transaction:
+    /// each statement sees what was committed when it started.
+    fn read<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        let on_connection = || {
+            let mut conn = self.pool.get()?;
+            let mut tx = Tx {
+                conn: &mut conn,
+                now: self.clock.now(),
+                open: false,
+                events_written: false,
+                wakes: Vec::new(),
+            };
+            f(&mut tx)
+        };
+        on_connection().map_err(|e: Error| e.in_ledger(&self.name))
+    }
+}
+
+/// A connection of the pool: the client and its prepared statements.
+pub(super) struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// Opens pooled connections in the ledger's schema.
+struct Manager {
+    inner: PostgresConnectionManager<NoTls>,
+    search_path: String,
+}
+
+impl fmt::Debug for Manager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        let mut client = self.inner.connect()?;
+        client.batch_execute(&self.search_path)?;
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        self.inner.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        self.inner.has_broken(&mut conn.client)
+    }
+}
+
+/// A statement's parameters.
+pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// One transaction (or, for reads, one connection outside a transaction)
+/// of the store. Statements are prepared once per connection and cached.
+pub(super) struct Tx<'c> {
+    conn: &'c mut Conn,
+    now: Timestamp,
+    /// A write transaction not yet committed: rolled back on drop.
+    open: bool,
+    events_written: bool,
+    wakes: Vec<String>,
+}
+
+impl Tx<'_> {
+    /// The time to stamp this transaction's writes with.
+    pub(super) fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Notes that the transaction appended events: its commit wakes the
+    /// watchers of the feed.
+    pub(super) fn events_written(&mut self) {
+        self.events_written = true;
+    }
+
+    /// Wake-up addresses to notify with the commit, for the other hosts
+    /// (the caller wakes this host's with the addresses it returns).
+    pub(super) fn wake(&mut self, addresses: &[String]) {
+        self.wakes.extend_from_slice(addresses);
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(statement) = self.conn.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.conn.client.prepare(sql)?;
+        self.conn.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs a query; returns its rows.
+    pub(super) fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.conn.client.query(&statement, params)?)
+    }
+
+    /// Runs a query that returns at most one row.
+    pub(super) fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &Params<'_>,
+    ) -> Result<Option<Row>> {
+        let statement = self.statement(sql)?;
+        Ok(self.conn.client.query_opt(&statement, params)?)
+    }
+
+    /// Runs a query that returns exactly one row.
+    pub(super) fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row> {
+        let statement = self.statement(sql)?;
+        Ok(self.conn.client.query_one(&statement, params)?)
+    }
+
+    /// Runs a statement; returns the number of rows it changed.
+    pub(super) fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64> {
+        let statement = self.statement(sql)?;
+        Ok(self.conn.client.execute(&statement, params)?)
+    }
+}
+
+impl Drop for Tx<'_> {
+    /// Rolls back a write transaction that did not commit, so that an error
+    /// (or a panic) never leaves a pooled connection inside a transaction.
+    fn drop(&mut self) {
+        if self.open
+            && let Err(e) = self.conn.client.batch_execute("ROLLBACK")
+        {
+            log::error!("runledger: rollback failed: {e}");
+        }
+    }
+}
+
+/// The ledger's time: the database server's clock, as this process follows
+/// it.
+///
+/// Leases and staleness compare timestamps written by processes of many
+/// hosts, so they must come from one clock: the server's. Reading it in
+/// every transaction would cost a round trip (or tie every timestamp to SQL),
+/// so each process measures its offset to the server instead: at open, it
+/// reads `clock_timestamp()` and takes the middle of the round trip as the
+/// moment the server read it (an error of at most half a round trip), then
+/// stamps with its own clock plus that offset. With the default clock, the
+/// offset is measured again at every instance heartbeat, so a host's clock
+/// that is wrong by hours, or stepped meanwhile, never shifts its
+/// timestamps by more than its drift between two heartbeats.
+///
+/// A clock given to the builder ([`Builder::clock`](crate::Builder::clock),
+/// tests) is only anchored at open: from then on the ledger's time moves as
+/// that clock moves, so a test can still move it by hand.
+#[derive(Debug)]
+pub(crate) struct ServerClock {
+    local: Arc<dyn Clock>,
+    /// Server time minus local time, in ms.
+    offset: AtomicI64,
+    /// Measure the offset again at every heartbeat.
+    follow: bool,
+}
+
+impl ServerClock {
+    fn anchored(client: &mut Client, local: Arc<dyn Clock>, follow: bool) -> Result<ServerClock> {
+        let clock = ServerClock {
+            local,
+            offset: AtomicI64::new(0),
+            follow,
+        };
+        clock.measure(client)?;
+        Ok(clock)
+    }
+
+    /// Measures the offset to the server's clock.
+    fn measure(&self, client: &mut Client) -> Result<()> {
+        let sent = Instant::now();
+        let before = self.local.now().as_millis();
+        let row = client.query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            &[],
+        )?;
+        let server: i64 = row.get(0);
+        let half = i64::try_from(sent.elapsed().as_millis() / 2).unwrap_or(0);
+        let at = before.saturating_add(half);
+        self.offset
+            .store(server.saturating_sub(at), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Measures the offset again.
+    fn follow(&self, conn: &mut Conn) {
+        if let Err(e) = self.measure(&mut conn.client) {
+            log::debug!("runledger: could not read the server's clock: {e}");
+        }
+    }
+}
+
+impl Clock for ServerClock {
+    fn now(&self) -> Timestamp {
+        let local = self.local.now().as_millis();
+        Timestamp::from_millis(local.saturating_add(self.offset.load(Ordering::Relaxed)))
+    }
+}
+
+/// Checks a schema name: PostgreSQL identifiers are at most 63 bytes, and
+/// the wake-up channel adds a prefix; plain lower-case names need no
+/// quoting anywhere (psql, other tools).
+pub(crate) fn check_schema(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+        && !name.starts_with("pg_");
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "schema name",
+            name,
+            "use 1 to 48 lower-case ASCII letters, digits and underscores, \
+             not starting with a digit or pg_",
+        ))
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The channel of a schema's wake-ups.
+fn channel_of(schema: &str) -> String {
+    format!("runledger_wake_{schema}")
+}
+
+/// The key of a schema's writer lock (`pg_advisory_xact_lock`): a hash of
+/// its name, so that two ledgers in one database never wait for each
+/// other.
+fn writer_key(schema: &str) -> i64 {
+    advisory_key("runledger writer", schema)
+}
+
+/// A 64-bit advisory lock key for `what` in `schema` (FNV-1a).
+fn advisory_key(what: &str, schema: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in what.bytes().chain([0]).chain(schema.bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// How a ledger on PostgreSQL is named: `postgres://user@host:port/db`,
+/// without the password, and `#schema`.
+fn display_name(config: &Config, schema: &str) -> String {
+    use postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("");
+    let at = if user.is_empty() { "" } else { "@" };
+    let db = config.get_dbname().unwrap_or(user);
+    format!("postgres://{user}{at}{host}:{port}/{db}#{schema}")
+}
+
+/// A URL that did not parse, with anything that may be a password cut.
+fn redacted(url: &str) -> String {
+    match url.find('@') {
+        Some(at) => match url[..at].find("://") {
+            Some(scheme) => format!("{}://…{}", &url[..scheme], &url[at..]),
+            None => "…".to_owned() + &url[at..],
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for good in ["runledger", "app_2", "_x", &"a".repeat(48)] {
+            check_schema(good).unwrap();
+        }
+        for bad in [
+            "",
+            "Runledger",
+            "2nd",
+            "a-b",
+            "a b",
+            "pg_x",
+            "x\"y",
+            &"a".repeat(49),
+        ] {
+            assert!(check_schema(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_never_show_a_password() {
+        let config = Config::from_str("postgres://me:secret@db.example:6543/app").unwrap();
+        let name = display_name(&config, "runs");
+        assert_eq!(name, "postgres://me@db.example:6543/app#runs");
+        assert!(!redacted("postgres://me:secret@db.example/app").contains("secret"));
+    }
+
+    #[test]
+    fn writer_keys_differ_by_schema() {
+        assert_ne!(writer_key("a"), writer_key("b"));
+        assert_eq!(writer_key("a"), writer_key("a"));
+    }
+}
