@@ -3,7 +3,7 @@
 
 #![allow(unused_variables)]
 
-use super::Store;
+use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::liveness::{InstanceRecord, ProcessIdentity};
@@ -54,4 +54,11 @@ impl Store {
     ) -> Result<InstanceReaped> {
         todo!("PostgreSQL reap_instance")
     }
+}
+
+/// Whether an instance is open, read inside the caller's write
+/// transaction: rows are only ever written for an open instance, so a
+/// reaped one never gains new work.
+pub(super) fn is_open(tx: &mut Tx<'_>, instance: i64) -> Result<bool> {
+    todo!("PostgreSQL is_open")
 }

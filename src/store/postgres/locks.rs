@@ -2,10 +2,12 @@
 
 #![allow(unused_variables)]
 
-use super::Store;
+use super::{Store, Tx};
+use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::liveness::ProcessIdentity;
 use crate::lock::LockRecord;
+use crate::run::RunId;
 use crate::store::{Ahead, Attempt, LockAsk, Wakes};
 
 impl Store {
@@ -54,4 +56,10 @@ impl Store {
     ) -> Result<(usize, Wakes)> {
         todo!("PostgreSQL force_unlock")
     }
+}
+
+/// Releases every lock of a run that ended, inside the caller's write
+/// transaction; returns the waiters to wake.
+pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
+    todo!("PostgreSQL release_run_locks")
 }

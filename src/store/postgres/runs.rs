@@ -2,7 +2,7 @@
 
 #![allow(unused_variables)]
 
-use super::Store;
+use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
@@ -130,4 +130,32 @@ impl Store {
     ) -> Result<(RunState, RunStatus, Wakes)> {
         todo!("PostgreSQL update_run")
     }
+}
+
+/// The status and event-chain head of a run, read in a write transaction.
+pub(super) fn run_head(tx: &mut Tx<'_>, run: RunId) -> Result<(RunStatus, Option<i64>)> {
+    todo!("PostgreSQL run_head")
+}
+
+/// Appends one event to a run's history inside the caller's transaction.
+pub(super) fn append_event(
+    tx: &mut Tx<'_>,
+    run: RunId,
+    at: Timestamp,
+    kind: &str,
+    detail: Option<&str>,
+    message: Option<&str>,
+) -> Result<()> {
+    todo!("PostgreSQL append_event")
+}
+
+/// Applies one transition to a run inside the caller's write transaction:
+/// see [`Store::update_run`].
+pub(super) fn apply_change(
+    tx: &mut Tx<'_>,
+    run: RunId,
+    at: Timestamp,
+    decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+) -> Result<(RunState, RunStatus, Wakes)> {
+    todo!("PostgreSQL apply_change")
 }
