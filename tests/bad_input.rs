@@ -25,7 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
-use common::{T0, bytes, fixture, immutable};
+use common::{Fixture, Store, T0, bytes, immutable};
 use runledger::{
     Error, Ledger, LockKey, LockMode, LockRequest, ManualClock, RunFilter, RunId, RunSpec,
     Timestamp,
@@ -106,9 +106,8 @@ fn invalid_input_of(e: &Error, what: &str) -> bool {
 // Names, sources, idempotency keys, step names, log paths
 // ---------------------------------------------------------------------------
 
-#[test]
-fn any_run_name_source_key_or_log_path_is_stored_exactly_or_refused_as_invalid() {
-    let f = fixture();
+fn any_run_name_source_key_or_log_path_is_stored_exactly_or_refused_as_invalid(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(
         name in text(),
         source in text(),
@@ -176,9 +175,8 @@ fn any_run_name_source_key_or_log_path_is_stored_exactly_or_refused_as_invalid()
     assert!(active.is_empty(), "{active:?}");
 }
 
-#[test]
-fn any_failure_reason_exit_code_or_unlock_reason_is_accepted_or_refused_as_invalid() {
-    let f = fixture();
+fn any_failure_reason_exit_code_or_unlock_reason_is_accepted_or_refused_as_invalid(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(reason in text(), code in any::<i32>(), key in text(), why in text())| {
         let run = f.ledger.begin_run(RunSpec::new("r")).map_err(fail)?;
         let id = run.id();
@@ -259,9 +257,8 @@ fn any_metadata_under_the_limit_round_trips_and_any_over_it_is_refused() {
     ledger.runs(RunFilter::default().limit(usize::MAX)).unwrap();
 }
 
-#[test]
-fn metadata_at_the_default_limit_is_kept_and_a_byte_more_or_megabytes_are_refused() {
-    let f = fixture();
+fn metadata_at_the_default_limit_is_kept_and_a_byte_more_or_megabytes_are_refused(store: Store) {
+    let f = Fixture::new(store);
     // {"b":"…"} is 8 bytes around the string.
     let exact = serde_json::json!({ "b": "y".repeat(65_536 - 8) });
     assert_eq!(serde_json::to_string(&exact).unwrap().len(), 65_536);
@@ -312,9 +309,8 @@ fn nested(depth: usize, objects: bool) -> Value {
 /// Metadata nested deeper than serde_json parses back (128 levels) must be
 /// refused up front: accepted, it made the run, and every listing that
 /// includes it, unreadable.
-#[test]
-fn deeply_nested_metadata_is_read_back_or_refused_up_front() {
-    let f = fixture();
+fn deeply_nested_metadata_is_read_back_or_refused_up_front(store: Store) {
+    let f = Fixture::new(store);
     for objects in [false, true] {
         for depth in [1, 100, 126, 127, 128, 129, 200, 500] {
             let value = nested(depth, objects);
@@ -403,9 +399,8 @@ fn any_builder_durations_open_or_are_refused_as_invalid() {
     });
 }
 
-#[test]
-fn any_heartbeat_timeout_clock_jump_or_prune_age_leaves_every_call_typed() {
-    let f = fixture();
+fn any_heartbeat_timeout_clock_jump_or_prune_age_leaves_every_call_typed(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(timeout in duration(), jump in duration(), age in duration(), back in any::<bool>())| {
         let run = f
             .ledger
@@ -433,9 +428,8 @@ fn any_heartbeat_timeout_clock_jump_or_prune_age_leaves_every_call_typed() {
     });
 }
 
-#[test]
-fn any_lock_wait_and_mode_is_granted_refused_or_timed_out_promptly() {
-    let f = fixture();
+fn any_lock_wait_and_mode_is_granted_refused_or_timed_out_promptly(store: Store) {
+    let f = Fixture::new(store);
     let other = Ledger::builder(f.ledger.path())
         .clock(f.clock.clone())
         .background(false)
@@ -498,9 +492,8 @@ fn any_lock_wait_and_mode_is_granted_refused_or_timed_out_promptly() {
 // Ids and times
 // ---------------------------------------------------------------------------
 
-#[test]
-fn any_run_id_is_found_or_not_found() {
-    let f = fixture();
+fn any_run_id_is_found_or_not_found(store: Store) {
+    let f = Fixture::new(store);
     let runs: Vec<_> = (0..3)
         .map(|_| f.ledger.begin_run(RunSpec::new("known")).unwrap())
         .collect();
@@ -567,9 +560,8 @@ fn any_text_parses_to_a_positive_run_id_or_an_invalid_input() {
     });
 }
 
-#[test]
-fn any_clock_reading_is_stored_printed_and_serialized() {
-    let f = fixture();
+fn any_clock_reading_is_stored_printed_and_serialized(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(ms in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0)])| {
         f.clock.set(Timestamp::from_millis(ms));
         let run = f.ledger.begin_run(RunSpec::new("t")).map_err(fail)?;
@@ -592,9 +584,8 @@ fn any_clock_reading_is_stored_printed_and_serialized() {
 // Lock keys: raw keys, the builder, and its parser
 // ---------------------------------------------------------------------------
 
-#[test]
-fn any_raw_lock_keys_are_granted_together_or_refused_as_invalid() {
-    let f = fixture();
+fn any_raw_lock_keys_are_granted_together_or_refused_as_invalid(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(keys in vec(text(), 0..4))| {
         let valid = !keys.is_empty() && keys.iter().all(|k| valid_name(k));
         match f.ledger.try_lock_all(&keys) {
@@ -646,9 +637,8 @@ fn lock_key() -> impl Strategy<Value = LockKey> {
     })
 }
 
-#[test]
-fn built_keys_parse_back_never_collide_and_lock_or_are_refused() {
-    let f = fixture();
+fn built_keys_parse_back_never_collide_and_lock_or_are_refused(store: Store) {
+    let f = Fixture::new(store);
     proptest!(config(), |(a in lock_key(), b in lock_key())| {
         let text = a.to_string();
         prop_assert_eq!(LockKey::parse(&text), Some(a.clone()));
@@ -1386,3 +1376,16 @@ mod cli {
         }
     }
 }
+
+on_both_stores!(
+    any_run_name_source_key_or_log_path_is_stored_exactly_or_refused_as_invalid,
+    any_failure_reason_exit_code_or_unlock_reason_is_accepted_or_refused_as_invalid,
+    metadata_at_the_default_limit_is_kept_and_a_byte_more_or_megabytes_are_refused,
+    deeply_nested_metadata_is_read_back_or_refused_up_front,
+    any_heartbeat_timeout_clock_jump_or_prune_age_leaves_every_call_typed,
+    any_lock_wait_and_mode_is_granted_refused_or_timed_out_promptly,
+    any_run_id_is_found_or_not_found,
+    any_clock_reading_is_stored_printed_and_serialized,
+    any_raw_lock_keys_are_granted_together_or_refused_as_invalid,
+    built_keys_parse_back_never_collide_and_lock_or_are_refused,
+);

@@ -4,12 +4,11 @@ mod common;
 
 use std::sync::{Arc, Barrier};
 
-use common::{finish, fixture, instant_in, spawn_worker};
+use common::{Fixture, Store, finish, instant_in, spawn_worker};
 use runledger::{EventKind, RunSpec, RunStatus};
 
-#[test]
-fn cancel_returns_the_true_status() {
-    let f = fixture();
+fn cancel_returns_the_true_status(store: Store) {
+    let f = Fixture::new(store);
     let queued = f.ledger.begin_run(RunSpec::new("q").queued()).unwrap();
     assert_eq!(f.ledger.cancel(queued.id()).unwrap(), RunStatus::Cancelled);
     let r = f.ledger.run(queued.id()).unwrap();
@@ -34,9 +33,8 @@ fn cancel_returns_the_true_status() {
     assert_eq!(running.cancelled().unwrap(), RunStatus::Cancelled);
 }
 
-#[test]
-fn cancel_after_success_changes_nothing() {
-    let f = fixture();
+fn cancel_after_success_changes_nothing(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("done")).unwrap();
     let id = run.id();
     run.succeed().unwrap();
@@ -47,9 +45,8 @@ fn cancel_after_success_changes_nothing() {
     assert_eq!(f.ledger.events(id).unwrap(), events);
 }
 
-#[test]
-fn cancel_of_an_unknown_run_is_not_found() {
-    let f = fixture();
+fn cancel_of_an_unknown_run_is_not_found(store: Store) {
+    let f = Fixture::new(store);
     let err = f.ledger.cancel(runledger::RunId::from(999)).unwrap_err();
     assert!(err.is_not_found());
     assert_eq!(err.to_string(), "run 999 not found");
@@ -72,9 +69,8 @@ fn assert_succeeded_and_final(f: &common::Fixture, id: runledger::RunId) {
     );
 }
 
-#[test]
-fn a_cancel_racing_success_in_threads_never_downgrades_it() {
-    let f = fixture();
+fn a_cancel_racing_success_in_threads_never_downgrades_it(store: Store) {
+    let f = Fixture::new(store);
     for _ in 0..50 {
         let run = f.ledger.begin_run(RunSpec::new("race")).unwrap();
         let id = run.id();
@@ -95,10 +91,9 @@ fn a_cancel_racing_success_in_threads_never_downgrades_it() {
     }
 }
 
-#[test]
-fn a_cancel_racing_success_in_processes_never_downgrades_it() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_cancel_racing_success_in_processes_never_downgrades_it(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     for _ in 0..6 {
         let at = instant_in(300);
         let mut owner = spawn_worker(&db, &["race-succeed", "race", "--at", &at]);
@@ -125,3 +120,11 @@ fn a_cancel_racing_success_in_processes_never_downgrades_it() {
         assert_succeeded_and_final(&f, id.parse().unwrap());
     }
 }
+
+on_both_stores!(
+    cancel_returns_the_true_status,
+    cancel_after_success_changes_nothing,
+    cancel_of_an_unknown_run_is_not_found,
+    a_cancel_racing_success_in_threads_never_downgrades_it,
+    a_cancel_racing_success_in_processes_never_downgrades_it,
+);

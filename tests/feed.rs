@@ -5,12 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::fixture;
-use runledger::{EventCursor, EventKind, Ledger, RunSpec};
+use common::{Fixture, Store};
+use runledger::{EventCursor, EventKind, RunSpec};
 
-#[test]
-fn the_feed_returns_every_event_of_every_run_once_in_commit_order() {
-    let f = fixture();
+fn the_feed_returns_every_event_of_every_run_once_in_commit_order(store: Store) {
+    let f = Fixture::new(store);
     let a = f.ledger.begin_run(RunSpec::new("a")).unwrap();
     let b = f.ledger.begin_run(RunSpec::new("b")).unwrap();
     a.event("progress", serde_json::json!({"done": 1})).unwrap();
@@ -78,9 +77,8 @@ fn the_feed_returns_every_event_of_every_run_once_in_commit_order() {
     assert_eq!(f.ledger.events_cursor().unwrap(), cursor);
 }
 
-#[test]
-fn a_custom_event_is_recorded_with_its_data_and_checked() {
-    let f = fixture();
+fn a_custom_event_is_recorded_with_its_data_and_checked(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("train")).unwrap();
     run.event(
         "checkpoint",
@@ -127,9 +125,8 @@ fn a_custom_event_is_recorded_with_its_data_and_checked() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn a_finished_run_takes_no_more_events() {
-    let f = fixture();
+fn a_finished_run_takes_no_more_events(store: Store) {
+    let f = Fixture::new(store);
     // Ended by another path while its guard lives: a queued run cancelled.
     let run = f.ledger.begin_run(RunSpec::new("queued").queued()).unwrap();
     f.ledger.cancel(run.id()).unwrap();
@@ -155,9 +152,8 @@ fn a_cursor_reads_and_prints_as_its_number_and_refuses_garbage() {
     assert_eq!(EventCursor::after(-5), EventCursor::START);
 }
 
-#[test]
-fn a_watch_yields_new_events_in_order_and_resumes_from_its_cursor() {
-    let f = fixture();
+fn a_watch_yields_new_events_in_order_and_resumes_from_its_cursor(store: Store) {
+    let f = Fixture::new(store);
     let before = f.ledger.begin_run(RunSpec::new("before")).unwrap();
     let mut watch = f.ledger.watch(f.ledger.events_cursor().unwrap()).unwrap();
     assert!(
@@ -167,10 +163,7 @@ fn a_watch_yields_new_events_in_order_and_resumes_from_its_cursor() {
             .is_none(),
         "nothing new yet"
     );
-    let writer = Ledger::builder(f.dir.path().join("ledger.db"))
-        .clock(f.clock.clone())
-        .open()
-        .unwrap();
+    let writer = f.builder().clock(f.clock.clone()).open().unwrap();
     let run = writer.begin_run(RunSpec::new("after")).unwrap();
     run.event("hello", serde_json::json!("world")).unwrap();
     let first = watch
@@ -191,16 +184,16 @@ fn a_watch_yields_new_events_in_order_and_resumes_from_its_cursor() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn a_dropped_watch_unregisters_and_a_dead_ones_registration_is_reaped() {
-    let f = fixture();
+fn a_dropped_watch_unregisters_and_a_dead_ones_registration_is_reaped(store: Store) {
+    let f = Fixture::new(store);
     let watch = f.ledger.watch(EventCursor::START).unwrap();
     assert_eq!(watchers(&f), 1);
     drop(watch);
     assert_eq!(watchers(&f), 0);
 
     // A watch of an instance that dies is removed with the instance.
-    let elsewhere = Ledger::builder(f.dir.path().join("ledger.db"))
+    let elsewhere = f
+        .builder()
         .clock(f.clock.clone())
         .host("elsewhere")
         .background(false)
@@ -215,14 +208,11 @@ fn a_dropped_watch_unregisters_and_a_dead_ones_registration_is_reaped() {
 }
 
 fn watchers(f: &common::Fixture) -> i64 {
-    let conn = rusqlite::Connection::open(f.dir.path().join("ledger.db")).unwrap();
-    conn.query_row("SELECT count(*) FROM watchers", [], |row| row.get(0))
-        .unwrap()
+    f.query_i64("SELECT count(*) FROM watchers")
 }
 
-#[test]
-fn a_cursor_past_the_end_of_the_feed_is_refused() {
-    let f = fixture();
+fn a_cursor_past_the_end_of_the_feed_is_refused(store: Store) {
+    let f = Fixture::new(store);
     f.ledger
         .begin_run(RunSpec::new("a"))
         .unwrap()
@@ -248,3 +238,12 @@ fn a_cursor_past_the_end_of_the_feed_is_refused() {
         );
     }
 }
+
+on_both_stores!(
+    the_feed_returns_every_event_of_every_run_once_in_commit_order,
+    a_custom_event_is_recorded_with_its_data_and_checked,
+    a_finished_run_takes_no_more_events,
+    a_watch_yields_new_events_in_order_and_resumes_from_its_cursor,
+    a_dropped_watch_unregisters_and_a_dead_ones_registration_is_reaped,
+    a_cursor_past_the_end_of_the_feed_is_refused,
+);

@@ -7,14 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::fixture;
+use common::{Fixture, Store};
 use runledger::{
     DEFAULT_ADOPT_WITHIN, Error, EventKind, Ledger, LockRequest, RunFilter, RunSpec, RunStatus,
 };
 
 /// A second ledger on the fixture's file and clock: another process.
 fn other(f: &common::Fixture, label: &str) -> Ledger {
-    Ledger::builder(f.dir.path().join("ledger.db"))
+    f.builder()
         .clock(f.clock.clone())
         .label(label)
         .background(false)
@@ -22,9 +22,8 @@ fn other(f: &common::Fixture, label: &str) -> Ledger {
         .unwrap()
 }
 
-#[test]
-fn a_created_run_is_owned_by_nobody_until_adopted_then_by_the_adopter() {
-    let f = fixture();
+fn a_created_run_is_owned_by_nobody_until_adopted_then_by_the_adopter(store: Store) {
+    let f = Fixture::new(store);
     let worker = other(&f, "worker");
     let id = f
         .ledger
@@ -75,9 +74,8 @@ fn a_created_run_is_owned_by_nobody_until_adopted_then_by_the_adopter() {
     );
 }
 
-#[test]
-fn a_second_adopter_is_refused_with_the_first_named() {
-    let f = fixture();
+fn a_second_adopter_is_refused_with_the_first_named(store: Store) {
+    let f = Fixture::new(store);
     let first = other(&f, "first");
     let second = other(&f, "second");
     let id = f.ledger.create_run(RunSpec::new("job")).unwrap();
@@ -112,9 +110,8 @@ fn a_second_adopter_is_refused_with_the_first_named() {
     ));
 }
 
-#[test]
-fn only_created_runs_can_be_adopted() {
-    let f = fixture();
+fn only_created_runs_can_be_adopted(store: Store) {
+    let f = Fixture::new(store);
     let thief = other(&f, "thief");
     let run = f.ledger.begin_run(RunSpec::new("mine").queued()).unwrap();
     assert!(matches!(
@@ -135,9 +132,8 @@ fn only_created_runs_can_be_adopted() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn an_unadopted_run_fails_after_its_deadline_and_not_before() {
-    let f = fixture();
+fn an_unadopted_run_fails_after_its_deadline_and_not_before(store: Store) {
+    let f = Fixture::new(store);
     let worker = other(&f, "worker");
     let id = f
         .ledger
@@ -186,9 +182,8 @@ fn an_unadopted_run_fails_after_its_deadline_and_not_before() {
     assert_eq!(f.ledger.run(id).unwrap().status, RunStatus::Failed);
 }
 
-#[test]
-fn a_late_adopter_fails_the_run_itself_even_before_a_reaper_pass() {
-    let f = fixture();
+fn a_late_adopter_fails_the_run_itself_even_before_a_reaper_pass(store: Store) {
+    let f = Fixture::new(store);
     let worker = other(&f, "worker");
     let id = f
         .ledger
@@ -206,13 +201,13 @@ fn a_late_adopter_fails_the_run_itself_even_before_a_reaper_pass() {
     assert!(record.error.unwrap().starts_with("not adopted within 10s"));
 }
 
-#[test]
-fn an_adopted_run_is_reaped_with_its_adopter() {
-    let f = fixture();
+fn an_adopted_run_is_reaped_with_its_adopter(store: Store) {
+    let f = Fixture::new(store);
     // A worker on another host, so that its lease judges it and one
     // process can play both (real processes and kill -9:
     // handoff_processes.rs).
-    let worker = Ledger::builder(f.dir.path().join("ledger.db"))
+    let worker = f
+        .builder()
         .clock(f.clock.clone())
         .host("elsewhere")
         .background(false)
@@ -234,9 +229,8 @@ fn an_adopted_run_is_reaped_with_its_adopter() {
     f.ledger.try_lock("resource").unwrap().release().unwrap();
 }
 
-#[test]
-fn a_queued_adoption_takes_its_locks_before_it_starts() {
-    let f = fixture();
+fn a_queued_adoption_takes_its_locks_before_it_starts(store: Store) {
+    let f = Fixture::new(store);
     let worker = other(&f, "worker");
     let id = f.ledger.create_run(RunSpec::new("exec-like")).unwrap();
     let held = f.ledger.lock("gpu").unwrap();
@@ -257,9 +251,8 @@ fn a_queued_adoption_takes_its_locks_before_it_starts() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn an_unadopted_run_can_be_cancelled_and_is_listed_as_queued() {
-    let f = fixture();
+fn an_unadopted_run_can_be_cancelled_and_is_listed_as_queued(store: Store) {
+    let f = Fixture::new(store);
     let id = f.ledger.create_run(RunSpec::new("maybe")).unwrap();
     let queued = f.ledger.runs(RunFilter::default().active()).unwrap();
     assert_eq!(queued.len(), 1);
@@ -285,9 +278,8 @@ fn an_unadopted_run_can_be_cancelled_and_is_listed_as_queued() {
     assert_eq!(f.ledger.run(id).unwrap().status, RunStatus::Cancelled);
 }
 
-#[test]
-fn a_created_run_is_checked_like_a_begun_one() {
-    let f = fixture();
+fn a_created_run_is_checked_like_a_begun_one(store: Store) {
+    let f = Fixture::new(store);
     assert!(
         f.ledger
             .create_run(RunSpec::new(""))
@@ -302,9 +294,8 @@ fn a_created_run_is_checked_like_a_begun_one() {
     }
 }
 
-#[test]
-fn an_adoption_deadline_of_zero_is_refused_and_a_huge_one_is_a_century() {
-    let f = fixture();
+fn an_adoption_deadline_of_zero_is_refused_and_a_huge_one_is_a_century(store: Store) {
+    let f = Fixture::new(store);
     let e = f
         .ledger
         .create_run(RunSpec::new("never").adopt_within(Duration::ZERO))
@@ -341,3 +332,16 @@ fn an_adoption_deadline_of_zero_is_refused_and_a_huge_one_is_a_century() {
     f.ledger.runs(RunFilter::default().active()).unwrap();
     run.succeed().unwrap();
 }
+
+on_both_stores!(
+    a_created_run_is_owned_by_nobody_until_adopted_then_by_the_adopter,
+    a_second_adopter_is_refused_with_the_first_named,
+    only_created_runs_can_be_adopted,
+    an_unadopted_run_fails_after_its_deadline_and_not_before,
+    a_late_adopter_fails_the_run_itself_even_before_a_reaper_pass,
+    an_adopted_run_is_reaped_with_its_adopter,
+    a_queued_adoption_takes_its_locks_before_it_starts,
+    an_unadopted_run_can_be_cancelled_and_is_listed_as_queued,
+    a_created_run_is_checked_like_a_begun_one,
+    an_adoption_deadline_of_zero_is_refused_and_a_huge_one_is_a_century,
+);

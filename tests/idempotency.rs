@@ -2,12 +2,11 @@
 
 mod common;
 
-use common::{finish, fixture, instant_in, spawn_worker};
+use common::{Fixture, Store, finish, instant_in, spawn_worker};
 use runledger::{Error, RunFilter, RunSpec, RunStatus};
 
-#[test]
-fn a_second_active_run_with_the_key_is_refused() {
-    let f = fixture();
+fn a_second_active_run_with_the_key_is_refused(store: Store) {
+    let f = Fixture::new(store);
     let spec = RunSpec::new("sync").idempotency_key("sync:2026-11-22");
     let first = f.ledger.begin_run(spec.clone()).unwrap();
     let first_id = first.id();
@@ -39,9 +38,8 @@ fn a_second_active_run_with_the_key_is_refused() {
     again.succeed().unwrap();
 }
 
-#[test]
-fn different_keys_do_not_collide() {
-    let f = fixture();
+fn different_keys_do_not_collide(store: Store) {
+    let f = Fixture::new(store);
     let a = f
         .ledger
         .begin_run(RunSpec::new("x").idempotency_key("a"))
@@ -59,10 +57,9 @@ fn different_keys_do_not_collide() {
 
 /// Six processes begin a run with one key at the same instant: exactly one
 /// starts, and the others are told which run it is.
-#[test]
-fn racing_processes_start_exactly_one_run() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn racing_processes_start_exactly_one_run(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let at = instant_in(400);
     let children: Vec<_> = (0..6)
         .map(|_| {
@@ -92,3 +89,9 @@ fn racing_processes_start_exactly_one_run() {
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].status, RunStatus::Succeeded);
 }
+
+on_both_stores!(
+    a_second_active_run_with_the_key_is_refused,
+    different_keys_do_not_collide,
+    racing_processes_start_exactly_one_run,
+);

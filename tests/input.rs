@@ -2,12 +2,11 @@
 
 mod common;
 
-use common::fixture;
+use common::{Fixture, Store};
 use runledger::{Error, Ledger, RunSpec};
 
-#[test]
-fn bad_names_sources_and_keys_are_refused() {
-    let f = fixture();
+fn bad_names_sources_and_keys_are_refused(store: Store) {
+    let f = Fixture::new(store);
     let long = "n".repeat(257);
     let cases = [
         (RunSpec::new(""), "run name", "must not be empty"),
@@ -40,9 +39,8 @@ fn bad_names_sources_and_keys_are_refused() {
     );
 }
 
-#[test]
-fn metadata_over_the_limit_is_refused_and_the_limit_is_configurable() {
-    let f = fixture();
+fn metadata_over_the_limit_is_refused_and_the_limit_is_configurable(store: Store) {
+    let f = Fixture::new(store);
     let big = serde_json::json!({"blob": "x".repeat(70_000)});
     let err = f
         .ledger
@@ -51,10 +49,7 @@ fn metadata_over_the_limit_is_refused_and_the_limit_is_configurable() {
     assert!(err.is_invalid_input());
     assert!(err.to_string().contains("65536-byte limit"), "{err}");
 
-    let roomy = Ledger::builder(f.dir.path().join("roomy.db"))
-        .max_metadata_bytes(1 << 20)
-        .open()
-        .unwrap();
+    let roomy = f.builder().max_metadata_bytes(1 << 20).open().unwrap();
     let run = roomy
         .begin_run(RunSpec::new("x").metadata(big.clone()))
         .unwrap();
@@ -62,9 +57,8 @@ fn metadata_over_the_limit_is_refused_and_the_limit_is_configurable() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn deeply_nested_and_unicode_metadata_round_trips() {
-    let f = fixture();
+fn deeply_nested_and_unicode_metadata_round_trips(store: Store) {
+    let f = Fixture::new(store);
     let mut value = serde_json::json!("leaf ✓ \u{0}\n");
     for _ in 0..100 {
         value = serde_json::json!({ "n": value });
@@ -77,9 +71,8 @@ fn deeply_nested_and_unicode_metadata_round_trips() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn bad_step_names_are_refused() {
-    let f = fixture();
+fn bad_step_names_are_refused(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     for bad in ["", "tab\there", &"s".repeat(300)] {
         let err = run.step(bad).unwrap_err();
@@ -98,31 +91,34 @@ fn bad_step_names_are_refused() {
     run.succeed().unwrap();
 }
 
-#[cfg(unix)]
-#[test]
-fn a_non_utf8_log_path_is_refused() {
-    use std::os::unix::ffi::OsStrExt;
-    let f = fixture();
-    let path = std::ffi::OsStr::from_bytes(b"logs/\xff.log");
-    let err = f
-        .ledger
-        .begin_run(RunSpec::new("x").log_path(path))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidInput {
-                what: "log path",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+/// Unix only: elsewhere paths need not be bytes.
+fn a_non_utf8_log_path_is_refused(store: Store) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let f = Fixture::new(store);
+        let path = std::ffi::OsStr::from_bytes(b"logs/\xff.log");
+        let err = f
+            .ledger
+            .begin_run(RunSpec::new("x").log_path(path))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidInput {
+                    what: "log path",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = store;
 }
 
-#[test]
-fn huge_failure_reasons_are_truncated_not_refused() {
-    let f = fixture();
+fn huge_failure_reasons_are_truncated_not_refused(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     let id = run.id();
     run.fail("e".repeat(1_000_000)).unwrap();
@@ -152,3 +148,12 @@ fn a_bad_instance_label_is_refused() {
         "{err:?}"
     );
 }
+
+on_both_stores!(
+    a_non_utf8_log_path_is_refused,
+    bad_names_sources_and_keys_are_refused,
+    metadata_over_the_limit_is_refused_and_the_limit_is_configurable,
+    deeply_nested_and_unicode_metadata_round_trips,
+    bad_step_names_are_refused,
+    huge_failure_reasons_are_truncated_not_refused,
+);

@@ -7,11 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::fixture;
+use common::{Fixture, Store};
 use runledger::{Error, Ledger, LockKey, LockMode, LockRequest, LockState, RunSpec, RunStatus};
 
 fn second(f: &common::Fixture) -> Ledger {
-    Ledger::open(f.ledger.path()).unwrap()
+    Ledger::builder_for(&f.location).open().unwrap()
 }
 
 /// Waits (at most 20 s) until `ledger.locks()` satisfies `ready`.
@@ -30,9 +30,8 @@ fn wait_until_locks(ledger: &Ledger, ready: impl Fn(&[runledger::LockRecord]) ->
     }
 }
 
-#[test]
-fn an_exclusive_lock_refuses_others_and_names_the_holder() {
-    let f = fixture();
+fn an_exclusive_lock_refuses_others_and_names_the_holder(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let run = f.ledger.begin_run(RunSpec::new("build")).unwrap();
     let guard = run.lock("build:symbol=AAPL").unwrap();
@@ -71,9 +70,8 @@ fn an_exclusive_lock_refuses_others_and_names_the_holder() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn shared_holders_coexist_and_keep_exclusive_out() {
-    let f = fixture();
+fn shared_holders_coexist_and_keep_exclusive_out(store: Store) {
+    let f = Fixture::new(store);
     let (a, b, c) = (second(&f), second(&f), second(&f));
     let shared = LockRequest::new(["dataset"])
         .mode(LockMode::Shared)
@@ -87,9 +85,8 @@ fn shared_holders_coexist_and_keep_exclusive_out() {
     x.release().unwrap();
 }
 
-#[test]
-fn slots_admit_at_most_n_holders_and_must_agree_on_n() {
-    let f = fixture();
+fn slots_admit_at_most_n_holders_and_must_agree_on_n(store: Store) {
+    let f = Fixture::new(store);
     let ledgers: Vec<Ledger> = (0..3).map(|_| second(&f)).collect();
     let gpu = LockRequest::new(["gpu"]).mode(LockMode::Slots(2)).no_wait();
     let g0 = ledgers[0].acquire(gpu.clone()).unwrap();
@@ -117,9 +114,8 @@ fn slots_admit_at_most_n_holders_and_must_agree_on_n() {
         .unwrap();
 }
 
-#[test]
-fn several_keys_are_taken_all_or_nothing() {
-    let f = fixture();
+fn several_keys_are_taken_all_or_nothing(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let b = other.try_lock("b").unwrap();
     let err = f
@@ -141,9 +137,8 @@ fn several_keys_are_taken_all_or_nothing() {
     }
 }
 
-#[test]
-fn a_conflict_with_only_this_process_fails_at_once() {
-    let f = fixture();
+fn a_conflict_with_only_this_process_fails_at_once(store: Store) {
+    let f = Fixture::new(store);
     let _held = f.ledger.lock("mine").unwrap();
     let err = fails_at_once_as_a_self_conflict(&f.ledger);
     assert!(err.to_string().contains("held by this process"), "{err}");
@@ -156,10 +151,10 @@ fn a_conflict_with_only_this_process_fails_at_once() {
 
 /// The same when the request could wait at the key's gate for long: the
 /// gate is held by this very process, which only the database can tell.
-#[test]
-fn a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate() {
-    let f = fixture();
-    let ledger = Ledger::builder(f.dir.path().join("ledger.db"))
+fn a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate(store: Store) {
+    let f = Fixture::new(store);
+    let ledger = f
+        .builder()
         .queue_after(Duration::from_secs(60))
         .open()
         .unwrap();
@@ -188,9 +183,8 @@ fn fails_at_once_as_a_self_conflict(ledger: &Ledger) -> Error {
     err
 }
 
-#[test]
-fn a_holder_without_a_run_is_named_by_its_process() {
-    let f = fixture();
+fn a_holder_without_a_run_is_named_by_its_process(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let _held = other.lock("plain").unwrap();
     let message = f.ledger.try_lock("plain").unwrap_err().to_string();
@@ -199,9 +193,8 @@ fn a_holder_without_a_run_is_named_by_its_process() {
     assert!(message.contains("(exclusive, for "), "{message}");
 }
 
-#[test]
-fn a_wait_ends_in_a_timeout_and_leaves_the_queue() {
-    let f = fixture();
+fn a_wait_ends_in_a_timeout_and_leaves_the_queue(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let _held = other.lock("busy").unwrap();
     let err = f
@@ -228,9 +221,8 @@ fn a_wait_ends_in_a_timeout_and_leaves_the_queue() {
     assert_eq!(locks[0].state, LockState::Held);
 }
 
-#[test]
-fn a_waiter_is_served_when_the_holder_releases() {
-    let f = fixture();
+fn a_waiter_is_served_when_the_holder_releases(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let held = other.lock("k").unwrap();
     let ledger = f.ledger.clone();
@@ -255,9 +247,8 @@ fn a_waiter_is_served_when_the_holder_releases() {
 
 /// A stream of shared requests must not overtake an exclusive request that
 /// queued before them.
-#[test]
-fn a_queued_exclusive_request_is_not_starved_by_shared_ones() {
-    let f = fixture();
+fn a_queued_exclusive_request_is_not_starved_by_shared_ones(store: Store) {
+    let f = Fixture::new(store);
     let (reader, writer, late) = (second(&f), second(&f), second(&f));
     let shared = LockRequest::new(["table"]).mode(LockMode::Shared);
     let r = reader.acquire(shared.clone().no_wait()).unwrap();
@@ -285,9 +276,8 @@ fn a_queued_exclusive_request_is_not_starved_by_shared_ones() {
     assert!(after.token() > writer_token);
 }
 
-#[test]
-fn tokens_grow_per_key_across_releases_and_handles() {
-    let f = fixture();
+fn tokens_grow_per_key_across_releases_and_handles(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let mut last = 0;
     for i in 0..10 {
@@ -304,16 +294,16 @@ fn tokens_grow_per_key_across_releases_and_handles() {
     assert!(g.token() > last);
     drop(g);
     // ...and a reopened ledger continues from there.
-    let again = Ledger::open(f.ledger.path())
+    let again = Ledger::builder_for(&f.location)
+        .open()
         .unwrap()
         .try_lock("fresh")
         .unwrap();
     assert!(again.token() > last + 1);
 }
 
-#[test]
-fn a_runs_locks_end_with_the_run() {
-    let f = fixture();
+fn a_runs_locks_end_with_the_run(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
     let guard = run.acquire(LockRequest::new(["x", "y"]).no_wait()).unwrap();
@@ -328,9 +318,8 @@ fn a_runs_locks_end_with_the_run() {
     assert!(f.ledger.run(id).unwrap().status.is_terminal());
 }
 
-#[test]
-fn a_finished_run_cannot_take_locks() {
-    let f = fixture();
+fn a_finished_run_cannot_take_locks(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
     f.ledger.cancel(run.id()).unwrap();
     let err = run.lock("late").unwrap_err();
@@ -346,9 +335,8 @@ fn a_finished_run_cannot_take_locks() {
     );
 }
 
-#[test]
-fn a_forced_release_is_recorded_and_the_holder_finds_out() {
-    let f = fixture();
+fn a_forced_release_is_recorded_and_the_holder_finds_out(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let guard = other.lock("stuck").unwrap();
     assert!(guard.is_held().unwrap());
@@ -401,9 +389,8 @@ fn a_forced_release_is_recorded_and_the_holder_finds_out() {
     );
 }
 
-#[test]
-fn locks_lists_holders_and_waiters() {
-    let f = fixture();
+fn locks_lists_holders_and_waiters(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let run = other.begin_run(RunSpec::new("owner")).unwrap();
     let _held = run.acquire(LockRequest::new(["a", "b"]).no_wait()).unwrap();
@@ -443,9 +430,8 @@ fn locks_lists_holders_and_waiters() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn bad_keys_and_requests_are_refused() {
-    let f = fixture();
+fn bad_keys_and_requests_are_refused(store: Store) {
+    let f = Fixture::new(store);
     for bad in ["", " k", "k\n", &"k".repeat(257)] {
         let err = f.ledger.try_lock(bad).unwrap_err();
         assert!(
@@ -479,9 +465,8 @@ fn bad_keys_and_requests_are_refused() {
 
 /// Regression: lock ids were reused after deletion, so a stale guard could
 /// "release" (delete) a later holder's lock of another key.
-#[test]
-fn a_stale_guard_never_touches_a_later_lock() {
-    let f = fixture();
+fn a_stale_guard_never_touches_a_later_lock(store: Store) {
+    let f = Fixture::new(store);
     let (a, b, c) = (second(&f), second(&f), second(&f));
     let stale = a.lock("a").unwrap();
     f.ledger.force_unlock("a", "test").unwrap();
@@ -493,9 +478,8 @@ fn a_stale_guard_never_touches_a_later_lock() {
 
 /// Regression: the guard of a run's lock, dropped after its run ended, used
 /// to delete whatever lock had reused its id.
-#[test]
-fn a_guard_outliving_its_run_never_touches_a_later_lock() {
-    let f = fixture();
+fn a_guard_outliving_its_run_never_touches_a_later_lock(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let run = f.ledger.begin_run(RunSpec::new("job")).unwrap();
     let guard = run.lock("a").unwrap();
@@ -507,9 +491,8 @@ fn a_guard_outliving_its_run_never_touches_a_later_lock() {
 
 /// Regression: ending a run deleted its held rows one by one, handing a
 /// freed key to the run's own queued request, which then stayed held.
-#[test]
-fn a_run_that_ends_leaves_no_lock_behind_even_while_waiting() {
-    let f = fixture();
+fn a_run_that_ends_leaves_no_lock_behind_even_while_waiting(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let run = f.ledger.begin_run(RunSpec::new("job").queued()).unwrap();
     let shared = LockRequest::new(["a"]).mode(LockMode::Shared).no_wait();
@@ -545,9 +528,8 @@ fn a_run_that_ends_leaves_no_lock_behind_even_while_waiting() {
 
 /// Regression: a request for a free key queued behind a waiter that this
 /// very holder blocks, and both waited forever.
-#[test]
-fn a_waiter_held_back_by_my_lock_does_not_block_me() {
-    let f = fixture();
+fn a_waiter_held_back_by_my_lock_does_not_block_me(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let mine = f.ledger.lock("a").unwrap();
     std::thread::scope(|s| {
@@ -568,9 +550,8 @@ fn a_waiter_held_back_by_my_lock_does_not_block_me() {
 
 /// Regression: a release granted queued readers only up to the first one
 /// that did not fit, leaving later ones that fit to the 100 ms poll.
-#[test]
-fn a_release_grants_every_queued_reader_that_fits() {
-    let f = fixture();
+fn a_release_grants_every_queued_reader_that_fits(store: Store) {
+    let f = Fixture::new(store);
     let (holder, m_holder) = (second(&f), second(&f));
     let readers: Vec<Ledger> = (0..3).map(|_| second(&f)).collect();
     let k = holder.lock("k").unwrap();
@@ -613,9 +594,8 @@ fn a_release_grants_every_queued_reader_that_fits() {
 
 /// Regression: a waiter of this same process ahead was reported as a
 /// self-conflict ("waiting would never end") although it would end.
-#[test]
-fn a_queued_request_of_this_process_is_not_a_self_conflict() {
-    let f = fixture();
+fn a_queued_request_of_this_process_is_not_a_self_conflict(store: Store) {
+    let f = Fixture::new(store);
     let other = second(&f);
     let _theirs = other.lock("k").unwrap();
     std::thread::scope(|s| {
@@ -640,3 +620,28 @@ fn a_queued_request_of_this_process_is_not_a_self_conflict() {
         assert!(waiter.join().unwrap().unwrap_err().is_timeout());
     });
 }
+
+on_both_stores!(
+    an_exclusive_lock_refuses_others_and_names_the_holder,
+    shared_holders_coexist_and_keep_exclusive_out,
+    slots_admit_at_most_n_holders_and_must_agree_on_n,
+    several_keys_are_taken_all_or_nothing,
+    a_conflict_with_only_this_process_fails_at_once,
+    a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate,
+    a_holder_without_a_run_is_named_by_its_process,
+    a_wait_ends_in_a_timeout_and_leaves_the_queue,
+    a_waiter_is_served_when_the_holder_releases,
+    a_queued_exclusive_request_is_not_starved_by_shared_ones,
+    tokens_grow_per_key_across_releases_and_handles,
+    a_runs_locks_end_with_the_run,
+    a_finished_run_cannot_take_locks,
+    a_forced_release_is_recorded_and_the_holder_finds_out,
+    locks_lists_holders_and_waiters,
+    bad_keys_and_requests_are_refused,
+    a_stale_guard_never_touches_a_later_lock,
+    a_guard_outliving_its_run_never_touches_a_later_lock,
+    a_run_that_ends_leaves_no_lock_behind_even_while_waiting,
+    a_waiter_held_back_by_my_lock_does_not_block_me,
+    a_release_grants_every_queued_reader_that_fits,
+    a_queued_request_of_this_process_is_not_a_self_conflict,
+);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, finish, fixture, next_line, spawn_worker, wait_for_waiters};
+use common::{Fixture, KillOnDrop, Store, finish, next_line, spawn_worker, wait_for_waiters};
 use runledger::RunSpec;
 
 /// Checks a witness file (lines `enter|exit KEY TOKEN PID MODE`, in the
@@ -62,10 +62,9 @@ fn check_witness(path: &Path) -> usize {
 /// Four processes increment a counter kept in a plain file, 40 times each,
 /// under an exclusive lock: the count is exact and no critical sections
 /// overlap.
-#[test]
-fn an_exclusive_lock_serializes_processes() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn an_exclusive_lock_serializes_processes(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let counter = f.dir.path().join("counter");
     let witness = f.dir.path().join("witness");
     std::fs::write(&counter, "0\n").unwrap();
@@ -95,10 +94,9 @@ fn an_exclusive_lock_serializes_processes() {
     assert!(f.ledger.locks().unwrap().is_empty());
 }
 
-#[test]
-fn slots_and_shared_limits_hold_under_contention() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn slots_and_shared_limits_hold_under_contention(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let witness = f.dir.path().join("witness");
     let critical = |key: &str, mode: &str| {
         let w = witness.to_str().unwrap();
@@ -128,10 +126,9 @@ fn slots_and_shared_limits_hold_under_contention() {
     assert_eq!(check_witness(&witness), 175);
 }
 
-#[test]
-fn waiters_in_other_processes_are_served_first_come_first_served() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn waiters_in_other_processes_are_served_first_come_first_served(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let held = f.ledger.lock("fifo").unwrap();
     let mut waiters = Vec::new();
     for i in 0..3 {
@@ -155,10 +152,9 @@ fn waiters_in_other_processes_are_served_first_come_first_served() {
     );
 }
 
-#[test]
-fn a_waiting_process_times_out_and_leaves_the_queue() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_waiting_process_times_out_and_leaves_the_queue(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let _held = f.ledger.lock("slow").unwrap();
     let line = finish(spawn_worker(&db, &["hold", "slow", "--wait-ms", "200"])).remove(0);
     assert!(line.starts_with("timeout gave up after waiting"), "{line}");
@@ -171,10 +167,9 @@ fn a_waiting_process_times_out_and_leaves_the_queue() {
 
 /// A holder killed with SIGKILL never releases: a process waiting for its
 /// key gets it anyway, without any sweep, and the reclaim is recorded.
-#[test]
-fn the_lock_of_a_killed_holder_passes_to_a_waiting_process() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn the_lock_of_a_killed_holder_passes_to_a_waiting_process(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
     let first: u64 = next_line(&mut holder)
         .strip_prefix("held ")
@@ -212,10 +207,9 @@ fn the_lock_of_a_killed_holder_passes_to_a_waiting_process() {
 
 /// The same: the next acquirer in this process finds the dead holder and
 /// takes the key at once.
-#[test]
-fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let run = f.ledger.begin_run(RunSpec::new("next")).unwrap();
     let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "k", "--forever"]));
     assert!(next_line(&mut holder).starts_with("held "));
@@ -231,9 +225,8 @@ fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer() {
 }
 
 #[cfg(unix)]
-#[test]
-fn a_symlinked_path_shares_the_locks() {
-    let f = fixture();
+fn a_symlinked_path_shares_the_locks(store: Store) {
+    let f = Fixture::new(store);
     let link = f.dir.path().join("link.db");
     std::os::unix::fs::symlink(f.dir.path().join("ledger.db"), &link).unwrap();
     let mut holder = KillOnDrop(spawn_worker(&link, &["hold", "shared-file", "--forever"]));
@@ -247,10 +240,9 @@ fn a_symlinked_path_shares_the_locks() {
 /// A holder in another pid namespace (a container sharing the host name and
 /// the file) cannot be judged by its pid: it must not be reclaimed.
 #[cfg(target_os = "linux")]
-#[test]
-fn a_holder_in_another_pid_namespace_is_not_reclaimed() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_holder_in_another_pid_namespace_is_not_reclaimed(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let unshare = std::process::Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
         .arg(common::worker())
@@ -295,10 +287,9 @@ fn token_of(line: &str) -> u64 {
 /// An exclusive request that finds its key held waits at the key's gate,
 /// out of the queue, for `queue_after`; only then does it take a visible
 /// place in the queue. It is served once the holder lets go either way.
-#[test]
-fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let held = f.ledger.lock("gated").unwrap();
     let spawned = Instant::now();
     let mut waiter = spawn_worker(
@@ -330,10 +321,9 @@ fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue() {
 /// drops its file lock): a request waiting at the gate takes the key, and
 /// reclaims the dead holder's row in its grant, without any sweep and
 /// without waiting for its turn in the queue.
-#[test]
-fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
     let first = token_of(&next_line(&mut holder));
     let mut waiter = spawn_worker(
@@ -372,10 +362,9 @@ fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock() {
 /// waits at a key's gate, and gets it when the key is free again, does not
 /// take the key from a request queued for it before (here one that also
 /// waits for a second key, so that the releaser could not hand it over).
-#[test]
-fn a_request_at_the_gate_never_overtakes_a_queued_one() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_request_at_the_gate_never_overtakes_a_queued_one(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let (k, l) = (f.ledger.lock("k").unwrap(), f.ledger.lock("l").unwrap());
     let first = k.token();
     let mut queued_first = spawn_worker(
@@ -421,3 +410,17 @@ fn a_request_at_the_gate_never_overtakes_a_queued_one() {
     finish(queued_first);
     finish(at_gate);
 }
+
+on_both_stores!(
+    an_exclusive_lock_serializes_processes,
+    slots_and_shared_limits_hold_under_contention,
+    waiters_in_other_processes_are_served_first_come_first_served,
+    a_waiting_process_times_out_and_leaves_the_queue,
+    the_lock_of_a_killed_holder_passes_to_a_waiting_process,
+    a_killed_holders_lock_is_reclaimed_by_the_next_acquirer,
+    a_symlinked_path_shares_the_locks,
+    a_holder_in_another_pid_namespace_is_not_reclaimed,
+    a_request_waits_at_the_gate_then_takes_a_place_in_the_queue,
+    a_request_at_the_gate_of_a_killed_holder_takes_its_lock,
+    a_request_at_the_gate_never_overtakes_a_queued_one,
+);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{T0, fixture};
+use common::{Fixture, Store, T0};
 use runledger::{RunFilter, RunId, RunSpec, RunStatus};
 
 /// Makes runs named `name-i` one second apart, ending each as `end` says.
@@ -31,9 +31,8 @@ fn ids(runs: &[runledger::RunRecord]) -> Vec<i64> {
     runs.iter().map(|r| i64::from(r.id)).collect()
 }
 
-#[test]
-fn runs_are_listed_newest_first_with_every_filter() {
-    let f = fixture();
+fn runs_are_listed_newest_first_with_every_filter(store: Store) {
+    let f = Fixture::new(store);
     let all = seed(&f);
     let n = |i: usize| i64::from(all[i]);
     let list = |filter: RunFilter| ids(&f.ledger.runs(filter).unwrap());
@@ -84,9 +83,8 @@ fn runs_are_listed_newest_first_with_every_filter() {
     assert!(list(RunFilter::default().name("nope")).is_empty());
 }
 
-#[test]
-fn paging_walks_the_whole_history_once() {
-    let f = fixture();
+fn paging_walks_the_whole_history_once(store: Store) {
+    let f = Fixture::new(store);
     let all = seed(&f);
     let mut seen = Vec::new();
     let mut filter = RunFilter::default().limit(4);
@@ -101,9 +99,8 @@ fn paging_walks_the_whole_history_once() {
     assert_eq!(seen, expected);
 }
 
-#[test]
-fn the_default_limit_is_one_hundred() {
-    let f = fixture();
+fn the_default_limit_is_one_hundred(store: Store) {
+    let f = Fixture::new(store);
     for _ in 0..(RunFilter::DEFAULT_LIMIT + 5) {
         f.ledger
             .begin_run(RunSpec::new("many"))
@@ -124,9 +121,8 @@ fn the_default_limit_is_one_hundred() {
     );
 }
 
-#[test]
-fn unknown_ids_are_not_found_everywhere() {
-    let f = fixture();
+fn unknown_ids_are_not_found_everywhere(store: Store) {
+    let f = Fixture::new(store);
     let missing = RunId::from(4242);
     for err in [
         f.ledger.run(missing).unwrap_err(),
@@ -142,9 +138,8 @@ fn unknown_ids_are_not_found_everywhere() {
     }
 }
 
-#[test]
-fn every_timestamp_comes_from_the_injected_clock() {
-    let f = fixture();
+fn every_timestamp_comes_from_the_injected_clock(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("timed")).unwrap();
     let id = run.id();
     f.clock.advance(Duration::from_millis(1500));
@@ -166,3 +161,11 @@ fn every_timestamp_comes_from_the_injected_clock() {
         Some(T0.saturating_add(Duration::from_secs(2)))
     );
 }
+
+on_both_stores!(
+    runs_are_listed_newest_first_with_every_filter,
+    paging_walks_the_whole_history_once,
+    the_default_limit_is_one_hundred,
+    unknown_ids_are_not_found_everywhere,
+    every_timestamp_comes_from_the_injected_clock,
+);

@@ -6,10 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{T0, fixture};
-use runledger::{
-    Error, Ledger, ManualClock, ReapError, ReapReport, Reaped, Reaper, RunSpec, RunStatus,
-};
+use common::{Fixture, Store, T0};
+use runledger::{Error, Ledger, ReapError, ReapReport, Reaped, Reaper, RunSpec, RunStatus};
 
 /// The report of the reaper named `name`.
 fn report<'a>(reports: &'a [ReapReport], name: &str) -> &'a ReapReport {
@@ -22,7 +20,7 @@ fn report<'a>(reports: &'a [ReapReport], name: &str) -> &'a ReapReport {
 /// A ledger that plays another host on the fixture's file and clock, with
 /// no keeper (the test heartbeats it by hand).
 fn remote(f: &common::Fixture, host: &str) -> Ledger {
-    Ledger::builder(f.dir.path().join("ledger.db"))
+    f.builder()
         .clock(f.clock.clone())
         .host(host)
         .background(false)
@@ -30,9 +28,8 @@ fn remote(f: &common::Fixture, host: &str) -> Ledger {
         .unwrap()
 }
 
-#[test]
-fn another_host_lives_while_its_heartbeat_is_fresh_and_is_reaped_after() {
-    let f = fixture();
+fn another_host_lives_while_its_heartbeat_is_fresh_and_is_reaped_after(store: Store) {
+    let f = Fixture::new(store);
     let elsewhere = remote(&f, "elsewhere");
     let run = elsewhere.begin_run(RunSpec::new("remote-job")).unwrap();
     let guard = run.lock("shared-resource").unwrap();
@@ -85,9 +82,8 @@ fn another_host_lives_while_its_heartbeat_is_fresh_and_is_reaped_after() {
     assert_eq!(again.succeed().unwrap(), RunStatus::Succeeded);
 }
 
-#[test]
-fn work_begun_after_being_reaped_belongs_to_a_new_live_instance() {
-    let f = fixture();
+fn work_begun_after_being_reaped_belongs_to_a_new_live_instance(store: Store) {
+    let f = Fixture::new(store);
     let elsewhere = remote(&f, "elsewhere");
     let first = elsewhere.instance_id();
     f.clock.advance(Duration::from_secs(120));
@@ -118,19 +114,16 @@ fn work_begun_after_being_reaped_belongs_to_a_new_live_instance() {
     assert_eq!(third.succeed().unwrap(), RunStatus::Succeeded);
 }
 
-#[test]
-fn leftovers_of_a_closed_instance_are_reaped() {
-    let f = fixture();
+fn leftovers_of_a_closed_instance_are_reaped(store: Store) {
+    let f = Fixture::new(store);
     let other = remote(&f, "elsewhere");
     let run = other.begin_run(RunSpec::new("left")).unwrap();
     let guard = other.lock("left-lock").unwrap();
     // A cleanup that failed halfway: the instance is closed, its work not.
-    let conn = rusqlite::Connection::open(f.dir.path().join("ledger.db")).unwrap();
-    conn.execute(
-        "UPDATE instances SET closed_at = 1, closed_reason = 'cut off mid-close' WHERE id = ?1",
-        [other.instance_id()],
-    )
-    .unwrap();
+    f.sql(&format!(
+        "UPDATE instances SET closed_at = 1, closed_reason = 'cut off mid-close' WHERE id = {}",
+        other.instance_id()
+    ));
     let reports = f.ledger.reap().unwrap();
     assert_eq!(
         report(&reports, "dead-owners").reaped.len(),
@@ -148,10 +141,9 @@ fn leftovers_of_a_closed_instance_are_reaped() {
     assert!(guard.release().unwrap_err().is_lock_lost());
 }
 
-#[test]
-fn hosts_judge_each_other_by_their_last_heartbeat() {
+fn hosts_judge_each_other_by_their_last_heartbeat(store: Store) {
     // Two hosts of their own: each judges the other by the lease only.
-    let f = fixture();
+    let f = Fixture::new(store);
     let a = remote(&f, "host-a");
     let b = remote(&f, "host-b");
     let run = b.begin_run(RunSpec::new("b-job")).unwrap();
@@ -177,12 +169,12 @@ fn hosts_judge_each_other_by_their_last_heartbeat() {
     assert!(run.succeed().unwrap_err().is_invalid_transition());
 }
 
-#[test]
-fn a_wall_clock_jump_reaps_no_live_run_of_this_host() {
-    let f = fixture();
+fn a_wall_clock_jump_reaps_no_live_run_of_this_host(store: Store) {
+    let f = Fixture::new(store);
     // A second instance of this very host (same process, its own instance
     // lock), judged by its process: the clock is never read for it.
-    let other = Ledger::builder(f.dir.path().join("ledger.db"))
+    let other = f
+        .builder()
         .clock(f.clock.clone())
         .background(false)
         .open()
@@ -205,9 +197,8 @@ fn a_wall_clock_jump_reaps_no_live_run_of_this_host() {
     assert_eq!(run.succeed().unwrap(), RunStatus::Succeeded);
 }
 
-#[test]
-fn a_run_that_stops_heartbeating_is_failed_as_hung() {
-    let f = fixture();
+fn a_run_that_stops_heartbeating_is_failed_as_hung(store: Store) {
+    let f = Fixture::new(store);
     let spec = RunSpec::new("crawl").heartbeat_timeout(Duration::from_secs(60));
     let beating = f.ledger.begin_run(spec.clone()).unwrap();
     let silent = f.ledger.begin_run(spec.clone()).unwrap();
@@ -296,9 +287,8 @@ impl Reaper for Archive {
     }
 }
 
-#[test]
-fn a_failing_or_panicking_reaper_does_not_stop_the_others() {
-    let f = fixture();
+fn a_failing_or_panicking_reaper_does_not_stop_the_others(store: Store) {
+    let f = Fixture::new(store);
     f.ledger.register_reaper(Panics);
     f.ledger.register_reaper(Fails);
     f.ledger.register_reaper(Archive);
@@ -330,12 +320,11 @@ fn a_failing_or_panicking_reaper_does_not_stop_the_others() {
     assert_eq!(f.ledger.clone().reap().unwrap().len(), 5);
 }
 
-#[test]
-fn retention_prunes_on_every_pass_only_when_configured() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
-    let ledger = Ledger::builder(dir.path().join("ledger.db"))
-        .clock(clock.clone())
+fn retention_prunes_on_every_pass_only_when_configured(store: Store) {
+    let f = Fixture::new(store);
+    let clock = &f.clock;
+    let ledger = f
+        .builder()
         .retention(Duration::from_secs(7 * 24 * 3600))
         .open()
         .unwrap();
@@ -356,7 +345,6 @@ fn retention_prunes_on_every_pass_only_when_configured() {
     assert_eq!(ledger.run(active.id()).unwrap().status, RunStatus::Running);
     active.succeed().unwrap();
     // The fixture's ledger has no retention: no such pass.
-    let f = fixture();
     assert!(
         f.ledger
             .reap()
@@ -404,3 +392,14 @@ fn lease_settings_are_checked() {
         .open()
         .unwrap();
 }
+
+on_both_stores!(
+    hosts_judge_each_other_by_their_last_heartbeat,
+    retention_prunes_on_every_pass_only_when_configured,
+    another_host_lives_while_its_heartbeat_is_fresh_and_is_reaped_after,
+    work_begun_after_being_reaped_belongs_to_a_new_live_instance,
+    leftovers_of_a_closed_instance_are_reaped,
+    a_wall_clock_jump_reaps_no_live_run_of_this_host,
+    a_run_that_stops_heartbeating_is_failed_as_hung,
+    a_failing_or_panicking_reaper_does_not_stop_the_others,
+);

@@ -4,14 +4,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::fixture;
+use common::{Fixture, Store};
 use runledger::{RunFilter, RunSpec, RunStatus};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-#[test]
-fn prune_deletes_old_finished_runs_with_their_steps_and_events() {
-    let f = fixture();
+fn prune_deletes_old_finished_runs_with_their_steps_and_events(store: Store) {
+    let f = Fixture::new(store);
     let old = f.ledger.begin_run(RunSpec::new("old")).unwrap();
     old.step("s").unwrap().succeed().unwrap();
     let old_id = old.id();
@@ -46,9 +45,8 @@ fn prune_deletes_old_finished_runs_with_their_steps_and_events() {
     still_running.succeed().unwrap();
 }
 
-#[test]
-fn a_run_that_ended_recently_is_kept_however_old_its_start() {
-    let f = fixture();
+fn a_run_that_ended_recently_is_kept_however_old_its_start(store: Store) {
+    let f = Fixture::new(store);
     let long = f.ledger.begin_run(RunSpec::new("long")).unwrap();
     let id = long.id();
     f.clock.advance(30 * DAY);
@@ -64,9 +62,8 @@ fn a_run_that_ended_recently_is_kept_however_old_its_start() {
     assert!(f.ledger.run(id).unwrap_err().is_not_found());
 }
 
-#[test]
-fn prune_works_in_batches_and_never_reuses_ids() {
-    let f = fixture();
+fn prune_works_in_batches_and_never_reuses_ids(store: Store) {
+    let f = Fixture::new(store);
     for _ in 0..1_203 {
         f.ledger
             .begin_run(RunSpec::new("bulk"))
@@ -89,9 +86,8 @@ fn prune_works_in_batches_and_never_reuses_ids() {
     next.succeed().unwrap();
 }
 
-#[test]
-fn prune_forgets_processes_that_closed_long_ago() {
-    let f = fixture();
+fn prune_forgets_processes_that_closed_long_ago(store: Store) {
+    let f = Fixture::new(store);
     let count = |f: &common::Fixture| -> i64 {
         let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
         conn.query_row("SELECT count(*) FROM instances WHERE id > 0", [], |r| {
@@ -113,3 +109,10 @@ fn prune_forgets_processes_that_closed_long_ago() {
     assert_eq!(f.ledger.prune(DAY).unwrap(), 0);
     assert_eq!(count(&f), 1, "only the open instance is left");
 }
+
+on_both_stores!(
+    prune_deletes_old_finished_runs_with_their_steps_and_events,
+    a_run_that_ended_recently_is_kept_however_old_its_start,
+    prune_works_in_batches_and_never_reuses_ids,
+    prune_forgets_processes_that_closed_long_ago,
+);

@@ -5,12 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{T0, finish, fixture, spawn_worker};
+use common::{Fixture, Store, T0, finish, spawn_worker};
 use runledger::{Error, EventKind, RunSpec, RunStatus, StepStatus};
 
-#[test]
-fn a_run_records_what_its_spec_says() {
-    let f = fixture();
+fn a_run_records_what_its_spec_says(store: Store) {
+    let f = Fixture::new(store);
     let parent = f.ledger.begin_run(RunSpec::new("nightly")).unwrap();
     let run = f
         .ledger
@@ -46,9 +45,8 @@ fn a_run_records_what_its_spec_says() {
     parent.succeed().unwrap();
 }
 
-#[test]
-fn the_default_source_is_library_and_metadata_null() {
-    let f = fixture();
+fn the_default_source_is_library_and_metadata_null(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     let r = f.ledger.run(run.id()).unwrap();
     assert_eq!(r.source, "library");
@@ -56,9 +54,8 @@ fn the_default_source_is_library_and_metadata_null() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn each_outcome_ends_the_run_with_its_status() {
-    let f = fixture();
+fn each_outcome_ends_the_run_with_its_status(store: Store) {
+    let f = Fixture::new(store);
     type End = Box<dyn Fn(runledger::Run) -> runledger::Result<RunStatus>>;
     let cases: Vec<(End, RunStatus, Option<i32>, Option<&str>)> = vec![
         (Box::new(|r| r.succeed()), RunStatus::Succeeded, None, None),
@@ -96,9 +93,8 @@ fn each_outcome_ends_the_run_with_its_status() {
     }
 }
 
-#[test]
-fn a_dropped_guard_fails_the_run_with_the_reason() {
-    let f = fixture();
+fn a_dropped_guard_fails_the_run_with_the_reason(store: Store) {
+    let f = Fixture::new(store);
     let id = {
         let run = f.ledger.begin_run(RunSpec::new("early-return")).unwrap();
         run.id()
@@ -108,9 +104,8 @@ fn a_dropped_guard_fails_the_run_with_the_reason() {
     assert_eq!(r.error.as_deref(), Some("dropped without outcome"));
 }
 
-#[test]
-fn a_panic_fails_the_run_as_panicked() {
-    let f = fixture();
+fn a_panic_fails_the_run_as_panicked(store: Store) {
+    let f = Fixture::new(store);
     let ledger = f.ledger.clone();
     let id = std::thread::spawn(move || {
         let run = ledger.begin_run(RunSpec::new("boom")).unwrap();
@@ -132,10 +127,9 @@ fn a_panic_fails_the_run_as_panicked() {
 }
 
 /// A real process that panics with a run open: unwinding closes the run.
-#[test]
-fn a_panicking_process_leaves_its_run_failed() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn a_panicking_process_leaves_its_run_failed(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let out = spawn_worker(&db, &["panic", "crashy"])
         .wait_with_output()
         .unwrap();
@@ -154,9 +148,8 @@ fn a_panicking_process_leaves_its_run_failed() {
     );
 }
 
-#[test]
-fn a_run_that_ended_cannot_end_again_and_stays_as_it_was() {
-    let f = fixture();
+fn a_run_that_ended_cannot_end_again_and_stays_as_it_was(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("job")).unwrap();
     let id = run.id();
     f.ledger.cancel(id).unwrap();
@@ -201,9 +194,8 @@ fn a_run_that_ended_cannot_end_again_and_stays_as_it_was() {
     assert_eq!(f.ledger.events(id).unwrap(), events_before);
 }
 
-#[test]
-fn a_queued_run_starts_then_finishes() {
-    let f = fixture();
+fn a_queued_run_starts_then_finishes(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("waits").queued()).unwrap();
     let r = f.ledger.run(run.id()).unwrap();
     assert_eq!((r.status, r.started_at), (RunStatus::Queued, None));
@@ -219,9 +211,8 @@ fn a_queued_run_starts_then_finishes() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued() {
-    let f = fixture();
+fn a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("waits").queued()).unwrap();
     let id = run.id();
     let err = run.succeed().unwrap_err();
@@ -242,9 +233,8 @@ fn a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued() {
     );
 }
 
-#[test]
-fn steps_aggregate_into_the_final_status() {
-    let f = fixture();
+fn steps_aggregate_into_the_final_status(store: Store) {
+    let f = Fixture::new(store);
     let cases = [
         (&[true, true, true][..], RunStatus::Succeeded, None),
         (
@@ -280,9 +270,8 @@ fn steps_aggregate_into_the_final_status() {
     }
 }
 
-#[test]
-fn progress_shows_the_running_step() {
-    let f = fixture();
+fn progress_shows_the_running_step(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("scan")).unwrap();
     run.step("a").unwrap().succeed().unwrap();
     let b = run.step("b").unwrap();
@@ -298,9 +287,8 @@ fn progress_shows_the_running_step() {
     run.succeed().unwrap();
 }
 
-#[test]
-fn step_names_are_unique_per_run() {
-    let f = fixture();
+fn step_names_are_unique_per_run(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     run.step("s").unwrap().succeed().unwrap();
     let err = run.step("s").unwrap_err();
@@ -314,9 +302,8 @@ fn step_names_are_unique_per_run() {
     other.succeed().unwrap();
 }
 
-#[test]
-fn a_dropped_step_is_failed_and_counts_against_the_run() {
-    let f = fixture();
+fn a_dropped_step_is_failed_and_counts_against_the_run(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     run.step("ok").unwrap().succeed().unwrap();
     drop(run.step("forgotten").unwrap());
@@ -326,9 +313,8 @@ fn a_dropped_step_is_failed_and_counts_against_the_run() {
     assert_eq!(run.succeed().unwrap(), RunStatus::Partial);
 }
 
-#[test]
-fn a_step_left_running_fails_when_its_run_ends() {
-    let f = fixture();
+fn a_step_left_running_fails_when_its_run_ends(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     run.step("done").unwrap().succeed().unwrap();
     std::mem::forget(run.step("leaked").unwrap());
@@ -340,9 +326,8 @@ fn a_step_left_running_fails_when_its_run_ends() {
     assert_eq!(f.ledger.run(id).unwrap().progress.running, 0);
 }
 
-#[test]
-fn a_step_of_a_finished_run_is_refused() {
-    let f = fixture();
+fn a_step_of_a_finished_run_is_refused(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x").queued()).unwrap();
     f.ledger.cancel(run.id()).unwrap();
     let err = run.step("late").unwrap_err();
@@ -358,9 +343,8 @@ fn a_step_of_a_finished_run_is_refused() {
     );
 }
 
-#[test]
-fn every_transition_is_in_the_history_in_order() {
-    let f = fixture();
+fn every_transition_is_in_the_history_in_order(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x").queued()).unwrap();
     let id = run.id();
     f.clock.advance(Duration::from_secs(1));
@@ -426,9 +410,8 @@ fn every_transition_is_in_the_history_in_order() {
     other.succeed().unwrap();
 }
 
-#[test]
-fn records_serialize_to_json() {
-    let f = fixture();
+fn records_serialize_to_json(store: Store) {
+    let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("x")).unwrap();
     let id = run.id();
     run.succeed().unwrap();
@@ -442,10 +425,9 @@ fn records_serialize_to_json() {
     assert_eq!(events[1]["to"], "succeeded");
 }
 
-#[test]
-fn work_across_processes_is_visible_to_all() {
-    let f = fixture();
-    let db = f.dir.path().join("ledger.db");
+fn work_across_processes_is_visible_to_all(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
     let lines = finish(spawn_worker(&db, &["begin", "from-another-process"]));
     let id: runledger::RunId = lines[0].strip_prefix("started ").unwrap().parse().unwrap();
     let r = f.ledger.run(id).unwrap();
@@ -545,3 +527,24 @@ fn a_busy_ledger_is_reported_as_busy_with_its_path() {
         .succeed()
         .unwrap();
 }
+
+on_both_stores!(
+    a_run_records_what_its_spec_says,
+    the_default_source_is_library_and_metadata_null,
+    each_outcome_ends_the_run_with_its_status,
+    a_dropped_guard_fails_the_run_with_the_reason,
+    a_panic_fails_the_run_as_panicked,
+    a_panicking_process_leaves_its_run_failed,
+    a_run_that_ended_cannot_end_again_and_stays_as_it_was,
+    a_queued_run_starts_then_finishes,
+    a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued,
+    steps_aggregate_into_the_final_status,
+    progress_shows_the_running_step,
+    step_names_are_unique_per_run,
+    a_dropped_step_is_failed_and_counts_against_the_run,
+    a_step_left_running_fails_when_its_run_ends,
+    a_step_of_a_finished_run_is_refused,
+    every_transition_is_in_the_history_in_order,
+    records_serialize_to_json,
+    work_across_processes_is_visible_to_all,
+);

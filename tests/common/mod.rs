@@ -9,6 +9,39 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runledger::{Ledger, LockState, ManualClock, Timestamp};
 
+/// Declares each named test, a `fn(Store)`, once per store: `sqlite::NAME`
+/// and `postgres::NAME`, the one conformance suite both stores pass.
+///
+/// The PostgreSQL tests need a server: `RUNLEDGER_PG_URL` (such as
+/// `postgres://postgres@127.0.0.1:5432/postgres`) set when the tests are
+/// built. Without it they are listed as ignored, with a message saying so;
+/// each run creates and drops a schema of its own per test.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::common::Store::Sqlite)
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[test]
+                #[cfg_attr(
+                    not(runledger_pg),
+                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+                )]
+                fn $name() {
+                    super::$name($crate::common::Store::Postgres)
+                }
+            )+
+        }
+    };
+}
+
 /// A fresh ledger with a manual clock: a SQLite file in a temporary folder,
 /// or (see [`Store`]) a schema of its own in the PostgreSQL database of
 /// `RUNLEDGER_PG_URL`, dropped with the fixture.
@@ -98,6 +131,48 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Runs `sql` (statements with no parameters, in the dialect both
+    /// stores share) straight on the ledger's tables: for tests that
+    /// stage a state no API call makes, such as a cleanup cut off halfway.
+    pub fn sql(&self, sql: &str) {
+        match self.store {
+            Store::Sqlite => rusqlite::Connection::open(&self.location)
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+            Store::Postgres => {
+                let guard = self._schema.as_ref().unwrap();
+                let mut client = postgres::Client::connect(&guard.url, postgres::NoTls).unwrap();
+                client
+                    .batch_execute(&format!("SET search_path TO {}; {sql}", guard.name))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+impl Fixture {
+    /// The one integer a query (with no parameters) returns, read straight
+    /// from the ledger's tables.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        match self.store {
+            Store::Sqlite => rusqlite::Connection::open(&self.location)
+                .unwrap()
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap(),
+            Store::Postgres => {
+                let guard = self._schema.as_ref().unwrap();
+                let mut client = postgres::Client::connect(&guard.url, postgres::NoTls).unwrap();
+                client
+                    .batch_execute(&format!("SET search_path TO {}", guard.name))
+                    .unwrap();
+                client.query_one(sql, &[]).unwrap().get(0)
+            }
+        }
+    }
+}
+
 /// A PostgreSQL schema of one test, with a name no other test (of any test
 /// process) uses; dropped with everything in it on drop.
 pub struct SchemaGuard {
@@ -160,8 +235,9 @@ pub fn worker() -> &'static Path {
     })
 }
 
-/// Starts the worker with `args`, stdout piped.
-pub fn spawn_worker(db: &Path, args: &[&str]) -> Child {
+/// Starts the worker on the ledger at `db` (a path, or a
+/// [`Fixture::location`]) with `args`, stdout piped.
+pub fn spawn_worker(db: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Child {
     Command::new(worker())
         .arg(db)
         .args(args)
