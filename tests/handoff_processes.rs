@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, next_line, spawn_worker};
+use common::{KillOnDrop, Place, Store, next_line, spawn_worker};
 use runledger::{EventKind, Ledger, RunId, RunStatus};
 
 /// A process that is not our child (the worker a dispatcher started),
@@ -28,7 +28,7 @@ impl Drop for KillPidOnDrop {
 
 /// Starts `dispatch` with the worker's flags; returns the dispatcher, the
 /// run and the worker's pid.
-fn dispatch(db: &std::path::Path, flags: &[&str]) -> (KillOnDrop, RunId, KillPidOnDrop) {
+fn dispatch(db: &str, flags: &[&str]) -> (KillOnDrop, RunId, KillPidOnDrop) {
     let mut args = vec!["dispatch", "report"];
     args.extend_from_slice(flags);
     let mut dispatcher = KillOnDrop(spawn_worker(db, &args));
@@ -73,12 +73,11 @@ fn adopter(ledger: &Ledger, run: RunId) -> Option<u32> {
         })
 }
 
-#[test]
-fn the_worker_ends_the_run_after_its_creator_exited() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = Ledger::open(&db).unwrap();
-    let (mut creator, run, worker) = dispatch(&db, &["--hold-ms", "1000", "--exit", "3"]);
+fn the_worker_ends_the_run_after_its_creator_exited(store: Store) {
+    let place = Place::new(store);
+    let db = &place.location;
+    let ledger = place.open();
+    let (mut creator, run, worker) = dispatch(db, &["--hold-ms", "1000", "--exit", "3"]);
     // The creator is gone before the worker has finished.
     assert!(creator.wait().unwrap().success());
     assert!(ledger.run(run).unwrap().status.is_active());
@@ -91,13 +90,11 @@ fn the_worker_ends_the_run_after_its_creator_exited() {
     assert_eq!(adopter(&ledger, run), Some(worker.0));
 }
 
-#[test]
-fn the_worker_ends_the_run_after_its_creator_was_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = Ledger::open(&db).unwrap();
-    let (mut creator, run, worker) =
-        dispatch(&db, &["--linger", "--hold-ms", "300", "--exit", "0"]);
+fn the_worker_ends_the_run_after_its_creator_was_killed(store: Store) {
+    let place = Place::new(store);
+    let db = &place.location;
+    let ledger = place.open();
+    let (mut creator, run, worker) = dispatch(db, &["--linger", "--hold-ms", "300", "--exit", "0"]);
     creator.kill().unwrap(); // SIGKILL, right after it started the worker
     creator.wait().unwrap();
     // A reaper pass meanwhile closes the creator's instance, not the run.
@@ -108,12 +105,11 @@ fn the_worker_ends_the_run_after_its_creator_was_killed() {
     assert_eq!(record.pid, worker.0);
 }
 
-#[test]
-fn a_killed_worker_s_run_is_failed_by_the_reaper() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = Ledger::open(&db).unwrap();
-    let (mut creator, run, worker) = dispatch(&db, &["--forever"]);
+fn a_killed_worker_s_run_is_failed_by_the_reaper(store: Store) {
+    let place = Place::new(store);
+    let db = &place.location;
+    let ledger = place.open();
+    let (mut creator, run, worker) = dispatch(db, &["--forever"]);
     assert!(creator.wait().unwrap().success());
     // Adopted and running, then killed.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -150,12 +146,11 @@ fn a_killed_worker_s_run_is_failed_by_the_reaper() {
     );
 }
 
-#[test]
-fn a_watch_in_another_process_sees_each_event_once_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ledger.db");
-    let ledger = Ledger::open(&db).unwrap();
-    let mut watcher = spawn_worker(&db, &["watch-latency", "--count", "50"]);
+fn a_watch_in_another_process_sees_each_event_once_in_order(store: Store) {
+    let place = Place::new(store);
+    let db = &place.location;
+    let ledger = place.open();
+    let mut watcher = spawn_worker(db, &["watch-latency", "--count", "50"]);
     assert_eq!(next_line(&mut watcher), "watching");
     let run = ledger
         .begin_run(runledger::RunSpec::new("emitter"))
@@ -176,3 +171,10 @@ fn a_watch_in_another_process_sees_each_event_once_in_order() {
         .collect();
     assert_eq!(seen, (0..50).collect::<Vec<_>>());
 }
+
+on_both_stores!(
+    the_worker_ends_the_run_after_its_creator_exited,
+    the_worker_ends_the_run_after_its_creator_was_killed,
+    a_killed_worker_s_run_is_failed_by_the_reaper,
+    a_watch_in_another_process_sees_each_event_once_in_order,
+);

@@ -99,17 +99,12 @@ impl Fixture {
 
     /// A fresh ledger on `store` whose clock is `clock`.
     pub fn with_clock(store: Store, clock: ManualClock) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (location, schema) = match store {
-            Store::Sqlite => (
-                dir.path().join("ledger.db").to_str().unwrap().to_owned(),
-                None,
-            ),
-            Store::Postgres => {
-                let guard = SchemaGuard::new();
-                (format!("{}#{}", guard.url, guard.name), Some(guard))
-            }
-        };
+        let Place {
+            dir,
+            location,
+            store,
+            schema,
+        } = Place::new(store);
         let ledger = Ledger::builder_for(&location)
             .clock(clock.clone())
             .open()
@@ -136,40 +131,89 @@ impl Fixture {
     /// stores share) straight on the ledger's tables: for tests that
     /// stage a state no API call makes, such as a cleanup cut off halfway.
     pub fn sql(&self, sql: &str) {
-        match self.store {
-            Store::Sqlite => rusqlite::Connection::open(&self.location)
-                .unwrap()
-                .execute_batch(sql)
-                .unwrap(),
-            Store::Postgres => {
-                let guard = self._schema.as_ref().unwrap();
-                let mut client = postgres::Client::connect(&guard.url, postgres::NoTls).unwrap();
-                client
-                    .batch_execute(&format!("SET search_path TO {}; {sql}", guard.name))
-                    .unwrap();
-            }
-        }
+        raw_sql(self.store, &self.location, sql);
     }
-}
 
-impl Fixture {
     /// The one integer a query (with no parameters) returns, read straight
     /// from the ledger's tables.
     pub fn query_i64(&self, sql: &str) -> i64 {
-        match self.store {
-            Store::Sqlite => rusqlite::Connection::open(&self.location)
-                .unwrap()
-                .query_row(sql, [], |row| row.get(0))
-                .unwrap(),
+        raw_query_i64(self.store, &self.location, sql)
+    }
+}
+
+/// A connection to the schema of a PostgreSQL location (`URL#schema`).
+fn pg_client(location: &str) -> postgres::Client {
+    let (url, schema) = location.rsplit_once('#').unwrap();
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .unwrap();
+    client
+}
+
+/// See [`Fixture::sql`].
+pub fn raw_sql(store: Store, location: &str, sql: &str) {
+    match store {
+        Store::Sqlite => rusqlite::Connection::open(location)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap(),
+        Store::Postgres => pg_client(location).batch_execute(sql).unwrap(),
+    }
+}
+
+/// See [`Fixture::query_i64`].
+pub fn raw_query_i64(store: Store, location: &str, sql: &str) -> i64 {
+    match store {
+        Store::Sqlite => rusqlite::Connection::open(location)
+            .unwrap()
+            .query_row(sql, [], |row| row.get(0))
+            .unwrap(),
+        Store::Postgres => pg_client(location).query_one(sql, &[]).unwrap().get(0),
+    }
+}
+
+/// Where a test's ledger lives, nothing opened yet: a temporary folder for
+/// the SQLite file (and anything else the test writes), and on PostgreSQL a
+/// schema of its own, dropped with the place.
+pub struct Place {
+    pub dir: tempfile::TempDir,
+    /// The ledger's name for [`Ledger::builder_for`] and for workers.
+    pub location: String,
+    pub store: Store,
+    pub schema: Option<SchemaGuard>,
+}
+
+impl Place {
+    pub fn new(store: Store) -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        let (location, schema) = match store {
+            Store::Sqlite => (
+                dir.path().join("ledger.db").to_str().unwrap().to_owned(),
+                None,
+            ),
             Store::Postgres => {
-                let guard = self._schema.as_ref().unwrap();
-                let mut client = postgres::Client::connect(&guard.url, postgres::NoTls).unwrap();
-                client
-                    .batch_execute(&format!("SET search_path TO {}", guard.name))
-                    .unwrap();
-                client.query_one(sql, &[]).unwrap().get(0)
+                let guard = SchemaGuard::new();
+                (format!("{}#{}", guard.url, guard.name), Some(guard))
             }
+        };
+        Place {
+            dir,
+            location,
+            store,
+            schema,
         }
+    }
+
+    /// Settings for a ledger here, with the system clock (as the workers
+    /// have).
+    pub fn builder(&self) -> runledger::Builder {
+        Ledger::builder_for(&self.location)
+    }
+
+    /// A ledger here with default settings.
+    pub fn open(&self) -> Ledger {
+        self.builder().open().unwrap()
     }
 }
 
