@@ -57,7 +57,8 @@ pub(crate) struct ExecArgs {
     no_wait: bool,
 
     /// Where to write the log file (created if missing). Defaults to the
-    /// `logs` folder beside the ledger.
+    /// `logs` folder beside the ledger file (for a ledger on PostgreSQL,
+    /// `$XDG_DATA_HOME/runledger/logs`).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
 
@@ -178,6 +179,8 @@ fn log_file_path(dir: &Path, name: &str) -> PathBuf {
 
 /// What `exec` shares with its signal thread.
 struct Shared {
+    /// The ledger's location as the command gets it in `RUNLEDGER_DB`.
+    location: std::path::PathBuf,
     ledger: Ledger,
     /// The run, once registered (0 before).
     run: AtomicI64,
@@ -194,8 +197,16 @@ struct Shared {
 
 pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     let requests = args.requests()?;
-    let ledger = Ledger::builder(db).label("runledger exec").open()?;
+    let ledger = crate::builder(db).label("runledger exec").open()?;
     let shared = Arc::new(Shared {
+        // What the command is told: a file by its canonical path; a
+        // PostgreSQL ledger by the URL as given (`Ledger::path` drops the
+        // password).
+        location: if crate::is_url(db) {
+            db.to_owned()
+        } else {
+            ledger.path().to_owned()
+        },
         ledger: ledger.clone(),
         run: AtomicI64::new(0),
         child: AtomicI32::new(0),
@@ -212,6 +223,10 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         .unwrap_or_else(|| command_name(&args.command));
     let log_dir = match &args.log_dir {
         Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+        None if crate::is_url(db) => crate::data_home()
+            .ok_or_else(|| "no log folder: pass --log-dir (HOME is not set)".to_owned())?
+            .join("runledger")
+            .join("logs"),
         None => ledger.path().with_file_name("logs"),
     };
     std::fs::create_dir_all(&log_dir)
@@ -238,7 +253,7 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     if !requests.is_empty() {
         spec = spec.queued();
     }
-    let run = match handed_run(&ledger)? {
+    let run = match handed_run(&ledger, db)? {
         Handed::None => ledger.begin_run(spec.log_path(&log_path))?,
         Handed::Outer(parent) => ledger.begin_run(spec.parent(parent).log_path(&log_path))?,
         Handed::Adopt(id) => {
@@ -335,7 +350,7 @@ enum Handed {
 /// `exec` sets it too, for its command to know its run, and marks it as its
 /// own with `RUNLEDGER_EXEC_RUN_ID`: that id is a parent (when it is a run
 /// of this very ledger, as `RUNLEDGER_DB` says), never a run to take.
-fn handed_run(ledger: &Ledger) -> Result<Handed, Failure> {
+fn handed_run(ledger: &Ledger, db_given: &Path) -> Result<Handed, Failure> {
     let Some(text) = std::env::var_os("RUNLEDGER_RUN_ID").filter(|t| !t.is_empty()) else {
         return Ok(Handed::None);
     };
@@ -350,9 +365,15 @@ fn handed_run(ledger: &Ledger) -> Result<Handed, Failure> {
     if std::env::var_os(EXEC_RUN_VAR).as_ref() != Some(&text) {
         return Ok(Handed::Adopt(id));
     }
-    let same_ledger = std::env::var_os("RUNLEDGER_DB")
-        .and_then(|db| std::fs::canonicalize(db).ok())
-        .is_some_and(|db| db == ledger.path());
+    // A file by its canonical path; a PostgreSQL ledger by the URL this
+    // exec was given, which the outer one passed on as it was.
+    let same_ledger = std::env::var_os("RUNLEDGER_DB").is_some_and(|db| {
+        if crate::is_url(Path::new(&db)) {
+            Path::new(&db) == db_given
+        } else {
+            std::fs::canonicalize(db).is_ok_and(|db| db == ledger.path())
+        }
+    });
     Ok(if same_ledger && ledger.run(id).is_ok() {
         Handed::Outer(id)
     } else {
@@ -468,7 +489,7 @@ fn supervise(
     let mut builder = Command::new(&command[0]);
     builder
         .args(&command[1..])
-        .env("RUNLEDGER_DB", shared.ledger.path())
+        .env("RUNLEDGER_DB", &shared.location)
         .env("RUNLEDGER_RUN_ID", run.id().to_string())
         // The same id, marked as this exec's own: an exec in the command sees
         // it is not a run handed to it (see `handed_run`).

@@ -34,7 +34,9 @@ Exit codes: 0 ok, 1 error, 2 usage, 75 lock conflict or wait timed out;
 `exec` exits with its command's code (128 + N if a signal N killed it).
 
 The ledger is --db, else $RUNLEDGER_DB, else
-$XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).";
+$XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).
+A postgres:// URL names a ledger on PostgreSQL, in the schema after a #
+(postgres://app@db.internal/jobs#nightly; default schema runledger).";
 
 /// A crash-safe registry of runs and strict cross-process locks.
 ///
@@ -43,7 +45,7 @@ $XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).";
 #[derive(Debug, Parser)]
 #[command(name = "runledger", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// The ledger file (created if missing).
+    /// The ledger file (created if missing), or a postgres:// URL.
     #[arg(long, global = true, env = "RUNLEDGER_DB", value_name = "PATH")]
     db: Option<PathBuf>,
 
@@ -262,7 +264,15 @@ fn db_path(cli: &Cli) -> Result<PathBuf, Failure> {
     if let Some(db) = &cli.db {
         return Ok(db.clone());
     }
-    let data = std::env::var_os("XDG_DATA_HOME")
+    let data = data_home().ok_or_else(|| {
+        Failure::from("no ledger: pass --db PATH or set RUNLEDGER_DB (HOME is not set)".to_owned())
+    })?;
+    Ok(data.join("runledger").join("ledger.db"))
+}
+
+/// `$XDG_DATA_HOME`, else `~/.local/share`.
+pub(crate) fn data_home() -> Option<PathBuf> {
+    std::env::var_os("XDG_DATA_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .or_else(|| {
@@ -270,12 +280,6 @@ fn db_path(cli: &Cli) -> Result<PathBuf, Failure> {
                 .filter(|h| !h.is_empty())
                 .map(|h| PathBuf::from(h).join(".local/share"))
         })
-        .ok_or_else(|| {
-            Failure::from(
-                "no ledger: pass --db PATH or set RUNLEDGER_DB (HOME is not set)".to_owned(),
-            )
-        })?;
-    Ok(data.join("runledger").join("ledger.db"))
 }
 
 /// Opens an existing ledger for a reading or operator command: a path with
@@ -284,11 +288,25 @@ fn open(path: &std::path::Path) -> Result<Ledger, Failure> {
     open_with(path, |b| b)
 }
 
+/// Whether `--db` names a ledger on PostgreSQL rather than a file.
+pub(crate) fn is_url(db: &std::path::Path) -> bool {
+    db.to_str()
+        .is_some_and(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+}
+
+/// Settings for the ledger `--db` names: a file, or a PostgreSQL URL.
+pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
+    match db.to_str() {
+        Some(location) => Ledger::builder_for(location),
+        None => Ledger::builder(db),
+    }
+}
+
 fn open_with(
     path: &std::path::Path,
     settings: impl FnOnce(runledger::Builder) -> runledger::Builder,
 ) -> Result<Ledger, Failure> {
-    if !path.exists() {
+    if !is_url(path) && !path.exists() {
         return Err(format!(
             "no ledger at {} (check --db or RUNLEDGER_DB; `runledger exec` creates one)",
             path.display()
@@ -297,12 +315,7 @@ fn open_with(
     }
     // A call that lives milliseconds needs no keeper thread. Opening still
     // registers this process and closes what dead processes left.
-    Ok(settings(
-        Ledger::builder(path)
-            .label("runledger-cli")
-            .background(false),
-    )
-    .open()?)
+    Ok(settings(builder(path).label("runledger-cli").background(false)).open()?)
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
