@@ -10,7 +10,7 @@
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--also KEY] [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
 //!     [--host NAME --stale-ms N] [--queue-after-ms N] [--report]
-//! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY
+//! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY [--host NAME]
 //! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
 //! cargo run --example worker -- DB writers --threads N
 //! cargo run --example worker -- DB burst-runs N [--at MS]
@@ -50,7 +50,8 @@
 //! `occupy` begins a run, starts a step it never finishes, takes `--lock`
 //! for the run, prints `occupying RUN TOKEN`, then waits forever in the
 //! queue of `--wait-for`: a process to kill with everything a process can
-//! own in the ledger.
+//! own in the ledger. With `--host`, it plays a process of another host,
+//! which others judge by its heartbeat lease only.
 //! `torture` loops until killed: a run with one to three steps, each step
 //! taking a random request (exclusive or shared on one or two of the keys
 //! `k0`…`k3`, or a slot of `gpu` with 2) and holding it through a short
@@ -312,7 +313,12 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say("released");
         }
         "occupy" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let mut builder = Ledger::builder_for(db);
+            if let Some(host) = flag(args, "--host") {
+                // Plays a process on another host: judged by its lease.
+                builder = builder.host(host);
+            }
+            let ledger = builder.open()?;
             let run = ledger.begin_run(RunSpec::new(arg(2)?).source("worker"))?;
             let step = run.step("forever")?;
             let guard = run.lock(flag(args, "--lock").ok_or("missing --lock")?)?;

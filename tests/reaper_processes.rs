@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Fixture, KillOnDrop, Place, Store, next_line, spawn_worker, wait_for_waiters};
-use runledger::{Ledger, LockState, Reaped, RunId, RunStatus, StepStatus};
+use runledger::{LockState, Reaped, RunId, RunStatus, StepStatus};
 
 /// Starts `occupy`: a run with a step left running, a lock held for the run
 /// (`owned`) and a queue place on `wanted`. Returns the worker, its run and
@@ -127,7 +127,62 @@ fn a_paused_process_is_never_reaped_whatever_the_clock(store: Store) {
     drop((guard, wanted));
 }
 
+/// A process of another host killed while it held a lock and waited in a
+/// queue: nothing here can check its pid, so its lease decides; once it ran
+/// out, one reap frees the lock, removes the queue place and fails the run.
+fn a_process_of_another_host_killed_while_waiting_is_reaped_after_its_lease(store: Store) {
+    // The clock starts at the real time, as the worker's does.
+    let f = Fixture::with_clock(store, runledger::ManualClock::default());
+    let wanted = f.ledger.lock("far-wanted").unwrap();
+    let mut worker = KillOnDrop(spawn_worker(
+        &f.location,
+        &[
+            "occupy",
+            "far",
+            "--lock",
+            "far-owned",
+            "--wait-for",
+            "far-wanted",
+            "--host",
+            "far-away",
+        ],
+    ));
+    let line = next_line(&mut worker);
+    let run: RunId = line
+        .strip_prefix("occupying ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    wait_for_waiters(&f.ledger, 1);
+    worker.kill().unwrap(); // SIGKILL
+    worker.wait().unwrap();
+    // Within its lease it is alive for all this host can tell.
+    let reports = f.ledger.reap().unwrap();
+    assert!(reports.iter().all(|r| r.reaped.is_empty()), "{reports:?}");
+    assert_eq!(f.ledger.run(run).unwrap().status, RunStatus::Running);
+    assert_eq!(f.ledger.locks().unwrap().len(), 3);
+    // Past it, one pass takes everything back.
+    f.clock.advance(Duration::from_secs(61));
+    f.ledger.heartbeat().unwrap();
+    let reports = f.ledger.reap().unwrap();
+    let dead = reports.iter().find(|r| r.reaper == "dead-owners").unwrap();
+    assert!(dead.is_ok(), "{dead}");
+    let record = f.ledger.run(run).unwrap();
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(
+        record.error.as_deref().unwrap().contains("heartbeat stale"),
+        "{record:?}"
+    );
+    let locks = f.ledger.locks().unwrap();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0].key, "far-wanted");
+    assert!(f.ledger.try_lock("far-owned").is_ok());
+    drop(wanted);
+}
+
 on_both_stores!(
+    a_process_of_another_host_killed_while_waiting_is_reaped_after_its_lease,
     one_reap_leaves_nothing_of_a_killed_process_active,
     opening_a_ledger_reaps_the_dead_of_this_host_at_once,
     a_paused_process_is_never_reaped_whatever_the_clock,
