@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{Place, Store, worker};
-use runledger::{Ledger, RunFilter, RunId, RunStatus};
+use runledger::{RunFilter, RunId, RunStatus};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
