@@ -521,6 +521,7 @@ fn redacted(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postgres::fallible_iterator::FallibleIterator;
 
     #[test]
     fn schema_names_are_plain_identifiers() {
@@ -547,6 +548,121 @@ mod tests {
         let name = display_name(&config, "runs");
         assert_eq!(name, "postgres://me@db.example:6543/app#runs");
         assert!(!redacted("postgres://me:secret@db.example/app").contains("secret"));
+    }
+
+    /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.
+    struct TestSchema {
+        url: String,
+        name: String,
+    }
+
+    impl TestSchema {
+        fn new(tag: &str) -> TestSchema {
+            let url = std::env::var("RUNLEDGER_PG_URL").expect("RUNLEDGER_PG_URL");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let name = format!("unit_{tag}_{}_{nanos:x}", std::process::id());
+            TestSchema { url, name }
+        }
+
+        fn store(&self) -> Store {
+            let config = StoreConfig {
+                synchronous: "NORMAL",
+                busy_timeout: Duration::from_secs(5),
+                pool_size: 2,
+                group_commit: false,
+            };
+            Store::open(
+                &self.url,
+                &self.name,
+                &config,
+                Arc::new(crate::clock::SystemClock),
+                true,
+            )
+            .unwrap()
+        }
+
+        fn client(&self) -> Client {
+            Config::from_str(&self.url).unwrap().connect(NoTls).unwrap()
+        }
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            if let Ok(mut client) = Config::from_str(&self.url).unwrap().connect(NoTls) {
+                let _ =
+                    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+            }
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn wake_ups_are_notified_on_commit_only() {
+        let schema = TestSchema::new("notify");
+        let store = schema.store();
+        let mut listener = schema.client();
+        listener
+            .batch_execute(&format!("LISTEN \"{}\"", channel_of(&schema.name)))
+            .unwrap();
+        let failed: Result<()> = store.write(|tx| {
+            tx.wake(&["runledger/rolled-back".to_owned()]);
+            Err(Error::invalid("test", "x", "rolled back"))
+        });
+        assert!(failed.is_err());
+        store
+            .write(|tx| {
+                tx.wake(&["runledger/a".to_owned(), "runledger/b".to_owned()]);
+                Ok(())
+            })
+            .unwrap();
+        let mut heard = Vec::new();
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_secs(2));
+        while let Ok(Some(note)) = iter.next() {
+            heard.push(note.payload().to_owned());
+        }
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        assert!(
+            heard[0].ends_with("\nrunledger/a\nrunledger/b"),
+            "{heard:?}"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn the_listener_wakes_this_hosts_waiters_named_by_other_processes() {
+        let schema = TestSchema::new("listen");
+        let _store = schema.store();
+        let socket = crate::wake::WakeSocket::bind().unwrap();
+        let mut other = schema.client();
+        // Another process's origin: the listener wakes its addresses.
+        let payload = format!("someone-else\n{}", socket.address());
+        other
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&channel_of(&schema.name), &payload],
+            )
+            .unwrap();
+        assert!(socket.wait(Duration::from_secs(5)), "never woken");
+        // This process's own notifications are left alone: the writer woke
+        // them itself.
+        let own = listen::payloads(&[socket.address().to_owned()]);
+        other
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&channel_of(&schema.name), &own[0]],
+            )
+            .unwrap();
+        assert!(!socket.wait(Duration::from_millis(500)), "woken by our own");
     }
 
     #[test]
