@@ -1061,9 +1061,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "lock_forced" => EventKind::LockForced {
             keys: super::locks::parse_keys(&row.get::<_, String>(4)?)?,
         },
-        "adopted" => {
-            crate::store::adopted_event(&json_column(row, 4)?)
-        }
+        "adopted" => crate::store::adopted_event(&json_column(row, 4)?),
         "custom" => {
             return Ok(EventRecord {
                 id: row.get(0)?,
