@@ -25,7 +25,7 @@ use crate::error::Result;
 use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState};
 use crate::reaper::Reaped;
-use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
+use crate::record::{EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, StepStatus};
 
 pub(crate) use sqlite::SCHEMA_VERSION;
@@ -467,6 +467,77 @@ impl<'a> From<&'a InstanceRecord> for Owner<'a> {
 pub(crate) struct InstanceReaped {
     pub reaped: Vec<Reaped>,
     pub wakes: Wakes,
+}
+
+/// The `adopted` event's detail: who adopted the run, as JSON text. Both
+/// stores write it, and read it back with [`adopted_event`].
+pub(crate) fn adopter_json(adopter: &Adopter<'_>) -> String {
+    serde_json::json!({
+        "instance": adopter.instance,
+        "pid": adopter.pid,
+        "host": adopter.host,
+    })
+    .to_string()
+}
+
+/// The event an `adopted` detail ([`adopter_json`]) stands for. A field
+/// that is missing or out of range reads as its default rather than
+/// failing the whole history.
+pub(crate) fn adopted_event(who: &serde_json::Value) -> EventKind {
+    EventKind::Adopted {
+        instance: who["instance"].as_i64().unwrap_or_default(),
+        pid: who["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_default(),
+        host: who["host"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Why a run awaiting adoption failed: it was created at `created` by `pid`
+/// on `host`, and nobody adopted it by `deadline`.
+pub(crate) fn unadopted_reason(
+    created: Timestamp,
+    deadline: Timestamp,
+    pid: u32,
+    host: &str,
+) -> String {
+    let within = deadline.saturating_duration_since(created);
+    format!(
+        "not adopted within {} (created by pid {pid} on {host})",
+        crate::lock::Seconds(within)
+    )
+}
+
+/// The change that starts an adopted run, if it is still queued.
+pub(crate) fn start_if_queued(state: &RunState) -> Result<Option<RunChange>> {
+    Ok(
+        (state.status == RunStatus::Queued).then_some(RunChange::Status {
+            to: RunStatus::Running,
+            exit_code: None,
+            error: None,
+        }),
+    )
+}
+
+/// The change that fails a run nobody adopted, if it is still active.
+pub(crate) fn fail_if_active(state: &RunState, reason: &str) -> Result<Option<RunChange>> {
+    Ok(state.status.is_active().then(|| RunChange::Status {
+        to: RunStatus::Failed,
+        exit_code: None,
+        error: Some(reason.to_owned()),
+    }))
+}
+
+/// The change that fails a hung run, if it is still running.
+pub(crate) fn fail_if_running(state: &RunState, reason: &str) -> Result<Option<RunChange>> {
+    Ok(
+        (state.status == RunStatus::Running).then(|| RunChange::Status {
+            to: RunStatus::Failed,
+            exit_code: None,
+            error: Some(reason.to_owned()),
+        }),
+    )
 }
 
 // Both stores number their migrations alike: a version means the same

@@ -196,6 +196,11 @@ impl Store {
                 watchers.extend(rows.iter().map(|row| row.get::<_, String>(0)));
                 tx.wakes.extend_from_slice(&watchers);
             }
+            // A change may be noted twice (a helper such as `apply_change`
+            // notes the waiters it frees, and its caller may too): one
+            // wake-up per address is enough.
+            tx.wakes.sort_unstable();
+            tx.wakes.dedup();
             for payload in listen::payloads(&tx.wakes) {
                 let channel = self.channel.as_str();
                 tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])?;

@@ -1,100 +1,598 @@
 //! SQL for runs, steps and events (PostgreSQL).
+//!
+//! A port of the SQLite store's `runs.rs`: the same rows, the same event
+//! chains, the same domain calls. Where the two differ, it is because a
+//! PostgreSQL error aborts its transaction: a uniqueness the SQLite store
+//! learns from a failed insert is checked before the insert here, which the
+//! writer lock makes as safe (no other writer can insert in between), and
+//! the unique indexes stay as the backstop.
 
-#![allow(unused_variables)]
+use std::time::Duration;
 
+use postgres::Row;
+
+use super::locks::release_run_locks;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
-use crate::error::Result;
-use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
-use crate::run::{RunChange, RunId, RunState, RunStatus, StepStatus};
+use crate::error::{Error, Result};
+use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
 use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
 
+/// The owner instance of a run awaiting adoption: the row of id 0 that the
+/// schema inserts, which no process is (identity ids start at 1).
+pub(super) const NOBODY: i64 = 0;
+
+/// A value read from the database that the domain does not know (a status
+/// no migration writes, malformed JSON): the storage is damaged, as SQLite's
+/// conversion errors say.
+fn bad_data(what: String) -> Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
+}
+
+fn timestamp(row: &Row, index: usize) -> Result<Timestamp> {
+    Ok(Timestamp::from_millis(row.try_get::<_, i64>(index)?))
+}
+
+fn opt_timestamp(row: &Row, index: usize) -> Result<Option<Timestamp>> {
+    Ok(row
+        .try_get::<_, Option<i64>>(index)?
+        .map(Timestamp::from_millis))
+}
+
+/// A `bigint` column that the domain holds in a narrower integer (pids,
+/// step counts): out of range is damage, never truncated.
+fn narrow<T: TryFrom<i64>>(row: &Row, index: usize) -> Result<T> {
+    let value: i64 = row.try_get(index)?;
+    T::try_from(value).map_err(|_| {
+        let column = row.columns().get(index).map_or("?", |c| c.name());
+        bad_data(format!("{column} {value} is out of range"))
+    })
+}
+
+fn run_status(row: &Row, index: usize) -> Result<RunStatus> {
+    let text: &str = row.try_get(index)?;
+    text.parse()
+        .map_err(|_| bad_data(format!("unknown run status {text:?}")))
+}
+
+fn opt_run_status(row: &Row, index: usize) -> Result<Option<RunStatus>> {
+    match row.try_get::<_, Option<&str>>(index)? {
+        None => Ok(None),
+        Some(_) => run_status(row, index).map(Some),
+    }
+}
+
+fn step_status(row: &Row, index: usize) -> Result<StepStatus> {
+    let text: &str = row.try_get(index)?;
+    StepStatus::parse(text).ok_or_else(|| bad_data(format!("unknown step status {text:?}")))
+}
+
+fn opt_step_status(row: &Row, index: usize) -> Result<Option<StepStatus>> {
+    match row.try_get::<_, Option<&str>>(index)? {
+        None => Ok(None),
+        Some(_) => step_status(row, index).map(Some),
+    }
+}
+
+/// A JSON text column (`null` when NULL).
+fn json_column(row: &Row, index: usize) -> Result<serde_json::Value> {
+    match row.try_get::<_, Option<&str>>(index)? {
+        None => Ok(serde_json::Value::Null),
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| bad_data(format!("column {index} is not JSON: {e}"))),
+    }
+}
+
+/// Appends events to one run's chain (see the schema): each new event points
+/// at the previous one, and the caller stores the last id on the run row in
+/// the same transaction.
+struct Chain {
+    run: RunId,
+    last: Option<i64>,
+    at: Timestamp,
+}
+
+impl Chain {
+    fn append(
+        &mut self,
+        tx: &mut Tx<'_>,
+        kind: &str,
+        step: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<()> {
+        let row = tx.query_one(
+            "INSERT INTO events (run_id, prev_id, at, kind, step, from_status, to_status, message)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             RETURNING id",
+            &[
+                &i64::from(self.run),
+                &self.last,
+                &self.at.as_millis(),
+                &kind,
+                &step,
+                &from,
+                &to,
+                &message,
+            ],
+        )?;
+        self.last = Some(row.try_get(0)?);
+        tx.events_written();
+        Ok(())
+    }
+}
+
+/// The ids of a run's events, newest first, by walking its chain.
+macro_rules! event_chain {
+    () => {
+        "WITH RECURSIVE chain(id) AS (
+             SELECT last_event_id FROM runs WHERE id = $1 AND last_event_id IS NOT NULL
+             UNION ALL
+             SELECT e.prev_id FROM events e JOIN chain c ON e.id = c.id
+             WHERE e.prev_id IS NOT NULL
+         )"
+    };
+}
+
+/// The columns [`run_record`] reads.
+macro_rules! run_select {
+    () => {
+        "SELECT r.id, r.name, r.source, r.status, r.parent_id, r.idempotency_key,
+                r.instance_id, r.pid, r.host, r.exit_code, r.error, r.metadata, r.log_path,
+                r.created_at, r.started_at, r.heartbeat_at, r.finished_at,
+                r.cancel_requested_at, r.steps_total, r.steps_succeeded, r.steps_failed,
+                CASE WHEN r.steps_total > r.steps_succeeded + r.steps_failed THEN
+                    (SELECT s.name FROM steps s
+                     WHERE s.run_id = r.id AND s.status = 'running' ORDER BY s.id DESC LIMIT 1)
+                END,
+                r.adopt_by
+         FROM runs r"
+    };
+}
+
+/// The conditions of [`Store::runs`] after its first: `$1` the statuses,
+/// `$2` the name, `$3` the source, `$4` and `$5` the creation range (each
+/// NULL when not filtered on), `$6` the id to list below, `$7` the limit.
+macro_rules! runs_filter {
+    () => {
+        " AND ($1::text[] IS NULL OR r.status = ANY($1::text[]))
+          AND ($2::text IS NULL OR r.name = $2::text)
+          AND ($3::text IS NULL OR r.source = $3::text)
+          AND ($4::bigint IS NULL OR r.created_at >= $4::bigint)
+          AND ($5::bigint IS NULL OR r.created_at < $5::bigint)
+          AND r.id < $6
+          ORDER BY r.id DESC LIMIT $7"
+    };
+}
+
+/// The status and event-chain head of a run, read in a write transaction.
+pub(super) fn run_head(tx: &mut Tx<'_>, run: RunId) -> Result<(RunStatus, Option<i64>)> {
+    let row = tx
+        .query_opt(
+            "SELECT status, last_event_id FROM runs WHERE id = $1",
+            &[&i64::from(run)],
+        )?
+        .ok_or_else(|| Error::run_not_found(run))?;
+    Ok((run_status(&row, 0)?, row.try_get(1)?))
+}
+
 impl Store {
+    /// Inserts a run and its first event. Refuses a second active run with
+    /// the same idempotency key: checked under the writer lock before the
+    /// insert, so two racing processes cannot both insert (the unique
+    /// partial index stays as the backstop).
+    ///
+    /// `None` if the owning instance is closed (a reaper judged it dead):
+    /// nothing is written, and the caller registers again.
     pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<Option<RunId>> {
-        todo!("PostgreSQL insert_run")
+        self.write(|tx| {
+            let at = tx.now();
+            if !super::instances::is_open(tx, new.instance)? {
+                return Ok(None);
+            }
+            if let Some(parent) = new.parent {
+                ensure_run_exists(tx, parent).map_err(|e| match e {
+                    Error::NotFound { id, .. } => Error::NotFound {
+                        what: "parent run",
+                        id,
+                    },
+                    other => other,
+                })?;
+            }
+            if let Some(key) = new.idempotency_key {
+                // The unique index's own condition, so that the lookup uses
+                // it.
+                let existing = tx.query_opt(
+                    "SELECT id FROM runs
+                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL
+                       AND status IN ('queued','running')",
+                    &[&key],
+                )?;
+                if let Some(row) = existing {
+                    return Err(Error::Duplicate {
+                        key: key.to_owned(),
+                        existing: RunId::from(row.try_get::<_, i64>(0)?),
+                    });
+                }
+            }
+            let started_at = (new.status == RunStatus::Running).then_some(at.as_millis());
+            // A run awaiting its adopter belongs to no instance.
+            let instance = if new.adopt_within.is_some() {
+                NOBODY
+            } else {
+                new.instance
+            };
+            let row = tx.query_one(
+                "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
+                     instance_id, pid, host, metadata, log_path, created_at, started_at,
+                     heartbeat_timeout, hung_at, adopt_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                         $12::bigint + $13::bigint, $11::bigint + $14::bigint)
+                 RETURNING id",
+                &[
+                    &new.name,
+                    &new.source,
+                    &new.status.as_str(),
+                    &new.parent.map(i64::from),
+                    &new.idempotency_key,
+                    &instance,
+                    &i64::from(new.pid),
+                    &new.host,
+                    &new.metadata,
+                    &new.log_path,
+                    &at.as_millis(),
+                    &started_at,
+                    &new.heartbeat_timeout,
+                    &new.adopt_within,
+                ],
+            )?;
+            let id = RunId::from(row.try_get::<_, i64>(0)?);
+            let mut chain = Chain {
+                run: id,
+                last: None,
+                at,
+            };
+            chain.append(tx, "status", None, None, Some(new.status.as_str()), None)?;
+            set_last_event(tx, id, chain.last)?;
+            Ok(Some(id))
+        })
     }
 
-    pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
-        todo!("PostgreSQL set_log_path")
+    /// Applies one transition to a run: reads its state under the writer
+    /// lock, asks `decide` what to change, and writes that change as a
+    /// compare-and-set on the status it was decided from, with its event.
+    ///
+    /// Returns the state that was decided from and the status after.
+    pub(crate) fn update_run(
+        &self,
+        run: RunId,
+        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
+    ) -> Result<(RunState, RunStatus, Wakes)> {
+        self.write(|tx| {
+            let at = tx.now();
+            apply_change(tx, run, at, decide)
+        })
     }
 
-    pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
-        todo!("PostgreSQL insert_event")
-    }
-
-    pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
-        todo!("PostgreSQL events_since")
-    }
-
-    pub(crate) fn add_watcher(&self, instance: i64, address: &str) -> Result<i64> {
-        todo!("PostgreSQL add_watcher")
-    }
-
-    pub(crate) fn remove_watcher(&self, id: i64) -> Result<()> {
-        todo!("PostgreSQL remove_watcher")
-    }
-
-    pub(crate) fn last_event_id(&self) -> Result<i64> {
-        todo!("PostgreSQL last_event_id")
-    }
-
-    pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
-        todo!("PostgreSQL run_heartbeat")
-    }
-
-    pub(crate) fn hung_runs(&self, now: Timestamp, limit: usize) -> Result<Vec<HungRun>> {
-        todo!("PostgreSQL hung_runs")
-    }
-
-    pub(crate) fn cancel_requested(&self, run: RunId) -> Result<bool> {
-        todo!("PostgreSQL cancel_requested")
-    }
-
-    pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
-        todo!("PostgreSQL insert_step")
-    }
-
-    pub(crate) fn run(&self, run: RunId) -> Result<RunRecord> {
-        todo!("PostgreSQL run")
-    }
-
-    pub(crate) fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        todo!("PostgreSQL runs")
-    }
-
-    pub(crate) fn steps(&self, run: RunId) -> Result<Vec<StepRecord>> {
-        todo!("PostgreSQL steps")
-    }
-
-    pub(crate) fn events(&self, run: RunId) -> Result<Vec<EventRecord>> {
-        todo!("PostgreSQL events")
-    }
-
+    /// Hands a run awaiting adoption to `adopter`, in one compare-and-set,
+    /// and starts it if `start`.
+    ///
+    /// A run past its adoption deadline is failed here, as the reaper would
+    /// have, and reported as [`Adoption::Expired`].
     pub(crate) fn adopt_run(
         &self,
         run: RunId,
         adopter: &Adopter<'_>,
         start: bool,
     ) -> Result<Adoption> {
-        todo!("PostgreSQL adopt_run")
+        self.write(|tx| {
+            let at = tx.now();
+            if !super::instances::is_open(tx, adopter.instance)? {
+                return Ok(Adoption::InstanceClosed);
+            }
+            let row = tx
+                .query_opt(
+                    "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = $1",
+                    &[&i64::from(run)],
+                )?
+                .ok_or_else(|| Error::run_not_found(run))?;
+            let status = run_status(&row, 0)?;
+            let adopt_by = opt_timestamp(&row, 1)?;
+            let pid: u32 = narrow(&row, 2)?;
+            let host: String = row.try_get(3)?;
+            let last: Option<i64> = row.try_get(4)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            let Some(deadline) = adopt_by else {
+                return Err(Error::AlreadyOwned { run, pid, host });
+            };
+            if at >= deadline {
+                // Failing it is this transaction's only write: it commits,
+                // and the adopter hears that the run has finished.
+                let (status, _) = fail_unadopted_in(tx, run, deadline, at)?;
+                return Ok(Adoption::Expired(status));
+            }
+            let mut chain = Chain { run, last, at };
+            let who = crate::store::adopter_json(adopter);
+            chain.append(tx, "adopted", Some(&who), None, None, None)?;
+            let changed = tx.execute(
+                "UPDATE runs SET instance_id = $2, pid = $3, host = $4, adopt_by = NULL,
+                     last_event_id = $5
+                 WHERE id = $1 AND adopt_by IS NOT NULL AND status = 'queued'",
+                &[
+                    &i64::from(run),
+                    &adopter.instance,
+                    &i64::from(adopter.pid),
+                    &adopter.host,
+                    &chain.last,
+                ],
+            )?;
+            if changed != 1 {
+                // Cannot happen while the writer lock is held.
+                return Err(Error::AlreadyOwned { run, pid, host });
+            }
+            if start {
+                // queued → running releases nothing: no waiters to wake.
+                apply_change(tx, run, at, crate::store::start_if_queued)?;
+            }
+            Ok(Adoption::Adopted)
+        })
     }
 
-    pub(crate) fn fail_hung(
+    /// Records the log path of an active run.
+    pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
+        self.write(|tx| {
+            let (status, _) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            tx.execute(
+                "UPDATE runs SET log_path = $2 WHERE id = $1",
+                &[&i64::from(run), &path],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Runs whose adoption deadline passed before `now` without an adopter,
+    /// oldest deadline first, at most `limit` (read from the
+    /// `runs_unadopted` index).
+    pub(crate) fn unadopted_runs(
         &self,
-        hung: &HungRun,
-        reason: &str,
-    ) -> Result<Option<(String, Wakes)>> {
-        todo!("PostgreSQL fail_hung")
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(RunId, Timestamp)>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, adopt_by FROM runs
+                 WHERE adopt_by IS NOT NULL AND adopt_by <= $1
+                 ORDER BY adopt_by LIMIT $2",
+                &[&now.as_millis(), &as_limit(limit)],
+            )?
+            .iter()
+            .map(|row| Ok((RunId::from(row.try_get::<_, i64>(0)?), timestamp(row, 1)?)))
+            .collect()
+        })
     }
 
+    /// Fails a run nobody adopted, only if it still awaits adoption with the
+    /// deadline that was judged. Returns its name, the status it was in and
+    /// the reason, if it failed it.
     pub(crate) fn fail_unadopted(
         &self,
         run: RunId,
         deadline: Timestamp,
     ) -> Result<Option<(String, RunStatus, String)>> {
-        todo!("PostgreSQL fail_unadopted")
+        self.write(|tx| {
+            let at = tx.now();
+            let Some(row) = tx.query_opt(
+                "SELECT adopt_by, name, status FROM runs WHERE id = $1",
+                &[&i64::from(run)],
+            )?
+            else {
+                return Ok(None);
+            };
+            let by = opt_timestamp(&row, 0)?;
+            let name: String = row.try_get(1)?;
+            let from = run_status(&row, 2)?;
+            if by == Some(deadline) && from.is_active() {
+                let (_, reason) = fail_unadopted_in(tx, run, deadline, at)?;
+                Ok(Some((name, from, reason)))
+            } else {
+                Ok(None)
+            }
+        })
     }
 
+    /// Appends a custom event to an active run's history.
+    pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
+        self.write(|tx| {
+            let at = tx.now();
+            let (status, last) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            let mut chain = Chain { run, last, at };
+            chain.append(tx, "custom", Some(name), None, None, data)?;
+            set_last_event(tx, run, chain.last)?;
+            Ok(chain.last.unwrap_or_default())
+        })
+    }
+
+    /// Up to `limit` events of every run after event `after`, in commit
+    /// order: a range of the events table's primary key. Event ids are taken
+    /// under the writer lock, so a reader never sees a later id committed
+    /// before an earlier one.
+    pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, run_id, at, kind, step, from_status, to_status, message
+                 FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &as_limit(limit)],
+            )?
+            .iter()
+            .map(event_record)
+            .collect()
+        })
+    }
+
+    /// Registers a watcher of the feed: commits that append events wake
+    /// `address`. Returns the watcher's id.
+    pub(crate) fn add_watcher(&self, instance: i64, address: &str) -> Result<i64> {
+        self.write(|tx| {
+            let row = tx.query_one(
+                "INSERT INTO watchers (instance_id, address) VALUES ($1, $2) RETURNING id",
+                &[&instance, &address],
+            )?;
+            Ok(row.try_get(0)?)
+        })
+    }
+
+    /// Removes a watcher registered by [`add_watcher`](Store::add_watcher).
+    pub(crate) fn remove_watcher(&self, id: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM watchers WHERE id = $1", &[&id])?;
+            Ok(())
+        })
+    }
+
+    /// The id of the newest event, 0 when there is none.
+    pub(crate) fn last_event_id(&self) -> Result<i64> {
+        self.read(|tx| {
+            let row = tx.query_one("SELECT coalesce(max(id), 0) FROM events", &[])?;
+            Ok(row.try_get(0)?)
+        })
+    }
+
+    /// Records a progress heartbeat of a run: a running run's deadline moves
+    /// on by its timeout. Returns the run's status; only a running run is
+    /// changed.
+    pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
+        self.write(|tx| {
+            let at = tx.now();
+            let (status, _) = run_head(tx, run)?;
+            if status == RunStatus::Running {
+                tx.execute(
+                    "UPDATE runs SET heartbeat_at = $2, hung_at = $2::bigint + heartbeat_timeout
+                     WHERE id = $1 AND status = 'running'",
+                    &[&i64::from(run), &at.as_millis()],
+                )?;
+            }
+            Ok(status)
+        })
+    }
+
+    /// Running runs whose heartbeat deadline passed before `now`, oldest
+    /// deadline first, at most `limit` (read from the `runs_hung` index).
+    pub(crate) fn hung_runs(&self, now: Timestamp, limit: usize) -> Result<Vec<HungRun>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, hung_at, heartbeat_timeout, heartbeat_at, started_at FROM runs
+                 WHERE hung_at IS NOT NULL AND hung_at < $1
+                 ORDER BY hung_at LIMIT $2",
+                &[&now.as_millis(), &as_limit(limit)],
+            )?
+            .iter()
+            .map(|row| {
+                let timeout: i64 = row.try_get(2)?;
+                Ok(HungRun {
+                    id: RunId::from(row.try_get::<_, i64>(0)?),
+                    hung_at: timestamp(row, 1)?,
+                    timeout: Duration::from_millis(u64::try_from(timeout).unwrap_or(0)),
+                    last_heartbeat: opt_timestamp(row, 3)?,
+                    started_at: opt_timestamp(row, 4)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Fails a run judged hung, only if it is still running with the
+    /// deadline that was judged (it may have heartbeated or ended since).
+    /// Returns its name, and the waiters its locks go to.
+    pub(crate) fn fail_hung(
+        &self,
+        hung: &HungRun,
+        reason: &str,
+    ) -> Result<Option<(String, Wakes)>> {
+        self.write(|tx| {
+            let at = tx.now();
+            let Some(row) = tx.query_opt(
+                "SELECT hung_at, name FROM runs WHERE id = $1",
+                &[&i64::from(hung.id)],
+            )?
+            else {
+                return Ok(None);
+            };
+            let Some(deadline) = opt_timestamp(&row, 0)? else {
+                return Ok(None);
+            };
+            let name: String = row.try_get(1)?;
+            if deadline != hung.hung_at {
+                return Ok(None);
+            }
+            let (_, to, wakes) = apply_change(tx, hung.id, at, |state| {
+                crate::store::fail_if_running(state, reason)
+            })?;
+            Ok((to == RunStatus::Failed).then_some((name, wakes)))
+        })
+    }
+
+    /// Whether a cancel was requested for the run.
+    pub(crate) fn cancel_requested(&self, run: RunId) -> Result<bool> {
+        self.read(|tx| {
+            let row = tx
+                .query_opt(
+                    "SELECT cancel_requested_at IS NOT NULL FROM runs WHERE id = $1",
+                    &[&i64::from(run)],
+                )?
+                .ok_or_else(|| Error::run_not_found(run))?;
+            Ok(row.try_get(0)?)
+        })
+    }
+
+    /// Starts a step of an active run; returns the step's row id.
+    pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
+        self.write(|tx| {
+            let at = tx.now();
+            let (status, last) = run_head(tx, run)?;
+            if status.is_terminal() {
+                return Err(Error::RunFinished { run, status });
+            }
+            // Checked before the insert: a unique violation would abort the
+            // transaction (the writer lock keeps the check valid).
+            let taken = tx.query_opt(
+                "SELECT 1 FROM steps WHERE run_id = $1 AND name = $2",
+                &[&i64::from(run), &name],
+            )?;
+            if taken.is_some() {
+                return Err(Error::invalid(
+                    "step name",
+                    name,
+                    format!("run {run} already has a step of that name"),
+                ));
+            }
+            let row = tx.query_one(
+                "INSERT INTO steps (run_id, name, status, started_at)
+                 VALUES ($1, $2, 'running', $3)
+                 RETURNING id",
+                &[&i64::from(run), &name, &at.as_millis()],
+            )?;
+            let step: i64 = row.try_get(0)?;
+            let mut chain = Chain { run, last, at };
+            chain.append(tx, "step", Some(name), None, Some("running"), None)?;
+            tx.execute(
+                "UPDATE runs SET steps_total = steps_total + 1, last_event_id = $2 WHERE id = $1",
+                &[&i64::from(run), &chain.last],
+            )?;
+            Ok(step)
+        })
+    }
+
+    /// Ends a running step as `to`.
     pub(crate) fn finish_step(
         &self,
         run: RunId,
@@ -103,38 +601,246 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        todo!("PostgreSQL finish_step")
+        self.write(|tx| {
+            let at = tx.now();
+            let (status, last) = run_head(tx, run)?;
+            let changed = tx.execute(
+                "UPDATE steps SET status = $2, error = $3, finished_at = $4
+                 WHERE id = $1 AND status = 'running'",
+                &[&step, &to.as_str(), &error, &at.as_millis()],
+            )?;
+            if changed == 0 {
+                // Ending a run closes its running steps: the run has ended.
+                return Err(Error::RunFinished { run, status });
+            }
+            let mut chain = Chain { run, last, at };
+            chain.append(
+                tx,
+                "step",
+                Some(name),
+                Some("running"),
+                Some(to.as_str()),
+                error,
+            )?;
+            let (ok, bad): (i64, i64) = if to == StepStatus::Succeeded {
+                (1, 0)
+            } else {
+                (0, 1)
+            };
+            tx.execute(
+                "UPDATE runs SET steps_succeeded = steps_succeeded + $2::bigint,
+                     steps_failed = steps_failed + $3::bigint, last_event_id = $4
+                 WHERE id = $1",
+                &[&i64::from(run), &ok, &bad, &chain.last],
+            )?;
+            Ok(())
+        })
     }
 
+    /// One run with its progress.
+    pub(crate) fn run(&self, run: RunId) -> Result<RunRecord> {
+        self.read(|tx| {
+            let row = tx
+                .query_opt(
+                    concat!(run_select!(), " WHERE r.id = $1"),
+                    &[&i64::from(run)],
+                )?
+                .ok_or_else(|| Error::run_not_found(run))?;
+            run_record(&row)
+        })
+    }
+
+    /// Runs matching `filter`, newest first.
+    ///
+    /// Active runs are read from the `runs_active` index; other filters are
+    /// applied while walking the history newest first, which stops as soon
+    /// as `limit` runs matched. Two fixed statements (statements are cached
+    /// per connection) in which an absent filter is a NULL parameter; the
+    /// walk starts below `before` (or at the top) as an index bound, so a
+    /// page deep in the history does not walk the newer runs again.
+    pub(crate) fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        let statuses: Option<Vec<&str>> = (!filter.statuses.is_empty())
+            .then(|| filter.statuses.iter().map(|s| s.as_str()).collect());
+        let before = filter.before.map_or(i64::MAX, i64::from);
+        let since = filter.since.map(Timestamp::as_millis);
+        let until = filter.until.map(Timestamp::as_millis);
+        let limit = as_limit(filter.limit);
+        let params: [&(dyn postgres::types::ToSql + Sync); 7] = [
+            &statuses,
+            &filter.name,
+            &filter.source,
+            &since,
+            &until,
+            &before,
+            &limit,
+        ];
+        let active_only =
+            !filter.statuses.is_empty() && filter.statuses.iter().all(|s| s.is_active());
+        self.read(|tx| {
+            let rows = if active_only {
+                // The partial index's own condition, verbatim, so that the
+                // planner can use the index.
+                tx.query(
+                    concat!(
+                        run_select!(),
+                        " WHERE r.status IN ('queued','running')",
+                        runs_filter!()
+                    ),
+                    &params,
+                )?
+            } else {
+                tx.query(
+                    concat!(run_select!(), " WHERE true", runs_filter!()),
+                    &params,
+                )?
+            };
+            rows.iter().map(run_record).collect()
+        })
+    }
+
+    /// The steps of a run, in the order they started.
+    pub(crate) fn steps(&self, run: RunId) -> Result<Vec<StepRecord>> {
+        self.read(|tx| {
+            let steps = tx
+                .query(
+                    "SELECT name, status, error, started_at, finished_at
+                     FROM steps WHERE run_id = $1 ORDER BY id",
+                    &[&i64::from(run)],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(StepRecord {
+                        run,
+                        name: row.try_get(0)?,
+                        status: step_status(row, 1)?,
+                        error: row.try_get(2)?,
+                        started_at: timestamp(row, 3)?,
+                        finished_at: opt_timestamp(row, 4)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if steps.is_empty() {
+                ensure_run_exists(tx, run)?;
+            }
+            Ok(steps)
+        })
+    }
+
+    /// The history of a run, in commit order.
+    pub(crate) fn events(&self, run: RunId) -> Result<Vec<EventRecord>> {
+        self.read(|tx| {
+            let events = tx
+                .query(
+                    concat!(
+                        event_chain!(),
+                        " SELECT id, run_id, at, kind, step, from_status, to_status, message
+                          FROM events WHERE id IN (SELECT id FROM chain) ORDER BY id"
+                    ),
+                    &[&i64::from(run)],
+                )?
+                .iter()
+                .map(event_record)
+                .collect::<Result<Vec<_>>>()?;
+            if events.is_empty() {
+                ensure_run_exists(tx, run)?;
+            }
+            Ok(events)
+        })
+    }
+
+    /// One transaction of retention: walks runs oldest first from after
+    /// `after`, looking at up to `batch` of them, and deletes those that ended
+    /// before `cutoff` (with their steps and events).
+    ///
+    /// Returns how many were deleted and where the next batch starts, or
+    /// `None` when the walk reached runs created at or after the cutoff (or
+    /// the end): a run cannot have ended before it was created, so nothing
+    /// past that point qualifies, and a pass never walks the recent history.
+    ///
+    /// The newest run and the run of the newest event are kept, as on
+    /// SQLite. Sequences never hand out an id twice, so PostgreSQL does not
+    /// need it; keeping them makes both stores prune alike.
     pub(crate) fn prune_batch(
         &self,
         cutoff: Timestamp,
         after: i64,
         batch: usize,
     ) -> Result<(usize, Option<i64>)> {
-        todo!("PostgreSQL prune_batch")
-    }
-
-    pub(crate) fn unadopted_runs(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<(RunId, Timestamp)>> {
-        todo!("PostgreSQL unadopted_runs")
-    }
-
-    pub(crate) fn update_run(
-        &self,
-        run: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
-    ) -> Result<(RunState, RunStatus, Wakes)> {
-        todo!("PostgreSQL update_run")
+        self.write(|tx| {
+            let keep = tx
+                .query(
+                    "SELECT max(id) FROM runs
+                     UNION ALL SELECT run_id FROM events WHERE id = (SELECT max(id) FROM events)",
+                    &[],
+                )?
+                .iter()
+                .map(|row| row.try_get::<_, Option<i64>>(0))
+                .filter_map(|id| id.transpose())
+                .collect::<std::result::Result<Vec<i64>, _>>()?;
+            let candidates = tx
+                .query(
+                    "SELECT id, created_at, status, finished_at FROM runs
+                     WHERE id > $1 ORDER BY id LIMIT $2",
+                    &[&after, &as_limit(batch)],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get::<_, i64>(0)?,
+                        timestamp(row, 1)?,
+                        run_status(row, 2)?,
+                        opt_timestamp(row, 3)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut deleted = 0;
+            let mut next = Some(after);
+            for (id, created_at, status, finished_at) in &candidates {
+                if *created_at >= cutoff {
+                    next = None;
+                    break;
+                }
+                next = Some(*id);
+                let ended_before_cutoff = finished_at.is_some_and(|t| t < cutoff);
+                if status.is_terminal() && ended_before_cutoff && !keep.contains(id) {
+                    tx.execute(
+                        concat!(
+                            event_chain!(),
+                            " DELETE FROM events WHERE id IN (SELECT id FROM chain)"
+                        ),
+                        &[id],
+                    )?;
+                    // Its steps go with it (ON DELETE CASCADE).
+                    tx.execute("DELETE FROM runs WHERE id = $1", &[id])?;
+                    deleted += 1;
+                }
+            }
+            if candidates.len() < batch {
+                next = None;
+            }
+            Ok((deleted, next))
+        })
     }
 }
 
-/// The status and event-chain head of a run, read in a write transaction.
-pub(super) fn run_head(tx: &mut Tx<'_>, run: RunId) -> Result<(RunStatus, Option<i64>)> {
-    todo!("PostgreSQL run_head")
+/// A count of rows as a `LIMIT` parameter.
+fn as_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Points a run at the newest event of its chain.
+fn set_last_event(tx: &mut Tx<'_>, run: RunId, last: Option<i64>) -> Result<()> {
+    tx.execute(
+        "UPDATE runs SET last_event_id = $2 WHERE id = $1",
+        &[&i64::from(run), &last],
+    )?;
+    Ok(())
+}
+
+fn ensure_run_exists(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
+    tx.query_opt("SELECT 1 FROM runs WHERE id = $1", &[&i64::from(run)])?
+        .map(drop)
+        .ok_or_else(|| Error::run_not_found(run))
 }
 
 /// Appends one event to a run's history inside the caller's transaction.
@@ -146,16 +852,258 @@ pub(super) fn append_event(
     detail: Option<&str>,
     message: Option<&str>,
 ) -> Result<()> {
-    todo!("PostgreSQL append_event")
+    let (_, last) = run_head(tx, run)?;
+    let mut chain = Chain { run, last, at };
+    chain.append(tx, kind, detail, None, None, message)?;
+    set_last_event(tx, run, chain.last)
+}
+
+/// Fails every step of the chain's run still running (its run is ending);
+/// returns how many, each with its own event.
+fn close_running_steps(tx: &mut Tx<'_>, chain: &mut Chain) -> Result<i64> {
+    // In id order, as SQLite reads them from the `steps_running` index, so
+    // that the events come in the same order on both stores.
+    let running = tx
+        .query(
+            "SELECT id, name FROM steps WHERE run_id = $1 AND status = 'running' ORDER BY id",
+            &[&i64::from(chain.run)],
+        )?
+        .iter()
+        .map(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, String>(1)?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (id, name) in &running {
+        tx.execute(
+            "UPDATE steps SET status = 'failed', error = $2, finished_at = $3
+             WHERE id = $1 AND status = 'running'",
+            &[id, &STEP_LEFT_RUNNING, &chain.at.as_millis()],
+        )?;
+        chain.append(
+            tx,
+            "step",
+            Some(name),
+            Some("running"),
+            Some("failed"),
+            Some(STEP_LEFT_RUNNING),
+        )?;
+    }
+    Ok(i64::try_from(running.len()).unwrap_or(i64::MAX))
 }
 
 /// Applies one transition to a run inside the caller's write transaction:
 /// see [`Store::update_run`].
+///
+/// The waiters that the run's released locks free are noted on `tx` (for
+/// the other hosts, with the commit) and returned (for this host's, which
+/// the caller wakes).
 pub(super) fn apply_change(
     tx: &mut Tx<'_>,
     run: RunId,
     at: Timestamp,
     decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
 ) -> Result<(RunState, RunStatus, Wakes)> {
-    todo!("PostgreSQL apply_change")
+    let row = tx
+        .query_opt(
+            "SELECT status, steps_total, steps_succeeded, steps_failed,
+                    cancel_requested_at IS NOT NULL, last_event_id
+             FROM runs WHERE id = $1",
+            &[&i64::from(run)],
+        )?
+        .ok_or_else(|| Error::run_not_found(run))?;
+    let total: u32 = narrow(&row, 1)?;
+    let succeeded: u32 = narrow(&row, 2)?;
+    let failed: u32 = narrow(&row, 3)?;
+    let state = RunState {
+        status: run_status(&row, 0)?,
+        steps_succeeded: succeeded,
+        steps_failed: failed,
+        steps_running: total.saturating_sub(succeeded.saturating_add(failed)),
+        cancel_requested: row.try_get(4)?,
+    };
+    let last_event: Option<i64> = row.try_get(5)?;
+    let Some(change) = decide(&state)? else {
+        return Ok((state, state.status, Vec::new()));
+    };
+    let mut chain = Chain {
+        run,
+        last: last_event,
+        at,
+    };
+    let (to, changed) = match change {
+        RunChange::Status {
+            to,
+            exit_code,
+            error,
+        } => {
+            let closed = if to.is_terminal() && state.steps_running > 0 {
+                close_running_steps(tx, &mut chain)?
+            } else {
+                0
+            };
+            chain.append(
+                tx,
+                "status",
+                None,
+                Some(state.status.as_str()),
+                Some(to.as_str()),
+                error.as_deref(),
+            )?;
+            let started = (to == RunStatus::Running).then_some(at.as_millis());
+            let finished = to.is_terminal().then_some(at.as_millis());
+            let changed = tx.execute(
+                "UPDATE runs SET status = $3, exit_code = $4, error = $5,
+                     started_at = coalesce(started_at, $6::bigint), finished_at = $7,
+                     steps_failed = steps_failed + $8::bigint, last_event_id = $9,
+                     hung_at = CASE WHEN $3::text = 'running'
+                                    THEN $10::bigint + heartbeat_timeout END,
+                     adopt_by = CASE WHEN $7::bigint IS NULL THEN adopt_by END
+                 WHERE id = $1 AND status = $2",
+                &[
+                    &i64::from(run),
+                    &state.status.as_str(),
+                    &to.as_str(),
+                    &exit_code,
+                    &error,
+                    &started,
+                    &finished,
+                    &closed,
+                    &chain.last,
+                    &at.as_millis(),
+                ],
+            )?;
+            (to, changed)
+        }
+        RunChange::CancelRequest => {
+            chain.append(tx, "cancel_requested", None, None, None, None)?;
+            let changed = tx.execute(
+                "UPDATE runs SET cancel_requested_at = $3, last_event_id = $4
+                 WHERE id = $1 AND status = $2 AND cancel_requested_at IS NULL",
+                &[
+                    &i64::from(run),
+                    &state.status.as_str(),
+                    &at.as_millis(),
+                    &chain.last,
+                ],
+            )?;
+            (state.status, changed)
+        }
+    };
+    if changed != 1 {
+        // Cannot happen while the writer lock is held; refuse rather than
+        // record an event for a change that was not made.
+        return Err(Error::InvalidTransition {
+            run,
+            from: state.status,
+            to,
+        });
+    }
+    // A run's locks and queue places end with it, in this transaction.
+    let wakes = if to.is_terminal() {
+        release_run_locks(tx, run, at)?
+    } else {
+        Vec::new()
+    };
+    tx.wake(&wakes);
+    Ok((state, to, wakes))
+}
+
+/// Fails a run awaiting adoption whose deadline passed, in the caller's
+/// transaction; returns the status it ended in and the reason.
+fn fail_unadopted_in(
+    tx: &mut Tx<'_>,
+    run: RunId,
+    deadline: Timestamp,
+    at: Timestamp,
+) -> Result<(RunStatus, String)> {
+    let row = tx.query_one(
+        "SELECT created_at, pid, host FROM runs WHERE id = $1",
+        &[&i64::from(run)],
+    )?;
+    let created = timestamp(&row, 0)?;
+    let pid: u32 = narrow(&row, 1)?;
+    let host: &str = row.try_get(2)?;
+    let reason = crate::store::unadopted_reason(created, deadline, pid, host);
+    let (_, to, _) = apply_change(tx, run, at, |state| {
+        crate::store::fail_if_active(state, &reason)
+    })?;
+    Ok((to, reason))
+}
+
+fn run_record(row: &Row) -> Result<RunRecord> {
+    let total: u32 = narrow(row, 18)?;
+    let succeeded: u32 = narrow(row, 19)?;
+    let failed: u32 = narrow(row, 20)?;
+    Ok(RunRecord {
+        id: RunId::from(row.try_get::<_, i64>(0)?),
+        name: row.try_get(1)?,
+        source: row.try_get(2)?,
+        status: run_status(row, 3)?,
+        parent: row.try_get::<_, Option<i64>>(4)?.map(RunId::from),
+        idempotency_key: row.try_get(5)?,
+        instance: row.try_get(6)?,
+        pid: narrow(row, 7)?,
+        host: row.try_get(8)?,
+        exit_code: row.try_get(9)?,
+        error: row.try_get(10)?,
+        metadata: json_column(row, 11)?,
+        log_path: row.try_get::<_, Option<String>>(12)?.map(Into::into),
+        created_at: timestamp(row, 13)?,
+        started_at: opt_timestamp(row, 14)?,
+        heartbeat_at: opt_timestamp(row, 15)?,
+        finished_at: opt_timestamp(row, 16)?,
+        cancel_requested_at: opt_timestamp(row, 17)?,
+        adopt_by: opt_timestamp(row, 22)?,
+        progress: Progress {
+            total,
+            succeeded,
+            failed,
+            running: total.saturating_sub(succeeded.saturating_add(failed)),
+            current: row.try_get(21)?,
+        },
+    })
+}
+
+fn event_record(row: &Row) -> Result<EventRecord> {
+    let id: i64 = row.try_get(0)?;
+    let run = RunId::from(row.try_get::<_, i64>(1)?);
+    let at = timestamp(row, 2)?;
+    let kind = match row.try_get::<_, &str>(3)? {
+        "status" => EventKind::Status {
+            from: opt_run_status(row, 5)?,
+            to: run_status(row, 6)?,
+        },
+        "step" => EventKind::Step {
+            step: row.try_get(4)?,
+            from: opt_step_status(row, 5)?,
+            to: step_status(row, 6)?,
+        },
+        "cancel_requested" => EventKind::CancelRequested,
+        "lock_forced" => {
+            let keys: &str = row.try_get(4)?;
+            EventKind::LockForced {
+                keys: serde_json::from_str(keys)
+                    .map_err(|e| bad_data(format!("lock keys are not a JSON list: {e}")))?,
+            }
+        }
+        "adopted" => crate::store::adopted_event(&json_column(row, 4)?),
+        "custom" => {
+            return Ok(EventRecord {
+                id,
+                run,
+                at,
+                kind: EventKind::Custom {
+                    name: row.try_get(4)?,
+                    data: json_column(row, 7)?,
+                },
+                message: None,
+            });
+        }
+        other => return Err(bad_data(format!("unknown event kind {other:?}"))),
+    };
+    Ok(EventRecord {
+        id,
+        run,
+        at,
+        kind,
+        message: row.try_get(7)?,
+    })
 }

@@ -323,12 +323,7 @@ impl Store {
                 return Ok(Adoption::Expired(status));
             }
             let mut chain = Chain { run, last, at };
-            let who = serde_json::json!({
-                "instance": adopter.instance,
-                "pid": adopter.pid,
-                "host": adopter.host,
-            })
-            .to_string();
+            let who = crate::store::adopter_json(adopter);
             chain.append(tx, "adopted", Some(&who), None, None, None)?;
             let changed = tx
                 .prepare_cached(
@@ -343,15 +338,7 @@ impl Store {
             }
             if start {
                 // queued → running releases nothing: no waiters to wake.
-                apply_change(tx, run, at, |state| {
-                    Ok(
-                        (state.status == RunStatus::Queued).then_some(RunChange::Status {
-                            to: RunStatus::Running,
-                            exit_code: None,
-                            error: None,
-                        }),
-                    )
-                })?;
+                apply_change(tx, run, at, crate::store::start_if_queued)?;
             }
             Ok(Adoption::Adopted)
         })
@@ -525,13 +512,7 @@ impl Store {
                 return Ok(None);
             }
             let (_, to, wakes) = apply_change(tx, hung.id, at, |state| {
-                Ok(
-                    (state.status == RunStatus::Running).then(|| RunChange::Status {
-                        to: RunStatus::Failed,
-                        exit_code: None,
-                        error: Some(reason.to_owned()),
-                    }),
-                )
+                crate::store::fail_if_running(state, reason)
             })?;
             Ok((to == RunStatus::Failed).then_some((name, wakes)))
         })
@@ -991,17 +972,9 @@ fn fail_unadopted_in(
     let (created, pid, host): (Timestamp, u32, String) = tx
         .prepare_cached("SELECT created_at, pid, host FROM runs WHERE id = ?1")?
         .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-    let within = deadline.saturating_duration_since(created);
-    let reason = format!(
-        "not adopted within {} (created by pid {pid} on {host})",
-        crate::lock::Seconds(within)
-    );
+    let reason = crate::store::unadopted_reason(created, deadline, pid, &host);
     let (_, to, _) = apply_change(tx, run, at, |state| {
-        Ok(state.status.is_active().then_some(RunChange::Status {
-            to: RunStatus::Failed,
-            exit_code: None,
-            error: Some(reason.clone()),
-        }))
+        crate::store::fail_if_active(state, &reason)
     })?;
     Ok((to, reason))
 }
@@ -1088,17 +1061,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "lock_forced" => EventKind::LockForced {
             keys: super::locks::parse_keys(&row.get::<_, String>(4)?)?,
         },
-        "adopted" => {
-            let who: serde_json::Value = json_column(row, 4)?;
-            EventKind::Adopted {
-                instance: who["instance"].as_i64().unwrap_or_default(),
-                pid: who["pid"]
-                    .as_u64()
-                    .and_then(|p| u32::try_from(p).ok())
-                    .unwrap_or_default(),
-                host: who["host"].as_str().unwrap_or_default().to_owned(),
-            }
-        }
+        "adopted" => crate::store::adopted_event(&json_column(row, 4)?),
         "custom" => {
             return Ok(EventRecord {
                 id: row.get(0)?,
