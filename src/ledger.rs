@@ -300,9 +300,8 @@ impl Builder {
     /// The clock that stamps every record. Defaults to [`SystemClock`]; tests
     /// inject a [`ManualClock`](crate::ManualClock).
     ///
-    /// On PostgreSQL the ledger's time is the server's (see
-    /// [`Ledger::builder_postgres`]): a clock given here is anchored to the
-    /// server's time at open, and from then on moves as it moves.
+    /// On PostgreSQL the ledger's time is otherwise the server's (see
+    /// [`Ledger::builder_postgres`]); a clock given here replaces it.
     pub fn clock(mut self, clock: impl Clock) -> Builder {
         self.clock = Arc::new(clock);
         self.clock_given = true;
@@ -664,8 +663,9 @@ impl Ledger {
     ///
     /// - **Time is the server's.** Timestamps, leases and staleness follow
     ///   the database server's clock: each process measures its offset to
-    ///   it at open and at every heartbeat, so hosts whose clocks disagree
-    ///   still agree on when a lease ran out.
+    ///   it at open and at every heartbeat (within half a round trip), so
+    ///   hosts whose clocks disagree still agree on when a lease ran out.
+    ///   (A clock given to [`Builder::clock`] replaces it, for tests.)
     /// - **Liveness.** A process on the same host (same boot, same pid
     ///   namespace) is judged by its pid and start time, as on SQLite;
     ///   processes on other hosts by their heartbeat lease

@@ -73,8 +73,8 @@ impl Store {
     /// Opens the store at `location`, applying pending migrations.
     ///
     /// `clock` is the builder's; `given` says whether the user gave it (a
-    /// PostgreSQL store then anchors it to the server's time once, instead
-    /// of following the server).
+    /// PostgreSQL store then uses it as it is, instead of following the
+    /// server's clock).
     pub(crate) fn open(
         location: &Location,
         config: &StoreConfig,

@@ -75,7 +75,12 @@ pub(crate) struct Store {
     begin: String,
     /// The channel of the schema's wake-ups.
     channel: String,
-    clock: Arc<ServerClock>,
+    /// The ledger's clock: the server's time ([`ServerClock`]), unless the
+    /// builder was given a clock.
+    clock: Arc<dyn Clock>,
+    /// The server's clock as this process follows it, when it is the
+    /// ledger's clock.
+    server_clock: Option<Arc<ServerClock>>,
     /// Stops this store's listener when the store is dropped.
     _listener: listen::Listener,
 }
@@ -92,8 +97,9 @@ impl Store {
     /// Connects to the database at `url`, creates `schema` if needed and
     /// applies pending migrations under a session advisory lock.
     ///
-    /// `clock` is the local clock the ledger was given; the store's clock
-    /// ([`Store::clock`]) follows the server's.
+    /// With `follow_server`, the store's clock ([`Store::clock`]) is the
+    /// server's, followed with the system clock; else it is `clock`, the
+    /// one the builder was given.
     pub(crate) fn open(
         url: &str,
         schema: &str,
@@ -114,7 +120,18 @@ impl Store {
         };
         let mut setup = pg.connect(NoTls).map_err(connect_error)?;
         schema::prepare(&mut setup, schema, &name)?;
-        let clock = Arc::new(ServerClock::anchored(&mut setup, clock, follow_server)?);
+        let server_clock = if follow_server {
+            Some(Arc::new(ServerClock::anchored(
+                &mut setup,
+                Arc::new(crate::clock::SystemClock),
+            )?))
+        } else {
+            None
+        };
+        let clock: Arc<dyn Clock> = match &server_clock {
+            Some(server) => server.clone(),
+            None => clock,
+        };
         drop(setup);
 
         let manager = Manager {
@@ -148,6 +165,7 @@ impl Store {
             ),
             channel,
             clock,
+            server_clock,
             name,
             _listener: listener,
         })
@@ -158,8 +176,8 @@ impl Store {
         &self.name
     }
 
-    /// The clock of this ledger: the server's time, as this process follows
-    /// it.
+    /// The clock of this ledger: the server's time as this process follows
+    /// it, or the clock the builder was given.
     pub(crate) fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
     }
@@ -230,10 +248,10 @@ impl Store {
     /// Measures the offset to the server's clock again (see
     /// [`ServerClock`]), on a pooled connection.
     fn follow_server_clock(&self) {
-        if self.clock.follow
+        if let Some(server) = &self.server_clock
             && let Ok(mut conn) = self.pool.get()
         {
-            self.clock.follow(&mut conn);
+            server.follow(&mut conn);
         }
     }
 
@@ -377,8 +395,8 @@ impl Drop for Tx<'_> {
     }
 }
 
-/// The ledger's time: the database server's clock, as this process follows
-/// it.
+/// The ledger's time on PostgreSQL: the database server's clock, as this
+/// process follows it.
 ///
 /// Leases and staleness compare timestamps written by processes of many
 /// hosts, so they must come from one clock: the server's. Reading it in
@@ -386,29 +404,26 @@ impl Drop for Tx<'_> {
 /// so each process measures its offset to the server instead: at open, it
 /// reads `clock_timestamp()` and takes the middle of the round trip as the
 /// moment the server read it (an error of at most half a round trip), then
-/// stamps with its own clock plus that offset. With the default clock, the
-/// offset is measured again at every instance heartbeat, so a host's clock
-/// that is wrong by hours, or stepped meanwhile, never shifts its
-/// timestamps by more than its drift between two heartbeats.
+/// stamps with its own clock plus that offset. The offset is measured again
+/// at every instance heartbeat, so a host's clock that is wrong by hours, or
+/// stepped meanwhile, never shifts its timestamps by more than its drift
+/// between two heartbeats.
 ///
 /// A clock given to the builder ([`Builder::clock`](crate::Builder::clock),
-/// tests) is only anchored at open: from then on the ledger's time moves as
-/// that clock moves, so a test can still move it by hand.
+/// tests) replaces this one: the ledger then stamps and judges with it, as
+/// on SQLite.
 #[derive(Debug)]
 pub(crate) struct ServerClock {
     local: Arc<dyn Clock>,
     /// Server time minus local time, in ms.
     offset: AtomicI64,
-    /// Measure the offset again at every heartbeat.
-    follow: bool,
 }
 
 impl ServerClock {
-    fn anchored(client: &mut Client, local: Arc<dyn Clock>, follow: bool) -> Result<ServerClock> {
+    fn anchored(client: &mut Client, local: Arc<dyn Clock>) -> Result<ServerClock> {
         let clock = ServerClock {
             local,
             offset: AtomicI64::new(0),
-            follow,
         };
         clock.measure(client)?;
         Ok(clock)
@@ -668,6 +683,40 @@ mod tests {
             )
             .unwrap();
         assert!(!socket.wait(Duration::from_millis(500)), "woken by our own");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn a_host_clock_hours_off_still_stamps_the_servers_time() {
+        let schema = TestSchema::new("clock");
+        let mut client = schema.client();
+        let server_now = |client: &mut Client| -> i64 {
+            client
+                .query_one(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        };
+        // This host's clock is an hour fast.
+        let local = crate::clock::ManualClock::new(Timestamp::from_millis(
+            crate::clock::SystemClock.now().as_millis() + 3_600_000,
+        ));
+        let clock = ServerClock::anchored(&mut client, Arc::new(local.clone())).unwrap();
+        let off = clock.now().as_millis() - server_now(&mut client);
+        assert!(off.abs() < 2_000, "{off} ms from the server's clock");
+        // Its time moves as the local clock moves...
+        local.advance(Duration::from_secs(10));
+        let moved = clock.now().as_millis() - server_now(&mut client);
+        assert!((moved - 10_000).abs() < 2_000, "{moved}");
+        // ... until the next measure (every heartbeat) brings it back.
+        clock.measure(&mut client).unwrap();
+        let back = clock.now().as_millis() - server_now(&mut client);
+        assert!(back.abs() < 2_000, "{back} ms from the server's clock");
     }
 
     #[test]
