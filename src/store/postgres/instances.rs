@@ -144,7 +144,12 @@ impl Store {
 
     /// Every instance not closed yet.
     pub(crate) fn open_instances(&self) -> Result<Vec<InstanceRecord>> {
-        self.read(|tx| tx.query(OPEN_INSTANCES, &[])?.iter().map(instance_record).collect())
+        self.read(|tx| {
+            tx.query(OPEN_INSTANCES, &[])?
+                .iter()
+                .map(instance_record)
+                .collect()
+        })
     }
 
     /// Instances closed or gone that still own active runs or lock rows,
@@ -185,7 +190,7 @@ impl Store {
                     &[&cutoff, &BATCH],
                 )
             })?;
-            if deleted < BATCH.unsigned_abs() {
+            if i64::try_from(deleted).unwrap_or(i64::MAX) < BATCH {
                 return Ok(());
             }
         }

@@ -35,7 +35,8 @@ fn mode_of(mode: &str, capacity: Option<i64>) -> Result<LockMode> {
     let capacity = capacity
         .map(|c| u32::try_from(c).map_err(|_| bad_data(format!("lock capacity {c}"))))
         .transpose()?;
-    LockMode::from_parts(mode, capacity).ok_or_else(|| bad_data(format!("unknown lock mode {mode:?}")))
+    LockMode::from_parts(mode, capacity)
+        .ok_or_else(|| bad_data(format!("unknown lock mode {mode:?}")))
 }
 
 /// A process id from its `bigint` column.
@@ -86,9 +87,7 @@ fn ahead(row: &Row, key: &str) -> Result<Ahead> {
             pid: pid_of(row.try_get(10)?)?,
             pid_ns: row.try_get(14)?,
             // Stored bit for bit as the signed column holds it.
-            start_time: row
-                .try_get::<_, Option<i64>>(11)?
-                .map(i64::cast_unsigned),
+            start_time: row.try_get::<_, Option<i64>>(11)?.map(i64::cast_unsigned),
             closed: row.try_get(12)?,
             closed_reason: None,
             lease: lease_of(row.try_get(17)?),
@@ -331,7 +330,8 @@ impl Store {
             // a queue place that vanished (its run ended) is taken anew.
             let ticket = match ticket {
                 Some(t) => {
-                    let row = tx.query_opt("SELECT state, token FROM locks WHERE id = $1", &[&t])?;
+                    let row =
+                        tx.query_opt("SELECT state, token FROM locks WHERE id = $1", &[&t])?;
                     match row {
                         Some(row) => {
                             let state: &str = row.try_get(0)?;
@@ -454,7 +454,10 @@ impl Store {
     pub(crate) fn was_taken_away(&self, id: i64) -> Result<bool> {
         self.read(|tx| {
             Ok(tx
-                .query_opt("SELECT 1 FROM lock_events WHERE lock_id = $1 LIMIT 1", &[&id])?
+                .query_opt(
+                    "SELECT 1 FROM lock_events WHERE lock_id = $1 LIMIT 1",
+                    &[&id],
+                )?
                 .is_some())
         })
     }
@@ -539,7 +542,10 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
         key: row.try_get(0)?,
         mode: mode_of(row.try_get(1)?, row.try_get(2)?)?,
         state: state_of(row.try_get(3)?),
-        token: row.try_get::<_, Option<i64>>(4)?.map(token_of).transpose()?,
+        token: row
+            .try_get::<_, Option<i64>>(4)?
+            .map(token_of)
+            .transpose()?,
         ticket: row.try_get(5)?,
         keys: parse_keys(row.try_get(6)?)?,
         run: row.try_get::<_, Option<i64>>(7)?.map(RunId::from),
