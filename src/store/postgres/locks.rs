@@ -518,7 +518,9 @@ impl Store {
     }
 
     /// Every lock request, held or waiting, one record per key, by key then
-    /// ticket.
+    /// ticket. Keys are ordered byte by byte (`COLLATE "C"`), as SQLite
+    /// orders them and as lock keys are sorted everywhere else, whatever
+    /// the database's collation.
     pub(crate) fn locks(&self) -> Result<Vec<LockRecord>> {
         self.read(|tx| {
             tx.query(
@@ -527,7 +529,7 @@ impl Store {
                  FROM lock_entries e
                  JOIN locks l ON l.id = e.lock_id
                  LEFT JOIN runs r ON r.id = l.run_id
-                 ORDER BY e.key, e.lock_id",
+                 ORDER BY e.key COLLATE \"C\", e.lock_id",
                 &[],
             )?
             .iter()
