@@ -462,6 +462,68 @@ impl<'a> From<&'a InstanceRecord> for Owner<'a> {
     }
 }
 
+/// A held lock taken away from its holder, as `lock_events` records it.
+#[derive(Debug)]
+pub(crate) struct TakenLock<'a> {
+    pub id: i64,
+    pub token: Option<i64>,
+    pub run: Option<RunId>,
+    pub pid: u32,
+    pub host: &'a str,
+}
+
+/// A lock request's keys as its row stores them: a JSON array.
+pub(crate) fn keys_json(keys: &[String]) -> String {
+    serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// A lock request's keys, from its row's JSON array.
+pub(crate) fn keys_from_json(text: &str) -> serde_json::Result<Vec<String>> {
+    serde_json::from_str(text)
+}
+
+/// A lock request's state, from its row: anything but `held` waits.
+pub(crate) fn state_of(state: &str) -> LockState {
+    if state == "held" {
+        LockState::Held
+    } else {
+        LockState::Waiting
+    }
+}
+
+/// An instance's recorded lease, from its milliseconds.
+pub(crate) fn lease_of(ms: Option<i64>) -> Option<Duration> {
+    ms.map(|ms| Duration::from_millis(ms.max(0).cast_unsigned()))
+}
+
+/// Why a forced release is written into the holder's run history: the
+/// reason, and who forced it.
+pub(crate) fn forced_by(reason: &str, by: &ProcessIdentity) -> String {
+    format!("{reason} (by pid {} on {})", by.pid, by.host)
+}
+
+/// Why an instance closed when its own process closed the ledger.
+pub(crate) const CLOSED_BY_ITS_PROCESS: &str = "its process closed the ledger";
+
+/// The record of an instance that owns runs or locks but whose row is gone
+/// (pruned): a closed placeholder, so that the reaper still cleans up after
+/// it.
+pub(crate) fn unknown_instance(id: i64) -> InstanceRecord {
+    InstanceRecord {
+        id,
+        host: "an unknown host".into(),
+        boot_id: None,
+        pid: 0,
+        pid_ns: None,
+        start_time: None,
+        lock_file: None,
+        heartbeat_at: Timestamp::EPOCH,
+        lease: None,
+        closed: true,
+        closed_reason: None,
+    }
+}
+
 /// What reaping one instance changed.
 #[derive(Debug, Default)]
 pub(crate) struct InstanceReaped {

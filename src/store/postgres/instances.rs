@@ -1,39 +1,94 @@
 //! SQL for instances: registering, heartbeating, closing, and reaping the
 //! dead ones (PostgreSQL).
+//!
+//! The same statements as the SQLite store's `instances.rs`, but for lock
+//! files: an instance on PostgreSQL never has one (`lock_file` stays NULL),
+//! as its peers may live on other hosts.
 
-#![allow(unused_variables)]
+use postgres::Row;
 
+use super::locks::{delete_lock, grant_waiters, parse_keys, pid_of, record_taken, token_of};
+use super::runs::apply_change;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::liveness::{InstanceRecord, ProcessIdentity};
-use crate::store::{InstanceReaped, Owner, Wakes};
+use crate::lock::LockState;
+use crate::reaper::Reaped;
+use crate::run::{RunChange, RunId, RunStatus};
+use crate::store::{
+    CLOSED_BY_ITS_PROCESS, InstanceReaped, Owner, TakenLock, Wakes, lease_of, state_of,
+    unknown_instance,
+};
+
+/// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
+macro_rules! instance_select {
+    () => {
+        "SELECT id, host, boot_id, pid, pid_ns, start_time, heartbeat_at,
+                closed_at IS NOT NULL, closed_reason, stale_after
+         FROM instances"
+    };
+}
+
+fn instance_record(row: &Row) -> Result<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: row.try_get(0)?,
+        host: row.try_get(1)?,
+        boot_id: row.try_get(2)?,
+        pid: pid_of(row.try_get(3)?)?,
+        pid_ns: row.try_get(4)?,
+        // Stored bit for bit as the signed column holds it.
+        start_time: row.try_get::<_, Option<i64>>(5)?.map(i64::cast_unsigned),
+        lock_file: None,
+        heartbeat_at: Timestamp::from_millis(row.try_get(6)?),
+        closed: row.try_get(7)?,
+        closed_reason: row.try_get(8)?,
+        lease: lease_of(row.try_get(9)?),
+    })
+}
+
+/// The statement that lists the open instances (the `instances_open`
+/// index serves it), but for instance 0 (the owner of runs awaiting
+/// adoption, which no process is).
+const OPEN_INSTANCES: &str = concat!(instance_select!(), " WHERE closed_at IS NULL AND id <> 0");
+
+/// One instance by id.
+const INSTANCE: &str = concat!(instance_select!(), " WHERE id = $1");
+
+/// The active runs of one instance, from the active-runs index (its WHERE
+/// clause repeats the index's condition verbatim).
+const INSTANCE_RUNS: &str = "
+    SELECT id, name FROM runs
+    WHERE status IN ('queued','running') AND instance_id = $1";
+
+/// Instances that are closed (or gone) but still own active runs or lock
+/// rows: left behind by a failed cleanup. The active runs are read from the
+/// active-runs index, the locks table holds only live requests.
+const ORPHANED_OWNERS: &str = "
+    SELECT DISTINCT r.instance_id FROM runs r
+    WHERE r.status IN ('queued','running') AND r.adopt_by IS NULL
+      AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
+    UNION
+    SELECT DISTINCT l.instance_id FROM locks l
+    WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
+
+/// Whether an instance is open, read inside the caller's write
+/// transaction: rows are only ever written for an open instance, so a
+/// reaped one never gains new work.
+pub(super) fn is_open(tx: &mut Tx<'_>, instance: i64) -> Result<bool> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM instances WHERE id = $1 AND closed_at IS NULL",
+            &[&instance],
+        )?
+        .is_some())
+}
 
 impl Store {
-    pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
-        todo!("PostgreSQL heartbeat_instance")
-    }
-
-    pub(crate) fn open_instances(&self) -> Result<Vec<InstanceRecord>> {
-        todo!("PostgreSQL open_instances")
-    }
-
-    pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
-        todo!("PostgreSQL orphaned_owners")
-    }
-
-    pub(crate) fn instance(&self, id: i64) -> Result<Option<InstanceRecord>> {
-        todo!("PostgreSQL instance")
-    }
-
-    pub(crate) fn prune_instances(&self, cutoff: Timestamp) -> Result<()> {
-        todo!("PostgreSQL prune_instances")
-    }
-
-    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
-        todo!("PostgreSQL close_instance")
-    }
-
+    /// Records a new instance (this process's open ledger); returns its id.
+    ///
+    /// `lock_file` is not recorded: instance lock files live beside a
+    /// SQLite file, and the caller gives none for PostgreSQL.
     pub(crate) fn insert_instance(
         &self,
         identity: &ProcessIdentity,
@@ -41,9 +96,130 @@ impl Store {
         lock_file: Option<&str>,
         lease: std::time::Duration,
     ) -> Result<i64> {
-        todo!("PostgreSQL insert_instance")
+        let _ = lock_file;
+        let pid = i64::from(identity.pid);
+        let start_time = identity.start_time.map(u64::cast_signed);
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let now = tx.now().as_millis();
+            Ok(tx
+                .query_one(
+                    "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label,
+                                            started_at, heartbeat_at, stale_after)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
+                     RETURNING id",
+                    &[
+                        &identity.host,
+                        &identity.boot_id,
+                        &pid,
+                        &identity.pid_ns,
+                        &start_time,
+                        &label,
+                        &now,
+                        &lease,
+                    ],
+                )?
+                .try_get(0)?)
+        })
     }
 
+    /// Renews an instance's heartbeat lease: one write, however many runs
+    /// and locks it owns. False if the instance is closed (a reaper judged
+    /// it dead).
+    ///
+    /// Then measures the offset to the server's clock again, so that this
+    /// process's timestamps follow the server's time heartbeat by heartbeat
+    /// (see [`ServerClock`](super::ServerClock)).
+    pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
+        let open = self.write(|tx| {
+            let now = tx.now().as_millis();
+            Ok(tx.execute(
+                "UPDATE instances SET heartbeat_at = $2 WHERE id = $1 AND closed_at IS NULL",
+                &[&id, &now],
+            )? == 1)
+        })?;
+        self.follow_server_clock();
+        Ok(open)
+    }
+
+    /// Every instance not closed yet.
+    pub(crate) fn open_instances(&self) -> Result<Vec<InstanceRecord>> {
+        self.read(|tx| {
+            tx.query(OPEN_INSTANCES, &[])?
+                .iter()
+                .map(instance_record)
+                .collect()
+        })
+    }
+
+    /// Instances closed or gone that still own active runs or lock rows,
+    /// as records to reap (a missing instance gets a placeholder).
+    pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
+        let ids: Vec<i64> = self.read(|tx| {
+            tx.query(ORPHANED_OWNERS, &[])?
+                .iter()
+                .map(|row| Ok(row.try_get(0)?))
+                .collect()
+        })?;
+        let mut owners = Vec::with_capacity(ids.len());
+        for id in ids {
+            owners.push(self.instance(id)?.unwrap_or_else(|| unknown_instance(id)));
+        }
+        Ok(owners)
+    }
+
+    /// One instance, if it exists.
+    pub(crate) fn instance(&self, id: i64) -> Result<Option<InstanceRecord>> {
+        self.read(|tx| {
+            tx.query_opt(INSTANCE, &[&id])?
+                .map(|row| instance_record(&row))
+                .transpose()
+        })
+    }
+
+    /// Deletes the instances that closed before `cutoff`, in bounded
+    /// transactions. Runs keep their owner's pid and host in their own row.
+    pub(crate) fn prune_instances(&self, cutoff: Timestamp) -> Result<()> {
+        const BATCH: i64 = 1000;
+        let cutoff = cutoff.as_millis();
+        loop {
+            let deleted = self.write(|tx| {
+                tx.execute(
+                    "DELETE FROM instances WHERE id IN (
+                         SELECT id FROM instances WHERE closed_at < $1 LIMIT $2)",
+                    &[&cutoff, &BATCH],
+                )
+            })?;
+            if i64::try_from(deleted).unwrap_or(i64::MAX) < BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Closes this process's own instance (its last handle dropped). Anything
+    /// it still owns (a run whose guard was leaked, a lock row a guard could
+    /// not delete) is closed with it, in the same transaction.
+    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
+        let owner = Owner {
+            id,
+            pid: me.pid,
+            host: &me.host,
+        };
+        let reason = CLOSED_BY_ITS_PROCESS;
+        self.reap_instance(owner, reason, reason, None, me)
+            .map(|r| r.wakes)
+    }
+
+    /// Closes an instance judged dead, in one transaction: its lock requests
+    /// go (held ones are recorded as reclaimed, so that their guards report
+    /// `LockLost`), its active runs fail with `run_reason` (their running
+    /// steps too), the keys it held pass to their waiters, and the instance
+    /// is closed with `reason`.
+    ///
+    /// When only the heartbeat lease judged it (`stale_heartbeat`), nothing
+    /// is written if the instance heartbeated since or is closed already: a
+    /// verdict is only acted on in the state it was made in. A run that
+    /// ended meanwhile stays ended: only active runs are failed.
     pub(crate) fn reap_instance(
         &self,
         instance: Owner<'_>,
@@ -52,13 +228,138 @@ impl Store {
         stale_heartbeat: Option<Timestamp>,
         by: &ProcessIdentity,
     ) -> Result<InstanceReaped> {
-        todo!("PostgreSQL reap_instance")
+        self.write(|tx| {
+            let now = tx.now();
+            let current: Option<(Timestamp, bool)> = match tx.query_opt(
+                "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = $1",
+                &[&instance.id],
+            )? {
+                Some(row) => Some((Timestamp::from_millis(row.try_get(0)?), row.try_get(1)?)),
+                None => None,
+            };
+            if let Some(judged) = stale_heartbeat
+                && current != Some((judged, false))
+            {
+                return Ok(InstanceReaped::default());
+            }
+            let mut out = InstanceReaped::default();
+            let freed = delete_instance_locks(tx, now, instance, run_reason, by, &mut out)?;
+            fail_instance_runs(tx, now, instance.id, run_reason, &mut out)?;
+            out.wakes.extend(grant_waiters(tx, &freed, now)?);
+            tx.execute(
+                "DELETE FROM watchers WHERE instance_id = $1",
+                &[&instance.id],
+            )?;
+            let at = now.as_millis();
+            let closed = tx.execute(
+                "UPDATE instances SET closed_at = $2, closed_reason = $3
+                 WHERE id = $1 AND closed_at IS NULL",
+                &[&instance.id, &at, &reason],
+            )?;
+            if closed == 1 {
+                out.reaped.push(Reaped::Instance {
+                    id: instance.id,
+                    pid: instance.pid,
+                    host: instance.host.to_owned(),
+                    reason: reason.to_owned(),
+                });
+            }
+            // Every waiter this frees, whether granted here or by a run's
+            // end, is notified with the commit (a repeat is notified once).
+            tx.wake(&out.wakes);
+            Ok(out)
+        })
     }
 }
 
-/// Whether an instance is open, read inside the caller's write
-/// transaction: rows are only ever written for an open instance, so a
-/// reaped one never gains new work.
-pub(super) fn is_open(tx: &mut Tx<'_>, instance: i64) -> Result<bool> {
-    todo!("PostgreSQL is_open")
+/// Deletes every lock request of an instance; returns the keys it held.
+fn delete_instance_locks(
+    tx: &mut Tx<'_>,
+    now: Timestamp,
+    instance: Owner<'_>,
+    reason: &str,
+    by: &ProcessIdentity,
+    out: &mut InstanceReaped,
+) -> Result<Vec<String>> {
+    // The locks table holds only live requests, never history.
+    let found = tx.query(
+        "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = $1",
+        &[&instance.id],
+    )?;
+    let mut rows = Vec::with_capacity(found.len());
+    for row in &found {
+        rows.push((
+            row.try_get::<_, i64>(0)?,
+            row.try_get::<_, Option<i64>>(1)?,
+            state_of(row.try_get(2)?),
+            row.try_get::<_, Option<i64>>(3)?.map(RunId::from),
+            pid_of(row.try_get(4)?)?,
+            row.try_get::<_, String>(5)?,
+            parse_keys(row.try_get(6)?)?,
+        ));
+    }
+    let mut freed = Vec::new();
+    for (id, token, state, run, pid, host, keys) in rows {
+        if delete_lock(tx, id, token)?.is_none() {
+            continue;
+        }
+        if state == LockState::Held {
+            let taken = TakenLock {
+                id,
+                token,
+                run,
+                pid,
+                host: &host,
+            };
+            record_taken(tx, now, "reclaimed", &keys, &taken, reason, by)?;
+        }
+        // A waiter gone may unblock the ones queued behind it, too.
+        freed.extend(keys.iter().cloned());
+        out.reaped.push(Reaped::Lock {
+            keys,
+            state,
+            token: token.map(token_of).transpose()?,
+            reason: reason.to_owned(),
+        });
+    }
+    freed.sort();
+    freed.dedup();
+    Ok(freed)
+}
+
+/// Fails every active run of an instance, each as its own compare-and-set.
+fn fail_instance_runs(
+    tx: &mut Tx<'_>,
+    now: Timestamp,
+    instance: i64,
+    reason: &str,
+    out: &mut InstanceReaped,
+) -> Result<()> {
+    let found = tx.query(INSTANCE_RUNS, &[&instance])?;
+    let mut runs = Vec::with_capacity(found.len());
+    for row in &found {
+        runs.push((
+            RunId::from(row.try_get::<_, i64>(0)?),
+            row.try_get::<_, String>(1)?,
+        ));
+    }
+    for (id, name) in runs {
+        let (state, to, wakes) = apply_change(tx, id, now, |state| {
+            Ok(state.status.is_active().then(|| RunChange::Status {
+                to: RunStatus::Failed,
+                exit_code: None,
+                error: Some(reason.to_owned()),
+            }))
+        })?;
+        out.wakes.extend(wakes);
+        if to == RunStatus::Failed && state.status.is_active() {
+            out.reaped.push(Reaped::Run {
+                id,
+                name,
+                from: state.status,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -1,65 +1,662 @@
 //! SQL for locks: grants, the queue, releases, reclaims (PostgreSQL).
+//!
+//! The same queries and the same order of decisions as the SQLite store's
+//! `locks.rs`: every write runs under the schema's writer lock (see the
+//! module docs of [`super`]), so a grant's check and its insert see one
+//! state that no other writer changes in between.
 
-#![allow(unused_variables)]
+use postgres::Row;
 
+use super::runs::run_head;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
-use crate::error::Result;
-use crate::liveness::ProcessIdentity;
-use crate::lock::LockRecord;
+use crate::error::{Error, Result};
+use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::lock::{LockMode, LockRecord, LockState, compatible};
 use crate::run::RunId;
-use crate::store::{Ahead, Attempt, LockAsk, Wakes};
+use crate::store::{
+    Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
+    state_of,
+};
+
+/// An error for a row that holds what this store never writes (a negative
+/// token, an unknown mode, keys that are not a JSON array): a storage
+/// error, as SQLite's failed conversions are.
+pub(super) fn bad_data(what: String) -> Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
+}
+
+/// A request's keys, from its row's JSON array.
+pub(super) fn parse_keys(text: &str) -> Result<Vec<String>> {
+    keys_from_json(text).map_err(|e| bad_data(format!("lock keys {text:?}: {e}")))
+}
+
+fn mode_of(mode: &str, capacity: Option<i64>) -> Result<LockMode> {
+    let capacity = capacity
+        .map(|c| u32::try_from(c).map_err(|_| bad_data(format!("lock capacity {c}"))))
+        .transpose()?;
+    LockMode::from_parts(mode, capacity)
+        .ok_or_else(|| bad_data(format!("unknown lock mode {mode:?}")))
+}
+
+/// A process id from its `bigint` column.
+pub(super) fn pid_of(pid: i64) -> Result<u32> {
+    u32::try_from(pid).map_err(|_| bad_data(format!("process id {pid}")))
+}
+
+/// A fencing token from its `bigint` column: tokens start at 1.
+pub(super) fn token_of(token: i64) -> Result<u64> {
+    u64::try_from(token).map_err(|_| bad_data(format!("fencing token {token}")))
+}
+
+/// The columns [`ahead`] reads, for the requests on the key `$1` ahead of
+/// the ticket `$2`.
+const AHEAD_ON: &str = "
+    SELECT l.id, l.state, l.mode, l.capacity, l.token, l.run_id, r.name,
+           l.instance_id, coalesce(i.host, l.host), i.boot_id, l.pid, i.start_time,
+           i.id IS NULL OR i.closed_at IS NOT NULL,
+           coalesce(l.granted_at, l.requested_at), i.pid_ns, l.keys,
+           coalesce(i.heartbeat_at, 0), i.stale_after
+    FROM lock_entries e
+    JOIN locks l ON l.id = e.lock_id
+    LEFT JOIN instances i ON i.id = l.instance_id
+    LEFT JOIN runs r ON r.id = l.run_id
+    WHERE e.key = $1 AND e.lock_id <> $2 AND (l.state = 'held' OR e.lock_id < $2)
+    ORDER BY e.lock_id";
+
+fn ahead(row: &Row, key: &str) -> Result<Ahead> {
+    let run: Option<i64> = row.try_get(5)?;
+    let name: Option<String> = row.try_get(6)?;
+    let instance: i64 = row.try_get(7)?;
+    Ok(Ahead {
+        lock_id: row.try_get(0)?,
+        key: key.to_owned(),
+        keys: parse_keys(row.try_get(15)?)?,
+        state: state_of(row.try_get(1)?),
+        mode: mode_of(row.try_get(2)?, row.try_get(3)?)?,
+        token: row.try_get(4)?,
+        run: run.map(|id| (RunId::from(id), name.unwrap_or_default())),
+        instance,
+        owner: InstanceRecord {
+            id: instance,
+            // Instances on PostgreSQL have no lock file.
+            lock_file: None,
+            heartbeat_at: Timestamp::from_millis(row.try_get(16)?),
+            host: row.try_get(8)?,
+            boot_id: row.try_get(9)?,
+            pid: pid_of(row.try_get(10)?)?,
+            pid_ns: row.try_get(14)?,
+            // Stored bit for bit as the signed column holds it.
+            start_time: row.try_get::<_, Option<i64>>(11)?.map(i64::cast_unsigned),
+            closed: row.try_get(12)?,
+            closed_reason: None,
+            lease: lease_of(row.try_get(17)?),
+        },
+        since: Timestamp::from_millis(row.try_get(13)?),
+    })
+}
+
+/// The requests ahead of `ticket` on `key`: every holder, and the waiters
+/// with a lower ticket (all waiters, for a request without a ticket).
+fn ahead_on(tx: &mut Tx<'_>, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+    let ticket = ticket.unwrap_or(i64::MAX);
+    tx.query(AHEAD_ON, &[&key, &ticket])?
+        .iter()
+        .map(|row| ahead(row, key))
+        .collect()
+}
+
+/// Hands `keys`, just freed, to their waiters: per key, the waiters are taken
+/// in ticket order and each one that fits now (with every one of its keys,
+/// behind every earlier waiter) is granted in this same transaction, up to
+/// the first exclusive one that does not fit. Returns the wake-up addresses
+/// of those granted: they find their lock held with a read, without
+/// competing for the writer lock. The addresses are also noted for the
+/// commit's notification, so that waiters on other hosts wake too, whatever
+/// the caller does with them.
+pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) -> Result<Wakes> {
+    let mut wakes = Vec::new();
+    for key in keys {
+        let rows = tx.query(
+            "SELECT l.id, l.mode, l.capacity, l.keys, l.wake
+             FROM lock_entries e JOIN locks l ON l.id = e.lock_id
+             WHERE e.key = $1 AND l.state = 'waiting'
+             ORDER BY e.lock_id",
+            &[key],
+        )?;
+        let mut waiters = Vec::with_capacity(rows.len());
+        for row in &rows {
+            waiters.push((
+                row.try_get::<_, i64>(0)?,
+                mode_of(row.try_get(1)?, row.try_get(2)?)?,
+                parse_keys(row.try_get(3)?)?,
+                row.try_get::<_, Option<String>>(4)?,
+            ));
+        }
+        for (id, mode, their_keys, wake) in waiters {
+            if !fits(tx, &their_keys, mode, Some(id))? {
+                // Nothing behind an exclusive waiter fits on this key; a
+                // shared or slots waiter may be blocked only by another of
+                // its keys, and those behind it may still fit.
+                if mode == LockMode::Exclusive {
+                    break;
+                }
+                continue;
+            }
+            let token = next_token(tx, &their_keys)?;
+            let at = now.as_millis();
+            tx.execute(
+                "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
+                 WHERE id = $1 AND state = 'waiting'",
+                &[&id, &token, &at],
+            )?;
+            if let Some(wake) = wake
+                && !wakes.contains(&wake)
+            {
+                wakes.push(wake);
+            }
+            // An exclusive holder now: nothing behind it fits on this key.
+            if mode == LockMode::Exclusive {
+                break;
+            }
+        }
+    }
+    tx.wake(&wakes);
+    Ok(wakes)
+}
+
+/// Whether the waiting request `waiter` is held back by a lock that
+/// `instance` holds on one of its keys.
+fn held_back_by(tx: &mut Tx<'_>, waiter: &Ahead, instance: i64) -> Result<bool> {
+    for key in &waiter.keys {
+        for a in ahead_on(tx, key, Some(waiter.lock_id))? {
+            if a.state == LockState::Held
+                && a.instance == instance
+                && compatible(&[a.mode], waiter.mode) != Ok(true)
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
+/// everything ahead of it on every key. A capacity mismatch never fits.
+fn fits(tx: &mut Tx<'_>, keys: &[String], mode: LockMode, ticket: Option<i64>) -> Result<bool> {
+    for key in keys {
+        let modes: Vec<LockMode> = ahead_on(tx, key, ticket)?.iter().map(|a| a.mode).collect();
+        if compatible(&modes, mode) != Ok(true) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Takes the next fencing token for a grant of `keys`: above the last token
+/// of every one of them, recorded on each. One statement for all the keys
+/// (a request's keys are distinct), as each statement is a round trip made
+/// while the writer lock is held.
+fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
+    let last: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(last_token), 0) FROM lock_keys WHERE key = ANY($1)",
+            &[&keys],
+        )?
+        .try_get(0)?;
+    let token = last
+        .checked_add(1)
+        .ok_or_else(|| bad_data(format!("fencing token {last} has no successor")))?;
+    tx.execute(
+        "INSERT INTO lock_keys (key, last_token) SELECT DISTINCT unnest($1::text[]), $2::bigint
+         ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",
+        &[&keys, &token],
+    )?;
+    Ok(token)
+}
+
+/// Deletes a lock row and its entries; returns its keys, or `None` if the
+/// row (with that token) was gone.
+pub(super) fn delete_lock(
+    tx: &mut Tx<'_>,
+    id: i64,
+    token: Option<i64>,
+) -> Result<Option<Vec<String>>> {
+    let Some(row) = tx.query_opt(
+        "DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2 RETURNING keys",
+        &[&id, &token],
+    )?
+    else {
+        return Ok(None);
+    };
+    let keys = parse_keys(row.try_get(0)?)?;
+    tx.execute(
+        "DELETE FROM lock_entries WHERE key = ANY($1) AND lock_id = $2",
+        &[&keys, &id],
+    )?;
+    Ok(Some(keys))
+}
+
+/// Releases every lock (held or queued) of a run that is ending, in its
+/// transaction; returns the waiters to wake (already noted for the commit's
+/// notification).
+///
+/// Every row of the run goes first, and only then are the keys handed on: a
+/// key freed by one of the run's rows must not be granted to another of its
+/// rows.
+pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
+    let run = i64::from(run);
+    let rows = tx.query("SELECT id, token FROM locks WHERE run_id = $1", &[&run])?;
+    let mut owned = Vec::with_capacity(rows.len());
+    for row in &rows {
+        owned.push((row.try_get::<_, i64>(0)?, row.try_get::<_, Option<i64>>(1)?));
+    }
+    let mut freed = Vec::new();
+    for (id, token) in owned {
+        if let Some(keys) = delete_lock(tx, id, token)? {
+            freed.extend(keys);
+        }
+    }
+    freed.sort();
+    freed.dedup();
+    grant_waiters(tx, &freed, now)
+}
+
+/// The requests that keep `ask` (queued as `ticket`, if it is) out: the
+/// holders and earlier waiters in its way on each key, except waiters that
+/// only this instance's own locks hold back. Empty when it can be granted.
+fn blockers(tx: &mut Tx<'_>, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+    // Whether this instance holds any lock: asked only when a waiter
+    // is ahead, so the uncontended path does not pay for it.
+    let mut holds_locks = None;
+    let mut blocked = Vec::new();
+    for key in ask.keys {
+        let mut ahead = ahead_on(tx, key, ticket)?;
+        let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
+        if waiter_ahead && holds_locks.is_none() {
+            holds_locks = Some(
+                tx.query_opt(
+                    "SELECT 1 FROM locks WHERE instance_id = $1 AND state = 'held' LIMIT 1",
+                    &[&ask.instance],
+                )?
+                .is_some(),
+            );
+        }
+        if waiter_ahead && holds_locks == Some(true) {
+            // A waiter that this instance's own locks hold back would
+            // wait for this request forever while it waits for that
+            // waiter (first come, first served): it does not count.
+            let mut kept = Vec::with_capacity(ahead.len());
+            for a in ahead {
+                if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
+                    kept.push(a);
+                }
+            }
+            ahead = kept;
+        }
+        let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
+        match compatible(&modes, ask.mode) {
+            Ok(true) => {}
+            Ok(false) => blocked.extend(ahead),
+            Err(capacity) => {
+                return Err(Error::invalid(
+                    "slots capacity",
+                    &ask.mode.to_string(),
+                    format!("lock {key:?} is used with {capacity} slots"),
+                ));
+            }
+        }
+    }
+    Ok(blocked)
+}
 
 impl Store {
+    /// One attempt at granting `ask` (already queued as `ticket`, if given),
+    /// in one write transaction. A blocked request that may wait takes a
+    /// place in the queue in the same transaction.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
-        todo!("PostgreSQL try_lock")
+        self.write(|tx| {
+            let now = tx.now();
+            if !super::instances::is_open(tx, ask.instance)? {
+                return Ok(Attempt::InstanceClosed);
+            }
+            if let Some(run) = ask.run {
+                let (status, _) = run_head(tx, run)?;
+                if status.is_terminal() {
+                    return Err(Error::RunFinished { run, status });
+                }
+            }
+            // A queued request may have been granted by a releaser meanwhile;
+            // a queue place that vanished (its run ended) is taken anew.
+            let ticket = match ticket {
+                Some(t) => {
+                    let row =
+                        tx.query_opt("SELECT state, token FROM locks WHERE id = $1", &[&t])?;
+                    match row {
+                        Some(row) => {
+                            let state: &str = row.try_get(0)?;
+                            match row.try_get::<_, Option<i64>>(1)? {
+                                Some(token) if state == "held" => {
+                                    return Ok(Attempt::Granted {
+                                        id: t,
+                                        token: token_of(token)?,
+                                    });
+                                }
+                                _ => Some(t),
+                            }
+                        }
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            let blocked = blockers(tx, ask, ticket)?;
+            if !blocked.is_empty() {
+                let ticket = match ticket {
+                    Some(t) => Some(t),
+                    None if ask.queue => Some(insert_lock(tx, ask, "waiting", None, now)?),
+                    None => None,
+                };
+                return Ok(Attempt::Blocked {
+                    ticket,
+                    ahead: blocked,
+                });
+            }
+            let token = next_token(tx, ask.keys)?;
+            let id = match ticket {
+                Some(t) => {
+                    let at = now.as_millis();
+                    tx.execute(
+                        "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
+                         WHERE id = $1 AND state = 'waiting'",
+                        &[&t, &token, &at],
+                    )?;
+                    t
+                }
+                None => insert_lock(tx, ask, "held", Some(token), now)?,
+            };
+            Ok(Attempt::Granted {
+                id,
+                token: token_of(token)?,
+            })
+        })
     }
 
+    /// What keeps `ask` out right now, read without the writer lock: empty
+    /// if it looks grantable. Only a hint for how to wait (the grant
+    /// transaction decides); a request that has no place in the queue.
+    ///
+    /// Its statements run outside a transaction, each on what was committed
+    /// when it started: a write committing in between may make the hint
+    /// stale, as on SQLite it may be by the time it is used.
     pub(crate) fn lock_blockers(&self, ask: &LockAsk<'_>) -> Result<Vec<Ahead>> {
-        todo!("PostgreSQL lock_blockers")
+        self.read(|tx| blockers(tx, ask, None))
     }
 
+    /// The token of a queued request that a releaser has granted meanwhile:
+    /// a read, so a woken waiter does not compete for the writer lock.
     pub(crate) fn granted_token(&self, ticket: i64) -> Result<Option<u64>> {
-        todo!("PostgreSQL granted_token")
+        self.read(|tx| {
+            tx.query_opt(
+                "SELECT token FROM locks WHERE id = $1 AND state = 'held'",
+                &[&ticket],
+            )?
+            .map(|row| token_of(row.try_get(0)?))
+            .transpose()
+        })
     }
 
+    /// Leaves the queue: deletes a request that gave up (timed out, failed),
+    /// whether still waiting or granted by a releaser after it stopped
+    /// looking; hands its keys on.
     pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
-        todo!("PostgreSQL leave_queue")
+        self.write(|tx| {
+            let now = tx.now();
+            let Some(row) = tx.query_opt("SELECT token FROM locks WHERE id = $1", &[&ticket])?
+            else {
+                return Ok(Vec::new());
+            };
+            let token: Option<i64> = row.try_get(0)?;
+            match delete_lock(tx, ticket, token)? {
+                Some(keys) => grant_waiters(tx, &keys, now),
+                None => Ok(Vec::new()),
+            }
+        })
     }
 
-    pub(crate) fn was_taken_away(&self, id: i64) -> Result<bool> {
-        todo!("PostgreSQL was_taken_away")
-    }
-
-    pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
-        todo!("PostgreSQL lock_is_held")
-    }
-
-    pub(crate) fn locks(&self) -> Result<Vec<LockRecord>> {
-        todo!("PostgreSQL locks")
-    }
-
+    /// Releases a held lock. `None` if it was no longer held (taken away, or
+    /// released with its run); otherwise the waiters to wake. `on_commit`
+    /// runs as soon as the release has committed.
     pub(crate) fn release_lock(
         &self,
         id: i64,
         token: u64,
         on_commit: impl FnOnce(),
     ) -> Result<Option<Wakes>> {
-        todo!("PostgreSQL release_lock")
+        self.write_then(
+            |tx| {
+                // A token beyond the column's range was never granted.
+                let Ok(token) = i64::try_from(token) else {
+                    return Ok(None);
+                };
+                let now = tx.now();
+                match delete_lock(tx, id, Some(token))? {
+                    Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
+                    None => Ok(None),
+                }
+            },
+            on_commit,
+        )
     }
 
+    /// Whether the lock `id` was taken away from its holder (reclaimed or
+    /// released by force) rather than released.
+    pub(crate) fn was_taken_away(&self, id: i64) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT 1 FROM lock_events WHERE lock_id = $1 LIMIT 1",
+                    &[&id],
+                )?
+                .is_some())
+        })
+    }
+
+    /// Whether the grant `id` with `token` is still held.
+    pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
+        // A token beyond the column's range was never granted.
+        let Ok(token) = i64::try_from(token) else {
+            return Ok(false);
+        };
+        self.read(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT 1 FROM locks WHERE id = $1 AND token = $2 AND state = 'held'",
+                    &[&id, &token],
+                )?
+                .is_some())
+        })
+    }
+
+    /// Releases by force every holder of `key`; returns how many and the
+    /// waiters to wake.
     pub(crate) fn force_unlock(
         &self,
         key: &str,
         reason: &str,
         by: &ProcessIdentity,
     ) -> Result<(usize, Wakes)> {
-        todo!("PostgreSQL force_unlock")
+        self.write(|tx| {
+            let now = tx.now();
+            let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
+                .into_iter()
+                .filter(|a| a.state == LockState::Held)
+                .collect();
+            let mut wakes = Vec::new();
+            let mut released = 0;
+            for holder in &holders {
+                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
+                    record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
+                    // The holder's run keeps it in its history too.
+                    if let Some((run, _)) = &holder.run {
+                        let why = forced_by(reason, by);
+                        super::runs::append_event(
+                            tx,
+                            *run,
+                            now,
+                            "lock_forced",
+                            Some(&keys_json(&keys)),
+                            Some(&why),
+                        )?;
+                    }
+                    wakes.extend(grant_waiters(tx, &keys, now)?);
+                    released += 1;
+                }
+            }
+            Ok((released, wakes))
+        })
+    }
+
+    /// Every lock request, held or waiting, one record per key, by key then
+    /// ticket. Keys are ordered byte by byte (`COLLATE "C"`), as SQLite
+    /// orders them and as lock keys are sorted everywhere else, whatever
+    /// the database's collation.
+    pub(crate) fn locks(&self) -> Result<Vec<LockRecord>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT e.key, l.mode, l.capacity, l.state, l.token, l.id, l.keys, l.run_id,
+                        r.name, l.instance_id, l.pid, l.host, l.requested_at, l.granted_at
+                 FROM lock_entries e
+                 JOIN locks l ON l.id = e.lock_id
+                 LEFT JOIN runs r ON r.id = l.run_id
+                 ORDER BY e.key COLLATE \"C\", e.lock_id",
+                &[],
+            )?
+            .iter()
+            .map(lock_record)
+            .collect()
+        })
     }
 }
 
-/// Releases every lock of a run that ended, inside the caller's write
-/// transaction; returns the waiters to wake.
-pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
-    todo!("PostgreSQL release_run_locks")
+fn lock_record(row: &Row) -> Result<LockRecord> {
+    Ok(LockRecord {
+        key: row.try_get(0)?,
+        mode: mode_of(row.try_get(1)?, row.try_get(2)?)?,
+        state: state_of(row.try_get(3)?),
+        token: row
+            .try_get::<_, Option<i64>>(4)?
+            .map(token_of)
+            .transpose()?,
+        ticket: row.try_get(5)?,
+        keys: parse_keys(row.try_get(6)?)?,
+        run: row.try_get::<_, Option<i64>>(7)?.map(RunId::from),
+        run_name: row.try_get(8)?,
+        instance: row.try_get(9)?,
+        pid: pid_of(row.try_get(10)?)?,
+        host: row.try_get(11)?,
+        requested_at: Timestamp::from_millis(row.try_get(12)?),
+        granted_at: row
+            .try_get::<_, Option<i64>>(13)?
+            .map(Timestamp::from_millis),
+    })
+}
+
+fn insert_lock(
+    tx: &mut Tx<'_>,
+    ask: &LockAsk<'_>,
+    state: &str,
+    token: Option<i64>,
+    now: Timestamp,
+) -> Result<i64> {
+    let at = now.as_millis();
+    let granted_at = token.map(|_| at);
+    let capacity = ask.mode.capacity().map(i64::from);
+    let keys = keys_json(ask.keys);
+    let run = ask.run.map(i64::from);
+    let pid = i64::from(ask.pid);
+    let wake = if state == "waiting" { ask.wake } else { None };
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id, pid,
+                                host, wake, requested_at, granted_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             RETURNING id",
+            &[
+                &state,
+                &ask.mode.as_str(),
+                &capacity,
+                &token,
+                &keys,
+                &ask.instance,
+                &run,
+                &pid,
+                &ask.host,
+                &wake,
+                &at,
+                &granted_at,
+            ],
+        )?
+        .try_get(0)?;
+    tx.execute(
+        "INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), $2::bigint",
+        &[&ask.keys, &id],
+    )?;
+    Ok(id)
+}
+
+fn record_lock_event(
+    tx: &mut Tx<'_>,
+    now: Timestamp,
+    kind: &str,
+    keys: &[String],
+    holder: &Ahead,
+    reason: &str,
+    by: &ProcessIdentity,
+) -> Result<()> {
+    let taken = TakenLock {
+        id: holder.lock_id,
+        token: holder.token,
+        run: holder.run.as_ref().map(|(id, _)| *id),
+        pid: holder.owner.pid,
+        host: &holder.owner.host,
+    };
+    record_taken(tx, now, kind, keys, &taken, reason, by)
+}
+
+/// Records that a held lock was taken away, so that its guard reports
+/// [`Error::LockLost`](crate::Error::LockLost).
+pub(super) fn record_taken(
+    tx: &mut Tx<'_>,
+    now: Timestamp,
+    kind: &str,
+    keys: &[String],
+    taken: &TakenLock<'_>,
+    reason: &str,
+    by: &ProcessIdentity,
+) -> Result<()> {
+    let at = now.as_millis();
+    let keys = keys_json(keys);
+    let run = taken.run.map(i64::from);
+    let holder_pid = i64::from(taken.pid);
+    let by_pid = i64::from(by.pid);
+    tx.execute(
+        "INSERT INTO lock_events (at, kind, lock_id, keys, token, run_id, holder_pid,
+                                  holder_host, reason, by_pid, by_host)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        &[
+            &at,
+            &kind,
+            &taken.id,
+            &keys,
+            &taken.token,
+            &run,
+            &holder_pid,
+            &taken.host,
+            &reason,
+            &by_pid,
+            &by.host,
+        ],
+    )?;
+    Ok(())
 }

@@ -341,8 +341,15 @@ impl Tx<'_> {
 
     /// Wake-up addresses to notify with the commit, for the other hosts
     /// (the caller wakes this host's with the addresses it returns).
+    ///
+    /// An address given twice (a grant noted where it is made, and again by
+    /// a caller that returns it) is notified once.
     pub(super) fn wake(&mut self, addresses: &[String]) {
-        self.wakes.extend_from_slice(addresses);
+        for address in addresses {
+            if !self.wakes.contains(address) {
+                self.wakes.push(address.clone());
+            }
+        }
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Store;
-use super::locks::{TakenLock, delete_lock, grant_waiters, parse_keys, record_taken, state_of};
+use super::locks::{delete_lock, grant_waiters, parse_keys, record_taken};
 use super::runs::apply_change;
 use crate::clock::Timestamp;
 use crate::error::Result;
@@ -12,7 +12,10 @@ use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunChange, RunId, RunStatus};
-use crate::store::{InstanceReaped, Owner, Wakes};
+use crate::store::{
+    CLOSED_BY_ITS_PROCESS, InstanceReaped, Owner, TakenLock, Wakes, lease_of, state_of,
+    unknown_instance,
+};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
 macro_rules! instance_select {
@@ -39,11 +42,6 @@ fn instance_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRecord> 
         closed_reason: row.get(9)?,
         lease: lease_of(row.get(10)?),
     })
-}
-
-/// An instance's recorded lease, from its milliseconds.
-pub(super) fn lease_of(ms: Option<i64>) -> Option<std::time::Duration> {
-    ms.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64))
 }
 
 /// The statement that lists the open instances (the `instances_open`
@@ -145,19 +143,7 @@ impl Store {
         })?;
         let mut owners = Vec::with_capacity(ids.len());
         for id in ids {
-            owners.push(self.instance(id)?.unwrap_or(InstanceRecord {
-                id,
-                host: "an unknown host".into(),
-                boot_id: None,
-                pid: 0,
-                pid_ns: None,
-                start_time: None,
-                lock_file: None,
-                heartbeat_at: Timestamp::EPOCH,
-                lease: None,
-                closed: true,
-                closed_reason: None,
-            }));
+            owners.push(self.instance(id)?.unwrap_or_else(|| unknown_instance(id)));
         }
         Ok(owners)
     }
@@ -200,7 +186,7 @@ impl Store {
             pid: me.pid,
             host: &me.host,
         };
-        let reason = "its process closed the ledger";
+        let reason = CLOSED_BY_ITS_PROCESS;
         self.reap_instance(owner, reason, reason, None, me)
             .map(|r| r.wakes)
     }

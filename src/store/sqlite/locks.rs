@@ -9,14 +9,13 @@ use crate::error::{Error, Result};
 use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, compatible};
 use crate::run::RunId;
-use crate::store::{Ahead, Attempt, LockAsk, Wakes};
-
-fn keys_json(keys: &[String]) -> String {
-    serde_json::to_string(keys).unwrap_or_else(|_| "[]".to_owned())
-}
+use crate::store::{
+    Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
+    state_of,
+};
 
 pub(super) fn parse_keys(text: &str) -> rusqlite::Result<Vec<String>> {
-    serde_json::from_str(text).map_err(|e| {
+    keys_from_json(text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
 }
@@ -29,14 +28,6 @@ fn mode_of(mode: &str, capacity: Option<u32>) -> rusqlite::Result<LockMode> {
             format!("unknown lock mode {mode:?}").into(),
         )
     })
-}
-
-pub(super) fn state_of(state: &str) -> LockState {
-    if state == "held" {
-        LockState::Held
-    } else {
-        LockState::Waiting
-    }
 }
 
 /// The requests ahead of `ticket` on `key`: every holder, and the waiters
@@ -79,7 +70,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
                     start_time: row.get::<_, Option<i64>>(11)?.map(|t| t as u64),
                     closed: row.get(12)?,
                     closed_reason: None,
-                    lease: super::instances::lease_of(row.get(18)?),
+                    lease: lease_of(row.get(18)?),
                 },
                 since: row.get(13)?,
             })
@@ -453,7 +444,7 @@ impl Store {
                     record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
                     // The holder's run keeps it in its history too.
                     if let Some((run, _)) = &holder.run {
-                        let why = format!("{reason} (by pid {} on {})", by.pid, by.host);
+                        let why = forced_by(reason, by);
                         super::runs::append_event(
                             tx,
                             *run,
@@ -559,15 +550,6 @@ fn record_lock_event(
         host: &holder.owner.host,
     };
     record_taken(tx, now, kind, keys, &taken, reason, by)
-}
-
-/// A held lock taken away from its holder, as `lock_events` records it.
-pub(super) struct TakenLock<'a> {
-    pub id: i64,
-    pub token: Option<i64>,
-    pub run: Option<RunId>,
-    pub pid: u32,
-    pub host: &'a str,
 }
 
 /// Records that a held lock was taken away, so that its guard reports
