@@ -161,11 +161,11 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         "open" => {
             wait_until(args);
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             say(format_args!("opened {}", ledger.instance_id()));
         }
         "dispatch" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let id = ledger.create_run(RunSpec::new(arg(2)?).source("dispatcher"))?;
             say(format_args!("created {id}"));
             let passed: Vec<&String> = args[3..].iter().filter(|a| *a != "--linger").collect();
@@ -183,7 +183,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "adopt" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let id: RunId = arg(2)?.parse()?;
             let run = ledger.adopt_run(id)?;
             say(format_args!("adopted {id}"));
@@ -197,7 +197,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say(format_args!("status {}", run.exit(code)?));
         }
         "watch-latency" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let mut watch = ledger.watch(ledger.events_cursor()?)?;
             say("watching");
             let mut left = number(args, "--count", 1);
@@ -217,7 +217,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "begin" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let mut spec = RunSpec::new(arg(2)?).source("worker");
             if let Some(key) = flag(args, "--key") {
                 spec = spec.idempotency_key(key);
@@ -237,20 +237,20 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "race-succeed" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let run = ledger.begin_run(RunSpec::new(arg(2)?).source("worker"))?;
             say(format_args!("started {}", run.id()));
             wait_until(args);
             say(format_args!("status {}", run.succeed()?));
         }
         "cancel" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let id: RunId = arg(2)?.parse()?;
             wait_until(args);
             say(format_args!("status {}", ledger.cancel(id)?));
         }
         "panic" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let run = ledger.begin_run(RunSpec::new(arg(2)?).source("worker"))?;
             say(format_args!("started {}", run.id()));
             panic!(
@@ -261,7 +261,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         "hold" => {
             // --host NAME --stale-ms N: a host of its own, judged by a
             // lease of N ms (to be paused past it).
-            let mut builder = Ledger::builder_for(db);
+            let mut builder = Ledger::builder(db);
             if let Some(host) = flag(args, "--host") {
                 builder = builder.host(host);
             }
@@ -313,7 +313,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say("released");
         }
         "occupy" => {
-            let mut builder = Ledger::builder_for(db);
+            let mut builder = Ledger::builder(db);
             if let Some(host) = flag(args, "--host") {
                 // Plays a process on another host: judged by its lease.
                 builder = builder.host(host);
@@ -342,7 +342,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "writers" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let threads: Vec<_> = (0..number(args, "--threads", 8).max(1))
                 .map(|_| {
                     let ledger = ledger.clone();
@@ -369,7 +369,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         "burst-runs" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let n = arg(2)?.parse::<u64>()?;
             wait_until(args);
             for i in 0..n {
@@ -379,7 +379,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say(format_args!("done {n}"));
         }
         "critical" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let key = arg(2)?;
             let mode = mode(args)?;
             let witness = flag(args, "--witness").ok_or("missing --witness")?;
@@ -406,7 +406,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say("done");
         }
         "pingpong" => {
-            let ledger = Ledger::builder_for(db).open()?;
+            let ledger = Ledger::builder(db).open()?;
             let key = arg(2)?;
             let hold = Duration::from_micros(number(args, "--hold-us", 500));
             let mut out = String::new();
@@ -461,7 +461,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                     conn.execute_batch("COMMIT")?;
                 }
             } else {
-                let ledger = Ledger::builder_for(db).open()?;
+                let ledger = Ledger::builder(db).open()?;
                 for i in 0..ops {
                     let key = key_of(i);
                     let t = std::time::Instant::now();
@@ -474,7 +474,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             say(format_args!("done {}", started.elapsed().as_micros()));
         }
         "fill" => {
-            let ledger = Ledger::builder_for(db).background(false).open()?;
+            let ledger = Ledger::builder(db).background(false).open()?;
             let blob = "x".repeat(usize::try_from(number(args, "--bytes", 4000))?);
             let outcome = (|| -> Result<(), Error> {
                 loop {
@@ -530,7 +530,7 @@ fn torture(db: &str, args: &[String], thread: u64) -> Result<(), Box<dyn std::er
             .open(dir.join(name))
     };
     let (begun, witness, errors) = (open("begun")?, open("witness")?, open("errors")?);
-    let mut builder = Ledger::builder_for(db).lock_wait(Duration::from_secs(60));
+    let mut builder = Ledger::builder(db).lock_wait(Duration::from_secs(60));
     if let Some(host) = flag(args, "--host") {
         builder = builder.host(host);
     }

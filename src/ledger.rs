@@ -643,9 +643,25 @@ impl Ledger {
         Ledger::builder(path).open()
     }
 
-    /// Settings for opening the ledger at `path`.
+    /// Settings for opening the ledger at `path`: a SQLite file, created if
+    /// missing.
+    ///
+    /// A `path` that is a `postgres://` or `postgresql://` URL names a
+    /// ledger on PostgreSQL instead, exactly as
+    /// [`Ledger::builder_postgres`] does (the crate must be built with the
+    /// `postgres` feature, else [`Builder::open`] refuses it): a command
+    /// line or a configuration file can then name either kind of ledger
+    /// with one string. [`Ledger::path`] gives back a string that names the
+    /// same ledger (without a password).
     pub fn builder(path: impl AsRef<Path>) -> Builder {
-        Builder::at(Location::File(path.as_ref().to_owned()))
+        let path = path.as_ref();
+        if let Some(url) = path.to_str().filter(|p| is_postgres_url(p)) {
+            #[cfg(feature = "postgres")]
+            return Ledger::builder_postgres(url);
+            #[cfg(not(feature = "postgres"))]
+            return Builder::at(Location::NoPostgres(url.to_owned()));
+        }
+        Builder::at(Location::File(path.to_owned()))
     }
 
     /// Settings for opening the ledger in a PostgreSQL database: one ledger
@@ -704,34 +720,11 @@ impl Ledger {
         }
         Builder::at(Location::Postgres { url, schema })
     }
+}
 
-    /// Settings for the ledger named by one string, as a command line or a
-    /// configuration file gives it: a `postgres://` or `postgresql://` URL
-    /// (see [`Ledger::builder_postgres`]; the crate must be built with the
-    /// `postgres` feature, else [`Builder::open`] refuses it), anything else
-    /// the path of a SQLite file (see [`Ledger::builder`]).
-    ///
-    /// [`Ledger::path`] gives back a string that names the same ledger
-    /// (without a password).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # let dir = tempfile::tempdir()?;
-    /// # let from_config = dir.path().join("ledger.db");
-    /// # let from_config = from_config.to_str().unwrap();
-    /// let ledger = runledger::Ledger::builder_for(from_config).open()?;
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn builder_for(location: &str) -> Builder {
-        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-            #[cfg(feature = "postgres")]
-            return Ledger::builder_postgres(location);
-            #[cfg(not(feature = "postgres"))]
-            return Builder::at(Location::NoPostgres(location.to_owned()));
-        }
-        Ledger::builder(location)
-    }
+/// Whether a ledger's location is a PostgreSQL URL rather than a path.
+fn is_postgres_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
 }
 
 impl Builder {

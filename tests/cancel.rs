@@ -96,7 +96,7 @@ fn a_cancel_racing_success_in_processes_never_downgrades_it(store: Store) {
     let db = &f.location;
     for _ in 0..6 {
         let at = instant_in(300);
-        let mut owner = spawn_worker(&db, &["race-succeed", "race", "--at", &at]);
+        let mut owner = spawn_worker(db, &["race-succeed", "race", "--at", &at]);
         let first = {
             use std::io::BufRead;
             let mut line = String::new();
@@ -107,7 +107,7 @@ fn a_cancel_racing_success_in_processes_never_downgrades_it(store: Store) {
         };
         let id = first.trim().strip_prefix("started ").unwrap().to_owned();
         let cancellers: Vec<_> = (0..2)
-            .map(|_| spawn_worker(&db, &["cancel", &id, "--at", &at]))
+            .map(|_| spawn_worker(db, &["cancel", &id, "--at", &at]))
             .collect();
         for c in cancellers {
             let line = &finish(c)[0];

@@ -64,7 +64,7 @@ fn racing_processes_start_exactly_one_run(store: Store) {
     let children: Vec<_> = (0..6)
         .map(|_| {
             spawn_worker(
-                &db,
+                db,
                 &[
                     "begin",
                     "import",

@@ -11,7 +11,7 @@ use common::{Fixture, Store};
 use runledger::{Error, Ledger, LockKey, LockMode, LockRequest, LockState, RunSpec, RunStatus};
 
 fn second(f: &common::Fixture) -> Ledger {
-    Ledger::builder_for(&f.location).open().unwrap()
+    Ledger::builder(&f.location).open().unwrap()
 }
 
 /// Waits (at most 20 s) until `ledger.locks()` satisfies `ready`.
@@ -294,7 +294,7 @@ fn tokens_grow_per_key_across_releases_and_handles(store: Store) {
     assert!(g.token() > last);
     drop(g);
     // ...and a reopened ledger continues from there.
-    let again = Ledger::builder_for(&f.location)
+    let again = Ledger::builder(&f.location)
         .open()
         .unwrap()
         .try_lock("fresh")

@@ -72,7 +72,7 @@ fn an_exclusive_lock_serializes_processes(store: Store) {
     let workers: Vec<_> = (0..4)
         .map(|_| {
             spawn_worker(
-                &db,
+                db,
                 &[
                     "critical",
                     "counter",
@@ -101,7 +101,7 @@ fn slots_and_shared_limits_hold_under_contention(store: Store) {
     let critical = |key: &str, mode: &str| {
         let w = witness.to_str().unwrap();
         spawn_worker(
-            &db,
+            db,
             &[
                 "critical",
                 key,
@@ -133,7 +133,7 @@ fn waiters_in_other_processes_are_served_first_come_first_served(store: Store) {
     let mut waiters = Vec::new();
     for i in 0..3 {
         waiters.push(spawn_worker(
-            &db,
+            db,
             &["hold", "fifo", "--hold-ms", "20", "--wait-ms", "20000"],
         ));
         wait_for_waiters(&f.ledger, i + 1);
@@ -156,7 +156,7 @@ fn a_waiting_process_times_out_and_leaves_the_queue(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
     let _held = f.ledger.lock("slow").unwrap();
-    let line = finish(spawn_worker(&db, &["hold", "slow", "--wait-ms", "200"])).remove(0);
+    let line = finish(spawn_worker(db, &["hold", "slow", "--wait-ms", "200"])).remove(0);
     assert!(line.starts_with("timeout gave up after waiting"), "{line}");
     assert!(
         line.contains(&format!("pid {}", std::process::id())),
@@ -170,13 +170,13 @@ fn a_waiting_process_times_out_and_leaves_the_queue(store: Store) {
 fn the_lock_of_a_killed_holder_passes_to_a_waiting_process(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
-    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
+    let mut holder = KillOnDrop(spawn_worker(db, &["hold", "victim", "--forever"]));
     let first: u64 = next_line(&mut holder)
         .strip_prefix("held ")
         .unwrap()
         .parse()
         .unwrap();
-    let mut waiter = spawn_worker(&db, &["hold", "victim", "--wait-ms", "20000"]);
+    let mut waiter = spawn_worker(db, &["hold", "victim", "--wait-ms", "20000"]);
     wait_for_waiters(&f.ledger, 1);
     holder.kill().unwrap(); // SIGKILL
     let started = Instant::now();
@@ -190,15 +190,16 @@ fn the_lock_of_a_killed_holder_passes_to_a_waiting_process(store: Store) {
     assert!(started.elapsed() < Duration::from_secs(10));
     finish(waiter);
     holder.wait().unwrap();
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let (kind, reason, pid): (String, String, u32) = conn
-        .query_row(
-            "SELECT kind, reason, holder_pid FROM lock_events",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    assert_eq!((kind.as_str(), pid), ("reclaimed", holder.id()));
+    let row = common::raw_query_text(
+        f.store,
+        db,
+        "SELECT kind, reason, CAST(holder_pid AS TEXT) FROM lock_events",
+    );
+    let (kind, reason) = (&row[0], &row[1]);
+    assert_eq!(
+        (kind.as_str(), row[2].as_str()),
+        ("reclaimed", holder.id().to_string().as_str())
+    );
     assert!(
         reason.starts_with("owner gone: process exited (pid "),
         "{reason}"
@@ -211,7 +212,7 @@ fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
     let run = f.ledger.begin_run(RunSpec::new("next")).unwrap();
-    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "k", "--forever"]));
+    let mut holder = KillOnDrop(spawn_worker(db, &["hold", "k", "--forever"]));
     assert!(next_line(&mut holder).starts_with("held "));
     let err = run
         .acquire(runledger::LockRequest::new(["k"]).no_wait())
@@ -225,8 +226,10 @@ fn a_killed_holders_lock_is_reclaimed_by_the_next_acquirer(store: Store) {
 }
 
 #[cfg(unix)]
-fn a_symlinked_path_shares_the_locks(store: Store) {
-    let f = Fixture::new(store);
+#[test]
+fn a_symlinked_path_shares_the_locks() {
+    // The path of a SQLite file: SQLite only.
+    let f = Fixture::new(Store::Sqlite);
     let link = f.dir.path().join("link.db");
     std::os::unix::fs::symlink(f.dir.path().join("ledger.db"), &link).unwrap();
     let mut holder = KillOnDrop(spawn_worker(&link, &["hold", "shared-file", "--forever"]));
@@ -246,7 +249,7 @@ fn a_holder_in_another_pid_namespace_is_not_reclaimed(store: Store) {
     let unshare = std::process::Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
         .arg(common::worker())
-        .arg(&db)
+        .arg(db)
         .args(["hold", "contained", "--forever"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -287,13 +290,15 @@ fn token_of(line: &str) -> u64 {
 /// An exclusive request that finds its key held waits at the key's gate,
 /// out of the queue, for `queue_after`; only then does it take a visible
 /// place in the queue. It is served once the holder lets go either way.
-fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue(store: Store) {
-    let f = Fixture::new(store);
+#[test]
+fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue() {
+    // Files beside a SQLite ledger (see `runledger::gate`): SQLite only.
+    let f = Fixture::new(Store::Sqlite);
     let db = &f.location;
     let held = f.ledger.lock("gated").unwrap();
     let spawned = Instant::now();
     let mut waiter = spawn_worker(
-        &db,
+        db,
         &[
             "hold",
             "gated",
@@ -321,13 +326,15 @@ fn a_request_waits_at_the_gate_then_takes_a_place_in_the_queue(store: Store) {
 /// drops its file lock): a request waiting at the gate takes the key, and
 /// reclaims the dead holder's row in its grant, without any sweep and
 /// without waiting for its turn in the queue.
-fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock(store: Store) {
-    let f = Fixture::new(store);
+#[test]
+fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock() {
+    // Files beside a SQLite ledger (see `runledger::gate`): SQLite only.
+    let f = Fixture::new(Store::Sqlite);
     let db = &f.location;
-    let mut holder = KillOnDrop(spawn_worker(&db, &["hold", "victim", "--forever"]));
+    let mut holder = KillOnDrop(spawn_worker(db, &["hold", "victim", "--forever"]));
     let first = token_of(&next_line(&mut holder));
     let mut waiter = spawn_worker(
-        &db,
+        db,
         &[
             "hold",
             "victim",
@@ -349,26 +356,27 @@ fn a_request_at_the_gate_of_a_killed_holder_takes_its_lock(store: Store) {
     );
     finish(waiter);
     holder.wait().unwrap();
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let (kind, pid): (String, u32) = conn
-        .query_row("SELECT kind, holder_pid FROM lock_events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    assert_eq!((kind.as_str(), pid), ("reclaimed", holder.id()));
+    let row = common::raw_query_text(
+        f.store,
+        db,
+        "SELECT kind, CAST(holder_pid AS TEXT) FROM lock_events",
+    );
+    assert_eq!(row, ["reclaimed".to_owned(), holder.id().to_string()]);
 }
 
 /// The short-wait relaxation never reorders the queue: a request that
 /// waits at a key's gate, and gets it when the key is free again, does not
 /// take the key from a request queued for it before (here one that also
 /// waits for a second key, so that the releaser could not hand it over).
-fn a_request_at_the_gate_never_overtakes_a_queued_one(store: Store) {
-    let f = Fixture::new(store);
+#[test]
+fn a_request_at_the_gate_never_overtakes_a_queued_one() {
+    // Files beside a SQLite ledger (see `runledger::gate`): SQLite only.
+    let f = Fixture::new(Store::Sqlite);
     let db = &f.location;
     let (k, l) = (f.ledger.lock("k").unwrap(), f.ledger.lock("l").unwrap());
     let first = k.token();
     let mut queued_first = spawn_worker(
-        &db,
+        db,
         &[
             "hold",
             "k",
@@ -384,7 +392,7 @@ fn a_request_at_the_gate_never_overtakes_a_queued_one(store: Store) {
     );
     wait_for_waiters(&f.ledger, 2); // one record per key
     let mut at_gate = spawn_worker(
-        &db,
+        db,
         &[
             "hold",
             "k",
@@ -418,9 +426,6 @@ on_both_stores!(
     a_waiting_process_times_out_and_leaves_the_queue,
     the_lock_of_a_killed_holder_passes_to_a_waiting_process,
     a_killed_holders_lock_is_reclaimed_by_the_next_acquirer,
-    a_symlinked_path_shares_the_locks,
+    #[cfg(target_os = "linux")]
     a_holder_in_another_pid_namespace_is_not_reclaimed,
-    a_request_waits_at_the_gate_then_takes_a_place_in_the_queue,
-    a_request_at_the_gate_of_a_killed_holder_takes_its_lock,
-    a_request_at_the_gate_never_overtakes_a_queued_one,
 );

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Place, SchemaGuard, Store, finish, instant_in, spawn_worker};
 use runledger::{Error, Ledger, RunSpec, SCHEMA_VERSION};
 
@@ -172,7 +170,7 @@ fn the_path_names_the_ledger_without_its_password_and_opens_it_again() {
     assert!(path.starts_with("postgres://"), "{path}");
     assert!(path.ends_with(&format!("#{schema}")), "{path}");
     let run = ledger.begin_run(RunSpec::new("seen")).unwrap();
-    let again = Ledger::builder_for(&path).open().unwrap();
+    let again = Ledger::builder(&path).open().unwrap();
     assert_eq!(again.run(run.id()).unwrap().name, "seen");
     run.succeed().unwrap();
 }

@@ -130,7 +130,7 @@ fn a_panic_fails_the_run_as_panicked(store: Store) {
 fn a_panicking_process_leaves_its_run_failed(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
-    let out = spawn_worker(&db, &["panic", "crashy"])
+    let out = spawn_worker(db, &["panic", "crashy"])
         .wait_with_output()
         .unwrap();
     assert!(!out.status.success());
@@ -428,7 +428,7 @@ fn records_serialize_to_json(store: Store) {
 fn work_across_processes_is_visible_to_all(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
-    let lines = finish(spawn_worker(&db, &["begin", "from-another-process"]));
+    let lines = finish(spawn_worker(db, &["begin", "from-another-process"]));
     let id: runledger::RunId = lines[0].strip_prefix("started ").unwrap().parse().unwrap();
     let r = f.ledger.run(id).unwrap();
     assert_eq!(

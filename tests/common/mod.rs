@@ -16,11 +16,15 @@ use runledger::{Ledger, LockState, ManualClock, Timestamp};
 /// `postgres://postgres@127.0.0.1:5432/postgres`) set when the tests are
 /// built. Without it they are listed as ignored, with a message saying so;
 /// each run creates and drops a schema of its own per test.
+///
+/// Attributes before a name (such as `#[cfg(target_os = "linux")]`) apply to
+/// both of its tests.
 #[macro_export]
 macro_rules! on_both_stores {
-    ($($name:ident),+ $(,)?) => {
+    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
         mod sqlite {
             $(
+                $(#[$attr])*
                 #[test]
                 fn $name() {
                     super::$name($crate::common::Store::Sqlite)
@@ -29,6 +33,7 @@ macro_rules! on_both_stores {
         }
         mod postgres {
             $(
+                $(#[$attr])*
                 #[test]
                 #[cfg_attr(
                     not(runledger_pg),
@@ -49,7 +54,7 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub clock: ManualClock,
     pub ledger: Ledger,
-    /// How to name this ledger to [`Ledger::builder_for`] (and to workers):
+    /// How to name this ledger to [`Ledger::builder`] (and to workers):
     /// the database path, or the URL with `#schema`.
     pub location: String,
     pub store: Store,
@@ -105,7 +110,7 @@ impl Fixture {
             store,
             schema,
         } = Place::new(store);
-        let ledger = Ledger::builder_for(&location)
+        let ledger = Ledger::builder(&location)
             .clock(clock.clone())
             .open()
             .unwrap();
@@ -122,7 +127,7 @@ impl Fixture {
     /// Settings for another ledger (another process's view) of the same
     /// store, with this fixture's clock.
     pub fn builder(&self) -> runledger::Builder {
-        Ledger::builder_for(&self.location).clock(self.clock.clone())
+        Ledger::builder(&self.location).clock(self.clock.clone())
     }
 }
 
@@ -162,6 +167,29 @@ pub fn raw_sql(store: Store, location: &str, sql: &str) {
     }
 }
 
+/// The columns of the one row a query returns, as text (cast them in the
+/// query: `CAST(x AS TEXT)` reads the same on both stores).
+pub fn raw_query_text(store: Store, location: &str, sql: &str) -> Vec<String> {
+    match store {
+        Store::Sqlite => {
+            let conn = rusqlite::Connection::open(location).unwrap();
+            let mut statement = conn.prepare(sql).unwrap();
+            let columns = statement.column_count();
+            statement
+                .query_row([], |row| {
+                    (0..columns)
+                        .map(|i| row.get::<_, String>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .unwrap()
+        }
+        Store::Postgres => {
+            let row = pg_client(location).query_one(sql, &[]).unwrap();
+            (0..row.len()).map(|i| row.get::<_, String>(i)).collect()
+        }
+    }
+}
+
 /// See [`Fixture::query_i64`].
 pub fn raw_query_i64(store: Store, location: &str, sql: &str) -> i64 {
     match store {
@@ -178,7 +206,7 @@ pub fn raw_query_i64(store: Store, location: &str, sql: &str) -> i64 {
 /// schema of its own, dropped with the place.
 pub struct Place {
     pub dir: tempfile::TempDir,
-    /// The ledger's name for [`Ledger::builder_for`] and for workers.
+    /// The ledger's name for [`Ledger::builder`] and for workers.
     pub location: String,
     pub store: Store,
     pub schema: Option<SchemaGuard>,
@@ -208,7 +236,7 @@ impl Place {
     /// Settings for a ledger here, with the system clock (as the workers
     /// have).
     pub fn builder(&self) -> runledger::Builder {
-        Ledger::builder_for(&self.location)
+        Ledger::builder(&self.location)
     }
 
     /// A ledger here with default settings.

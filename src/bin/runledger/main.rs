@@ -296,10 +296,7 @@ pub(crate) fn is_url(db: &std::path::Path) -> bool {
 
 /// Settings for the ledger `--db` names: a file, or a PostgreSQL URL.
 pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
-    match db.to_str() {
-        Some(location) => Ledger::builder_for(location),
-        None => Ledger::builder(db),
-    }
+    Ledger::builder(db)
 }
 
 fn open_with(
