@@ -52,9 +52,13 @@ pub(crate) fn check_name(what: &'static str, value: &str) -> Result<()> {
 }
 
 /// Renders a failure reason, truncated at a character boundary to
-/// [`MAX_REASON_BYTES`] with a trailing `…`.
+/// [`MAX_REASON_BYTES`] with a trailing `…`. A NUL character becomes U+FFFD
+/// (`�`): PostgreSQL's text cannot hold one, and a reason is never refused.
 pub(crate) fn reason(reason: impl fmt::Display) -> String {
     let mut text = reason.to_string();
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{FFFD}");
+    }
     if text.len() > MAX_REASON_BYTES {
         let mut end = MAX_REASON_BYTES - '…'.len_utf8();
         while !text.is_char_boundary(end) {
@@ -189,6 +193,7 @@ mod tests {
         assert!(kept.len() <= MAX_REASON_BYTES);
         assert!(kept.ends_with('…'));
         assert_eq!(reason("short"), "short");
+        assert_eq!(reason("a\0b"), "a\u{FFFD}b");
     }
 
     /// Regression: metadata nested 128 levels deep was stored, and then

@@ -1013,6 +1013,13 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn runs(&self, filter: RunFilter) -> Result<Vec<RunRecord>> {
+        // No stored name or source holds a control character (they are
+        // refused on the way in), and PostgreSQL cannot take a NUL in a
+        // parameter at all.
+        let impossible = |v: &Option<String>| v.as_deref().is_some_and(|v| v.contains('\0'));
+        if impossible(&filter.name) || impossible(&filter.source) {
+            return Ok(Vec::new());
+        }
         self.inner.store.runs(&filter)
     }
 

@@ -352,16 +352,8 @@ fn a_forced_release_is_recorded_and_the_holder_finds_out(store: Store) {
     assert!(err.to_string().contains("taken away"), "{err}");
     // Someone else can take it now, with a higher token.
     f.ledger.try_lock("stuck").unwrap().release().unwrap();
-    let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
-    let (kind, reason): (String, String) = conn
-        .query_row("SELECT kind, reason FROM lock_events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap();
-    assert_eq!(
-        (kind.as_str(), reason.as_str()),
-        ("forced", "operator: holder hung")
-    );
+    let row = common::raw_query_text(f.store, &f.location, "SELECT kind, reason FROM lock_events");
+    assert_eq!(row, ["forced", "operator: holder hung"]);
     // A run's lock forced away is in the run's own history.
     let run = other.begin_run(RunSpec::new("held-by-a-run")).unwrap();
     let _kept = run.lock("run-held").unwrap();

@@ -25,14 +25,10 @@ fn prune_deletes_old_finished_runs_with_their_steps_and_events(store: Store) {
     assert!(f.ledger.run(old_id).unwrap_err().is_not_found());
     assert!(f.ledger.events(old_id).unwrap_err().is_not_found());
     // No orphaned steps or events remain.
-    let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
-    let orphans: i64 = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM steps WHERE run_id = ?1) + (SELECT count(*) FROM events WHERE run_id = ?1)",
-            [i64::from(old_id)],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let orphans = f.query_i64(&format!(
+        "SELECT (SELECT count(*) FROM steps WHERE run_id = {old_id}) \
+         + (SELECT count(*) FROM events WHERE run_id = {old_id})"
+    ));
     assert_eq!(orphans, 0);
     // Active and recent runs stay, with their whole history.
     assert_eq!(
@@ -88,21 +84,9 @@ fn prune_works_in_batches_and_never_reuses_ids(store: Store) {
 
 fn prune_forgets_processes_that_closed_long_ago(store: Store) {
     let f = Fixture::new(store);
-    let count = |f: &common::Fixture| -> i64 {
-        let conn = rusqlite::Connection::open(f.ledger.path()).unwrap();
-        conn.query_row("SELECT count(*) FROM instances WHERE id > 0", [], |r| {
-            r.get(0)
-        })
-        .unwrap()
-    };
-    let path = f.dir.path().join("ledger.db");
+    let count = |f: &common::Fixture| f.query_i64("SELECT count(*) FROM instances WHERE id > 0");
     for _ in 0..3 {
-        drop(
-            runledger::Ledger::builder(&path)
-                .clock(f.clock.clone())
-                .open()
-                .unwrap(),
-        );
+        drop(f.builder().open().unwrap());
     }
     assert_eq!(count(&f), 4);
     f.clock.advance(2 * DAY);

@@ -606,3 +606,9 @@ pub(crate) fn fail_if_running(state: &RunState, reason: &str) -> Result<Option<R
 // domain on either.
 #[cfg(feature = "postgres")]
 const _: () = assert!(postgres::SCHEMA_VERSION == sqlite::SCHEMA_VERSION);
+
+/// A row that cannot be what the schema says (edited by hand, or written by
+/// a broken tool): a storage error, never a panic.
+pub(crate) fn bad_data(what: String) -> crate::error::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
+}

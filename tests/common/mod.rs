@@ -290,8 +290,25 @@ impl Drop for SchemaGuard {
 pub fn worker() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
+        // With the features of this test build: the PostgreSQL store's
+        // included, so that workers open the same kind of ledger.
+        let features = [
+            cfg!(feature = "cli").then_some("cli"),
+            cfg!(feature = "postgres").then_some("postgres"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(",");
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--example", "worker"])
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "worker",
+                "--features",
+                &features,
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo runs");

@@ -19,12 +19,7 @@ use crate::store::{
     state_of,
 };
 
-/// An error for a row that holds what this store never writes (a negative
-/// token, an unknown mode, keys that are not a JSON array): a storage
-/// error, as SQLite's failed conversions are.
-pub(super) fn bad_data(what: String) -> Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
-}
+pub(super) use crate::store::bad_data;
 
 /// A request's keys, from its row's JSON array.
 pub(super) fn parse_keys(text: &str) -> Result<Vec<String>> {

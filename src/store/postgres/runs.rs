@@ -23,12 +23,7 @@ use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
 /// schema inserts, which no process is (identity ids start at 1).
 pub(super) const NOBODY: i64 = 0;
 
-/// A value read from the database that the domain does not know (a status
-/// no migration writes, malformed JSON): the storage is damaged, as SQLite's
-/// conversion errors say.
-fn bad_data(what: String) -> Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
-}
+use crate::store::bad_data;
 
 fn timestamp(row: &Row, index: usize) -> Result<Timestamp> {
     Ok(Timestamp::from_millis(row.try_get::<_, i64>(index)?))
@@ -476,7 +471,11 @@ impl Store {
             let (status, _) = run_head(tx, run)?;
             if status == RunStatus::Running {
                 tx.execute(
-                    "UPDATE runs SET heartbeat_at = $2, hung_at = $2::bigint + heartbeat_timeout
+                    "UPDATE runs SET heartbeat_at = $2,
+                         hung_at = CASE WHEN heartbeat_timeout
+                                             > 9223372036854775807 - greatest($2::bigint, 0)
+                                        THEN 9223372036854775807
+                                        ELSE $2::bigint + heartbeat_timeout END
                      WHERE id = $1 AND status = 'running'",
                     &[&i64::from(run), &at.as_millis()],
                 )?;
@@ -953,8 +952,11 @@ pub(super) fn apply_change(
                 "UPDATE runs SET status = $3, exit_code = $4, error = $5,
                      started_at = coalesce(started_at, $6::bigint), finished_at = $7,
                      steps_failed = steps_failed + $8::bigint, last_event_id = $9,
-                     hung_at = CASE WHEN $3::text = 'running'
-                                    THEN $10::bigint + heartbeat_timeout END,
+                     hung_at = CASE WHEN $3::text <> 'running' THEN NULL
+                                    WHEN heartbeat_timeout
+                                         > 9223372036854775807 - greatest($10::bigint, 0)
+                                    THEN 9223372036854775807
+                                    ELSE $10::bigint + heartbeat_timeout END,
                      adopt_by = CASE WHEN $7::bigint IS NULL THEN adopt_by END
                  WHERE id = $1 AND status = $2",
                 &[

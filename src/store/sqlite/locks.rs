@@ -171,7 +171,9 @@ fn next_token(tx: &Connection, keys: &[String]) -> Result<i64> {
         let token: Option<i64> = read.query_row([key], |row| row.get(0)).optional()?;
         last = last.max(token.unwrap_or(0));
     }
-    let token = last + 1;
+    let token = last
+        .checked_add(1)
+        .ok_or_else(|| crate::store::bad_data(format!("fencing token {last} has no successor")))?;
     let mut write = tx.prepare_cached(
         "INSERT INTO lock_keys (key, last_token) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",

@@ -464,7 +464,10 @@ impl Store {
             let (status, _) = run_head(tx, run)?;
             if status == RunStatus::Running {
                 tx.prepare_cached(
-                    "UPDATE runs SET heartbeat_at = ?2, hung_at = ?2 + heartbeat_timeout
+                    "UPDATE runs SET heartbeat_at = ?2,
+                         hung_at = CASE WHEN heartbeat_timeout > 9223372036854775807 - max(?2, 0)
+                                        THEN 9223372036854775807
+                                        ELSE ?2 + heartbeat_timeout END
                      WHERE id = ?1 AND status = 'running'",
                 )?
                 .execute((run, at))?;
@@ -900,7 +903,10 @@ pub(super) fn apply_change(
                     "UPDATE runs SET status = ?3, exit_code = ?4, error = ?5,
                          started_at = coalesce(started_at, ?6), finished_at = ?7,
                          steps_failed = steps_failed + ?8, last_event_id = ?9,
-                         hung_at = CASE WHEN ?3 = 'running' THEN ?10 + heartbeat_timeout END,
+                         hung_at = CASE WHEN ?3 <> 'running' THEN NULL
+                                        WHEN heartbeat_timeout > 9223372036854775807 - max(?10, 0)
+                                        THEN 9223372036854775807
+                                        ELSE ?10 + heartbeat_timeout END,
                          adopt_by = CASE WHEN ?7 IS NULL THEN adopt_by END
                      WHERE id = ?1 AND status = ?2",
                 )?
