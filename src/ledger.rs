@@ -301,7 +301,7 @@ impl Builder {
     /// inject a [`ManualClock`](crate::ManualClock).
     ///
     /// On PostgreSQL the ledger's time is otherwise the server's (see
-    /// [`Ledger::builder_postgres`]); a clock given here replaces it.
+    /// `Ledger::builder_postgres`); a clock given here replaces it.
     pub fn clock(mut self, clock: impl Clock) -> Builder {
         self.clock = Arc::new(clock);
         self.clock_given = true;
@@ -647,9 +647,9 @@ impl Ledger {
     /// missing.
     ///
     /// A `path` that is a `postgres://` or `postgresql://` URL names a
-    /// ledger on PostgreSQL instead, exactly as
-    /// [`Ledger::builder_postgres`] does (the crate must be built with the
-    /// `postgres` feature, else [`Builder::open`] refuses it): a command
+    /// ledger on PostgreSQL instead, exactly as `Ledger::builder_postgres`
+    /// does (the crate must be built with the `postgres` feature, else
+    /// [`Builder::open`] refuses it): a command
     /// line or a configuration file can then name either kind of ledger
     /// with one string. [`Ledger::path`] gives back a string that names the
     /// same ledger (without a password).
@@ -756,7 +756,7 @@ impl Builder {
 impl Ledger {
     /// The canonical path of the database file (on PostgreSQL, the URL
     /// without its password and the schema after a `#`, see
-    /// [`Ledger::builder_postgres`]).
+    /// `Ledger::builder_postgres`).
     pub fn path(&self) -> &Path {
         self.inner.store.path()
     }

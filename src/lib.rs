@@ -1,5 +1,6 @@
 //! A crash-safe registry of runs and strict cross-process locks, shared by
-//! every process that opens the same SQLite file.
+//! every process that opens the same SQLite file (or, with the `postgres`
+//! feature, the same PostgreSQL schema, from many hosts).
 //!
 //! Terminals, workers and dashboards of one application often run at once
 //! against one database. Without care they leave runs stuck in `running`
@@ -323,10 +324,21 @@
 //! `unlock` serve operators, each with `--json`. Library users who leave the feature
 //! off never build its dependencies.
 //!
+//! # PostgreSQL
+//!
+//! With the `postgres` feature, [`Ledger::builder`] (and [`Ledger::open`])
+//! also take a `postgres://` URL, and `Ledger::builder_postgres` a URL with
+//! `Builder::schema`: the same ledger, in one schema of a PostgreSQL
+//! database that processes on many hosts share. Every method keeps its
+//! guarantees there; what differs (the server's clock, liveness across
+//! hosts, wake-ups by `LISTEN`/`NOTIFY`, durability) is listed on
+//! `Ledger::builder_postgres`.
+//!
 //! # Time
 //!
 //! Every timestamp comes from the ledger's [`Clock`]: the system clock by
-//! default, a [`ManualClock`] in tests that move time without sleeping.
+//! default (on PostgreSQL, the server's clock as each process follows it),
+//! a [`ManualClock`] in tests that move time without sleeping.
 //!
 //! # Logging
 //!
