@@ -108,7 +108,13 @@ fn postgres_parts(c: &mut Criterion, url: &str) {
 
     let ledger = Ledger::open(format!("{url}#{}_ledger", schema.name)).unwrap();
     group.bench_function("lock_release", |b| {
-        b.iter(|| ledger.lock(black_box("bench-key")).unwrap().release().unwrap())
+        b.iter(|| {
+            ledger
+                .lock(black_box("bench-key"))
+                .unwrap()
+                .release()
+                .unwrap()
+        })
     });
     group.bench_function("begin_run_succeed", |b| {
         b.iter(|| {
@@ -130,7 +136,13 @@ fn sqlite_parts(c: &mut Criterion) {
     let mut group = c.benchmark_group("sqlite");
     group.measurement_time(Duration::from_secs(5));
     group.bench_function("lock_release", |b| {
-        b.iter(|| ledger.lock(black_box("bench-key")).unwrap().release().unwrap())
+        b.iter(|| {
+            ledger
+                .lock(black_box("bench-key"))
+                .unwrap()
+                .release()
+                .unwrap()
+        })
     });
     group.bench_function("begin_run_succeed", |b| {
         b.iter(|| {
@@ -197,7 +209,10 @@ fn handoff(url: &str) {
     let worker = worker();
     let schema = Schema::new(url, "handoff");
     let same = pingpong(&worker, &schema.location(), &[]);
-    println!("handoff, both processes on this host:          {}", summary(&same));
+    println!(
+        "handoff, both processes on this host:          {}",
+        summary(&same)
+    );
 
     // Through the Unix socket, so that a process without the loopback
     // network can still reach the server.
@@ -212,11 +227,16 @@ fn handoff(url: &str) {
         .status()
         .is_ok_and(|s| s.success());
     if !unshare_works || !Path::new("/var/run/postgresql").exists() {
-        println!("handoff across network namespaces: skipped (needs root and the server's Unix socket)");
+        println!(
+            "handoff across network namespaces: skipped (needs root and the server's Unix socket)"
+        );
         return;
     }
     let apart = pingpong(&worker, &socket_url, &["unshare", "--net"]);
-    println!("handoff, each process in its own namespace:    {}", summary(&apart));
+    println!(
+        "handoff, each process in its own namespace:    {}",
+        summary(&apart)
+    );
     let _ = Client::connect(url, NoTls).and_then(|mut c| {
         c.batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {}_netns CASCADE",
@@ -230,7 +250,9 @@ fn main() {
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        println!("set RUNLEDGER_PG_URL (such as postgres://postgres@127.0.0.1:5432/postgres) to run this bench");
+        println!(
+            "set RUNLEDGER_PG_URL (such as postgres://postgres@127.0.0.1:5432/postgres) to run this bench"
+        );
         return;
     };
     let wants = wanted_parts();

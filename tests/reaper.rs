@@ -147,6 +147,7 @@ fn hosts_judge_each_other_by_their_last_heartbeat(store: Store) {
     let a = remote(&f, "host-a");
     let b = remote(&f, "host-b");
     let run = b.begin_run(RunSpec::new("b-job")).unwrap();
+    let held = run.lock("b-key").unwrap();
     f.clock.advance(Duration::from_secs(120));
     b.heartbeat().unwrap();
     f.ledger.heartbeat().unwrap();
@@ -166,6 +167,11 @@ fn hosts_judge_each_other_by_their_last_heartbeat(store: Store) {
         "{reaped:?}"
     );
     assert_eq!(f.ledger.run(run.id()).unwrap().status, RunStatus::Failed);
+    // Its lock went with it: `a` takes the key with a higher token, and
+    // `b`, should it wake up, finds it lost.
+    let taken = a.try_lock("b-key").unwrap();
+    assert!(taken.token() > held.token());
+    assert!(held.release().unwrap_err().is_lock_lost());
     assert!(run.succeed().unwrap_err().is_invalid_transition());
 }
 

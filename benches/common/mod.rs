@@ -7,7 +7,11 @@ use std::process::Command;
 /// The `worker` example, built in release.
 pub fn worker() -> PathBuf {
     // With this bench's features: the PostgreSQL store's included.
-    let features = if cfg!(feature = "postgres") { "postgres" } else { "" };
+    let features = if cfg!(feature = "postgres") {
+        "postgres"
+    } else {
+        ""
+    };
     let status = Command::new(env!("CARGO"))
         .args(["build", "--release", "--quiet", "--example", "worker"])
         .args(["--features", features])
