@@ -29,6 +29,23 @@ macro_rules! pg_tests {
     };
 }
 
+macro_rules! pg_tests_review {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres_review {
+            $(
+                #[test]
+                #[cfg_attr(
+                    not(runledger_pg),
+                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+                )]
+                fn $name() {
+                    super::$name()
+                }
+            )+
+        }
+    };
+}
+
 fn client(url: &str) -> ::postgres::Client {
     ::postgres::Client::connect(url, ::postgres::NoTls).unwrap()
 }
@@ -208,4 +225,209 @@ pg_tests!(
     an_unreachable_server_is_an_open_error_that_hides_the_password,
     the_path_names_the_ledger_without_its_password_and_opens_it_again,
     a_ledger_stamps_with_the_servers_clock,
+);
+
+// ---- Review tests ----
+
+/// `Place`'s location with an `application_name` of its own, so that the
+/// ledger's connections can be counted (and killed) without touching those of
+/// any other test or session on the server.
+fn tagged_location(place: &Place, tag: &str) -> (String, String) {
+    let schema = place.schema.as_ref().unwrap();
+    let app = format!("rv_{tag}_{}", std::process::id());
+    (
+        format!("{}?application_name={app}#{}", schema.url, schema.name),
+        app,
+    )
+}
+
+fn connections_of(url: &str, app: &str) -> i64 {
+    client(url)
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The advisory key the store derives for `what` in `schema` (FNV-1a, as in
+/// `src/store/postgres/mod.rs`).
+fn advisory_key(what: &str, schema: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in what.bytes().chain([0]).chain(schema.bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+fn review_dropped_ledgers_leave_no_connections_behind() {
+    let place = Place::new(Store::Postgres);
+    let url = place.schema.as_ref().unwrap().url.clone();
+    let (location, app) = tagged_location(&place, "drop");
+    for _ in 0..5 {
+        let ledger = Ledger::builder(&location).open().unwrap();
+        let run = ledger.begin_run(RunSpec::new("r")).unwrap();
+        run.succeed().unwrap();
+        drop(ledger);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left = connections_of(&url, &app);
+    while left > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = connections_of(&url, &app);
+    }
+    assert_eq!(left, 0, "connections left behind by dropped ledgers");
+}
+
+fn review_a_connection_the_server_closed_does_not_fail_the_next_call() {
+    let place = Place::new(Store::Postgres);
+    let url = place.schema.as_ref().unwrap().url.clone();
+    let (location, app) = tagged_location(&place, "term");
+    let ledger = Ledger::builder(&location).pool_size(2).open().unwrap();
+    // Warm the pool.
+    ledger.runs(runledger::RunFilter::default()).unwrap();
+    ledger
+        .begin_run(RunSpec::new("a"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+    // The server (a restart, a failover, idle_session_timeout, an operator)
+    // closes the ledger's connections.
+    let killed: i64 = client(&url)
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1) t",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(killed > 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The server is up: the next calls should get fresh connections.
+    ledger
+        .runs(runledger::RunFilter::default())
+        .expect("a read after the server closed a pooled connection");
+    ledger
+        .begin_run(RunSpec::new("b"))
+        .expect("a write after the server closed a pooled connection")
+        .succeed()
+        .unwrap();
+}
+
+fn review_open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
+    let place = Place::new(Store::Postgres);
+    drop(place.open());
+    let schema = place.schema.as_ref().unwrap();
+    // Another process is migrating (or hung while migrating): it holds the
+    // schema's migration lock.
+    let mut other = client(&schema.url);
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&advisory_key("runledger migrations", &schema.name)],
+        )
+        .unwrap();
+    let location = place.location.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = Ledger::builder(&location)
+            .busy_timeout(std::time::Duration::from_millis(300))
+            .open()
+            .map(drop);
+        let _ = tx.send(result);
+    });
+    let result = rx.recv_timeout(std::time::Duration::from_secs(10));
+    drop(other);
+    let result = result.expect("open still waiting 10 s with a busy timeout of 300 ms");
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err:?}");
+}
+
+fn review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
+    let place = Place::new(Store::Postgres);
+    let schema = place.schema.as_ref().unwrap();
+    let ledger = place
+        .builder()
+        .pool_size(1)
+        .busy_timeout(std::time::Duration::from_millis(300))
+        .open()
+        .unwrap();
+    let mut other = client(&schema.url);
+    let mut tx = other.transaction().unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&advisory_key("runledger writer", &schema.name)],
+    )
+    .unwrap();
+    let err = ledger.begin_run(RunSpec::new("blocked")).unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err:?}");
+    tx.rollback().unwrap();
+    ledger.runs(runledger::RunFilter::default()).unwrap();
+    ledger
+        .begin_run(RunSpec::new("free"))
+        .unwrap()
+        .succeed()
+        .unwrap();
+}
+
+fn review_a_schema_holding_only_another_applications_views_is_refused() {
+    let guard = SchemaGuard::new();
+    let mut client = client(&guard.url);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {0}; CREATE VIEW {0}.report AS SELECT 1 AS x;
+             CREATE SEQUENCE {0}.invoice_numbers",
+            guard.name
+        ))
+        .unwrap();
+    let result = Ledger::builder_postgres(&guard.url)
+        .schema(&guard.name)
+        .open();
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
+            &[&guard.name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        matches!(&result, Err(Error::NotALedger { .. })),
+        "{:?}; the ledger created {tables} tables in it",
+        result.map(drop)
+    );
+}
+
+fn review_a_reading_cli_command_does_not_create_a_missing_ledger() {
+    let guard = SchemaGuard::new();
+    let location = format!("{}#{}", guard.url, guard.name);
+    let out = std::process::Command::new(
+        option_env!("CARGO_BIN_EXE_runledger").expect("build with --features cli"),
+    )
+    .args(["--db", &location, "runs"])
+    .output()
+    .unwrap();
+    let exists: bool = client(&guard.url)
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&guard.name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        !exists && !out.status.success(),
+        "`runledger runs` on a missing ledger: status {:?}, schema created: {exists}; {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+pg_tests_review!(
+    review_dropped_ledgers_leave_no_connections_behind,
+    review_a_connection_the_server_closed_does_not_fail_the_next_call,
+    review_open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
+    review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
+    review_a_schema_holding_only_another_applications_views_is_refused,
+    review_a_reading_cli_command_does_not_create_a_missing_ledger,
 );
