@@ -423,6 +423,36 @@ fn review_a_reading_cli_command_does_not_create_a_missing_ledger() {
     );
 }
 
+fn review_a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown() {
+    // A generated password often holds a `#`; a key=value string (which
+    // `builder_postgres` documents) has no fragment, so nothing after a `#`
+    // is a schema name, and no error may show any part of the password.
+    let err = Ledger::builder_postgres(
+        "host=127.0.0.1 port=1 user=postgres dbname=nowhere password=hunter2#Hunter2",
+    )
+    .open()
+    .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(
+        !text.contains("Hunter2"),
+        "the password's tail is shown: {text}"
+    );
+}
+
+fn review_the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
+    let place = Place::new(Store::Postgres);
+    let schema = &place.schema.as_ref().unwrap().name;
+    let location = format!("postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres#{schema}");
+    let ledger = Ledger::builder(&location).open().unwrap();
+    let run = ledger.begin_run(RunSpec::new("seen")).unwrap();
+    let path = ledger.path().to_str().unwrap().to_owned();
+    let again = Ledger::builder(&path)
+        .open()
+        .unwrap_or_else(|e| panic!("Ledger::path {path:?} does not open again: {e}"));
+    assert_eq!(again.run(run.id()).unwrap().name, "seen");
+    run.succeed().unwrap();
+}
+
 pg_tests_review!(
     review_dropped_ledgers_leave_no_connections_behind,
     review_a_connection_the_server_closed_does_not_fail_the_next_call,
@@ -430,4 +460,6 @@ pg_tests_review!(
     review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
     review_a_schema_holding_only_another_applications_views_is_refused,
     review_a_reading_cli_command_does_not_create_a_missing_ledger,
+    review_a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown,
+    review_the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
 );
