@@ -98,6 +98,7 @@ pub struct Builder {
     reap_on_open: bool,
     host: Option<String>,
     group_commit: bool,
+    create: bool,
 }
 
 /// How long an instance may go without a heartbeat before the lease judges
@@ -328,6 +329,16 @@ impl Builder {
         self
     }
 
+    /// Whether [`open`](Builder::open) creates a ledger that does not exist
+    /// yet (the default), or refuses with [`Error::Open`](crate::Error::Open)
+    /// and creates nothing: no file (and no folder) for a path, no schema
+    /// or tables on PostgreSQL. For tools that only read, where a typo in
+    /// the location must not look like an empty ledger.
+    pub fn create(mut self, create: bool) -> Builder {
+        self.create = create;
+        self
+    }
+
     /// Opens the ledger, creating the file and its folders if needed and
     /// applying pending schema migrations.
     ///
@@ -374,6 +385,7 @@ impl Builder {
             busy_timeout: self.busy_timeout,
             pool_size: self.pool_size,
             group_commit: self.group_commit,
+            create: self.create,
         };
         let location = match (self.location, self.schema) {
             (Location::File(path), None) => Location::File(path),
@@ -671,10 +683,9 @@ impl Ledger {
     /// `postgres://app@db.internal:5432/jobs` or `host=/run/postgresql
     /// dbname=jobs`; TLS is not supported yet. The ledger's tables live in
     /// one schema, created (and migrated, under an advisory lock) on open:
-    /// the one named after a `#` at the end of `url`
-    /// (`postgres://app@db.internal/jobs#nightly`, the form
-    /// [`Ledger::path`] shows), else the one [`Builder::schema`] gives, else
-    /// `runledger`. Every method
+    /// the one [`Builder::schema`] gives, else the one named after a `#` at
+    /// the end of a URL (`postgres://app@db.internal/jobs#nightly`, the
+    /// form [`Ledger::path`] shows), else `runledger`. Every method
     /// then behaves as on SQLite, with these differences:
     ///
     /// - **Time is the server's.** Timestamps, leases and staleness follow
@@ -712,9 +723,12 @@ impl Ledger {
     #[cfg(feature = "postgres")]
     pub fn builder_postgres(url: impl Into<String>) -> Builder {
         let mut url = url.into();
-        // The form `Ledger::path` shows: the schema after a `#`.
+        // The form `Ledger::path` shows: the schema after a `#`, in a URL
+        // only (in a key=value string, a `#` may be part of a password).
         let mut schema = crate::store::postgres::DEFAULT_SCHEMA.to_owned();
-        if let Some(hash) = url.rfind('#') {
+        if is_postgres_url(&url)
+            && let Some(hash) = url.rfind('#')
+        {
             schema = url[hash + 1..].to_owned();
             url.truncate(hash);
         }
@@ -749,6 +763,7 @@ impl Builder {
             reap_on_open: true,
             host: None,
             group_commit: true,
+            create: true,
         }
     }
 }

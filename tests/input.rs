@@ -149,7 +149,36 @@ fn a_bad_instance_label_is_refused() {
     );
 }
 
+/// `create(false)`: a ledger that does not exist is refused, and nothing is
+/// created; one that does opens as usual.
+fn a_builder_told_not_to_create_refuses_a_missing_ledger(store: Store) {
+    let place = common::Place::new(store);
+    let err = place.builder().create(false).open().unwrap_err();
+    assert!(
+        matches!(&err, Error::Open { reason, .. } if reason.contains("no ledger")),
+        "{err:?}"
+    );
+    match store {
+        Store::Sqlite => assert!(!std::path::Path::new(&place.location).exists()),
+        Store::Postgres => {
+            let schema = place.schema.as_ref().unwrap();
+            let mut client = ::postgres::Client::connect(&schema.url, ::postgres::NoTls).unwrap();
+            let found: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                    &[&schema.name],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(found, 0, "the schema was created");
+        }
+    }
+    drop(place.open());
+    place.builder().create(false).open().unwrap();
+}
+
 on_both_stores!(
+    a_builder_told_not_to_create_refuses_a_missing_ledger,
     a_non_utf8_log_path_is_refused,
     bad_names_sources_and_keys_are_refused,
     metadata_over_the_limit_is_refused_and_the_limit_is_configurable,

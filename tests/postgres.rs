@@ -29,23 +29,6 @@ macro_rules! pg_tests {
     };
 }
 
-macro_rules! pg_tests_review {
-    ($($name:ident),+ $(,)?) => {
-        mod postgres_review {
-            $(
-                #[test]
-                #[cfg_attr(
-                    not(runledger_pg),
-                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
-                )]
-                fn $name() {
-                    super::$name()
-                }
-            )+
-        }
-    };
-}
-
 fn client(url: &str) -> ::postgres::Client {
     ::postgres::Client::connect(url, ::postgres::NoTls).unwrap()
 }
@@ -216,19 +199,6 @@ fn a_ledger_stamps_with_the_servers_clock() {
     run.succeed().unwrap();
 }
 
-pg_tests!(
-    eight_processes_opening_a_fresh_schema_at_once_all_succeed,
-    a_newer_schema_is_refused_and_left_untouched,
-    another_applications_schema_is_refused_and_left_untouched,
-    two_schemas_of_one_database_are_two_ledgers,
-    bad_schema_names_are_refused,
-    an_unreachable_server_is_an_open_error_that_hides_the_password,
-    the_path_names_the_ledger_without_its_password_and_opens_it_again,
-    a_ledger_stamps_with_the_servers_clock,
-);
-
-// ---- Review tests ----
-
 /// `Place`'s location with an `application_name` of its own, so that the
 /// ledger's connections can be counted (and killed) without touching those of
 /// any other test or session on the server.
@@ -262,7 +232,7 @@ fn advisory_key(what: &str, schema: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-fn review_dropped_ledgers_leave_no_connections_behind() {
+fn dropped_ledgers_leave_no_connections_behind() {
     let place = Place::new(Store::Postgres);
     let url = place.schema.as_ref().unwrap().url.clone();
     let (location, app) = tagged_location(&place, "drop");
@@ -281,7 +251,7 @@ fn review_dropped_ledgers_leave_no_connections_behind() {
     assert_eq!(left, 0, "connections left behind by dropped ledgers");
 }
 
-fn review_a_connection_the_server_closed_does_not_fail_the_next_call() {
+fn a_connection_the_server_closed_does_not_fail_the_next_call() {
     let place = Place::new(Store::Postgres);
     let url = place.schema.as_ref().unwrap().url.clone();
     let (location, app) = tagged_location(&place, "term");
@@ -316,12 +286,11 @@ fn review_a_connection_the_server_closed_does_not_fail_the_next_call() {
         .unwrap();
 }
 
-fn review_open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
-    let place = Place::new(Store::Postgres);
-    drop(place.open());
-    let schema = place.schema.as_ref().unwrap();
+fn open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
     // Another process is migrating (or hung while migrating): it holds the
     // schema's migration lock.
+    let place = Place::new(Store::Postgres);
+    let schema = place.schema.as_ref().unwrap();
     let mut other = client(&schema.url);
     other
         .execute(
@@ -329,23 +298,37 @@ fn review_open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
             &[&advisory_key("runledger migrations", &schema.name)],
         )
         .unwrap();
-    let location = place.location.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let result = Ledger::builder(&location)
-            .busy_timeout(std::time::Duration::from_millis(300))
-            .open()
-            .map(drop);
-        let _ = tx.send(result);
-    });
-    let result = rx.recv_timeout(std::time::Duration::from_secs(10));
-    drop(other);
-    let result = result.expect("open still waiting 10 s with a busy timeout of 300 ms");
-    let err = result.unwrap_err();
+    let open = |location: String| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let result = Ledger::builder(&location)
+                .busy_timeout(std::time::Duration::from_millis(300))
+                .open()
+                .map(drop);
+            let _ = tx.send(result);
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("open still waiting 10 s with a busy timeout of 300 ms")
+    };
+    // A fresh schema must wait for the migration: busy, past the timeout.
+    let err = open(place.location.clone()).unwrap_err();
     assert!(matches!(err, Error::Busy { .. }), "{err:?}");
+    // An up-to-date one has nothing to wait for.
+    let other_place = Place::new(Store::Postgres);
+    drop(other_place.open());
+    let up_to_date = other_place.location.clone();
+    let other_schema = &other_place.schema.as_ref().unwrap().name;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&advisory_key("runledger migrations", other_schema)],
+        )
+        .unwrap();
+    open(up_to_date).unwrap();
+    drop(other);
 }
 
-fn review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
+fn writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
     let place = Place::new(Store::Postgres);
     let schema = place.schema.as_ref().unwrap();
     let ledger = place
@@ -372,7 +355,7 @@ fn review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
         .unwrap();
 }
 
-fn review_a_schema_holding_only_another_applications_views_is_refused() {
+fn a_schema_holding_only_another_applications_views_is_refused() {
     let guard = SchemaGuard::new();
     let mut client = client(&guard.url);
     client
@@ -399,7 +382,7 @@ fn review_a_schema_holding_only_another_applications_views_is_refused() {
     );
 }
 
-fn review_a_reading_cli_command_does_not_create_a_missing_ledger() {
+fn a_reading_cli_command_does_not_create_a_missing_ledger() {
     let guard = SchemaGuard::new();
     let location = format!("{}#{}", guard.url, guard.name);
     let out = std::process::Command::new(
@@ -423,7 +406,7 @@ fn review_a_reading_cli_command_does_not_create_a_missing_ledger() {
     );
 }
 
-fn review_a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown() {
+fn a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown() {
     // A generated password often holds a `#`; a key=value string (which
     // `builder_postgres` documents) has no fragment, so nothing after a `#`
     // is a schema name, and no error may show any part of the password.
@@ -439,7 +422,7 @@ fn review_a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown() {
     );
 }
 
-fn review_the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
+fn the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
     let place = Place::new(Store::Postgres);
     let schema = &place.schema.as_ref().unwrap().name;
     let location = format!("postgres://postgres@%2Fvar%2Frun%2Fpostgresql/postgres#{schema}");
@@ -453,13 +436,21 @@ fn review_the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
     run.succeed().unwrap();
 }
 
-pg_tests_review!(
-    review_dropped_ledgers_leave_no_connections_behind,
-    review_a_connection_the_server_closed_does_not_fail_the_next_call,
-    review_open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
-    review_writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
-    review_a_schema_holding_only_another_applications_views_is_refused,
-    review_a_reading_cli_command_does_not_create_a_missing_ledger,
-    review_a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown,
-    review_the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
+pg_tests!(
+    eight_processes_opening_a_fresh_schema_at_once_all_succeed,
+    a_newer_schema_is_refused_and_left_untouched,
+    another_applications_schema_is_refused_and_left_untouched,
+    two_schemas_of_one_database_are_two_ledgers,
+    bad_schema_names_are_refused,
+    an_unreachable_server_is_an_open_error_that_hides_the_password,
+    the_path_names_the_ledger_without_its_password_and_opens_it_again,
+    a_ledger_stamps_with_the_servers_clock,
+    dropped_ledgers_leave_no_connections_behind,
+    a_connection_the_server_closed_does_not_fail_the_next_call,
+    open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
+    writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
+    a_schema_holding_only_another_applications_views_is_refused,
+    a_reading_cli_command_does_not_create_a_missing_ledger,
+    a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown,
+    the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
 );

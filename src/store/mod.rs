@@ -338,6 +338,8 @@ pub(crate) struct StoreConfig {
     /// Whether writes of several threads share transactions (SQLite; see
     /// `sqlite::group`).
     pub group_commit: bool,
+    /// Whether opening may create a ledger that does not exist yet.
+    pub create: bool,
 }
 
 /// A lock request as the store sees it: checked, keys sorted.

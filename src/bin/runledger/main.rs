@@ -303,16 +303,25 @@ fn open_with(
     path: &std::path::Path,
     settings: impl FnOnce(runledger::Builder) -> runledger::Builder,
 ) -> Result<Ledger, Failure> {
-    if !is_url(path) && !path.exists() {
-        return Err(format!(
-            "no ledger at {} (check --db or RUNLEDGER_DB; `runledger exec` creates one)",
-            path.display()
-        )
-        .into());
-    }
     // A call that lives milliseconds needs no keeper thread. Opening still
-    // registers this process and closes what dead processes left.
-    Ok(settings(builder(path).label("runledger-cli").background(false)).open()?)
+    // registers this process and closes what dead processes left; it never
+    // creates a ledger (a typo would look like an empty one).
+    let builder = builder(path)
+        .label("runledger-cli")
+        .background(false)
+        .create(false);
+    match settings(builder).open() {
+        Ok(ledger) => Ok(ledger),
+        // The path the error names has no password.
+        Err(Error::Open { path, reason, .. }) if reason.starts_with("there is no ledger") => {
+            Err(format!(
+                "no ledger at {} (check --db or RUNLEDGER_DB; `runledger exec` creates one)",
+                path.display()
+            )
+            .into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {

@@ -119,7 +119,13 @@ impl Store {
             source: None,
         };
         let mut setup = pg.connect(NoTls).map_err(connect_error)?;
-        schema::prepare(&mut setup, schema, &name)?;
+        schema::prepare(
+            &mut setup,
+            schema,
+            &name,
+            config.busy_timeout,
+            config.create,
+        )?;
         let server_clock = if follow_server {
             Some(Arc::new(ServerClock::anchored(
                 &mut setup,
@@ -193,13 +199,7 @@ impl Store {
     /// schema's channel; after it, it wakes them on this host.
     fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let in_transaction = || {
-            let mut conn = self.pool.get()?;
-            if let Err(e) = conn.client.batch_execute(&self.begin) {
-                // The writer lock timed out (or the connection broke): the
-                // transaction, if it began, is aborted.
-                let _ = conn.client.batch_execute("ROLLBACK");
-                return Err(e.into());
-            }
+            let mut conn = self.begin()?;
             let mut tx = Tx {
                 conn: &mut conn,
                 now: self.clock.now(),
@@ -233,6 +233,34 @@ impl Store {
         in_transaction().map_err(|e: Error| e.in_ledger(&self.name))
     }
 
+    /// A pooled connection inside a new write transaction that holds the
+    /// writer lock.
+    ///
+    /// A connection the server closed while it sat in the pool (a restart,
+    /// a failover, an idle timeout, an operator) only shows it when used:
+    /// its `BEGIN` fails, nothing was written, and the next connection is
+    /// tried, as many times as the pool may hold connections (and once
+    /// more, for a fresh one).
+    fn begin(&self) -> Result<r2d2::PooledConnection<Manager>> {
+        let mut tries = self.pool.max_size();
+        loop {
+            let mut conn = self.pool.get()?;
+            match conn.client.batch_execute(&self.begin) {
+                Ok(()) => return Ok(conn),
+                Err(e) if tries > 0 && lost(&e) => {
+                    // Dropped, the broken connection leaves the pool.
+                    tries -= 1;
+                }
+                Err(e) => {
+                    // The writer lock timed out (or the server refused): the
+                    // transaction, if it began, is aborted.
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
     /// [`write`](Store::write), and `on_commit` once the write has committed
     /// (dropped, not called, if it failed).
     fn write_then<T>(
@@ -257,7 +285,11 @@ impl Store {
 
     /// Runs `f` on a pooled connection, outside any explicit transaction:
     /// each statement sees what was committed when it started.
-    fn read<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+    ///
+    /// A read writes nothing, so one that finds its connection closed by the
+    /// server (see [`Store::begin`]) runs again on the next.
+    fn read<T>(&self, f: impl Fn(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut tries = self.pool.max_size();
         let on_connection = || {
             let mut conn = self.pool.get()?;
             let mut tx = Tx {
@@ -269,7 +301,12 @@ impl Store {
             };
             f(&mut tx)
         };
-        on_connection().map_err(|e: Error| e.in_ledger(&self.name))
+        loop {
+            match on_connection() {
+                Err(e) if tries > 0 && lost_in(&e) => tries -= 1,
+                other => return other.map_err(|e: Error| e.in_ledger(&self.name)),
+            }
+        }
     }
 }
 
@@ -467,6 +504,29 @@ impl Clock for ServerClock {
     }
 }
 
+/// Whether an error means the connection is gone (closed, or being closed by
+/// the server: SQLSTATE classes 08 and 57P), rather than that the statement
+/// failed.
+fn lost(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P")
+        })
+}
+
+/// [`lost`], for an error already wrapped in the crate's.
+fn lost_in(e: &Error) -> bool {
+    match e {
+        Error::Storage { source, .. } | Error::Busy { source, .. } => {
+            std::error::Error::source(source)
+                .and_then(|s| s.downcast_ref::<postgres::Error>())
+                .is_some_and(lost)
+        }
+        _ => false,
+    }
+}
+
 /// Checks a schema name: PostgreSQL identifiers are at most 63 bytes, and
 /// the wake-up channel adds a prefix; plain lower-case names need no
 /// quoting anywhere (psql, other tools).
@@ -518,31 +578,76 @@ fn advisory_key(what: &str, schema: &str) -> i64 {
 }
 
 /// How a ledger on PostgreSQL is named: `postgres://user@host:port/db`,
-/// without the password, and `#schema`.
+/// without the password (or any other option), and `#schema`. A URL that
+/// [`Ledger::builder`](crate::Ledger::builder) opens again: a Unix socket's
+/// folder and an IPv6 address are written as a URL needs them, and every
+/// host of a multi-host configuration is kept.
 fn display_name(config: &Config, schema: &str) -> String {
     use postgres::config::Host;
-    let host = match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => host.clone(),
-        #[cfg(unix)]
-        Some(Host::Unix(path)) => path.display().to_string(),
-        None => "localhost".to_owned(),
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                Host::Tcp(host) if host.contains(':') => format!("[{host}]"),
+                Host::Tcp(host) => host.clone(),
+                #[cfg(unix)]
+                Host::Unix(path) => percent_encode(&path.to_string_lossy()),
+            };
+            // One port for all hosts, or one each; PostgreSQL's own default
+            // written out, so that one ledger has one name.
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_owned()
+    } else {
+        hosts.join(",")
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("");
+    let user = config.get_user().map(percent_encode).unwrap_or_default();
     let at = if user.is_empty() { "" } else { "@" };
-    let db = config.get_dbname().unwrap_or(user);
-    format!("postgres://{user}{at}{host}:{port}/{db}#{schema}")
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("");
+    format!(
+        "postgres://{user}{at}{hosts}/{}#{schema}",
+        percent_encode(db)
+    )
 }
 
-/// A URL that did not parse, with anything that may be a password cut.
-fn redacted(url: &str) -> String {
-    match url.find('@') {
-        Some(at) => match url[..at].find("://") {
-            Some(scheme) => format!("{}://…{}", &url[..scheme], &url[at..]),
-            None => "…".to_owned() + &url[at..],
-        },
-        None => url.to_owned(),
+/// `text` with everything but unreserved URL characters percent-encoded.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
+    out
+}
+
+/// A location that did not parse, with anything that may be a password cut:
+/// the user information of a URL, the value of `password=` in a key=value
+/// string.
+fn redacted(url: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://…{}", &url[..scheme], &url[at..])
+            }
+            _ => url.to_owned(),
+        };
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=…"),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -575,6 +680,17 @@ mod tests {
         let name = display_name(&config, "runs");
         assert_eq!(name, "postgres://me@db.example:6543/app#runs");
         assert!(!redacted("postgres://me:secret@db.example/app").contains("secret"));
+        assert!(!redacted("host=db password=se#cret user=me").contains("cret"));
+        let socket = Config::from_str("host=/var/run/postgresql user=me dbname=app").unwrap();
+        assert_eq!(
+            display_name(&socket, "runs"),
+            "postgres://me@%2Fvar%2Frun%2Fpostgresql:5432/app#runs"
+        );
+        let v6 = Config::from_str("postgres://me@[::1]:6543/app").unwrap();
+        assert_eq!(
+            display_name(&v6, "runs"),
+            "postgres://me@[::1]:6543/app#runs"
+        );
     }
 
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.
@@ -599,6 +715,7 @@ mod tests {
                 busy_timeout: Duration::from_secs(5),
                 pool_size: 2,
                 group_commit: false,
+                create: true,
             };
             Store::open(
                 &self.url,

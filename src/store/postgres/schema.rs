@@ -9,6 +9,7 @@
 //! refused, never altered.
 
 use std::path::Path;
+use std::time::Duration;
 
 use postgres::Client;
 
@@ -197,8 +198,36 @@ pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// Creates the schema if needed and applies the pending migrations, each
 /// process in turn under a session advisory lock of the schema; refuses a
-/// schema of a newer version or of another application.
-pub(super) fn prepare(client: &mut Client, schema: &str, name: &Path) -> Result<()> {
+/// schema of a newer version or of another application, and (unless
+/// `create`) one with no ledger yet.
+///
+/// Every wait (for that lock, for the tables a migration alters) is bounded
+/// by `busy_timeout` (`lock_timeout`), past which opening fails with
+/// [`Error::Busy`]: a process stuck while migrating never holds up every
+/// process that opens the ledger after it. An up-to-date ledger takes no
+/// lock at all, so processes that open it at once do not queue.
+pub(super) fn prepare(
+    client: &mut Client,
+    schema: &str,
+    name: &Path,
+    busy_timeout: Duration,
+    create: bool,
+) -> Result<()> {
+    let ms = busy_timeout.as_millis().clamp(1, i32::MAX as u128);
+    client.batch_execute(&format!("SET lock_timeout = {ms}"))?;
+    match check(inspect(client, schema)?, name)? {
+        version if version == LATEST => return Ok(()),
+        0 if !create => {
+            return Err(Error::Open {
+                path: name.into(),
+                reason:
+                    "there is no ledger in this schema (and the builder said not to create one)"
+                        .into(),
+                source: None,
+            });
+        }
+        _ => {}
+    }
     let key = advisory_key("runledger migrations", schema);
     client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
     let result = migrate(client, schema, name);
@@ -215,6 +244,22 @@ pub(super) fn prepare(client: &mut Client, schema: &str, name: &Path) -> Result<
     Ok(())
 }
 
+/// The version of a ledger this build may open, or the refusal.
+fn check(found: Found, name: &Path) -> Result<u32> {
+    match found {
+        Found::Foreign(reason) => Err(Error::NotALedger {
+            path: name.into(),
+            reason,
+        }),
+        Found::Ledger(found) if found > LATEST => Err(Error::SchemaTooNew {
+            path: name.into(),
+            found,
+            supported: LATEST,
+        }),
+        Found::Ledger(found) => Ok(found),
+    }
+}
+
 /// What the schema holds.
 enum Found {
     /// A ledger (or nothing yet) at this version.
@@ -224,9 +269,16 @@ enum Found {
 }
 
 fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
+    // Anything of another application counts: tables, views, sequences,
+    // types, functions.
     let tables: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = $1",
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1)
+                  + (SELECT count(*) FROM pg_catalog.pg_proc p
+                     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+                     WHERE n.nspname = $1)",
             &[&schema],
         )?
         .get(0);
@@ -247,28 +299,15 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
         }
         _ if tables == 0 => Ok(Found::Ledger(0)),
         _ => Ok(Found::Foreign(format!(
-            "the schema {schema} holds {tables} tables of another application"
+            "the schema {schema} holds {tables} objects of another application \
+             (tables, views, sequences or functions)"
         ))),
     }
 }
 
 fn migrate(client: &mut Client, schema: &str, name: &Path) -> Result<u32> {
-    let version = match inspect(client, schema)? {
-        Found::Foreign(reason) => {
-            return Err(Error::NotALedger {
-                path: name.into(),
-                reason,
-            });
-        }
-        Found::Ledger(found) if found > LATEST => {
-            return Err(Error::SchemaTooNew {
-                path: name.into(),
-                found,
-                supported: LATEST,
-            });
-        }
-        Found::Ledger(found) => found,
-    };
+    // Again, under the lock: another process may have migrated meanwhile.
+    let version = check(inspect(client, schema)?, name)?;
     if version == LATEST {
         return Ok(0);
     }

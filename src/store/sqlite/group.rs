@@ -690,6 +690,7 @@ mod tests {
             busy_timeout,
             pool_size: 4,
             group_commit: true,
+            create: true,
         };
         let store = Store::open(
             &dir.path().join("ledger.db"),
@@ -1144,6 +1145,7 @@ mod tests {
             busy_timeout: Duration::from_secs(2),
             pool_size: 4,
             group_commit: true,
+            create: true,
         };
         let bad = Arc::new(
             Store::open(

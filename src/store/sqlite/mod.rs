@@ -79,6 +79,13 @@ impl Store {
                 source: None,
             });
         }
+        if !config.create && !path.exists() {
+            return Err(Error::Open {
+                path: path.into(),
+                reason: "there is no ledger here (and the builder said not to create one)".into(),
+                source: None,
+            });
+        }
         refuse_non_sqlite(path)?;
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
