@@ -13,9 +13,10 @@ use runledger::{Error, Ledger, RunSpec, SCHEMA_VERSION};
 
 /// A test of this file: ignored without a server to test against.
 macro_rules! pg_tests {
-    ($($name:ident),+ $(,)?) => {
+    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
         mod postgres {
             $(
+                $(#[$attr])*
                 #[test]
                 #[cfg_attr(
                     not(runledger_pg),
@@ -382,15 +383,14 @@ fn a_schema_holding_only_another_applications_views_is_refused() {
     );
 }
 
+#[cfg(feature = "cli")]
 fn a_reading_cli_command_does_not_create_a_missing_ledger() {
     let guard = SchemaGuard::new();
     let location = format!("{}#{}", guard.url, guard.name);
-    let out = std::process::Command::new(
-        option_env!("CARGO_BIN_EXE_runledger").expect("build with --features cli"),
-    )
-    .args(["--db", &location, "runs"])
-    .output()
-    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--db", &location, "runs"])
+        .output()
+        .unwrap();
     let exists: bool = client(&guard.url)
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
@@ -450,6 +450,7 @@ pg_tests!(
     open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
     writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
     a_schema_holding_only_another_applications_views_is_refused,
+    #[cfg(feature = "cli")]
     a_reading_cli_command_does_not_create_a_missing_ledger,
     a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown,
     the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
