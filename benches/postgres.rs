@@ -10,7 +10,9 @@
 //!   both on this host, then each in a network namespace of its own
 //!   (`unshare --net`, connected through the server's Unix socket), where
 //!   the releaser's wake-up datagram cannot reach the waiter and only the
-//!   `NOTIFY` does: two hosts, as far as wake-ups go.
+//!   `NOTIFY` does: two hosts, as far as wake-ups go. Once with a short
+//!   hold, once with keys held 150 ms, long enough for a waiter's polling
+//!   to back off to its 100 ms cap.
 //!
 //! ```text
 //! RUNLEDGER_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --features postgres --bench postgres
@@ -155,7 +157,7 @@ fn sqlite_parts(c: &mut Criterion) {
 
 /// Two `pingpong` workers on `location`, each started through `wrap` (a
 /// command prefix, or none); the release-to-acquire times between them.
-fn pingpong(worker: &Path, location: &str, wrap: &[&str]) -> Vec<u64> {
+fn pingpong(worker: &Path, location: &str, wrap: &[&str], times: u32, hold_us: u32) -> Vec<u64> {
     let spawn = || {
         let mut command = match wrap.split_first() {
             Some((program, args)) => {
@@ -167,7 +169,8 @@ fn pingpong(worker: &Path, location: &str, wrap: &[&str]) -> Vec<u64> {
         };
         command
             .arg(location)
-            .args(["pingpong", "ball", "--times", "500", "--hold-us", "300"])
+            .args(["pingpong", "ball", "--times", &times.to_string()])
+            .args(["--hold-us", &hold_us.to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap()
@@ -208,7 +211,7 @@ fn summary(values: &[u64]) -> String {
 fn handoff(url: &str) {
     let worker = worker();
     let schema = Schema::new(url, "handoff");
-    let same = pingpong(&worker, &schema.location(), &[]);
+    let same = pingpong(&worker, &schema.location(), &[], 500, 300);
     println!(
         "handoff, both processes on this host:          {}",
         summary(&same)
