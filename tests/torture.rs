@@ -192,10 +192,13 @@ fn the_checker_sees_overlaps() {
 
 fn kill_nine_at_random_instants_breaks_no_guarantee(store: Store) {
     let workers = env_number("RUNLEDGER_TORTURE_WORKERS", 8).max(1) as usize;
-    // Each kill on PostgreSQL also costs the server a backend or more.
-    let ci_kills = match store {
-        Store::Sqlite => 1000,
-        Store::Postgres => 400,
+    // A worker on PostgreSQL takes tens of milliseconds to start (each of
+    // its ledgers connects, and the server forks a backend per connection):
+    // killed as often as on SQLite, most would die before their first
+    // grant. Fewer kills, further apart, about as long a run.
+    let (ci_kills, min_gap_ms, spread_ms) = match store {
+        Store::Sqlite => (1000, 5, 40),
+        Store::Postgres => (150, 50, 150),
     };
     let kills = env_number("RUNLEDGER_TORTURE_KILLS", ci_kills);
     let seed = env_number(
@@ -220,7 +223,7 @@ fn kill_nine_at_random_instants_breaks_no_guarantee(store: Store) {
     let mut killed = 0u64;
     let mut killed_pids = HashSet::new();
     while killed < kills {
-        std::thread::sleep(Duration::from_millis(5 + rng.below(40)));
+        std::thread::sleep(Duration::from_millis(min_gap_ms + rng.below(spread_ms)));
         let i = rng.below(running.len() as u64) as usize;
         let mut victim = std::mem::replace(
             &mut running[i],
