@@ -14,6 +14,7 @@
 
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+pub(crate) mod rules;
 pub(crate) mod sqlite;
 
 use std::path::{Path, PathBuf};

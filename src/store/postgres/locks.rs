@@ -12,8 +12,9 @@ use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState, compatible};
+use crate::lock::{LockMode, LockRecord, LockState};
 use crate::run::RunId;
+use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
     Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
     state_of,
@@ -160,34 +161,6 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
     Ok(wakes)
 }
 
-/// Whether the waiting request `waiter` is held back by a lock that
-/// `instance` holds on one of its keys.
-fn held_back_by(tx: &mut Tx<'_>, waiter: &Ahead, instance: i64) -> Result<bool> {
-    for key in &waiter.keys {
-        for a in ahead_on(tx, key, Some(waiter.lock_id))? {
-            if a.state == LockState::Held
-                && a.instance == instance
-                && compatible(&[a.mode], waiter.mode) != Ok(true)
-            {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
-}
-
-/// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
-/// everything ahead of it on every key. A capacity mismatch never fits.
-fn fits(tx: &mut Tx<'_>, keys: &[String], mode: LockMode, ticket: Option<i64>) -> Result<bool> {
-    for key in keys {
-        let modes: Vec<LockMode> = ahead_on(tx, key, ticket)?.iter().map(|a| a.mode).collect();
-        if compatible(&modes, mode) != Ok(true) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// Takes the next fencing token for a grant of `keys`: above the last token
 /// of every one of them, recorded on each. One statement for all the keys
 /// (a request's keys are distinct), as each statement is a round trip made
@@ -257,52 +230,19 @@ pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> 
     grant_waiters(tx, &freed, now)
 }
 
-/// The requests that keep `ask` (queued as `ticket`, if it is) out: the
-/// holders and earlier waiters in its way on each key, except waiters that
-/// only this instance's own locks hold back. Empty when it can be granted.
-fn blockers(tx: &mut Tx<'_>, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Vec<Ahead>> {
-    // Whether this instance holds any lock: asked only when a waiter
-    // is ahead, so the uncontended path does not pay for it.
-    let mut holds_locks = None;
-    let mut blocked = Vec::new();
-    for key in ask.keys {
-        let mut ahead = ahead_on(tx, key, ticket)?;
-        let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
-        if waiter_ahead && holds_locks.is_none() {
-            holds_locks = Some(
-                tx.query_opt(
-                    "SELECT 1 FROM locks WHERE instance_id = $1 AND state = 'held' LIMIT 1",
-                    &[&ask.instance],
-                )?
-                .is_some(),
-            );
-        }
-        if waiter_ahead && holds_locks == Some(true) {
-            // A waiter that this instance's own locks hold back would
-            // wait for this request forever while it waits for that
-            // waiter (first come, first served): it does not count.
-            let mut kept = Vec::with_capacity(ahead.len());
-            for a in ahead {
-                if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
-                    kept.push(a);
-                }
-            }
-            ahead = kept;
-        }
-        let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
-        match compatible(&modes, ask.mode) {
-            Ok(true) => {}
-            Ok(false) => blocked.extend(ahead),
-            Err(capacity) => {
-                return Err(Error::invalid(
-                    "slots capacity",
-                    &ask.mode.to_string(),
-                    format!("lock {key:?} is used with {capacity} slots"),
-                ));
-            }
-        }
+impl LockReads for Tx<'_> {
+    fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+        ahead_on(self, key, ticket)
     }
-    Ok(blocked)
+
+    fn holds_any(&mut self, instance: i64) -> Result<bool> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM locks WHERE instance_id = $1 AND state = 'held' LIMIT 1",
+                &[&instance],
+            )?
+            .is_some())
+    }
 }
 
 impl Store {

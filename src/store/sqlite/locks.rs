@@ -7,8 +7,9 @@ use super::runs::run_head;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState, compatible};
+use crate::lock::{LockMode, LockRecord, LockState};
 use crate::run::RunId;
+use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
     Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
     state_of,
@@ -105,7 +106,7 @@ pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) ->
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for (id, mode, their_keys, wake) in waiters {
-            if !fits(tx, &their_keys, mode, Some(id))? {
+            if !fits(&mut Reads(tx), &their_keys, mode, Some(id))? {
                 // Nothing behind an exclusive waiter fits on this key; a
                 // shared or slots waiter may be blocked only by another of
                 // its keys, and those behind it may still fit.
@@ -132,34 +133,6 @@ pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) ->
         }
     }
     Ok(wakes)
-}
-
-/// Whether the waiting request `waiter` is held back by a lock that
-/// `instance` holds on one of its keys.
-fn held_back_by(tx: &Connection, waiter: &Ahead, instance: i64) -> Result<bool> {
-    for key in &waiter.keys {
-        for a in ahead_on(tx, key, Some(waiter.lock_id))? {
-            if a.state == LockState::Held
-                && a.instance == instance
-                && compatible(&[a.mode], waiter.mode) != Ok(true)
-            {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
-}
-
-/// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
-/// everything ahead of it on every key. A capacity mismatch never fits.
-fn fits(tx: &Connection, keys: &[String], mode: LockMode, ticket: Option<i64>) -> Result<bool> {
-    for key in keys {
-        let modes: Vec<LockMode> = ahead_on(tx, key, ticket)?.iter().map(|a| a.mode).collect();
-        if compatible(&modes, mode) != Ok(true) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// Takes the next fencing token for a grant of `keys`: above the last token
@@ -229,53 +202,24 @@ pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> 
     grant_waiters(tx, &freed, now)
 }
 
-/// The requests that keep `ask` (queued as `ticket`, if it is) out: the
-/// holders and earlier waiters in its way on each key, except waiters that
-/// only this instance's own locks hold back. Empty when it can be granted.
-fn blockers(tx: &Connection, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Vec<Ahead>> {
-    // Whether this instance holds any lock: asked only when a waiter
-    // is ahead, so the uncontended path does not pay for it.
-    let mut holds_locks = None;
-    let mut blocked = Vec::new();
-    for key in ask.keys {
-        let mut ahead = ahead_on(tx, key, ticket)?;
-        let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
-        if waiter_ahead && holds_locks.is_none() {
-            holds_locks = Some(
-                tx.prepare_cached(
-                    "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
-                )?
-                .query_row([ask.instance], |_| Ok(()))
-                .optional()?
-                .is_some(),
-            );
-        }
-        if waiter_ahead && holds_locks == Some(true) {
-            // A waiter that this instance's own locks hold back would
-            // wait for this request forever while it waits for that
-            // waiter (first come, first served): it does not count.
-            let mut kept = Vec::with_capacity(ahead.len());
-            for a in ahead {
-                if a.state == LockState::Held || !held_back_by(tx, &a, ask.instance)? {
-                    kept.push(a);
-                }
-            }
-            ahead = kept;
-        }
-        let modes: Vec<LockMode> = ahead.iter().map(|a| a.mode).collect();
-        match compatible(&modes, ask.mode) {
-            Ok(true) => {}
-            Ok(false) => blocked.extend(ahead),
-            Err(capacity) => {
-                return Err(Error::invalid(
-                    "slots capacity",
-                    &ask.mode.to_string(),
-                    format!("lock {key:?} is used with {capacity} slots"),
-                ));
-            }
-        }
+/// The lock rules' reads, on a connection of this store.
+struct Reads<'c>(&'c Connection);
+
+impl LockReads for Reads<'_> {
+    fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
+        ahead_on(self.0, key, ticket)
     }
-    Ok(blocked)
+
+    fn holds_any(&mut self, instance: i64) -> Result<bool> {
+        Ok(self
+            .0
+            .prepare_cached(
+                "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
+            )?
+            .query_row([instance], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
 }
 
 impl Store {
@@ -314,7 +258,7 @@ impl Store {
                 }
                 None => None,
             };
-            let blocked = blockers(tx, ask, ticket)?;
+            let blocked = blockers(&mut Reads(tx), ask, ticket)?;
             if !blocked.is_empty() {
                 let ticket = match ticket {
                     Some(t) => Some(t),
@@ -349,7 +293,7 @@ impl Store {
     /// it looks grantable. Only a hint for how to wait (the grant
     /// transaction decides); a request that has no place in the queue.
     pub(crate) fn lock_blockers(&self, ask: &LockAsk<'_>) -> Result<Vec<Ahead>> {
-        self.read(|conn| blockers(conn, ask, None))
+        self.read(|conn| blockers(&mut Reads(conn), ask, None))
     }
 
     /// The token of a queued request that a releaser has granted meanwhile:
