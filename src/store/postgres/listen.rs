@@ -27,9 +27,14 @@ const POLL: Duration = Duration::from_millis(200);
 /// PostgreSQL refuses payloads of 8000 bytes or more.
 const MAX_PAYLOAD: usize = 7000;
 
+/// How many watchers' addresses one notification carries at most: a
+/// watcher's address is under 64 bytes, and PostgreSQL refuses payloads of
+/// 8000 bytes or more.
+pub(super) const ADDRESSES_PER_PAYLOAD: usize = 100;
+
 /// This process's origin tag: its pid and a random part, so that a payload
 /// written by this process is known as ours.
-fn origin() -> &'static str {
+pub(super) fn origin() -> &'static str {
     static ORIGIN: OnceLock<String> = OnceLock::new();
     ORIGIN.get_or_init(|| {
         let nanos = std::time::SystemTime::now()

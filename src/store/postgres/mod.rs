@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
-use postgres::{Client, Config, NoTls, Row, Statement};
+use postgres::{Client, Config, NoTls, Row, SimpleQueryMessage, Statement};
 use r2d2::{ManageConnection, Pool};
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -208,23 +208,46 @@ impl Store {
                 wakes: Vec::new(),
             };
             let value = f(&mut tx)?;
-            let mut watchers = Vec::new();
-            if tx.events_written {
-                let rows = tx.query("SELECT address FROM watchers", &[])?;
-                watchers.extend(rows.iter().map(|row| row.get::<_, String>(0)));
-                tx.wakes.extend_from_slice(&watchers);
-            }
             // A change may be noted twice (a helper such as `apply_change`
             // notes the waiters it frees, and its caller may too): one
             // wake-up per address is enough.
             tx.wakes.sort_unstable();
             tx.wakes.dedup();
+            // One round trip ends the transaction: the notifications of the
+            // waiters it freed, those of the feed's watchers (read and
+            // notified by the server, in chunks under the payload limit, and
+            // returned to wake this host's) and the COMMIT, as one batch.
+            let mut batch = String::new();
             for payload in listen::payloads(&tx.wakes) {
-                let channel = self.channel.as_str();
-                tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])?;
+                batch.push_str(&format!(
+                    "SELECT pg_notify({}, {});",
+                    literal(&self.channel),
+                    literal(&payload)
+                ));
             }
-            tx.conn.client.batch_execute("COMMIT")?;
+            if tx.events_written {
+                batch.push_str(&format!(
+                    "SELECT string_agg(address, chr(10)),
+                            pg_notify({}, {} || chr(10) || string_agg(address, chr(10)))
+                     FROM (SELECT address, (row_number() OVER (ORDER BY id) - 1) / {} AS chunk
+                           FROM watchers) w
+                     GROUP BY chunk;",
+                    literal(&self.channel),
+                    literal(listen::origin()),
+                    listen::ADDRESSES_PER_PAYLOAD,
+                ));
+            }
+            batch.push_str("COMMIT");
+            let replies = tx.conn.client.simple_query(&batch)?;
             tx.open = false;
+            let watchers: Vec<String> = replies
+                .iter()
+                .filter_map(|reply| match reply {
+                    SimpleQueryMessage::Row(row) => row.get(0),
+                    _ => None,
+                })
+                .flat_map(|addresses| addresses.lines().map(str::to_owned))
+                .collect();
             // This host's watchers at once; its lock waiters are woken by
             // the caller, with the addresses the method returned.
             wake(&watchers);
@@ -550,6 +573,12 @@ pub(crate) fn check_schema(name: &str) -> Result<()> {
     }
 }
 
+/// `text` as a SQL string literal (with `standard_conforming_strings`, on
+/// since PostgreSQL 9.1: only quotes are doubled).
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// `name` as a quoted SQL identifier.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -775,6 +804,48 @@ mod tests {
             heard[0].ends_with("\nrunledger/a\nrunledger/b"),
             "{heard:?}"
         );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn every_watcher_is_notified_in_payloads_under_the_limit() {
+        let schema = TestSchema::new("watchers");
+        let store = schema.store();
+        let mut listener = schema.client();
+        listener
+            .batch_execute(&format!("LISTEN \"{}\"", channel_of(&schema.name)))
+            .unwrap();
+        store
+            .write(|tx| {
+                for i in 0..250i64 {
+                    let address = format!("runledger/{}/{}/{i}", u32::MAX, u64::MAX);
+                    tx.execute(
+                        "INSERT INTO watchers (instance_id, address) VALUES (1, $1)",
+                        &[&address],
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        store
+            .write(|tx| {
+                tx.events_written();
+                Ok(())
+            })
+            .unwrap();
+        let mut heard = Vec::new();
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_secs(2));
+        while let Ok(Some(note)) = iter.next() {
+            heard.push(note.payload().to_owned());
+        }
+        assert_eq!(heard.len(), 3, "{heard:?}");
+        assert!(heard.iter().all(|p| p.len() < 8000));
+        let addresses: usize = heard.iter().map(|p| p.lines().count() - 1).sum();
+        assert_eq!(addresses, 250);
     }
 
     #[cfg(target_os = "linux")]
