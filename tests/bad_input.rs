@@ -1377,7 +1377,28 @@ mod cli {
     }
 }
 
+/// Deadlines are the clock plus a timeout: at the end of time they saturate
+/// instead of overflowing (bigint on PostgreSQL, a REAL on SQLite).
+fn the_longest_timeouts_at_the_end_of_time_saturate(store: Store) {
+    let f = Fixture::new(store);
+    f.clock.set(Timestamp::from_millis(i64::MAX - 1000));
+    let run = f
+        .ledger
+        .begin_run(RunSpec::new("late").heartbeat_timeout(Duration::MAX))
+        .unwrap();
+    run.heartbeat().unwrap();
+    let created = f
+        .ledger
+        .create_run(RunSpec::new("handed").adopt_within(Duration::MAX))
+        .unwrap();
+    let record = f.ledger.run(created).unwrap();
+    assert_eq!(record.adopt_by, Some(Timestamp::from_millis(i64::MAX)));
+    assert_eq!(run.succeed().unwrap(), runledger::RunStatus::Succeeded);
+    f.ledger.cancel(created).unwrap();
+}
+
 on_both_stores!(
+    the_longest_timeouts_at_the_end_of_time_saturate,
     any_run_name_source_key_or_log_path_is_stored_exactly_or_refused_as_invalid,
     any_failure_reason_exit_code_or_unlock_reason_is_accepted_or_refused_as_invalid,
     metadata_at_the_default_limit_is_kept_and_a_byte_more_or_megabytes_are_refused,

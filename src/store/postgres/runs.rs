@@ -224,7 +224,10 @@ impl Store {
                      instance_id, pid, host, metadata, log_path, created_at, started_at,
                      heartbeat_timeout, hung_at, adopt_by)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                         $12::bigint + $13::bigint, $11::bigint + $14::bigint)
+                         CASE WHEN $13::bigint > 9223372036854775807 - greatest($12::bigint, 0)
+                              THEN 9223372036854775807 ELSE $12::bigint + $13::bigint END,
+                         CASE WHEN $14::bigint > 9223372036854775807 - greatest($11::bigint, 0)
+                              THEN 9223372036854775807 ELSE $11::bigint + $14::bigint END)
                  RETURNING id",
                 &[
                     &new.name,

@@ -210,8 +210,11 @@ impl Store {
                     "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
                          instance_id, pid, host, metadata, log_path, created_at, started_at,
                          heartbeat_timeout, hung_at, adopt_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12 + ?13,
-                             ?11 + ?14)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                             CASE WHEN ?13 > 9223372036854775807 - max(?12, 0)
+                                  THEN 9223372036854775807 ELSE ?12 + ?13 END,
+                             CASE WHEN ?14 > 9223372036854775807 - max(?11, 0)
+                                  THEN 9223372036854775807 ELSE ?11 + ?14 END)",
                 )?
                 .execute((
                     new.name,
