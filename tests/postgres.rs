@@ -436,6 +436,51 @@ fn the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
     run.succeed().unwrap();
 }
 
+fn a_schema_holding_only_another_applications_types_is_refused() {
+    // The store's own comment says types count as another application's
+    // objects; an enum or a domain lives in pg_type only (not pg_class,
+    // not pg_proc), so such a schema looks empty and is taken over.
+    let guard = SchemaGuard::new();
+    let mut client = client(&guard.url);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {0}; CREATE TYPE {0}.mood AS ENUM ('happy', 'sad');
+             CREATE DOMAIN {0}.positive AS integer CHECK (VALUE > 0)",
+            guard.name
+        ))
+        .unwrap();
+    let result = Ledger::builder_postgres(&guard.url)
+        .schema(&guard.name)
+        .open();
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
+            &[&guard.name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        matches!(&result, Err(Error::NotALedger { .. })),
+        "{:?}; the ledger created {tables} tables in it",
+        result.map(drop)
+    );
+}
+
+fn a_hash_in_a_url_password_is_not_shown() {
+    // libpq (and the postgres crate) read a URL's password up to the `@`,
+    // `#` included; `builder_postgres` cuts at the last `#` instead, takes
+    // the password's tail (and the host) as a schema name, and the error
+    // shows it.
+    let err = Ledger::builder_postgres("postgres://postgres:hunter2#Hunter2@127.0.0.1:1/nowhere")
+        .open()
+        .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(
+        !text.contains("Hunter2"),
+        "the password's tail is shown: {text}"
+    );
+}
+
 pg_tests!(
     eight_processes_opening_a_fresh_schema_at_once_all_succeed,
     a_newer_schema_is_refused_and_left_untouched,
@@ -454,4 +499,6 @@ pg_tests!(
     a_reading_cli_command_does_not_create_a_missing_ledger,
     a_hash_in_a_key_value_password_is_neither_a_schema_nor_shown,
     the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
+    a_schema_holding_only_another_applications_types_is_refused,
+    a_hash_in_a_url_password_is_not_shown,
 );
