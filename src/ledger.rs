@@ -726,8 +726,10 @@ impl Ledger {
         // The form `Ledger::path` shows: the schema after a `#`, in a URL
         // only (in a key=value string, a `#` may be part of a password).
         let mut schema = crate::store::postgres::DEFAULT_SCHEMA.to_owned();
+        // A `#` before the last `@` is part of a password, not a schema.
         if is_postgres_url(&url)
             && let Some(hash) = url.rfind('#')
+            && url.rfind('@').is_none_or(|at| hash > at)
         {
             schema = url[hash + 1..].to_owned();
             url.truncate(hash);
@@ -738,7 +740,9 @@ impl Ledger {
 
 /// Whether a ledger's location is a PostgreSQL URL rather than a path.
 fn is_postgres_url(location: &str) -> bool {
-    location.starts_with("postgres://") || location.starts_with("postgresql://")
+    let scheme = location.split_once("://").map(|(scheme, _)| scheme);
+    scheme
+        .is_some_and(|s| s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql"))
 }
 
 impl Builder {

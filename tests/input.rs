@@ -159,7 +159,14 @@ fn a_builder_told_not_to_create_refuses_a_missing_ledger(store: Store) {
         "{err:?}"
     );
     match store {
-        Store::Sqlite => assert!(!std::path::Path::new(&place.location).exists()),
+        Store::Sqlite => {
+            assert!(!std::path::Path::new(&place.location).exists());
+            // An empty file is no ledger either, and stays empty.
+            std::fs::write(&place.location, b"").unwrap();
+            let err = place.builder().create(false).open().unwrap_err();
+            assert!(matches!(err, Error::Open { .. }), "{err:?}");
+            assert_eq!(std::fs::metadata(&place.location).unwrap().len(), 0);
+        }
         Store::Postgres => {
             let schema = place.schema.as_ref().unwrap();
             let mut client = ::postgres::Client::connect(&schema.url, ::postgres::NoTls).unwrap();

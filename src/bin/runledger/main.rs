@@ -291,7 +291,10 @@ fn open(path: &std::path::Path) -> Result<Ledger, Failure> {
 /// Whether `--db` names a ledger on PostgreSQL rather than a file.
 pub(crate) fn is_url(db: &std::path::Path) -> bool {
     db.to_str()
-        .is_some_and(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+        .and_then(|s| s.split_once("://"))
+        .is_some_and(|(scheme, _)| {
+            scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
+        })
 }
 
 /// Settings for the ledger `--db` names: a file, or a PostgreSQL URL.

@@ -278,7 +278,15 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
                      WHERE n.nspname = $1)
                   + (SELECT count(*) FROM pg_catalog.pg_proc p
                      JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-                     WHERE n.nspname = $1)",
+                     WHERE n.nspname = $1)
+                  -- Types of their own (enums, domains, ranges, composites),
+                  -- not the row and array types every table comes with.
+                  + (SELECT count(*) FROM pg_catalog.pg_type t
+                     JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                     WHERE n.nspname = $1 AND t.typcategory <> 'A'
+                       AND (t.typrelid = 0
+                            OR (SELECT c.relkind FROM pg_catalog.pg_class c
+                                WHERE c.oid = t.typrelid) = 'c'))",
             &[&schema],
         )?
         .get(0);
@@ -300,7 +308,7 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
         _ if tables == 0 => Ok(Found::Ledger(0)),
         _ => Ok(Found::Foreign(format!(
             "the schema {schema} holds {tables} objects of another application \
-             (tables, views, sequences or functions)"
+             (tables, views, sequences, functions or types)"
         ))),
     }
 }

@@ -79,7 +79,8 @@ impl Store {
                 source: None,
             });
         }
-        if !config.create && !path.exists() {
+        // An empty file is no ledger yet either: opening would make one.
+        if !config.create && fs::metadata(path).map_or(true, |m| m.len() == 0) {
             return Err(Error::Open {
                 path: path.into(),
                 reason: "there is no ledger here (and the builder said not to create one)".into(),
