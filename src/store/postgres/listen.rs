@@ -27,9 +27,10 @@ const POLL: Duration = Duration::from_millis(200);
 /// PostgreSQL refuses payloads of 8000 bytes or more.
 const MAX_PAYLOAD: usize = 7000;
 
-/// How many watchers' addresses one notification carries at most: a
-/// watcher's address is under 64 bytes, and PostgreSQL refuses payloads of
-/// 8000 bytes or more.
+/// How many watchers' addresses the commit's own notification carries at
+/// most: a watcher's address is under 64 bytes, and PostgreSQL refuses
+/// payloads of 8000 bytes or more. More are notified after the commit, in
+/// payloads of [`payloads`].
 pub(super) const ADDRESSES_PER_PAYLOAD: usize = 100;
 
 /// This process's origin tag: its pid and a random part, so that a payload

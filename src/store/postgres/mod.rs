@@ -215,8 +215,8 @@ impl Store {
             tx.wakes.dedup();
             // One round trip ends the transaction: the notifications of the
             // waiters it freed, those of the feed's watchers (read and
-            // notified by the server, in chunks under the payload limit, and
-            // returned to wake this host's) and the COMMIT, as one batch.
+            // notified by the server, and returned to wake this host's) and
+            // the COMMIT, as one batch.
             let mut batch = String::new();
             for payload in listen::payloads(&tx.wakes) {
                 batch.push_str(&format!(
@@ -226,28 +226,50 @@ impl Store {
                 ));
             }
             if tx.events_written {
+                // A plain aggregate, cheap to plan on every commit; more
+                // watchers than one payload holds are notified after the
+                // commit instead (below).
                 batch.push_str(&format!(
-                    "SELECT string_agg(address, chr(10)),
-                            pg_notify({}, {} || chr(10) || string_agg(address, chr(10)))
-                     FROM (SELECT address, (row_number() OVER (ORDER BY id) - 1) / {} AS chunk
+                    "SELECT w.n, w.addresses,
+                            CASE WHEN w.n <= {max} THEN
+                                pg_notify({chan}, {origin} || chr(10) || w.addresses)
+                            END
+                     FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
                            FROM watchers) w
-                     GROUP BY chunk;",
-                    literal(&self.channel),
-                    literal(listen::origin()),
-                    listen::ADDRESSES_PER_PAYLOAD,
+                     WHERE w.n > 0;",
+                    max = listen::ADDRESSES_PER_PAYLOAD,
+                    chan = literal(&self.channel),
+                    origin = literal(listen::origin()),
                 ));
             }
             batch.push_str("COMMIT");
             let replies = tx.conn.client.simple_query(&batch)?;
             tx.open = false;
-            let watchers: Vec<String> = replies
-                .iter()
-                .filter_map(|reply| match reply {
-                    SimpleQueryMessage::Row(row) => row.get(0),
-                    _ => None,
-                })
-                .flat_map(|addresses| addresses.lines().map(str::to_owned))
-                .collect();
+            let mut watchers = Vec::new();
+            let mut unnotified = false;
+            for reply in &replies {
+                // The watchers' row, of three columns (the waiters'
+                // `pg_notify`s answer rows of one).
+                if let SimpleQueryMessage::Row(row) = reply
+                    && row.len() == 3
+                {
+                    let count = row.try_get(0).ok().flatten().and_then(|n| n.parse().ok());
+                    unnotified = count.unwrap_or(0) > listen::ADDRESSES_PER_PAYLOAD;
+                    let addresses = row.try_get(1).ok().flatten().unwrap_or("");
+                    watchers.extend(addresses.lines().map(str::to_owned));
+                }
+            }
+            if unnotified {
+                // Committed already: the other hosts' watchers learn of it a
+                // round trip later (or at their next re-read if this fails).
+                for payload in listen::payloads(&watchers) {
+                    let channel = self.channel.as_str();
+                    if let Err(e) = tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]) {
+                        log::debug!("runledger: could not notify the watchers: {e}");
+                        break;
+                    }
+                }
+            }
             // This host's watchers at once; its lock waiters are woken by
             // the caller, with the addresses the method returned.
             wake(&watchers);
@@ -818,33 +840,47 @@ mod tests {
         listener
             .batch_execute(&format!("LISTEN \"{}\"", channel_of(&schema.name)))
             .unwrap();
-        store
-            .write(|tx| {
-                for i in 0..250i64 {
-                    let address = format!("runledger/{}/{}/{i}", u32::MAX, u64::MAX);
-                    tx.execute(
-                        "INSERT INTO watchers (instance_id, address) VALUES (1, $1)",
-                        &[&address],
-                    )?;
-                }
-                Ok(())
-            })
-            .unwrap();
-        store
-            .write(|tx| {
-                tx.events_written();
-                Ok(())
-            })
-            .unwrap();
-        let mut heard = Vec::new();
-        let mut notifications = listener.notifications();
-        let mut iter = notifications.timeout_iter(Duration::from_secs(2));
-        while let Ok(Some(note)) = iter.next() {
-            heard.push(note.payload().to_owned());
-        }
-        assert_eq!(heard.len(), 3, "{heard:?}");
-        assert!(heard.iter().all(|p| p.len() < 8000));
-        let addresses: usize = heard.iter().map(|p| p.lines().count() - 1).sum();
+        let add = |from: i64, to: i64| {
+            store
+                .write(|tx| {
+                    for i in from..to {
+                        let address = format!("runledger/{}/{}/{i}", u32::MAX, u64::MAX);
+                        tx.execute(
+                            "INSERT INTO watchers (instance_id, address) VALUES (1, $1)",
+                            &[&address],
+                        )?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        };
+        let heard = |listener: &mut Client| {
+            store
+                .write(|tx| {
+                    tx.events_written();
+                    Ok(())
+                })
+                .unwrap();
+            let mut heard = Vec::new();
+            let mut notifications = listener.notifications();
+            let mut iter = notifications.timeout_iter(Duration::from_secs(2));
+            while let Ok(Some(note)) = iter.next() {
+                heard.push(note.payload().to_owned());
+            }
+            heard
+        };
+        // A few: one notification, with the commit.
+        add(0, 5);
+        let few = heard(&mut listener);
+        assert_eq!(few.len(), 1, "{few:?}");
+        assert_eq!(few[0].lines().count(), 6);
+        // More than one payload holds: every one, in payloads under the
+        // limit.
+        add(5, 250);
+        let many = heard(&mut listener);
+        assert!(many.len() >= 2, "{many:?}");
+        assert!(many.iter().all(|p| p.len() < 8000));
+        let addresses: usize = many.iter().map(|p| p.lines().count() - 1).sum();
         assert_eq!(addresses, 250);
     }
 
