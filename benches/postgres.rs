@@ -32,7 +32,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use criterion::Criterion;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
 use postgres::{Client, NoTls};
 use runledger::{Ledger, RunSpec};
 
@@ -109,21 +110,7 @@ fn postgres_parts(c: &mut Criterion, url: &str) {
     });
 
     let ledger = Ledger::open(format!("{url}#{}_ledger", schema.name)).unwrap();
-    group.bench_function("lock_release", |b| {
-        b.iter(|| {
-            ledger
-                .lock(black_box("bench-key"))
-                .unwrap()
-                .release()
-                .unwrap()
-        })
-    });
-    group.bench_function("begin_run_succeed", |b| {
-        b.iter(|| {
-            let run = ledger.begin_run(RunSpec::new("build")).unwrap();
-            black_box(run.succeed().unwrap())
-        })
-    });
+    ledger_pairs(&mut group, &ledger);
     group.finish();
     drop(ledger);
     let _ = bare.batch_execute(&format!(
@@ -132,11 +119,8 @@ fn postgres_parts(c: &mut Criterion, url: &str) {
     ));
 }
 
-fn sqlite_parts(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(dir.path().join("ledger.db")).unwrap();
-    let mut group = c.benchmark_group("sqlite");
-    group.measurement_time(Duration::from_secs(5));
+/// The ledger's two figures, on whichever store `ledger` is.
+fn ledger_pairs(group: &mut BenchmarkGroup<'_, WallTime>, ledger: &Ledger) {
     group.bench_function("lock_release", |b| {
         b.iter(|| {
             ledger
@@ -152,6 +136,14 @@ fn sqlite_parts(c: &mut Criterion) {
             black_box(run.succeed().unwrap())
         })
     });
+}
+
+fn sqlite_parts(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path().join("ledger.db")).unwrap();
+    let mut group = c.benchmark_group("sqlite");
+    group.measurement_time(Duration::from_secs(5));
+    ledger_pairs(&mut group, &ledger);
     group.finish();
 }
 

@@ -83,23 +83,25 @@ fn a_newer_schema_is_refused_and_left_untouched() {
     assert_eq!(versions, i64::from(SCHEMA_VERSION) + 1);
 }
 
-fn another_applications_schema_is_refused_and_left_untouched() {
+/// Opens a ledger in a schema that another application made with `ddl`
+/// (`{0}` is the schema): refused as no ledger, and the schema keeps
+/// exactly what it had (`kept` tables).
+fn another_applications_schema_is_refused(ddl: &str, kept: i64) {
     let guard = SchemaGuard::new();
     let mut client = client(&guard.url);
     client
-        .batch_execute(&format!(
-            "CREATE SCHEMA {0}; CREATE TABLE {0}.users (id bigint)",
-            guard.name
-        ))
+        .batch_execute(
+            format!(
+                "CREATE SCHEMA {0}; {1}",
+                guard.name,
+                ddl.replace("{0}", &guard.name)
+            )
+            .as_str(),
+        )
         .unwrap();
-    let err = Ledger::builder_postgres(&guard.url)
+    let result = Ledger::builder_postgres(&guard.url)
         .schema(&guard.name)
-        .open()
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::NotALedger { reason, .. } if reason.contains("another application")),
-        "{err:?}"
-    );
+        .open();
     let tables: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
@@ -107,7 +109,16 @@ fn another_applications_schema_is_refused_and_left_untouched() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(tables, 1, "only the application's own table");
+    assert!(
+        matches!(&result, Err(Error::NotALedger { reason, .. }) if reason.contains("another application")),
+        "{:?}; the schema now holds {tables} tables",
+        result.map(drop)
+    );
+    assert_eq!(tables, kept, "the application's schema was altered");
+}
+
+fn another_applications_schema_is_refused_and_left_untouched() {
+    another_applications_schema_is_refused("CREATE TABLE {0}.users (id bigint)", 1);
 }
 
 fn two_schemas_of_one_database_are_two_ledgers() {
@@ -357,29 +368,9 @@ fn writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
 }
 
 fn a_schema_holding_only_another_applications_views_is_refused() {
-    let guard = SchemaGuard::new();
-    let mut client = client(&guard.url);
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA {0}; CREATE VIEW {0}.report AS SELECT 1 AS x;
-             CREATE SEQUENCE {0}.invoice_numbers",
-            guard.name
-        ))
-        .unwrap();
-    let result = Ledger::builder_postgres(&guard.url)
-        .schema(&guard.name)
-        .open();
-    let tables: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
-            &[&guard.name],
-        )
-        .unwrap()
-        .get(0);
-    assert!(
-        matches!(&result, Err(Error::NotALedger { .. })),
-        "{:?}; the ledger created {tables} tables in it",
-        result.map(drop)
+    another_applications_schema_is_refused(
+        "CREATE VIEW {0}.report AS SELECT 1 AS x; CREATE SEQUENCE {0}.invoice_numbers",
+        0,
     );
 }
 
@@ -437,32 +428,9 @@ fn the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again() {
 }
 
 fn a_schema_holding_only_another_applications_types_is_refused() {
-    // The store's own comment says types count as another application's
-    // objects; an enum or a domain lives in pg_type only (not pg_class,
-    // not pg_proc), so such a schema looks empty and is taken over.
-    let guard = SchemaGuard::new();
-    let mut client = client(&guard.url);
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA {0}; CREATE TYPE {0}.mood AS ENUM ('happy', 'sad');
-             CREATE DOMAIN {0}.positive AS integer CHECK (VALUE > 0)",
-            guard.name
-        ))
-        .unwrap();
-    let result = Ledger::builder_postgres(&guard.url)
-        .schema(&guard.name)
-        .open();
-    let tables: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
-            &[&guard.name],
-        )
-        .unwrap()
-        .get(0);
-    assert!(
-        matches!(&result, Err(Error::NotALedger { .. })),
-        "{:?}; the ledger created {tables} tables in it",
-        result.map(drop)
+    another_applications_schema_is_refused(
+        "CREATE TYPE {0}.mood AS ENUM ('happy', 'sad'); CREATE DOMAIN {0}.positive AS integer CHECK (VALUE > 0)",
+        0,
     );
 }
 

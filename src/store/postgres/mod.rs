@@ -792,6 +792,17 @@ mod tests {
         }
     }
 
+    /// The payloads a listening client heard, until 2 s of silence.
+    fn payloads_heard(listener: &mut Client) -> Vec<String> {
+        let mut heard = Vec::new();
+        let mut notifications = listener.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_secs(2));
+        while let Ok(Some(note)) = iter.next() {
+            heard.push(note.payload().to_owned());
+        }
+        heard
+    }
+
     #[test]
     #[cfg_attr(
         not(runledger_pg),
@@ -815,12 +826,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let mut heard = Vec::new();
-        let mut notifications = listener.notifications();
-        let mut iter = notifications.timeout_iter(Duration::from_secs(2));
-        while let Ok(Some(note)) = iter.next() {
-            heard.push(note.payload().to_owned());
-        }
+        let heard = payloads_heard(&mut listener);
         assert_eq!(heard.len(), 1, "{heard:?}");
         assert!(
             heard[0].ends_with("\nrunledger/a\nrunledger/b"),
@@ -861,13 +867,7 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
-            let mut heard = Vec::new();
-            let mut notifications = listener.notifications();
-            let mut iter = notifications.timeout_iter(Duration::from_secs(2));
-            while let Ok(Some(note)) = iter.next() {
-                heard.push(note.payload().to_owned());
-            }
-            heard
+            payloads_heard(listener)
         };
         // A few: one notification, with the commit.
         add(0, 5);
