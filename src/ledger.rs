@@ -390,15 +390,7 @@ impl Builder {
         let location = match (self.location, self.schema) {
             (Location::File(path), None) => Location::File(path),
             #[cfg(not(feature = "postgres"))]
-            (Location::NoPostgres(url), _) => {
-                return Err(crate::Error::Open {
-                    path: url.split('@').next_back().unwrap_or_default().into(),
-                    reason: "this build of runledger has no PostgreSQL store \
-                             (cargo feature `postgres`)"
-                        .into(),
-                    source: None,
-                });
-            }
+            (location @ Location::NoPostgres(_), _) => location,
             (Location::File(path), Some(schema)) => {
                 return Err(crate::Error::InvalidInput {
                     what: "schema name",

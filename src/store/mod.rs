@@ -88,7 +88,13 @@ impl Store {
                 sqlite::Store::open(path, config, clock).map(Store::Sqlite)
             }
             #[cfg(not(feature = "postgres"))]
-            Location::NoPostgres(_) => unreachable!("refused by the builder"),
+            Location::NoPostgres(url) => Err(crate::error::Error::Open {
+                path: PathBuf::from(url.split('@').next_back().unwrap_or_default()),
+                reason:
+                    "this build of runledger has no PostgreSQL store (cargo feature `postgres`)"
+                        .into(),
+                source: None,
+            }),
             #[cfg(feature = "postgres")]
             Location::Postgres { url, schema } => {
                 postgres::Store::open(url, schema, config, clock, !given).map(Store::Postgres)
