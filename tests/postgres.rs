@@ -34,6 +34,15 @@ fn client(url: &str) -> ::postgres::Client {
     ::postgres::Client::connect(url, ::postgres::NoTls).unwrap()
 }
 
+/// How many migrations the ledger at `place` recorded.
+fn migrations(place: &Place) -> i64 {
+    common::raw_query_i64(
+        Store::Postgres,
+        &place.location,
+        "SELECT count(*) FROM schema_migrations",
+    )
+}
+
 fn eight_processes_opening_a_fresh_schema_at_once_all_succeed() {
     let place = Place::new(Store::Postgres);
     let at = instant_in(300);
@@ -44,16 +53,7 @@ fn eight_processes_opening_a_fresh_schema_at_once_all_succeed() {
         let lines = finish(worker);
         assert!(lines[0].starts_with("opened "), "{lines:?}");
     }
-    let schema = place.schema.as_ref().unwrap();
-    let mut client = client(&schema.url);
-    let applied: i64 = client
-        .query_one(
-            &format!("SELECT count(*) FROM {}.schema_migrations", schema.name),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(applied, i64::from(SCHEMA_VERSION));
+    assert_eq!(migrations(&place), i64::from(SCHEMA_VERSION));
 }
 
 fn a_newer_schema_is_refused_and_left_untouched() {
@@ -73,14 +73,7 @@ fn a_newer_schema_is_refused_and_left_untouched() {
         "{err:?}"
     );
     assert!(err.to_string().contains(&schema.name), "{err}");
-    let versions: i64 = client
-        .query_one(
-            &format!("SELECT count(*) FROM {}.schema_migrations", schema.name),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(versions, i64::from(SCHEMA_VERSION) + 1);
+    assert_eq!(migrations(&place), i64::from(SCHEMA_VERSION) + 1);
 }
 
 /// Opens a ledger in a schema that another application made with `ddl`

@@ -148,8 +148,19 @@ impl Store {
         dispatch!(self, s => s.prune_instances(cutoff))
     }
 
+    /// Closes this process's own instance (its last handle dropped): a reap
+    /// of itself, so that anything it still owns (a run whose guard was
+    /// leaked, a lock row a guard could not delete) is closed with it, in
+    /// the same transaction.
     pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
-        dispatch!(self, s => s.close_instance(me, id))
+        let owner = Owner {
+            id,
+            pid: me.pid,
+            host: &me.host,
+        };
+        let reason = CLOSED_BY_ITS_PROCESS;
+        self.reap_instance(owner, reason, reason, None, me)
+            .map(|r| r.wakes)
     }
 
     pub(crate) fn reap_instance(

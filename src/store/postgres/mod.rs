@@ -427,11 +427,8 @@ impl Tx<'_> {
     /// An address given twice (a grant noted where it is made, and again by
     /// a caller that returns it) is notified once.
     pub(super) fn wake(&mut self, addresses: &[String]) {
-        for address in addresses {
-            if !self.wakes.contains(address) {
-                self.wakes.push(address.clone());
-            }
-        }
+        // Repeats are dropped once, before the commit.
+        self.wakes.extend_from_slice(addresses);
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {

@@ -12,10 +12,7 @@ use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunChange, RunId, RunStatus};
-use crate::store::{
-    CLOSED_BY_ITS_PROCESS, InstanceReaped, Owner, TakenLock, Wakes, lease_of, state_of,
-    unknown_instance,
-};
+use crate::store::{InstanceReaped, Owner, TakenLock, lease_of, state_of, unknown_instance};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
 macro_rules! instance_select {
@@ -175,20 +172,6 @@ impl Store {
                 return Ok(());
             }
         }
-    }
-
-    /// Closes this process's own instance (its last handle dropped). Anything
-    /// it still owns (a run whose guard was leaked, a lock row a guard could
-    /// not delete) is closed with it, in the same transaction.
-    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
-        let owner = Owner {
-            id,
-            pid: me.pid,
-            host: &me.host,
-        };
-        let reason = CLOSED_BY_ITS_PROCESS;
-        self.reap_instance(owner, reason, reason, None, me)
-            .map(|r| r.wakes)
     }
 
     /// Closes an instance judged dead, in one transaction: its lock requests
