@@ -307,11 +307,15 @@
 //! that often. A group pays one fsync for all its writes, so throughput grows
 //! with the number of threads writing and each caller waits for about one
 //! fsync more at most, instead of queueing behind one fsync per writer.
-//! This is where grouping gains most (4 to 10× the runs per second of one
-//! thread, at 16 threads on a small shared VM; see the README). With the
-//! default [`Synchronous::Normal`] a commit costs only a few microseconds
-//! more than its writes, so there grouping gains little when the CPU is the
-//! limit.
+//! This is where grouping gains most (2.5 to 10× the runs per second of one
+//! thread at 16 threads on a small shared VM, the more the slower its fsync
+//! that day; see the README). With the default [`Synchronous::Normal`] a
+//! commit costs about as much as the SQL of one write, so there grouping
+//! gains less (1.2 to 1.6× on the same VM). Either way a group's writes
+//! still run one after another under SQLite's write lock: grouping saves
+//! commits, not the writes' own SQL, so what it can gain is bounded by how
+//! much a commit costs against a write (`cargo bench --bench group` measures
+//! that bound, its *floor*, on the machine at hand).
 //! [`Builder::group_commit`] turns grouping off.
 //!
 //! # Command-line tool
