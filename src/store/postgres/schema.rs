@@ -191,10 +191,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         address      text NOT NULL
     );
     "#,
-    // 5: nothing. SQLite's migration 5 rewrote CHECK constraints that SQLite
-    // evaluates slowly (IN lists build a temporary b-tree there); PostgreSQL
-    // evaluates them as they are. The versions stay equal.
-    "",
 ];
 
 /// The schema version this build writes and understands.

@@ -157,6 +157,14 @@ impl Store {
                         schema::LATEST
                     );
                 }
+                let rewritten =
+                    schema::rewrite_checks(&mut conn).map_err(|e| open_error(path, e))?;
+                if rewritten > 0 {
+                    log::debug!(
+                        "runledger: {}: CHECK constraints of {rewritten} tables rewritten",
+                        path.display()
+                    );
+                }
             }
         }
         let init_config = config.clone();

@@ -4,7 +4,7 @@
 //! migrations applied. `application_id` marks the file as a runledger ledger,
 //! so that another application's SQLite file is refused instead of altered.
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::Result;
 
@@ -213,23 +213,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- adopter's instance, pid and host in events.step) and 'custom' (the
     -- event's name in events.step, its JSON data in events.message).
     "#,
-    // 5: the CHECK constraints of three or more values, as OR chains: code,
-    // see `rewrite_checks`.
-    "",
 ];
 
-/// The CHECK constraints that migration 5 rewrites: (table, as migrations 1
-/// and 2 wrote it, as it is from version 5 on).
+/// The CHECK constraints that [`rewrite_checks`] rewrites: (table, as
+/// migrations 1 and 2 wrote it, as it is once rewritten).
 ///
 /// SQLite evaluates `x IN (a, b, c)` with three or more constants by
 /// building a temporary b-tree of the list, each time. Written so, these
 /// constraints made every insert of a run, a step or a lock request, and
 /// every change of a run's or step's status, build one: about 40% of the
 /// instructions of `begin_run` + `succeed` (counted with callgrind). As OR
-/// chains they cost a few comparisons. Each new constraint accepts exactly
-/// the values the old one did, so no stored row changes: the tables' SQL is
-/// edited in place, as SQLite documents for changing CHECK constraints,
-/// instead of copying every row into rebuilt tables.
+/// chains they cost a few comparisons.
 const REWRITTEN_CHECKS: [(&str, &str, &str); 3] = [
     (
         "runs",
@@ -251,27 +245,43 @@ const REWRITTEN_CHECKS: [(&str, &str, &str); 3] = [
     ),
 ];
 
-/// Migration 5: rewrites [`REWRITTEN_CHECKS`] in the stored table
-/// definitions, then bumps the schema cookie so that every connection (of
-/// any process) reads them again. Fails, changing nothing, if a table's
-/// definition is not the one the earlier migrations made.
-fn rewrite_checks(tx: &Connection) -> Result<()> {
-    let cookie: i64 = tx.pragma_query_value(None, "schema_version", |row| row.get(0))?;
-    let mut rewritten = Vec::with_capacity(REWRITTEN_CHECKS.len());
-    for (table, old, new) in REWRITTEN_CHECKS {
-        let sql: String = tx.query_row(
-            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-            [table],
-            |row| row.get(0),
-        )?;
-        if sql.matches(old).count() != 1 {
-            return Err(crate::store::bad_data(format!(
-                "the definition of table {table} is not the one runledger made: \
-                 cannot migrate it to schema 5"
-            )));
+/// Rewrites [`REWRITTEN_CHECKS`] in the stored table definitions, if they
+/// are still as migrations 1 and 2 wrote them; returns how many tables it
+/// rewrote. Run at every open, after the migrations, under the init lock:
+/// a read of three rows of `sqlite_schema` once the ledger is rewritten.
+///
+/// Not a migration: each new constraint accepts exactly the values the old
+/// one did, so no stored row changes, and the schema's version stays. A
+/// process of an earlier release keeps opening and writing the ledger (its
+/// connections read the new definitions when the schema cookie moves).
+/// The definitions are edited in place, under `writable_schema`, as SQLite
+/// documents for changing CHECK constraints, instead of copying every row
+/// into rebuilt tables: instant on any ledger, and one transaction, so a
+/// process killed meanwhile leaves the old definitions or the new ones. A
+/// table whose definition is not the one runledger made is left as it is.
+pub(crate) fn rewrite_checks(conn: &mut Connection) -> Result<usize> {
+    let pending = |conn: &Connection| -> Result<Vec<(&str, String)>> {
+        let mut pending = Vec::new();
+        for (table, old, new) in REWRITTEN_CHECKS {
+            let sql: Option<String> = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(sql) = sql.filter(|sql| sql.matches(old).count() == 1) {
+                pending.push((table, sql.replace(old, new)));
+            }
         }
-        rewritten.push((table, sql.replace(old, new)));
+        Ok(pending)
+    };
+    if pending(conn)?.is_empty() {
+        return Ok(0);
     }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let rewritten = pending(&tx)?;
+    let cookie: i64 = tx.pragma_query_value(None, "schema_version", |row| row.get(0))?;
     tx.pragma_update(None, "writable_schema", true)?;
     let updated = rewritten.iter().try_for_each(|(table, sql)| {
         tx.execute(
@@ -283,7 +293,8 @@ fn rewrite_checks(tx: &Connection) -> Result<()> {
     tx.pragma_update(None, "writable_schema", false)?;
     updated?;
     tx.pragma_update(None, "schema_version", cookie + 1)?;
-    Ok(())
+    tx.commit()?;
+    Ok(rewritten.len())
 }
 
 /// The schema version this build writes and understands.
@@ -333,9 +344,6 @@ pub(crate) fn migrate(conn: &mut Connection, now_ms: i64) -> Result<u32> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql)?;
-        if i + 1 == 5 {
-            rewrite_checks(&tx)?;
-        }
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at, applied_by) VALUES (?1, ?2, ?3)",
             (i as i64 + 1, now_ms, std::process::id()),
@@ -408,7 +416,7 @@ mod tests {
     ];
 
     #[test]
-    fn the_checks_migration_5_rewrites_are_those_migrations_1_and_2_wrote() {
+    fn the_rewritten_checks_are_those_migrations_1_and_2_wrote() {
         for (table, old, _) in REWRITTEN_CHECKS {
             assert_eq!(
                 MIGRATIONS[..2]
@@ -421,11 +429,17 @@ mod tests {
         }
     }
 
-    /// Migration 5 takes the temporary b-trees out of the hot writes, and
-    /// the constraints still refuse what they refused.
+    fn user_version(conn: &Connection) -> u32 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Rewriting the checks takes the temporary b-trees out of the hot
+    /// writes, keeps the rows and the version, and the constraints still
+    /// refuse what they refused.
     #[test]
-    fn from_version_5_no_hot_write_builds_a_temporary_btree() {
-        let mut old = ledger_at(4);
+    fn once_the_checks_are_rewritten_no_hot_write_builds_a_temporary_btree() {
+        let mut old = ledger_at(LATEST as usize);
         assert!(
             HOT_WRITES
                 .iter()
@@ -437,46 +451,51 @@ mod tests {
              INSERT INTO steps (run_id, name, status, started_at) VALUES (1, 's', 'failed', 1);",
         )
         .unwrap();
-        assert_eq!(migrate(&mut old, 2).unwrap(), 1);
-        for conn in [old, {
-            let mut new = Connection::open_in_memory().unwrap();
-            migrate(&mut new, 1).unwrap();
-            new
-        }] {
-            for sql in HOT_WRITES {
-                assert!(!builds_a_temporary_btree(&conn, sql), "{sql}");
+        assert_eq!(rewrite_checks(&mut old).unwrap(), 3);
+        assert_eq!(rewrite_checks(&mut old).unwrap(), 0, "done once");
+        assert_eq!(user_version(&old), LATEST);
+        for sql in HOT_WRITES {
+            assert!(!builds_a_temporary_btree(&old, sql), "{sql}");
+        }
+        let check: String = old
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        let rows: i64 = old
+            .query_row(
+                "SELECT count(*) FROM runs JOIN steps ON steps.run_id = runs.id",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 1);
+        for (sql, bad) in [
+            (HOT_WRITES[0], "done"),
+            (HOT_WRITES[2], "queued"),
+            (HOT_WRITES[4], "slot"),
+        ] {
+            let n = old.prepare(sql).unwrap().parameter_count();
+            let mut values: Vec<rusqlite::types::Value> = (0..n as i64).map(Into::into).collect();
+            values[2] = bad.to_owned().into();
+            if sql.contains("locks") {
+                values[1] = bad.to_owned().into();
+                values[0] = "held".to_owned().into();
             }
-            let check: String = conn
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(check, "ok");
-            for (sql, bad) in [
-                (HOT_WRITES[0], "done"),
-                (HOT_WRITES[2], "queued"),
-                (HOT_WRITES[4], "slot"),
-            ] {
-                let n = conn.prepare(sql).unwrap().parameter_count();
-                let mut values: Vec<rusqlite::types::Value> =
-                    (0..n as i64).map(Into::into).collect();
-                values[2] = bad.to_owned().into();
-                if sql.contains("locks") {
-                    values[1] = bad.to_owned().into();
-                    values[0] = "held".to_owned().into();
-                }
-                let e = conn
-                    .execute(sql, rusqlite::params_from_iter(values))
-                    .unwrap_err();
-                assert!(
-                    e.to_string().contains("CHECK constraint failed"),
-                    "{sql}: {e}"
-                );
-            }
+            let e = old
+                .execute(sql, rusqlite::params_from_iter(values))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("CHECK constraint failed"),
+                "{sql}: {e}"
+            );
         }
     }
 
+    /// A table whose definition someone changed keeps it; the others are
+    /// rewritten.
     #[test]
-    fn migration_5_refuses_a_table_it_did_not_make() {
-        let mut old = ledger_at(4);
+    fn a_table_runledger_did_not_define_so_keeps_its_checks() {
+        let mut old = ledger_at(LATEST as usize);
         old.execute_batch(
             "PRAGMA writable_schema = ON;
              UPDATE sqlite_schema SET sql = replace(sql, '''slots''', '''slots'',''other''')
@@ -484,12 +503,18 @@ mod tests {
              PRAGMA writable_schema = OFF;",
         )
         .unwrap();
-        let e = migrate(&mut old, 2).unwrap_err();
-        assert!(format!("{e:?}").contains("table locks"), "{e:?}");
-        let version: u32 = old
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, 4, "nothing applied");
+        let locks = |c: &Connection| -> String {
+            c.query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'locks'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let before = locks(&old);
+        assert!(before.contains("'other'"));
+        assert_eq!(rewrite_checks(&mut old).unwrap(), 2);
+        assert_eq!(locks(&old), before);
     }
 
     #[test]
