@@ -14,7 +14,7 @@
 //! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
 //! cargo run --example worker -- DB writers --threads N
 //! cargo run --example worker -- DB burst-runs N [--at MS]
-//! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE]
+//! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE] [--threads N]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
 //! cargo run --example worker -- DB fill NAME --bytes N
@@ -69,7 +69,8 @@
 //! prints `succeeded RUN` (or `failed RUN` for every third run, failed on
 //! purpose), each line printed and flushed as soon as the call returned: a
 //! process to kill in the middle of a group commit.
-//! `critical` takes the lock `--times` times; each time it appends
+//! `critical` takes the lock `--times` times (on each of `--threads`
+//! threads sharing one ledger, default 1); each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
 //! number from a plain file and writes it back plus one.
@@ -383,26 +384,24 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             let key = arg(2)?;
             let mode = mode(args)?;
             let witness = flag(args, "--witness").ok_or("missing --witness")?;
-            let mut witness = std::fs::OpenOptions::new()
+            let witness = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(witness)?;
-            let pid = std::process::id();
-            for _ in 0..number(args, "--times", 1) {
-                let guard = ledger.acquire(LockRequest::new([key]).mode(mode).wait_forever())?;
-                let token = guard.token();
-                witness.write_all(format!("enter {key} {token} {pid} {mode}\n").as_bytes())?;
-                if let Some(counter) = flag(args, "--counter") {
-                    let n: u64 = std::fs::read_to_string(counter)?
-                        .trim()
-                        .parse()
-                        .unwrap_or(0);
-                    std::thread::sleep(Duration::from_micros(200));
-                    std::fs::write(counter, format!("{}\n", n + 1))?;
-                }
-                witness.write_all(format!("exit {key} {token} {pid} {mode}\n").as_bytes())?;
-                guard.release()?;
-            }
+            let (times, threads) = (number(args, "--times", 1), number(args, "--threads", 1));
+            let counter = flag(args, "--counter");
+            // Every thread shares the one ledger: their turns queue like
+            // those of other processes.
+            std::thread::scope(|s| {
+                let turns: Vec<_> = (0..threads)
+                    .map(|_| s.spawn(|| critical(&ledger, key, mode, times, &witness, counter)))
+                    .collect();
+                turns
+                    .into_iter()
+                    .map(|t| t.join().expect("a critical thread panicked"))
+                    .collect::<Result<Vec<()>, _>>()
+            })
+            .map_err(|e| -> Box<dyn std::error::Error> { e })?;
             say("done");
         }
         "pingpong" => {
@@ -519,6 +518,34 @@ impl Rng {
 fn append(file: &std::fs::File, line: std::fmt::Arguments<'_>) {
     let mut file = file;
     let _ = file.write_all(format!("{line}\n").as_bytes());
+}
+
+/// `times` critical sections under `key`, each witnessed (and counted).
+fn critical(
+    ledger: &Ledger,
+    key: &str,
+    mode: LockMode,
+    times: u64,
+    mut witness: &std::fs::File,
+    counter: Option<&str>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let pid = std::process::id();
+    for _ in 0..times {
+        let guard = ledger.acquire(LockRequest::new([key]).mode(mode).wait_forever())?;
+        let token = guard.token();
+        witness.write_all(format!("enter {key} {token} {pid} {mode}\n").as_bytes())?;
+        if let Some(counter) = counter {
+            let n: u64 = std::fs::read_to_string(counter)?
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            std::thread::sleep(Duration::from_micros(200));
+            std::fs::write(counter, format!("{}\n", n + 1))?;
+        }
+        witness.write_all(format!("exit {key} {token} {pid} {mode}\n").as_bytes())?;
+        guard.release()?;
+    }
+    Ok(())
 }
 
 fn torture(db: &str, args: &[String], thread: u64) -> Result<(), Box<dyn std::error::Error>> {

@@ -92,16 +92,19 @@ pub enum Error {
     /// A lock request was refused because its keys are taken (by holders, or
     /// by earlier waiters it may not overtake). Nothing was changed.
     ///
-    /// `self_conflict` is true when everything in the way belongs to this
-    /// very ledger instance (this process): waiting could never end, so the
-    /// request fails at once even when it was allowed to wait.
-    #[error("{}{}", holders_sentence(holders), if *self_conflict { "; it is held by this process, so waiting would never end" } else { "" })]
+    /// `self_conflict` is true when locks that the calling thread (or tokio
+    /// task) itself holds keep the request out, whoever else is in the way
+    /// (asking again for a key one holds): the caller would wait for
+    /// itself, so the request fails at once even when it was allowed to
+    /// wait. Locks of other threads and tasks of the same process are
+    /// waited for like any others.
+    #[error("{}{}", holders_sentence(holders), if *self_conflict { "; it is held by the calling thread itself, so waiting would never end" } else { "" })]
     Conflict {
         /// The keys of the request.
         keys: Vec<String>,
         /// Who is in the way, one entry per key and holder.
         holders: Vec<Holder>,
-        /// Everything in the way belongs to this process.
+        /// The caller's own locks keep the request out (re-entry).
         self_conflict: bool,
     },
 

@@ -4,24 +4,22 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::Result;
-use crate::gate::{Gates, Held, Taken};
+use crate::gate::{Gates, Held};
 use crate::input;
 use crate::keeper::{Keeper, Kept};
 use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
-use crate::lock::{Holder, LockGuard, LockRecord, LockRequest, Wait};
+use crate::lock::{Callers, LockGuard, LockRecord, LockRequest};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
-use crate::store::{
-    Adopter, Adoption, Ahead, Attempt, HungRun, Location, LockAsk, NewRun, Store, StoreConfig,
-};
-use crate::wake::{WakeSocket, wake};
+use crate::store::{Adopter, Adoption, HungRun, Location, NewRun, Store, StoreConfig};
+use crate::wake::wake;
 use crate::watch::{EventCursor, EventPage, Watch};
 
 /// How hard SQLite works to make a commit survive a power cut: the
@@ -463,6 +461,7 @@ impl Builder {
             max_metadata_bytes: self.max_metadata_bytes,
             lock_wait: self.lock_wait,
             queue_after: self.queue_after,
+            callers: Callers::default(),
             orphans: parking_lot::Mutex::new(Vec::new()),
             reapers: parking_lot::RwLock::new(reapers),
             keeper: std::sync::OnceLock::new(),
@@ -512,16 +511,18 @@ impl Builder {
 /// ```
 #[derive(Clone)]
 pub struct Ledger {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    store: Store,
+/// What every clone of a ledger shares: the store, the gates, and this
+/// instance's state. Guards hold it through a [`Ledger`].
+pub(crate) struct Inner {
+    pub(crate) store: Store,
     /// The per-key gates of exclusive requests.
-    gates: Gates,
+    pub(crate) gates: Gates,
     clock: Arc<dyn Clock>,
     /// This process's identity, and how it judges others.
-    judge: Judge,
+    pub(crate) judge: Judge,
     /// This process's instance: changes only if a reaper closed it (see
     /// [`Ledger::heartbeat`]).
     instance: AtomicI64,
@@ -530,8 +531,10 @@ struct Inner {
     /// The instance's label, recorded again if it registers again.
     label: Option<String>,
     max_metadata_bytes: usize,
-    lock_wait: Duration,
-    queue_after: Duration,
+    pub(crate) lock_wait: Duration,
+    pub(crate) queue_after: Duration,
+    /// Which thread or task holds each lock granted here.
+    pub(crate) callers: Callers,
     /// Lock rows a guard or a queue place could not delete on drop (the
     /// database was busy, an I/O error): retried on the next lock call, so
     /// that a live process never leaves a stale holder or waiter behind.
@@ -543,11 +546,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn instance(&self) -> i64 {
+    pub(crate) fn instance(&self) -> i64 {
         self.instance.load(Ordering::Acquire)
     }
 
-    fn identity(&self) -> &ProcessIdentity {
+    pub(crate) fn identity(&self) -> &ProcessIdentity {
         &self.judge.me
     }
 }
@@ -599,7 +602,7 @@ impl fmt::Debug for Ledger {
 
 /// The error when reapers closed this process's instance again right after
 /// it registered anew: its heartbeats cannot keep up with the lease.
-fn closed_twice(path: &Path) -> crate::Error {
+pub(crate) fn closed_twice(path: &Path) -> crate::Error {
     let e = std::io::Error::other(
         "this process's instance was closed by reapers twice in a row \
          (its heartbeat cannot keep up with stale_after)",
@@ -1345,6 +1348,97 @@ impl Ledger {
         self.acquire_for(request, None)
     }
 
+    /// Takes an exclusive lock on `key` as [`lock`](Ledger::lock) does, but
+    /// waits without blocking the async runtime: other tasks, the holder's
+    /// included, keep running on the same thread meanwhile.
+    ///
+    /// Each attempt at the grant is one short write on the calling thread
+    /// (see [Threads, tasks and processes](crate#threads-tasks-and-processes));
+    /// between attempts the task sleeps until a release in any process
+    /// wakes it, or until its next re-check. An exclusive request only tries
+    /// its keys' gates and never waits at them ([`Builder::queue_after`]
+    /// concerns blocking calls): an async wait is always first come, first
+    /// served.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future (a `tokio::time::timeout` that expired, a
+    /// `select!` branch that lost) leaves nothing behind: its place in the
+    /// queue is deleted on drop, and a grant that raced with the drop is
+    /// released at once, waking the next waiter.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with IO and time enabled.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Ledger::lock).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> runledger::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let guard = ledger.lock_async("build:symbol=AAPL").await?;
+    /// // … only one task or process at a time gets here …
+    /// guard.release()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn lock_async(
+        &self,
+        key: impl Into<String>,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + '_ {
+        self.acquire_async(LockRequest::new([key]))
+    }
+
+    /// Takes the locks `request` describes as [`acquire`](Ledger::acquire)
+    /// does, waiting without blocking the async runtime; see
+    /// [`lock_async`](Ledger::lock_async) for how it waits.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock_async`](Ledger::lock_async): a dropped future leaves no
+    /// queue place and no lock behind.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with IO and time enabled.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Ledger::acquire).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use runledger::{LockMode, LockRequest};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> runledger::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let gpu = LockRequest::new(["gpu"]).mode(LockMode::Slots(2)).wait(Duration::from_secs(5));
+    /// let first = ledger.acquire_async(gpu.clone()).await?;
+    /// let second = ledger.acquire_async(gpu).await?; // two slots: both hold
+    /// assert_ne!(first.token(), second.token());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn acquire_async(
+        &self,
+        request: LockRequest,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + '_ {
+        self.acquire_for_async(request, None)
+    }
+
     /// Every lock request, held or waiting: one record per key, ordered by
     /// key, then by place in the queue.
     ///
@@ -1408,7 +1502,7 @@ impl Ledger {
 
     /// Registers this process again as a new instance, after a reaper
     /// closed its instance (see [`Ledger::heartbeat`]).
-    fn register_again(&self) -> Result<()> {
+    pub(crate) fn register_again(&self) -> Result<()> {
         let inner = &self.inner;
         let instance = inner.instance();
         let reason = inner
@@ -1526,7 +1620,7 @@ impl Ledger {
     }
 
     /// Reaps one instance judged dead; see `Store::reap_instance`.
-    fn reap_owner(
+    pub(crate) fn reap_owner(
         &self,
         owner: &InstanceRecord,
         reason: &str,
@@ -1595,8 +1689,12 @@ impl Ledger {
         self.inner.orphans.lock().push(orphan);
     }
 
-    /// Retries deleting the rows of dropped guards and queue places.
-    fn clean_orphans(&self) {
+    /// Retries deleting the rows of dropped guards and queue places, if
+    /// there are any.
+    pub(crate) fn clean_orphans(&self) {
+        if self.inner.orphans.lock().is_empty() {
+            return;
+        }
         let orphans = std::mem::take(&mut *self.inner.orphans.lock());
         for orphan in orphans {
             let done = match orphan {
@@ -1611,238 +1709,17 @@ impl Ledger {
         }
     }
 
-    pub(crate) fn acquire_for(
-        &self,
-        request: LockRequest,
-        run: Option<RunId>,
-    ) -> Result<LockGuard> {
-        // Without a wake-up socket (another platform) a waiter polls with a
-        // backoff; with one, releasers wake it and the timer is only the
-        // fallback (a holder killed with SIGKILL wakes no one).
-        const FIRST_POLL: Duration = Duration::from_millis(1);
-        const MAX_POLL: Duration = Duration::from_millis(100);
-        let keys = request.checked_keys()?;
-        if !self.inner.orphans.lock().is_empty() {
-            self.clean_orphans();
-        }
-        let wait = request.wait.unwrap_or(Wait::For(self.inner.lock_wait));
-        let inner = &self.inner;
-        let socket = if wait == Wait::No {
-            None
-        } else {
-            WakeSocket::for_this_thread()
-        };
-        let mut reregistered = false;
-        let mut ask = LockAsk {
-            keys: &keys,
-            mode: request.mode,
-            run,
-            instance: inner.instance(),
-            pid: inner.identity().pid,
-            host: &inner.identity().host,
-            queue: wait != Wait::No,
-            wake: socket.as_deref().map(WakeSocket::address),
-        };
-        let started = Instant::now();
-        let mut place = QueuePlace {
-            ledger: self,
-            ticket: None,
-            // An exclusive request takes its keys' gates first, or learns
-            // who holds them (see `crate::gate`); shared and slots requests
-            // queue in the database alone.
-            gates: if request.mode == crate::LockMode::Exclusive {
-                inner.gates.try_take(&keys)
-            } else {
-                None
-            },
-        };
-        // Until then, a request kept out only by live holders whose gates it
-        // lacks waits on those gates, invisibly; after it, in the queue.
-        let gate_until = started.checked_add(inner.queue_after).unwrap_or(started);
-        let deadline = match wait {
-            Wait::For(limit) => started.checked_add(limit),
-            Wait::No => Some(started),
-            Wait::Forever => None,
-        };
-        let mut gate_phase = wait != Wait::No;
-        let mut poll = if socket.is_some() {
-            MAX_POLL
-        } else {
-            FIRST_POLL
-        };
-        loop {
-            if gate_phase
-                && place.ticket.is_none()
-                && let Some(gates) = place.gates.as_mut()
-                && !gates.complete()
-            {
-                match self.wait_at_gates(&ask, gates, gate_until, deadline)? {
-                    GateWait::Again => continue,
-                    GateWait::Ask => {}
-                    GateWait::Over => gate_phase = false,
-                }
-            }
-            // A last attempt past the deadline takes no place in the queue.
-            ask.queue = wait != Wait::No && deadline.is_none_or(|d| Instant::now() < d);
-            let ahead = match inner.store.try_lock(&ask, place.ticket)? {
-                Attempt::Granted { id, token } => {
-                    return Ok(place.granted(id, token, keys, request.mode, run));
-                }
-                Attempt::Blocked { ticket, ahead } => {
-                    place.ticket = ticket;
-                    ahead
-                }
-                Attempt::InstanceClosed => {
-                    // Reaped (judged by its lease while silent): its queue
-                    // place went with it. Register again and ask anew.
-                    if reregistered {
-                        return Err(closed_twice(inner.store.path()));
-                    }
-                    self.register_again()?;
-                    reregistered = true;
-                    ask.instance = inner.instance();
-                    place.ticket = None;
-                    continue;
-                }
-            };
-            if self.reap_dead_in_the_way(&ahead, request.mode)? {
-                continue;
-            }
-            let me = inner.instance();
-            let now = self.now();
-            let holders: Vec<Holder> = ahead
-                .iter()
-                .map(|a| Holder {
-                    key: a.key.clone(),
-                    mode: a.mode,
-                    state: a.state,
-                    run: a.run.clone(),
-                    pid: a.owner.pid,
-                    host: a.owner.host.clone(),
-                    held_for: now.saturating_duration_since(a.since),
-                    is_self: a.instance == me,
-                })
-                .collect();
-            // Only this process's own *held* locks in the way: nothing else
-            // will release them while this thread waits.
-            let self_conflict = holders
-                .iter()
-                .all(|h| h.is_self && h.state == crate::lock::LockState::Held);
-            if wait == Wait::No || self_conflict {
-                return Err(crate::Error::Conflict {
-                    keys,
-                    holders,
-                    self_conflict,
-                });
-            }
-            let waited = started.elapsed();
-            let remaining = match wait {
-                Wait::For(limit) => limit.saturating_sub(waited),
-                _ => Duration::MAX,
-            };
-            if remaining.is_zero() {
-                return Err(crate::Error::Timeout {
-                    keys,
-                    waited,
-                    holders,
-                });
-            }
-            let nap = poll.min(remaining);
-            match &socket {
-                Some(socket) => {
-                    socket.wait(nap);
-                }
-                None => std::thread::sleep(nap),
-            }
-            poll = (poll * 2).min(MAX_POLL);
-            // Releasers hand keys to the head of the queue themselves: a
-            // read tells whether that happened, without the write lock.
-            if let Some(ticket) = place.ticket
-                && let Some(token) = inner.store.granted_token(ticket)?
-            {
-                return Ok(place.granted(ticket, token, keys, request.mode, run));
+    /// Leaves the lock queue: deletes the request queued as `ticket`,
+    /// whether still waiting or granted meanwhile, and hands its keys on. A
+    /// failure is retried on the next lock call.
+    pub(crate) fn leave_queue(&self, ticket: i64) {
+        match self.inner.store.leave_queue(ticket) {
+            Ok(wakes) => wake(&wakes),
+            Err(e) => {
+                log::warn!("runledger: could not leave lock queue place {ticket} yet: {e}");
+                self.adopt_orphan(Orphan::Queued { ticket });
             }
         }
-    }
-
-    /// Judges the owners of the requests in `ahead` and reaps the dead ones;
-    /// true if any was reaped (the caller asks again).
-    ///
-    /// Liveness is judged outside the write transaction (it reads /proc and
-    /// lock files); a dead owner is then reaped whole, its runs and queue
-    /// places with its locks, and only in the state it was judged in.
-    /// Holders first: while a live holder alone keeps a request in `mode`
-    /// out, a dead waiter ahead costs nothing yet (a releaser would grant
-    /// it, and it is then judged as a holder), so the waiters are judged only
-    /// once the holders no longer block.
-    fn reap_dead_in_the_way(&self, ahead: &[Ahead], mode: crate::LockMode) -> Result<bool> {
-        let me = self.inner.instance();
-        let now = self.now();
-        let mut reaped_any = false;
-        let mut judged = Vec::new();
-        for waiting in [false, true] {
-            if waiting && (reaped_any || held_off(ahead, mode)) {
-                break;
-            }
-            for a in ahead.iter().filter(|a| {
-                a.instance != me && (a.state == crate::lock::LockState::Waiting) == waiting
-            }) {
-                if judged.contains(&a.instance) {
-                    continue;
-                }
-                judged.push(a.instance);
-                if let Verdict::Dead {
-                    reason,
-                    stale_heartbeat,
-                } = self.inner.judge.judge(&a.owner, now)
-                {
-                    self.reap_owner(&a.owner, &reason, stale_heartbeat)?;
-                    reaped_any = true;
-                }
-            }
-        }
-        Ok(reaped_any)
-    }
-
-    /// The gate phase of an exclusive request that lacks some of its keys'
-    /// gates: if only live holders of other instances keep it out, waits on
-    /// those gates until `until` (or the request's `deadline`), without a
-    /// place in the queue.
-    fn wait_at_gates(
-        &self,
-        ask: &LockAsk<'_>,
-        gates: &mut Taken,
-        until: Instant,
-        deadline: Option<Instant>,
-    ) -> Result<GateWait> {
-        let until = deadline.map_or(until, |d| d.min(until));
-        if Instant::now() >= until {
-            return Ok(GateWait::Over);
-        }
-        let blockers = self.inner.store.lock_blockers(ask)?;
-        if blockers.is_empty() {
-            // Free by now (its holder has committed its release and is
-            // about to open the gate, or holds no gate): ask for it.
-            return Ok(GateWait::Ask);
-        }
-        let me = self.inner.instance();
-        if blockers.iter().any(|a| a.instance == me) {
-            // This instance's own request in the way: the transaction tells
-            // (a self-conflict fails at once).
-            return Ok(GateWait::Over);
-        }
-        // Visible waiters ahead do not end the phase: the grant transaction
-        // after the gate refuses to overtake them (and queues the request,
-        // gate in hand, so that those behind it keep waiting at the gate
-        // instead of all joining the queue).
-        if self.reap_dead_in_the_way(&blockers, ask.mode)? {
-            return Ok(GateWait::Again);
-        }
-        Ok(if gates.wait(until) {
-            GateWait::Ask
-        } else {
-            GateWait::Over
-        })
     }
 
     pub(crate) fn lock_was_taken_away(&self, id: i64) -> Result<bool> {
@@ -1914,88 +1791,11 @@ impl Ledger {
     }
 }
 
-/// Whether the holders in `ahead` alone keep a request in `mode` out, on at
-/// least one key (whatever the waiters ahead of it).
-fn held_off(ahead: &[Ahead], mode: crate::LockMode) -> bool {
-    ahead.iter().any(|a| {
-        let held: Vec<crate::LockMode> = ahead
-            .iter()
-            .filter(|b| b.key == a.key && b.state == crate::lock::LockState::Held)
-            .map(|b| b.mode)
-            .collect();
-        crate::lock::compatible(&held, mode) == Ok(false)
-    })
-}
-
-/// What the gate phase of a request came to.
-enum GateWait {
-    /// A dead holder was reaped: look again.
-    Again,
-    /// Ask the database for the keys (the gates are held, or the keys look
-    /// free).
-    Ask,
-    /// The phase is over (its time is up, this instance's own request is in
-    /// the way, or the gates cannot be waited on): ask, and queue if
-    /// blocked.
-    Over,
-}
-
-/// A request's place in the lock queue, left on drop unless it was granted:
-/// an error, a timeout or a panic never leaves a stale waiter behind.
-struct QueuePlace<'l> {
-    ledger: &'l Ledger,
-    ticket: Option<i64>,
-    /// The request's gates, held and busy; the held ones go to its guard,
-    /// or are let go after the queue place (on drop).
-    gates: Option<Taken>,
-}
-
-impl QueuePlace<'_> {
-    /// The request was granted as lock `id`: the place is kept (it is now
-    /// the lock's row) and handed to a guard.
-    fn granted(
-        &mut self,
-        id: i64,
-        token: u64,
-        keys: Vec<String>,
-        mode: crate::LockMode,
-        run: Option<RunId>,
-    ) -> LockGuard {
-        self.ticket = None;
-        // A holder granted without some of its gates (handed the lock from
-        // the queue, or found it free while its last holder was letting go)
-        // takes those that are free now, so that the next requests wait at
-        // the gate rather than in the queue.
-        let gates = self
-            .gates
-            .take()
-            .map(|mut gates| {
-                gates.retry();
-                gates.into_held()
-            })
-            .unwrap_or_default();
-        LockGuard::new(self.ledger.clone(), id, keys, mode, token, run, gates)
-    }
-}
-
-impl Drop for QueuePlace<'_> {
-    fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            match self.ledger.inner.store.leave_queue(ticket) {
-                Ok(wakes) => wake(&wakes),
-                Err(e) => {
-                    log::warn!("runledger: could not leave lock queue place {ticket} yet: {e}");
-                    self.ledger.adopt_orphan(Orphan::Queued { ticket });
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use std::time::Instant;
 
     fn ledger_in(dir: &Path, clock: &ManualClock) -> Builder {
         Ledger::builder(dir.join("ledger.db"))

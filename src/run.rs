@@ -615,6 +615,55 @@ impl Run {
         self.ledger.acquire_for(request, Some(self.id))
     }
 
+    /// Takes an exclusive lock on `key` for this run, as
+    /// [`lock`](Run::lock) does, waiting without blocking the async runtime;
+    /// see [`Ledger::lock_async`] for how it waits.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Ledger::lock_async`]: a dropped future leaves no queue place
+    /// and no lock behind.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with IO and time enabled.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Run::lock).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn lock_async(
+        &self,
+        key: impl Into<String>,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + '_ {
+        self.acquire_async(LockRequest::new([key]))
+    }
+
+    /// Takes the locks `request` describes for this run, as
+    /// [`acquire`](Run::acquire) does, waiting without blocking the async
+    /// runtime; see [`Ledger::lock_async`] for how it waits.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Ledger::lock_async`].
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with IO and time enabled.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Run::acquire).
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn acquire_async(
+        &self,
+        request: LockRequest,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + '_ {
+        self.ledger.acquire_for_async(request, Some(self.id))
+    }
+
     /// Records progress: the run's `heartbeat_at` moves to now, and with a
     /// [heartbeat timeout](RunSpec::heartbeat_timeout) its deadline moves on.
     /// One small write. Returns the run's status, which a reaper may have

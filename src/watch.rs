@@ -111,7 +111,10 @@ const WATCH_BATCH: usize = 256;
 ///
 /// As an [`Iterator`], `next` blocks until an event arrives (it yields an
 /// error when the ledger cannot be read, and goes on after it). Use
-/// [`next_timeout`](Watch::next_timeout) to wait at most a given time.
+/// [`next_timeout`](Watch::next_timeout) to wait at most a given time. With
+/// the `tokio` feature, [`next_async`](Watch::next_async) waits without
+/// blocking the runtime, and a watch is a `futures_core::Stream` of the
+/// same items.
 ///
 /// A process that commits events wakes every watch on the same host at once
 /// (a datagram to the watch's socket, sent after the commit); a watch also
@@ -145,6 +148,19 @@ pub struct Watch {
     socket: Option<WakeSocket>,
     /// The watcher row that makes writers wake the socket.
     watcher: Option<i64>,
+    /// What an async wait for the next event waits on, made on its first
+    /// use inside a runtime.
+    #[cfg(feature = "tokio")]
+    waiting: Option<AsyncWait>,
+}
+
+/// An async watch's wake-up socket, registered with the runtime, and its
+/// fallback timer.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+struct AsyncWait {
+    socket: Option<tokio::net::UnixDatagram>,
+    fallback: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Watch {
@@ -163,7 +179,24 @@ impl Watch {
             buffer: VecDeque::new(),
             socket,
             watcher,
+            #[cfg(feature = "tokio")]
+            waiting: None,
         })
+    }
+
+    /// The next event already read, or else the next page of the feed
+    /// read now: `None` if nothing new has committed.
+    fn read(&mut self) -> Result<Option<EventRecord>> {
+        if self.buffer.is_empty() {
+            let page = self.ledger.events_since(self.read_from, WATCH_BATCH)?;
+            self.read_from = page.next;
+            self.buffer.extend(page.events);
+        }
+        let event = self.buffer.pop_front();
+        if let Some(event) = &event {
+            self.yielded = EventCursor::after(event.id);
+        }
+        Ok(event)
     }
 
     /// The cursor after the last event this watch yielded: where a new
@@ -182,15 +215,8 @@ impl Watch {
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<EventRecord>> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            if let Some(event) = self.buffer.pop_front() {
-                self.yielded = EventCursor::after(event.id);
+            if let Some(event) = self.read()? {
                 return Ok(Some(event));
-            }
-            let page = self.ledger.events_since(self.read_from, WATCH_BATCH)?;
-            self.read_from = page.next;
-            self.buffer.extend(page.events);
-            if !self.buffer.is_empty() {
-                continue;
             }
             let left = match deadline {
                 Some(deadline) => deadline.saturating_duration_since(Instant::now()),
@@ -206,6 +232,104 @@ impl Watch {
                 }
                 None => std::thread::sleep(nap),
             }
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+impl Watch {
+    /// The next event, waiting for one to commit without blocking the async
+    /// runtime: the watch's wake-up socket is watched by the runtime's
+    /// reactor, and the feed is read again at least once a second. Never
+    /// `None` (the feed does not end); `Some(Err(_))` when the ledger
+    /// cannot be read, after which the watch goes on.
+    ///
+    /// Reading the feed is a short read of the database on the calling
+    /// thread.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: an event is taken from the watch only in the poll that
+    /// returns it, so a dropped future loses none, and the next call yields
+    /// it.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with IO and time enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> runledger::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let mut watch = ledger.watch(ledger.events_cursor()?)?;
+    /// let run = ledger.begin_run(RunSpec::new("sync"))?;
+    /// let event = watch.next_async().await.expect("the feed goes on")?;
+    /// assert_eq!(event.run, run.id());
+    /// # run.succeed()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn next_async(&mut self) -> Option<Result<EventRecord>> {
+        std::future::poll_fn(|cx| {
+            futures_core::Stream::poll_next(std::pin::Pin::new(&mut *self), cx)
+        })
+        .await
+    }
+}
+
+/// The same items as [`Watch::next_async`], which says how it waits.
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+impl futures_core::Stream for Watch {
+    type Item = Result<EventRecord>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<EventRecord>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            match this.read() {
+                Ok(Some(event)) => return Poll::Ready(Some(Ok(event))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+            let socket = &this.socket;
+            let wait = this.waiting.get_or_insert_with(|| AsyncWait {
+                socket: socket.as_ref().and_then(|s| {
+                    s.for_runtime()
+                        .map_err(|e| log::debug!("runledger: watch polls: {e}"))
+                        .ok()
+                }),
+                fallback: Box::pin(tokio::time::sleep(WATCH_FALLBACK)),
+            });
+            let mut woken = false;
+            if let Some(socket) = &wait.socket {
+                match socket.poll_recv_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        // Drain: one read of the feed covers them all.
+                        let mut buf = [0u8; 16];
+                        while socket.try_recv(&mut buf).is_ok() {}
+                        woken = true;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        log::debug!("runledger: watch polls from now on: {e}");
+                        wait.socket = None;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !woken && wait.fallback.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let next = tokio::time::Instant::now() + WATCH_FALLBACK;
+            wait.fallback.as_mut().reset(next);
         }
     }
 }

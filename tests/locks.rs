@@ -137,11 +137,15 @@ fn several_keys_are_taken_all_or_nothing(store: Store) {
     }
 }
 
-fn a_conflict_with_only_this_process_fails_at_once(store: Store) {
+fn asking_again_for_a_key_one_holds_fails_at_once(store: Store) {
     let f = Fixture::new(store);
     let _held = f.ledger.lock("mine").unwrap();
     let err = fails_at_once_as_a_self_conflict(&f.ledger);
-    assert!(err.to_string().contains("held by this process"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("held by the calling thread itself"),
+        "{err}"
+    );
     assert_eq!(
         f.ledger.locks().unwrap().len(),
         1,
@@ -618,7 +622,7 @@ on_both_stores!(
     shared_holders_coexist_and_keep_exclusive_out,
     slots_admit_at_most_n_holders_and_must_agree_on_n,
     several_keys_are_taken_all_or_nothing,
-    a_conflict_with_only_this_process_fails_at_once,
+    asking_again_for_a_key_one_holds_fails_at_once,
     a_self_conflict_fails_at_once_whatever_the_wait_at_the_gate,
     a_holder_without_a_run_is_named_by_its_process,
     a_wait_ends_in_a_timeout_and_leaves_the_queue,

@@ -367,6 +367,9 @@ pub(crate) struct LockAsk<'a> {
     pub mode: LockMode,
     pub run: Option<RunId>,
     pub instance: i64,
+    /// The locks the calling thread or task holds (see
+    /// `crate::lock::acquire`): waiters they keep out do not count.
+    pub own: &'a [i64],
     pub pid: u32,
     pub host: &'a str,
     /// Take a place in the queue when blocked.

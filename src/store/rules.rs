@@ -13,22 +13,19 @@ pub(crate) trait LockReads {
     /// holder, and the waiters queued before it; with no ticket, every
     /// request on the key).
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>>;
-
-    /// Whether `instance` holds any lock.
-    fn holds_any(&mut self, instance: i64) -> Result<bool>;
 }
 
-/// Whether the waiting request `waiter` is held back by a lock that
-/// `instance` holds on one of its keys.
+/// Whether the waiting request `waiter` is held back by one of the locks
+/// `own` on one of its keys.
 pub(crate) fn held_back_by(
     reads: &mut impl LockReads,
     waiter: &Ahead,
-    instance: i64,
+    own: &[i64],
 ) -> Result<bool> {
     for key in &waiter.keys {
         for a in reads.ahead_on(key, Some(waiter.lock_id))? {
             if a.state == LockState::Held
-                && a.instance == instance
+                && own.contains(&a.lock_id)
                 && compatible(&[a.mode], waiter.mode) != Ok(true)
             {
                 return Ok(true);
@@ -61,29 +58,24 @@ pub(crate) fn fits(
 
 /// The requests that keep `ask` (queued as `ticket`, if it is) out: the
 /// holders and earlier waiters in its way on each key, except waiters that
-/// only this instance's own locks hold back. Empty when it can be granted.
+/// only the caller's own locks (`ask.own`) hold back. Empty when it can be
+/// granted.
 pub(crate) fn blockers(
     reads: &mut impl LockReads,
     ask: &LockAsk<'_>,
     ticket: Option<i64>,
 ) -> Result<Vec<Ahead>> {
-    // Whether this instance holds any lock: asked only when a waiter is
-    // ahead, so the uncontended path does not pay for it.
-    let mut holds_locks = None;
     let mut blocked = Vec::new();
     for key in ask.keys {
         let mut ahead = reads.ahead_on(key, ticket)?;
         let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
-        if waiter_ahead && holds_locks.is_none() {
-            holds_locks = Some(reads.holds_any(ask.instance)?);
-        }
-        if waiter_ahead && holds_locks == Some(true) {
-            // A waiter that this instance's own locks hold back would wait
-            // for this request forever while it waits for that waiter
-            // (first come, first served): it does not count.
+        if waiter_ahead && !ask.own.is_empty() {
+            // A waiter that the caller's own locks hold back would wait for
+            // this request forever while it waits for that waiter (first
+            // come, first served): it does not count.
             let mut kept = Vec::with_capacity(ahead.len());
             for a in ahead {
-                if a.state == LockState::Held || !held_back_by(reads, &a, ask.instance)? {
+                if a.state == LockState::Held || !held_back_by(reads, &a, ask.own)? {
                     kept.push(a);
                 }
             }

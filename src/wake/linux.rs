@@ -57,10 +57,24 @@ impl WakeSocket {
         &self.address
     }
 
+    /// A socket from this process's pool of idle ones (bound anew if none
+    /// is idle), back in the pool when the returned handle drops: for async
+    /// waiters, which have no thread to keep a socket for. A wake-up meant
+    /// for an earlier user of the socket only causes one extra re-check.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn pooled() -> Option<Pooled> {
+        let idle = POOL.lock().pop();
+        idle.or_else(WakeSocket::bind)
+            .map(|socket| Pooled(Some(socket)))
+    }
+
     /// Sleeps until woken or until `timeout`; true if woken.
     pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let timeout = timeout.max(Duration::from_millis(1));
-        if self.socket.set_read_timeout(Some(timeout)).is_err() {
+        // Blocking again, should an async wait have used the socket.
+        if self.socket.set_nonblocking(false).is_err()
+            || self.socket.set_read_timeout(Some(timeout)).is_err()
+        {
             std::thread::sleep(timeout);
             return false;
         }
@@ -72,6 +86,80 @@ impl WakeSocket {
             let _ = self.socket.set_nonblocking(false);
         }
         woken
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl WakeSocket {
+    /// Waits until woken or until `timeout`, yielding to the tokio runtime
+    /// meanwhile (the socket is watched by the runtime's reactor, no thread
+    /// blocks); true if woken.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime with IO and time enabled, as tokio's own
+    /// sockets and timers do.
+    pub(crate) async fn wait_async(&self, timeout: Duration) -> bool {
+        let socket = match self.for_runtime() {
+            Ok(socket) => socket,
+            Err(e) => {
+                log::debug!("runledger: cannot watch the wake-up socket ({e}); polling");
+                tokio::time::sleep(timeout).await;
+                return false;
+            }
+        };
+        let mut buf = [0u8; 16];
+        let woken = matches!(
+            tokio::time::timeout(timeout, socket.recv(&mut buf)).await,
+            Ok(Ok(_))
+        );
+        // Drain wake-ups that arrived meanwhile: one re-check covers them all.
+        while woken && socket.try_recv(&mut buf).is_ok() {}
+        woken
+    }
+
+    /// The socket registered with the current runtime's reactor: a
+    /// duplicate of its descriptor (the same socket), non-blocking.
+    pub(crate) fn for_runtime(&self) -> io::Result<tokio::net::UnixDatagram> {
+        let socket = self.socket.try_clone()?;
+        socket.set_nonblocking(true)?;
+        tokio::net::UnixDatagram::from_std(socket)
+    }
+}
+
+/// Idle sockets of async waiters, for the next one.
+#[cfg(feature = "tokio")]
+static POOL: parking_lot::Mutex<Vec<WakeSocket>> = parking_lot::Mutex::new(Vec::new());
+
+/// How many idle sockets the pool keeps.
+#[cfg(feature = "tokio")]
+const MAX_POOLED: usize = 64;
+
+/// A socket of the pool, lent to one async waiter.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub(crate) struct Pooled(Option<WakeSocket>);
+
+#[cfg(feature = "tokio")]
+impl std::ops::Deref for Pooled {
+    type Target = WakeSocket;
+
+    fn deref(&self) -> &WakeSocket {
+        self.0
+            .as_ref()
+            .expect("a pooled socket is there until dropped")
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock();
+        if let Some(socket) = self.0.take()
+            && pool.len() < MAX_POOLED
+        {
+            pool.push(socket);
+        }
     }
 }
 

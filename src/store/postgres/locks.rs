@@ -234,15 +234,6 @@ impl LockReads for Tx<'_> {
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
         ahead_on(self, key, ticket)
     }
-
-    fn holds_any(&mut self, instance: i64) -> Result<bool> {
-        Ok(self
-            .query_opt(
-                "SELECT 1 FROM locks WHERE instance_id = $1 AND state = 'held' LIMIT 1",
-                &[&instance],
-            )?
-            .is_some())
-    }
 }
 
 impl Store {

@@ -209,17 +209,6 @@ impl LockReads for Reads<'_> {
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
         ahead_on(self.0, key, ticket)
     }
-
-    fn holds_any(&mut self, instance: i64) -> Result<bool> {
-        Ok(self
-            .0
-            .prepare_cached(
-                "SELECT 1 FROM locks WHERE instance_id = ?1 AND state = 'held' LIMIT 1",
-            )?
-            .query_row([instance], |_| Ok(()))
-            .optional()?
-            .is_some())
-    }
 }
 
 impl Store {

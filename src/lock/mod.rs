@@ -1,6 +1,6 @@
 //! Strict cross-process locks: requests, modes, keys, the guard, and the
 //! compatibility rules (plain Rust; the store applies them in its
-//! transactions).
+//! transactions). How a request gets its keys is in [`acquire`].
 
 use std::fmt;
 use std::time::Duration;
@@ -13,6 +13,9 @@ use crate::gate::Held;
 use crate::input;
 use crate::ledger::Ledger;
 use crate::run::RunId;
+
+pub(crate) mod acquire;
+pub(crate) use acquire::{Caller, Callers};
 
 /// How a lock shares its keys.
 ///
@@ -381,6 +384,10 @@ pub struct Holder {
     pub held_for: Duration,
     /// True when the holder is this very ledger instance (this process).
     pub is_self: bool,
+    /// True when the holder is the very thread (or tokio task) that made
+    /// the request: a request kept out by such locks alone is refused at
+    /// once, since it would wait for itself.
+    pub by_caller: bool,
 }
 
 impl fmt::Display for Holder {
@@ -403,7 +410,9 @@ impl fmt::Display for Holder {
                 self.pid, self.host, self.mode
             )?,
         }
-        if self.is_self {
+        if self.by_caller {
+            f.write_str(", the calling thread itself")?;
+        } else if self.is_self {
             f.write_str(", in this very process")?;
         }
         Ok(())
@@ -461,6 +470,8 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
+    /// The guard of lock `id`, granted to `caller`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         ledger: Ledger,
         id: i64,
@@ -469,7 +480,9 @@ impl LockGuard {
         token: u64,
         run: Option<RunId>,
         gates: Held,
+        caller: Caller,
     ) -> LockGuard {
+        ledger.inner.callers.hold(id, caller);
         LockGuard {
             ledger,
             id,
@@ -535,6 +548,7 @@ impl LockGuard {
         let gates = std::mem::take(&mut self.gates);
         let released = self.ledger.release_lock(self.id, self.token, gates)?;
         self.held = false;
+        self.ledger.inner.callers.forget(self.id);
         if released {
             return Ok(());
         }
@@ -551,7 +565,10 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        match self.release_() {
+        let released = self.release_();
+        // A row left to the orphan list is this process's, no caller's.
+        self.ledger.inner.callers.forget(self.id);
+        match released {
             Ok(()) => {}
             Err(e @ Error::LockLost { .. }) => log::error!("runledger: {e}"),
             Err(e) => {
