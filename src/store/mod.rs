@@ -65,9 +65,26 @@ macro_rules! dispatch {
         match $self {
             Store::Sqlite($s) => $e,
             #[cfg(feature = "postgres")]
-            Store::Postgres($s) => $e,
+            Store::Postgres($s) => off_runtime(|| $e),
         }
     };
+}
+
+/// Runs `call`, a call of the PostgreSQL store, where the synchronous
+/// PostgreSQL client may block: that client drives a tokio runtime of its
+/// own, which cannot start on a thread that is inside another runtime's
+/// context (a task, `block_on`). There, the call runs on a scoped helper
+/// thread, and the caller blocks for it as it would have for the call
+/// itself; elsewhere it runs on the calling thread.
+#[cfg(feature = "postgres")]
+fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return call();
+    }
+    std::thread::scope(|s| match s.spawn(call).join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 impl Store {
@@ -96,9 +113,9 @@ impl Store {
                 source: None,
             }),
             #[cfg(feature = "postgres")]
-            Location::Postgres { url, schema } => {
+            Location::Postgres { url, schema } => off_runtime(|| {
                 postgres::Store::open(url, schema, config, clock, !given).map(Store::Postgres)
-            }
+            }),
         }
     }
 
@@ -194,7 +211,7 @@ impl Store {
         &self,
         id: i64,
         token: u64,
-        on_commit: impl FnOnce(),
+        on_commit: impl FnOnce() + Send,
     ) -> Result<Option<Wakes>> {
         dispatch!(self, s => s.release_lock(id, token, on_commit))
     }
