@@ -94,6 +94,42 @@ fn an_exclusive_lock_serializes_processes(store: Store) {
     assert!(f.ledger.locks().unwrap().is_empty());
 }
 
+/// Threads sharing one ledger in one process, mixed with two other
+/// processes on the same key: every critical section is alone, whichever
+/// thread or process it belongs to (issue 16).
+fn threads_of_one_ledger_and_other_processes_take_turns(store: Store) {
+    let f = Fixture::new(store);
+    let db = &f.location;
+    let counter = f.dir.path().join("counter");
+    let witness = f.dir.path().join("witness");
+    std::fs::write(&counter, "0\n").unwrap();
+    let (counter_s, witness_s) = (counter.to_str().unwrap(), witness.to_str().unwrap());
+    let critical = |threads: &str| {
+        spawn_worker(
+            db,
+            &[
+                "critical",
+                "counter",
+                "--times",
+                "25",
+                "--threads",
+                threads,
+                "--witness",
+                witness_s,
+                "--counter",
+                counter_s,
+            ],
+        )
+    };
+    let workers = [critical("4"), critical("1"), critical("1")];
+    for w in workers {
+        assert_eq!(finish(w), ["done"]);
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "150");
+    assert_eq!(check_witness(&witness), 150);
+    assert!(f.ledger.locks().unwrap().is_empty());
+}
+
 fn slots_and_shared_limits_hold_under_contention(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;
@@ -421,6 +457,7 @@ fn a_request_at_the_gate_never_overtakes_a_queued_one() {
 
 on_both_stores!(
     an_exclusive_lock_serializes_processes,
+    threads_of_one_ledger_and_other_processes_take_turns,
     slots_and_shared_limits_hold_under_contention,
     waiters_in_other_processes_are_served_first_come_first_served,
     a_waiting_process_times_out_and_leaves_the_queue,
