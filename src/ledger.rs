@@ -35,8 +35,9 @@ use crate::watch::{EventCursor, EventPage, Watch};
 #[non_exhaustive]
 pub enum Synchronous {
     /// `synchronous=NORMAL`: no fsync per commit. After a power cut the last
-    /// transactions before it may be rolled back (never half-applied). About
-    /// 15× faster than `Full` on a typical disk. The default.
+    /// transactions before it may be rolled back (never half-applied). Much
+    /// faster than `Full` on most disks, since a commit then waits for no
+    /// fsync. The default.
     #[default]
     Normal,
     /// `synchronous=FULL`: one fsync of the log per commit, so a commit that
@@ -109,11 +110,9 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
 /// queue, unless [`Builder::queue_after`] says otherwise.
 ///
 /// Chosen with `cargo bench --bench locks -- contention` (32 processes
-/// looping on 4 keys, against SQLite's `busy_timeout` alone): with 10, 15,
-/// 20, 25 and 40 ms the throughput was about 0.6, 0.8, 0.9–1.0, 1.0 and 1.0
-/// times the baseline's, and the 99th percentile of an acquire about the
-/// bound plus 10 ms (the baseline's: 20–50 ms). Below the bound more
-/// requests queue, which costs writes; above it the tail grows.
+/// looping on 4 keys, against SQLite's `busy_timeout` alone; the figures
+/// are in the repository's `BENCHMARKS.md`). Below the bound more requests
+/// queue, which costs writes; above it the tail of an acquire grows.
 pub const DEFAULT_QUEUE_AFTER: Duration = Duration::from_millis(20);
 
 /// How often the background keeper runs the reapers, unless
