@@ -272,8 +272,47 @@ impl Builder {
     /// way wait, and the next transaction runs them all, each isolated
     /// from the others (savepoints): one that fails is undone alone and its
     /// error goes to its own caller, and no call returns before the commit
-    /// that holds its write. See [Group commit](crate#group-commit) for what
-    /// is grouped and what it gains, most with [`Synchronous::Full`].
+    /// that holds its write (see [Group commit](crate#group-commit)). It
+    /// concerns SQLite only.
+    ///
+    /// **Which writes are grouped.** The writes of a run's life —
+    /// [`Ledger::begin_run`], [`Ledger::create_run`],
+    /// [`Run::start`](crate::Run::start), [`Run::step`](crate::Run::step)
+    /// and the step's outcome, the run's outcome, [`Ledger::cancel`],
+    /// [`Run::heartbeat`](crate::Run::heartbeat),
+    /// [`Run::event`](crate::Run::event) — wait in a queue and are run by
+    /// whichever thread leads the next group. Lock writes (a grant, a
+    /// release, leaving the queue), instance heartbeats, adoptions,
+    /// [`Run::set_log_path`](crate::Run::set_log_path), watch registrations
+    /// and reaper passes always run on their own thread: each waits for its
+    /// turn and then leads the next group, taking the queued run writes into
+    /// its transaction. A lock write therefore waits at most for the
+    /// transaction under way, the lock writes queued before it and one group
+    /// of run writes; its waiters are woken only after the commit, as
+    /// always.
+    ///
+    /// **Which ledgers share a group.** Every [`Ledger`] of the same file in
+    /// a process shares the queue (so threads that open a ledger each, for
+    /// locks that exclude each other, group too), if they commit with the
+    /// same [`Synchronous`] setting. Writes of other processes still take
+    /// turns at SQLite's write lock.
+    ///
+    /// **What it gains.** With [`Synchronous::Full`] every commit waits for
+    /// an fsync of the log, so one writer can commit only as often as the
+    /// disk syncs. A group pays one fsync for all its writes: throughput
+    /// grows with the number of threads writing, and each caller waits for
+    /// about one fsync more at most, instead of queueing behind one fsync
+    /// per writer. With [`Synchronous::Normal`] a commit costs about as much
+    /// as the SQL of one write, so grouping gains less. Either way a group's
+    /// writes still run one after another under SQLite's write lock:
+    /// grouping saves commits, not the writes' own SQL, so what it can gain
+    /// is bounded by how much a commit costs against a write. `cargo bench
+    /// --bench group` measures that bound, its *floor*, on the machine at
+    /// hand; the repository's `BENCHMARKS.md` has figures.
+    ///
+    /// **Nothing slow runs inside a group**: SQL and the plain-Rust state
+    /// machine only, never file I/O or user code (a
+    /// [`Reaper`](crate::Reaper) runs outside any transaction).
     ///
     /// With `false`, every write is a transaction of its own thread, and
     /// threads of one process meet at SQLite's write lock as other
