@@ -355,6 +355,7 @@ impl Builder {
     /// Only for a ledger on PostgreSQL: [`open`](Builder::open) refuses it
     /// for a SQLite file.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn schema(mut self, schema: impl Into<String>) -> Builder {
         self.schema = Some(schema.into());
         self
@@ -751,6 +752,7 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn builder_postgres(url: impl Into<String>) -> Builder {
         let mut url = url.into();
         // The form `Ledger::path` shows: the schema after a `#`, in a URL

@@ -313,6 +313,17 @@
 //! default (on PostgreSQL, the server's clock as each process follows it),
 //! a [`ManualClock`] in tests that move time without sleeping.
 //!
+//! # Features
+//!
+//! Neither is on by default; on docs.rs, every item that needs one says so.
+//!
+//! - `postgres`: the PostgreSQL store: `Ledger::builder_postgres`,
+//!   `Builder::schema`, and `postgres://` URLs in [`Ledger::open`] and
+//!   [`Ledger::builder`].
+//! - `cli`: the `runledger` command-line tool (see
+//!   [Command-line tool](#command-line-tool)); the library is the same with
+//!   or without it.
+//!
 //! # Logging
 //!
 //! The crate logs through the [`log`](https://docs.rs/log) facade: opening and
@@ -320,6 +331,7 @@
 //! `Drop` could not return at `error`.
 
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod clock;
 mod error;
