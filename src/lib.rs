@@ -291,11 +291,12 @@
 //!
 //! With the `cli` feature the crate also builds `runledger`, a binary over
 //! this API for terminals and for programs in any language (from a clone
-//! of the repository, `cargo install --path . --features cli`): `runledger exec --lock K --
-//! CMD…` records a command as a run under the ledger's locks, and `ps`,
-//! `runs`, `show`, `logs`, `locks`, `watch`, `cancel`, `reap`, `prune` and
-//! `unlock` serve operators, each with `--json`. Library users who leave the feature
-//! off never build its dependencies.
+//! of the repository, `cargo install --path . --features cli`):
+//! `runledger exec --lock K -- CMD…` records a command as a run under the
+//! ledger's locks, and `ps`, `runs`, `show`, `logs`, `locks`, `watch`,
+//! `cancel`, `reap`, `prune` and `unlock` serve operators, each with
+//! `--json`. Library users who leave the feature off never build its
+//! dependencies.
 //!
 //! # PostgreSQL
 //!
