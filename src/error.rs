@@ -433,6 +433,7 @@ impl From<r2d2::Error> for Error {
 }
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 impl From<postgres::Error> for Error {
     /// Waiting too long for a lock (the writer lock's `lock_timeout`), a
     /// serialization failure, a deadlock or a server out of connections is

@@ -33,8 +33,9 @@ use crate::watch::{EventCursor, EventPage, Watch};
 #[non_exhaustive]
 pub enum Synchronous {
     /// `synchronous=NORMAL`: no fsync per commit. After a power cut the last
-    /// transactions before it may be rolled back (never half-applied). About
-    /// 15× faster than `Full` on a typical disk. The default.
+    /// transactions before it may be rolled back (never half-applied). Much
+    /// faster than `Full` on most disks, since a commit then waits for no
+    /// fsync. The default.
     #[default]
     Normal,
     /// `synchronous=FULL`: one fsync of the log per commit, so a commit that
@@ -107,11 +108,9 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
 /// queue, unless [`Builder::queue_after`] says otherwise.
 ///
 /// Chosen with `cargo bench --bench locks -- contention` (32 processes
-/// looping on 4 keys, against SQLite's `busy_timeout` alone): with 10, 15,
-/// 20, 25 and 40 ms the throughput was about 0.6, 0.8, 0.9–1.0, 1.0 and 1.0
-/// times the baseline's, and the 99th percentile of an acquire about the
-/// bound plus 10 ms (the baseline's: 20–50 ms). Below the bound more
-/// requests queue, which costs writes; above it the tail grows.
+/// looping on 4 keys, against SQLite's `busy_timeout` alone; the figures
+/// are in the repository's `BENCHMARKS.md`). Below the bound more requests
+/// queue, which costs writes; above it the tail of an acquire grows.
 pub const DEFAULT_QUEUE_AFTER: Duration = Duration::from_millis(20);
 
 /// How often the background keeper runs the reapers, unless
@@ -271,8 +270,47 @@ impl Builder {
     /// way wait, and the next transaction runs them all, each isolated
     /// from the others (savepoints): one that fails is undone alone and its
     /// error goes to its own caller, and no call returns before the commit
-    /// that holds its write. See [Group commit](crate#group-commit) for what
-    /// is grouped and what it gains, most with [`Synchronous::Full`].
+    /// that holds its write (see [Group commit](crate#group-commit)). It
+    /// concerns SQLite only.
+    ///
+    /// **Which writes are grouped.** The writes of a run's life —
+    /// [`Ledger::begin_run`], [`Ledger::create_run`],
+    /// [`Run::start`](crate::Run::start), [`Run::step`](crate::Run::step)
+    /// and the step's outcome, the run's outcome, [`Ledger::cancel`],
+    /// [`Run::heartbeat`](crate::Run::heartbeat),
+    /// [`Run::event`](crate::Run::event) — wait in a queue and are run by
+    /// whichever thread leads the next group. Lock writes (a grant, a
+    /// release, leaving the queue), instance heartbeats, adoptions,
+    /// [`Run::set_log_path`](crate::Run::set_log_path), watch registrations
+    /// and reaper passes always run on their own thread: each waits for its
+    /// turn and then leads the next group, taking the queued run writes into
+    /// its transaction. A lock write therefore waits at most for the
+    /// transaction under way, the lock writes queued before it and one group
+    /// of run writes; its waiters are woken only after the commit, as
+    /// always.
+    ///
+    /// **Which ledgers share a group.** Every [`Ledger`] of the same file in
+    /// a process shares the queue (so threads that open a ledger each, for
+    /// locks that exclude each other, group too), if they commit with the
+    /// same [`Synchronous`] setting. Writes of other processes still take
+    /// turns at SQLite's write lock.
+    ///
+    /// **What it gains.** With [`Synchronous::Full`] every commit waits for
+    /// an fsync of the log, so one writer can commit only as often as the
+    /// disk syncs. A group pays one fsync for all its writes: throughput
+    /// grows with the number of threads writing, and each caller waits for
+    /// about one fsync more at most, instead of queueing behind one fsync
+    /// per writer. With [`Synchronous::Normal`] a commit costs about as much
+    /// as the SQL of one write, so grouping gains less. Either way a group's
+    /// writes still run one after another under SQLite's write lock:
+    /// grouping saves commits, not the writes' own SQL, so what it can gain
+    /// is bounded by how much a commit costs against a write. `cargo bench
+    /// --bench group` measures that bound, its *floor*, on the machine at
+    /// hand; the repository's `BENCHMARKS.md` has figures.
+    ///
+    /// **Nothing slow runs inside a group**: SQL and the plain-Rust state
+    /// machine only, never file I/O or user code (a
+    /// [`Reaper`](crate::Reaper) runs outside any transaction).
     ///
     /// With `false`, every write is a transaction of its own thread, and
     /// threads of one process meet at SQLite's write lock as other
@@ -315,6 +353,7 @@ impl Builder {
     /// Only for a ledger on PostgreSQL: [`open`](Builder::open) refuses it
     /// for a SQLite file.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn schema(mut self, schema: impl Into<String>) -> Builder {
         self.schema = Some(schema.into());
         self
@@ -716,6 +755,7 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn builder_postgres(url: impl Into<String>) -> Builder {
         let mut url = url.into();
         // The form `Ledger::path` shows: the schema after a `#`, in a URL

@@ -144,12 +144,11 @@
 //!
 //! Every verdict carries a reason (`process exited`, `process exited (pid
 //! 4242 reused)`, `heartbeat stale for 93s`, …), which a reaped run's
-//! `error` repeats. A background keeper thread per process and database
-//! renews the heartbeat (one write per interval, however much the instance
-//! owns) and, on a thread of its own so that a slow pass never delays a
-//! heartbeat, runs [`Ledger::reap`] every [`Builder::reap_interval`]. It
-//! holds no ledger open (a pass in progress finishes first) and ends with
-//! the last handle ([`Builder::background`] turns it off). Opening a ledger
+//! `error` repeats. A background keeper renews the heartbeat (one write per
+//! interval, however much the instance owns) and runs [`Ledger::reap`]
+//! every [`Builder::reap_interval`], on a thread of its own so that a slow
+//! pass never delays a heartbeat. It never keeps a ledger open, and ends
+//! with the last handle ([`Builder::background`] turns it off). Opening a ledger
 //! reaps the dead at once, so a service restarted on the same boot never
 //! shows its previous life's runs as running (after a reboot, they go once
 //! their lease is stale).
@@ -265,68 +264,39 @@
 //!
 //! # Group commit
 //!
-//! Threads of one process that write at the same moment share a
-//! transaction. A write that finds no other write of this process under way
-//! runs alone, exactly as in a single-threaded program (no savepoint, no
-//! hand-off between threads). A write that arrives while another is under
-//! way waits, and the next transaction carries every write queued meanwhile,
-//! each isolated from the others (every write after the first in a
-//! savepoint of its own):
+//! Threads of one process that write to the same file at the same moment
+//! share a transaction. A write that finds no other write of this process
+//! under way runs alone, exactly as in a single-threaded program; writes
+//! that arrive meanwhile wait, and the next transaction carries them all,
+//! each isolated from the others:
 //!
 //! - **No call returns before the commit that holds its write.** A process
 //!   killed in the middle of a group loses only writes whose calls had not
 //!   returned, as without grouping.
 //! - **One write's failure is its own.** A write that fails (a transition
 //!   from a terminal state, a duplicate idempotency key, an unknown run) is
-//!   undone alone and its error goes to its own caller; a
-//!   panic in it resumes in its caller's thread. The others commit. If the
-//!   commit itself fails, every write of the group gets an error.
-//! - **Which writes are grouped.** The writes of a run's life —
-//!   [`Ledger::begin_run`], [`Ledger::create_run`], [`Run::start`],
-//!   [`Run::step`] and the step's
-//!   outcome, the run's outcome, [`Ledger::cancel`], [`Run::heartbeat`],
-//!   [`Run::event`] — wait in a queue and are run by whichever thread leads the next group.
-//!   Lock writes (a grant, a release, leaving the queue), instance heartbeats,
-//!   adoptions, [`Run::set_log_path`], watch registrations and reaper passes
-//!   always run on their own thread: each waits for its
-//!   turn and then leads the next group, taking the queued run writes into
-//!   its transaction. A lock write therefore waits at most for the
-//!   transaction under way, the lock writes queued before it and one group
-//!   of run writes; its waiters are woken only after the commit, as always.
-//! - **Nothing slow runs inside a group**: SQL and the plain-Rust state
-//!   machine only, never file I/O or user code (a [`Reaper`] runs outside
-//!   any transaction).
-//! - **One per file and process.** Every [`Ledger`] of the same file in a
-//!   process shares the queue (so threads that open a ledger each, for locks
-//!   that exclude each other, group too), if they commit with the same
-//!   [`Synchronous`] setting. Writes of other processes still take turns at
-//!   SQLite's write lock.
+//!   undone alone and its error goes to its own caller; a panic in it
+//!   resumes in its caller's thread. The others commit. If the commit
+//!   itself fails, every write of the group gets an error.
 //!
-//! **With [`Synchronous::Full`]** every commit waits for an fsync of the
-//! log, hundreds of microseconds to milliseconds: one writer can commit only
-//! that often. A group pays one fsync for all its writes, so throughput grows
-//! with the number of threads writing and each caller waits for about one
-//! fsync more at most, instead of queueing behind one fsync per writer.
-//! This is where grouping gains most (2.5 to 10× the runs per second of one
-//! thread at 16 threads on a small shared VM, the more the slower its fsync
-//! that day; see the README). With the default [`Synchronous::Normal`] a
-//! commit costs about as much as the SQL of one write, so there grouping
-//! gains less (1.2 to 1.6× on the same VM). Either way a group's writes
-//! still run one after another under SQLite's write lock: grouping saves
-//! commits, not the writes' own SQL, so what it can gain is bounded by how
-//! much a commit costs against a write (`cargo bench --bench group` measures
-//! that bound, its *floor*, on the machine at hand).
-//! [`Builder::group_commit`] turns grouping off.
+//! Grouping saves commits, not the writes' own SQL. It gains most with
+//! [`Synchronous::Full`], where every commit waits for an fsync and a group
+//! pays one for all its writes; with the default [`Synchronous::Normal`] a
+//! commit costs little more than its writes, and it gains less.
+//! [`Builder::group_commit`] says which writes are grouped and turns
+//! grouping off; `cargo bench --bench group` measures what it gains on the
+//! machine at hand (the repository's `BENCHMARKS.md` has figures).
 //!
 //! # Command-line tool
 //!
 //! With the `cli` feature the crate also builds `runledger`, a binary over
-//! this API for terminals and for programs in any language
-//! (`cargo install runledger --features cli`): `runledger exec --lock K --
-//! CMD…` records a command as a run under the ledger's locks, and `ps`,
-//! `runs`, `show`, `logs`, `locks`, `watch`, `cancel`, `reap`, `prune` and
-//! `unlock` serve operators, each with `--json`. Library users who leave the feature
-//! off never build its dependencies.
+//! this API for terminals and for programs in any language (from a clone
+//! of the repository, `cargo install --path . --features cli`):
+//! `runledger exec --lock K -- CMD…` records a command as a run under the
+//! ledger's locks, and `ps`, `runs`, `show`, `logs`, `locks`, `watch`,
+//! `cancel`, `reap`, `prune` and `unlock` serve operators, each with
+//! `--json`. Library users who leave the feature off never build its
+//! dependencies.
 //!
 //! # PostgreSQL
 //!
@@ -344,6 +314,17 @@
 //! default (on PostgreSQL, the server's clock as each process follows it),
 //! a [`ManualClock`] in tests that move time without sleeping.
 //!
+//! # Features
+//!
+//! Neither is on by default; on docs.rs, every item that needs one says so.
+//!
+//! - `postgres`: the PostgreSQL store: `Ledger::builder_postgres`,
+//!   `Builder::schema`, and `postgres://` URLs in [`Ledger::open`] and
+//!   [`Ledger::builder`].
+//! - `cli`: the `runledger` command-line tool (see
+//!   [Command-line tool](#command-line-tool)); the library is the same with
+//!   or without it.
+//!
 //! # Logging
 //!
 //! The crate logs through the [`log`](https://docs.rs/log) facade: opening and
@@ -351,6 +332,7 @@
 //! `Drop` could not return at `error`.
 
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod clock;
 mod error;

@@ -34,6 +34,11 @@
 //! A waiter gives up with [`Error::Busy`] at the busy timeout only while its
 //! write is still queued; once a leader took it, it waits for the answer (the
 //! leader's `BEGIN` waits no longer than the earliest deadline of its group).
+//!
+//! What a caller sees of this is on the crate's front page (*Group commit*);
+//! which public calls leave a closure in the queue and which lead on their
+//! own thread, and what a lock write waits for as a result, is on
+//! [`Builder::group_commit`](crate::Builder::group_commit).
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};

@@ -301,8 +301,9 @@ pub(crate) fn rewrite_checks(conn: &mut Connection) -> Result<usize> {
 pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// The page size of a new ledger file. Each transaction writes every page it
-/// touches whole to the WAL; with small rows, 1 KiB pages halve the cost of a
-/// write against SQLite's default 4 KiB (measured in `benches/runs.rs`).
+/// touches whole to the WAL; with small rows, 1 KiB pages make a write
+/// cheaper than SQLite's default 4 KiB (`benches/runs.rs` measures both;
+/// figures in `BENCHMARKS.md`).
 pub(crate) const PAGE_SIZE: u32 = 1024;
 
 /// What [`inspect`] found in a database file.
