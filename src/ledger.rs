@@ -1392,8 +1392,9 @@ impl Ledger {
     /// and its locks released; this logs an error and registers the process
     /// again as a new instance, so that work begun from now on is owned and
     /// kept alive. Guards of the old runs and locks find out on their next
-    /// call ([`Error::InvalidTransition`](crate::Error::InvalidTransition),
-    /// [`Error::LockLost`](crate::Error::LockLost)).
+    /// call ([`Error::InvalidTransition`](crate::Error::InvalidTransition) or
+    /// [`Error::RunFinished`](crate::Error::RunFinished) for a run,
+    /// [`Error::LockLost`](crate::Error::LockLost) for a lock).
     ///
     /// # Errors
     ///
