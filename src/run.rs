@@ -377,7 +377,8 @@ pub(crate) enum Outcome {
     Succeed,
     Exit(i32),
     Fail(String),
-    Cancelled,
+    /// Cancelled, with the reason if one was given.
+    Cancelled(Option<String>),
     /// The guard was dropped without an outcome; the text is the reason.
     Dropped(String),
 }
@@ -400,7 +401,7 @@ impl Outcome {
                 Some(format!("exited with code {code}")),
             ),
             Outcome::Fail(reason) => (RunStatus::Failed, None, Some(reason.clone())),
-            Outcome::Cancelled => (RunStatus::Cancelled, None, None),
+            Outcome::Cancelled(reason) => (RunStatus::Cancelled, None, reason.clone()),
             Outcome::Dropped(reason) => (RunStatus::Failed, None, Some(reason.clone())),
         };
         // A queued run that its owner ends with an outcome of work (succeed,
@@ -825,7 +826,35 @@ impl Run {
     ///
     /// [`Error::InvalidTransition`] if the run has already ended.
     pub fn cancelled(mut self) -> Result<RunStatus> {
-        self.finish(Outcome::Cancelled)
+        self.finish(Outcome::Cancelled(None))
+    }
+
+    /// Ends the run as `cancelled`, recording `reason` as its error: for a
+    /// run that stops, or never starts, for a reason that is not a failure
+    /// (its turn was refused, it was skipped). Reasons longer than 4 KiB are
+    /// truncated. A queued run stays unstarted: `queued → cancelled`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run has already ended.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunFilter, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("nightly").queued())?;
+    /// let id = run.id();
+    /// run.cancelled_because("skipped: yesterday's run is still going")?;
+    /// let record = ledger.run(id)?;
+    /// assert_eq!(record.status, RunStatus::Cancelled);
+    /// assert_eq!(record.started_at, None);
+    /// assert!(ledger.runs(RunFilter::default().status(RunStatus::Failed))?.is_empty());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn cancelled_because(mut self, reason: impl fmt::Display) -> Result<RunStatus> {
+        self.finish(Outcome::Cancelled(Some(crate::input::reason(reason))))
     }
 
     fn finish(&mut self, outcome: Outcome) -> Result<RunStatus> {
@@ -1072,10 +1101,16 @@ mod tests {
             );
         }
         // A cancel or a drop ends a queued run as it is.
-        for outcome in [Outcome::Cancelled, Outcome::Dropped("x".into())] {
+        for outcome in [Outcome::Cancelled(None), Outcome::Dropped("x".into())] {
             let change = outcome.decide(RunId(1), &state(Queued, 0, 0, 0)).unwrap();
             assert!(
-                matches!(change, Some(RunChange::Status { via_running: false, .. })),
+                matches!(
+                    change,
+                    Some(RunChange::Status {
+                        via_running: false,
+                        ..
+                    })
+                ),
                 "{outcome:?}: {change:?}"
             );
         }
@@ -1084,7 +1119,7 @@ mod tests {
             Some(Failed)
         );
         assert_eq!(
-            decided(Outcome::Cancelled, state(Queued, 0, 0, 0)).unwrap(),
+            decided(Outcome::Cancelled(None), state(Queued, 0, 0, 0)).unwrap(),
             Some(Cancelled)
         );
     }

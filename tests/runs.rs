@@ -243,17 +243,35 @@ fn a_queued_run_ended_without_start_is_recorded_as_started_then_ended(store: Sto
     assert_eq!(r.finished_at, Some(f.ledger.now()));
     assert_eq!(
         status_moves(&f, id),
-        [(None, Queued), (Some(Queued), Running), (Some(Running), Succeeded)]
+        [
+            (None, Queued),
+            (Some(Queued), Running),
+            (Some(Running), Succeeded)
+        ]
     );
     assert!(!lock.is_held().unwrap(), "the lock ended with the run");
     assert!(f.ledger.locks().unwrap().is_empty());
 
     // fail and exit do the same; a cancel or a drop ends the run as it is.
     type End = fn(runledger::Run) -> runledger::Result<RunStatus>;
-    let cases: [(End, RunStatus, Option<i32>, Option<&str>, bool); 5] = [
-        (|r| r.fail("bad input"), Failed, None, Some("bad input"), true),
+    /// How the run ends; its status, exit code and error; whether it started.
+    type Case = (End, RunStatus, Option<i32>, Option<&'static str>, bool);
+    let cases: [Case; 5] = [
+        (
+            |r| r.fail("bad input"),
+            Failed,
+            None,
+            Some("bad input"),
+            true,
+        ),
         (|r| r.exit(0), Succeeded, Some(0), None, true),
-        (|r| r.exit(3), Failed, Some(3), Some("exited with code 3"), true),
+        (
+            |r| r.exit(3),
+            Failed,
+            Some(3),
+            Some("exited with code 3"),
+            true,
+        ),
         (|r| r.cancelled(), Cancelled, None, None, false),
         (
             |r| {
@@ -276,7 +294,11 @@ fn a_queued_run_ended_without_start_is_recorded_as_started_then_ended(store: Sto
             (status, exit_code, error)
         );
         let expected: Vec<_> = if started {
-            vec![(None, Queued), (Some(Queued), Running), (Some(Running), status)]
+            vec![
+                (None, Queued),
+                (Some(Queued), Running),
+                (Some(Running), status),
+            ]
         } else {
             vec![(None, Queued), (Some(Queued), status)]
         };

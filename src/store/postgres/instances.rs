@@ -327,8 +327,9 @@ fn fail_instance_runs(
         ));
     }
     for (id, name) in runs {
-        let (state, to, wakes) =
-            apply_change(tx, id, now, |state| crate::store::fail_if_active(state, reason))?;
+        let (state, to, wakes) = apply_change(tx, id, now, |state| {
+            crate::store::fail_if_active(state, reason)
+        })?;
         out.wakes.extend(wakes);
         if to == RunStatus::Failed && state.status.is_active() {
             out.reaped.push(Reaped::Run {
