@@ -395,8 +395,44 @@ impl fmt::Debug for StorageError {
 
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self.inner(), f)
+        match &self.0 {
+            #[cfg(feature = "postgres")]
+            StorageErrorKind::Postgres(e) => postgres_message(e, f),
+            _ => fmt::Display::fmt(self.inner(), f),
+        }
     }
+}
+
+#[cfg(feature = "postgres")]
+impl StorageError {
+    pub(crate) fn postgres(e: postgres::Error) -> StorageError {
+        StorageError(StorageErrorKind::Postgres(e))
+    }
+}
+
+/// A PostgreSQL error on one line, with what its own `Display` leaves out:
+/// the server's message, SQLSTATE, detail and hint (`Display` alone says
+/// "db error"), or the cause of a client-side error ("error connecting to
+/// server: Connection refused"). None of these carries the password.
+#[cfg(feature = "postgres")]
+fn postgres_message(e: &postgres::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if let Some(db) = e.as_db_error() {
+        write!(f, "{} (SQLSTATE {})", db.message(), db.code().code())?;
+        if let Some(detail) = db.detail() {
+            write!(f, "; {detail}")?;
+        }
+        if let Some(hint) = db.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        return Ok(());
+    }
+    write!(f, "{e}")?;
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        write!(f, ": {c}")?;
+        cause = c.source();
+    }
+    Ok(())
 }
 
 impl std::error::Error for StorageError {
@@ -450,7 +486,7 @@ impl From<postgres::Error> for Error {
             ]
             .contains(code)
         });
-        let source = StorageError(StorageErrorKind::Postgres(e));
+        let source = StorageError::postgres(e);
         let path = PathBuf::new();
         if busy {
             Error::Busy { path, source }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::lock::LockRequest;
 
 /// Longest name, source, step name or idempotency key, in bytes.
 pub(crate) const MAX_NAME_BYTES: usize = 256;
@@ -156,6 +157,32 @@ pub(crate) fn log_path(path: &Path) -> Result<String> {
         return Err(Error::invalid("log path", text, "contains a NUL byte"));
     }
     Ok(text.to_owned())
+}
+
+// With the other input rules rather than in `lock.rs`: what a request is
+// checked for is decided here and in `LockRequest::checked_keys`.
+impl LockRequest {
+    /// Checks the request as [`Ledger::acquire`](crate::Ledger::acquire)
+    /// does (at least one key, each 1 to 256 bytes without control
+    /// characters or leading or trailing whitespace, at least one slot), and
+    /// asks the ledger nothing: for a tool that must refuse bad input before
+    /// it records a run.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`] naming the bad key or mode.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::LockRequest;
+    /// assert!(LockRequest::new(["build:symbol=AAPL"]).check().is_ok());
+    /// let err = LockRequest::new([""]).check().unwrap_err();
+    /// assert_eq!(err.to_string(), "invalid lock key \"\": must not be empty");
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        self.checked_keys().map(drop)
+    }
 }
 
 #[cfg(test)]

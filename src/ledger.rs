@@ -825,6 +825,43 @@ impl Ledger {
         self.inner.clock.now()
     }
 
+    /// Checks `spec` as [`begin_run`](Ledger::begin_run) does, and records
+    /// nothing: for a tool that must refuse bad input before it starts
+    /// anything. What only the database can tell (a duplicate idempotency
+    /// key, a missing parent) is not checked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput), as
+    /// [`begin_run`](Ledger::begin_run).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let err = ledger.check_run_spec(&RunSpec::new("")).unwrap_err();
+    /// assert!(err.is_invalid_input());
+    /// assert!(ledger.runs(Default::default())?.is_empty());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn check_run_spec(&self, spec: &RunSpec) -> Result<()> {
+        self.checked_spec(spec).map(drop)
+    }
+
+    /// The checks of a spec; returns its metadata and log path as stored.
+    fn checked_spec(&self, spec: &RunSpec) -> Result<(Option<String>, Option<String>)> {
+        input::check_name("run name", &spec.name)?;
+        input::check_name("run source", &spec.source)?;
+        if let Some(key) = &spec.idempotency_key {
+            input::check_name("idempotency key", key)?;
+        }
+        let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
+        let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
+        Ok((metadata, log_path))
+    }
+
     /// Records a new run, owned by this process, and returns its guard.
     ///
     /// The run is `running` (or `queued`, see [`RunSpec::queued`]) and
@@ -974,13 +1011,7 @@ impl Ledger {
     /// Checks a spec and inserts its run: owned by this instance, or by
     /// nobody until adopted when `adopt_within` is given.
     fn insert_run(&self, spec: &RunSpec, adopt_within: Option<Duration>) -> Result<RunId> {
-        input::check_name("run name", &spec.name)?;
-        input::check_name("run source", &spec.source)?;
-        if let Some(key) = &spec.idempotency_key {
-            input::check_name("idempotency key", key)?;
-        }
-        let metadata = input::metadata(&spec.metadata, self.inner.max_metadata_bytes)?;
-        let log_path = spec.log_path.as_deref().map(input::log_path).transpose()?;
+        let (metadata, log_path) = self.checked_spec(spec)?;
         // Stored in ms and added to times in SQL: a century is long enough
         // for any deadline, and keeps every sum far from overflowing.
         const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -1526,8 +1557,9 @@ impl Ledger {
     /// and its locks released; this logs an error and registers the process
     /// again as a new instance, so that work begun from now on is owned and
     /// kept alive. Guards of the old runs and locks find out on their next
-    /// call ([`Error::InvalidTransition`](crate::Error::InvalidTransition),
-    /// [`Error::LockLost`](crate::Error::LockLost)).
+    /// call ([`Error::InvalidTransition`](crate::Error::InvalidTransition) or
+    /// [`Error::RunFinished`](crate::Error::RunFinished) for a run,
+    /// [`Error::LockLost`](crate::Error::LockLost) for a lock).
     ///
     /// # Errors
     ///

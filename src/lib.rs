@@ -53,11 +53,33 @@
 //! [steps](Run::step) finishes as `succeeded` if every step succeeded,
 //! `partial` if some failed, `failed` if all failed.
 //!
-//! [`Ledger::cancel`] asks a run to stop; the owner sees it through
-//! [`Run::is_cancel_requested`]. Terminal statuses are final: every transition
-//! is a compare-and-set on the status it was decided from, so a late cancel
-//! or a second outcome changes nothing and returns
-//! [`Error::InvalidTransition`].
+//! A run begun [`queued`](RunSpec::queued) waits for [`Run::start`]; one
+//! ended with `succeed`, `fail` or `exit` without it is recorded as started,
+//! then ended.
+//!
+//! [`Ledger::cancel`] cancels a queued run at once, and asks a running one to
+//! stop: the owner sees it through [`Run::is_cancel_requested`]. It returns
+//! the run's status after the call. Terminal statuses are final: every
+//! transition is a compare-and-set on the status it was decided from, so a
+//! late cancel changes nothing and returns the status the run ended with,
+//! and an outcome for a run that has already ended changes nothing and
+//! returns [`Error::InvalidTransition`].
+//!
+//! ```
+//! use runledger::{Error, Ledger, RunSpec, RunStatus};
+//! # let dir = tempfile::tempdir()?;
+//! # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+//! let run = ledger.begin_run(RunSpec::new("report"))?;
+//! let id = run.id();
+//! assert_eq!(run.succeed()?, RunStatus::Succeeded);
+//! assert_eq!(ledger.cancel(id)?, RunStatus::Succeeded); // too late: Ok, unchanged
+//!
+//! let queued = ledger.begin_run(RunSpec::new("deploy").queued())?;
+//! assert_eq!(ledger.cancel(queued.id())?, RunStatus::Cancelled);
+//! let err = queued.succeed().unwrap_err(); // it has already ended
+//! assert!(matches!(err, Error::InvalidTransition { from: RunStatus::Cancelled, .. }));
+//! # Ok::<(), runledger::Error>(())
+//! ```
 //!
 //! # Locks
 //!

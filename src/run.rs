@@ -362,6 +362,10 @@ pub(crate) enum RunChange {
         to: RunStatus,
         exit_code: Option<i32>,
         error: Option<String>,
+        /// A queued run that did its work without [`Run::start`]: recorded
+        /// as started (`queued → running`), then moved to `to`, in the same
+        /// transaction.
+        via_running: bool,
     },
     /// Record a cancel request; the status stays.
     CancelRequest,
@@ -373,7 +377,8 @@ pub(crate) enum Outcome {
     Succeed,
     Exit(i32),
     Fail(String),
-    Cancelled,
+    /// Cancelled, with the reason if one was given.
+    Cancelled(Option<String>),
     /// The guard was dropped without an outcome; the text is the reason.
     Dropped(String),
 }
@@ -396,14 +401,25 @@ impl Outcome {
                 Some(format!("exited with code {code}")),
             ),
             Outcome::Fail(reason) => (RunStatus::Failed, None, Some(reason.clone())),
-            Outcome::Cancelled => (RunStatus::Cancelled, None, None),
+            Outcome::Cancelled(reason) => (RunStatus::Cancelled, None, reason.clone()),
             Outcome::Dropped(reason) => (RunStatus::Failed, None, Some(reason.clone())),
         };
-        if state.status.can_become(to) {
+        // A queued run that its owner ends with an outcome of work (succeed,
+        // fail, exit) did that work: it is recorded as started, then ended,
+        // never as a failure it was not. A cancel or a drop ends it as it is.
+        let via_running = state.status == RunStatus::Queued
+            && matches!(self, Outcome::Succeed | Outcome::Exit(_) | Outcome::Fail(_));
+        let from = if via_running {
+            RunStatus::Running
+        } else {
+            state.status
+        };
+        if from.can_become(to) {
             Ok(Some(RunChange::Status {
                 to,
                 exit_code,
                 error,
+                via_running,
             }))
         } else if matches!(self, Outcome::Dropped(_)) && state.status.is_terminal() {
             // The run ended by another path (cancelled, reaped): Drop has
@@ -445,6 +461,7 @@ pub(crate) fn cancel_change(state: &RunState) -> Option<RunChange> {
             to: RunStatus::Cancelled,
             exit_code: None,
             error: Some("cancelled before it started".to_owned()),
+            via_running: false,
         }),
         RunStatus::Running if !state.cancel_requested => Some(RunChange::CancelRequest),
         _ => None,
@@ -525,6 +542,7 @@ impl Run {
                     to: RunStatus::Running,
                     exit_code: None,
                     error: None,
+                    via_running: false,
                 }))
             } else {
                 Err(Error::InvalidTransition {
@@ -763,19 +781,48 @@ impl Run {
     /// all failed → `failed` (a step still running counts as failed).
     /// Returns the final status.
     ///
+    /// A run begun [`queued`](RunSpec::queued) and never
+    /// [started](Run::start) did its work all the same: it is recorded as
+    /// started, then ended (`queued → running → succeeded`, both in its
+    /// history, in one transaction). The same holds for [`fail`](Run::fail)
+    /// and [`exit`](Run::exit).
+    ///
     /// # Errors
     ///
-    /// [`Error::InvalidTransition`] if the run is not running: already ended
-    /// (by a cancel or the reaper), which is left as it is, or still queued,
-    /// which is then closed as `failed` like a dropped guard.
+    /// [`Error::InvalidTransition`] if the run has already ended (by a
+    /// cancel or the reaper); it is left as it is.
     /// [`Error::Busy`] or [`Error::Storage`] if the outcome could not be
     /// written; the guard then closes the run as `failed` (see [`Run`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventKind, Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("deploy").queued())?;
+    /// let id = run.id();
+    /// run.step("push")?.succeed()?;
+    /// assert_eq!(run.succeed()?, RunStatus::Succeeded); // no start() needed
+    /// let moves: Vec<_> = ledger.events(id)?.into_iter()
+    ///     .filter_map(|e| match e.kind {
+    ///         EventKind::Status { from: Some(from), to } => Some((from, to)),
+    ///         _ => None,
+    ///     })
+    ///     .collect();
+    /// assert_eq!(moves, [
+    ///     (RunStatus::Queued, RunStatus::Running),
+    ///     (RunStatus::Running, RunStatus::Succeeded),
+    /// ]);
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn succeed(mut self) -> Result<RunStatus> {
         self.finish(Outcome::Succeed)
     }
 
     /// Ends the run as `failed`, recording `reason` as its error. Reasons
-    /// longer than 4 KiB are truncated.
+    /// longer than 4 KiB are truncated. A queued run is recorded as started,
+    /// then failed (see [`succeed`](Run::succeed)).
     ///
     /// # Errors
     ///
@@ -828,15 +875,44 @@ impl Run {
     ///
     /// [`Error::InvalidTransition`] if the run has already ended.
     pub fn cancelled(mut self) -> Result<RunStatus> {
-        self.finish(Outcome::Cancelled)
+        self.finish(Outcome::Cancelled(None))
+    }
+
+    /// Ends the run as `cancelled`, recording `reason` as its error: for a
+    /// run that stops, or never starts, for a reason that is not a failure
+    /// (its turn was refused, it was skipped). Reasons longer than 4 KiB are
+    /// truncated. A queued run stays unstarted: `queued → cancelled`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTransition`] if the run has already ended.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunFilter, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("nightly").queued())?;
+    /// let id = run.id();
+    /// run.cancelled_because("skipped: yesterday's run is still going")?;
+    /// let record = ledger.run(id)?;
+    /// assert_eq!(record.status, RunStatus::Cancelled);
+    /// assert_eq!(record.started_at, None);
+    /// assert!(ledger.runs(RunFilter::default().status(RunStatus::Failed))?.is_empty());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn cancelled_because(mut self, reason: impl fmt::Display) -> Result<RunStatus> {
+        self.finish(Outcome::Cancelled(Some(crate::input::reason(reason))))
     }
 
     fn finish(&mut self, outcome: Outcome) -> Result<RunStatus> {
         let result = self.ledger.finish_run(self.id, &outcome);
         self.open = match &result {
             Ok(_) | Err(Error::NotFound { .. }) => false,
-            // The state machine refused: nothing changed. A run still active
-            // (succeed on a queued run) is left to Drop, which closes it.
+            // The state machine refused: nothing changed. A run that ended
+            // by another path is left as it is; were it still active, Drop
+            // would close it.
             Err(Error::InvalidTransition { from, .. }) => from.is_active(),
             // Storage failed, so nothing was written (each write is one
             // transaction): Drop tries once more to close the run as failed
@@ -1058,14 +1134,41 @@ mod tests {
                 None
             );
         }
-        // A queued run can fail or be cancelled but not succeed.
-        assert!(decided(Outcome::Succeed, state(Queued, 0, 0, 0)).is_err());
+        // A queued run ended with an outcome of work goes through running
+        // (regression: `succeed` without `start` was refused, and the run
+        // then recorded as failed, "dropped without outcome").
+        for (outcome, to) in [
+            (Outcome::Succeed, Succeeded),
+            (Outcome::Exit(0), Succeeded),
+            (Outcome::Exit(3), Failed),
+            (Outcome::Fail("x".into()), Failed),
+        ] {
+            let change = outcome.decide(RunId(1), &state(Queued, 1, 0, 0)).unwrap();
+            assert!(
+                matches!(change, Some(RunChange::Status { to: t, via_running: true, .. }) if t == to),
+                "{outcome:?}: {change:?}"
+            );
+        }
+        // A cancel or a drop ends a queued run as it is.
+        for outcome in [Outcome::Cancelled(None), Outcome::Dropped("x".into())] {
+            let change = outcome.decide(RunId(1), &state(Queued, 0, 0, 0)).unwrap();
+            assert!(
+                matches!(
+                    change,
+                    Some(RunChange::Status {
+                        via_running: false,
+                        ..
+                    })
+                ),
+                "{outcome:?}: {change:?}"
+            );
+        }
         assert_eq!(
             decided(Outcome::Dropped("x".into()), state(Queued, 0, 0, 0)).unwrap(),
             Some(Failed)
         );
         assert_eq!(
-            decided(Outcome::Cancelled, state(Queued, 0, 0, 0)).unwrap(),
+            decided(Outcome::Cancelled(None), state(Queued, 0, 0, 0)).unwrap(),
             Some(Cancelled)
         );
     }

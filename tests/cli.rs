@@ -199,18 +199,30 @@ fn a_second_exec_of_a_held_lock_refuses_or_waits() {
         at(&second, "started_at") >= at(&first, "finished_at"),
         "{first} {second}"
     );
-    // The refused one is recorded too, with why.
+    // The waiter said when its wait ended.
+    assert!(
+        text(&waited.stderr).contains("got \"deploy\" after waiting"),
+        "{}",
+        text(&waited.stderr)
+    );
+    // Regression (issue 19): the refused turn is recorded, with why, but
+    // as cancelled: `runs --status failed` lists only what failed.
     let refused_run = runs
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == "true" && r["status"] == "failed")
+        .find(|r| r["name"] == "true")
         .unwrap();
+    assert_eq!(refused_run["status"], "cancelled", "{refused_run}");
+    assert_eq!(refused_run["started_at"], Value::Null, "{refused_run}");
+    let why = refused_run["error"].as_str().unwrap();
     assert!(
-        refused_run["error"]
-            .as_str()
-            .unwrap()
-            .contains("did not get its locks")
+        why.starts_with("did not start: ") && why.contains("\"deploy\" is held by run"),
+        "{why}"
+    );
+    assert_eq!(
+        cli.json(&["runs", "--status", "failed"]),
+        serde_json::json!([])
     );
 }
 
@@ -227,6 +239,16 @@ fn a_wait_that_runs_out_exits_75() {
         text(&out.stderr).contains("gave up after waiting"),
         "{}",
         text(&out.stderr)
+    );
+    // Recorded as a turn that did not come, not as a failure.
+    let run = &cli.json(&["runs", "--name", "true"])[0];
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("did not start: gave up after waiting"),
+        "{run}"
     );
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -997,6 +1019,193 @@ fn watch_exits_when_its_reader_goes_away_on_a_quiet_ledger() {
     }
     // A cursor past the end is refused, not silently waited from.
     let out = cli.run(&["watch", "--from", "1000"]);
-    assert_eq!(code(&out), 1);
+    assert_eq!(code(&out), 2, "bad input is a usage error");
     assert!(one_line_error(&out).contains("past the end"));
+}
+
+/// Regression (issue 19): `exec --lock "" -- true` exited 1 and recorded a
+/// failed run ("did not get its locks: invalid lock key"); `--meta
+/// command=x` replaced the recorded command line and `--meta k=1 --meta
+/// k=2` kept the last. Every argument is checked first: exit 2, no run.
+#[test]
+fn exec_checks_every_argument_before_registering_a_run() {
+    let cli = Cli::new();
+    for (args, says) in [
+        (&["--lock", ""][..], "invalid lock key"),
+        (&["--shared", " padded"][..], "invalid lock key"),
+        (&["--slots", "=2"][..], "invalid lock key"),
+        (
+            &["--lock", "ok", "--lock", "bad\u{7}"][..],
+            "invalid lock key",
+        ),
+        (&["--name", ""][..], "invalid run name"),
+        (&["--source", "a\nb"][..], "invalid run source"),
+        (&["--meta", "command=x"][..], "reserved"),
+        (&["--meta", "cwd=/"][..], "reserved"),
+        (&["--meta", "k=1", "--meta", "k=2"][..], "given twice"),
+    ] {
+        let mut all = vec!["exec"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", "true"]);
+        let out = cli.run(&all);
+        assert_eq!(code(&out), 2, "{args:?}: {}", text(&out.stderr));
+        let err = one_line_error(&out);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(
+        cli.json(&["runs"]),
+        serde_json::json!([]),
+        "nothing was recorded"
+    );
+    // Distinct keys are kept, each with its value.
+    let out = cli.run(&["exec", "--meta", "a=1", "--meta", "b=2", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let run = &cli.json(&["runs"])[0];
+    assert_eq!(
+        (&run["metadata"]["a"], &run["metadata"]["b"]),
+        (&Value::from("1"), &Value::from("2"))
+    );
+    assert_eq!(run["metadata"]["command"][0], "true");
+}
+
+/// Regression (issue 19): `runledger cancel 2` printed `run 2: running`,
+/// which reads as if the cancel had failed.
+#[test]
+fn cancel_says_what_it_did() {
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    let running = ledger.begin_run(runledger::RunSpec::new("long")).unwrap();
+    let queued = ledger
+        .begin_run(runledger::RunSpec::new("later").queued())
+        .unwrap();
+    let cancel = |id: runledger::RunId| {
+        let out = cli.run(&["cancel", &id.to_string()]);
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let said = cancel(running.id());
+    assert!(
+        said.contains("cancel requested") && said.contains("still running"),
+        "{said}"
+    );
+    let said = cancel(running.id());
+    assert!(said.contains("already requested"), "{said}");
+    let said = cancel(queued.id());
+    assert!(
+        said.contains(&format!("run {} cancelled", queued.id())) && said.contains("never started"),
+        "{said}"
+    );
+    let id = running.id();
+    running.succeed().unwrap();
+    let said = cancel(id);
+    assert!(
+        said.contains("already finished as succeeded") && said.contains("nothing to cancel"),
+        "{said}"
+    );
+    let json = cli.json(&["cancel", &id.to_string()]);
+    assert_eq!(
+        json,
+        serde_json::json!({"id": i64::from(id), "status": "succeeded", "result": "already finished"})
+    );
+    drop(queued);
+}
+
+/// Regression (issue 19): `locks` showed a ticket (`waiting (#5)`) where a
+/// reader expects a place in line, and `ps` said nothing of what a queued
+/// run waits for.
+#[test]
+fn locks_show_places_in_line_and_ps_says_what_a_queued_run_waits_for() {
+    let cli = Cli::new();
+    let mut holder = cli.spawn(&[
+        "exec", "--name", "holder", "--lock", "k", "--", "sleep", "30",
+    ]);
+    let holder_id = cli.running("holder")["id"].clone();
+    let mut first = cli.spawn(&["exec", "--name", "first", "--lock", "k", "--", "true"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli.json(&["locks"]).as_array().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the first waiter never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = cli.spawn(&["exec", "--name", "second", "--lock", "k", "--", "true"]);
+    while cli.json(&["locks"]).as_array().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "the second waiter never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let locks = text(&cli.run(&["locks"]).stdout);
+    let line = |name: &str| {
+        locks
+            .lines()
+            .find(|l| l.contains(&format!("({name})")))
+            .unwrap_or_else(|| panic!("{name}: {locks}"))
+            .to_owned()
+    };
+    assert!(
+        line("first").contains("waiting (1 of 2 in line)"),
+        "{locks}"
+    );
+    assert!(
+        line("second").contains("waiting (2 of 2 in line)"),
+        "{locks}"
+    );
+    assert!(!locks.contains('#'), "no ticket numbers: {locks}");
+    let ps = text(&cli.run(&["ps"]).stdout);
+    let row = ps.lines().find(|l| l.contains("first")).unwrap();
+    assert!(
+        row.contains("queued")
+            && row.contains(&format!(
+                "waits for \"k\", held by run {holder_id} (holder, pid"
+            )),
+        "{ps}"
+    );
+    for child in [&mut first, &mut second, &mut holder] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// Regression (issue 19): `exec --help` listed three of the four signals
+/// it forwards, and `--db` said "(created if missing)" for commands that
+/// refuse a missing ledger.
+#[test]
+fn help_says_what_is_true() {
+    let cli = Cli::new();
+    let exec = text(&cli.run(&["exec", "--help"]).stdout);
+    for signal in ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] {
+        assert!(exec.contains(signal), "{signal}: {exec}");
+    }
+    assert!(exec.contains("parent-death signal"), "{exec}");
+    assert!(exec.contains("cancelled"), "{exec}");
+    for sub in ["ps", "exec"] {
+        let help = text(&cli.run(&[sub, "--help"]).stdout);
+        assert!(
+            !help.contains("The ledger file (created if missing)"),
+            "{sub}: {help}"
+        );
+        assert!(help.contains("refuse"), "{sub}: {help}");
+    }
+}
+
+/// Regression (issue 19): a PostgreSQL ledger that cannot be reached said
+/// only "error connecting to server".
+#[cfg(feature = "postgres")]
+#[test]
+fn an_unreachable_postgres_ledger_says_why_without_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://someone:s3cret@127.0.0.1:{port}/jobs");
+    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--db", &url, "ps"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(&format!("postgres://someone@127.0.0.1:{port}/jobs"))
+            && err.to_lowercase().contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
 }

@@ -167,6 +167,65 @@ fn an_unreachable_server_is_an_open_error_that_hides_the_password() {
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
 }
 
+/// A port on which nothing listens: bound, then let go.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Regression (issue 19): a missing role, a missing database and a closed
+/// port all said "cannot connect to PostgreSQL: db error" or "error
+/// connecting to server", with no cause.
+fn a_connection_error_says_what_the_server_said_and_why() {
+    let url = common::pg_url().unwrap();
+    let config: ::postgres::Config = url.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        ::postgres::config::Host::Tcp(host) => host.clone(),
+        #[cfg(unix)]
+        ::postgres::config::Host::Unix(_) => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let open_error = |url: &str| {
+        let err = Ledger::builder_postgres(url).open().unwrap_err();
+        assert!(matches!(err, Error::Open { .. }), "{err:?}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "no source: {err:?}"
+        );
+        let text = err.to_string();
+        assert!(!format!("{err} {err:?}").contains("s3cret"), "{err:?}");
+        assert!(!text.contains("db error"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        text
+    };
+    let text = open_error(&format!(
+        "postgres://nobody_{}:s3cret@{host}:{port}/postgres",
+        std::process::id()
+    ));
+    assert!(
+        text.contains(&format!("postgres://nobody_{}@", std::process::id()))
+            && text.contains("role \"nobody_")
+            && text.contains("does not exist"),
+        "{text}"
+    );
+    let text = open_error(&format!(
+        "postgres://{user}:s3cret@{host}:{port}/no_such_db_{}",
+        std::process::id()
+    ));
+    assert!(
+        text.contains("database \"no_such_db_") && text.contains("does not exist"),
+        "{text}"
+    );
+    let closed = closed_port();
+    let text = open_error(&format!("postgres://{user}:s3cret@127.0.0.1:{closed}/x"));
+    assert!(
+        text.contains(&format!("postgres://{user}@127.0.0.1:{closed}/x"))
+            && text.to_lowercase().contains("refused"),
+        "{text}"
+    );
+}
+
 fn the_path_names_the_ledger_without_its_password_and_opens_it_again() {
     let place = Place::new(Store::Postgres);
     let ledger = place.open();
@@ -449,6 +508,7 @@ pg_tests!(
     two_schemas_of_one_database_are_two_ledgers,
     bad_schema_names_are_refused,
     an_unreachable_server_is_an_open_error_that_hides_the_password,
+    a_connection_error_says_what_the_server_said_and_why,
     the_path_names_the_ledger_without_its_password_and_opens_it_again,
     a_ledger_stamps_with_the_servers_clock,
     dropped_ledgers_leave_no_connections_behind,

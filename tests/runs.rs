@@ -199,7 +199,6 @@ fn a_queued_run_starts_then_finishes(store: Store) {
     let run = f.ledger.begin_run(RunSpec::new("waits").queued()).unwrap();
     let r = f.ledger.run(run.id()).unwrap();
     assert_eq!((r.status, r.started_at), (RunStatus::Queued, None));
-    // A queued run has not run: it cannot succeed.
     f.clock.advance(Duration::from_secs(2));
     run.start().unwrap();
     let r = f.ledger.run(run.id()).unwrap();
@@ -211,26 +210,101 @@ fn a_queued_run_starts_then_finishes(store: Store) {
     run.succeed().unwrap();
 }
 
-fn a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued(store: Store) {
+/// The status moves in a run's history, in order.
+fn status_moves(f: &Fixture, id: runledger::RunId) -> Vec<(Option<RunStatus>, RunStatus)> {
+    f.ledger
+        .events(id)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Status { from, to } => Some((from, to)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Regression (issue 19): a run begun `.queued()`, given a lock and a step
+/// that succeeded, then ended with `succeed()` without `start()`, got
+/// `InvalidTransition { from: Queued, to: Succeeded }` and was stored as
+/// `failed`, "dropped without outcome". A success is never recorded as a
+/// failure: the run is recorded as started, then ended.
+fn a_queued_run_ended_without_start_is_recorded_as_started_then_ended(store: Store) {
+    use RunStatus::*;
     let f = Fixture::new(store);
     let run = f.ledger.begin_run(RunSpec::new("waits").queued()).unwrap();
     let id = run.id();
-    let err = run.succeed().unwrap_err();
-    assert!(matches!(
-        err,
-        Error::InvalidTransition {
-            from: RunStatus::Queued,
-            to: RunStatus::Succeeded,
-            ..
-        }
-    ));
-    // The guard was consumed: it closed the run rather than leave it queued
-    // with no one to end it.
+    let lock = run.lock("deploy").unwrap();
+    run.step("push").unwrap().succeed().unwrap();
+    f.clock.advance(Duration::from_secs(2));
+    assert_eq!(run.succeed().unwrap(), Succeeded);
     let r = f.ledger.run(id).unwrap();
+    assert_eq!((r.status, r.error), (Succeeded, None));
+    assert_eq!(r.started_at, Some(f.ledger.now()));
+    assert_eq!(r.finished_at, Some(f.ledger.now()));
     assert_eq!(
-        (r.status, r.error.as_deref()),
-        (RunStatus::Failed, Some("dropped without outcome"))
+        status_moves(&f, id),
+        [
+            (None, Queued),
+            (Some(Queued), Running),
+            (Some(Running), Succeeded)
+        ]
     );
+    assert!(!lock.is_held().unwrap(), "the lock ended with the run");
+    assert!(f.ledger.locks().unwrap().is_empty());
+
+    // fail and exit do the same; a cancel or a drop ends the run as it is.
+    type End = fn(runledger::Run) -> runledger::Result<RunStatus>;
+    /// How the run ends; its status, exit code and error; whether it started.
+    type Case = (End, RunStatus, Option<i32>, Option<&'static str>, bool);
+    let cases: [Case; 5] = [
+        (
+            |r| r.fail("bad input"),
+            Failed,
+            None,
+            Some("bad input"),
+            true,
+        ),
+        (|r| r.exit(0), Succeeded, Some(0), None, true),
+        (
+            |r| r.exit(3),
+            Failed,
+            Some(3),
+            Some("exited with code 3"),
+            true,
+        ),
+        (|r| r.cancelled(), Cancelled, None, None, false),
+        (
+            |r| {
+                drop(r);
+                Ok(Failed)
+            },
+            Failed,
+            None,
+            Some("dropped without outcome"),
+            false,
+        ),
+    ];
+    for (end, status, exit_code, error, started) in cases {
+        let run = f.ledger.begin_run(RunSpec::new("waits").queued()).unwrap();
+        let id = run.id();
+        assert_eq!(end(run).unwrap(), status);
+        let r = f.ledger.run(id).unwrap();
+        assert_eq!(
+            (r.status, r.exit_code, r.error.as_deref()),
+            (status, exit_code, error)
+        );
+        let expected: Vec<_> = if started {
+            vec![
+                (None, Queued),
+                (Some(Queued), Running),
+                (Some(Running), status),
+            ]
+        } else {
+            vec![(None, Queued), (Some(Queued), status)]
+        };
+        assert_eq!(status_moves(&f, id), expected, "{status} {error:?}");
+        assert_eq!(r.started_at.is_some(), started);
+    }
 }
 
 fn steps_aggregate_into_the_final_status(store: Store) {
@@ -537,7 +611,7 @@ on_both_stores!(
     a_panicking_process_leaves_its_run_failed,
     a_run_that_ended_cannot_end_again_and_stays_as_it_was,
     a_queued_run_starts_then_finishes,
-    a_queued_run_cannot_succeed_before_it_starts_and_is_not_left_queued,
+    a_queued_run_ended_without_start_is_recorded_as_started_then_ended,
     steps_aggregate_into_the_final_status,
     progress_shows_the_running_step,
     step_names_are_unique_per_run,

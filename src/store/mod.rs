@@ -618,6 +618,7 @@ pub(crate) fn start_if_queued(state: &RunState) -> Result<Option<RunChange>> {
             to: RunStatus::Running,
             exit_code: None,
             error: None,
+            via_running: false,
         }),
     )
 }
@@ -628,6 +629,7 @@ pub(crate) fn fail_if_active(state: &RunState, reason: &str) -> Result<Option<Ru
         to: RunStatus::Failed,
         exit_code: None,
         error: Some(reason.to_owned()),
+        via_running: false,
     }))
 }
 
@@ -638,6 +640,7 @@ pub(crate) fn fail_if_running(state: &RunState, reason: &str) -> Result<Option<R
             to: RunStatus::Failed,
             exit_code: None,
             error: Some(reason.to_owned()),
+            via_running: false,
         }),
     )
 }

@@ -48,11 +48,13 @@ pub(crate) struct ExecArgs {
     slots: Vec<(String, u32)>,
 
     /// Wait at most this long for the locks (such as 30s, 10m); waits
-    /// forever by default.
+    /// forever by default. A wait that runs out exits 75, the run recorded
+    /// as cancelled ("did not start: gave up after waiting …").
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "no_wait")]
     wait: Option<Duration>,
 
     /// Do not wait: exit 75 at once, naming the holder, if a lock is taken.
+    /// The run is recorded as cancelled ("did not start: …"), not failed.
     #[arg(long)]
     no_wait: bool,
 
@@ -66,8 +68,9 @@ pub(crate) struct ExecArgs {
     #[arg(long, default_value = "terminal")]
     source: String,
 
-    /// A metadata field recorded on the run (repeatable). The command line
-    /// and working folder are recorded as `command` and `cwd`.
+    /// A metadata field recorded on the run (repeatable, one value per
+    /// key). The command line and working folder are recorded as `command`
+    /// and `cwd`: those keys are refused.
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     meta: Vec<(String, String)>,
 
@@ -129,16 +132,45 @@ impl ExecArgs {
         let Some(first) = keyed.first().map(|k| k.1) else {
             return Ok(Vec::new());
         };
-        Ok(if keyed.iter().all(|k| k.1 == first) {
+        let requests = if keyed.iter().all(|k| k.1 == first) {
             vec![LockRequest::new(keyed.into_iter().map(|k| k.0)).mode(first)]
         } else {
             keyed
                 .into_iter()
                 .map(|(key, mode)| LockRequest::new([key]).mode(mode))
                 .collect()
-        })
+        };
+        // Checked now, before a run is registered: a bad key is a usage
+        // error, not a run that failed to get its locks.
+        for request in &requests {
+            request.check().map_err(crate::usage)?;
+        }
+        Ok(requests)
+    }
+
+    /// The `--meta` fields, refusing a key given twice or one `exec`
+    /// records itself (which it would silently replace).
+    fn meta(&self) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
+        let mut fields = serde_json::Map::new();
+        for (key, value) in &self.meta {
+            if RESERVED_META.contains(&key.as_str()) {
+                return Err(crate::usage(format!(
+                    "--meta {key}=…: the key {key:?} is reserved: exec records the command line \
+                     as `command` and the working folder as `cwd`"
+                )));
+            }
+            if fields.insert(key.clone(), value.clone().into()).is_some() {
+                return Err(crate::usage(format!(
+                    "--meta {key}=…: the key {key:?} is given twice"
+                )));
+            }
+        }
+        Ok(fields)
     }
 }
+
+/// The metadata keys `exec` fills in itself.
+const RESERVED_META: [&str; 2] = ["command", "cwd"];
 
 /// The default name of a run: the command's file name, cut to the 256
 /// bytes a name may have.
@@ -196,7 +228,10 @@ struct Shared {
 }
 
 pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
+    // Every argument is checked before anything is recorded: bad input is a
+    // usage error (exit 2), never a failed run.
     let requests = args.requests()?;
+    let meta = args.meta()?;
     let ledger = crate::builder(db).label("runledger exec").open()?;
     let shared = Arc::new(Shared {
         // What the command is told: a file by its canonical path; a
@@ -221,17 +256,6 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         .name
         .clone()
         .unwrap_or_else(|| command_name(&args.command));
-    let log_dir = match &args.log_dir {
-        Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-        None if crate::is_url(db) => crate::data_home()
-            .ok_or_else(|| "no log folder: pass --log-dir (HOME is not set)".to_owned())?
-            .join("runledger")
-            .join("logs"),
-        None => ledger.path().with_file_name("logs"),
-    };
-    std::fs::create_dir_all(&log_dir)
-        .map_err(|e| format!("cannot create the log folder {}: {e}", log_dir.display()))?;
-    let mut log_path = log_file_path(&log_dir, &name);
 
     let mut metadata = serde_json::Map::new();
     metadata.insert(
@@ -244,26 +268,49 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     if let Ok(cwd) = std::env::current_dir() {
         metadata.insert("cwd".into(), cwd.to_string_lossy().into_owned().into());
     }
-    for (key, value) in &args.meta {
-        metadata.insert(key.clone(), value.clone().into());
-    }
-    let mut spec = RunSpec::new(name)
-        .source(args.source.clone())
-        .metadata(metadata.clone().into());
-    if !requests.is_empty() {
-        spec = spec.queued();
-    }
-    let run = match handed_run(&ledger, db)? {
-        Handed::None => ledger.begin_run(spec.log_path(&log_path))?,
-        Handed::Outer(parent) => ledger.begin_run(spec.parent(parent).log_path(&log_path))?,
+    metadata.extend(meta);
+    let handed = handed_run(&ledger, db)?;
+    // A run handed over keeps the log path its creator recorded, if any.
+    let recorded_log = match handed {
         Handed::Adopt(id) => {
-            let recorded = ledger
+            ledger
                 .run(id)
-                .map_err(|e| Failure {
-                    message: format!("RUNLEDGER_RUN_ID names run {id}: {e}"),
-                    code: 2,
-                })?
-                .log_path;
+                .map_err(|e| crate::usage(format!("RUNLEDGER_RUN_ID names run {id}: {e}")))?
+                .log_path
+        }
+        _ => None,
+    };
+    let log_path = match recorded_log.clone() {
+        Some(path) => path,
+        None => {
+            let log_dir = match &args.log_dir {
+                Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+                None if crate::is_url(db) => crate::data_home()
+                    .ok_or_else(|| "no log folder: pass --log-dir (HOME is not set)".to_owned())?
+                    .join("runledger")
+                    .join("logs"),
+                None => ledger.path().with_file_name("logs"),
+            };
+            log_file_path(&log_dir, &name)
+        }
+    };
+    let spec = RunSpec::new(name)
+        .source(args.source.clone())
+        .metadata(metadata.clone().into())
+        .log_path(&log_path);
+    // Name, source, metadata (the `exec` event of an adopted run has the
+    // same limits) and log path, as the run would be recorded.
+    ledger.check_run_spec(&spec).map_err(crate::usage)?;
+    let log = open_log(&log_path)?;
+    let spec = if requests.is_empty() {
+        spec
+    } else {
+        spec.queued()
+    };
+    let run = match handed {
+        Handed::None => ledger.begin_run(spec)?,
+        Handed::Outer(parent) => ledger.begin_run(spec.parent(parent))?,
+        Handed::Adopt(id) => {
             let run = if requests.is_empty() {
                 ledger.adopt_run(id)?
             } else {
@@ -272,15 +319,8 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
             // The run keeps its creator's name, source and metadata; what
             // this exec runs is recorded beside them.
             run.event("exec", metadata.clone().into())?;
-            // The creator's log path, if it chose one; else ours.
-            match recorded {
-                Some(path) => {
-                    if let Some(dir) = path.parent() {
-                        let _ = std::fs::create_dir_all(dir);
-                    }
-                    log_path = path;
-                }
-                None => run.set_log_path(&log_path)?,
+            if recorded_log.is_none() {
+                run.set_log_path(&log_path)?;
             }
             run
         }
@@ -290,15 +330,6 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     if shared.interrupted.load(Ordering::SeqCst) != 0 {
         let _ = ledger.cancel(run.id());
     }
-    // Appended to: a creator may have written to the file it recorded.
-    let log = match File::options().create(true).append(true).open(&log_path) {
-        Ok(log) => log,
-        Err(e) => {
-            let reason = format!("cannot create the log file {}: {e}", log_path.display());
-            let _ = run.fail(&reason);
-            return Err(reason.into());
-        }
-    };
 
     let guards = match take_locks(&ledger, &run, requests, &args) {
         Ok(guards) => guards,
@@ -315,6 +346,21 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
                     code: (128 + signal).clamp(0, 255) as u8,
                 });
             }
+            let id = run.id();
+            if e.is_conflict() || e.is_timeout() {
+                // A turn refused (--no-wait) or a wait that ran out is not a
+                // failure of the command, which never ran: the run is
+                // recorded as cancelled, with why, and `exec` exits 75.
+                let failure = Failure::from(e);
+                let _ = run.cancelled_because(format!("did not start: {}", failure.message));
+                return Err(Failure {
+                    message: format!(
+                        "run {id} did not start (recorded as cancelled): {}",
+                        failure.message
+                    ),
+                    code: failure.code,
+                });
+            }
             let failure = Failure::from(e);
             let _ = run.fail(format!("did not get its locks: {}", failure.message));
             return Err(failure);
@@ -329,13 +375,27 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     Ok(code)
 }
 
+/// Opens the log file for appending (a creator may have written to the file
+/// it recorded), creating it and its folder if missing.
+fn open_log(path: &Path) -> Result<File, Failure> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))?;
+    }
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot create the log file {}: {e}", path.display()).into())
+}
+
 /// Set by `exec` for its command to the id of its run, beside
 /// `RUNLEDGER_RUN_ID`: an `exec` that finds both equal runs under another
 /// `exec` rather than being handed a run.
 const EXEC_RUN_VAR: &str = "RUNLEDGER_EXEC_RUN_ID";
 
 /// What `RUNLEDGER_RUN_ID` asks of this `exec`.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Handed {
     /// Nothing: a run of its own.
     None,
@@ -393,6 +453,7 @@ fn take_locks(
     let mut guards = Vec::new();
     for request in requests {
         let keys: Vec<String> = request.keys().to_vec();
+        let asked = Instant::now();
         match run.acquire(request.clone().no_wait()) {
             Ok(guard) => {
                 guards.push(guard);
@@ -409,6 +470,7 @@ fn take_locks(
         };
         let (stop, stopped) = mpsc::channel::<()>();
         let reporter = {
+            let keys = keys.clone();
             let ledger = ledger.clone();
             let id = run.id();
             std::thread::spawn(move || {
@@ -435,6 +497,16 @@ fn take_locks(
         drop(stop);
         let _ = reporter.join();
         guards.push(got?);
+        // The wait is over: said as plainly as that it began.
+        eprintln!(
+            "runledger: run {} got {} after waiting {}",
+            run.id(),
+            keys.iter()
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::output::duration(asked.elapsed())
+        );
     }
     Ok(guards)
 }
@@ -442,6 +514,16 @@ fn take_locks(
 /// Makes the kernel kill the command if `exec` dies (SIGKILL included):
 /// a command that outlived its `exec` would go on without the locks, which
 /// the reaper then hands to someone else.
+///
+/// Only where rustix offers a parent-death signal: `prctl(PR_SET_PDEATHSIG)`
+/// on Linux and Android, `procctl(PROC_PDEATHSIG_CTL)` on FreeBSD and
+/// DragonFly BSD. Elsewhere see the version below.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "dragonfly"
+))]
 #[allow(unsafe_code)]
 fn die_with_parent(command: &mut Command) {
     let parent = rustix::process::getpid();
@@ -461,6 +543,17 @@ fn die_with_parent(command: &mut Command) {
         });
     }
 }
+
+/// Other Unix systems (macOS, NetBSD, OpenBSD, illumos…) have no
+/// parent-death signal: the command outlives an `exec` killed with SIGKILL
+/// (the `exec` help says so). Signals `exec` receives are still forwarded.
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "dragonfly"
+)))]
+fn die_with_parent(_command: &mut Command) {}
 
 /// What one output copy is doing, for the drain after the command exits.
 #[derive(Default)]

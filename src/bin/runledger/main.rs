@@ -29,14 +29,36 @@ use runledger::{Error, EventCursor, Ledger, RunFilter, RunId, RunStatus};
 /// (`EX_TEMPFAIL` of sysexits.h: try again later).
 const EXIT_TEMPFAIL: u8 = 75;
 
-const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 error, 2 usage, 75 lock conflict or wait timed out;
-`exec` exits with its command's code (128 + N if a signal N killed it).
+/// The part of `--help` that holds for every build.
+macro_rules! after_help {
+    () => {
+        "\
+Exit codes: 0 ok, 1 error, 2 usage (bad arguments or input; nothing is
+recorded), 75 lock conflict or wait timed out; `exec` exits with its
+command's code (128 + N if a signal N killed it).
 
 The ledger is --db, else $RUNLEDGER_DB, else
 $XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).
+`exec` creates a missing ledger; every other command refuses one.
+"
+    };
+}
+
+/// The end of `--help`, with what is true of PostgreSQL in this build.
+#[cfg(feature = "postgres")]
+const AFTER_HELP: &str = concat!(
+    after_help!(),
+    "\
 A postgres:// URL names a ledger on PostgreSQL, in the schema after a #
-(postgres://app@db.internal/jobs#nightly; default schema runledger).";
+(postgres://app@db.internal/jobs#nightly; default schema runledger)."
+);
+#[cfg(not(feature = "postgres"))]
+const AFTER_HELP: &str = concat!(
+    after_help!(),
+    "\
+This build has no PostgreSQL store: postgres:// URLs are refused
+(install with `cargo install --path . --features cli,postgres`)."
+);
 
 /// A crash-safe registry of runs and strict cross-process locks.
 ///
@@ -45,7 +67,8 @@ A postgres:// URL names a ledger on PostgreSQL, in the schema after a #
 #[derive(Debug, Parser)]
 #[command(name = "runledger", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// The ledger file (created if missing), or a postgres:// URL.
+    /// The ledger: a file, or a postgres:// URL. `exec` creates it if
+    /// missing; the other commands refuse a missing ledger.
     #[arg(long, global = true, env = "RUNLEDGER_DB", value_name = "PATH")]
     db: Option<PathBuf>,
 
@@ -62,12 +85,27 @@ enum Command {
     /// Run a command as a recorded run, under the ledger's locks.
     ///
     /// Registers the run (source `terminal` by default), takes the locks
-    /// (the run is `queued` while it waits, and stderr says who holds
-    /// them), runs the command with its output copied to the terminal and
-    /// to a log file recorded on the run, forwards SIGINT, SIGTERM and
-    /// SIGHUP to it, records its exit code or signal, releases the locks
-    /// and exits with the command's code. The command sees `RUNLEDGER_DB`
-    /// and `RUNLEDGER_RUN_ID` (also as `RUNLEDGER_EXEC_RUN_ID`).
+    /// (the run is `queued` while it waits; stderr says who holds them, and
+    /// when they came), runs the command with its output copied to the
+    /// terminal and to a log file recorded on the run, forwards SIGINT,
+    /// SIGTERM, SIGHUP and SIGQUIT to it, records its exit code or signal,
+    /// releases the locks and exits with the command's code. The command
+    /// sees `RUNLEDGER_DB` and `RUNLEDGER_RUN_ID` (also as
+    /// `RUNLEDGER_EXEC_RUN_ID`).
+    ///
+    /// Arguments are checked before anything is recorded: a bad lock key,
+    /// name or `--meta` exits 2 with no run. A turn refused by `--no-wait`,
+    /// or a wait that ran out, exits 75 and records the run as `cancelled`
+    /// with the reason ("did not start: …"), never as `failed`: `runs
+    /// --status failed` lists commands that failed, `runs --status
+    /// cancelled` also the turns skipped.
+    ///
+    /// If `exec` itself dies (kill -9 included), the kernel kills the
+    /// command too on Linux, Android, FreeBSD and DragonFly BSD (a
+    /// parent-death signal), so that it never goes on without its locks. On
+    /// other systems there is no such signal: the command outlives a killed
+    /// `exec`, and the next reap releases its locks while it may still run.
+    /// Signals that `exec` receives are forwarded everywhere.
     ///
     /// With `RUNLEDGER_RUN_ID` set by a parent that created a run for this
     /// command (and no `RUNLEDGER_EXEC_RUN_ID` equal to it), `exec` adopts
@@ -132,7 +170,12 @@ Examples:
 
     /// Ask a run to stop (a queued run is cancelled at once).
     ///
-    /// Prints the run's status after the call. --json: {"id", "status"}.
+    /// A running run gets a cancel request: it goes on until its owner
+    /// stops it (`exec` stops its command). A run that has already finished
+    /// is left as it is. Prints what happened. --json: {"id", "status",
+    /// "result"}, where status is the run's status after the call and result
+    /// one of "cancelled", "requested", "already requested", "already
+    /// finished".
     #[command(after_help = "Example:\n  runledger cancel 42")]
     Cancel {
         /// The run's id.
@@ -228,10 +271,21 @@ pub(crate) struct Failure {
     pub code: u8,
 }
 
+/// A usage error (exit 2): bad input, refused before anything is recorded.
+pub(crate) fn usage(message: impl std::fmt::Display) -> Failure {
+    Failure {
+        message: message.to_string(),
+        code: 2,
+    }
+}
+
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         let code = if e.is_conflict() || e.is_timeout() {
             EXIT_TEMPFAIL
+        } else if e.is_invalid_input() {
+            // Bad input the library refused (a key, a name, a reason).
+            2
         } else {
             1
         };
@@ -327,6 +381,44 @@ fn open_with(
     }
 }
 
+/// What a cancel did, for `runledger cancel`: a word for programs and a
+/// sentence for people. `before` is the run as read just before the call,
+/// `after` the status the call returned.
+fn cancel_result(
+    id: RunId,
+    before: &runledger::RunRecord,
+    after: RunStatus,
+) -> (&'static str, String) {
+    match after {
+        RunStatus::Cancelled if before.status == RunStatus::Queued => (
+            "cancelled",
+            format!("run {id} cancelled (it was queued and never started)"),
+        ),
+        RunStatus::Running if before.cancel_requested_at.is_some() => (
+            "already requested",
+            format!(
+                "run {id}: a cancel was already requested; it is still running until its owner \
+                 stops it"
+            ),
+        ),
+        RunStatus::Running => (
+            "requested",
+            format!(
+                "run {id}: cancel requested; it is still running until its owner stops it \
+                 (a run of `runledger exec` stops its command within a second)"
+            ),
+        ),
+        RunStatus::Queued => (
+            "requested",
+            format!("run {id}: cancel requested (it is queued)"),
+        ),
+        finished => (
+            "already finished",
+            format!("run {id} had already finished as {finished}: nothing to cancel"),
+        ),
+    }
+}
+
 fn run(cli: Cli) -> Result<u8, Failure> {
     let path = db_path(&cli)?;
     let json = cli.json;
@@ -372,10 +464,12 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Cancel { id } => {
             let ledger = open(&path)?;
+            let before = ledger.run(id)?;
             let status = ledger.cancel(id)?;
+            let (result, human) = cancel_result(id, &before, status);
             out.value(
-                &serde_json::json!({"id": id, "status": status}),
-                format_args!("run {id}: {status}"),
+                &serde_json::json!({"id": id, "status": status, "result": result}),
+                format_args!("{human}"),
             );
             Ok(0)
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use runledger::{
     EventCursor, EventKind, EventRecord, Ledger, LockRecord, LockState, ReapReport, RunId,
-    RunRecord, Timestamp,
+    RunRecord, RunStatus, Timestamp,
 };
 
 use crate::Failure;
@@ -45,6 +45,12 @@ impl Out {
             return;
         }
         let now = ledger.now();
+        // What queued runs wait for: one look at the locks, only if needed.
+        let locks = if runs.iter().any(|r| r.status == RunStatus::Queued) {
+            ledger.locks().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut table = Table::new([
             "ID", "STATUS", "NAME", "SOURCE", "PID", "HOST", "STARTED", "TOOK", "INFO",
         ]);
@@ -60,7 +66,7 @@ impl Out {
                 run.host.clone(),
                 ago(now, started),
                 duration(took.saturating_duration_since(started)),
-                info(run),
+                info(now, run, &locks),
             ]);
         }
         table.print();
@@ -70,10 +76,11 @@ impl Out {
         let run = ledger.run(id)?;
         let steps = ledger.steps(id)?;
         let events = ledger.events(id)?;
-        let locks: Vec<LockRecord> = ledger
-            .locks()?
-            .into_iter()
+        let all_locks = ledger.locks()?;
+        let locks: Vec<LockRecord> = all_locks
+            .iter()
             .filter(|l| l.run == Some(id))
+            .cloned()
             .collect();
         if self.json {
             print_json(&serde_json::json!({
@@ -165,7 +172,7 @@ impl Out {
         }
         if !locks.is_empty() {
             outln!("\nlocks:");
-            lock_table(now, &locks).print();
+            lock_table(now, &locks, &all_locks).print();
         }
         outln!("\nevents:");
         let mut table = Table::new(["AT", "EVENT", "MESSAGE"]);
@@ -188,7 +195,7 @@ impl Out {
             outln!("no locks held or awaited");
             return;
         }
-        lock_table(ledger.now(), locks).print();
+        lock_table(ledger.now(), locks, locks).print();
     }
 
     pub fn reports(&self, reports: &[ReapReport]) {
@@ -201,9 +208,12 @@ impl Out {
     }
 }
 
-fn lock_table(now: Timestamp, locks: &[LockRecord]) -> Table<7> {
+/// The table of `shown`, some of the ledger's locks (`all`, which places
+/// a waiting request in its queue).
+fn lock_table(now: Timestamp, shown: &[LockRecord], all: &[LockRecord]) -> Table<7> {
+    let locks = all;
     let mut table = Table::new(["KEY", "MODE", "STATE", "TOKEN", "RUN", "OWNER", "SINCE"]);
-    for lock in locks {
+    for lock in shown {
         let since = lock.granted_at.unwrap_or(lock.requested_at);
         let run = match (lock.run, &lock.run_name) {
             (Some(id), Some(name)) => format!("{id} ({name})"),
@@ -212,7 +222,16 @@ fn lock_table(now: Timestamp, locks: &[LockRecord]) -> Table<7> {
         };
         let state = match lock.state {
             LockState::Held => "held".to_owned(),
-            LockState::Waiting => format!("waiting (#{})", lock.ticket),
+            LockState::Waiting => {
+                let waiting = locks
+                    .iter()
+                    .filter(|l| l.state == LockState::Waiting && l.key == lock.key)
+                    .count();
+                format!(
+                    "waiting ({} of {waiting} in line)",
+                    queue_position(lock, locks)
+                )
+            }
         };
         table.row([
             lock.key.clone(),
@@ -227,13 +246,17 @@ fn lock_table(now: Timestamp, locks: &[LockRecord]) -> Table<7> {
     table
 }
 
-/// What a run is doing or why it ended, in a few words.
-fn info(run: &RunRecord) -> String {
+/// What a run is doing or why it ended, in a few words. `locks` are the
+/// ledger's locks, for what a queued run waits for.
+fn info(now: Timestamp, run: &RunRecord, locks: &[LockRecord]) -> String {
     if let Some(error) = &run.error {
         return error.clone();
     }
     if run.cancel_requested_at.is_some() && run.status.is_active() {
         return "cancel requested".to_owned();
+    }
+    if run.status == RunStatus::Queued {
+        return waits_for(now, run, locks);
     }
     match &run.progress.current {
         Some(step) => format!(
@@ -246,6 +269,58 @@ fn info(run: &RunRecord) -> String {
         }
         None => String::new(),
     }
+}
+
+/// What a queued run waits for: the keys it is queued on and who holds
+/// them, or who is ahead of it; or a process to adopt it.
+fn waits_for(now: Timestamp, run: &RunRecord, locks: &[LockRecord]) -> String {
+    if let Some(by) = run.adopt_by {
+        return format!("waits to be adopted (until {})", ago(now, by));
+    }
+    let mut parts = Vec::new();
+    for wait in locks
+        .iter()
+        .filter(|l| l.state == LockState::Waiting && l.run == Some(run.id))
+    {
+        let holders: Vec<String> = locks
+            .iter()
+            .filter(|l| l.state == LockState::Held && l.key == wait.key)
+            .map(holder_text)
+            .collect();
+        parts.push(if holders.is_empty() {
+            let ahead = queue_position(wait, locks).saturating_sub(1);
+            format!("waits for {:?} behind {ahead} earlier request(s)", wait.key)
+        } else {
+            format!("waits for {:?}, held by {}", wait.key, holders.join(", "))
+        });
+    }
+    if parts.is_empty() {
+        // Not (yet) in a lock queue: about to take its locks, or waiting for
+        // whatever its owner waits for before `start`.
+        "not started yet".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// "run 3 (build, pid 4121 on ci-3)", or the process alone for a lock held
+/// outside a run.
+fn holder_text(lock: &LockRecord) -> String {
+    match (lock.run, &lock.run_name) {
+        (Some(id), Some(name)) => format!("run {id} ({name}, pid {} on {})", lock.pid, lock.host),
+        (Some(id), None) => format!("run {id} (pid {} on {})", lock.pid, lock.host),
+        _ => format!("pid {} on {}", lock.pid, lock.host),
+    }
+}
+
+/// A waiting request's place in its key's queue: 1 is the next to be
+/// served. Tickets only order requests; their numbers mean nothing to a
+/// reader.
+fn queue_position(wait: &LockRecord, locks: &[LockRecord]) -> usize {
+    1 + locks
+        .iter()
+        .filter(|l| l.state == LockState::Waiting && l.key == wait.key && l.ticket < wait.ticket)
+        .count()
 }
 
 pub(crate) fn event_text(event: &EventRecord) -> String {

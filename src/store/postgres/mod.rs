@@ -59,7 +59,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use super::StoreConfig;
 use crate::clock::{Clock, Timestamp};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StorageError};
 use crate::wake::wake;
 
 /// The schema a ledger uses unless told otherwise.
@@ -113,10 +113,16 @@ impl Store {
             source: None,
         })?;
         let name = PathBuf::from(display_name(&pg, schema));
-        let connect_error = |e: postgres::Error| Error::Open {
-            path: name.clone(),
-            reason: format!("cannot connect to PostgreSQL: {e}"),
-            source: None,
+        // The server's own words (no such role, no such database,
+        // authentication failed) or the cause (connection refused), never
+        // a bare "db error".
+        let connect_error = |e: postgres::Error| {
+            let e = StorageError::postgres(e);
+            Error::Open {
+                path: name.clone(),
+                reason: format!("cannot connect to PostgreSQL: {e}"),
+                source: Some(Box::new(e)),
+            }
         };
         let mut setup = pg.connect(NoTls).map_err(connect_error)?;
         schema::prepare(
@@ -375,19 +381,25 @@ impl fmt::Debug for Manager {
 
 impl ManageConnection for Manager {
     type Connection = Conn;
-    type Error = postgres::Error;
+    // r2d2 keeps only the text of a failed connect: this one says what the
+    // server said, not "db error".
+    type Error = StorageError;
 
-    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
-        let mut client = self.inner.connect()?;
-        client.batch_execute(&self.search_path)?;
+    fn connect(&self) -> std::result::Result<Conn, StorageError> {
+        let mut client = self.inner.connect().map_err(StorageError::postgres)?;
+        client
+            .batch_execute(&self.search_path)
+            .map_err(StorageError::postgres)?;
         Ok(Conn {
             client,
             statements: HashMap::new(),
         })
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
-        self.inner.is_valid(&mut conn.client)
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), StorageError> {
+        self.inner
+            .is_valid(&mut conn.client)
+            .map_err(StorageError::postgres)
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {

@@ -935,7 +935,21 @@ pub(super) fn apply_change(
             to,
             exit_code,
             error,
+            via_running,
         } => {
+            let from = if via_running {
+                chain.append(
+                    tx,
+                    "status",
+                    None,
+                    Some(state.status.as_str()),
+                    Some(RunStatus::Running.as_str()),
+                    None,
+                )?;
+                RunStatus::Running
+            } else {
+                state.status
+            };
             let closed = if to.is_terminal() && state.steps_running > 0 {
                 close_running_steps(tx, &mut chain)?
             } else {
@@ -945,11 +959,11 @@ pub(super) fn apply_change(
                 tx,
                 "status",
                 None,
-                Some(state.status.as_str()),
+                Some(from.as_str()),
                 Some(to.as_str()),
                 error.as_deref(),
             )?;
-            let started = (to == RunStatus::Running).then_some(at.as_millis());
+            let started = (to == RunStatus::Running || via_running).then_some(at.as_millis());
             let finished = to.is_terminal().then_some(at.as_millis());
             let changed = tx.execute(
                 "UPDATE runs SET status = $3, exit_code = $4, error = $5,

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::liveness::{InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
-use crate::run::{RunChange, RunId, RunStatus};
+use crate::run::{RunId, RunStatus};
 use crate::store::{InstanceReaped, Owner, TakenLock, lease_of, state_of, unknown_instance};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
@@ -300,11 +300,7 @@ fn fail_instance_runs(
         .collect::<rusqlite::Result<Vec<_>>>()?;
     for (id, name) in runs {
         let (state, to, wakes) = apply_change(tx, id, now, |state| {
-            Ok(state.status.is_active().then(|| RunChange::Status {
-                to: RunStatus::Failed,
-                exit_code: None,
-                error: Some(reason.to_owned()),
-            }))
+            crate::store::fail_if_active(state, reason)
         })?;
         out.wakes.extend(wakes);
         if to == RunStatus::Failed && state.status.is_active() {

@@ -887,7 +887,21 @@ pub(super) fn apply_change(
             to,
             exit_code,
             error,
+            via_running,
         } => {
+            let from = if via_running {
+                chain.append(
+                    tx,
+                    "status",
+                    None,
+                    Some(state.status.as_str()),
+                    Some(RunStatus::Running.as_str()),
+                    None,
+                )?;
+                RunStatus::Running
+            } else {
+                state.status
+            };
             let closed = if to.is_terminal() && state.steps_running > 0 {
                 close_running_steps(tx, &mut chain)?
             } else {
@@ -897,7 +911,7 @@ pub(super) fn apply_change(
                 tx,
                 "status",
                 None,
-                Some(state.status.as_str()),
+                Some(from.as_str()),
                 Some(to.as_str()),
                 error.as_deref(),
             )?;
@@ -919,7 +933,7 @@ pub(super) fn apply_change(
                     to,
                     exit_code,
                     &error,
-                    (to == RunStatus::Running).then_some(at),
+                    (to == RunStatus::Running || via_running).then_some(at),
                     to.is_terminal().then_some(at),
                     closed,
                     chain.last,
