@@ -134,10 +134,64 @@
 //! in that same call: its locks, queue places and runs go at once, without
 //! waiting for a sweep, and the takeover is recorded.
 //!
-//! **Within one process.** A request that conflicts only with locks of its
-//! own ledger instance fails at once ([`Error::Conflict`] with
-//! `self_conflict`), since waiting would never end. Threads of one process
-//! that must exclude each other open their own [`Ledger`] each.
+//! **Within one process.** Threads and tasks that share one [`Ledger`]
+//! take turns like processes do; see
+//! [Threads, tasks and processes](#threads-tasks-and-processes).
+//!
+//! # Threads, tasks and processes
+//!
+//! A [`Ledger`] is `Clone + Send + Sync`, and its clones are one *instance*:
+//! one pool of connections, one heartbeat, one identity for liveness. Open
+//! it once per process and hand clones to every thread and task.
+//!
+//! - **Everyone takes turns.** A request that conflicts with a lock that
+//!   another thread or task of the same ledger holds waits exactly as if
+//!   that holder were another process: in the same queue (visible in
+//!   [`Ledger::locks`]), first come, first served, up to the same deadline,
+//!   and its grant gets a fencing token of its own. Shared and slots modes
+//!   count guards, not processes: two threads holding `Slots(2)` fill both
+//!   slots. Releasing one guard never releases another.
+//! - **Liveness stays per process.** A process that dies loses every lock
+//!   and queue place its threads had, at once, as one owner.
+//! - **The caller's own locks.** Each grant belongs to the caller that asked
+//!   for it: the thread, or with the `tokio` feature the task, when the call
+//!   is made inside one. A request that only the caller's own locks keep out
+//!   (asking again for a key it holds) could never be granted, since the
+//!   caller would wait for itself: it fails at once with
+//!   [`Error::Conflict`], `self_conflict` set, naming the lock. A guard moved
+//!   to another thread still counts as its acquirer's for that rule;
+//!   releasing it, from any thread, frees it as usual. Futures joined within
+//!   one task (`join!`) are one caller.
+//! - **Async.** With the `tokio` feature, [`Ledger::lock_async`],
+//!   [`Ledger::acquire_async`], [`Run::lock_async`] and [`Run::acquire_async`]
+//!   wait without blocking the runtime, woken by a release in any process
+//!   as promptly as a blocked thread is (the wake-up socket is watched by
+//!   the runtime's reactor; no thread per waiting task), and
+//!   [`Watch::next_async`] (or `Watch` as a `Stream`) waits for events the
+//!   same way. A dropped future leaves no queue place and no lock behind.
+//!
+//! **What may block.** Every call of this crate runs its database work on
+//! the calling thread, async ones included:
+//!
+//! | Call | Blocks the calling thread for |
+//! |---|---|
+//! | reads: [`Ledger::run`], [`Ledger::runs`], [`Ledger::locks`], [`Ledger::events_since`], [`LockGuard::is_held`], … | one read; on SQLite readers never wait for writers |
+//! | writes: [`Ledger::begin_run`], [`Run::succeed`] and the other outcomes, [`Run::step`], [`Ledger::try_lock`], [`LockGuard::release`], [`Ledger::cancel`], dropping a guard, … | one write transaction; while other writers hold the database, up to [`Builder::busy_timeout`] (then [`Error::Busy`]) |
+//! | [`Ledger::lock`], [`Ledger::acquire`], [`Run::lock`], [`Run::acquire`] | the writes above, and the wait for the keys, up to the request's deadline |
+//! | [`Ledger::lock_async`] and the other async calls | each attempt at the grant is one write as above; the waits between attempts yield to the runtime |
+//! | [`Watch::next`], [`Watch::next_timeout`] | until an event commits (or the timeout); [`Watch::next_async`] yields instead |
+//! | [`Ledger::open`] | migrations, up to [`Builder::busy_timeout`] behind another process's |
+//! | dropping a ledger's last clone | one write (its instance is closed) |
+//!
+//! The short writes stay synchronous in async code on purpose: each holds
+//! the calling thread for one transaction, and handing every call to a
+//! blocking pool would cost more than most writes themselves (the benchmark
+//! document compares the two). Under a burst of writers from other
+//! processes a write can wait for SQLite's write lock; a host whose runtime
+//! must never wait that long calls the ledger inside
+//! `tokio::task::spawn_blocking`. On the PostgreSQL store, whose client
+//! drives a runtime of its own, a call made inside a tokio runtime runs on
+//! a helper thread while the caller waits for it.
 //!
 //! # Liveness and the reaper
 //!
@@ -338,11 +392,15 @@
 //!
 //! # Features
 //!
-//! Neither is on by default; on docs.rs, every item that needs one says so.
+//! None is on by default; on docs.rs, every item that needs one says so.
 //!
 //! - `postgres`: the PostgreSQL store: `Ledger::builder_postgres`,
 //!   `Builder::schema`, and `postgres://` URLs in [`Ledger::open`] and
 //!   [`Ledger::builder`].
+//! - `tokio`: waits that yield to a tokio runtime: [`Ledger::lock_async`],
+//!   [`Ledger::acquire_async`], [`Run::lock_async`], [`Run::acquire_async`],
+//!   [`Watch::next_async`], and [`Watch`] as a `futures_core::Stream` (see
+//!   [Threads, tasks and processes](#threads-tasks-and-processes)).
 //! - `cli`: the `runledger` command-line tool (see
 //!   [Command-line tool](#command-line-tool)); the library is the same with
 //!   or without it.

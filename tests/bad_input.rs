@@ -391,6 +391,9 @@ fn any_builder_durations_open_or_are_refused_as_invalid() {
                 ok_or_busy(ledger.reap().map(drop))?;
                 ok_or_busy(ledger.prune(retention.unwrap_or(stale)).map(drop))?;
             }
+            // A keeper of an earlier case may still be writing: with a
+            // zero busy timeout, opening may be refused as busy (typed).
+            Err(e) if valid && e.is_busy() && busy < Duration::from_secs(1) => {}
             Err(e) => {
                 prop_assert!(!valid, "refused: {e:?}");
                 prop_assert!(e.is_invalid_input(), "{e:?}");
