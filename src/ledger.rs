@@ -19,7 +19,6 @@ use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
 use crate::store::{Adopter, Adoption, HungRun, Location, NewRun, Store, StoreConfig};
-use crate::wake::wake;
 use crate::watch::{EventCursor, EventPage, Watch};
 
 /// How hard SQLite works to make a commit survive a power cut: the
@@ -620,7 +619,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let instance = self.instance();
         match self.store.close_instance(self.identity(), instance) {
-            Ok(wakes) => wake(&wakes),
+            Ok(()) => {}
             Err(e) => log::warn!("runledger: could not close instance {instance}: {e}"),
         }
         // The lock file goes after the row is closed (the field's own drop).
@@ -1535,11 +1534,9 @@ impl Ledger {
             return Err(crate::Error::invalid("reason", reason, "must say why"));
         }
         let inner = &self.inner;
-        let (released, wakes) =
-            inner
-                .store
-                .force_unlock(key, &input::reason(reason), inner.identity())?;
-        wake(&wakes);
+        let released = inner
+            .store
+            .force_unlock(key, &input::reason(reason), inner.identity())?;
         log::warn!("runledger: forced release of {key:?} ({released} holders): {reason}");
         Ok(released)
     }
@@ -1595,7 +1592,7 @@ impl Ledger {
             .compare_exchange(instance, fresh, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            wake(&inner.store.close_instance(inner.identity(), fresh)?);
+            inner.store.close_instance(inner.identity(), fresh)?;
         } else {
             log::error!(
                 "runledger: instance {instance} was judged dead by another process{reason}; \
@@ -1700,14 +1697,13 @@ impl Ledger {
     ) -> Result<Vec<Reaped>> {
         let inner = &self.inner;
         let run_reason = format!("owner gone: {reason} (pid {} on {})", owner.pid, owner.host);
-        let done = inner.store.reap_instance(
+        let reaped = inner.store.reap_instance(
             owner.into(),
             reason,
             &run_reason,
             stale_heartbeat,
             inner.identity(),
         )?;
-        wake(&done.wakes);
         // The lock file goes only when its lock was found free: a closed
         // instance's file may serve the same process registered again.
         if stale_heartbeat.is_none()
@@ -1716,7 +1712,7 @@ impl Ledger {
         {
             crate::liveness::remove_lock_file(&inner.judge.instances_dir, file);
         }
-        if !done.reaped.is_empty() {
+        if !reaped.is_empty() {
             log::warn!(
                 "runledger: reaped instance {} (pid {} on {}): {reason}",
                 owner.id,
@@ -1724,7 +1720,7 @@ impl Ledger {
                 owner.host
             );
         }
-        Ok(done.reaped)
+        Ok(reaped)
     }
 
     /// The `hung-runs` pass: fails running runs whose heartbeat deadline
@@ -1740,8 +1736,7 @@ impl Ledger {
             let before = reaped.len();
             for run in &hung {
                 let reason = hung_reason(run, now);
-                if let Some((name, wakes)) = inner.store.fail_hung(run, &reason)? {
-                    wake(&wakes);
+                if let Some(name) = inner.store.fail_hung(run, &reason)? {
                     reaped.push(Reaped::Run {
                         id: run.id,
                         name,
@@ -1773,7 +1768,7 @@ impl Ledger {
                 Orphan::Held { id, token } => {
                     self.release_lock(id, token, Held::default()).map(drop)
                 }
-                Orphan::Queued { ticket } => self.inner.store.leave_queue(ticket).map(|w| wake(&w)),
+                Orphan::Queued { ticket } => self.inner.store.leave_queue(ticket),
             };
             if done.is_err() {
                 self.adopt_orphan(orphan);
@@ -1786,7 +1781,7 @@ impl Ledger {
     /// failure is retried on the next lock call.
     pub(crate) fn leave_queue(&self, ticket: i64) {
         match self.inner.store.leave_queue(ticket) {
-            Ok(wakes) => wake(&wakes),
+            Ok(()) => {}
             Err(e) => {
                 log::warn!("runledger: could not leave lock queue place {ticket} yet: {e}");
                 self.adopt_orphan(Orphan::Queued { ticket });
@@ -1807,17 +1802,9 @@ impl Ledger {
     /// `gates` (the lock's gates) are let go as soon as the release has
     /// committed: before the waiters are woken, and before a checkpoint.
     pub(crate) fn release_lock(&self, id: i64, token: u64, gates: Held) -> Result<bool> {
-        match self
-            .inner
+        self.inner
             .store
-            .release_lock(id, token, move || drop(gates))?
-        {
-            Some(wakes) => {
-                wake(&wakes);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+            .release_lock(id, token, move || drop(gates))
     }
 
     pub(crate) fn transition(
@@ -1825,9 +1812,7 @@ impl Ledger {
         id: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
     ) -> Result<(RunState, RunStatus)> {
-        let (state, status, wakes) = self.inner.store.update_run(id, decide)?;
-        wake(&wakes);
-        Ok((state, status))
+        self.inner.store.update_run(id, decide)
     }
 
     pub(crate) fn finish_run(&self, id: RunId, outcome: &Outcome) -> Result<RunStatus> {

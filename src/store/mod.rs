@@ -11,6 +11,13 @@
 //! Both take domain decisions (a run's state machine, lock compatibility)
 //! from the same code: a store reads the rows, calls the domain, and writes
 //! what it decided, in one transaction.
+//!
+//! **Wake-ups go out here.** A write that frees keys (a release, a queue
+//! place left, a run ended, an owner reaped) returns the wake-up addresses
+//! of the waiters it granted or unblocked, and the methods of [`Store`]
+//! send them once the store's call returned, that is after the commit that
+//! made them true: no caller can forget one. (The feed's watchers are woken
+//! by each store's commit itself.)
 
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
@@ -28,6 +35,7 @@ use crate::lock::{LockMode, LockRecord, LockState};
 use crate::reaper::Reaped;
 use crate::record::{EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, StepStatus};
+use crate::wake::wake;
 
 pub(crate) use sqlite::SCHEMA_VERSION;
 
@@ -169,7 +177,7 @@ impl Store {
     /// of itself, so that anything it still owns (a run whose guard was
     /// leaked, a lock row a guard could not delete) is closed with it, in
     /// the same transaction.
-    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<Wakes> {
+    pub(crate) fn close_instance(&self, me: &ProcessIdentity, id: i64) -> Result<()> {
         let owner = Owner {
             id,
             pid: me.pid,
@@ -177,7 +185,7 @@ impl Store {
         };
         let reason = CLOSED_BY_ITS_PROCESS;
         self.reap_instance(owner, reason, reason, None, me)
-            .map(|r| r.wakes)
+            .map(drop)
     }
 
     pub(crate) fn reap_instance(
@@ -187,8 +195,10 @@ impl Store {
         run_reason: &str,
         stale_heartbeat: Option<Timestamp>,
         by: &ProcessIdentity,
-    ) -> Result<InstanceReaped> {
-        dispatch!(self, s => s.reap_instance(instance, reason, run_reason, stale_heartbeat, by))
+    ) -> Result<Vec<Reaped>> {
+        let done = dispatch!(self, s => s.reap_instance(instance, reason, run_reason, stale_heartbeat, by))?;
+        wake(&done.wakes);
+        Ok(done.reaped)
     }
 
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
@@ -203,8 +213,9 @@ impl Store {
         dispatch!(self, s => s.granted_token(ticket))
     }
 
-    pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
-        dispatch!(self, s => s.leave_queue(ticket))
+    pub(crate) fn leave_queue(&self, ticket: i64) -> Result<()> {
+        wake(&dispatch!(self, s => s.leave_queue(ticket))?);
+        Ok(())
     }
 
     pub(crate) fn release_lock(
@@ -212,8 +223,12 @@ impl Store {
         id: i64,
         token: u64,
         on_commit: impl FnOnce() + Send,
-    ) -> Result<Option<Wakes>> {
-        dispatch!(self, s => s.release_lock(id, token, on_commit))
+    ) -> Result<bool> {
+        let released = dispatch!(self, s => s.release_lock(id, token, on_commit))?;
+        if let Some(wakes) = &released {
+            wake(wakes);
+        }
+        Ok(released.is_some())
     }
 
     pub(crate) fn was_taken_away(&self, id: i64) -> Result<bool> {
@@ -229,8 +244,10 @@ impl Store {
         key: &str,
         reason: &str,
         by: &ProcessIdentity,
-    ) -> Result<(usize, Wakes)> {
-        dispatch!(self, s => s.force_unlock(key, reason, by))
+    ) -> Result<usize> {
+        let (released, wakes) = dispatch!(self, s => s.force_unlock(key, reason, by))?;
+        wake(&wakes);
+        Ok(released)
     }
 
     pub(crate) fn locks(&self) -> Result<Vec<LockRecord>> {
@@ -245,8 +262,10 @@ impl Store {
         &self,
         run: RunId,
         decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
-    ) -> Result<(RunState, RunStatus, Wakes)> {
-        dispatch!(self, s => s.update_run(run, decide))
+    ) -> Result<(RunState, RunStatus)> {
+        let (state, status, wakes) = dispatch!(self, s => s.update_run(run, decide))?;
+        wake(&wakes);
+        Ok((state, status))
     }
 
     pub(crate) fn adopt_run(
@@ -306,12 +325,12 @@ impl Store {
         dispatch!(self, s => s.hung_runs(now, limit))
     }
 
-    pub(crate) fn fail_hung(
-        &self,
-        hung: &HungRun,
-        reason: &str,
-    ) -> Result<Option<(String, Wakes)>> {
-        dispatch!(self, s => s.fail_hung(hung, reason))
+    pub(crate) fn fail_hung(&self, hung: &HungRun, reason: &str) -> Result<Option<String>> {
+        let failed = dispatch!(self, s => s.fail_hung(hung, reason))?;
+        Ok(failed.map(|(name, wakes)| {
+            wake(&wakes);
+            name
+        }))
     }
 
     pub(crate) fn cancel_requested(&self, run: RunId) -> Result<bool> {
