@@ -8,11 +8,19 @@
 //!   (p50/p99/max), and the CPU an idle waiter costs;
 //! - `contention`: 8 and 32 processes looping acquire/release on 4 keys,
 //!   with the ledger and with a bare SQLite row lock relying on
-//!   `busy_timeout` alone: grants/s and acquire latency (p50/p99/max).
+//!   `busy_timeout` alone: grants/s and acquire latency (p50/p99/max);
+//! - with the `tokio` feature, `lock/lock_async_release` (an uncontended
+//!   `lock_async` + release on a current-thread runtime) and
+//!   `lock/spawn_blocking_try_lock_release` beside the sync pair;
+//!   `in_process`: a key handed between two tasks of one runtime and
+//!   between two threads of one ledger (p50/p99/max); `blocking`: how long
+//!   one uncontended `lock_async` + release holds the runtime's thread
+//!   while 8 processes write the same file.
 //!
 //! ```text
-//! cargo bench --bench locks                # everything (about two minutes)
-//! cargo bench --bench locks -- lock/       # one part: lock/, handoff, contention
+//! cargo bench --bench locks --features tokio   # everything (about three minutes)
+//! cargo bench --bench locks -- lock/           # one part: lock/, handoff, contention,
+//!                                              # in_process, blocking
 //! ```
 //!
 //! The process experiments spawn the `worker` example, built here in release.
@@ -91,7 +99,164 @@ fn uncontended(c: &mut Criterion) {
             guard.release().unwrap();
         })
     });
+    #[cfg(feature = "tokio")]
+    {
+        let rt = current_thread();
+        group.bench_function("lock_async_release", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let guard = ledger.lock_async("build:symbol=AAPL").await.unwrap();
+                    black_box(guard.token());
+                    guard.release().unwrap();
+                })
+            })
+        });
+        // The alternative to short synchronous writes on the runtime thread:
+        // every call handed to tokio's blocking pool.
+        group.bench_function("spawn_blocking_try_lock_release", |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let theirs = ledger.clone();
+                    let guard =
+                        tokio::task::spawn_blocking(move || theirs.try_lock("build:symbol=AAPL"))
+                            .await
+                            .unwrap()
+                            .unwrap();
+                    black_box(guard.token());
+                    tokio::task::spawn_blocking(move || guard.release())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                })
+            })
+        });
+    }
     group.finish();
+}
+
+#[cfg(feature = "tokio")]
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The hand-offs in a log of `(ns, acquired?, who)`: from one holder's
+/// release to the other's grant, in µs.
+fn handoffs(mut events: Vec<(u128, bool, usize)>) -> Vec<u64> {
+    events.sort();
+    events
+        .windows(2)
+        .filter(|w| !w[0].1 && w[1].1 && w[0].2 != w[1].2)
+        .map(|w| ((w[1].0 - w[0].0) / 1000) as u64)
+        .collect()
+}
+
+fn now_ns(epoch: Instant) -> u128 {
+    epoch.elapsed().as_nanos()
+}
+
+/// A key handed back and forth between two threads sharing one ledger,
+/// and (with `tokio`) between two tasks of one current-thread runtime.
+fn in_process() {
+    const TIMES: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path().join("ledger.db")).unwrap();
+    let epoch = Instant::now();
+    let log = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for who in 0..2 {
+            let (ledger, log) = (&ledger, &log);
+            s.spawn(move || {
+                let mut mine = Vec::with_capacity(2 * TIMES);
+                for _ in 0..TIMES {
+                    let guard = ledger.lock("ball").unwrap();
+                    mine.push((now_ns(epoch), true, who));
+                    std::thread::sleep(Duration::from_micros(300));
+                    guard.release().unwrap();
+                    mine.push((now_ns(epoch), false, who));
+                }
+                log.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    println!(
+        "handoff between two threads of one ledger: {}",
+        summary(handoffs(log.into_inner().unwrap()))
+    );
+    #[cfg(feature = "tokio")]
+    {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        current_thread().block_on(async {
+            let tasks: Vec<_> = (0..2)
+                .map(|who| {
+                    let (ledger, log) = (ledger.clone(), log.clone());
+                    tokio::spawn(async move {
+                        let mut mine = Vec::with_capacity(2 * TIMES);
+                        for _ in 0..TIMES {
+                            let guard = ledger.lock_async("ball").await.unwrap();
+                            mine.push((now_ns(epoch), true, who));
+                            // tokio's timer has 1 ms steps.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            guard.release().unwrap();
+                            mine.push((now_ns(epoch), false, who));
+                        }
+                        log.lock().unwrap().extend(mine);
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        let events = std::mem::take(&mut *log.lock().unwrap());
+        println!(
+            "handoff between two tasks of one runtime: {}",
+            summary(handoffs(events))
+        );
+    }
+}
+
+/// How long one `lock_async` + release of a free key holds the runtime's
+/// thread while 8 processes loop acquire/release on other keys of the same
+/// file: the cost of keeping the short writes synchronous.
+#[cfg(feature = "tokio")]
+fn blocking(worker: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("load.db");
+    let ledger = Ledger::open(&db).unwrap();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            Command::new(worker)
+                .arg(&db)
+                .args(["load", "--keys", "4", "--ops", "3000", "--impl", "ledger"])
+                .arg("--out")
+                .arg(dir.path().join(format!("lat{i}")))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let rt = current_thread();
+    let mut calls = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let call = Instant::now();
+        rt.block_on(async {
+            let guard = ledger.lock_async("mine").await.unwrap();
+            guard.release().unwrap();
+        });
+        calls.push(call.elapsed().as_micros() as u64);
+    }
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!(
+        "lock_async + release on the runtime thread, 8 writing processes: {}",
+        summary(calls)
+    );
 }
 
 fn summary(mut values: Vec<u64>) -> String {
@@ -135,13 +300,10 @@ fn handoff(worker: &Path) {
             events.push((ns.parse().unwrap(), what == "acquired", i));
         }
     }
-    events.sort();
-    let handoffs: Vec<u64> = events
-        .windows(2)
-        .filter(|w| !w[0].1 && w[1].1 && w[0].2 != w[1].2)
-        .map(|w| ((w[1].0 - w[0].0) / 1000) as u64)
-        .collect();
-    println!("handoff between two processes: {}", summary(handoffs));
+    println!(
+        "handoff between two processes: {}",
+        summary(handoffs(events))
+    );
 
     // An idle waiter's CPU.
     let held = ledger.lock("idle").unwrap();
@@ -221,13 +383,20 @@ fn main() {
         uncontended(&mut c);
         c.final_summary();
     }
-    if wants("handoff") || wants("contention") {
+    if wants("in_process") {
+        in_process();
+    }
+    if wants("handoff") || wants("contention") || wants("blocking") {
         let worker = worker();
         if wants("handoff") {
             handoff(&worker);
         }
         if wants("contention") {
             contention(&worker);
+        }
+        #[cfg(feature = "tokio")]
+        if wants("blocking") {
+            blocking(&worker);
         }
     }
 }
