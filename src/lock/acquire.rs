@@ -7,7 +7,7 @@
 //! way, the refusal of a request that could never be granted, and, between
 //! attempts, a wait for the wake-up that a releaser sends after its commit.
 //! [`Acquisition`] is those steps; [`Ledger::acquire_for`] and (with the
-//! `tokio` feature) [`Ledger::acquire_for_async`] only differ in how they
+//! `tokio` feature) `Ledger::acquire_for_async` only differ in how they
 //! wait between two of them.
 //!
 //! # Callers inside one process
@@ -104,7 +104,7 @@ pub(crate) enum Step {
     /// The request holds its keys.
     Granted(LockGuard),
     /// The request waits (queued, or polling): wait for a wake-up, at most
-    /// this long, then call [`Acquisition::woken`] and step again.
+    /// this long, then step again.
     Nap(Duration),
 }
 
@@ -136,6 +136,9 @@ pub(crate) struct Acquisition<'l> {
     /// callers only: a gate is waited on by a thread).
     gate_phase: bool,
     poll: Duration,
+    /// The last step was a nap: look whether a releaser granted the request
+    /// meanwhile before asking again.
+    napped: bool,
 }
 
 impl<'l> Acquisition<'l> {
@@ -187,6 +190,7 @@ impl<'l> Acquisition<'l> {
             },
             gate_phase: gate_waits && wait != Wait::No,
             poll: if wake.is_some() { MAX_POLL } else { FIRST_POLL },
+            napped: false,
             keys,
         })
     }
@@ -198,11 +202,20 @@ impl<'l> Acquisition<'l> {
     }
 
     /// Asks for the keys until the request is granted, refused, out of
-    /// time, or has to wait for someone.
+    /// time, or has to wait for someone: then the caller naps as told and
+    /// steps again.
     pub(crate) fn step(&mut self) -> Result<Step> {
         let ledger = self.ledger;
         let store = &ledger.inner.store;
         let identity = ledger.inner.identity();
+        // Releasers hand keys to the head of the queue themselves: after a
+        // nap, a read tells whether that happened, without the write lock.
+        if std::mem::take(&mut self.napped)
+            && let Some(ticket) = self.place.ticket
+            && let Some(token) = store.granted_token(ticket)?
+        {
+            return Ok(Step::Granted(self.granted(ticket, token)));
+        }
         loop {
             let mut ask = LockAsk {
                 keys: &self.keys,
@@ -290,20 +303,9 @@ impl<'l> Acquisition<'l> {
             }
             let nap = self.poll.min(remaining);
             self.poll = (self.poll * 2).min(MAX_POLL);
+            self.napped = true;
             return Ok(Step::Nap(nap));
         }
-    }
-
-    /// After a nap: releasers hand keys to the head of the queue
-    /// themselves, and a read tells whether that happened, without the
-    /// write lock.
-    pub(crate) fn woken(&mut self) -> Result<Option<LockGuard>> {
-        if let Some(ticket) = self.place.ticket
-            && let Some(token) = self.ledger.inner.store.granted_token(ticket)?
-        {
-            return Ok(Some(self.granted(ticket, token)));
-        }
-        Ok(None)
     }
 
     /// The request was granted as lock `id`: the queue place is kept (it
@@ -323,16 +325,17 @@ impl<'l> Acquisition<'l> {
                 gates.into_held()
             })
             .unwrap_or_default();
-        LockGuard::new(
-            self.ledger.clone(),
+        self.ledger.inner.callers.hold(id, self.caller);
+        LockGuard {
+            ledger: self.ledger.clone(),
             id,
-            std::mem::take(&mut self.keys),
-            self.mode,
+            keys: std::mem::take(&mut self.keys),
+            mode: self.mode,
             token,
-            self.run,
+            run: self.run,
+            held: true,
             gates,
-            self.caller,
-        )
+        }
     }
 }
 
@@ -354,17 +357,10 @@ impl Ledger {
         loop {
             match acquisition.step()? {
                 Step::Granted(guard) => return Ok(guard),
-                Step::Nap(nap) => {
-                    match &socket {
-                        Some(socket) => {
-                            socket.wait(nap);
-                        }
-                        None => std::thread::sleep(nap),
-                    }
-                    if let Some(guard) = acquisition.woken()? {
-                        return Ok(guard);
-                    }
-                }
+                Step::Nap(nap) => match &socket {
+                    Some(socket) => _ = socket.wait(nap),
+                    None => std::thread::sleep(nap),
+                },
             }
         }
     }
@@ -388,17 +384,10 @@ impl Ledger {
         loop {
             match acquisition.step()? {
                 Step::Granted(guard) => return Ok(guard),
-                Step::Nap(nap) => {
-                    match &socket {
-                        Some(socket) => {
-                            socket.wait_async(nap).await;
-                        }
-                        None => tokio::time::sleep(nap).await,
-                    }
-                    if let Some(guard) = acquisition.woken()? {
-                        return Ok(guard);
-                    }
-                }
+                Step::Nap(nap) => match &socket {
+                    Some(socket) => _ = socket.wait_async(nap).await,
+                    None => tokio::time::sleep(nap).await,
+                },
             }
         }
     }

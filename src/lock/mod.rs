@@ -15,7 +15,7 @@ use crate::ledger::Ledger;
 use crate::run::RunId;
 
 pub(crate) mod acquire;
-pub(crate) use acquire::{Caller, Callers};
+pub(crate) use acquire::Callers;
 
 /// How a lock shares its keys.
 ///
@@ -470,31 +470,6 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    /// The guard of lock `id`, granted to `caller`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        ledger: Ledger,
-        id: i64,
-        keys: Vec<String>,
-        mode: LockMode,
-        token: u64,
-        run: Option<RunId>,
-        gates: Held,
-        caller: Caller,
-    ) -> LockGuard {
-        ledger.inner.callers.hold(id, caller);
-        LockGuard {
-            ledger,
-            id,
-            keys,
-            mode,
-            token,
-            run,
-            held: true,
-            gates,
-        }
-    }
-
     /// The fencing token of this grant.
     pub fn token(&self) -> u64 {
         self.token
