@@ -98,7 +98,7 @@ pub enum Error {
     /// itself, so the request fails at once even when it was allowed to
     /// wait. Locks of other threads and tasks of the same process are
     /// waited for like any others.
-    #[error("{}{}", holders_sentence(holders), if *self_conflict { "; it is held by the calling thread itself, so waiting would never end" } else { "" })]
+    #[error("{}{}", holders_sentence(holders), if *self_conflict { "; waiting for it would never end" } else { "" })]
     Conflict {
         /// The keys of the request.
         keys: Vec<String>,

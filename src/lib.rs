@@ -155,13 +155,19 @@
 //!   and queue place its threads had, at once, as one owner.
 //! - **The caller's own locks.** Each grant belongs to the caller that asked
 //!   for it: the thread, or with the `tokio` feature the task, when the call
-//!   is made inside one. A request that only the caller's own locks keep out
-//!   (asking again for a key it holds) could never be granted, since the
-//!   caller would wait for itself: it fails at once with
-//!   [`Error::Conflict`], `self_conflict` set, naming the lock. A guard moved
-//!   to another thread still counts as its acquirer's for that rule;
-//!   releasing it, from any thread, frees it as usual. Futures joined within
-//!   one task (`join!`) are one caller.
+//!   is made inside one. A blocking request that only the caller's own
+//!   locks keep out (asking again for a key it holds) could never be
+//!   granted, since the caller would wait for itself: it fails at once with
+//!   [`Error::Conflict`], `self_conflict` set, naming the lock. An async
+//!   request waits instead, up to its deadline: futures joined within one
+//!   task (`join!`, `select!`, a `buffer_unordered` stream) are one caller,
+//!   and one of them may release what another waits for. Waiters that the
+//!   caller's own locks keep out (directly, or through the waiters ahead of
+//!   them) do not hold the caller back, so that first come, first served
+//!   never makes it wait for itself. A guard moved to another thread (or
+//!   taken inside `spawn_blocking`, a task of its own) still counts as its
+//!   acquirer's for these rules; releasing it, from anywhere, frees it as
+//!   usual.
 //! - **Async.** With the `tokio` feature, [`Ledger::lock_async`],
 //!   [`Ledger::acquire_async`], [`Run::lock_async`] and [`Run::acquire_async`]
 //!   wait without blocking the runtime, woken by a release in any process

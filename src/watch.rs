@@ -159,6 +159,9 @@ pub struct Watch {
 #[cfg(feature = "tokio")]
 #[derive(Debug)]
 struct AsyncWait {
+    /// The runtime both are registered with: a watch polled in another one
+    /// makes them anew.
+    runtime: tokio::runtime::Id,
     socket: Option<tokio::net::UnixDatagram>,
     fallback: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
@@ -300,15 +303,27 @@ impl futures_core::Stream for Watch {
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
-            let socket = &this.socket;
-            let wait = this.waiting.get_or_insert_with(|| AsyncWait {
-                socket: socket.as_ref().and_then(|s| {
-                    s.for_runtime()
-                        .map_err(|e| log::debug!("runledger: watch polls: {e}"))
-                        .ok()
+            let runtime = tokio::runtime::Handle::current().id();
+            let wait = match &mut this.waiting {
+                Some(wait) if wait.runtime == runtime => {
+                    if let Some(socket) = &this.socket {
+                        // A blocking wait of this watch may have made the
+                        // socket blocking again (the flag is the socket's,
+                        // shared with the registered copy).
+                        socket.keep_nonblocking();
+                    }
+                    wait
+                }
+                slot => slot.insert(AsyncWait {
+                    runtime,
+                    socket: this.socket.as_ref().and_then(|s| {
+                        s.for_runtime()
+                            .map_err(|e| log::debug!("runledger: watch polls: {e}"))
+                            .ok()
+                    }),
+                    fallback: Box::pin(tokio::time::sleep(WATCH_FALLBACK)),
                 }),
-                fallback: Box::pin(tokio::time::sleep(WATCH_FALLBACK)),
-            });
+            };
             let mut woken = false;
             if let Some(socket) = &wait.socket {
                 match socket.poll_recv_ready(cx) {

@@ -143,7 +143,7 @@ fn asking_again_for_a_key_one_holds_fails_at_once(store: Store) {
     let err = fails_at_once_as_a_self_conflict(&f.ledger);
     assert!(
         err.to_string()
-            .contains("held by the calling thread itself"),
+            .contains("the calling thread (or task) itself; waiting for it would never end"),
         "{err}"
     );
     assert_eq!(

@@ -220,6 +220,117 @@ fn a_watch_waits_for_events_of_another_task_and_another_process(store: Store) {
     });
 }
 
+/// Futures joined in one task are one caller, but an async request is never
+/// refused for the caller's own locks: the sibling that holds the key
+/// releases it, and the other gets it.
+fn two_futures_of_one_task_take_turns(store: Store) {
+    let f = Fixture::new(store);
+    current_thread().block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let holder = async {
+            let guard = f.ledger.lock_async("k").await.unwrap();
+            tx.send(()).unwrap();
+            waiters(&f.ledger, 1).await;
+            guard.release().unwrap();
+        };
+        let waiter = async {
+            rx.await.unwrap();
+            f.ledger
+                .acquire_async(LockRequest::new(["k"]).wait(Duration::from_secs(20)))
+                .await
+        };
+        let ((), got) = tokio::join!(holder, waiter);
+        got.unwrap().release().unwrap();
+    });
+}
+
+/// The last clone of a ledger dropped inside a task: the PostgreSQL client's
+/// connections close off the runtime (they used to panic: "Cannot start a
+/// runtime from within a runtime").
+fn the_last_clone_dropped_inside_a_task_closes_cleanly(store: Store) {
+    let f = Fixture::new(store);
+    let other = f.builder().open().unwrap();
+    current_thread().block_on(async move {
+        other.lock_async("k").await.unwrap().release().unwrap();
+        drop(other);
+    });
+    let locks = f.ledger.locks().unwrap();
+    assert!(locks.is_empty(), "{locks:?}");
+}
+
+/// A blocking wait on a watch, then async ones: the async wait must not
+/// block the runtime's thread (the blocking wait left the shared socket
+/// blocking, with a receive timeout).
+fn a_watch_waited_on_blocking_then_async_never_blocks_the_runtime(store: Store) {
+    let f = Fixture::new(store);
+    let mut watch = f.ledger.watch(f.ledger.events_cursor().unwrap()).unwrap();
+    let runtime = current_thread();
+    runtime.block_on(async {
+        let quiet = tokio::time::timeout(Duration::from_millis(20), watch.next_async()).await;
+        assert!(quiet.is_err());
+    });
+    assert!(
+        watch
+            .next_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    let run = f.ledger.begin_run(RunSpec::new("one")).unwrap();
+    runtime.block_on(async {
+        let event = watch.next_async().await.unwrap().unwrap();
+        assert_eq!(event.run, run.id());
+        // Drain this run's events, then nothing: a 100 ms timeout ends in
+        // about 100 ms, not after the blocking wait's 1 s receive timeout.
+        let started = std::time::Instant::now();
+        while tokio::time::timeout(Duration::from_millis(100), watch.next_async())
+            .await
+            .is_ok()
+        {}
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "the runtime's thread was blocked for {:?}",
+            started.elapsed()
+        );
+    });
+    run.succeed().unwrap();
+}
+
+/// A watch polled in one runtime, then in another, while the first is idle
+/// or gone: the later one is woken by the commit.
+fn a_watch_moves_between_runtimes(store: Store) {
+    let f = Fixture::new(store);
+    let mut watch = f.ledger.watch(f.ledger.events_cursor().unwrap()).unwrap();
+    let first = current_thread();
+    first.block_on(async {
+        let quiet = tokio::time::timeout(Duration::from_millis(20), watch.next_async()).await;
+        assert!(quiet.is_err());
+    });
+    let mut in_a_new_runtime = |when: &str| {
+        let ledger = f.ledger.clone();
+        let got = current_thread().block_on(async {
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let run = ledger.begin_run(RunSpec::new("moved")).unwrap();
+                run.succeed().unwrap();
+            });
+            // Within the fallback's second: the wake-up, not a re-read.
+            let got = tokio::time::timeout(Duration::from_millis(900), watch.next_async()).await;
+            writer.await.unwrap();
+            got
+        });
+        assert!(got.is_ok(), "{when}: no event");
+        // The rest of that run's events.
+        while watch
+            .next_timeout(Duration::from_millis(50))
+            .unwrap()
+            .is_some()
+        {}
+    };
+    in_a_new_runtime("the first runtime idle");
+    drop(first);
+    in_a_new_runtime("the first runtime gone");
+}
+
 /// The futures can go to a multi-threaded runtime's other threads.
 #[test]
 fn the_futures_are_send() {
@@ -278,4 +389,8 @@ on_both_stores!(
     a_grant_that_raced_with_the_drop_is_released_at_once,
     a_watch_waits_for_events_of_another_task_and_another_process,
     tasks_of_a_multi_threaded_runtime_take_turns,
+    two_futures_of_one_task_take_turns,
+    the_last_clone_dropped_inside_a_task_closes_cleanly,
+    a_watch_waited_on_blocking_then_async_never_blocks_the_runtime,
+    a_watch_moves_between_runtimes,
 );

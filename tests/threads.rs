@@ -126,7 +126,10 @@ fn asking_again_for_a_key_the_thread_holds_is_refused_at_once(store: Store) {
     assert!(holders.iter().any(|h| h.key == "mine" && h.by_caller));
     let message = err.to_string();
     assert!(message.contains("lock \"mine\" is held by"), "{message}");
-    assert!(message.contains("the calling thread itself"), "{message}");
+    assert!(
+        message.contains(": the calling thread (or task) itself"),
+        "{message}"
+    );
     // Nothing was left in the queue, and the free key was not taken.
     assert_eq!(ledger.locks().unwrap().len(), 1);
     // Another thread of the same ledger is not refused: it waits, and
@@ -286,12 +289,40 @@ fn a_waiter_held_back_by_another_threads_lock_is_not_overtaken(store: Store) {
         // A second thread asks for b: it holds nothing, so it waits behind
         // the earlier request.
         let b = s.spawn(|| ledger.acquire(LockRequest::new(["b"]).wait(Duration::from_secs(30))));
-        wait_for_waiters(&ledger, 2);
+        // One record per key: two for the first request, one for this.
+        wait_for_waiters(&ledger, 3);
         drop(a.lock().unwrap().take());
         let theirs = theirs.join().unwrap().unwrap();
         let token = theirs.token();
         theirs.release().unwrap();
         assert!(b.join().unwrap().unwrap().token() > token);
+    });
+}
+
+/// Regression (issue 16 review): this thread holds a; a waiter for a and b
+/// is queued, and a waiter for b behind it. This thread's request for the
+/// free b must not wait for the second waiter, which (first come, first
+/// served) waits for the first, which waits for this thread.
+fn a_chain_of_waiters_held_back_by_my_lock_does_not_block_me(store: Store) {
+    let f = Fixture::new(store);
+    let ledger = f.builder().queue_after(Duration::ZERO).open().unwrap();
+    let a = ledger.lock("a").unwrap();
+    std::thread::scope(|s| {
+        let both =
+            s.spawn(|| ledger.acquire(LockRequest::new(["a", "b"]).wait(Duration::from_secs(30))));
+        wait_for_waiters(&ledger, 1);
+        let b_only =
+            s.spawn(|| ledger.acquire(LockRequest::new(["b"]).wait(Duration::from_secs(30))));
+        // One record per key: two for the first request, one for this.
+        wait_for_waiters(&ledger, 3);
+        let started = Instant::now();
+        let mine = ledger
+            .acquire(LockRequest::new(["b"]).wait(Duration::from_secs(10)))
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop((mine, a));
+        drop(both.join().unwrap().unwrap());
+        b_only.join().unwrap().unwrap().release().unwrap();
     });
 }
 
@@ -314,5 +345,6 @@ on_both_stores!(
     a_thread_holding_every_slot_is_refused_at_once,
     a_runs_locks_taken_from_other_threads_take_turns,
     a_waiter_held_back_by_another_threads_lock_is_not_overtaken,
+    a_chain_of_waiters_held_back_by_my_lock_does_not_block_me,
     a_guard_moved_to_another_thread_is_released_by_it,
 );

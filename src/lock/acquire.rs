@@ -20,11 +20,14 @@
 //! different processes, in the same queue. Only the caller's own locks are
 //! special:
 //!
-//! - a request that the caller's own held locks alone keep out (re-entry:
-//!   asking again for a key it holds exclusively) could never be granted,
-//!   since the caller would wait for itself, so it fails at once with
-//!   [`Error::Conflict`] and `self_conflict` set;
-//! - a waiter that the caller's own held locks keep out does not hold the
+//! - a blocking request that the caller's own held locks alone keep out
+//!   (re-entry: asking again for a key it holds exclusively) could never be
+//!   granted, since the caller would wait for itself, so it fails at once
+//!   with [`Error::Conflict`] and `self_conflict` set; an async one waits
+//!   (up to its deadline), since another future of the same task may
+//!   release the lock meanwhile;
+//! - a waiter that the caller's own held locks keep out, directly or
+//!   through waiters ahead of it that they keep out, does not hold the
 //!   caller back (first come, first served would make each wait for the
 //!   other).
 //!
@@ -135,6 +138,9 @@ pub(crate) struct Acquisition<'l> {
     /// Whether the request still may wait at its keys' gates (blocking
     /// callers only: a gate is waited on by a thread).
     gate_phase: bool,
+    /// Whether the caller blocks while it waits, so that a request its own
+    /// locks keep out could never be granted.
+    blocking: bool,
     poll: Duration,
     /// The last step was a nap: look whether a releaser granted the request
     /// meanwhile before asking again.
@@ -143,14 +149,15 @@ pub(crate) struct Acquisition<'l> {
 
 impl<'l> Acquisition<'l> {
     /// Starts `request` for `run` (if any). `wake` is the address a
-    /// releaser wakes the caller through; `gate_waits` whether the caller
-    /// may block at gates.
+    /// releaser wakes the caller through; `blocking` whether the caller
+    /// blocks its thread while it waits (then it may wait at gates, and a
+    /// request that only its own locks keep out is refused at once).
     pub(crate) fn new(
         ledger: &'l Ledger,
         request: LockRequest,
         run: Option<RunId>,
         wake: Option<&str>,
-        gate_waits: bool,
+        blocking: bool,
     ) -> Result<Acquisition<'l>> {
         let keys = request.checked_keys()?;
         ledger.clean_orphans();
@@ -188,7 +195,8 @@ impl<'l> Acquisition<'l> {
                 Wait::No => Some(started),
                 Wait::Forever => None,
             },
-            gate_phase: gate_waits && wait != Wait::No,
+            gate_phase: blocking && wait != Wait::No,
+            blocking,
             poll: if wake.is_some() { MAX_POLL } else { FIRST_POLL },
             napped: false,
             keys,
@@ -208,6 +216,10 @@ impl<'l> Acquisition<'l> {
         let ledger = self.ledger;
         let store = &ledger.inner.store;
         let identity = ledger.inner.identity();
+        // A row this process failed to delete may be what it waits for.
+        if self.napped {
+            ledger.clean_orphans();
+        }
         // Releasers hand keys to the head of the queue themselves: after a
         // nap, a read tells whether that happened, without the write lock.
         if std::mem::take(&mut self.napped)
@@ -281,7 +293,9 @@ impl<'l> Acquisition<'l> {
                     by_caller: a.state == LockState::Held && self.own.contains(&a.lock_id),
                 })
                 .collect();
-            let self_conflict = kept_out_by_own(&ahead, &self.own, self.mode);
+            // An async request waits instead: another future of its task
+            // (`join!`, `select!`) may release the lock meanwhile.
+            let self_conflict = self.blocking && kept_out_by_own(&ahead, &self.own, self.mode);
             if self.wait == Wait::No || self_conflict {
                 return Err(Error::Conflict {
                     keys: self.keys.clone(),

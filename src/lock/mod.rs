@@ -411,7 +411,7 @@ impl fmt::Display for Holder {
             )?,
         }
         if self.by_caller {
-            f.write_str(", the calling thread itself")?;
+            f.write_str(": the calling thread (or task) itself")?;
         } else if self.is_self {
             f.write_str(", in this very process")?;
         }

@@ -85,7 +85,7 @@ macro_rules! dispatch {
 /// thread, and the caller blocks for it as it would have for the call
 /// itself; elsewhere it runs on the calling thread.
 #[cfg(feature = "postgres")]
-fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
     if tokio::runtime::Handle::try_current().is_err() {
         return call();
     }

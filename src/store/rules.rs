@@ -3,6 +3,8 @@
 //! ([`LockReads`], inside its write transaction or a read); the decisions
 //! (FIFO, compatibility, which waiters do not count) are made here.
 
+use std::collections::HashMap;
+
 use super::{Ahead, LockAsk};
 use crate::error::{Error, Result};
 use crate::lock::{LockMode, LockState, compatible};
@@ -15,24 +17,38 @@ pub(crate) trait LockReads {
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>>;
 }
 
-/// Whether the waiting request `waiter` is held back by one of the locks
-/// `own` on one of its keys.
+/// Whether the waiting request `waiter` is held back by the locks `own`:
+/// one of them is in its way on one of its keys, or an earlier waiter in its
+/// way is itself held back by them (first come, first served chains the
+/// waits). `known` remembers the waiters already judged.
 pub(crate) fn held_back_by(
     reads: &mut impl LockReads,
     waiter: &Ahead,
     own: &[i64],
+    known: &mut HashMap<i64, bool>,
 ) -> Result<bool> {
-    for key in &waiter.keys {
+    if let Some(&judged) = known.get(&waiter.lock_id) {
+        return Ok(judged);
+    }
+    let mut held_back = false;
+    'keys: for key in &waiter.keys {
         for a in reads.ahead_on(key, Some(waiter.lock_id))? {
-            if a.state == LockState::Held
-                && own.contains(&a.lock_id)
-                && compatible(&[a.mode], waiter.mode) != Ok(true)
-            {
-                return Ok(true);
+            if compatible(&[a.mode], waiter.mode) == Ok(true) {
+                continue;
+            }
+            let by_own = match a.state {
+                LockState::Held => own.contains(&a.lock_id),
+                // Queued before it: a smaller ticket, so this ends.
+                LockState::Waiting => held_back_by(reads, &a, own, known)?,
+            };
+            if by_own {
+                held_back = true;
+                break 'keys;
             }
         }
     }
-    Ok(false)
+    known.insert(waiter.lock_id, held_back);
+    Ok(held_back)
 }
 
 /// Whether a request in `mode` on `keys` (queued as `ticket`) fits with
@@ -66,16 +82,18 @@ pub(crate) fn blockers(
     ticket: Option<i64>,
 ) -> Result<Vec<Ahead>> {
     let mut blocked = Vec::new();
+    let mut known = HashMap::new();
     for key in ask.keys {
         let mut ahead = reads.ahead_on(key, ticket)?;
         let waiter_ahead = ahead.iter().any(|a| a.state == LockState::Waiting);
         if waiter_ahead && !ask.own.is_empty() {
-            // A waiter that the caller's own locks hold back would wait for
-            // this request forever while it waits for that waiter (first
-            // come, first served): it does not count.
+            // A waiter that the caller's own locks hold back, directly or
+            // through earlier waiters, would wait for this request forever
+            // while it waits for that waiter (first come, first served):
+            // it does not count.
             let mut kept = Vec::with_capacity(ahead.len());
             for a in ahead {
-                if a.state == LockState::Held || !held_back_by(reads, &a, ask.own)? {
+                if a.state == LockState::Held || !held_back_by(reads, &a, ask.own, &mut known)? {
                     kept.push(a);
                 }
             }

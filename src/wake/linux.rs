@@ -118,6 +118,13 @@ impl WakeSocket {
         woken
     }
 
+    /// Makes the socket non-blocking (again), as its registered copy needs.
+    pub(crate) fn keep_nonblocking(&self) {
+        if let Err(e) = self.socket.set_nonblocking(true) {
+            log::debug!("runledger: wake-up socket stays blocking: {e}");
+        }
+    }
+
     /// The socket registered with the current runtime's reactor: a
     /// duplicate of its descriptor (the same socket), non-blocking.
     pub(crate) fn for_runtime(&self) -> io::Result<tokio::net::UnixDatagram> {

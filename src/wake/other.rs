@@ -29,6 +29,9 @@ impl WakeSocket {
     }
 
     #[cfg(feature = "tokio")]
+    pub(crate) fn keep_nonblocking(&self) {}
+
+    #[cfg(feature = "tokio")]
     pub(crate) fn for_runtime(&self) -> std::io::Result<tokio::net::UnixDatagram> {
         Err(std::io::ErrorKind::Unsupported.into())
     }

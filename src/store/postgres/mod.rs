@@ -67,7 +67,8 @@ pub(crate) const DEFAULT_SCHEMA: &str = "runledger";
 
 /// The PostgreSQL store of one open ledger.
 pub(crate) struct Store {
-    pool: Pool<Manager>,
+    /// Always there but while the store drops (see its `Drop`).
+    pool: Option<Pool<Manager>>,
     /// How errors and logs name the ledger: the URL without its password,
     /// and the schema.
     name: PathBuf,
@@ -93,7 +94,23 @@ impl fmt::Debug for Store {
     }
 }
 
+impl Drop for Store {
+    /// The pool's connections close through the client's own runtime, which
+    /// cannot run inside another runtime's context: off it, as every call.
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            super::off_runtime(move || drop(pool));
+        }
+    }
+}
+
 impl Store {
+    fn pool(&self) -> &Pool<Manager> {
+        self.pool
+            .as_ref()
+            .expect("the pool is there until the store drops")
+    }
+
     /// Connects to the database at `url`, creates `schema` if needed and
     /// applies pending migrations under a session advisory lock.
     ///
@@ -168,7 +185,7 @@ impl Store {
         let listener = listen::Listener::start(pg, channel.clone(), name.clone())?;
         let lock_timeout = config.busy_timeout.as_millis().clamp(1, i32::MAX as u128);
         Ok(Store {
-            pool,
+            pool: Some(pool),
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; \
                  SET LOCAL lock_timeout = {lock_timeout}; \
@@ -293,9 +310,9 @@ impl Store {
     /// tried, as many times as the pool may hold connections (and once
     /// more, for a fresh one).
     fn begin(&self) -> Result<r2d2::PooledConnection<Manager>> {
-        let mut tries = self.pool.max_size();
+        let mut tries = self.pool().max_size();
         loop {
-            let mut conn = self.pool.get()?;
+            let mut conn = self.pool().get()?;
             match conn.client.batch_execute(&self.begin) {
                 Ok(()) => return Ok(conn),
                 Err(e) if tries > 0 && lost(&e) => {
@@ -328,7 +345,7 @@ impl Store {
     /// [`ServerClock`]), on a pooled connection.
     fn follow_server_clock(&self) {
         if let Some(server) = &self.server_clock
-            && let Ok(mut conn) = self.pool.get()
+            && let Ok(mut conn) = self.pool().get()
         {
             server.follow(&mut conn);
         }
@@ -340,9 +357,9 @@ impl Store {
     /// A read writes nothing, so one that finds its connection closed by the
     /// server (see [`Store::begin`]) runs again on the next.
     fn read<T>(&self, f: impl Fn(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        let mut tries = self.pool.max_size();
+        let mut tries = self.pool().max_size();
         let on_connection = || {
-            let mut conn = self.pool.get()?;
+            let mut conn = self.pool().get()?;
             let mut tx = Tx {
                 conn: &mut conn,
                 now: self.clock.now(),
