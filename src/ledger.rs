@@ -714,7 +714,14 @@ impl Ledger {
     ///
     /// `url` is a libpq-style connection URL or key=value string, such as
     /// `postgres://app@db.internal:5432/jobs` or `host=/run/postgresql
-    /// dbname=jobs`; TLS is not supported yet. The ledger's tables live in
+    /// dbname=jobs`. TLS (with rustls) follows libpq's `sslmode` (`disable`,
+    /// `prefer`, the default, `require`, `verify-ca`, `verify-full`) and
+    /// `sslrootcert` (a PEM file of root certificates), in either form:
+    /// `postgres://app@db.internal/jobs?sslmode=verify-full&sslrootcert=/etc/ca.pem`.
+    /// `prefer` and `require` encrypt without checking the server's
+    /// certificate, as in libpq; `verify-ca` checks that a root signed it,
+    /// `verify-full` also that it names the host (without `sslrootcert`,
+    /// both read `~/.postgresql/root.crt`). The ledger's tables live in
     /// one schema, created (and migrated, under an advisory lock) on open:
     /// the one [`Builder::schema`] gives, else the one named after a `#` at
     /// the end of a URL (`postgres://app@db.internal/jobs#nightly`, the

@@ -11,6 +11,107 @@ mod common;
 use common::{Place, SchemaGuard, Store, finish, instant_in, spawn_worker};
 use runledger::{Error, Ledger, RunSpec, SCHEMA_VERSION};
 
+/// The server's own certificate (self-signed on the test machines).
+fn server_certificate(url: &str) -> String {
+    client(url)
+        .query_one("SHOW ssl_cert_file", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Whether every connection named `app` is encrypted (and there is one).
+fn all_encrypted(url: &str, app: &str) -> Option<bool> {
+    client(url)
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn sslmode_require_connects_encrypted_and_disable_in_the_clear() {
+    for (mode, encrypted) in [("require", true), ("disable", false), ("prefer", true)] {
+        let schema = SchemaGuard::new();
+        let app = format!("rv_tls_{mode}_{}", std::process::id());
+        let location = format!(
+            "{}?application_name={app}&sslmode={mode}#{}",
+            schema.url, schema.name
+        );
+        let ledger = Ledger::open(&location).unwrap();
+        ledger.try_lock("k").unwrap().release().unwrap();
+        assert_eq!(all_encrypted(&schema.url, &app), Some(encrypted), "{mode}");
+        drop(ledger);
+    }
+}
+
+fn sslmode_verify_full_against_a_self_signed_server_says_why_it_fails() {
+    let schema = SchemaGuard::new();
+    let cert = server_certificate(&schema.url);
+    // The certificate itself as the root: not issued for 127.0.0.1 (or not a
+    // CA), so the check fails, and says why.
+    let location = format!(
+        "{}?sslmode=verify-full&sslrootcert={cert}#{}",
+        schema.url, schema.name
+    );
+    let err = Ledger::open(&location).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    assert!(text.contains("cannot connect to PostgreSQL"), "{text}");
+    assert!(
+        text.contains("certificate not valid for name \"127.0.0.1\""),
+        "does not say why: {text}"
+    );
+    // Without root certificates, verify-full cannot start, and says so.
+    let bare = format!("{}?sslmode=verify-full#{}", schema.url, schema.name);
+    let text = Ledger::open(&bare).unwrap_err().to_string();
+    assert!(text.contains("sslrootcert"), "{text}");
+    // An unknown mode is refused before connecting.
+    let odd = format!("{}?sslmode=sometimes#{}", schema.url, schema.name);
+    let text = Ledger::open(&odd).unwrap_err().to_string();
+    assert!(text.contains("unknown sslmode \"sometimes\""), "{text}");
+}
+
+fn sslmode_verify_ca_and_verify_full_connect_when_the_certificate_checks_out() {
+    let schema = SchemaGuard::new();
+    let cert = server_certificate(&schema.url);
+    // The self-signed certificate is its own root, and names localhost.
+    let ca = format!(
+        "{}?sslmode=verify-ca&sslrootcert={cert}#{}",
+        schema.url, schema.name
+    );
+    Ledger::open(&ca)
+        .unwrap()
+        .try_lock("k")
+        .unwrap()
+        .release()
+        .unwrap();
+    let full = format!(
+        "postgres://postgres@localhost:5432/postgres?sslmode=verify-full&sslrootcert={cert}#{}",
+        schema.name
+    );
+    Ledger::open(&full)
+        .unwrap()
+        .try_lock("k")
+        .unwrap()
+        .release()
+        .unwrap();
+}
+
+fn sslmode_in_the_key_value_form_is_understood_too() {
+    let schema = SchemaGuard::new();
+    let app = format!("rv_tls_kv_{}", std::process::id());
+    let ledger = Ledger::builder_postgres(format!(
+        "host=127.0.0.1 port=5432 user=postgres dbname=postgres sslmode=require application_name={app}"
+    ))
+    .schema(&schema.name)
+    .open()
+    .unwrap();
+    ledger.try_lock("k").unwrap().release().unwrap();
+    assert_eq!(all_encrypted(&schema.url, &app), Some(true));
+}
+
 /// A test of this file: ignored without a server to test against.
 macro_rules! pg_tests {
     ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
@@ -522,4 +623,8 @@ pg_tests!(
     the_path_of_a_ledger_reached_by_its_unix_socket_opens_it_again,
     a_schema_holding_only_another_applications_types_is_refused,
     a_hash_in_a_url_password_is_not_shown,
+    sslmode_require_connects_encrypted_and_disable_in_the_clear,
+    sslmode_verify_full_against_a_self_signed_server_says_why_it_fails,
+    sslmode_verify_ca_and_verify_full_connect_when_the_certificate_checks_out,
+    sslmode_in_the_key_value_form_is_understood_too,
 );

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, Result};
 use crate::wake::wake;
@@ -84,8 +85,13 @@ pub(super) struct Listener {
 impl Listener {
     /// Connects, listens on `channel`, and hands the connection to a thread
     /// that wakes the addresses it hears of.
-    pub(super) fn start(config: Config, channel: String, name: PathBuf) -> Result<Listener> {
-        let client = listen(&config, &channel).map_err(|e| Error::Open {
+    pub(super) fn start(
+        config: Config,
+        tls: MakeRustlsConnect,
+        channel: String,
+        name: PathBuf,
+    ) -> Result<Listener> {
+        let client = listen(&config, &tls, &channel).map_err(|e| Error::Open {
             path: name.clone(),
             reason: format!("cannot listen for wake-ups: {e}"),
             source: None,
@@ -94,7 +100,7 @@ impl Listener {
         let stopped = stop.clone();
         std::thread::Builder::new()
             .name("runledger-listen".into())
-            .spawn(move || run(client, &config, &channel, &stopped))
+            .spawn(move || run(client, &config, &tls, &channel, &stopped))
             .map_err(|e| Error::open(&name, "cannot start the wake-up listener", e))?;
         Ok(Listener { stop })
     }
@@ -106,15 +112,25 @@ impl Drop for Listener {
     }
 }
 
-fn listen(config: &Config, channel: &str) -> std::result::Result<Client, postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+fn listen(
+    config: &Config,
+    tls: &MakeRustlsConnect,
+    channel: &str,
+) -> std::result::Result<Client, postgres::Error> {
+    let mut client = config.connect(tls.clone())?;
     client.batch_execute(&format!("LISTEN \"{channel}\""))?;
     Ok(client)
 }
 
 /// The listening loop: reconnects (every second at most) when the
 /// connection breaks; waiters poll meanwhile.
-fn run(mut client: Client, config: &Config, channel: &str, stop: &AtomicBool) {
+fn run(
+    mut client: Client,
+    config: &Config,
+    tls: &MakeRustlsConnect,
+    channel: &str,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::Relaxed) {
         let heard = {
             let mut notifications = client.notifications();
@@ -141,7 +157,7 @@ fn run(mut client: Client, config: &Config, channel: &str, stop: &AtomicBool) {
                     return;
                 }
                 std::thread::sleep(Duration::from_secs(1));
-                match listen(config, channel) {
+                match listen(config, tls, channel) {
                     Ok(fresh) => {
                         client = fresh;
                         break;

@@ -41,6 +41,7 @@ mod listen;
 mod locks;
 mod runs;
 mod schema;
+mod tls;
 
 pub(crate) use schema::LATEST as SCHEMA_VERSION;
 
@@ -53,9 +54,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
-use postgres::{Client, Config, NoTls, Row, SimpleQueryMessage, Statement};
+use postgres::{Client, Config, Row, SimpleQueryMessage, Statement};
 use r2d2::{ManageConnection, Pool};
 use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::StoreConfig;
 use crate::clock::{Clock, Timestamp};
@@ -124,12 +126,22 @@ impl Store {
         clock: Arc<dyn Clock>,
         follow_server: bool,
     ) -> Result<Store> {
-        let pg = Config::from_str(url).map_err(|e| Error::Open {
+        let not_a_url = |reason: String| Error::Open {
             path: PathBuf::from(redacted(url)),
-            reason: format!("not a PostgreSQL URL: {e}"),
+            reason,
+            source: None,
+        };
+        let (url, tls) =
+            tls::split(url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
+        let mut pg =
+            Config::from_str(&url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
+        pg.ssl_mode(tls.client_mode());
+        let name = PathBuf::from(display_name(&pg, schema));
+        let connector = tls.connector().map_err(|reason| Error::Open {
+            path: name.clone(),
+            reason,
             source: None,
         })?;
-        let name = PathBuf::from(display_name(&pg, schema));
         // The server's own words (no such role, no such database,
         // authentication failed) or the cause (connection refused), never
         // a bare "db error".
@@ -141,7 +153,7 @@ impl Store {
                 source: Some(Box::new(e)),
             }
         };
-        let mut setup = pg.connect(NoTls).map_err(connect_error)?;
+        let mut setup = pg.connect(connector.clone()).map_err(connect_error)?;
         schema::prepare(
             &mut setup,
             schema,
@@ -164,7 +176,7 @@ impl Store {
         drop(setup);
 
         let manager = Manager {
-            inner: PostgresConnectionManager::new(pg.clone(), NoTls),
+            inner: PostgresConnectionManager::new(pg.clone(), connector.clone()),
             search_path: format!("SET search_path TO {}", quote_ident(schema)),
         };
         let pool = Pool::builder()
@@ -182,7 +194,7 @@ impl Store {
                 source: None,
             })?;
         let channel = channel_of(schema);
-        let listener = listen::Listener::start(pg, channel.clone(), name.clone())?;
+        let listener = listen::Listener::start(pg, connector, channel.clone(), name.clone())?;
         let lock_timeout = config.busy_timeout.as_millis().clamp(1, i32::MAX as u128);
         Ok(Store {
             pool: Some(pool),
@@ -386,7 +398,7 @@ pub(super) struct Conn {
 
 /// Opens pooled connections in the ledger's schema.
 struct Manager {
-    inner: PostgresConnectionManager<NoTls>,
+    inner: PostgresConnectionManager<MakeRustlsConnect>,
     search_path: String,
 }
 
@@ -805,13 +817,19 @@ mod tests {
         }
 
         fn client(&self) -> Client {
-            Config::from_str(&self.url).unwrap().connect(NoTls).unwrap()
+            Config::from_str(&self.url)
+                .unwrap()
+                .connect(postgres::NoTls)
+                .unwrap()
         }
     }
 
     impl Drop for TestSchema {
         fn drop(&mut self) {
-            if let Ok(mut client) = Config::from_str(&self.url).unwrap().connect(NoTls) {
+            if let Ok(mut client) = Config::from_str(&self.url)
+                .unwrap()
+                .connect(postgres::NoTls)
+            {
                 let _ =
                     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
             }
