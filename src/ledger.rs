@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::gate::{Gates, Held};
 use crate::input;
 use crate::keeper::{Keeper, Kept};
-use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
+use crate::liveness::{InstanceId, InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
 use crate::lock::{Callers, LockGuard, LockRecord, LockRequest};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
@@ -814,9 +814,24 @@ impl Ledger {
         self.inner.store.path()
     }
 
-    /// The id of this process's instance: the owner of the runs it begins.
-    pub fn instance_id(&self) -> i64 {
-        self.inner.instance()
+    /// The id of this process's instance: the owner of the runs it begins
+    /// and the locks it takes.
+    ///
+    /// It changes only if reapers judged this process dead (after a long
+    /// pause, say) and it registered again (see [`Ledger::heartbeat`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("build"))?;
+    /// assert_eq!(ledger.run(run.id())?.instance, ledger.instance_id());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn instance_id(&self) -> InstanceId {
+        InstanceId::from(self.inner.instance())
     }
 
     /// The current time by the ledger's clock.
@@ -1190,7 +1205,7 @@ impl Ledger {
         let events = self
             .inner
             .store
-            .events_since(cursor.last_event_id(), limit)?;
+            .events_since(i64::from(cursor.last_event_id()), limit)?;
         if events.is_empty() {
             self.check_cursor(cursor)?;
         }
@@ -1901,7 +1916,7 @@ mod tests {
             let record = ledger
                 .inner
                 .store
-                .instance(remote.instance_id())
+                .instance(remote.inner.instance())
                 .unwrap()
                 .unwrap();
             match ledger.inner.judge.judge(&record, ledger.now()) {
@@ -2008,7 +2023,7 @@ mod tests {
             ledger
                 .inner
                 .store
-                .instance(ledger.instance_id())
+                .instance(ledger.inner.instance())
                 .unwrap()
                 .unwrap()
                 .heartbeat_at
@@ -2040,7 +2055,7 @@ mod tests {
         let beat_of = |l: &Ledger| {
             l.inner
                 .store
-                .instance(l.instance_id())
+                .instance(l.inner.instance())
                 .unwrap()
                 .unwrap()
                 .heartbeat_at

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{bytes, finish, immutable, instant_in, spawn_worker};
-use runledger::{Error, Ledger, SCHEMA_VERSION};
+use runledger::{Error, InstanceId, Ledger, SCHEMA_VERSION};
 
 fn schema_rows(db: &Path) -> Vec<(i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -271,9 +271,9 @@ fn a_symlinked_path_is_the_same_ledger_and_the_same_lock() {
 fn the_instance_is_closed_when_the_last_handle_drops() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
-    let closed_at = |id: i64| -> Option<i64> {
+    let closed_at = |id: InstanceId| -> Option<i64> {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.query_row("SELECT closed_at FROM instances WHERE id = ?1", [id], |r| {
+        conn.query_row("SELECT closed_at FROM instances WHERE id = ?1", [i64::from(id)], |r| {
             r.get(0)
         })
         .unwrap()

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, Timestamp};
 use crate::error::Result;
-use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState};
 use crate::reaper::Reaped;
 use crate::record::{EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
@@ -606,7 +606,7 @@ pub(crate) fn adopter_json(adopter: &Adopter<'_>) -> String {
 /// failing the whole history.
 pub(crate) fn adopted_event(who: &serde_json::Value) -> EventKind {
     EventKind::Adopted {
-        instance: who["instance"].as_i64().unwrap_or_default(),
+        instance: InstanceId::from(who["instance"].as_i64().unwrap_or_default()),
         pid: who["pid"]
             .as_u64()
             .and_then(|p| u32::try_from(p).ok())
