@@ -38,7 +38,7 @@ fn main() -> Result<(), runledger::Error> {
     let status = run.succeed()?;
     println!(
         "run finished as {status}; ledger: {}\n",
-        ledger.path().display()
+        ledger.location()
     );
 
     print_table(&ledger.runs(RunFilter::default())?);

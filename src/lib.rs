@@ -421,6 +421,7 @@ mod input;
 mod keeper;
 mod ledger;
 mod liveness;
+mod location;
 mod lock;
 mod reaper;
 mod record;
@@ -435,6 +436,7 @@ pub use ledger::{
     Builder, DEFAULT_QUEUE_AFTER, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous,
 };
 pub use liveness::InstanceId;
+pub use location::Location;
 pub use lock::{
     Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Ticket, Wait,
 };

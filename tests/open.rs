@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{bytes, finish, immutable, instant_in, spawn_worker};
-use runledger::{Error, InstanceId, Ledger, SCHEMA_VERSION};
+use runledger::{Error, InstanceId, Ledger, Location, SCHEMA_VERSION};
 
 fn schema_rows(db: &Path) -> Vec<(i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -26,6 +26,11 @@ fn open_creates_missing_folders_and_sets_wal() {
     let ledger = Ledger::open(&db).unwrap();
     assert!(db.exists());
     assert_eq!(ledger.path(), db.canonicalize().unwrap());
+    assert_eq!(
+        ledger.location(),
+        &Location::Sqlite(db.canonicalize().unwrap())
+    );
+    assert_eq!(ledger.location().as_path(), Some(ledger.path()));
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
