@@ -278,9 +278,11 @@ fn the_instance_is_closed_when_the_last_handle_drops() {
     let db = dir.path().join("ledger.db");
     let closed_at = |id: InstanceId| -> Option<i64> {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.query_row("SELECT closed_at FROM instances WHERE id = ?1", [i64::from(id)], |r| {
-            r.get(0)
-        })
+        conn.query_row(
+            "SELECT closed_at FROM instances WHERE id = ?1",
+            [i64::from(id)],
+            |r| r.get(0),
+        )
         .unwrap()
     };
     let ledger = Ledger::builder(&db).label("api-server").open().unwrap();

@@ -255,11 +255,17 @@ fn the_location_is_postgres_and_holds_no_password() {
     };
     let ledger = Ledger::builder(&with_password).open().unwrap();
     let location = ledger.location();
-    assert!(matches!(location, Location::Postgres { .. }), "{location:?}");
+    assert!(
+        matches!(location, Location::Postgres { .. }),
+        "{location:?}"
+    );
     assert_eq!(location.as_path(), None);
     assert_eq!(location.schema(), Some(schema.as_str()));
     let bare = location.url().unwrap();
-    assert!(bare.starts_with("postgres://") && !bare.contains('#'), "{bare}");
+    assert!(
+        bare.starts_with("postgres://") && !bare.contains('#'),
+        "{bare}"
+    );
     assert_eq!(location.to_string(), format!("{bare}#{schema}"));
     assert_eq!(ledger.path().to_str().unwrap(), location.to_string());
     for shown in [

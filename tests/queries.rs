@@ -178,7 +178,10 @@ fn ids_are_plain_numbers_in_json(store: Store) {
     let locks = f.ledger.locks().unwrap();
     let lock = serde_json::to_value(&locks[0]).unwrap();
     assert_eq!(lock["instance"], serde_json::json!(me));
-    assert_eq!(lock["ticket"], serde_json::json!(i64::from(locks[0].ticket)));
+    assert_eq!(
+        lock["ticket"],
+        serde_json::json!(i64::from(locks[0].ticket))
+    );
     assert!(lock["ticket"].is_i64());
 
     let events = f.ledger.events(run.id()).unwrap();

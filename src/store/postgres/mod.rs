@@ -757,10 +757,7 @@ mod tests {
             "postgres://me@%2Fvar%2Frun%2Fpostgresql:5432/app"
         );
         let v6 = Config::from_str("postgres://me@[::1]:6543/app").unwrap();
-        assert_eq!(
-            display_url(&v6),
-            "postgres://me@[::1]:6543/app"
-        );
+        assert_eq!(display_url(&v6), "postgres://me@[::1]:6543/app");
     }
 
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.
