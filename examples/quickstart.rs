@@ -36,10 +36,7 @@ fn main() -> Result<(), runledger::Error> {
         step.succeed()?;
     }
     let status = run.succeed()?;
-    println!(
-        "run finished as {status}; ledger: {}\n",
-        ledger.path().display()
-    );
+    println!("run finished as {status}; ledger: {}\n", ledger.location());
 
     print_table(&ledger.runs(RunFilter::default())?);
     Ok(())

@@ -142,7 +142,9 @@ pub enum Error {
          runledger supports; upgrade runledger (the file was not modified)"
     )]
     SchemaTooNew {
-        /// The database file.
+        /// The database file, or the ledger's
+        /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL
+        /// without its password and `#schema`.
         path: PathBuf,
         /// The schema version found in the file.
         found: u32,
@@ -154,7 +156,9 @@ pub enum Error {
     /// or a SQLite database of another application. It was not modified.
     #[error("{path} is not a runledger database: {reason} (the file was not modified)")]
     NotALedger {
-        /// The file.
+        /// The file, or the ledger's
+        /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL
+        /// without its password and `#schema`.
         path: PathBuf,
         /// What was found instead.
         reason: String,
@@ -164,7 +168,9 @@ pub enum Error {
     /// could not be created, the location is read-only, the path is a folder…
     #[error("cannot open ledger {path}: {reason}")]
     Open {
-        /// The database path as given.
+        /// The database path as given, or on PostgreSQL the URL without its
+        /// password (or, for a URL that does not parse, without anything
+        /// that may be a password) and `#schema`.
         path: PathBuf,
         /// What failed.
         reason: String,
@@ -180,7 +186,9 @@ pub enum Error {
     /// written; retrying later may succeed.
     #[error("ledger {} stayed locked by other writers longer than the busy timeout", .path.display())]
     Busy {
-        /// The database file.
+        /// The database file, or the ledger's
+        /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL
+        /// without its password and `#schema`.
         path: PathBuf,
         /// The storage error reported.
         #[source]
@@ -190,7 +198,9 @@ pub enum Error {
     /// The storage layer failed (I/O error, disk full, corruption…).
     #[error("storage error in ledger {}", .path.display())]
     Storage {
-        /// The database file.
+        /// The database file, or the ledger's
+        /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL
+        /// without its password and `#schema`.
         path: PathBuf,
         /// The storage error reported.
         #[source]

@@ -11,14 +11,15 @@ use crate::error::Result;
 use crate::gate::{Gates, Held};
 use crate::input;
 use crate::keeper::{Keeper, Kept};
-use crate::liveness::{InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
+use crate::liveness::{InstanceId, InstanceLock, InstanceRecord, Judge, ProcessIdentity, Verdict};
+use crate::location::Location;
 use crate::lock::{Callers, LockGuard, LockRecord, LockRequest};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
 use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
-use crate::store::{Adopter, Adoption, HungRun, Location, NewRun, Store, StoreConfig};
+use crate::store::{Adopter, Adoption, HungRun, NewRun, Store, StoreConfig, Target};
 use crate::watch::{EventCursor, EventPage, Watch};
 
 /// How hard SQLite works to make a commit survive a power cut: the
@@ -75,7 +76,7 @@ impl Synchronous {
 #[derive(Debug)]
 #[must_use = "a Builder does nothing until open() is called"]
 pub struct Builder {
-    location: Location,
+    target: Target,
     /// The PostgreSQL schema, if set (refused for a SQLite file).
     schema: Option<String>,
     /// The clock was given by the user.
@@ -423,11 +424,11 @@ impl Builder {
             group_commit: self.group_commit,
             create: self.create,
         };
-        let location = match (self.location, self.schema) {
-            (Location::File(path), None) => Location::File(path),
+        let target = match (self.target, self.schema) {
+            (Target::File(path), None) => Target::File(path),
             #[cfg(not(feature = "postgres"))]
-            (location @ Location::NoPostgres(_), _) => location,
-            (Location::File(path), Some(schema)) => {
+            (target @ Target::NoPostgres(_), _) => target,
+            (Target::File(path), Some(schema)) => {
                 return Err(crate::Error::InvalidInput {
                     what: "schema name",
                     value: format!("{schema:?} for {}", path.display()),
@@ -435,14 +436,14 @@ impl Builder {
                 });
             }
             #[cfg(feature = "postgres")]
-            (Location::Postgres { url, schema }, given) => {
+            (Target::Postgres { url, schema }, given) => {
                 // The builder's schema wins over one in the URL.
                 let schema = given.unwrap_or(schema);
                 crate::store::postgres::check_schema(&schema)?;
-                Location::Postgres { url, schema }
+                Target::Postgres { url, schema }
             }
         };
-        let store = Store::open(&location, &config, self.clock.clone(), self.clock_given)?;
+        let store = Store::open(&target, &config, self.clock.clone(), self.clock_given)?;
         let clock = store.clock(&self.clock);
         let mut identity = ProcessIdentity::current();
         if let Some(host) = self.host {
@@ -490,6 +491,7 @@ impl Builder {
                 instances_dir,
                 stale_after: self.stale_after,
             },
+            location: store.location(),
             store,
             gates,
             clock,
@@ -556,6 +558,8 @@ pub struct Ledger {
 /// instance's state. Guards hold it through a [`Ledger`].
 pub(crate) struct Inner {
     pub(crate) store: Store,
+    /// Where the store lives.
+    location: Location,
     /// The per-key gates of exclusive requests.
     pub(crate) gates: Gates,
     clock: Arc<dyn Clock>,
@@ -696,7 +700,7 @@ impl Ledger {
     /// does (the crate must be built with the `postgres` feature, else
     /// [`Builder::open`] refuses it): a command
     /// line or a configuration file can then name either kind of ledger
-    /// with one string. [`Ledger::path`] gives back a string that names the
+    /// with one string. [`Ledger::location`] gives back a string that names the
     /// same ledger (without a password).
     pub fn builder(path: impl AsRef<Path>) -> Builder {
         let path = path.as_ref();
@@ -704,9 +708,9 @@ impl Ledger {
             #[cfg(feature = "postgres")]
             return Ledger::builder_postgres(url);
             #[cfg(not(feature = "postgres"))]
-            return Builder::at(Location::NoPostgres(url.to_owned()));
+            return Builder::at(Target::NoPostgres(url.to_owned()));
         }
-        Builder::at(Location::File(path.to_owned()))
+        Builder::at(Target::File(path.to_owned()))
     }
 
     /// Settings for opening the ledger in a PostgreSQL database: one ledger
@@ -725,7 +729,7 @@ impl Ledger {
     /// one schema, created (and migrated, under an advisory lock) on open:
     /// the one [`Builder::schema`] gives, else the one named after a `#` at
     /// the end of a URL (`postgres://app@db.internal/jobs#nightly`, the
-    /// form [`Ledger::path`] shows), else `runledger`. Every method
+    /// form [`Ledger::location`] shows), else `runledger`. Every method
     /// then behaves as on SQLite, with these differences:
     ///
     /// - **Time is the server's.** Timestamps, leases and staleness follow
@@ -745,8 +749,10 @@ impl Ledger {
     /// - **Durability** is the server's (`synchronous_commit`):
     ///   [`Builder::synchronous`], [`Builder::group_commit`] and
     ///   [`Builder::queue_after`] concern SQLite only.
-    /// - [`Ledger::path`] is the URL without its password, with the schema
-    ///   after a `#`: `postgres://app@db.internal:5432/jobs#runledger`.
+    /// - [`Ledger::location`] is [`Location::Postgres`]: the URL without its
+    ///   password, and the schema; it displays as
+    ///   `postgres://app@db.internal:5432/jobs#runledger`, the string that
+    ///   [`Ledger::path`] holds.
     ///
     /// # Examples
     ///
@@ -764,7 +770,7 @@ impl Ledger {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn builder_postgres(url: impl Into<String>) -> Builder {
         let mut url = url.into();
-        // The form `Ledger::path` shows: the schema after a `#`, in a URL
+        // The form `Location` displays: the schema after a `#`, in a URL
         // only (in a key=value string, a `#` may be part of a password).
         let mut schema = crate::store::postgres::DEFAULT_SCHEMA.to_owned();
         // A `#` before the last `@` is part of a password, not a schema.
@@ -775,7 +781,7 @@ impl Ledger {
             schema = url[hash + 1..].to_owned();
             url.truncate(hash);
         }
-        Builder::at(Location::Postgres { url, schema })
+        Builder::at(Target::Postgres { url, schema })
     }
 }
 
@@ -787,9 +793,9 @@ fn is_postgres_url(location: &str) -> bool {
 }
 
 impl Builder {
-    fn at(location: Location) -> Builder {
+    fn at(target: Target) -> Builder {
         Builder {
-            location,
+            target,
             schema: None,
             clock_given: false,
             synchronous: Synchronous::default(),
@@ -814,16 +820,70 @@ impl Builder {
 }
 
 impl Ledger {
-    /// The canonical path of the database file (on PostgreSQL, the URL
-    /// without its password and the schema after a `#`, see
-    /// `Ledger::builder_postgres`).
+    /// The canonical path of the database file, for a ledger on SQLite
+    /// (symbolic links resolved).
+    ///
+    /// A ledger on PostgreSQL has no file: there the path holds the string
+    /// [`Location`] displays, the URL without its password and the schema
+    /// after a `#` (`postgres://app@db.internal:5432/jobs#runledger`), so
+    /// that `Ledger::open(ledger.path())` opens the same ledger on either
+    /// store. Code that may meet both stores should ask
+    /// [`location`](Ledger::location) instead, which says which it is;
+    /// `path` stays for the common case of a file, and is not deprecated.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let db = dir.path().join("ledger.db");
+    /// let ledger = runledger::Ledger::open(&db)?;
+    /// assert_eq!(ledger.path(), db.canonicalize()?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn path(&self) -> &Path {
         self.inner.store.path()
     }
 
-    /// The id of this process's instance: the owner of the runs it begins.
-    pub fn instance_id(&self) -> i64 {
-        self.inner.instance()
+    /// Where the ledger lives: a SQLite file or a PostgreSQL schema.
+    ///
+    /// Its `Display` is the string that opens the same ledger again (never
+    /// with a password), the one errors and logs name it by.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, Location};
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// match ledger.location() {
+    ///     Location::Sqlite(file) => println!("ledger file {}", file.display()),
+    ///     Location::Postgres { url, schema, .. } => println!("schema {schema} of {url}"),
+    ///     other => println!("ledger {other}"),
+    /// }
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn location(&self) -> &Location {
+        &self.inner.location
+    }
+
+    /// The id of this process's instance: the owner of the runs it begins
+    /// and the locks it takes.
+    ///
+    /// It changes only if reapers judged this process dead (after a long
+    /// pause, say) and it registered again (see [`Ledger::heartbeat`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("build"))?;
+    /// assert_eq!(ledger.run(run.id())?.instance, ledger.instance_id());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn instance_id(&self) -> InstanceId {
+        InstanceId::from(self.inner.instance())
     }
 
     /// The current time by the ledger's clock.
@@ -1197,7 +1257,7 @@ impl Ledger {
         let events = self
             .inner
             .store
-            .events_since(cursor.last_event_id(), limit)?;
+            .events_since(i64::from(cursor.last_event_id()), limit)?;
         if events.is_empty() {
             self.check_cursor(cursor)?;
         }
@@ -1908,7 +1968,7 @@ mod tests {
             let record = ledger
                 .inner
                 .store
-                .instance(remote.instance_id())
+                .instance(remote.inner.instance())
                 .unwrap()
                 .unwrap();
             match ledger.inner.judge.judge(&record, ledger.now()) {
@@ -2015,7 +2075,7 @@ mod tests {
             ledger
                 .inner
                 .store
-                .instance(ledger.instance_id())
+                .instance(ledger.inner.instance())
                 .unwrap()
                 .unwrap()
                 .heartbeat_at
@@ -2047,7 +2107,7 @@ mod tests {
         let beat_of = |l: &Ledger| {
             l.inner
                 .store
-                .instance(l.instance_id())
+                .instance(l.inner.instance())
                 .unwrap()
                 .unwrap()
                 .heartbeat_at

@@ -427,6 +427,7 @@ mod input;
 mod keeper;
 mod ledger;
 mod liveness;
+mod location;
 mod lock;
 mod reaper;
 mod record;
@@ -440,9 +441,13 @@ pub use error::{Error, Result, StorageError};
 pub use ledger::{
     Builder, DEFAULT_QUEUE_AFTER, DEFAULT_REAP_INTERVAL, DEFAULT_STALE_AFTER, Ledger, Synchronous,
 };
-pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
+pub use liveness::InstanceId;
+pub use location::Location;
+pub use lock::{
+    Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Ticket, Wait,
+};
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
-pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+pub use record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 pub use run::{DEFAULT_ADOPT_WITHIN, Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 pub use watch::{EventCursor, EventPage, Watch};
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::ledger::Ledger;
+use crate::liveness::InstanceId;
 use crate::lock::LockState;
 use crate::run::{RunId, RunStatus};
 
@@ -159,7 +160,7 @@ pub enum Reaped {
     /// An instance (one process's open ledger) was judged dead and closed.
     Instance {
         /// The instance.
-        id: i64,
+        id: InstanceId,
         /// Its process id.
         pid: u32,
         /// Its host.

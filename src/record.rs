@@ -1,11 +1,13 @@
 //! What the ledger reports: plain records with public fields, all
 //! `Serialize`, and the filter for listing runs.
 
+use std::fmt;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::clock::Timestamp;
+use crate::liveness::InstanceId;
 use crate::run::{RunId, RunStatus, StepStatus};
 
 /// One run, as stored.
@@ -25,7 +27,7 @@ pub struct RunRecord {
     /// Its idempotency key, if any.
     pub idempotency_key: Option<String>,
     /// The ledger instance (one process's open ledger) that owns it.
-    pub instance: i64,
+    pub instance: InstanceId,
     /// The owner's process id.
     pub pid: u32,
     /// The owner's host name.
@@ -99,6 +101,43 @@ pub struct StepRecord {
     pub finished_at: Option<Timestamp>,
 }
 
+/// The identifier of an event: its position in the ledger's history,
+/// strictly increasing in commit order across all runs, never reused.
+///
+/// `Display`s as its number, converts from and to `i64`, and serializes as
+/// its number. [`EventCursor::after`](crate::EventCursor::after) makes the
+/// cursor that continues a feed after an event.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::{EventCursor, EventId};
+/// let last_seen = EventId::from(41);
+/// assert_eq!(last_seen.to_string(), "41");
+/// assert_eq!(EventCursor::after(last_seen).last_event_id(), last_seen);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct EventId(i64);
+
+impl From<i64> for EventId {
+    fn from(id: i64) -> EventId {
+        EventId(id)
+    }
+}
+
+impl From<EventId> for i64 {
+    fn from(id: EventId) -> i64 {
+        id.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// One entry of a run's history: every status change of the run or one of its
 /// steps, every cancel request, adoption and custom event, in commit order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -106,7 +145,7 @@ pub struct StepRecord {
 pub struct EventRecord {
     /// The event's position in the ledger's history: strictly increasing in
     /// commit order across all runs, never reused.
-    pub id: i64,
+    pub id: EventId,
     /// The run it is about.
     pub run: RunId,
     /// When it happened.
@@ -153,7 +192,7 @@ pub enum EventKind {
     /// and owns it from then on.
     Adopted {
         /// The adopter's ledger instance.
-        instance: i64,
+        instance: InstanceId,
         /// The adopter's process id.
         pid: u32,
         /// The adopter's host name.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
-use crate::record::EventRecord;
+use crate::record::{EventId, EventRecord};
 use crate::wake::WakeSocket;
 
 /// A position in the ledger's event feed: the feed continues with the events
@@ -41,14 +41,30 @@ impl EventCursor {
     /// The beginning of the feed: every event still in the ledger follows it.
     pub const START: EventCursor = EventCursor(0);
 
-    /// The cursor just after the event with id `event_id`.
-    pub fn after(event_id: i64) -> EventCursor {
-        EventCursor(event_id.max(0))
+    /// The cursor just after the event with id `event_id` (an
+    /// [`EventId`], or its number; a negative number is the start).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventCursor, EventId};
+    /// assert_eq!(EventCursor::after(EventId::from(42)), EventCursor::after(42));
+    /// assert_eq!(EventCursor::after(-1), EventCursor::START);
+    /// ```
+    pub fn after(event_id: impl Into<EventId>) -> EventCursor {
+        EventCursor(i64::from(event_id.into()).max(0))
     }
 
-    /// The id of the last event before the cursor (0 at the start).
-    pub fn last_event_id(self) -> i64 {
-        self.0
+    /// The id of the last event before the cursor (`0` at the start).
+    pub fn last_event_id(self) -> EventId {
+        EventId::from(self.0)
+    }
+}
+
+impl From<EventId> for EventCursor {
+    /// The cursor just after the event `event_id`, as [`EventCursor::after`].
+    fn from(event_id: EventId) -> EventCursor {
+        EventCursor::after(event_id)
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Fixture, Store};
-use runledger::{EventCursor, EventKind, RunSpec};
+use runledger::{EventCursor, EventId, EventKind, RunSpec};
 
 fn the_feed_returns_every_event_of_every_run_once_in_commit_order(store: Store) {
     let f = Fixture::new(store);
@@ -37,7 +37,7 @@ fn the_feed_returns_every_event_of_every_run_once_in_commit_order(store: Store) 
         cursor = page.next;
         seen.extend(page.events);
     }
-    let ids: Vec<i64> = seen.iter().map(|e| e.id).collect();
+    let ids: Vec<EventId> = seen.iter().map(|e| e.id).collect();
     let mut sorted = ids.clone();
     sorted.sort_unstable();
     sorted.dedup();

@@ -31,7 +31,7 @@ fn a_created_run_is_owned_by_nobody_until_adopted_then_by_the_adopter(store: Sto
         .unwrap();
     let record = f.ledger.run(id).unwrap();
     assert_eq!(record.status, RunStatus::Queued);
-    assert_eq!(record.instance, 0, "owned by nobody");
+    assert_eq!(i64::from(record.instance), 0, "owned by nobody");
     assert_eq!(
         record.pid,
         std::process::id(),

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{bytes, finish, immutable, instant_in, spawn_worker};
-use runledger::{Error, Ledger, SCHEMA_VERSION};
+use runledger::{Error, InstanceId, Ledger, Location, SCHEMA_VERSION};
 
 fn schema_rows(db: &Path) -> Vec<(i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -26,6 +26,11 @@ fn open_creates_missing_folders_and_sets_wal() {
     let ledger = Ledger::open(&db).unwrap();
     assert!(db.exists());
     assert_eq!(ledger.path(), db.canonicalize().unwrap());
+    assert_eq!(
+        ledger.location(),
+        &Location::Sqlite(db.canonicalize().unwrap())
+    );
+    assert_eq!(ledger.location().as_path(), Some(ledger.path()));
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -271,11 +276,13 @@ fn a_symlinked_path_is_the_same_ledger_and_the_same_lock() {
 fn the_instance_is_closed_when_the_last_handle_drops() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
-    let closed_at = |id: i64| -> Option<i64> {
+    let closed_at = |id: InstanceId| -> Option<i64> {
         let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.query_row("SELECT closed_at FROM instances WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
+        conn.query_row(
+            "SELECT closed_at FROM instances WHERE id = ?1",
+            [i64::from(id)],
+            |r| r.get(0),
+        )
         .unwrap()
     };
     let ledger = Ledger::builder(&db).label("api-server").open().unwrap();

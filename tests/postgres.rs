@@ -9,7 +9,7 @@
 mod common;
 
 use common::{Place, SchemaGuard, Store, finish, instant_in, spawn_worker};
-use runledger::{Error, Ledger, RunSpec, SCHEMA_VERSION};
+use runledger::{Error, Ledger, Location, RunSpec, SCHEMA_VERSION};
 
 /// The server's own certificate (self-signed on the test machines).
 fn server_certificate(url: &str) -> String {
@@ -340,6 +340,47 @@ fn the_path_names_the_ledger_without_its_password_and_opens_it_again() {
     run.succeed().unwrap();
 }
 
+/// `Ledger::location` says the ledger is on PostgreSQL, with the URL and the
+/// schema apart, displays as the string `Ledger::path` holds, and never
+/// holds the password the ledger was opened with.
+fn the_location_is_postgres_and_holds_no_password() {
+    let place = Place::new(Store::Postgres);
+    let schema = &place.schema.as_ref().unwrap().name;
+    let url = &place.schema.as_ref().unwrap().url;
+    // The test server trusts its clients, so a password is not checked.
+    let with_password = match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}:hunter2{}#{schema}", &url[..at], &url[at..])
+        }
+        _ => place.location.clone(),
+    };
+    let ledger = Ledger::builder(&with_password).open().unwrap();
+    let location = ledger.location();
+    assert!(
+        matches!(location, Location::Postgres { .. }),
+        "{location:?}"
+    );
+    assert_eq!(location.as_path(), None);
+    assert_eq!(location.schema(), Some(schema.as_str()));
+    let bare = location.url().unwrap();
+    assert!(
+        bare.starts_with("postgres://") && !bare.contains('#'),
+        "{bare}"
+    );
+    assert_eq!(location.to_string(), format!("{bare}#{schema}"));
+    assert_eq!(ledger.path().to_str().unwrap(), location.to_string());
+    for shown in [
+        location.to_string(),
+        format!("{location:?}"),
+        format!("{ledger:?}"),
+        serde_json::to_string(location).unwrap(),
+    ] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+    let again = Ledger::open(location.to_string()).unwrap();
+    assert_eq!(again.location(), location);
+}
+
 /// Without a clock of its own, a ledger stamps with the server's time (each
 /// host's offset to it measured at open and at every heartbeat; the unit
 /// tests of the store move a host's clock hours off).
@@ -611,6 +652,7 @@ pg_tests!(
     an_unreachable_server_is_an_open_error_that_hides_the_password,
     a_connection_error_says_what_the_server_said_and_why,
     the_path_names_the_ledger_without_its_password_and_opens_it_again,
+    the_location_is_postgres_and_holds_no_password,
     a_ledger_stamps_with_the_servers_clock,
     dropped_ledgers_leave_no_connections_behind,
     a_connection_the_server_closed_does_not_fail_the_next_call,

@@ -162,10 +162,39 @@ fn every_timestamp_comes_from_the_injected_clock(store: Store) {
     );
 }
 
+/// The id newtypes (`RunId`, `InstanceId`, `Ticket`, `EventId`) serialize
+/// as the bare numbers they replaced: the JSON of records (and so of the
+/// command line's `--json`) keeps its shape.
+fn ids_are_plain_numbers_in_json(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("json")).unwrap();
+    let _held = run.lock("k").unwrap();
+    let me = i64::from(f.ledger.instance_id());
+
+    let record = serde_json::to_value(f.ledger.run(run.id()).unwrap()).unwrap();
+    assert_eq!(record["id"], serde_json::json!(i64::from(run.id())));
+    assert_eq!(record["instance"], serde_json::json!(me));
+
+    let locks = f.ledger.locks().unwrap();
+    let lock = serde_json::to_value(&locks[0]).unwrap();
+    assert_eq!(lock["instance"], serde_json::json!(me));
+    assert_eq!(
+        lock["ticket"],
+        serde_json::json!(i64::from(locks[0].ticket))
+    );
+    assert!(lock["ticket"].is_i64());
+
+    let events = f.ledger.events(run.id()).unwrap();
+    let event = serde_json::to_value(&events[0]).unwrap();
+    assert_eq!(event["id"], serde_json::json!(i64::from(events[0].id)));
+    assert!(event["id"].is_i64());
+}
+
 on_both_stores!(
     runs_are_listed_newest_first_with_every_filter,
     paging_walks_the_whole_history_once,
     the_default_limit_is_one_hundred,
     unknown_ids_are_not_found_everywhere,
     every_timestamp_comes_from_the_injected_clock,
+    ids_are_plain_numbers_in_json,
 );

@@ -12,13 +12,58 @@ mod other;
 #[cfg(not(target_os = "linux"))]
 use other as sys;
 
+use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use serde::Serialize;
+
 use crate::clock::Timestamp;
+
+/// The identifier of a ledger instance: one process's open ledger, the
+/// owner of the runs it begins and the locks it takes. A positive integer,
+/// never reused in one ledger; `0` in [`RunRecord::instance`](crate::RunRecord::instance)
+/// means "owned by nobody" (a run waiting to be adopted).
+///
+/// `Display`s as its number, converts from and to `i64`, and serializes as
+/// its number.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::{InstanceId, Ledger};
+/// # let dir = tempfile::tempdir()?;
+/// let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+/// let me: InstanceId = ledger.instance_id();
+/// assert!(i64::from(me) > 0);
+/// assert_eq!(me.to_string(), i64::from(me).to_string());
+/// assert_eq!(InstanceId::from(7), InstanceId::from(7));
+/// # Ok::<(), runledger::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct InstanceId(i64);
+
+impl From<i64> for InstanceId {
+    fn from(id: i64) -> InstanceId {
+        InstanceId(id)
+    }
+}
+
+impl From<InstanceId> for i64 {
+    fn from(id: InstanceId) -> i64 {
+        id.0
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
 
 /// The identity of the current process, as recorded on its instance row.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::gate::Held;
 use crate::input;
 use crate::ledger::Ledger;
+use crate::liveness::InstanceId;
 use crate::run::RunId;
 
 pub(crate) mod acquire;
@@ -317,6 +318,44 @@ impl From<&LockKey> for String {
     }
 }
 
+/// A lock request's place in the queue of its keys: requests with lower
+/// tickets are served first. Tickets only order requests; their numbers
+/// mean nothing else.
+///
+/// `Display`s as its number, converts from and to `i64`, and serializes as
+/// its number.
+///
+/// # Examples
+///
+/// ```
+/// use runledger::Ticket;
+/// let (first, second) = (Ticket::from(3), Ticket::from(8));
+/// assert!(first < second);
+/// assert_eq!(second.to_string(), "8");
+/// assert_eq!(i64::from(first), 3);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Ticket(i64);
+
+impl From<i64> for Ticket {
+    fn from(ticket: i64) -> Ticket {
+        Ticket(ticket)
+    }
+}
+
+impl From<Ticket> for i64 {
+    fn from(ticket: Ticket) -> i64 {
+        ticket.0
+    }
+}
+
+impl fmt::Display for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// Whether a lock row is granted or still queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -343,7 +382,7 @@ pub struct LockRecord {
     /// The fencing token of the grant (`None` while waiting).
     pub token: Option<u64>,
     /// The request's place in the queue: lower tickets are served first.
-    pub ticket: i64,
+    pub ticket: Ticket,
     /// Every key of the request (granted together).
     pub keys: Vec<String>,
     /// The run that owns the lock, if any.
@@ -351,7 +390,7 @@ pub struct LockRecord {
     /// That run's name.
     pub run_name: Option<String>,
     /// The owner's ledger instance.
-    pub instance: i64,
+    pub instance: InstanceId,
     /// The owner's process id.
     pub pid: u32,
     /// The owner's host.

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, Timestamp};
 use crate::error::Result;
-use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState};
 use crate::reaper::Reaped;
 use crate::record::{EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
@@ -39,9 +39,9 @@ use crate::wake::wake;
 
 pub(crate) use sqlite::SCHEMA_VERSION;
 
-/// Where a ledger lives.
+/// Where a ledger is to be opened: what the builder was given.
 #[derive(Clone, Debug)]
-pub(crate) enum Location {
+pub(crate) enum Target {
     /// A SQLite file.
     File(PathBuf),
     /// A PostgreSQL URL, in a build without the PostgreSQL store: refused
@@ -96,24 +96,24 @@ pub(crate) fn off_runtime<R: Send>(call: impl FnOnce() -> R + Send) -> R {
 }
 
 impl Store {
-    /// Opens the store at `location`, applying pending migrations.
+    /// Opens the store at `target`, applying pending migrations.
     ///
     /// `clock` is the builder's; `given` says whether the user gave it (a
     /// PostgreSQL store then uses it as it is, instead of following the
     /// server's clock).
     pub(crate) fn open(
-        location: &Location,
+        target: &Target,
         config: &StoreConfig,
         clock: Arc<dyn Clock>,
         given: bool,
     ) -> Result<Store> {
-        match location {
-            Location::File(path) => {
+        match target {
+            Target::File(path) => {
                 let _ = given;
                 sqlite::Store::open(path, config, clock).map(Store::Sqlite)
             }
             #[cfg(not(feature = "postgres"))]
-            Location::NoPostgres(url) => Err(crate::error::Error::Open {
+            Target::NoPostgres(url) => Err(crate::error::Error::Open {
                 path: PathBuf::from(url.split('@').next_back().unwrap_or_default()),
                 reason:
                     "this build of runledger has no PostgreSQL store (cargo feature `postgres`)"
@@ -121,7 +121,7 @@ impl Store {
                 source: None,
             }),
             #[cfg(feature = "postgres")]
-            Location::Postgres { url, schema } => off_runtime(|| {
+            Target::Postgres { url, schema } => off_runtime(|| {
                 postgres::Store::open(url, schema, config, clock, !given).map(Store::Postgres)
             }),
         }
@@ -134,6 +134,16 @@ impl Store {
             Store::Sqlite(_) => given.clone(),
             #[cfg(feature = "postgres")]
             Store::Postgres(s) => s.clock(),
+        }
+    }
+
+    /// Where the ledger lives, as [`Ledger::location`](crate::Ledger::location)
+    /// tells it.
+    pub(crate) fn location(&self) -> crate::Location {
+        match self {
+            Store::Sqlite(s) => s.location(),
+            #[cfg(feature = "postgres")]
+            Store::Postgres(s) => s.location().clone(),
         }
     }
 
@@ -606,7 +616,7 @@ pub(crate) fn adopter_json(adopter: &Adopter<'_>) -> String {
 /// failing the whole history.
 pub(crate) fn adopted_event(who: &serde_json::Value) -> EventKind {
     EventKind::Adopted {
-        instance: who["instance"].as_i64().unwrap_or_default(),
+        instance: InstanceId::from(who["instance"].as_i64().unwrap_or_default()),
         pid: who["pid"]
             .as_u64()
             .and_then(|p| u32::try_from(p).ok())

@@ -235,12 +235,11 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     let ledger = crate::builder(db).label("runledger exec").open()?;
     let shared = Arc::new(Shared {
         // What the command is told: a file by its canonical path; a
-        // PostgreSQL ledger by the URL as given (`Ledger::path` drops the
-        // password).
-        location: if crate::is_url(db) {
-            db.to_owned()
-        } else {
-            ledger.path().to_owned()
+        // PostgreSQL ledger by the URL as given (`Ledger::location` drops
+        // the password).
+        location: match ledger.location().as_path() {
+            Some(file) if !crate::is_url(db) => file.to_owned(),
+            _ => db.to_owned(),
         },
         ledger: ledger.clone(),
         run: AtomicI64::new(0),
@@ -285,11 +284,16 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         None => {
             let log_dir = match &args.log_dir {
                 Some(dir) => std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
-                None if crate::is_url(db) => crate::data_home()
-                    .ok_or_else(|| "no log folder: pass --log-dir (HOME is not set)".to_owned())?
-                    .join("runledger")
-                    .join("logs"),
-                None => ledger.path().with_file_name("logs"),
+                // Beside a file; in the user's data folder for a server.
+                None => match ledger.location().as_path() {
+                    Some(file) => file.with_file_name("logs"),
+                    None => crate::data_home()
+                        .ok_or_else(|| {
+                            "no log folder: pass --log-dir (HOME is not set)".to_owned()
+                        })?
+                        .join("runledger")
+                        .join("logs"),
+                },
             };
             log_file_path(&log_dir, &name)
         }
@@ -431,7 +435,7 @@ fn handed_run(ledger: &Ledger, db_given: &Path) -> Result<Handed, Failure> {
         if crate::is_url(Path::new(&db)) {
             Path::new(&db) == db_given
         } else {
-            std::fs::canonicalize(db).is_ok_and(|db| db == ledger.path())
+            std::fs::canonicalize(db).is_ok_and(|db| Some(&*db) == ledger.location().as_path())
         }
     });
     Ok(if same_ledger && ledger.run(id).is_ok() {

@@ -12,7 +12,7 @@ use super::runs::apply_change;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunId, RunStatus};
@@ -241,7 +241,7 @@ impl Store {
             )?;
             if closed == 1 {
                 out.reaped.push(Reaped::Instance {
-                    id: instance.id,
+                    id: InstanceId::from(instance.id),
                     pid: instance.pid,
                     host: instance.host.to_owned(),
                     reason: reason.to_owned(),

@@ -11,8 +11,8 @@ use super::runs::run_head;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::liveness::{InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
+use crate::lock::{LockMode, LockRecord, LockState, Ticket};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
@@ -474,11 +474,11 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
             .try_get::<_, Option<i64>>(4)?
             .map(token_of)
             .transpose()?,
-        ticket: row.try_get(5)?,
+        ticket: Ticket::from(row.try_get::<_, i64>(5)?),
         keys: parse_keys(row.try_get(6)?)?,
         run: row.try_get::<_, Option<i64>>(7)?.map(RunId::from),
         run_name: row.try_get(8)?,
-        instance: row.try_get(9)?,
+        instance: InstanceId::from(row.try_get::<_, i64>(9)?),
         pid: pid_of(row.try_get(10)?)?,
         host: row.try_get(11)?,
         requested_at: Timestamp::from_millis(row.try_get(12)?),

@@ -62,6 +62,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::StoreConfig;
 use crate::clock::{Clock, Timestamp};
 use crate::error::{Error, Result, StorageError};
+use crate::location::Location;
 use crate::wake::wake;
 
 /// The schema a ledger uses unless told otherwise.
@@ -71,8 +72,10 @@ pub(crate) const DEFAULT_SCHEMA: &str = "runledger";
 pub(crate) struct Store {
     /// Always there but while the store drops (see its `Drop`).
     pool: Option<Pool<Manager>>,
-    /// How errors and logs name the ledger: the URL without its password,
-    /// and the schema.
+    /// Where the ledger lives: the URL without its password, and the
+    /// schema.
+    location: Location,
+    /// How errors and logs name the ledger: `location` as a path.
     name: PathBuf,
     /// `BEGIN` of every write transaction: the writer lock and its timeout.
     begin: String,
@@ -136,7 +139,11 @@ impl Store {
         let mut pg =
             Config::from_str(&url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
         pg.ssl_mode(tls.client_mode());
-        let name = PathBuf::from(display_name(&pg, schema));
+        let location = Location::Postgres {
+            url: display_url(&pg),
+            schema: schema.to_owned(),
+        };
+        let name = PathBuf::from(location.to_string());
         let connector = tls.connector().map_err(|reason| Error::Open {
             path: name.clone(),
             reason,
@@ -207,6 +214,7 @@ impl Store {
             channel,
             clock,
             server_clock,
+            location,
             name,
             _listener: listener,
         })
@@ -215,6 +223,11 @@ impl Store {
     /// How errors name this ledger (and the key of its keeper thread).
     pub(crate) fn path(&self) -> &Path {
         &self.name
+    }
+
+    /// Where the ledger lives.
+    pub(crate) fn location(&self) -> &Location {
+        &self.location
     }
 
     /// The clock of this ledger: the server's time as this process follows
@@ -667,11 +680,11 @@ fn advisory_key(what: &str, schema: &str) -> i64 {
 }
 
 /// How a ledger on PostgreSQL is named: `postgres://user@host:port/db`,
-/// without the password (or any other option), and `#schema`. A URL that
-/// [`Ledger::builder`](crate::Ledger::builder) opens again: a Unix socket's
-/// folder and an IPv6 address are written as a URL needs them, and every
-/// host of a multi-host configuration is kept.
-fn display_name(config: &Config, schema: &str) -> String {
+/// without the password (or any other option); [`Location`] adds
+/// `#schema`. A URL that [`Ledger::builder`](crate::Ledger::builder) opens
+/// again: a Unix socket's folder and an IPv6 address are written as a URL
+/// needs them, and every host of a multi-host configuration is kept.
+fn display_url(config: &Config) -> String {
     use postgres::config::Host;
     let ports = config.get_ports();
     let hosts: Vec<String> = config
@@ -699,10 +712,7 @@ fn display_name(config: &Config, schema: &str) -> String {
     let user = config.get_user().map(percent_encode).unwrap_or_default();
     let at = if user.is_empty() { "" } else { "@" };
     let db = config.get_dbname().or(config.get_user()).unwrap_or("");
-    format!(
-        "postgres://{user}{at}{hosts}/{}#{schema}",
-        percent_encode(db)
-    )
+    format!("postgres://{user}{at}{hosts}/{}", percent_encode(db))
 }
 
 /// `text` with everything but unreserved URL characters percent-encoded.
@@ -766,20 +776,17 @@ mod tests {
     #[test]
     fn names_never_show_a_password() {
         let config = Config::from_str("postgres://me:secret@db.example:6543/app").unwrap();
-        let name = display_name(&config, "runs");
-        assert_eq!(name, "postgres://me@db.example:6543/app#runs");
+        let name = display_url(&config);
+        assert_eq!(name, "postgres://me@db.example:6543/app");
         assert!(!redacted("postgres://me:secret@db.example/app").contains("secret"));
         assert!(!redacted("host=db password=se#cret user=me").contains("cret"));
         let socket = Config::from_str("host=/var/run/postgresql user=me dbname=app").unwrap();
         assert_eq!(
-            display_name(&socket, "runs"),
-            "postgres://me@%2Fvar%2Frun%2Fpostgresql:5432/app#runs"
+            display_url(&socket),
+            "postgres://me@%2Fvar%2Frun%2Fpostgresql:5432/app"
         );
         let v6 = Config::from_str("postgres://me@[::1]:6543/app").unwrap();
-        assert_eq!(
-            display_name(&v6, "runs"),
-            "postgres://me@[::1]:6543/app#runs"
-        );
+        assert_eq!(display_url(&v6), "postgres://me@[::1]:6543/app");
     }
 
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.

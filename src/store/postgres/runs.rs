@@ -15,7 +15,8 @@ use super::locks::release_run_locks;
 use super::{Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::liveness::InstanceId;
+use crate::record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
 use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
 
@@ -1058,7 +1059,7 @@ fn run_record(row: &Row) -> Result<RunRecord> {
         status: run_status(row, 3)?,
         parent: row.try_get::<_, Option<i64>>(4)?.map(RunId::from),
         idempotency_key: row.try_get(5)?,
-        instance: row.try_get(6)?,
+        instance: InstanceId::from(row.try_get::<_, i64>(6)?),
         pid: narrow(row, 7)?,
         host: row.try_get(8)?,
         exit_code: row.try_get(9)?,
@@ -1082,7 +1083,7 @@ fn run_record(row: &Row) -> Result<RunRecord> {
 }
 
 fn event_record(row: &Row) -> Result<EventRecord> {
-    let id: i64 = row.try_get(0)?;
+    let id = EventId::from(row.try_get::<_, i64>(0)?);
     let run = RunId::from(row.try_get::<_, i64>(1)?);
     let at = timestamp(row, 2)?;
     let kind = match row.try_get::<_, &str>(3)? {

@@ -8,7 +8,7 @@ use super::locks::{delete_lock, grant_waiters, parse_keys, record_taken};
 use super::runs::apply_change;
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::liveness::{InstanceRecord, ProcessIdentity};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::LockState;
 use crate::reaper::Reaped;
 use crate::run::{RunId, RunStatus};
@@ -218,7 +218,7 @@ impl Store {
                 .execute(params![instance.id, now, reason])?;
             if closed == 1 {
                 out.reaped.push(Reaped::Instance {
-                    id: instance.id,
+                    id: InstanceId::from(instance.id),
                     pid: instance.pid,
                     host: instance.host.to_owned(),
                     reason: reason.to_owned(),

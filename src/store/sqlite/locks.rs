@@ -6,8 +6,8 @@ use super::Store;
 use super::runs::run_head;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::liveness::{InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState};
+use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
+use crate::lock::{LockMode, LockRecord, LockState, Ticket};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
@@ -416,11 +416,11 @@ impl Store {
                         mode: mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
                         state: state_of(&row.get::<_, String>(3)?),
                         token: row.get::<_, Option<i64>>(4)?.map(|t| t as u64),
-                        ticket: row.get(5)?,
+                        ticket: Ticket::from(row.get::<_, i64>(5)?),
                         keys: parse_keys(&row.get::<_, String>(6)?)?,
                         run: row.get(7)?,
                         run_name: row.get(8)?,
-                        instance: row.get(9)?,
+                        instance: InstanceId::from(row.get::<_, i64>(9)?),
                         pid: row.get(10)?,
                         host: row.get(11)?,
                         requested_at: row.get(12)?,

@@ -211,6 +211,11 @@ impl Store {
         &self.path
     }
 
+    /// Where the ledger lives: the database file.
+    pub(crate) fn location(&self) -> crate::Location {
+        crate::Location::Sqlite(self.path.clone())
+    }
+
     /// Runs `f` in one immediate write transaction and commits it. An error
     /// from `f` (or from the commit) rolls everything back.
     ///

@@ -9,7 +9,8 @@ use super::Store;
 use super::locks::release_run_locks;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::liveness::InstanceId;
+use crate::record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
 use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
 
@@ -1031,7 +1032,7 @@ fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         status: row.get(3)?,
         parent: row.get(4)?,
         idempotency_key: row.get(5)?,
-        instance: row.get(6)?,
+        instance: InstanceId::from(row.get::<_, i64>(6)?),
         pid: row.get(7)?,
         host: row.get(8)?,
         exit_code: row.get(9)?,
@@ -1087,7 +1088,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "adopted" => crate::store::adopted_event(&json_column(row, 4)?),
         "custom" => {
             return Ok(EventRecord {
-                id: row.get(0)?,
+                id: EventId::from(row.get::<_, i64>(0)?),
                 run: row.get(1)?,
                 at: row.get(2)?,
                 kind: EventKind::Custom {
@@ -1106,7 +1107,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         }
     };
     Ok(EventRecord {
-        id: row.get(0)?,
+        id: EventId::from(row.get::<_, i64>(0)?),
         run: row.get(1)?,
         at: row.get(2)?,
         kind,
