@@ -149,6 +149,38 @@ fn an_abandoned_wait_leaves_the_key_free_for_the_next_process(store: Store) {
     assert!(said[0].starts_with("held "), "{said:?}");
 }
 
+/// A holder in another process releases: the task waiting for the key is
+/// woken and granted (on a current-thread runtime, whose thread the wait
+/// never blocks).
+fn a_release_in_another_process_wakes_a_waiting_task(store: Store) {
+    let f = Fixture::new(store);
+    let mut holder = spawn_worker(&f.location, &["hold", "k", "--hold-ms", "300"]);
+    let held = common::next_line(&mut holder);
+    assert!(held.starts_with("held "), "{held}");
+    let token: u64 = held["held ".len()..].parse().unwrap();
+    current_thread().block_on(async {
+        let ticks = Arc::new(AtomicUsize::new(0));
+        // Another task keeps running while this one waits.
+        let ticking = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticking.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let guard = f
+            .ledger
+            .acquire_async(LockRequest::new(["k"]).wait(Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert!(guard.token() > token);
+        assert!(ticks.load(Ordering::SeqCst) > 0, "the runtime froze");
+        ticker.abort();
+        guard.release().unwrap();
+    });
+    assert_eq!(finish(holder), ["released"]);
+}
+
 /// The release hands the key to the queued future, which is dropped before
 /// it polls again: the grant is released at once.
 fn a_grant_that_raced_with_the_drop_is_released_at_once(store: Store) {
@@ -393,4 +425,5 @@ on_both_stores!(
     the_last_clone_dropped_inside_a_task_closes_cleanly,
     a_watch_waited_on_blocking_then_async_never_blocks_the_runtime,
     a_watch_moves_between_runtimes,
+    a_release_in_another_process_wakes_a_waiting_task,
 );
