@@ -164,27 +164,35 @@ fn in_process() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(dir.path().join("ledger.db")).unwrap();
     let epoch = Instant::now();
-    let log = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for who in 0..2 {
-            let (ledger, log) = (&ledger, &log);
-            s.spawn(move || {
-                let mut mine = Vec::with_capacity(2 * TIMES);
-                for _ in 0..TIMES {
-                    let guard = ledger.lock("ball").unwrap();
-                    mine.push((now_ns(epoch), true, who));
-                    std::thread::sleep(Duration::from_micros(300));
-                    guard.release().unwrap();
-                    mine.push((now_ns(epoch), false, who));
-                }
-                log.lock().unwrap().extend(mine);
-            });
-        }
-    });
-    println!(
-        "handoff between two threads of one ledger: {}",
-        summary(handoffs(log.into_inner().unwrap()))
-    );
+    // With the default gate phase (the kernel picks among those waiting
+    // less than `queue_after`), and strictly first come, first served.
+    let fifo = Ledger::builder(dir.path().join("ledger.db"))
+        .queue_after(Duration::ZERO)
+        .open()
+        .unwrap();
+    for (what, ledger) in [("gates", &ledger), ("queue only", &fifo)] {
+        let log = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for who in 0..2 {
+                let log = &log;
+                s.spawn(move || {
+                    let mut mine = Vec::with_capacity(2 * TIMES);
+                    for _ in 0..TIMES {
+                        let guard = ledger.lock("ball").unwrap();
+                        mine.push((now_ns(epoch), true, who));
+                        std::thread::sleep(Duration::from_micros(300));
+                        guard.release().unwrap();
+                        mine.push((now_ns(epoch), false, who));
+                    }
+                    log.lock().unwrap().extend(mine);
+                });
+            }
+        });
+        println!(
+            "handoff between two threads of one ledger ({what}): {}",
+            summary(handoffs(log.into_inner().unwrap()))
+        );
+    }
     #[cfg(feature = "tokio")]
     {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
