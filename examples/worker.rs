@@ -15,6 +15,8 @@
 //! cargo run --example worker -- DB writers --threads N
 //! cargo run --example worker -- DB burst-runs N [--at MS]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE] [--threads N]
+//!     [--flock-witness FILE]
+//! cargo run --example worker -- DB sweep-gates --times N
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
 //! cargo run --example worker -- DB fill NAME --bytes N
@@ -69,8 +71,13 @@
 //! prints `succeeded RUN` (or `failed RUN` for every third run, failed on
 //! purpose), each line printed and flushed as soon as the call returned: a
 //! process to kill in the middle of a group commit.
+//! `sweep-gates` runs `prune` (which removes the gate files of idle keys)
+//! `--times` times in a row, and prints `done N`: how many passes left
+//! fewer files than they found.
 //! `critical` takes the lock `--times` times (on each of `--threads`
-//! threads sharing one ledger, default 1); each time it appends
+//! threads sharing one ledger, default 1); with `--flock-witness`, inside
+//! each section it also takes a non-blocking flock of that file and fails
+//! if someone else holds it; each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
 //! number from a plain file and writes it back plus one.
@@ -390,11 +397,16 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 .open(witness)?;
             let (times, threads) = (number(args, "--times", 1), number(args, "--threads", 1));
             let counter = flag(args, "--counter");
+            let flock_witness = flag(args, "--flock-witness");
             // Every thread shares the one ledger: their turns queue like
             // those of other processes.
             std::thread::scope(|s| {
                 let turns: Vec<_> = (0..threads)
-                    .map(|_| s.spawn(|| critical(&ledger, key, mode, times, &witness, counter)))
+                    .map(|_| {
+                        s.spawn(|| {
+                            critical(&ledger, key, mode, times, &witness, counter, flock_witness)
+                        })
+                    })
                     .collect();
                 turns
                     .into_iter()
@@ -403,6 +415,23 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             })
             .map_err(|e| -> Box<dyn std::error::Error> { e })?;
             say("done");
+        }
+        "sweep-gates" => {
+            // Removes the gate files of idle keys in a loop, as retention
+            // does, until `--times` passes are done.
+            let ledger = Ledger::builder(db).background(false).open()?;
+            let keys = std::path::PathBuf::from(format!("{db}-runledger/keys"));
+            let files = || std::fs::read_dir(&keys).map_or(0, |entries| entries.count());
+            // How many times a pass found files and left fewer.
+            let mut shrank = 0;
+            for _ in 0..number(args, "--times", 1) {
+                let before = files();
+                ledger.prune(Duration::from_secs(100 * 365 * 24 * 3600))?;
+                if files() < before {
+                    shrank += 1;
+                }
+            }
+            say(format_args!("done {shrank}"));
         }
         "pingpong" => {
             let ledger = Ledger::builder(db).open()?;
@@ -528,11 +557,31 @@ fn critical(
     times: u64,
     mut witness: &std::fs::File,
     counter: Option<&str>,
+    flock_witness: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let pid = std::process::id();
+    // Opened by each thread: an flock belongs to the open file, so threads
+    // sharing one would not exclude each other.
+    let flock_witness = match flock_witness {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)?,
+        ),
+        None => None,
+    };
     for _ in 0..times {
         let guard = ledger.acquire(LockRequest::new([key]).mode(mode).wait_forever())?;
         let token = guard.token();
+        // An flock of a file of its own, independent of the ledger: taken
+        // without waiting, it fails if anyone else is inside.
+        if let Some(file) = &flock_witness
+            && file.try_lock().is_err()
+        {
+            return Err(format!("flock witness: someone else is inside (token {token})").into());
+        }
         witness.write_all(format!("enter {key} {token} {pid} {mode}\n").as_bytes())?;
         if let Some(counter) = counter {
             let n: u64 = std::fs::read_to_string(counter)?
@@ -543,6 +592,9 @@ fn critical(
             std::fs::write(counter, format!("{}\n", n + 1))?;
         }
         witness.write_all(format!("exit {key} {token} {pid} {mode}\n").as_bytes())?;
+        if let Some(file) = &flock_witness {
+            file.unlock()?;
+        }
         guard.release()?;
     }
     Ok(())

@@ -18,11 +18,21 @@
 //!
 //! [`Builder::queue_after`]: crate::Builder::queue_after
 //!
-//! A key's file is `<sidecar>/keys/<hash of the key>.lock`. It is created on
-//! first use and never deleted: deleting it while another process waits on
-//! it would let two processes hold "the" gate of one key. Two keys whose
-//! names hash alike (a 64-bit hash: practically never) would only share a
-//! gate, never a lock.
+//! A key's file is `<sidecar>/keys/<hash of the key>.lock`, created on first
+//! use. Two keys whose names hash alike (a 64-bit hash: practically never)
+//! would only share a gate, never a lock.
+//!
+//! **Idle gates are removed** ([`Gates::sweep`]): by every
+//! [`Ledger::prune`](crate::Ledger::prune) (and so with
+//! [`Builder::retention`](crate::Builder::retention)), and by the reap pass
+//! whenever the folder holds more than [`KEEP_FILES`] of them, so that the
+//! folder stays bounded by the keys in use, not by every key ever locked
+//! (one key per job makes one file per job). A file is removed only by a
+//! process that holds its flock, so no one holds that gate then; a process
+//! that opened the file before it was removed and gets its flock afterwards
+//! finds that the path no longer names the file it locked (another inode,
+//! or none) and starts over with the path's file. So two processes never
+//! both hold a gate of one key on two different files.
 //!
 //! The flock belongs to the open file: each request has a file of its own
 //! (close-on-exec, so a command started meanwhile does not inherit it),
@@ -52,6 +62,14 @@ type Idle = Arc<Mutex<Vec<Gate>>>;
 
 /// How many unlocked gate files a ledger keeps open.
 const MAX_IDLE: usize = 64;
+
+/// How many gate files the reap pass leaves alone: above that, it removes
+/// the idle ones.
+pub(crate) const KEEP_FILES: usize = 1024;
+
+/// How many times a request opens a key's file anew when the one it locked
+/// was removed meanwhile, before it goes without that gate.
+const REOPENS: usize = 8;
 
 /// One key's gate file, open.
 #[derive(Debug)]
@@ -108,6 +126,8 @@ pub(crate) struct Taken {
     held: Held,
     /// The gates others hold, in key order.
     busy: Vec<Busy>,
+    /// The folder of the gate files.
+    dir: PathBuf,
 }
 
 impl Gates {
@@ -127,10 +147,12 @@ impl Gates {
         }
     }
 
+    #[cfg(test)]
     fn path(&self, dir: &Path, hash: u64) -> PathBuf {
-        dir.join(format!("{hash:016x}.lock"))
+        gate_path(dir, hash)
     }
 
+    /// The gate file of `key`: one this ledger keeps open, else the path's.
     fn open(&self, key: &str) -> io::Result<Gate> {
         let Some(dir) = &self.dir else {
             return Err(io::ErrorKind::Unsupported.into());
@@ -142,50 +164,88 @@ impl Gates {
                 return Ok(idle.swap_remove(i));
             }
         }
-        let path = self.path(dir, hash);
-        let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
+        open_gate(dir, hash)
+    }
+
+    /// Removes the gate files of idle keys (no one holds their flock) if
+    /// the folder holds more than `keep` files; returns how many went. The
+    /// files this ledger kept open go too (they may be among them).
+    pub(crate) fn sweep(&self, keep: usize) -> usize {
+        let Some(dir) = &self.dir else { return 0 };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
         };
-        let file = match open() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir)?;
-                open()
+        let files: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|x| x == "lock"))
+            .collect();
+        if files.len() <= keep {
+            return 0;
+        }
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut removed = 0;
+        for path in files {
+            // Never created here: a file gone meanwhile is skipped.
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_err() {
+                continue; // held: its key is in use
             }
-            other => other,
-        }?;
-        Ok(Gate { hash, file })
+            // The flock is ours, so no one holds this gate; removed only if
+            // the path still names this very file.
+            if is_linked(&file, &path) && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+            let _ = file.unlock();
+        }
+        if removed > 0 {
+            log::debug!("runledger: removed {removed} gate files of idle keys");
+        }
+        removed
     }
 
     /// Tries the gate of each of `keys` (sorted), without waiting. `None` if
     /// a gate file cannot be opened or locked (a read-only folder, a file
     /// system without locks): the request then goes without gates.
     pub(crate) fn try_take(&self, keys: &[String]) -> Option<Taken> {
-        self.dir.as_ref()?;
+        let dir = self.dir.as_ref()?;
         let mut taken = Taken {
             held: Held {
                 gates: Vec::with_capacity(keys.len()),
                 idle: Some(self.idle.clone()),
             },
             busy: Vec::new(),
+            dir: dir.clone(),
         };
-        for key in keys {
-            let gate = self
-                .open(key)
-                .map_err(|e| log::debug!("runledger: no gate for {key:?}: {e}"))
-                .ok()?;
-            match gate.file.try_lock() {
-                Ok(()) => taken.held.gates.push(gate),
-                Err(TryLockError::WouldBlock) => taken.busy.push(Busy(gate)),
-                Err(TryLockError::Error(e)) => {
-                    log::debug!("runledger: no gate for {key:?}: {e}");
-                    return None;
+        let no_gate = |key: &str, e: &dyn std::fmt::Display| {
+            log::debug!("runledger: no gate for {key:?}: {e}");
+        };
+        'keys: for key in keys {
+            for _ in 0..REOPENS {
+                let gate = self.open(key).map_err(|e| no_gate(key, &e)).ok()?;
+                match gate.file.try_lock() {
+                    Ok(()) if taken.linked(gate.hash, &gate.file) => {
+                        taken.held.gates.push(gate);
+                        continue 'keys;
+                    }
+                    // Removed by a sweep since it was opened: the path's
+                    // file is the gate now.
+                    Ok(()) => {
+                        let _ = gate.file.unlock();
+                    }
+                    Err(TryLockError::WouldBlock) => {
+                        taken.busy.push(Busy(gate));
+                        continue 'keys;
+                    }
+                    Err(TryLockError::Error(e)) => {
+                        no_gate(key, &e);
+                        return None;
+                    }
                 }
             }
+            no_gate(key, &"its file keeps being removed");
+            return None;
         }
         Some(taken)
     }
@@ -199,7 +259,19 @@ impl Taken {
         while !self.busy.is_empty() {
             let Busy(Gate { hash, file }) = self.busy.remove(0);
             match wait_for(file, deadline) {
-                Ok(file) => self.held.gates.push(Gate { hash, file }),
+                Ok(file) if self.linked(hash, &file) => self.held.gates.push(Gate { hash, file }),
+                Ok(stale) => {
+                    // Removed by a sweep while this waited: wait on the
+                    // path's file instead.
+                    let _ = stale.unlock();
+                    match open_gate(&self.dir, hash) {
+                        Ok(gate) => self.busy.insert(0, Busy(gate)),
+                        Err(e) => {
+                            log::debug!("runledger: cannot open a gate again: {e}");
+                            return false;
+                        }
+                    }
+                }
                 Err(file) => {
                     if let Some(file) = file {
                         self.busy.insert(0, Busy(Gate { hash, file }));
@@ -214,13 +286,23 @@ impl Taken {
     /// Takes the busy gates that are free by now, without waiting.
     pub(crate) fn retry(&mut self) {
         let mut busy = Vec::new();
-        for Busy(gate) in self.busy.drain(..) {
+        for Busy(gate) in std::mem::take(&mut self.busy) {
             match gate.file.try_lock() {
-                Ok(()) => self.held.gates.push(gate),
+                Ok(()) if self.linked(gate.hash, &gate.file) => self.held.gates.push(gate),
+                Ok(()) => {
+                    // Removed meanwhile: not a gate any more.
+                    let _ = gate.file.unlock();
+                }
                 Err(_) => busy.push(Busy(gate)),
             }
         }
         self.busy = busy;
+    }
+
+    /// Whether `file`, the gate file of the key hashed `hash`, is still the
+    /// one its path names (a sweep removes idle ones).
+    fn linked(&self, hash: u64, file: &File) -> bool {
+        is_linked(file, &gate_path(&self.dir, hash))
     }
 
     /// Every gate is held.
@@ -235,6 +317,49 @@ impl Taken {
         }
         std::mem::take(&mut self.held)
     }
+}
+
+/// The path of the gate file of the key hashed `hash`.
+fn gate_path(dir: &Path, hash: u64) -> PathBuf {
+    dir.join(format!("{hash:016x}.lock"))
+}
+
+/// Opens (creating it, and its folder, if missing) the gate file of the key
+/// hashed `hash`.
+fn open_gate(dir: &Path, hash: u64) -> io::Result<Gate> {
+    let path = gate_path(dir, hash);
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir)?;
+            open()
+        }
+        other => other,
+    }?;
+    Ok(Gate { hash, file })
+}
+
+/// Whether `path` still names the open `file` (the same inode).
+#[cfg(unix)]
+fn is_linked(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// Elsewhere an open file cannot be removed: it is always its path's.
+#[cfg(not(unix))]
+fn is_linked(_file: &File, path: &Path) -> bool {
+    path.exists()
 }
 
 /// FNV-1a, 64 bits: a stable hash (the same in every process and version)
@@ -427,6 +552,86 @@ mod tests {
         assert!(waiting.wait(Instant::now() + Duration::from_secs(5)));
         assert!(!waiting.into_held().is_empty());
         releaser.join().unwrap();
+    }
+
+    fn files_in(dir: &Path) -> usize {
+        fs::read_dir(dir.join("keys")).map_or(0, |entries| entries.count())
+    }
+
+    #[test]
+    fn a_sweep_removes_idle_gates_only_and_keeps_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let gates = Gates::new(dir.path());
+        let keys: Vec<String> = (0..5).map(|i| format!("job:{i}")).collect();
+        let held = gates.try_take(&keys[..1]).unwrap().into_held();
+        for key in &keys[1..] {
+            drop(
+                gates
+                    .try_take(std::slice::from_ref(key))
+                    .unwrap()
+                    .into_held(),
+            );
+        }
+        assert_eq!(files_in(dir.path()), 5);
+        // Within the bound, nothing goes.
+        assert_eq!(gates.sweep(5), 0);
+        // Past it, every idle one goes; the held one stays.
+        let other = Gates::new(dir.path());
+        assert_eq!(other.sweep(0), 4);
+        assert_eq!(files_in(dir.path()), 1);
+        drop(held);
+        assert_eq!(other.sweep(0), 1);
+        assert_eq!(files_in(dir.path()), 0);
+        // A key locked again gets a file again.
+        assert!(gates.try_take(&keys[..1]).unwrap().complete());
+        assert_eq!(files_in(dir.path()), 1);
+    }
+
+    /// A request that opened a key's file, then waited on it while a sweep
+    /// removed it, must not hold that file as the gate: someone opening the
+    /// path now gets another file.
+    #[test]
+    fn a_gate_removed_while_waited_on_is_taken_on_the_paths_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (holder, waiter, sweeper) = (
+            Gates::new(dir.path()),
+            Gates::new(dir.path()),
+            Gates::new(dir.path()),
+        );
+        let keys = vec!["k".to_owned()];
+        let held = holder.try_take(&keys).unwrap().into_held();
+        let mut waiting = waiter.try_take(&keys).unwrap();
+        assert!(!waiting.complete(), "busy on the file it opened");
+        // Held: a sweep leaves it.
+        assert_eq!(sweeper.sweep(0), 0);
+        drop(held);
+        // Idle now: removed, while the waiter still has the old file open.
+        assert_eq!(sweeper.sweep(0), 1);
+        assert!(waiting.wait(Instant::now() + Duration::from_secs(5)));
+        let mine = waiting.into_held();
+        // The waiter holds the path's (new) file: nobody else gets it.
+        let third = Gates::new(dir.path()).try_take(&keys).unwrap();
+        assert!(!third.complete(), "two holders of one key's gate");
+        drop(third);
+        drop(mine);
+        assert!(Gates::new(dir.path()).try_take(&keys).unwrap().complete());
+    }
+
+    /// The same for a request that only tries: a stale file it finds free
+    /// is left for the path's.
+    #[test]
+    fn a_kept_open_file_that_was_removed_is_not_a_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let gates = Gates::new(dir.path());
+        let keys = vec!["k".to_owned()];
+        // Kept open by this ledger after use.
+        drop(gates.try_take(&keys).unwrap().into_held());
+        assert_eq!(Gates::new(dir.path()).sweep(0), 1);
+        let mine = gates.try_take(&keys).unwrap();
+        assert!(mine.complete());
+        assert_eq!(files_in(dir.path()), 1, "the path's file was made anew");
+        let other = Gates::new(dir.path()).try_take(&keys).unwrap();
+        assert!(!other.complete(), "two holders of one key's gate");
     }
 
     #[test]

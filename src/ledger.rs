@@ -1367,6 +1367,11 @@ impl Ledger {
     /// history. The newest run is kept whatever its age, so that its id is
     /// never handed out again.
     ///
+    /// On SQLite it also removes the gate files (`<db>-runledger/keys/`) of
+    /// the keys no one holds now; the reap pass does so too whenever there
+    /// are more than 1,024 of them. So the folder stays bounded by the keys
+    /// in use, however many distinct keys were ever locked.
+    ///
     /// # Errors
     ///
     /// Storage errors only.
@@ -1391,6 +1396,9 @@ impl Ledger {
             after = next;
         }
         self.inner.store.prune_instances(cutoff)?;
+        // The gate files of idle keys go with the history (one key per job
+        // would leave one file per job).
+        self.inner.gates.sweep(0);
         if deleted > 0 {
             log::info!("runledger: pruned {deleted} runs that ended before {cutoff}");
         }
@@ -1714,9 +1722,11 @@ impl Ledger {
         self.inner.reapers.write().push(Arc::new(reaper));
     }
 
-    /// The `dead-owners` pass: judges every open instance and reaps the dead.
+    /// The `dead-owners` pass: judges every open instance and reaps the dead
+    /// (and, past a bound, removes the gate files of idle keys).
     pub(crate) fn reap_dead_owners(&self) -> Result<Vec<Reaped>> {
         let inner = &self.inner;
+        inner.gates.sweep(crate::gate::KEEP_FILES);
         let me = inner.instance();
         let mut reaped = Vec::new();
         for instance in inner.store.open_instances()? {

@@ -130,6 +130,54 @@ fn threads_of_one_ledger_and_other_processes_take_turns(store: Store) {
     assert!(f.ledger.locks().unwrap().is_empty());
 }
 
+/// Gate files of idle keys removed in a loop (issue 20) beside processes and
+/// threads that lock and release the same two keys: every section is alone
+/// (the witness file, an independent flock, an exact counter), and no
+/// request is stuck on a removed file.
+#[test]
+fn removing_idle_gates_beside_lockers_never_lets_two_in() {
+    let f = Fixture::new(Store::Sqlite);
+    let db = &f.location;
+    let dir = f.dir.path();
+    let mut workers = Vec::new();
+    for key in ["ka", "kb"] {
+        let counter = dir.join(format!("counter-{key}"));
+        std::fs::write(&counter, "0\n").unwrap();
+        for threads in ["1", "1", "2"] {
+            workers.push(spawn_worker(
+                db,
+                &[
+                    "critical",
+                    key,
+                    "--times",
+                    "30",
+                    "--threads",
+                    threads,
+                    "--witness",
+                    dir.join("witness").to_str().unwrap(),
+                    "--counter",
+                    counter.to_str().unwrap(),
+                    "--flock-witness",
+                    dir.join(format!("flock-{key}")).to_str().unwrap(),
+                ],
+            ));
+        }
+    }
+    let sweeper = spawn_worker(db, &["sweep-gates", "--times", "300"]);
+    for w in workers {
+        assert_eq!(finish(w), ["done"]);
+    }
+    let said = finish(sweeper);
+    let shrank: u32 = said[0].strip_prefix("done ").unwrap().parse().unwrap();
+    assert!(shrank > 0, "no pass removed a gate file: {said:?}");
+    for key in ["ka", "kb"] {
+        let counter = dir.join(format!("counter-{key}"));
+        assert_eq!(std::fs::read_to_string(counter).unwrap().trim(), "120");
+    }
+    assert_eq!(check_witness(&dir.join("witness")), 240);
+    assert!(f.ledger.locks().unwrap().is_empty());
+}
+
 fn slots_and_shared_limits_hold_under_contention(store: Store) {
     let f = Fixture::new(store);
     let db = &f.location;

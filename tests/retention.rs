@@ -100,3 +100,40 @@ on_both_stores!(
     prune_works_in_batches_and_never_reuses_ids,
     prune_forgets_processes_that_closed_long_ago,
 );
+
+/// Issue 20: one key per job, every job's key used once. The gate files of
+/// those keys (SQLite's sidecar `keys/` folder) stay bounded by the reap
+/// pass, and `prune` removes the idle ones. `RUNLEDGER_GATE_KEYS` raises
+/// the number of keys (a million by hand; a few thousand in CI).
+#[test]
+fn a_key_per_job_leaves_a_bounded_folder_of_gates() {
+    let f = Fixture::new(Store::Sqlite);
+    let keys: usize = std::env::var("RUNLEDGER_GATE_KEYS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3000);
+    let folder = std::path::PathBuf::from(format!("{}-runledger/keys", f.location));
+    let files = || std::fs::read_dir(&folder).map_or(0, |entries| entries.count());
+    let mut most = 0;
+    for job in 0..keys {
+        f.ledger
+            .try_lock(format!("job:id={job}"))
+            .unwrap()
+            .release()
+            .unwrap();
+        if job % 500 == 499 {
+            most = most.max(files());
+            f.ledger.reap().unwrap();
+        }
+    }
+    // Never more than the reap pass's bound plus one stretch between passes.
+    assert!(most <= 1024 + 500, "{most} gate files for {keys} keys");
+    assert!(most >= 500, "the keys made no gate files ({most})");
+    // A key in use keeps its file; prune removes every idle one.
+    let held = f.ledger.try_lock("job:id=held").unwrap();
+    f.ledger.prune(Duration::from_secs(3600)).unwrap();
+    assert_eq!(files(), 1);
+    held.release().unwrap();
+    f.ledger.prune(Duration::from_secs(3600)).unwrap();
+    assert_eq!(files(), 0);
+}
