@@ -436,7 +436,9 @@ pub use ledger::{
 };
 pub use lock::{Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Wait};
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
-pub use record::{EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+pub use record::{
+    EventKind, EventRecord, InstanceInfo, Progress, RunCounts, RunFilter, RunRecord, StepRecord,
+};
 pub use run::{DEFAULT_ADOPT_WITHIN, Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 pub use watch::{EventCursor, EventPage, Watch};
 
