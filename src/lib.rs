@@ -428,6 +428,9 @@ mod run;
 mod store;
 mod wake;
 mod watch;
+#[cfg(feature = "web")]
+#[cfg_attr(docsrs, doc(cfg(feature = "web")))]
+pub mod web;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
