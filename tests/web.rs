@@ -749,3 +749,84 @@ on_both_stores!(
     the_runs_page_filters_and_pages,
     the_event_stream_follows_the_feed_and_resumes_from_last_event_id,
 );
+
+/// `runledger serve` as a user starts it.
+#[cfg(feature = "cli")]
+mod serve {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::{Command, Stdio};
+
+    fn runledger() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_runledger"))
+    }
+
+    #[test]
+    fn an_address_off_loopback_without_a_token_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        runledger::Ledger::open(&db).unwrap();
+        for listen in ["0.0.0.0:0", "[::]:0"] {
+            let out = runledger()
+                .args(["serve", "--listen", listen])
+                .env("RUNLEDGER_DB", &db)
+                .env_remove("RUNLEDGER_TOKEN")
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{listen}: {out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("without a token"), "{stderr}");
+            assert!(stderr.contains("--token"), "{stderr}");
+        }
+    }
+
+    #[test]
+    fn serve_answers_on_loopback_and_asks_for_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        let ledger = runledger::Ledger::open(&db).unwrap();
+        ledger
+            .begin_run(runledger::RunSpec::new("served"))
+            .unwrap()
+            .succeed()
+            .unwrap();
+        let mut child = runledger()
+            .args(["serve", "--listen", "127.0.0.1:0", "--token", "tok"])
+            .env("RUNLEDGER_DB", &db)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        let request = |auth: &str| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            write!(
+                stream,
+                "GET /api/runs HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).unwrap();
+            reply
+        };
+        let denied = request("");
+        assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+        let reply = request("Authorization: Bearer tok\r\n");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("\"name\":\"served\""), "{reply}");
+        // SIGTERM stops it cleanly.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{status:?}");
+    }
+}
