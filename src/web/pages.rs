@@ -467,7 +467,8 @@ fn timeline(base: &Base, now: Timestamp, recent: &[RunRecord]) -> Markup {
             @for h in 0..=6u32 {
                 @let x = LABEL + (WIDTH - LABEL) * f64::from(h) / 6.0;
                 line x1=(x) x2=(x) y1="0" y2=(height - 16.0) class="tick" {}
-                text x=(x) y=(height - 4.0) class="tick-label" {
+                text x=(x) y=(height - 4.0) class="tick-label"
+                    text-anchor=(if h == 6 { "end" } else { "middle" }) {
                     @if h == 6 { "now" } @else { "-" (6 - h) "h" }
                 }
             }
