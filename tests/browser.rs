@@ -78,11 +78,32 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
     (status, value)
 }
 
+/// A chromedriver, which closes its browsers before it is killed (killed
+/// alone, it would leave them running).
+struct Driver {
+    port: u16,
+    _child: Killed,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Best effort, never a panic: this also runs while a test fails.
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                stream,
+                "GET /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.read(&mut [0; 512]);
+        }
+    }
+}
+
 /// Headless Chromium, driven by its own chromedriver.
 struct Browser {
     port: u16,
     session: String,
-    _driver: Killed,
+    _driver: Driver,
     _profile: tempfile::TempDir,
 }
 
@@ -110,7 +131,10 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let driver = Killed(child);
+        let driver = Driver {
+            port,
+            _child: Killed(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "chromedriver did not start");
