@@ -15,7 +15,7 @@ use crate::liveness::{InstanceId, InstanceLock, InstanceRecord, Judge, ProcessId
 use crate::location::Location;
 use crate::lock::{Callers, LockGuard, LockRecord, LockRequest};
 use crate::reaper::{DeadOwners, HungRuns, ReapReport, Reaped, Reaper, Retention, run_pass};
-use crate::record::{EventRecord, RunFilter, RunRecord, StepRecord};
+use crate::record::{EventRecord, InstanceInfo, RunCounts, RunFilter, RunRecord, StepRecord};
 use crate::run::{
     DEFAULT_ADOPT_WITHIN, Outcome, Run, RunChange, RunId, RunSpec, RunState, RunStatus, StepStatus,
 };
@@ -1592,6 +1592,91 @@ impl Ledger {
     /// Storage errors only.
     pub fn locks(&self) -> Result<Vec<LockRecord>> {
         self.inner.store.locks()
+    }
+
+    /// Every process that has the ledger open (each open instance, this
+    /// one included), oldest first, each judged alive or dead as the
+    /// reaper would judge it now. Judging changes nothing: a dead (stale)
+    /// instance stays listed until a reap closes it.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let me = ledger.instances()?.into_iter().find(|i| i.is_self).expect("listed");
+    /// assert!(me.alive);
+    /// assert_eq!(me.pid, std::process::id());
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn instances(&self) -> Result<Vec<InstanceInfo>> {
+        let inner = &self.inner;
+        let me = inner.instance();
+        let now = self.now();
+        let mut list: Vec<InstanceInfo> = inner
+            .store
+            .open_instances()?
+            .into_iter()
+            .map(|instance| {
+                let verdict = if instance.id == me {
+                    Verdict::Alive
+                } else {
+                    inner.judge.judge(&instance, now)
+                };
+                let dead_reason = match verdict {
+                    Verdict::Alive => None,
+                    Verdict::Dead { reason, .. } => Some(reason),
+                };
+                InstanceInfo {
+                    id: InstanceId::from(instance.id),
+                    pid: instance.pid,
+                    host: instance.host,
+                    heartbeat_at: instance.heartbeat_at,
+                    alive: dead_reason.is_none(),
+                    dead_reason,
+                    is_self: instance.id == me,
+                }
+            })
+            .collect();
+        list.sort_by_key(|i| i.id);
+        Ok(list)
+    }
+
+    /// How many runs the ledger holds, by status, and how many of them a
+    /// reaper failed.
+    ///
+    /// Unlike the other queries this reads the whole history (one pass over
+    /// the runs, no index narrows it): it costs in proportion to the runs
+    /// kept, which [`Builder::retention`] bounds.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{Ledger, RunSpec, RunStatus};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// ledger.begin_run(RunSpec::new("report"))?.succeed()?;
+    /// assert_eq!(ledger.run_counts()?.of(RunStatus::Succeeded), 1);
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn run_counts(&self) -> Result<RunCounts> {
+        let (counts, reaped) = self.inner.store.run_counts()?;
+        let by_status = RunStatus::ALL
+            .iter()
+            .map(|s| {
+                let n = counts.iter().find(|(c, _)| c == s).map_or(0, |(_, n)| *n);
+                (*s, n)
+            })
+            .collect();
+        Ok(RunCounts { by_status, reaped })
     }
 
     /// Releases every holder of `key` by force, for operators, and returns

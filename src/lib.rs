@@ -435,6 +435,9 @@ mod run;
 mod store;
 mod wake;
 mod watch;
+#[cfg(feature = "web")]
+#[cfg_attr(docsrs, doc(cfg(feature = "web")))]
+pub mod web;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, Result, StorageError};
@@ -447,7 +450,10 @@ pub use lock::{
     Holder, LockGuard, LockKey, LockMode, LockRecord, LockRequest, LockState, Ticket, Wait,
 };
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
-pub use record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+pub use record::{
+    EventId, EventKind, EventRecord, InstanceInfo, Progress, RunCounts, RunFilter, RunRecord,
+    StepRecord,
+};
 pub use run::{DEFAULT_ADOPT_WITHIN, Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 pub use watch::{EventCursor, EventPage, Watch};
 

@@ -83,6 +83,53 @@ impl Progress {
     }
 }
 
+/// How many runs the ledger holds, by status: what
+/// [`Ledger::run_counts`](crate::Ledger::run_counts) returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RunCounts {
+    /// Every status of [`RunStatus::ALL`], in that order, with its count
+    /// (0 included).
+    pub by_status: Vec<(RunStatus, u64)>,
+    /// Runs a reaper failed: their owner died, they hung, or nobody adopted
+    /// them in time.
+    pub reaped: u64,
+}
+
+impl RunCounts {
+    /// How many runs have `status`.
+    pub fn of(&self, status: RunStatus) -> u64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// One process that has the ledger open (an *instance*), and whether it is
+/// alive: what [`Ledger::instances`](crate::Ledger::instances) lists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InstanceInfo {
+    /// The instance's id (the `instance` of the runs and locks it owns).
+    pub id: InstanceId,
+    /// Its process id.
+    pub pid: u32,
+    /// Its host name.
+    pub host: String,
+    /// Its last heartbeat.
+    pub heartbeat_at: Timestamp,
+    /// Whether it is alive, judged as the reaper judges it (see the crate
+    /// docs, "Liveness and the reaper"). A dead one is *stale*: the next
+    /// reap closes it and fails its runs.
+    pub alive: bool,
+    /// Why it is judged dead (`process exited`, `heartbeat stale for 93s`,
+    /// …); `None` while alive.
+    pub dead_reason: Option<String>,
+    /// True for the instance of the ledger asked (this process).
+    pub is_self: bool,
+}
+
 /// One step of a run, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]

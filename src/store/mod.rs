@@ -68,6 +68,12 @@ pub(crate) enum Store {
     Postgres(postgres::Store),
 }
 
+/// The condition, in the SQL both stores share, that a run was failed by
+/// a reaper: the reasons the reapers give begin with these words
+/// (`Ledger::reap_owner`, the hung-run reason, [`unadopted_reason`]).
+pub(crate) const REAPED_RUN: &str = "status = 'failed' AND (error LIKE 'owner gone: %' \
+     OR error LIKE 'hung: %' OR error LIKE 'not adopted within %')";
+
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
@@ -165,6 +171,11 @@ impl Store {
 
     pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
         dispatch!(self, s => s.heartbeat_instance(id))
+    }
+
+    /// Runs by status, and how many a reaper failed (see [`REAPED_RUN`]).
+    pub(crate) fn run_counts(&self) -> Result<(Vec<(RunStatus, u64)>, u64)> {
+        dispatch!(self, s => s.run_counts())
     }
 
     pub(crate) fn open_instances(&self) -> Result<Vec<InstanceRecord>> {

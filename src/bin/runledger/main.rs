@@ -237,6 +237,26 @@ Examples:
         #[arg(long)]
         reason: String,
     },
+
+    /// Serve the dashboard: pages, a JSON API and /metrics, read-only.
+    ///
+    /// Listens on loopback unless told otherwise. An address other
+    /// machines can reach needs --token: every request must then carry it
+    /// (`Authorization: Bearer TOKEN`, or once `?token=TOKEN` in the
+    /// browser, which sets a cookie). Stops on SIGINT or SIGTERM.
+    #[cfg(feature = "web")]
+    #[command(after_help = "\
+Examples:
+  runledger serve                       # http://127.0.0.1:8080/
+  runledger serve --listen 0.0.0.0:8080 --token \"$(openssl rand -hex 16)\"")]
+    Serve {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// A token every request must carry; required off loopback.
+        #[arg(long, env = "RUNLEDGER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -512,5 +532,60 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             );
             Ok(0)
         }
+        #[cfg(feature = "web")]
+        Command::Serve { listen, token } => serve(&path, listen, token),
+    }
+}
+
+/// `serve`: the dashboard, until SIGINT or SIGTERM.
+#[cfg(feature = "web")]
+fn serve(
+    path: &std::path::Path,
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+) -> Result<u8, Failure> {
+    let token = token.filter(|t| !t.is_empty());
+    runledger::web::check_listen(listen, token.is_some()).map_err(usage)?;
+    // A long-lived process: its keeper heartbeats and reaps.
+    let ledger = open_with(path, |b| b.background(true).label("runledger-serve"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    let mut dashboard = runledger::web::Dashboard::new(ledger);
+    if let Some(token) = token {
+        dashboard = dashboard.token(token);
+    }
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        eprintln!("runledger: serving the dashboard on http://{addr}/ (Ctrl-C stops it)");
+        dashboard
+            .serve(listener, stopped())
+            .await
+            .map_err(|e| Failure::from(format!("the dashboard stopped: {e}")))
+    })?;
+    Ok(0)
+}
+
+/// Completes on SIGINT or SIGTERM.
+#[cfg(feature = "web")]
+async fn stopped() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // No handlers: the default action (exit) stops the server.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
 }

@@ -661,6 +661,28 @@ impl Store {
     /// per connection) in which an absent filter is a NULL parameter; the
     /// walk starts below `before` (or at the top) as an index bound, so a
     /// page deep in the history does not walk the newer runs again.
+    /// Runs by status, and how many a reaper failed: one pass over the
+    /// runs.
+    pub(crate) fn run_counts(&self) -> Result<(Vec<(RunStatus, u64)>, u64)> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT status, count(*), count(*) FILTER (WHERE {}) FROM runs GROUP BY status",
+                crate::store::REAPED_RUN
+            )
+        });
+        self.read(|tx| {
+            let mut reaped = 0u64;
+            let mut counts = Vec::new();
+            for row in tx.query(&SQL, &[])? {
+                let n: i64 = row.try_get(1)?;
+                let r: i64 = row.try_get(2)?;
+                reaped += u64::try_from(r).unwrap_or(0);
+                counts.push((run_status(&row, 0)?, u64::try_from(n).unwrap_or(0)));
+            }
+            Ok((counts, reaped))
+        })
+    }
+
     pub(crate) fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
         let statuses: Option<Vec<&str>> = (!filter.statuses.is_empty())
             .then(|| filter.statuses.iter().map(|s| s.as_str()).collect());

@@ -642,6 +642,34 @@ impl Store {
         })
     }
 
+    /// Runs by status, and how many a reaper failed: one pass over the
+    /// runs.
+    pub(crate) fn run_counts(&self) -> Result<(Vec<(RunStatus, u64)>, u64)> {
+        self.read(|conn| {
+            let mut reaped = 0u64;
+            let counts = conn
+                .prepare_cached(&format!(
+                    "SELECT status, count(*), coalesce(sum({}), 0) FROM runs GROUP BY status",
+                    crate::store::REAPED_RUN
+                ))?
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, RunStatus>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })?
+                .map(|row| {
+                    row.map(|(status, n, r)| {
+                        reaped += u64::try_from(r).unwrap_or(0);
+                        (status, u64::try_from(n).unwrap_or(0))
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((counts, reaped))
+        })
+    }
+
     /// The steps of a run, in the order they started.
     pub(crate) fn steps(&self, run: RunId) -> Result<Vec<StepRecord>> {
         self.read(|conn| {

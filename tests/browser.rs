@@ -1,0 +1,393 @@
+//! The dashboard in a real browser: headless Chromium driven over WebDriver
+//! (Debian's `chromium` and `chromium-driver`; `.ci/run` installs them),
+//! against `runledger serve` on loopback, with runs made by other
+//! `runledger` processes. The tests check what a person sees.
+//!
+//! A missing browser or driver fails these tests: they never pass by
+//! skipping.
+#![cfg(all(feature = "web", feature = "cli"))]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 exchange with a server on loopback: the status and the
+/// JSON body.
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read by Content-Length: chromedriver keeps the connection open.
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {status_line:?}"));
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut rest = vec![0; length];
+    reader.read_exact(&mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    let value = serde_json::from_str(rest.trim()).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// A chromedriver, which closes its browsers before it is killed (killed
+/// alone, it would leave them running).
+struct Driver {
+    port: u16,
+    _child: Killed,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Best effort, never a panic: this also runs while a test fails.
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                stream,
+                "GET /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.read(&mut [0; 512]);
+        }
+    }
+}
+
+/// Headless Chromium, driven by its own chromedriver.
+struct Browser {
+    port: u16,
+    session: String,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+fn installed(program: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/lib/chromium"] {
+        let path = Path::new(dir).join(program);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "{program} is not installed: the browser tests need Debian's chromium and \
+         chromium-driver (apt-get install -y chromium chromium-driver; .ci/run does it)"
+    );
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let driver = installed("chromedriver");
+        let chromium = installed("chromium");
+        let port = free_port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let driver = Driver {
+            port,
+            _child: Killed(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let capabilities = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            },
+        }}});
+        let (status, reply) = http(port, "POST", "/session", Some(&capabilities));
+        assert_eq!(status, 200, "no browser session: {reply}");
+        let session = reply["value"]["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_owned();
+        Browser {
+            port,
+            session,
+            _driver: driver,
+            _profile: profile,
+        }
+    }
+
+    fn command(&self, method: &str, what: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}/{what}", self.session);
+        let (status, reply) = http(self.port, method, &path, body.as_ref());
+        assert_eq!(status, 200, "{method} {what}: {reply}");
+        reply["value"].clone()
+    }
+
+    fn open(&self, url: &str) {
+        self.command("POST", "url", Some(json!({ "url": url })));
+    }
+
+    /// Runs `script` in the page and returns what it returns.
+    fn eval(&self, script: &str) -> Value {
+        self.command(
+            "POST",
+            "execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+    }
+
+    /// The text a person sees in the page's content.
+    fn text(&self) -> String {
+        self.eval("return document.querySelector('main').innerText;")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits until the page's text satisfies `ok`, without reloading it.
+    fn wait_for_text(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.text();
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the page never showed {what}; it shows:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http(
+            self.port,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
+    }
+}
+
+/// A ledger, `runledger serve` on it, and a way to run `runledger` there.
+struct Served {
+    dir: tempfile::TempDir,
+    url: String,
+    _server: Killed,
+}
+
+fn runledger(db: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_runledger"));
+    command
+        .env("RUNLEDGER_DB", db)
+        .env_remove("RUNLEDGER_TOKEN");
+    command
+}
+
+impl Served {
+    fn start() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        runledger::Ledger::open(&db).unwrap();
+        let mut child = runledger(&db)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim_end_matches('/')
+            .to_owned();
+        Served {
+            dir,
+            url,
+            _server: Killed(child),
+        }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("ledger.db")
+    }
+
+    /// `runledger exec` of `args` in the background.
+    fn exec(&self, args: &[&str]) -> Killed {
+        Killed(
+            runledger(&self.db())
+                .arg("exec")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// The id of the newest run named `name`, waiting for it to appear.
+    fn run_id(&self, name: &str) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = runledger(&self.db())
+                .args(["runs", "--json", "--name", name, "--limit", "1"])
+                .output()
+                .unwrap();
+            let runs: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if let Some(id) = runs[0]["id"].as_i64() {
+                return id;
+            }
+            assert!(Instant::now() < deadline, "run {name} never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_run_another_process_starts_appears_on_an_open_page_without_a_reload() {
+    let served = Served::start();
+    let browser = Browser::start();
+    browser.open(&format!("{}/", served.url));
+    assert!(
+        browser.text().contains("Active runs (0)"),
+        "{}",
+        browser.text()
+    );
+    // A mark in the page's own state: a reload would lose it.
+    browser.eval("window.sameDocument = 'yes'; return null;");
+    browser.wait_for_text("the live feed connected", |_| {
+        browser.eval("return document.getElementById('live').textContent;") == "live"
+    });
+
+    let _run = served.exec(&["--name", "appears-live", "--", "sleep", "30"]);
+    let text = browser.wait_for_text("the new run", |t| t.contains("appears-live"));
+    assert!(text.contains("Active runs (1)"), "{text}");
+    assert_eq!(
+        browser.eval("return window.sameDocument || 'reloaded';"),
+        "yes",
+        "the page was reloaded"
+    );
+}
+
+#[test]
+fn a_queued_runs_page_names_its_holder() {
+    let served = Served::start();
+    let _holder = served.exec(&["--name", "holder", "--lock", "deploy", "--", "sleep", "30"]);
+    let holder = served.run_id("holder");
+    let _waiter = served.exec(&["--name", "waiter", "--lock", "deploy", "--", "true"]);
+    let waiter = served.run_id("waiter");
+    let browser = Browser::start();
+    browser.open(&format!("{}/runs/{waiter}", served.url));
+    let text = browser.wait_for_text("why it waits", |t| t.contains("Why it waits"));
+    assert!(text.contains("Waits for deploy (exclusive)"), "{text}");
+    let holder_line = text
+        .lines()
+        .find(|l| l.starts_with("Held by"))
+        .unwrap_or_else(|| panic!("no holder named:\n{text}"));
+    assert!(
+        holder_line.starts_with(&format!("Held by run {holder} (holder), pid ")),
+        "{holder_line}"
+    );
+    assert!(holder_line.ends_with("alive"), "{holder_line}");
+}
+
+#[test]
+fn names_that_look_like_markup_are_shown_as_text() {
+    let served = Served::start();
+    let evil = [
+        "<script>document.title='pwned'</script>",
+        "<img src=x onerror=\"document.title='pwned'\">",
+    ];
+    for name in evil {
+        let out = runledger(&served.db())
+            .args(["exec", "--name", name, "--", "true"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let browser = Browser::start();
+    for page in ["/", "/runs", "/runs/1", "/runs/2"] {
+        browser.open(&format!("{}{page}", served.url));
+        let text = browser.text();
+        assert_eq!(
+            browser
+                .eval("return document.title;")
+                .as_str()
+                .map(|t| t.contains("pwned")),
+            Some(false),
+            "{page}"
+        );
+        assert_eq!(
+            browser.eval("return document.querySelectorAll('main script, main img').length;"),
+            0,
+            "{page}: markup from a run's name became elements"
+        );
+        if page == "/runs" {
+            for name in evil {
+                assert!(
+                    text.contains(name),
+                    "{page} does not show {name:?} as text:\n{text}"
+                );
+            }
+        }
+    }
+    browser.open(&format!("{}/runs/1", served.url));
+    assert!(browser.text().contains(evil[0]), "{}", browser.text());
+}
