@@ -296,12 +296,17 @@ fn a_killed_exec_is_reaped_with_the_reason() {
         "exec", "--name", "orphan", "--lock", "k", "--", "sh", "-c", &script,
     ]);
     let run = cli.running("orphan");
+    // Regression: the file exists as soon as the shell opened it, and was
+    // read empty under load (then `/proc/` "outlived" the exec).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pidfile.exists() {
-        assert!(Instant::now() < deadline);
+    let pid = loop {
+        let written = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        if written.ends_with('\n') && written.trim().parse::<u32>().is_ok() {
+            break written;
+        }
+        assert!(Instant::now() < deadline, "no pid written: {written:?}");
         std::thread::sleep(Duration::from_millis(10));
-    }
-    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    };
     kill(exec.id(), "-KILL");
     exec.wait().unwrap();
     // The command dies with its `exec`: it must not go on without the lock.
