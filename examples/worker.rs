@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --example worker -- DB open
-//! cargo run --example worker -- DB begin NAME [--key KEY] [--at MS] [--hold-ms N]
+//! cargo run --example worker -- DB begin NAME [--key KEY] [--window-ms N] [--at MS] [--hold-ms N]
 //! cargo run --example worker -- DB race-succeed NAME --at MS
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
@@ -16,7 +16,7 @@
 //! cargo run --example worker -- DB burst-runs N [--at MS]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE] [--threads N]
 //!     [--flock-witness FILE]
-//! cargo run --example worker -- DB sweep-gates --times N
+//! cargo run --example worker -- DB sweep-gates [--times N | --until FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
 //! cargo run --example worker -- DB fill NAME --bytes N
@@ -72,8 +72,8 @@
 //! purpose), each line printed and flushed as soon as the call returned: a
 //! process to kill in the middle of a group commit.
 //! `sweep-gates` runs `prune` (which removes the gate files of idle keys)
-//! `--times` times in a row, and prints `done N`: how many passes left
-//! fewer files than they found.
+//! `--times` times in a row, or until the file `--until` exists, and prints
+//! `done N`: how many passes left fewer files than they found.
 //! `critical` takes the lock `--times` times (on each of `--threads`
 //! threads sharing one ledger, default 1); with `--flock-witness`, inside
 //! each section it also takes a non-blocking flock of that file and fails
@@ -229,6 +229,9 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             let mut spec = RunSpec::new(arg(2)?).source("worker");
             if let Some(key) = flag(args, "--key") {
                 spec = spec.idempotency_key(key);
+            }
+            if let Some(ms) = flag(args, "--window-ms") {
+                spec = spec.idempotency_window(Duration::from_millis(ms.parse()?));
             }
             wait_until(args);
             match ledger.begin_run(spec) {
@@ -424,7 +427,17 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             let files = || std::fs::read_dir(&keys).map_or(0, |entries| entries.count());
             // How many times a pass found files and left fewer.
             let mut shrank = 0;
-            for _ in 0..number(args, "--times", 1) {
+            let until = flag(args, "--until").map(std::path::Path::new);
+            let mut passes = 0;
+            loop {
+                passes += 1;
+                let done = match until {
+                    Some(stop) => stop.exists(),
+                    None => passes > number(args, "--times", 1),
+                };
+                if done {
+                    break;
+                }
                 let before = files();
                 ledger.prune(Duration::from_secs(100 * 365 * 24 * 3600))?;
                 if files() < before {

@@ -79,9 +79,11 @@ pub enum Error {
         host: String,
     },
 
-    /// An active run already holds this idempotency key: no second run was
-    /// started. `existing` is the run to follow instead.
-    #[error("run {existing} is already active with idempotency key {key:?}")]
+    /// A run already holds this idempotency key: an active one, or, with
+    /// [`RunSpec::idempotency_window`](crate::RunSpec::idempotency_window),
+    /// one created within the window, in any status. No second run was
+    /// started; `existing` is the run to follow instead.
+    #[error("run {existing} already holds idempotency key {key:?}")]
     Duplicate {
         /// The idempotency key of the spec.
         key: String,

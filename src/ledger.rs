@@ -1093,6 +1093,11 @@ impl Ledger {
             },
             parent: spec.parent,
             idempotency_key: spec.idempotency_key.as_deref(),
+            idempotency_window: spec
+                .idempotency_key
+                .as_ref()
+                .and(spec.idempotency_window)
+                .map(millis),
             instance: inner.instance(),
             pid: inner.identity().pid,
             host: &inner.identity().host,

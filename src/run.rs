@@ -233,6 +233,7 @@ pub struct RunSpec {
     pub(crate) metadata: serde_json::Value,
     pub(crate) log_path: Option<PathBuf>,
     pub(crate) idempotency_key: Option<String>,
+    pub(crate) idempotency_window: Option<Duration>,
     pub(crate) parent: Option<RunId>,
     pub(crate) queued: bool,
     pub(crate) heartbeat_timeout: Option<Duration>,
@@ -256,6 +257,7 @@ impl RunSpec {
             metadata: serde_json::Value::Null,
             log_path: None,
             idempotency_key: None,
+            idempotency_window: None,
             parent: None,
             queued: false,
             heartbeat_timeout: None,
@@ -293,6 +295,47 @@ impl RunSpec {
     /// free again. Same rules as the name. Defaults to none.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> RunSpec {
         self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Widens the [idempotency key](RunSpec::idempotency_key) to a window:
+    /// a run with the same key created less than `window` ago, *active or
+    /// finished*, makes [`Ledger::begin_run`] (and [`Ledger::create_run`])
+    /// start nothing and return [`Error::Duplicate`] naming it; once the
+    /// latest such run is older than `window`, a new run starts. A duplicate
+    /// trigger within 24 hours of a nightly job is then one run, even after
+    /// it finished. Checked in the same transaction as the insert, so two
+    /// processes racing with one key make one run. Needs an idempotency
+    /// key (else it is ignored). Defaults to none: only an active run
+    /// counts.
+    ///
+    /// The window is measured on the ledger's clock, from each run's
+    /// creation.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use runledger::{Error, Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let nightly = || {
+    ///     RunSpec::new("nightly")
+    ///         .idempotency_key("nightly:2026-12-02")
+    ///         .idempotency_window(Duration::from_secs(24 * 3600))
+    /// };
+    /// let first = ledger.begin_run(nightly())?;
+    /// let id = first.id();
+    /// first.succeed()?;
+    /// // Finished, but within the window: the same run.
+    /// match ledger.begin_run(nightly()) {
+    ///     Err(Error::Duplicate { existing, .. }) => assert_eq!(existing, id),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn idempotency_window(mut self, window: Duration) -> RunSpec {
+        self.idempotency_window = Some(window);
         self
     }
 

@@ -338,6 +338,68 @@ fn a_killed_exec_is_reaped_with_the_reason() {
     assert_eq!(shown["locks"], serde_json::json!([]));
 }
 
+/// Issue 20: `exec --idempotency-key K --idempotency-window W` starts a
+/// command once per window; a repeat starts nothing, names the run, and
+/// exits as that run did.
+#[test]
+fn exec_with_an_idempotency_window_runs_a_command_once() {
+    let cli = Cli::new();
+    let once = |cmd: &str| {
+        cli.run(&[
+            "exec",
+            "--name",
+            "nightly",
+            "--idempotency-key",
+            &format!("nightly:{cmd}"),
+            "--idempotency-window",
+            "24h",
+            "--",
+            cmd,
+        ])
+    };
+    assert_eq!(code(&once("true")), 0);
+    let again = once("true");
+    assert_eq!(code(&again), 0, "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains(
+            "not started: run 1 (nightly, succeeded) holds idempotency key \"nightly:true\""
+        ),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(code(&once("false")), 1);
+    let failed_again = once("false");
+    assert_eq!(code(&failed_again), 1);
+    assert!(text(&failed_again.stderr).contains("(nightly, failed)"));
+    // Two runs recorded, one per key; nothing for the refused starts.
+    let runs = cli.json(&["runs"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    // Without a window, a finished run does not hold its key.
+    let plain = |key: &str| {
+        cli.run(&[
+            "exec",
+            "--name",
+            "plain",
+            "--idempotency-key",
+            key,
+            "--",
+            "true",
+        ])
+    };
+    assert_eq!(code(&plain("p")), 0);
+    assert_eq!(code(&plain("p")), 0);
+    assert_eq!(
+        cli.json(&["runs", "--name", "plain"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // A window needs a key.
+    let usage = cli.run(&["exec", "--idempotency-window", "1h", "--", "true"]);
+    assert_eq!(code(&usage), 2);
+}
+
 #[test]
 fn cancel_stops_an_exec_run() {
     let cli = Cli::new();

@@ -163,10 +163,12 @@ fn removing_idle_gates_beside_lockers_never_lets_two_in() {
             ));
         }
     }
-    let sweeper = spawn_worker(db, &["sweep-gates", "--times", "300"]);
+    let stop = dir.join("stop");
+    let sweeper = spawn_worker(db, &["sweep-gates", "--until", stop.to_str().unwrap()]);
     for w in workers {
         assert_eq!(finish(w), ["done"]);
     }
+    std::fs::write(&stop, "").unwrap();
     let said = finish(sweeper);
     let shrank: u32 = said[0].strip_prefix("done ").unwrap().parse().unwrap();
     assert!(shrank > 0, "no pass removed a gate file: {said:?}");

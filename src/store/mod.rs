@@ -480,6 +480,9 @@ pub(crate) struct NewRun<'a> {
     pub status: RunStatus,
     pub parent: Option<RunId>,
     pub idempotency_key: Option<&'a str>,
+    /// With the key: a run of that key created this recently (ms), in any
+    /// status, is a duplicate too.
+    pub idempotency_window: Option<i64>,
     pub instance: i64,
     pub pid: u32,
     pub host: &'a str,

@@ -74,6 +74,19 @@ pub(crate) struct ExecArgs {
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     meta: Vec<(String, String)>,
 
+    /// Start nothing while a run with this key is active: exit 75 naming it
+    /// (with --idempotency-window, see there). Nothing is recorded for the
+    /// refused start.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+
+    /// With --idempotency-key: a run of the key created less than this long
+    /// ago (such as 24h) holds it even after it finished. Then nothing
+    /// starts, and exec exits 0 if that run succeeded, 75 while it is
+    /// active, 1 if it ended otherwise, naming it on stderr.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "idempotency_key")]
+    idempotency_window: Option<Duration>,
+
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -298,10 +311,16 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
             log_file_path(&log_dir, &name)
         }
     };
-    let spec = RunSpec::new(name)
+    let mut spec = RunSpec::new(name)
         .source(args.source.clone())
         .metadata(metadata.clone().into())
         .log_path(&log_path);
+    if let Some(key) = &args.idempotency_key {
+        spec = spec.idempotency_key(key.clone());
+    }
+    if let Some(window) = args.idempotency_window {
+        spec = spec.idempotency_window(window);
+    }
     // Name, source, metadata (the `exec` event of an adopted run has the
     // same limits) and log path, as the run would be recorded.
     ledger.check_run_spec(&spec).map_err(crate::usage)?;
@@ -311,24 +330,31 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
     } else {
         spec.queued()
     };
-    let run = match handed {
-        Handed::None => ledger.begin_run(spec)?,
-        Handed::Outer(parent) => ledger.begin_run(spec.parent(parent))?,
+    let begun = match handed {
+        Handed::None => ledger.begin_run(spec),
+        Handed::Outer(parent) => ledger.begin_run(spec.parent(parent)),
         Handed::Adopt(id) => {
-            let run = if requests.is_empty() {
-                ledger.adopt_run(id)?
+            if requests.is_empty() {
+                ledger.adopt_run(id)
             } else {
-                ledger.adopt_run_queued(id)?
-            };
-            // The run keeps its creator's name, source and metadata; what
-            // this exec runs is recorded beside them.
-            run.event("exec", metadata.clone().into())?;
-            if recorded_log.is_none() {
-                run.set_log_path(&log_path)?;
+                ledger.adopt_run_queued(id)
             }
-            run
         }
     };
+    let run = match begun {
+        Err(runledger::Error::Duplicate { key, existing }) => {
+            return already_held(&ledger, &key, existing, &log_path);
+        }
+        begun => begun?,
+    };
+    if let Handed::Adopt(_) = handed {
+        // The run keeps its creator's name, source and metadata; what this
+        // exec runs is recorded beside them.
+        run.event("exec", metadata.clone().into())?;
+        if recorded_log.is_none() {
+            run.set_log_path(&log_path)?;
+        }
+    }
     shared.run.store(i64::from(run.id()), Ordering::SeqCst);
     // A signal that came before the run had an id cancelled nothing yet.
     if shared.interrupted.load(Ordering::SeqCst) != 0 {
@@ -381,6 +407,31 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
 
 /// Opens the log file for appending (a creator may have written to the file
 /// it recorded), creating it and its folder if missing.
+/// The start refused for an idempotency key that `existing` holds: says
+/// so, and exits as that run did (0 if it succeeded, 75 while it is
+/// active, else 1). The log file opened for the run that did not start is
+/// removed if nothing was written to it.
+fn already_held(
+    ledger: &runledger::Ledger,
+    key: &str,
+    existing: runledger::RunId,
+    log_path: &Path,
+) -> Result<u8, Failure> {
+    if std::fs::metadata(log_path).is_ok_and(|m| m.len() == 0) {
+        let _ = std::fs::remove_file(log_path);
+    }
+    let run = ledger.run(existing)?;
+    eprintln!(
+        "runledger: not started: run {existing} ({}, {}) holds idempotency key {key:?}",
+        run.name, run.status
+    );
+    Ok(match run.status {
+        runledger::RunStatus::Succeeded => 0,
+        runledger::RunStatus::Queued | runledger::RunStatus::Running => 75,
+        _ => 1,
+    })
+}
+
 fn open_log(path: &Path) -> Result<File, Failure> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)

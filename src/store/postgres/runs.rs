@@ -197,6 +197,24 @@ impl Store {
                     other => other,
                 })?;
             }
+            if let (Some(key), Some(window)) = (new.idempotency_key, new.idempotency_window) {
+                // Any run of the key created within the window, whatever
+                // its status (under the writer lock, so racing writers of
+                // the key take turns).
+                let existing = tx.query_opt(
+                    "SELECT id FROM runs
+                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL
+                       AND created_at > $2
+                     ORDER BY created_at DESC, id DESC LIMIT 1",
+                    &[&key, &at.as_millis().saturating_sub(window)],
+                )?;
+                if let Some(row) = existing {
+                    return Err(Error::Duplicate {
+                        key: key.to_owned(),
+                        existing: RunId::from(row.try_get::<_, i64>(0)?),
+                    });
+                }
+            }
             if let Some(key) = new.idempotency_key {
                 // The unique index's own condition, so that the lookup uses
                 // it.

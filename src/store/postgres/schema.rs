@@ -191,6 +191,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         address      text NOT NULL
     );
     "#,
+    // 5: idempotency windows (RunSpec::idempotency_window).
+    r#"
+    CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
+        WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes and understands.

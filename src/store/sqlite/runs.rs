@@ -21,6 +21,7 @@ struct OwnedRun {
     status: RunStatus,
     parent: Option<RunId>,
     idempotency_key: Option<String>,
+    idempotency_window: Option<i64>,
     instance: i64,
     pid: u32,
     host: String,
@@ -38,6 +39,7 @@ impl From<&NewRun<'_>> for OwnedRun {
             status: new.status,
             parent: new.parent,
             idempotency_key: new.idempotency_key.map(str::to_owned),
+            idempotency_window: new.idempotency_window,
             instance: new.instance,
             pid: new.pid,
             host: new.host.to_owned(),
@@ -58,6 +60,7 @@ impl OwnedRun {
             status: self.status,
             parent: self.parent,
             idempotency_key: self.idempotency_key.as_deref(),
+            idempotency_window: self.idempotency_window,
             instance: self.instance,
             pid: self.pid,
             host: &self.host,
@@ -204,6 +207,27 @@ impl Store {
                     },
                     other => other,
                 })?;
+            }
+            if let (Some(key), Some(window)) = (new.idempotency_key, new.idempotency_window) {
+                // Any run of the key created within the window, whatever
+                // its status; in this transaction, so racing writers of
+                // the key take turns.
+                let existing: Option<RunId> = tx
+                    .prepare_cached(
+                        "SELECT id FROM runs
+                         WHERE idempotency_key = ?1 AND created_at > ?2
+                         ORDER BY created_at DESC, id DESC LIMIT 1",
+                    )?
+                    .query_row(params![key, at.as_millis().saturating_sub(window)], |row| {
+                        row.get(0)
+                    })
+                    .optional()?;
+                if let Some(existing) = existing {
+                    return Err(Error::Duplicate {
+                        key: key.to_owned(),
+                        existing,
+                    });
+                }
             }
             let started_at = (new.status == RunStatus::Running).then_some(at);
             let inserted = tx

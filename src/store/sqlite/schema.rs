@@ -213,6 +213,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- adopter's instance, pid and host in events.step) and 'custom' (the
     -- event's name in events.step, its JSON data in events.message).
     "#,
+    // 5: idempotency windows (RunSpec::idempotency_window).
+    r#"
+    -- The latest run of a key, in any status, found without a scan.
+    CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
+        WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 /// The CHECK constraints that [`rewrite_checks`] rewrites: (table, as
