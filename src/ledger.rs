@@ -320,8 +320,9 @@ impl Builder {
         self
     }
 
-    /// The most SQLite connections this ledger keeps open (readers run in
-    /// parallel; writers take turns). Values below 1 count as 1. Defaults to 8.
+    /// The most connections this ledger keeps open, SQLite or PostgreSQL
+    /// (readers run in parallel; writers take turns). Values below 1 count
+    /// as 1. Defaults to 8.
     pub fn pool_size(mut self, size: u32) -> Builder {
         self.pool_size = size.max(1);
         self
@@ -746,6 +747,14 @@ impl Ledger {
     ///   [`Builder::busy_timeout`] bounds the wait. Lock waiters and
     ///   [`watch`](Ledger::watch)es are woken across hosts by
     ///   `LISTEN`/`NOTIFY`.
+    /// - **Connections.** A ledger (all its clones) keeps at most
+    ///   [`Builder::pool_size`] pooled connections, opened as they are
+    ///   needed, and the process keeps one more per server, shared by all
+    ///   its ledgers there, that listens for wake-ups: the budget of a
+    ///   process is its ledgers' pool sizes plus one per server. A server
+    ///   that refuses connections (`max_connections`, a role's limit)
+    ///   makes a call fail with an error carrying the server's words once
+    ///   [`Builder::busy_timeout`] has passed without a connection.
     /// - **Durability** is the server's (`synchronous_commit`):
     ///   [`Builder::synchronous`], [`Builder::group_commit`] and
     ///   [`Builder::queue_after`] concern SQLite only.

@@ -457,6 +457,56 @@ fn dropped_ledgers_leave_no_connections_behind() {
     assert_eq!(left, 0, "connections left behind by dropped ledgers");
 }
 
+/// Issue 17: one listening connection per process and server, whatever the
+/// number of ledgers (schemas) open there; the last one closes it.
+fn ledgers_of_one_process_share_one_listening_connection() {
+    let (first, second) = (SchemaGuard::new(), SchemaGuard::new());
+    let app = format!("rv_listen_{}", std::process::id());
+    let open = |schema: &SchemaGuard| {
+        Ledger::open(format!(
+            "{}?application_name={app}#{}",
+            schema.url, schema.name
+        ))
+        .unwrap()
+    };
+    let (a, b) = (open(&first), open(&second));
+    let listening = || -> i64 {
+        client(&first.url)
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                &[&app],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(listening(), 1, "one listening connection for both ledgers");
+    // Both still hear of releases elsewhere: a waiter in each is served.
+    for (ledger, schema) in [(&a, &first), (&b, &second)] {
+        let other = Ledger::open(format!("{}#{}", schema.url, schema.name)).unwrap();
+        let held = other.lock("k").unwrap();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                ledger.acquire(
+                    runledger::LockRequest::new(["k"]).wait(std::time::Duration::from_secs(20)),
+                )
+            });
+            common::wait_for_waiters(&other, 1);
+            held.release().unwrap();
+            waiter.join().unwrap().unwrap().release().unwrap();
+        });
+    }
+    drop((a, b));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while connections_of(&first.url, &app) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener outlived its ledgers"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn a_connection_the_server_closed_does_not_fail_the_next_call() {
     let place = Place::new(Store::Postgres);
     let url = place.schema.as_ref().unwrap().url.clone();
@@ -666,6 +716,7 @@ pg_tests!(
     a_schema_holding_only_another_applications_types_is_refused,
     a_hash_in_a_url_password_is_not_shown,
     sslmode_require_connects_encrypted_and_disable_in_the_clear,
+    ledgers_of_one_process_share_one_listening_connection,
     sslmode_verify_full_against_a_self_signed_server_says_why_it_fails,
     sslmode_verify_ca_and_verify_full_connect_when_the_certificate_checks_out,
     sslmode_in_the_key_value_form_is_understood_too,

@@ -201,7 +201,12 @@ impl Store {
                 source: None,
             })?;
         let channel = channel_of(schema);
-        let listener = listen::Listener::start(pg, connector, channel.clone(), name.clone())?;
+        // One listening connection per server, for the whole process: per
+        // connection string (and TLS setting), so that ledgers opened with
+        // other settings (a role, an application_name) keep their own.
+        let server = format!("{url} {tls:?}");
+        let listener =
+            listen::Listener::start(pg, connector, server, channel.clone(), name.clone())?;
         let lock_timeout = config.busy_timeout.as_millis().clamp(1, i32::MAX as u128);
         Ok(Store {
             pool: Some(pool),
