@@ -1,0 +1,217 @@
+//! How the PostgreSQL store scales with clients, beside the bare server, in
+//! one run against the server of `RUNLEDGER_PG_URL`:
+//!
+//! - `disjoint`: at 1, 4, 16 and 32 clients (threads, each with a `Ledger`
+//!   of its own, each on a key of its own), operations per second and the
+//!   p50/p99 of one operation, for the lock pair (`try_lock` + `release`)
+//!   and for `begin_run` + `succeed`, beside the bare durable baseline: an
+//!   `INSERT` and a `DELETE` of a row, two autocommit statements, prepared,
+//!   on a connection of each client's own;
+//! - `contended`: one key, 8 clients looping `lock` + `release`: grants per
+//!   second, and the hand-off from one holder's release to the next grant
+//!   (p50/p99).
+//!
+//! ```text
+//! RUNLEDGER_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --features postgres --bench postgres_scale
+//! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- contended
+//! RUNLEDGER_BENCH_SECS=5 …                       # seconds per cell (default 3)
+//! ```
+//!
+//! Each run works in a schema of its own, dropped at the end.
+
+#![allow(missing_docs)]
+
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+use runledger::{Ledger, LockRequest, RunSpec};
+
+mod common;
+use common::{percentile, wanted_parts};
+
+/// One figure of a cell: operations per second, and the latencies (µs).
+struct Cell {
+    per_second: f64,
+    latencies: Vec<u64>,
+}
+
+impl Cell {
+    fn show(&self) -> String {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return "no operation".into();
+        }
+        format!(
+            "{:>8.0}/s  p50 {:>6} µs  p99 {:>7} µs",
+            self.per_second,
+            percentile(&sorted, 0.5),
+            percentile(&sorted, 0.99)
+        )
+    }
+}
+
+/// Runs `clients` threads for `secs`, each looping `op` (made by `make`
+/// for its client number) and timing each call.
+fn cell<S>(
+    clients: usize,
+    secs: f64,
+    make: impl Fn(usize) -> S + Sync,
+    op: impl Fn(&mut S) + Sync,
+) -> Cell {
+    let barrier = Barrier::new(clients);
+    let all = Mutex::new(Vec::new());
+    let started = Mutex::new(None::<Instant>);
+    std::thread::scope(|s| {
+        for i in 0..clients {
+            let (barrier, all, started, make, op) = (&barrier, &all, &started, &make, &op);
+            s.spawn(move || {
+                let mut state = make(i);
+                barrier.wait();
+                let begin = Instant::now();
+                started.lock().unwrap().get_or_insert(begin);
+                let mut mine = Vec::new();
+                while begin.elapsed().as_secs_f64() < secs {
+                    let one = Instant::now();
+                    op(&mut state);
+                    mine.push(one.elapsed().as_micros() as u64);
+                }
+                all.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    let latencies = all.into_inner().unwrap();
+    Cell {
+        per_second: latencies.len() as f64 / secs,
+        latencies,
+    }
+}
+
+fn disjoint(url: &str, schema: &str, secs: f64) {
+    let location = format!("{url}#{schema}");
+    drop(Ledger::open(&location).unwrap());
+    let mut admin = Client::connect(url, NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.bare_pairs (key text PRIMARY KEY)"
+        ))
+        .unwrap();
+    for clients in [1, 4, 16, 32] {
+        let ledger_of = |_| Ledger::open(&location).unwrap();
+        let pair = cell(
+            clients,
+            secs,
+            |i| (ledger_of(i), format!("scale:{i}")),
+            |(ledger, key)| ledger.try_lock(key.as_str()).unwrap().release().unwrap(),
+        );
+        let runs = cell(clients, secs, ledger_of, |ledger| {
+            ledger
+                .begin_run(RunSpec::new("scale"))
+                .unwrap()
+                .succeed()
+                .unwrap();
+        });
+        let bare = cell(
+            clients,
+            secs,
+            |i| {
+                let mut client = Client::connect(url, NoTls).unwrap();
+                let insert = client
+                    .prepare(&format!(
+                        "INSERT INTO {schema}.bare_pairs (key) VALUES ($1)"
+                    ))
+                    .unwrap();
+                let delete = client
+                    .prepare(&format!("DELETE FROM {schema}.bare_pairs WHERE key = $1"))
+                    .unwrap();
+                (client, insert, delete, format!("bare:{i}"))
+            },
+            |(client, insert, delete, key)| {
+                client.execute(&*insert, &[key]).unwrap();
+                client.execute(&*delete, &[key]).unwrap();
+            },
+        );
+        println!(
+            "{clients:>2} clients  lock pair {}  ({:.2}× bare)",
+            pair.show(),
+            pair.per_second / bare.per_second
+        );
+        println!(
+            "{clients:>2} clients  begin+succeed {}  ({:.2}× bare)",
+            runs.show(),
+            runs.per_second / bare.per_second
+        );
+        println!("{clients:>2} clients  bare insert+delete {}", bare.show());
+    }
+}
+
+fn contended(url: &str, schema: &str, secs: f64) {
+    let location = format!("{url}#{schema}");
+    let epoch = Instant::now();
+    let events = Mutex::new(Vec::new()); // (ns, acquired?, client)
+    let grants = cell(
+        8,
+        secs,
+        |i| (Ledger::open(&location).unwrap(), i),
+        |(ledger, i)| {
+            let guard = ledger
+                .acquire(LockRequest::new(["contended"]).wait(Duration::from_secs(60)))
+                .unwrap();
+            let got = epoch.elapsed().as_nanos();
+            guard.release().unwrap();
+            let released = epoch.elapsed().as_nanos();
+            events
+                .lock()
+                .unwrap()
+                .extend([(got, true, *i), (released, false, *i)]);
+        },
+    );
+    let mut events = events.into_inner().unwrap();
+    events.sort();
+    let mut handoffs: Vec<u64> = events
+        .windows(2)
+        .filter(|w| !w[0].1 && w[1].1 && w[0].2 != w[1].2)
+        .map(|w| ((w[1].0 - w[0].0) / 1000) as u64)
+        .collect();
+    handoffs.sort_unstable();
+    let shown = if handoffs.is_empty() {
+        "no hand-off".to_owned()
+    } else {
+        format!(
+            "hand-off p50 {} µs  p99 {} µs  (n={})",
+            percentile(&handoffs, 0.5),
+            percentile(&handoffs, 0.99),
+            handoffs.len()
+        )
+    };
+    println!(
+        "one key, 8 clients: {:.0} grants/s  {shown}",
+        grants.per_second
+    );
+}
+
+fn main() {
+    let Some(url) = std::env::var("RUNLEDGER_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("set RUNLEDGER_PG_URL to the server to measure");
+        return;
+    };
+    let secs: f64 = std::env::var("RUNLEDGER_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let wants = wanted_parts();
+    let schema = format!("bench_scale_{}", std::process::id());
+    if wants("disjoint") {
+        disjoint(&url, &schema, secs);
+    }
+    if wants("contended") {
+        contended(&url, &schema, secs);
+    }
+    if let Ok(mut admin) = Client::connect(&url, NoTls) {
+        let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    }
+}
