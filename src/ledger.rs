@@ -1986,7 +1986,7 @@ impl Ledger {
     pub(crate) fn transition(
         &self,
         id: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
+        decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus)> {
         self.inner.store.update_run(id, decide)
     }

@@ -507,6 +507,99 @@ fn ledgers_of_one_process_share_one_listening_connection() {
     }
 }
 
+/// Issue 20: every connection of the ledgers cut again and again
+/// (`pg_terminate_backend`), in the middle of write transactions, reaches no
+/// caller: workers that treat any error as fatal finish, every run they
+/// began is there and succeeded once, no lock is left, tokens only grew.
+fn connections_cut_mid_transaction_reach_no_caller() {
+    let place = Place::new(Store::Postgres);
+    let url = place.schema.as_ref().unwrap().url.clone();
+    let (location, app) = tagged_location(&place, "cut");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let cuts = std::sync::atomic::AtomicU64::new(0);
+    let tokens = std::sync::Mutex::new(Vec::new());
+    // Opened before the cuts begin: what is tested is the calls.
+    let ledgers: Vec<Ledger> = (0..4)
+        .map(|_| {
+            Ledger::builder(&location)
+                .busy_timeout(std::time::Duration::from_secs(20))
+                .open()
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = ledgers
+            .iter()
+            .enumerate()
+            .map(|(w, ledger)| {
+                let tokens = &tokens;
+                s.spawn(move || {
+                    for i in 0..20 {
+                        let run = ledger.begin_run(RunSpec::new("cut")).unwrap();
+                        let step = run.step(format!("s{i}")).unwrap();
+                        let key = format!("k{}", (w + i) % 2);
+                        let guard = run
+                            .acquire(
+                                runledger::LockRequest::new([key.as_str()])
+                                    .wait(std::time::Duration::from_secs(60)),
+                            )
+                            .unwrap();
+                        tokens.lock().unwrap().push((key, guard.token()));
+                        guard.release().unwrap();
+                        step.succeed().unwrap();
+                        run.succeed().unwrap();
+                    }
+                })
+            })
+            .collect();
+        let (stop, cuts) = (&stop, &cuts);
+        let killer = s.spawn(move || {
+            let mut admin = client(&url);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                let cut: i64 = admin
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        &[&app],
+                    )
+                    .unwrap()
+                    .get(0);
+                cuts.fetch_add(cut as u64, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let finished: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        killer.join().unwrap();
+        assert!(finished.iter().all(Result::is_ok), "a worker got an error");
+    });
+    drop(ledgers);
+    assert!(cuts.into_inner() > 10, "the connections were hardly cut");
+    let ledger = place.open();
+    let runs = ledger
+        .runs(runledger::RunFilter::default().name("cut").limit(1000))
+        .unwrap();
+    assert_eq!(runs.len(), 80, "a run was lost or made twice");
+    assert!(
+        runs.iter()
+            .all(|r| r.status == runledger::RunStatus::Succeeded)
+    );
+    assert!(
+        runs.iter()
+            .all(|r| r.progress.succeeded == 1 && r.progress.total == 1)
+    );
+    assert!(ledger.locks().unwrap().is_empty());
+    // Tokens of each key were handed out once each, growing.
+    let mut tokens = tokens.into_inner().unwrap();
+    tokens.sort();
+    let before = tokens.len();
+    tokens.dedup();
+    assert_eq!(tokens.len(), before, "a token was handed out twice");
+}
+
 fn a_connection_the_server_closed_does_not_fail_the_next_call() {
     let place = Place::new(Store::Postgres);
     let url = place.schema.as_ref().unwrap().url.clone();
@@ -717,6 +810,7 @@ pg_tests!(
     a_hash_in_a_url_password_is_not_shown,
     sslmode_require_connects_encrypted_and_disable_in_the_clear,
     ledgers_of_one_process_share_one_listening_connection,
+    connections_cut_mid_transaction_reach_no_caller,
     sslmode_verify_full_against_a_self_signed_server_says_why_it_fails,
     sslmode_verify_ca_and_verify_full_connect_when_the_certificate_checks_out,
     sslmode_in_the_key_value_form_is_understood_too,

@@ -282,7 +282,7 @@ impl Store {
     pub(crate) fn update_run(
         &self,
         run: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
+        decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus)> {
         let (state, status, wakes) = dispatch!(self, s => s.update_run(run, decide))?;
         wake(&wakes);

@@ -77,8 +77,13 @@ pub(crate) struct Store {
     location: Location,
     /// How errors and logs name the ledger: `location` as a path.
     name: PathBuf,
-    /// `BEGIN` of every write transaction: the writer lock and its timeout.
+    /// `BEGIN` of every write transaction: the writer lock and its
+    /// timeout, and the transaction's id (to settle a commit whose reply
+    /// was lost).
     begin: String,
+    /// How long a call waits for the server (a lock, a connection lost in a
+    /// restart) before it fails.
+    busy_timeout: Duration,
     /// The channel of the schema's wake-ups.
     channel: String,
     /// The ledger's clock: the server's time ([`ServerClock`]), unless the
@@ -213,9 +218,11 @@ impl Store {
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; \
                  SET LOCAL lock_timeout = {lock_timeout}; \
-                 SELECT pg_advisory_xact_lock({})",
+                 SELECT pg_advisory_xact_lock({}); \
+                 SELECT pg_current_xact_id()::text",
                 writer_key(schema)
             ),
+            busy_timeout: config.busy_timeout,
             channel,
             clock,
             server_clock,
@@ -250,101 +257,188 @@ impl Store {
     /// Before the commit, the transaction notifies the addresses given to
     /// [`Tx::wake`] (and the watchers, if it appended events) on the
     /// schema's channel; after it, it wakes them on this host.
-    fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        let in_transaction = || {
-            let mut conn = self.begin()?;
-            let mut tx = Tx {
-                conn: &mut conn,
-                now: self.clock.now(),
-                open: true,
-                events_written: false,
-                wakes: Vec::new(),
-            };
-            let value = f(&mut tx)?;
-            // A change may be noted twice (a helper such as `apply_change`
-            // notes the waiters it frees, and its caller may too): one
-            // wake-up per address is enough.
-            tx.wakes.sort_unstable();
-            tx.wakes.dedup();
-            // One round trip ends the transaction: the notifications of the
-            // waiters it freed, those of the feed's watchers (read and
-            // notified by the server, and returned to wake this host's) and
-            // the COMMIT, as one batch.
-            let mut batch = String::new();
-            for payload in listen::payloads(&tx.wakes) {
-                batch.push_str(&format!(
-                    "SELECT pg_notify({}, {});",
-                    literal(&self.channel),
-                    literal(&payload)
-                ));
-            }
-            if tx.events_written {
-                // A plain aggregate, cheap to plan on every commit; more
-                // watchers than one payload holds are notified after the
-                // commit instead (below).
-                batch.push_str(&format!(
-                    "SELECT w.n, w.addresses,
-                            CASE WHEN w.n <= {max} THEN
-                                pg_notify({chan}, {origin} || chr(10) || w.addresses)
-                            END
-                     FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
-                           FROM watchers) w
-                     WHERE w.n > 0;",
-                    max = listen::ADDRESSES_PER_PAYLOAD,
-                    chan = literal(&self.channel),
-                    origin = literal(listen::origin()),
-                ));
-            }
-            batch.push_str("COMMIT");
-            let replies = tx.conn.client.simple_query(&batch)?;
-            tx.open = false;
-            let mut watchers = Vec::new();
-            let mut unnotified = false;
-            for reply in &replies {
-                // The watchers' row, of three columns (the waiters'
-                // `pg_notify`s answer rows of one).
-                if let SimpleQueryMessage::Row(row) = reply
-                    && row.len() == 3
-                {
-                    let count = row.try_get(0).ok().flatten().and_then(|n| n.parse().ok());
-                    unnotified = count.unwrap_or(0) > listen::ADDRESSES_PER_PAYLOAD;
-                    let addresses = row.try_get(1).ok().flatten().unwrap_or("");
-                    watchers.extend(addresses.lines().map(str::to_owned));
+    ///
+    /// **A lost connection** (a restart of the server, a failover, a
+    /// connection cut) is waited out, up to the busy timeout: a
+    /// transaction that lost its connection before its commit was sent
+    /// wrote nothing and runs again, `f` included, on a new connection. One
+    /// that lost it while committing is settled, not guessed: the server
+    /// says (`pg_xact_status`) whether that transaction committed; if it
+    /// did, the call returns what `f` made, else it runs again. So a write
+    /// is never applied twice, and a restart shorter than the busy timeout
+    /// reaches no caller.
+    fn write<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.write_once(&mut f) {
+                Ok(value) => return Ok(value),
+                Err(Failed::Lost(e)) if started.elapsed() < self.busy_timeout => {
+                    log::debug!("runledger: a write lost its connection ({e}); trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(250));
                 }
+                Err(Failed::Lost(e) | Failed::Other(e)) => return Err(e.in_ledger(&self.name)),
             }
-            if unnotified {
-                // Committed already: the other hosts' watchers learn of it a
-                // round trip later (or at their next re-read if this fails).
-                for payload in listen::payloads(&watchers) {
-                    let channel = self.channel.as_str();
-                    if let Err(e) = tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]) {
-                        log::debug!("runledger: could not notify the watchers: {e}");
-                        break;
-                    }
-                }
-            }
-            // This host's watchers at once; its lock waiters are woken by
-            // the caller, with the addresses the method returned.
-            wake(&watchers);
-            Ok(value)
+        }
+    }
+
+    /// One try of [`write`](Store::write).
+    fn write_once<T>(
+        &self,
+        f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> std::result::Result<T, Failed> {
+        let (mut conn, xact) = self.begin().map_err(Failed::from)?;
+        let mut tx = Tx {
+            conn: &mut conn,
+            now: self.clock.now(),
+            open: true,
+            events_written: false,
+            wakes: Vec::new(),
         };
-        in_transaction().map_err(|e: Error| e.in_ledger(&self.name))
+        // Nothing is committed before the batch below: a lost connection
+        // here lost nothing.
+        let value = f(&mut tx).map_err(Failed::from)?;
+        // A change may be noted twice (a helper such as `apply_change`
+        // notes the waiters it frees, and its caller may too): one wake-up
+        // per address is enough.
+        tx.wakes.sort_unstable();
+        tx.wakes.dedup();
+        // One round trip ends the transaction: the notifications of the
+        // waiters it freed, those of the feed's watchers (read and notified
+        // by the server, and returned to wake this host's) and the COMMIT,
+        // as one batch.
+        let mut batch = String::new();
+        for payload in listen::payloads(&tx.wakes) {
+            batch.push_str(&format!(
+                "SELECT pg_notify({}, {});",
+                literal(&self.channel),
+                literal(&payload)
+            ));
+        }
+        if tx.events_written {
+            // A plain aggregate, cheap to plan on every commit; more
+            // watchers than one payload holds are notified after the
+            // commit instead (below).
+            batch.push_str(&format!(
+                "SELECT w.n, w.addresses,
+                        CASE WHEN w.n <= {max} THEN
+                            pg_notify({chan}, {origin} || chr(10) || w.addresses)
+                        END
+                 FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
+                       FROM watchers) w
+                 WHERE w.n > 0;",
+                max = listen::ADDRESSES_PER_PAYLOAD,
+                chan = literal(&self.channel),
+                origin = literal(listen::origin()),
+            ));
+        }
+        batch.push_str("COMMIT");
+        let replies = match tx.conn.client.simple_query(&batch) {
+            Ok(replies) => replies,
+            Err(e) if lost(&e) => {
+                tx.open = false;
+                // The commit may have happened: ask the server.
+                return match self.settle(&xact) {
+                    Ok(true) => Ok(value),
+                    Ok(false) => Err(Failed::Lost(e.into())),
+                    Err(unknown) => Err(Failed::Other(unknown)),
+                };
+            }
+            Err(e) => return Err(Failed::from(Error::from(e))),
+        };
+        tx.open = false;
+        let mut watchers = Vec::new();
+        let mut unnotified = false;
+        for reply in &replies {
+            // The watchers' row, of three columns (the waiters'
+            // `pg_notify`s answer rows of one).
+            if let SimpleQueryMessage::Row(row) = reply
+                && row.len() == 3
+            {
+                let count = row.try_get(0).ok().flatten().and_then(|n| n.parse().ok());
+                unnotified = count.unwrap_or(0) > listen::ADDRESSES_PER_PAYLOAD;
+                let addresses = row.try_get(1).ok().flatten().unwrap_or("");
+                watchers.extend(addresses.lines().map(str::to_owned));
+            }
+        }
+        if unnotified {
+            // Committed already: the other hosts' watchers learn of it a
+            // round trip later (or at their next re-read if this fails).
+            for payload in listen::payloads(&watchers) {
+                let channel = self.channel.as_str();
+                if let Err(e) = tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]) {
+                    log::debug!("runledger: could not notify the watchers: {e}");
+                    break;
+                }
+            }
+        }
+        // This host's watchers at once; its lock waiters are woken by the
+        // caller, with the addresses the method returned.
+        wake(&watchers);
+        Ok(value)
+    }
+
+    /// Whether the write transaction `xact`, whose commit lost its
+    /// connection, committed: asked of the server on another connection,
+    /// waiting for it up to the busy timeout. An error when the server
+    /// cannot tell (or cannot be reached in time): the write's outcome is
+    /// then unknown.
+    fn settle(&self, xact: &str) -> Result<bool> {
+        let started = Instant::now();
+        let unknown = |why: String| {
+            Error::from(std::io::Error::other(format!(
+                "the commit of a write lost its connection and its outcome is unknown: {why}"
+            )))
+        };
+        loop {
+            let status = self.pool().get().map_err(Error::from).and_then(|mut conn| {
+                Ok(conn
+                    .client
+                    .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xact])?
+                    .try_get::<_, Option<String>>(0)?)
+            });
+            match status {
+                Ok(Some(status)) if status == "committed" => return Ok(true),
+                Ok(Some(status)) if status == "aborted" => return Ok(false),
+                Ok(None) => return Err(unknown(format!("the server forgot transaction {xact}"))),
+                // In progress (its backend not yet gone), or no server yet.
+                Ok(Some(_)) | Err(_) if started.elapsed() < self.busy_timeout => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(Some(status)) => return Err(unknown(format!("transaction {xact} is {status}"))),
+                Err(e) => return Err(unknown(e.to_string())),
+            }
+        }
     }
 
     /// A pooled connection inside a new write transaction that holds the
-    /// writer lock.
+    /// writer lock, and the transaction's id.
     ///
     /// A connection the server closed while it sat in the pool (a restart,
     /// a failover, an idle timeout, an operator) only shows it when used:
     /// its `BEGIN` fails, nothing was written, and the next connection is
     /// tried, as many times as the pool may hold connections (and once
     /// more, for a fresh one).
-    fn begin(&self) -> Result<r2d2::PooledConnection<Manager>> {
+    fn begin(&self) -> Result<(r2d2::PooledConnection<Manager>, String)> {
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
-            match conn.client.batch_execute(&self.begin) {
-                Ok(()) => return Ok(conn),
+            match conn.client.simple_query(&self.begin) {
+                Ok(replies) => {
+                    // The last row: the writer lock's answers one too.
+                    let xact = replies.iter().rev().find_map(|reply| match reply {
+                        SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                        _ => None,
+                    });
+                    let Some(xact) = xact else {
+                        let _ = conn.client.batch_execute("ROLLBACK");
+                        return Err(crate::store::bad_data(
+                            "BEGIN did not return the transaction's id".to_owned(),
+                        ));
+                    };
+                    return Ok((conn, xact));
+                }
                 Err(e) if tries > 0 && lost(&e) => {
                     // Dropped, the broken connection leaves the pool.
                     tries -= 1;
@@ -363,7 +457,7 @@ impl Store {
     /// (dropped, not called, if it failed).
     fn write_then<T>(
         &self,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+        f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
         let value = self.write(f)?;
@@ -385,7 +479,8 @@ impl Store {
     /// each statement sees what was committed when it started.
     ///
     /// A read writes nothing, so one that finds its connection closed by the
-    /// server (see [`Store::begin`]) runs again on the next.
+    /// server (see [`Store::begin`]) runs again on the next, waiting for the
+    /// server up to the busy timeout.
     fn read<T>(&self, f: impl Fn(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut tries = self.pool().max_size();
         let on_connection = || {
@@ -399,9 +494,18 @@ impl Store {
             };
             f(&mut tx)
         };
+        // Past the pooled connections, a server that went away (a restart)
+        // is waited for, up to the busy timeout.
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
         loop {
             match on_connection() {
                 Err(e) if tries > 0 && lost_in(&e) => tries -= 1,
+                Err(e) if lost_in(&e) && started.elapsed() < self.busy_timeout => {
+                    log::debug!("runledger: a read lost its connection ({e}); trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
                 other => return other.map_err(|e: Error| e.in_ledger(&self.name)),
             }
         }
@@ -610,10 +714,29 @@ impl Clock for ServerClock {
 /// failed.
 fn lost(e: &postgres::Error) -> bool {
     e.is_closed()
+        // The connection broke under a statement (reset, refused, EOF).
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
         || e.code().is_some_and(|code| {
             let code = code.code();
             code.starts_with("08") || code.starts_with("57P")
         })
+}
+
+/// Why one try of a write failed: its connection was lost (nothing was
+/// committed: try again), or anything else.
+enum Failed {
+    Lost(Error),
+    Other(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        if lost_in(&e) {
+            Failed::Lost(e)
+        } else {
+            Failed::Other(e)
+        }
+    }
 }
 
 /// [`lost`], for an error already wrapped in the crate's.

@@ -285,11 +285,11 @@ impl Store {
     pub(crate) fn update_run(
         &self,
         run: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
+        decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
         self.write(|tx| {
             let at = tx.now();
-            apply_change(tx, run, at, decide)
+            apply_change(tx, run, at, &decide)
         })
     }
 
@@ -942,7 +942,7 @@ pub(super) fn apply_change(
     tx: &mut Tx<'_>,
     run: RunId,
     at: Timestamp,
-    decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+    decide: impl Fn(&RunState) -> Result<Option<RunChange>>,
 ) -> Result<(RunState, RunStatus, Wakes)> {
     let row = tx
         .query_opt(

@@ -297,7 +297,7 @@ impl Store {
     pub(crate) fn update_run(
         &self,
         run: RunId,
-        decide: impl FnOnce(&RunState) -> Result<Option<RunChange>> + Send + 'static,
+        decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
         self.write_shared(move |tx, at| apply_change(tx, run, at, decide))
     }
@@ -904,7 +904,7 @@ pub(super) fn apply_change(
     tx: &Connection,
     run: RunId,
     at: Timestamp,
-    decide: impl FnOnce(&RunState) -> Result<Option<RunChange>>,
+    decide: impl Fn(&RunState) -> Result<Option<RunChange>>,
 ) -> Result<(RunState, RunStatus, Wakes)> {
     let (state, last_event) = tx
         .prepare_cached(
