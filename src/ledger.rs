@@ -1359,7 +1359,8 @@ impl Ledger {
 
     /// Deletes runs that ended more than `older_than` ago, with their steps
     /// and events, and returns how many. Active runs are never deleted. The
-    /// records of processes that closed the ledger before the cutoff go too.
+    /// records of processes that closed the ledger before the cutoff go too,
+    /// and so do the lock events (grants, releases…) older than it.
     ///
     /// Works in transactions that each look at no more than 500 runs, oldest
     /// first, so other writers are never held up for long; it stops at the
@@ -1395,6 +1396,8 @@ impl Ledger {
             deleted += batch as u64;
             after = next;
         }
+        // Lock events belong to no run's history: they go by their age.
+        while let (_, true) = self.inner.store.prune_lock_events(cutoff, PRUNE_BATCH)? {}
         self.inner.store.prune_instances(cutoff)?;
         // The gate files of idle keys go with the history (one key per job
         // would leave one file per job).

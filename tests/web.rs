@@ -679,6 +679,7 @@ fn the_event_stream_follows_the_feed_and_resumes_from_last_event_id(store: Store
     let app = runledger::web::router(f.ledger.clone());
     let ledger = f.ledger.clone();
     let builder = f.builder();
+    let f_builder_again = f.builder();
     runtime().block_on(async move {
         let open = |last: Option<String>| {
             let mut request = Request::builder().uri("/api/events");
@@ -718,6 +719,17 @@ fn the_event_stream_follows_the_feed_and_resumes_from_last_event_id(store: Store
         .unwrap();
         let text = read_stream(&mut body, |t| t.contains(&format!("\"run\":{other}"))).await;
         assert!(text.contains("\"kind\":\"status\""), "{text}");
+        // So does a lock another process takes: the locks views are live.
+        let locker = f_builder_again;
+        tokio::task::spawn_blocking(move || {
+            let ledger = locker.open().unwrap();
+            std::mem::forget(ledger.try_lock("live-key").unwrap());
+            std::mem::forget(ledger);
+        })
+        .await
+        .unwrap();
+        let text = read_stream(&mut body, |t| t.contains("\"keys\":[\"live-key\"]")).await;
+        assert!(text.contains("\"kind\":\"lock_granted\""), "{text}");
         drop(body);
 
         // A reconnect with Last-Event-ID gets what came after it, only.

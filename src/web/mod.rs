@@ -15,8 +15,10 @@
 //!
 //! Pages are plain HTML, readable without JavaScript; with it, a few lines
 //! of embedded script follow `/api/events` and redraw the page's content
-//! when something changes (and every few seconds, for the locks, whose
-//! grants are not in the feed). Every value from the ledger goes through
+//! when something changes: a run's, or a lock's (grants, releases,
+//! reclaims and forced releases are events of the feed), and every 30
+//! seconds for what changes without an event (ages; processes that died
+//! and are not reaped yet). Every value from the ledger goes through
 //! the template engine (maud), which escapes it: a run named `<script>` is
 //! text. Nothing is loaded from elsewhere, and every response carries a
 //! restrictive `Content-Security-Policy`.

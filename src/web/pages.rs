@@ -813,6 +813,10 @@ fn event_text(event: &EventRecord) -> String {
         EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
         EventKind::Custom { name, data } if data.is_null() => name.clone(),
         EventKind::Custom { name, data } => format!("{name} {data}"),
+        EventKind::LockGranted(lock) => format!("lock granted: {lock}"),
+        EventKind::LockReleased(lock) => format!("lock released: {lock}"),
+        EventKind::LockReclaimed(lock) => format!("lock reclaimed from a dead holder: {lock}"),
+        EventKind::LockForceReleased(lock) => format!("lock released by force: {lock}"),
     }
 }
 

@@ -191,6 +191,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         address      text NOT NULL
     );
     "#,
+    // 5: locks in the event feed (see the SQLite schema).
+    r#"
+    CREATE TABLE lock_history (
+        key       text NOT NULL,
+        event_id  bigint NOT NULL,
+        PRIMARY KEY (key, event_id)
+    );
+    CREATE INDEX lock_history_by_event ON lock_history(event_id);
+    "#,
 ];
 
 /// The schema version this build writes and understands.

@@ -1099,6 +1099,18 @@ fn json_column(row: &Row<'_>, index: usize) -> rusqlite::Result<serde_json::Valu
 
 fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
     let kind: String = row.get(3)?;
+    let run = crate::store::event_run(row.get(1)?);
+    if let Some(lock) = crate::store::lock_event_kind(&kind, row.get_ref(4)?.as_str_or_null()?) {
+        return Ok(EventRecord {
+            id: EventId::from(row.get::<_, i64>(0)?),
+            run,
+            at: row.get(2)?,
+            kind: lock.map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, e.into())
+            })?,
+            message: row.get(7)?,
+        });
+    }
     let kind = match kind.as_str() {
         "status" => EventKind::Status {
             from: row.get(5)?,
@@ -1117,7 +1129,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "custom" => {
             return Ok(EventRecord {
                 id: EventId::from(row.get::<_, i64>(0)?),
-                run: row.get(1)?,
+                run,
                 at: row.get(2)?,
                 kind: EventKind::Custom {
                     name: row.get(4)?,
@@ -1136,7 +1148,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
     };
     Ok(EventRecord {
         id: EventId::from(row.get::<_, i64>(0)?),
-        run: row.get(1)?,
+        run,
         at: row.get(2)?,
         kind,
         message: row.get(7)?,
