@@ -1353,7 +1353,43 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn cancel(&self, id: RunId) -> Result<RunStatus> {
-        let (_, status) = self.transition(id, |state| Ok(crate::run::cancel_change(state)))?;
+        let (_, status) =
+            self.transition(id, |state| Ok(crate::run::cancel_change(state, None)))?;
+        Ok(status)
+    }
+
+    /// As [`cancel`](Ledger::cancel), and records who asked: the cancel
+    /// request's event has the message `by WHO` (a queued run's reason
+    /// reads `cancelled before it started, by WHO`). For operators' tools,
+    /// such as the dashboard's cancel button.
+    ///
+    /// # Errors
+    ///
+    /// As [`cancel`](Ledger::cancel); [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// if `who` is empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventKind, Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("long-job"))?;
+    /// ledger.cancel_by(run.id(), "alice from 10.0.0.7")?;
+    /// let asked = ledger.events(run.id())?.pop().expect("an event");
+    /// assert_eq!(asked.kind, EventKind::CancelRequested);
+    /// assert_eq!(asked.message.as_deref(), Some("by alice from 10.0.0.7"));
+    /// # run.cancelled()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn cancel_by(&self, id: RunId, who: &str) -> Result<RunStatus> {
+        let who = input::reason(who);
+        if who.trim().is_empty() {
+            return Err(crate::Error::invalid("who", &who, "must name who asked"));
+        }
+        let (_, status) = self.transition(id, move |state| {
+            Ok(crate::run::cancel_change(state, Some(&who)))
+        })?;
         Ok(status)
     }
 

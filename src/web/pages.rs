@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
+use super::actions::{Actions, NEEDS_SESSION, NEEDS_TOKEN};
 use super::api::{MAX_LIMIT, RunsQuery};
 use super::{AppState, base_of, blocking, status_of};
 use crate::clock::Timestamp;
@@ -48,7 +49,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Base {
 impl Base {
     /// The address of a page of the dashboard: `path` is "" for the
     /// overview, else starts with '/'.
-    fn at(&self, path: &str) -> String {
+    pub(crate) fn at(&self, path: &str) -> String {
         if self.0.is_empty() && path.is_empty() {
             "/".to_owned()
         } else {
@@ -56,7 +57,7 @@ impl Base {
         }
     }
 
-    fn run(&self, id: RunId) -> String {
+    pub(crate) fn run(&self, id: RunId) -> String {
         self.at(&format!("/runs/{id}"))
     }
 }
@@ -619,7 +620,12 @@ fn log_tail(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// `/runs/{id}`: everything about one run.
-pub(crate) async fn run(State(shared): AppState, base: Base, Path(id): Path<String>) -> Response {
+pub(crate) async fn run(
+    State(shared): AppState,
+    base: Base,
+    actions: Actions,
+    Path(id): Path<String>,
+) -> Response {
     let id: RunId = match id.parse() {
         Ok(id) => id,
         Err(e) => {
@@ -658,6 +664,9 @@ pub(crate) async fn run(State(shared): AppState, base: Base, Path(id): Path<Stri
     let owner_alive = p.instances.iter().find(|i| i.id == run.instance);
     let content = html! {
         h1 { "Run " (run.id) ": " span.name { (run.name) } " " (status_badge(run.status)) }
+        @if run.status.is_active() {
+            (action_form(&actions, &base.at(&format!("/runs/{}/cancel", run.id)), html! {}, "Cancel run"))
+        }
         @if !waits.is_empty() {
             section.why {
                 h2 { "Why it waits" }
@@ -820,8 +829,27 @@ fn event_text(event: &EventRecord) -> String {
     }
 }
 
+/// The form of an action, or why there is none: nothing when actions are
+/// off.
+fn action_form(actions: &Actions, to: &str, fields: Markup, button: &str) -> Markup {
+    html! {
+        @match actions {
+            Actions::Off => {},
+            Actions::NoToken => p.note.actions { (NEEDS_TOKEN) },
+            Actions::NoSession => p.note.actions { (NEEDS_SESSION) },
+            Actions::On(csrf) => form.action method="post" action=(to) {
+                input type="hidden" name="csrf" value=(csrf);
+                (fields)
+                label { "Your name " input type="text" name="name" maxlength="100" placeholder="optional"; }
+                " "
+                button type="submit" { (button) }
+            },
+        }
+    }
+}
+
 /// `/locks`: every key, its holders and its queue.
-pub(crate) async fn locks(State(shared): AppState, base: Base) -> Response {
+pub(crate) async fn locks(State(shared): AppState, base: Base, actions: Actions) -> Response {
     let read = blocking(&shared, |l| Ok((l.now(), l.locks()?, l.instances()?)));
     let (now, locks, instances) = match read.await {
         Ok(read) => read,
@@ -830,6 +858,26 @@ pub(crate) async fn locks(State(shared): AppState, base: Base) -> Response {
     let content = html! {
         h1 { "Locks" }
         (locks_table(&base, now, &locks, &instances))
+        @let held: std::collections::BTreeSet<&str> = locks.iter()
+            .filter(|l| l.state == LockState::Held).map(|l| l.key.as_str()).collect();
+        @if !held.is_empty() && !matches!(actions, Actions::Off) {
+            section.unlock {
+                h2 { "Force unlock" }
+                @match actions {
+                    Actions::On(_) => {
+                        @for key in &held {
+                            (action_form(&actions, &base.at("/locks/unlock"), html! {
+                                input type="hidden" name="key" value=(key);
+                                code { (key) } " "
+                                label { "Reason " input type="text" name="reason" required maxlength="500"; }
+                                " "
+                            }, "Force unlock"))
+                        }
+                    }
+                    _ => (action_form(&actions, "", html! {}, "")),
+                }
+            }
+        }
     };
     page(layout(&base, "Locks", content))
 }

@@ -1014,8 +1014,8 @@ pub(super) fn apply_change(
             )?;
             (to, changed)
         }
-        RunChange::CancelRequest => {
-            chain.append(tx, "cancel_requested", None, None, None, None)?;
+        RunChange::CancelRequest { by } => {
+            chain.append(tx, "cancel_requested", None, None, None, by.as_deref())?;
             let changed = tx.execute(
                 "UPDATE runs SET cancel_requested_at = $3, last_event_id = $4
                  WHERE id = $1 AND status = $2 AND cancel_requested_at IS NULL",

@@ -970,8 +970,8 @@ pub(super) fn apply_change(
                 ))?;
             (to, changed)
         }
-        RunChange::CancelRequest => {
-            chain.append(tx, "cancel_requested", None, None, None, None)?;
+        RunChange::CancelRequest { by } => {
+            chain.append(tx, "cancel_requested", None, None, None, by.as_deref())?;
             let changed = tx
                 .prepare_cached(
                     "UPDATE runs SET cancel_requested_at = ?3, last_event_id = ?4
