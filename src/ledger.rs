@@ -1633,6 +1633,37 @@ impl Ledger {
         self.inner.store.locks()
     }
 
+    /// The history of locks, newest first: the lock events
+    /// ([`EventKind::is_lock`](crate::EventKind::is_lock)) of `key`, or of
+    /// every key when `None`, at most `limit` of them. Each event of a
+    /// request of several keys is in the history of each. Read from an index
+    /// of the keys' events, whatever the size of the runs' history; events
+    /// older than a [prune](Ledger::prune) are gone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key;
+    /// storage errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::EventKind;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// ledger.try_lock("build:a")?.release()?;
+    /// let history = ledger.lock_history(Some("build:a"), 10)?;
+    /// assert!(matches!(history[0].kind, EventKind::LockReleased(_)));
+    /// assert!(matches!(history[1].kind, EventKind::LockGranted(_)));
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        if let Some(key) = key {
+            input::check_name("lock key", key)?;
+        }
+        self.inner.store.lock_history(key, limit)
+    }
+
     /// Every process that has the ledger open (each open instance, this
     /// one included), oldest first, each judged alive or dead as the
     /// reaper would judge it now. Judging changes nothing: a dead (stale)

@@ -437,6 +437,75 @@ fn lock_events_older_than_the_cutoff_are_pruned(store: Store) {
     assert_eq!(lock_events(&f, cursor).1.len(), 2);
 }
 
+/// Each key's history: its lock events newest first, a request of two keys
+/// in both, and every key's together.
+fn a_keys_lock_history_is_its_lock_events_newest_first(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("noise")).unwrap();
+    let a = f.ledger.try_lock("a").unwrap();
+    let a_token = a.token();
+    a.release().unwrap();
+    let both = f.ledger.acquire(LockRequest::new(["a", "b"])).unwrap();
+    f.ledger.force_unlock("b", "testing").unwrap();
+    assert!(both.release().unwrap_err().is_lock_lost());
+    run.succeed().unwrap();
+
+    let words = |events: &[EventRecord]| -> Vec<(&'static str, u64)> {
+        events
+            .iter()
+            .map(|e| {
+                let word = match &e.kind {
+                    EventKind::LockGranted(_) => "granted",
+                    EventKind::LockReleased(_) => "released",
+                    EventKind::LockForceReleased(_) => "forced",
+                    other => panic!("not in a lock history: {other:?}"),
+                };
+                (word, e.kind.lock().unwrap().token)
+            })
+            .collect()
+    };
+    let t = a_token + 1;
+    let history = f.ledger.lock_history(Some("a"), 10).unwrap();
+    assert_eq!(
+        words(&history),
+        [
+            ("forced", t),
+            ("granted", t),
+            ("released", a_token),
+            ("granted", a_token)
+        ]
+    );
+    assert_eq!(
+        history[3].kind.lock().unwrap().ticket,
+        history[2].kind.lock().unwrap().ticket
+    );
+    assert_eq!(
+        words(&f.ledger.lock_history(Some("b"), 10).unwrap()),
+        [("forced", t), ("granted", t)]
+    );
+    assert_eq!(
+        words(&f.ledger.lock_history(Some("a"), 1).unwrap()),
+        [("forced", t)]
+    );
+    assert!(f.ledger.lock_history(Some("never"), 10).unwrap().is_empty());
+    let all = f.ledger.lock_history(None, 10).unwrap();
+    assert_eq!(
+        words(&all),
+        [
+            ("forced", t),
+            ("granted", t),
+            ("released", a_token),
+            ("granted", a_token)
+        ]
+    );
+    assert!(
+        f.ledger
+            .lock_history(Some(""), 10)
+            .unwrap_err()
+            .is_invalid_input()
+    );
+}
+
 on_both_stores!(
     the_feed_returns_every_event_of_every_run_once_in_commit_order,
     a_custom_event_is_recorded_with_its_data_and_checked,
@@ -448,4 +517,5 @@ on_both_stores!(
     a_dead_holders_lock_reclaimed_is_an_event,
     lock_events_serialize_flat_and_run_events_keep_their_shape,
     lock_events_older_than_the_cutoff_are_pruned,
+    a_keys_lock_history_is_its_lock_events_newest_first,
 );

@@ -998,6 +998,48 @@ fn pages_offer_no_action_unless_allowed(store: Store) {
     }
 }
 
+/// The locks page shows each key's history: grants, releases and forced
+/// releases with their tokens and why, for keys held now and keys free.
+fn the_locks_page_shows_each_keys_history_with_tokens(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("holder")).unwrap();
+    let held = run.lock("held:key").unwrap();
+    let free = f.ledger.try_lock("free:key").unwrap();
+    let free_token = free.token();
+    free.release().unwrap();
+    let gone = f.ledger.try_lock("forced:key").unwrap();
+    f.ledger
+        .force_unlock("forced:key", "<b>wedged</b>")
+        .unwrap();
+    let app = runledger::web::router(f.ledger.clone());
+    let page = ok(&app, "/locks").body;
+    let history = &page[page.find("<h2>History</h2>").expect("a history section")..];
+    for key in ["held:key", "free:key", "forced:key"] {
+        assert!(
+            history.contains(&format!("<code>{key}</code>")),
+            "{key}: {history}"
+        );
+    }
+    assert!(history.contains("released by force"), "{history}");
+    assert!(
+        history.contains("&lt;b&gt;wedged&lt;/b&gt;"),
+        "escaped: {history}"
+    );
+    assert!(
+        history.contains(&format!("<td>{free_token}</td>")),
+        "{history}"
+    );
+    assert!(
+        history.contains(&format!("/runs/{}", run.id())),
+        "{history}"
+    );
+    // Held keys come first.
+    assert!(history.find("held:key").unwrap() < history.find("free:key").unwrap());
+    assert!(gone.release().unwrap_err().is_lock_lost());
+    held.release().unwrap();
+    run.succeed().unwrap();
+}
+
 on_both_stores!(
     the_runs_api_mirrors_the_cli_and_filters_and_pages,
     one_run_locks_and_instances_as_json,
@@ -1013,6 +1055,7 @@ on_both_stores!(
     a_cancel_needs_the_token_the_same_origin_and_the_sessions_csrf_token,
     a_forced_unlock_from_the_locks_page_is_recorded_with_why_and_who,
     pages_offer_no_action_unless_allowed,
+    the_locks_page_shows_each_keys_history_with_tokens,
 );
 
 /// `runledger serve` as a user starts it.

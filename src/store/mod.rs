@@ -398,6 +398,10 @@ impl Store {
         dispatch!(self, s => s.prune_batch(cutoff, after, batch))
     }
 
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        dispatch!(self, s => s.lock_history(key, limit))
+    }
+
     pub(crate) fn prune_lock_events(
         &self,
         cutoff: Timestamp,

@@ -8,7 +8,7 @@
 //! | `/` | Overview: active runs with progress, held locks and their queues, processes alive or stale, recent failures |
 //! | `/runs` | Runs, newest first: filters `status` (repeatable), `name`, `source`, `since` (`90s`, `30m`, `2h`, `7d`), paging by `before` (a run id) and `limit` |
 //! | `/runs/{id}` | One run: every field, metadata, steps, events, its locks, and for a queued run who holds what it waits for |
-//! | `/locks` | Every key: holders (mode, token, age) and the queue in order |
+//! | `/locks` | Every key: holders (mode, token, age), the queue in order, and its history (grants, releases, reclaims from dead holders, forced releases, with tokens and why) |
 //! | `/api/runs`, `/api/runs/{id}`, `/api/locks`, `/api/instances` | JSON: the shapes of `runledger runs --json`, `show --json`, `locks --json`; `/api/runs` takes the filters of `/runs` |
 //! | `/api/events` | The event feed as server-sent events (`text/event-stream`): one `message` per event, its JSON as data and its id as the SSE id, so a reconnect resumes after the last one seen (`Last-Event-ID`, or `?from=N`) |
 //! | `/metrics` | Prometheus text: runs by status, active and queued runs, locks held, waiters, the oldest wait, instances alive and stale, runs reaped |

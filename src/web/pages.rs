@@ -850,8 +850,12 @@ fn action_form(actions: &Actions, to: &str, fields: Markup, button: &str) -> Mar
 
 /// `/locks`: every key, its holders and its queue.
 pub(crate) async fn locks(State(shared): AppState, base: Base, actions: Actions) -> Response {
-    let read = blocking(&shared, |l| Ok((l.now(), l.locks()?, l.instances()?)));
-    let (now, locks, instances) = match read.await {
+    let read = blocking(&shared, |l| {
+        let locks = l.locks()?;
+        let history = key_histories(l, &locks)?;
+        Ok((l.now(), locks, l.instances()?, history))
+    });
+    let (now, locks, instances, history) = match read.await {
         Ok(read) => read,
         Err(e) => return ledger_error_page(&base, &e),
     };
@@ -878,6 +882,105 @@ pub(crate) async fn locks(State(shared): AppState, base: Base, actions: Actions)
                 }
             }
         }
+        section.history {
+            h2 { "History" }
+            @if history.is_empty() {
+                p.empty { "No lock was granted yet, or its history was pruned." }
+            }
+            @for (key, events) in &history {
+                h3 { code { (key) } }
+                table.history {
+                    thead { tr { th { "When" } th { "What" } th { "Token" } th { "Holder" } th { "Why, and by whom" } } }
+                    tbody {
+                        @for event in events {
+                            @if let Some(lock) = event.kind.lock() {
+                                tr class=(lock_event_class(&event.kind)) {
+                                    td { time datetime=(event.at) title=(event.at) { (ago(now, event.at)) } }
+                                    td { (lock_event_word(&event.kind)) @if lock.keys.len() > 1 { " (with " (lock.keys.len() - 1) " other key(s))" } }
+                                    td { (lock.token) }
+                                    td {
+                                        @if let Some(id) = event.run { a href=(base.run(id)) { "run " (id) } ", " }
+                                        "pid " (lock.pid) " on " (lock.host)
+                                    }
+                                    td { @if let Some(m) = &event.message { (m) } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     };
     page(layout(&base, "Locks", content))
+}
+
+/// How many of the newest lock events the history reads, and how many it
+/// shows per key.
+const HISTORY_EVENTS: usize = 300;
+const HISTORY_PER_KEY: usize = 10;
+/// How many keys held or awaited now, quiet in the newest lock events, get
+/// a read of their own history.
+const HISTORY_KEYS: usize = 50;
+
+/// Each key's recent lock events, newest first: the keys held or awaited
+/// now first (each read on its own if it is not among the newest events),
+/// then the others of the newest events, by their last event.
+fn key_histories(
+    ledger: &crate::Ledger,
+    locks: &[LockRecord],
+) -> crate::Result<Vec<(String, Vec<EventRecord>)>> {
+    let mut order: Vec<String> = Vec::new();
+    let mut events: BTreeMap<String, Vec<EventRecord>> = BTreeMap::new();
+    for lock in locks {
+        if !order.contains(&lock.key) {
+            order.push(lock.key.clone());
+        }
+    }
+    let current = order.len();
+    for event in ledger.lock_history(None, HISTORY_EVENTS)? {
+        let Some(lock) = event.kind.lock() else {
+            continue;
+        };
+        for key in &lock.keys {
+            if !order.contains(key) {
+                order.push(key.clone());
+            }
+            let list = events.entry(key.clone()).or_default();
+            if list.len() < HISTORY_PER_KEY {
+                list.push(event.clone());
+            }
+        }
+    }
+    for key in order.iter().take(current.min(HISTORY_KEYS)) {
+        if !events.contains_key(key) {
+            events.insert(
+                key.clone(),
+                ledger.lock_history(Some(key), HISTORY_PER_KEY)?,
+            );
+        }
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|key| {
+            let list = events.remove(&key)?;
+            (!list.is_empty()).then_some((key, list))
+        })
+        .collect())
+}
+
+fn lock_event_word(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::LockGranted(_) => "granted",
+        EventKind::LockReleased(_) => "released",
+        EventKind::LockReclaimed(_) => "reclaimed from a dead holder",
+        EventKind::LockForceReleased(_) => "released by force",
+        _ => "",
+    }
+}
+
+fn lock_event_class(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::LockReclaimed(_) | EventKind::LockForceReleased(_) => "taken",
+        _ => "",
+    }
 }

@@ -13,7 +13,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, Ticket};
-use crate::record::LockEvent;
+use crate::record::{EventRecord, LockEvent};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
@@ -518,6 +518,32 @@ impl Store {
                 }
             }
             Ok((released, wakes))
+        })
+    }
+
+    /// The lock events of `key` (of every key when `None`), newest first.
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|tx| {
+            let rows = match key {
+                Some(key) => tx.query(
+                    "SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status,
+                            e.message
+                     FROM lock_history h JOIN events e ON e.id = h.event_id
+                     WHERE h.key = $1 ORDER BY h.event_id DESC LIMIT $2",
+                    &[&key, &limit],
+                )?,
+                None => tx.query(
+                    "SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status,
+                            e.message
+                     FROM events e
+                     WHERE e.id IN (SELECT DISTINCT event_id FROM lock_history
+                                    ORDER BY event_id DESC LIMIT $1)
+                     ORDER BY e.id DESC",
+                    &[&limit],
+                )?,
+            };
+            rows.iter().map(super::runs::event_record).collect()
         })
     }
 

@@ -1104,7 +1104,7 @@ fn run_record(row: &Row) -> Result<RunRecord> {
     })
 }
 
-fn event_record(row: &Row) -> Result<EventRecord> {
+pub(super) fn event_record(row: &Row) -> Result<EventRecord> {
     let id = EventId::from(row.try_get::<_, i64>(0)?);
     let run = crate::store::event_run(row.try_get(1)?);
     let at = timestamp(row, 2)?;

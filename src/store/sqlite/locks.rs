@@ -8,7 +8,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, Ticket};
-use crate::record::LockEvent;
+use crate::record::{EventRecord, LockEvent};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
@@ -228,6 +228,19 @@ pub(super) fn delete_lock(
 
 /// Appends a lock event to the feed (in no run's chain: see the schema)
 /// and to the history of each of its keys.
+/// One key's lock events, newest first: a range of `lock_history`'s key.
+const KEY_HISTORY: &str = "
+    SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status, e.message
+    FROM lock_history h JOIN events e ON e.id = h.event_id
+    WHERE h.key = ?1 ORDER BY h.event_id DESC LIMIT ?2";
+
+/// Every key's lock events, newest first: the end of `lock_history_by_event`.
+const ALL_KEYS_HISTORY: &str = "
+    SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status, e.message
+    FROM events e
+    WHERE e.id IN (SELECT DISTINCT event_id FROM lock_history ORDER BY event_id DESC LIMIT ?1)
+    ORDER BY e.id DESC";
+
 fn lock_event(
     tx: &Connection,
     now: Timestamp,
@@ -485,6 +498,24 @@ impl Store {
         })
     }
 
+    /// The lock events of `key` (of every key when `None`), newest first.
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let events = match key {
+                Some(key) => conn
+                    .prepare_cached(KEY_HISTORY)?
+                    .query_map(params![key, limit], super::runs::event_record)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(ALL_KEYS_HISTORY)?
+                    .query_map([limit], super::runs::event_record)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            Ok(events)
+        })
+    }
+
     /// One transaction of retention for lock events: deletes the oldest of
     /// them, up to `batch`, that happened before `cutoff`, with their
     /// history rows. Returns how many, and whether more may qualify. The
@@ -643,4 +674,34 @@ pub(super) fn record_taken(
         by.host,
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// A key's history, and every key's, are read from lock_history's
+    /// indexes and the events' primary key: never a scan of the runs'
+    /// history.
+    #[test]
+    fn lock_histories_read_indexes_not_the_history() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn, 0).unwrap();
+        let key = plan(&conn, KEY_HISTORY, params!["k", 10]);
+        assert!(key.contains("SEARCH h USING PRIMARY KEY (key=?)"), "{key}");
+        assert!(key.contains("SEARCH e USING INTEGER PRIMARY KEY"), "{key}");
+        let all = plan(&conn, ALL_KEYS_HISTORY, [10]);
+        assert!(all.contains("lock_history_by_event"), "{all}");
+        assert!(all.contains("SEARCH e USING INTEGER PRIMARY KEY"), "{all}");
+        assert!(!all.contains("SCAN e"), "{all}");
+    }
 }

@@ -1097,7 +1097,7 @@ fn json_column(row: &Row<'_>, index: usize) -> rusqlite::Result<serde_json::Valu
     }
 }
 
-fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
+pub(super) fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
     let kind: String = row.get(3)?;
     let run = crate::store::event_run(row.get(1)?);
     if let Some(lock) = crate::store::lock_event_kind(&kind, row.get_ref(4)?.as_str_or_null()?) {
