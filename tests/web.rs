@@ -862,7 +862,7 @@ fn a_cancel_needs_the_token_the_same_origin_and_the_sessions_csrf_token(store: S
     assert_ne!(csrf, other_csrf, "each dashboard has its own key");
     let path = format!("/runs/{}/cancel", run.id());
     let form = format!("csrf={csrf}&name=alice");
-    let refusals: [Refused; 6] = [
+    let refusals: [Refused; 7] = [
         (
             with(&[]),
             form.clone(),
@@ -902,6 +902,17 @@ fn a_cancel_needs_the_token_the_same_origin_and_the_sessions_csrf_token(store: S
                 ("cookie", &cookie),
                 ("host", "127.0.0.1:8080"),
                 ("origin", "http://evil.example"),
+            ],
+            form.clone(),
+            StatusCode::FORBIDDEN,
+            "cross-site",
+        ),
+        (
+            // What a sandboxed frame or a page under `no-referrer` sends.
+            vec![
+                ("cookie", &cookie),
+                ("host", "127.0.0.1:8080"),
+                ("origin", "null"),
             ],
             form.clone(),
             StatusCode::FORBIDDEN,

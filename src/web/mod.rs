@@ -303,7 +303,10 @@ async fn security_headers(mut response: Response) -> Response {
     };
     set(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
     set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(header::REFERRER_POLICY, "no-referrer");
+    // Never a referrer to another site; to its own pages, the browser then
+    // sends the true `Origin` of a form (under `no-referrer` it sends
+    // `Origin: null`, which the actions' same-origin check must refuse).
+    set(header::REFERRER_POLICY, "same-origin");
     set(header::X_FRAME_OPTIONS, "DENY");
     response
 }
