@@ -1221,8 +1221,9 @@ impl Ledger {
         self.inner.store.events(id)
     }
 
-    /// The next events of every run after `cursor`, at most `limit` of them,
-    /// in commit order, with the cursor to continue from: the feed a
+    /// The next events of every run and every lock after `cursor`, at most
+    /// `limit` of them, in commit order, with the cursor to continue from
+    /// (lock events are not in [`events`](Ledger::events) of a run): the feed a
     /// dashboard polls to follow every change in every process without
     /// reading the ledger again.
     ///

@@ -1,4 +1,4 @@
-//! The event feed: every event of every run, in commit order, read from a
+//! The event feed: every event of every run and lock, in commit order, read from a
 //! cursor ([`Ledger::events_since`]) or followed live ([`Ledger::watch`]).
 
 use std::collections::VecDeque;
@@ -122,7 +122,7 @@ pub(crate) const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 const WATCH_BATCH: usize = 256;
 
 /// A live view of the event feed, from [`Ledger::watch`]: yields every event
-/// of every run committed after its cursor, in commit order, waiting for new
+/// of every run and lock committed after its cursor, in commit order, waiting for new
 /// ones as they commit in any process.
 ///
 /// As an [`Iterator`], `next` blocks until an event arrives (it yields an
