@@ -1235,8 +1235,9 @@ impl Ledger {
         self.inner.store.events(id)
     }
 
-    /// The next events of every run after `cursor`, at most `limit` of them,
-    /// in commit order, with the cursor to continue from: the feed a
+    /// The next events of every run and every lock after `cursor`, at most
+    /// `limit` of them, in commit order, with the cursor to continue from
+    /// (lock events are not in [`events`](Ledger::events) of a run): the feed a
     /// dashboard polls to follow every change in every process without
     /// reading the ledger again.
     ///
@@ -1367,13 +1368,50 @@ impl Ledger {
     /// # Ok::<(), runledger::Error>(())
     /// ```
     pub fn cancel(&self, id: RunId) -> Result<RunStatus> {
-        let (_, status) = self.transition(id, |state| Ok(crate::run::cancel_change(state)))?;
+        let (_, status) =
+            self.transition(id, |state| Ok(crate::run::cancel_change(state, None)))?;
+        Ok(status)
+    }
+
+    /// As [`cancel`](Ledger::cancel), and records who asked: the cancel
+    /// request's event has the message `by WHO` (a queued run's reason
+    /// reads `cancelled before it started, by WHO`). For operators' tools,
+    /// such as the dashboard's cancel button.
+    ///
+    /// # Errors
+    ///
+    /// As [`cancel`](Ledger::cancel); [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// if `who` is empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::{EventKind, Ledger, RunSpec};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = Ledger::open(dir.path().join("ledger.db"))?;
+    /// let run = ledger.begin_run(RunSpec::new("long-job"))?;
+    /// ledger.cancel_by(run.id(), "alice from 10.0.0.7")?;
+    /// let asked = ledger.events(run.id())?.pop().expect("an event");
+    /// assert_eq!(asked.kind, EventKind::CancelRequested);
+    /// assert_eq!(asked.message.as_deref(), Some("by alice from 10.0.0.7"));
+    /// # run.cancelled()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn cancel_by(&self, id: RunId, who: &str) -> Result<RunStatus> {
+        let who = input::reason(who);
+        if who.trim().is_empty() {
+            return Err(crate::Error::invalid("who", &who, "must name who asked"));
+        }
+        let (_, status) = self.transition(id, move |state| {
+            Ok(crate::run::cancel_change(state, Some(&who)))
+        })?;
         Ok(status)
     }
 
     /// Deletes runs that ended more than `older_than` ago, with their steps
     /// and events, and returns how many. Active runs are never deleted. The
-    /// records of processes that closed the ledger before the cutoff go too.
+    /// records of processes that closed the ledger before the cutoff go too,
+    /// and so do the lock events (grants, releases…) older than it.
     ///
     /// Works in transactions that each look at no more than 500 runs, oldest
     /// first, so other writers are never held up for long; it stops at the
@@ -1409,6 +1447,8 @@ impl Ledger {
             deleted += batch as u64;
             after = next;
         }
+        // Lock events belong to no run's history: they go by their age.
+        while let (_, true) = self.inner.store.prune_lock_events(cutoff, PRUNE_BATCH)? {}
         self.inner.store.prune_instances(cutoff)?;
         // The gate files of idle keys go with the history (one key per job
         // would leave one file per job).
@@ -1606,6 +1646,37 @@ impl Ledger {
     /// Storage errors only.
     pub fn locks(&self) -> Result<Vec<LockRecord>> {
         self.inner.store.locks()
+    }
+
+    /// The history of locks, newest first: the lock events
+    /// ([`EventKind::is_lock`](crate::EventKind::is_lock)) of `key`, or of
+    /// every key when `None`, at most `limit` of them. Each event of a
+    /// request of several keys is in the history of each. Read from an index
+    /// of the keys' events, whatever the size of the runs' history; events
+    /// older than a [prune](Ledger::prune) are gone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad key;
+    /// storage errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::EventKind;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// ledger.try_lock("build:a")?.release()?;
+    /// let history = ledger.lock_history(Some("build:a"), 10)?;
+    /// assert!(matches!(history[0].kind, EventKind::LockReleased(_)));
+    /// assert!(matches!(history[1].kind, EventKind::LockGranted(_)));
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        if let Some(key) = key {
+            input::check_name("lock key", key)?;
+        }
+        self.inner.store.lock_history(key, limit)
     }
 
     /// Every process that has the ledger open (each open instance, this

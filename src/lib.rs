@@ -290,7 +290,11 @@
 //!
 //! Every change of every run is an event ([`EventRecord`]): status changes,
 //! steps, cancel requests, adoptions, and the owner's own events
-//! ([`Run::event`]). Their ids grow in commit order across all runs, so a
+//! ([`Run::event`]). So is every change of every lock: grants, releases,
+//! reclaims from dead holders and forced releases, each with its keys and
+//! fencing token ([`EventKind::lock`]); a lock event's `run` is the run that
+//! owns the lock, or `None` for a lock taken without a run. Their ids grow
+//! in commit order across all runs and locks, so a
 //! dashboard follows everything with a cursor: [`Ledger::events_since`]
 //! returns the events after it and the next cursor, from an index range
 //! whose cost does not grow with the history, and [`Ledger::watch`] yields
@@ -306,7 +310,7 @@
 //! let run = ledger.begin_run(RunSpec::new("train"))?;
 //! run.event("progress", serde_json::json!({"epoch": 1}))?;
 //! while let Some(event) = watch.next_timeout(Duration::from_millis(100))? {
-//!     println!("{} run {}: {:?}", event.at, event.run, event.kind);
+//!     println!("{} run {:?}: {:?}", event.at, event.run, event.kind);
 //! }
 //! let saved: EventCursor = watch.cursor(); // resume here next time
 //! # run.succeed()?;
@@ -451,8 +455,8 @@ pub use lock::{
 };
 pub use reaper::{ReapError, ReapReport, Reaped, Reaper};
 pub use record::{
-    EventId, EventKind, EventRecord, InstanceInfo, Progress, RunCounts, RunFilter, RunRecord,
-    StepRecord,
+    EventId, EventKind, EventRecord, InstanceInfo, LockEvent, Progress, RunCounts, RunFilter,
+    RunRecord, StepRecord,
 };
 pub use run::{DEFAULT_ADOPT_WITHIN, Run, RunId, RunSpec, RunStatus, Step, StepStatus};
 pub use watch::{EventCursor, EventPage, Watch};

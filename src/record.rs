@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::clock::Timestamp;
 use crate::liveness::InstanceId;
+use crate::lock::{LockMode, Ticket};
 use crate::run::{RunId, RunStatus, StepStatus};
 
 /// One run, as stored.
@@ -185,16 +186,20 @@ impl fmt::Display for EventId {
     }
 }
 
-/// One entry of a run's history: every status change of the run or one of its
-/// steps, every cancel request, adoption and custom event, in commit order.
+/// One entry of the ledger's history, in commit order: every status change
+/// of a run or one of its steps, every cancel request, adoption and custom
+/// event, and every grant, release, reclaim and forced release of a lock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct EventRecord {
     /// The event's position in the ledger's history: strictly increasing in
     /// commit order across all runs, never reused.
     pub id: EventId,
-    /// The run it is about.
-    pub run: RunId,
+    /// The run it is about. For a lock event ([`EventKind::is_lock`]), the
+    /// run that owns (or owned) the lock, and `None` for a lock taken
+    /// without a run ([`Ledger::lock`](crate::Ledger::lock)); every other
+    /// event has one. Serialized as its number, or `null`.
+    pub run: Option<RunId>,
     /// When it happened.
     pub at: Timestamp,
     /// What happened.
@@ -252,6 +257,84 @@ pub enum EventKind {
         /// Its JSON data (`null` when none).
         data: serde_json::Value,
     },
+    /// A lock request was granted (at once, or to a waiter when a holder
+    /// left): its keys are held with `token` from now on.
+    LockGranted(LockEvent),
+    /// A holder released its lock: by the guard's `release` or drop, or
+    /// with its run's end.
+    LockReleased(LockEvent),
+    /// The lock of a dead holder was taken away from it (by the next
+    /// acquirer, or by the reaper); the event's message says why the holder
+    /// was judged dead, and by whom.
+    LockReclaimed(LockEvent),
+    /// A held lock was released by force
+    /// ([`Ledger::force_unlock`](crate::Ledger::force_unlock), `runledger
+    /// unlock --force`); the event's message is the reason given, and who
+    /// gave it. (The holder's run records a [`LockForced`](EventKind::LockForced)
+    /// event too.)
+    LockForceReleased(LockEvent),
+}
+
+impl EventKind {
+    /// The lock an event of a lock is about: `Some` for
+    /// [`LockGranted`](EventKind::LockGranted),
+    /// [`LockReleased`](EventKind::LockReleased),
+    /// [`LockReclaimed`](EventKind::LockReclaimed) and
+    /// [`LockForceReleased`](EventKind::LockForceReleased).
+    pub fn lock(&self) -> Option<&LockEvent> {
+        match self {
+            EventKind::LockGranted(lock)
+            | EventKind::LockReleased(lock)
+            | EventKind::LockReclaimed(lock)
+            | EventKind::LockForceReleased(lock) => Some(lock),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an event of a lock (see [`lock`](EventKind::lock)).
+    pub fn is_lock(&self) -> bool {
+        self.lock().is_some()
+    }
+}
+
+/// The lock an event of a lock is about: one grant of a request, from its
+/// grant to its release.
+///
+/// Serialized flat into its event, beside the event's `kind`:
+/// `{"kind": "lock_granted", "ticket": 7, "keys": ["gpu"], "mode": "slots",
+/// "capacity": 2, "token": 12, "pid": 4242, "host": "build-1", …}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LockEvent {
+    /// The request's ticket ([`LockRecord::ticket`](crate::LockRecord::ticket)).
+    pub ticket: Ticket,
+    /// Every key of the request, granted and released together.
+    pub keys: Vec<String>,
+    /// Its mode.
+    #[serde(flatten)]
+    pub mode: LockMode,
+    /// The fencing token of the grant.
+    pub token: u64,
+    /// The holder's process id.
+    pub pid: u32,
+    /// The holder's host name.
+    pub host: String,
+}
+
+impl fmt::Display for LockEvent {
+    /// The keys, then the mode, token and holder: `"build:a, build:b
+    /// (exclusive, token 7, pid 4242 on build-1)"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}, token {}, pid {} on {})",
+            self.keys.join(", "),
+            self.mode,
+            self.token,
+            self.pid,
+            self.host
+        )
+    }
 }
 
 /// Which runs [`Ledger::runs`](crate::Ledger::runs) lists: newest first, at

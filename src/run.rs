@@ -410,8 +410,12 @@ pub(crate) enum RunChange {
         /// transaction.
         via_running: bool,
     },
-    /// Record a cancel request; the status stays.
-    CancelRequest,
+    /// Record a cancel request; the status stays. `by`, if given, is the
+    /// event's message: who asked.
+    CancelRequest {
+        /// Who asked, as the caller named them.
+        by: Option<String>,
+    },
 }
 
 /// How a run ends, as its owner or its guard's Drop says.
@@ -498,15 +502,20 @@ fn aggregate(state: &RunState, exit_code: Option<i32>) -> (RunStatus, Option<i32
 
 /// What `cancel` does to a run in `state`: a queued run is cancelled at once,
 /// a running one gets a request (once), a terminal one is left alone.
-pub(crate) fn cancel_change(state: &RunState) -> Option<RunChange> {
+pub(crate) fn cancel_change(state: &RunState, by: Option<&str>) -> Option<RunChange> {
     match state.status {
         RunStatus::Queued => Some(RunChange::Status {
             to: RunStatus::Cancelled,
             exit_code: None,
-            error: Some("cancelled before it started".to_owned()),
+            error: Some(match by {
+                Some(by) => format!("cancelled before it started, by {by}"),
+                None => "cancelled before it started".to_owned(),
+            }),
             via_running: false,
         }),
-        RunStatus::Running if !state.cancel_requested => Some(RunChange::CancelRequest),
+        RunStatus::Running if !state.cancel_requested => Some(RunChange::CancelRequest {
+            by: by.map(|by| format!("by {by}")),
+        }),
         _ => None,
     }
 }
@@ -1104,7 +1113,7 @@ mod tests {
     fn decided(outcome: Outcome, st: RunState) -> Result<Option<RunStatus>> {
         Ok(outcome.decide(RunId(1), &st)?.map(|change| match change {
             RunChange::Status { to, .. } => to,
-            RunChange::CancelRequest => unreachable!(),
+            RunChange::CancelRequest { .. } => unreachable!(),
         }))
     }
 
@@ -1219,19 +1228,19 @@ mod tests {
     #[test]
     fn cancel_never_touches_a_terminal_run() {
         for terminal in RunStatus::TERMINAL {
-            assert!(cancel_change(&state(terminal, 0, 0, 0)).is_none());
+            assert!(cancel_change(&state(terminal, 0, 0, 0), None).is_none());
         }
         assert!(matches!(
-            cancel_change(&state(Queued, 0, 0, 0)),
+            cancel_change(&state(Queued, 0, 0, 0), None),
             Some(RunChange::Status { to: Cancelled, .. })
         ));
         assert!(matches!(
-            cancel_change(&state(Running, 0, 0, 0)),
-            Some(RunChange::CancelRequest)
+            cancel_change(&state(Running, 0, 0, 0), None),
+            Some(RunChange::CancelRequest { by: None })
         ));
         let mut requested = state(Running, 0, 0, 0);
         requested.cancel_requested = true;
-        assert!(cancel_change(&requested).is_none());
+        assert!(cancel_change(&requested, Some("x")).is_none());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The event feed: every event of every run, in commit order, read from a
+//! The event feed: every event of every run and lock, in commit order, read from a
 //! cursor ([`Ledger::events_since`]) or followed live ([`Ledger::watch`]).
 
 use std::collections::VecDeque;
@@ -122,7 +122,7 @@ pub(crate) const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 const WATCH_BATCH: usize = 256;
 
 /// A live view of the event feed, from [`Ledger::watch`]: yields every event
-/// of every run committed after its cursor, in commit order, waiting for new
+/// of every run and lock committed after its cursor, in commit order, waiting for new
 /// ones as they commit in any process.
 ///
 /// As an [`Iterator`], `next` blocks until an event arrives (it yields an
@@ -148,7 +148,7 @@ const WATCH_BATCH: usize = 256;
 /// let mut watch = ledger.watch(ledger.events_cursor()?)?;
 /// let run = ledger.begin_run(RunSpec::new("sync"))?;
 /// let event = watch.next_timeout(Duration::from_secs(5))?.expect("an event");
-/// assert_eq!(event.run, run.id());
+/// assert_eq!(event.run, Some(run.id()));
 /// assert!(matches!(event.kind, EventKind::Status { .. }));
 /// # run.succeed()?;
 /// # Ok::<(), runledger::Error>(())
@@ -288,7 +288,7 @@ impl Watch {
     /// let mut watch = ledger.watch(ledger.events_cursor()?)?;
     /// let run = ledger.begin_run(RunSpec::new("sync"))?;
     /// let event = watch.next_async().await.expect("the feed goes on")?;
-    /// assert_eq!(event.run, run.id());
+    /// assert_eq!(event.run, Some(run.id()));
     /// # run.succeed()?;
     /// # Ok(())
     /// # }
@@ -406,8 +406,8 @@ mod tests {
     }
 
     /// The wake-up itself, without the fallback read: a commit that appends
-    /// events sends the watch a datagram, and one that appends none (a lock)
-    /// sends nothing.
+    /// events (a run's, a lock's) sends the watch a datagram, and one that
+    /// appends none (another watch registering) sends nothing.
     #[test]
     fn a_commit_with_events_wakes_the_watch_and_one_without_does_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -419,9 +419,16 @@ mod tests {
         let Some(socket) = &watch.socket else {
             return; // no wake-up sockets on this platform: the watch polls
         };
-        let guard = ledger.try_lock("no-event").unwrap();
+        let other = ledger.watch(EventCursor::START).unwrap();
+        assert!(!socket.wait(Duration::from_millis(50)), "woken by a watch");
+        drop(other);
+        let guard = ledger.try_lock("an-event").unwrap();
+        assert!(socket.wait(Duration::from_secs(30)), "not woken by a grant");
         guard.release().unwrap();
-        assert!(!socket.wait(Duration::from_millis(50)), "woken by a lock");
+        assert!(
+            socket.wait(Duration::from_secs(30)),
+            "not woken by a release"
+        );
         let run = ledger.begin_run(RunSpec::new("woke")).unwrap();
         assert!(socket.wait(Duration::from_secs(30)), "not woken by a run");
         run.succeed().unwrap();

@@ -5,6 +5,10 @@
 //!
 //! A missing browser or driver fails these tests: they never pass by
 //! skipping.
+//!
+//! With `RUNLEDGER_SCREENSHOTS=1`, they also save screenshots of what they
+//! see in `docs/screenshots/` (the README's pictures):
+//! `RUNLEDGER_SCREENSHOTS=1 cargo test --features web,cli --test browser`.
 #![cfg(all(feature = "web", feature = "cli"))]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -189,7 +193,8 @@ impl Browser {
 
     /// The text a person sees in the page's content.
     fn text(&self) -> String {
-        self.eval("return document.querySelector('main').innerText;")
+        // Empty while a page loads (after a form is sent, for one).
+        self.eval("var main = document.querySelector('main'); return main ? main.innerText : '';")
             .as_str()
             .unwrap_or_default()
             .to_owned()
@@ -210,6 +215,58 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+impl Browser {
+    /// Types `value` into the page's input named `name`.
+    fn fill(&self, name: &str, value: &str) {
+        let script = format!(
+            "document.querySelector('input[name={name}]').value = {};return null;",
+            Value::from(value)
+        );
+        self.eval(&script);
+    }
+
+    /// Saves a PNG of the window as `docs/screenshots/{name}.png` when
+    /// `RUNLEDGER_SCREENSHOTS` is set; nothing otherwise.
+    fn screenshot(&self, name: &str) {
+        if std::env::var_os("RUNLEDGER_SCREENSHOTS").is_none() {
+            return;
+        }
+        let png = self.command("GET", "screenshot", None);
+        let png = base64_decode(png.as_str().expect("a base64 PNG"));
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+/// Standard base64, as WebDriver sends screenshots.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .map(value)
+        .collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, d)| n | u32::from(*d) << (18 - 6 * i));
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len() - 1]);
+    }
+    out
 }
 
 impl Drop for Browser {
@@ -240,11 +297,17 @@ fn runledger(db: &Path) -> Command {
 
 impl Served {
     fn start() -> Served {
+        Served::start_with(&[])
+    }
+
+    /// `runledger serve` with more arguments.
+    fn start_with(args: &[&str]) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("ledger.db");
         runledger::Ledger::open(&db).unwrap();
         let mut child = runledger(&db)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -273,6 +336,7 @@ impl Served {
     fn exec(&self, args: &[&str]) -> Killed {
         Killed(
             runledger(&self.db())
+                .current_dir(self.dir.path())
                 .arg("exec")
                 .args(args)
                 .stdout(Stdio::null())
@@ -390,4 +454,92 @@ fn names_that_look_like_markup_are_shown_as_text() {
     }
     browser.open(&format!("{}/runs/1", served.url));
     assert!(browser.text().contains(evil[0]), "{}", browser.text());
+}
+
+/// A person cancels a run from its page: the form goes through the token,
+/// the same-origin checks and the CSRF token, the run's process stops, and
+/// the run records who asked.
+#[test]
+fn a_person_cancels_a_run_from_its_page() {
+    let served = Served::start_with(&["--token", "t0ken", "--allow-actions"]);
+    let _run = served.exec(&["--name", "to-cancel", "--", "sleep", "60"]);
+    let id = served.run_id("to-cancel");
+    let browser = Browser::start();
+    // Once with the token: the cookie the forms are bound to.
+    browser.open(&format!("{}/?token=t0ken", served.url));
+    browser.open(&format!("{}/runs/{id}", served.url));
+    browser.wait_for_text("the cancel button", |t| t.contains("Cancel run"));
+    browser.screenshot("run-cancel");
+    browser.fill("name", "tester");
+    browser.eval("document.querySelector('form.action button').click(); return null;");
+    let text = browser.wait_for_text("the run cancelled, with who asked", |t| {
+        t.contains("cancelled") && t.contains("by tester on the dashboard from 127.0.0.1")
+    });
+    assert!(!text.contains("Cancel run"), "{text}");
+}
+
+/// The pages with something on them, as the README shows them: a busy
+/// overview, a run, and the locks with their queue and history.
+#[test]
+fn the_dashboard_shows_a_busy_ledger() {
+    let served = Served::start();
+    let db = served.db();
+    let ok = |args: &[&str]| {
+        let out = runledger(&db).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    ok(&[
+        "exec",
+        "--name",
+        "build",
+        "--lock",
+        "build:symbol=AAPL",
+        "--",
+        "true",
+    ]);
+    ok(&["exec", "--name", "report", "--", "true"]);
+    let out = runledger(&db)
+        .args([
+            "exec",
+            "--name",
+            "train",
+            "--",
+            "sh",
+            "-c",
+            "echo loss exploded >&2; exit 3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let _deploy = served.exec(&[
+        "--name",
+        "deploy",
+        "--lock",
+        "deploy:prod",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    let deploy = served.run_id("deploy");
+    let _gpu = served.exec(&["--name", "train", "--lock", "gpu", "--", "sleep", "60"]);
+    let _waiter = served.exec(&["--name", "deploy", "--lock", "deploy:prod", "--", "true"]);
+    let browser = Browser::start();
+    browser.open(&format!("{}/", served.url));
+    let text = browser.wait_for_text("the waiter queued", |t| t.contains("Active runs (3)"));
+    assert!(text.contains("deploy:prod"), "{text}");
+    browser.screenshot("overview");
+    let waiter = served.run_id("deploy");
+    assert_ne!(waiter, deploy);
+    browser.open(&format!("{}/runs/{waiter}", served.url));
+    let text = browser.wait_for_text("why it waits", |t| t.contains("Why it waits"));
+    assert!(
+        text.contains(&format!("Held by run {deploy} (deploy)")),
+        "{text}"
+    );
+    browser.screenshot("run");
+    browser.open(&format!("{}/locks", served.url));
+    let text = browser.wait_for_text("the history", |t| t.contains("History"));
+    assert!(text.contains("build:symbol=AAPL"), "{text}");
+    assert!(text.contains("released"), "{text}");
+    browser.screenshot("locks");
 }

@@ -1058,6 +1058,30 @@ fn exec_writes_the_log_where_the_creator_of_its_run_said() {
     assert_eq!(exec_event["data"]["ticket"], "OPS-9");
 }
 
+/// Locks are in the feed: `watch` shows a lock of no run with its keys and
+/// token.
+#[test]
+fn watch_shows_lock_grants_and_releases() {
+    let cli = Cli::new();
+    let ledger = runledger::Ledger::open(cli.db()).unwrap();
+    let from = ledger.events_cursor().unwrap().to_string();
+    ledger.try_lock("cli-key").unwrap().release().unwrap();
+    let out = cli.run(&["watch", "--from", &from, "--count", "2"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    let pid = std::process::id();
+    assert!(
+        lines[0].contains(&format!(
+            "no run  lock granted: cli-key (exclusive, token 1, pid {pid} on"
+        )),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains("no run  lock released: cli-key"),
+        "{lines:?}"
+    );
+}
+
 /// `runledger watch | head -1`: once the reader is gone, watch exits even
 /// when no further event comes to write.
 #[test]

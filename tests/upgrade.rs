@@ -8,17 +8,17 @@ use std::time::Duration;
 use common::{Fixture, Store};
 use runledger::{Error, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 
-/// Schema 5 only adds an index (`runs_by_idempotency_key_created`): a
-/// ledger of schema 4 is a current one without it, recorded as version 4.
-fn downgrade_to_4(f: &Fixture) {
-    f.sql("DROP INDEX runs_by_idempotency_key_created; DELETE FROM schema_migrations WHERE version = 5;");
+/// Schema 6 only adds an index (`runs_by_idempotency_key_created`): a
+/// ledger of schema 5 is a current one without it, recorded as version 5.
+fn downgrade_to_5(f: &Fixture) {
+    f.sql("DROP INDEX runs_by_idempotency_key_created; DELETE FROM schema_migrations WHERE version = 6;");
     if f.store == Store::Sqlite {
-        f.sql("PRAGMA user_version = 4;");
+        f.sql("PRAGMA user_version = 5;");
     }
 }
 
-fn a_populated_ledger_of_schema_4_is_migrated_in_place(store: Store) {
-    assert_eq!(SCHEMA_VERSION, 5, "this test knows what schema 5 added");
+fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) {
+    assert_eq!(SCHEMA_VERSION, 6, "this test knows what schema 6 added");
     let f = Fixture::new(store);
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -34,10 +34,10 @@ fn a_populated_ledger_of_schema_4_is_migrated_in_place(store: Store) {
     let events = f.ledger.events(ids[0]).unwrap().len();
     let location = f.location.clone();
     let clock = f.clock.clone();
-    downgrade_to_4(&f);
+    downgrade_to_5(&f);
     assert_eq!(
         f.query_i64("SELECT CAST(max(version) AS BIGINT) FROM schema_migrations"),
-        4
+        5
     );
     // Opened by this version: migrated, nothing lost.
     let ledger = Ledger::builder(&location).clock(clock).open().unwrap();
@@ -69,4 +69,4 @@ fn a_populated_ledger_of_schema_4_is_migrated_in_place(store: Store) {
     }
 }
 
-on_both_stores!(a_populated_ledger_of_schema_4_is_migrated_in_place);
+on_both_stores!(a_populated_ledger_of_the_previous_schema_is_migrated_in_place);

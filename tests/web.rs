@@ -431,6 +431,8 @@ fn no_request_changes_the_ledger(store: Store) {
         .chain([
             format!("/api/runs/{id}"),
             format!("/api/runs/{id}/cancel"),
+            format!("/runs/{id}/cancel"),
+            "/locks/unlock".to_owned(),
             "/api/locks/k".to_owned(),
             "/nowhere".to_owned(),
         ])
@@ -679,6 +681,7 @@ fn the_event_stream_follows_the_feed_and_resumes_from_last_event_id(store: Store
     let app = runledger::web::router(f.ledger.clone());
     let ledger = f.ledger.clone();
     let builder = f.builder();
+    let f_builder_again = f.builder();
     runtime().block_on(async move {
         let open = |last: Option<String>| {
             let mut request = Request::builder().uri("/api/events");
@@ -718,6 +721,17 @@ fn the_event_stream_follows_the_feed_and_resumes_from_last_event_id(store: Store
         .unwrap();
         let text = read_stream(&mut body, |t| t.contains(&format!("\"run\":{other}"))).await;
         assert!(text.contains("\"kind\":\"status\""), "{text}");
+        // So does a lock another process takes: the locks views are live.
+        let locker = f_builder_again;
+        tokio::task::spawn_blocking(move || {
+            let ledger = locker.open().unwrap();
+            std::mem::forget(ledger.try_lock("live-key").unwrap());
+            std::mem::forget(ledger);
+        })
+        .await
+        .unwrap();
+        let text = read_stream(&mut body, |t| t.contains("\"keys\":[\"live-key\"]")).await;
+        assert!(text.contains("\"kind\":\"lock_granted\""), "{text}");
         drop(body);
 
         // A reconnect with Last-Event-ID gets what came after it, only.
@@ -740,6 +754,303 @@ fn the_event_stream_follows_the_feed_and_resumes_from_last_event_id(store: Store
     });
 }
 
+/// Sends a form, as a browser's POST, from `remote`.
+fn post_form(app: &axum::Router, path: &str, headers: &[(&str, &str)], form: &str) -> Reply {
+    runtime().block_on(async {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut request = request.body(Body::from(form.to_owned())).unwrap();
+        let remote: std::net::SocketAddr = "10.1.2.3:50000".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(remote));
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8(bytes.to_vec()).unwrap(),
+        }
+    })
+}
+
+/// The session cookie a `?token=` visit sets, as a `Cookie` header's pair.
+fn session_cookie(app: &axum::Router, token: &str) -> String {
+    let reply = get(app, &format!("/?token={token}"));
+    let cookie = reply.header(header::SET_COOKIE);
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// The CSRF token in a page's forms.
+fn csrf_in(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("no form on the page: {page}"));
+    let rest = &page[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+/// A refused request: its headers and form, the status and what it says.
+type Refused<'a> = (Vec<(&'a str, &'a str)>, String, StatusCode, &'static str);
+
+/// What a same-origin browser request carries.
+const SAME_ORIGIN: [(&str, &str); 3] = [
+    ("host", "127.0.0.1:8080"),
+    ("origin", "http://127.0.0.1:8080"),
+    ("sec-fetch-site", "same-origin"),
+];
+
+fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    SAME_ORIGIN
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect()
+}
+
+/// Actions allowed but no token set: every action is refused, saying why,
+/// and the pages say so instead of showing the buttons.
+fn actions_without_a_token_are_refused_saying_why(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("long")).unwrap();
+    let app = Dashboard::new(f.ledger.clone())
+        .allow_actions(true)
+        .router();
+    let page = ok(&app, &format!("/runs/{}", run.id()));
+    assert!(page.body.contains("has no token"), "{}", page.body);
+    assert!(!page.body.contains("name=\"csrf\""));
+    let reply = post_form(
+        &app,
+        &format!("/runs/{}/cancel", run.id()),
+        &with(&[]),
+        "csrf=x",
+    );
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(
+        reply.body.contains("no token") && reply.body.contains("--token"),
+        "{}",
+        reply.body
+    );
+    assert!(!run.is_cancel_requested().unwrap());
+    run.succeed().unwrap();
+}
+
+/// Each rule refuses on its own: the token, the origin, the session
+/// cookie, the CSRF token bound to it (a token of another dashboard does
+/// not do); then the cancel is made and recorded with who asked.
+fn a_cancel_needs_the_token_the_same_origin_and_the_sessions_csrf_token(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("long")).unwrap();
+    let dashboard = Dashboard::new(f.ledger.clone())
+        .token("s3cret")
+        .allow_actions(true);
+    let app = dashboard.clone().router();
+    let other_app = dashboard.router();
+    let cookie = session_cookie(&app, "s3cret");
+    let page_path = format!("/runs/{}", run.id());
+    let page = send(&app, Method::GET, &page_path, &[("cookie", &cookie)]);
+    let csrf = csrf_in(&page.body);
+    let other_csrf =
+        csrf_in(&send(&other_app, Method::GET, &page_path, &[("cookie", &cookie)]).body);
+    assert_ne!(csrf, other_csrf, "each dashboard has its own key");
+    let path = format!("/runs/{}/cancel", run.id());
+    let form = format!("csrf={csrf}&name=alice");
+    let refusals: [Refused; 7] = [
+        (
+            with(&[]),
+            form.clone(),
+            StatusCode::UNAUTHORIZED,
+            "needs its token",
+        ),
+        (
+            with(&[("authorization", "Bearer s3cret")]),
+            form.clone(),
+            StatusCode::FORBIDDEN,
+            "session cookie",
+        ),
+        (
+            with(&[("cookie", &cookie)]),
+            "csrf=0000&name=alice".to_owned(),
+            StatusCode::FORBIDDEN,
+            "CSRF",
+        ),
+        (
+            with(&[("cookie", &cookie)]),
+            format!("csrf={other_csrf}"),
+            StatusCode::FORBIDDEN,
+            "CSRF",
+        ),
+        (
+            vec![
+                ("cookie", &cookie),
+                ("host", "127.0.0.1:8080"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            form.clone(),
+            StatusCode::FORBIDDEN,
+            "cross-site",
+        ),
+        (
+            vec![
+                ("cookie", &cookie),
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://evil.example"),
+            ],
+            form.clone(),
+            StatusCode::FORBIDDEN,
+            "cross-site",
+        ),
+        (
+            // What a sandboxed frame or a page under `no-referrer` sends.
+            vec![
+                ("cookie", &cookie),
+                ("host", "127.0.0.1:8080"),
+                ("origin", "null"),
+            ],
+            form.clone(),
+            StatusCode::FORBIDDEN,
+            "cross-site",
+        ),
+    ];
+    for (headers, body, status, says) in &refusals {
+        let reply = post_form(&app, &path, headers, body);
+        assert_eq!(reply.status, *status, "{headers:?} {body}: {}", reply.body);
+        assert!(reply.body.contains(says), "{headers:?}: {}", reply.body);
+        assert!(!run.is_cancel_requested().unwrap(), "{headers:?}");
+    }
+    let reply = post_form(&app, &path, &with(&[("cookie", &cookie)]), &form);
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert_eq!(reply.header(header::LOCATION), page_path);
+    assert!(run.is_cancel_requested().unwrap());
+    let asked = f.ledger.events(run.id()).unwrap().pop().unwrap();
+    assert_eq!(asked.kind, runledger::EventKind::CancelRequested);
+    assert_eq!(
+        asked.message.as_deref(),
+        Some("by alice on the dashboard from 10.1.2.3")
+    );
+    // The run's page shows who asked.
+    let page = send(&app, Method::GET, &page_path, &[("cookie", &cookie)]);
+    assert!(
+        page.body
+            .contains("by alice on the dashboard from 10.1.2.3"),
+        "{}",
+        page.body
+    );
+    run.cancelled().unwrap();
+}
+
+/// A forced release from the locks page needs a reason, and is recorded in
+/// the lock's history with why and who.
+fn a_forced_unlock_from_the_locks_page_is_recorded_with_why_and_who(store: Store) {
+    let f = Fixture::new(store);
+    let guard = f.ledger.try_lock("wedged:key").unwrap();
+    let app = Dashboard::new(f.ledger.clone())
+        .token("s3cret")
+        .allow_actions(true)
+        .router();
+    let cookie = session_cookie(&app, "s3cret");
+    let page = send(&app, Method::GET, "/locks", &[("cookie", &cookie)]);
+    assert!(
+        page.body.contains("name=\"key\" value=\"wedged:key\""),
+        "{}",
+        page.body
+    );
+    let csrf = csrf_in(&page.body);
+    let headers = with(&[("cookie", &cookie)]);
+    let reply = post_form(
+        &app,
+        "/locks/unlock",
+        &headers,
+        &format!("csrf={csrf}&key=wedged%3Akey"),
+    );
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.body.contains("must say why"), "{}", reply.body);
+    assert!(guard.is_held().unwrap());
+    let cursor = f.ledger.events_cursor().unwrap();
+    let reply = post_form(
+        &app,
+        "/locks/unlock",
+        &headers,
+        &format!("csrf={csrf}&key=wedged%3Akey&reason=holder+hung"),
+    );
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert_eq!(reply.header(header::LOCATION), "/locks");
+    assert!(!guard.is_held().unwrap());
+    let events = f.ledger.events_since(cursor, 10).unwrap().events;
+    let forced = events
+        .iter()
+        .find(|e| matches!(e.kind, runledger::EventKind::LockForceReleased(_)))
+        .expect("a forced release event");
+    let why = forced.message.as_deref().unwrap();
+    assert!(
+        why.contains("holder hung (by the dashboard from 10.1.2.3)"),
+        "{why}"
+    );
+}
+
+/// Without actions allowed, no page offers a form.
+fn pages_offer_no_action_unless_allowed(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("long")).unwrap();
+    let _guard = run.lock("k").unwrap();
+    let app = Dashboard::new(f.ledger.clone()).token("s3cret").router();
+    let cookie = session_cookie(&app, "s3cret");
+    for path in [format!("/runs/{}", run.id()), "/locks".to_owned()] {
+        let page = send(&app, Method::GET, &path, &[("cookie", &cookie)]);
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(!page.body.contains("<form"), "{path}: {}", page.body);
+    }
+}
+
+/// The locks page shows each key's history: grants, releases and forced
+/// releases with their tokens and why, for keys held now and keys free.
+fn the_locks_page_shows_each_keys_history_with_tokens(store: Store) {
+    let f = Fixture::new(store);
+    let run = f.ledger.begin_run(RunSpec::new("holder")).unwrap();
+    let held = run.lock("held:key").unwrap();
+    let free = f.ledger.try_lock("free:key").unwrap();
+    let free_token = free.token();
+    free.release().unwrap();
+    let gone = f.ledger.try_lock("forced:key").unwrap();
+    f.ledger
+        .force_unlock("forced:key", "<b>wedged</b>")
+        .unwrap();
+    let app = runledger::web::router(f.ledger.clone());
+    let page = ok(&app, "/locks").body;
+    let history = &page[page.find("<h2>History</h2>").expect("a history section")..];
+    for key in ["held:key", "free:key", "forced:key"] {
+        assert!(
+            history.contains(&format!("<code>{key}</code>")),
+            "{key}: {history}"
+        );
+    }
+    assert!(history.contains("released by force"), "{history}");
+    assert!(
+        history.contains("&lt;b&gt;wedged&lt;/b&gt;"),
+        "escaped: {history}"
+    );
+    assert!(
+        history.contains(&format!("<td>{free_token}</td>")),
+        "{history}"
+    );
+    assert!(
+        history.contains(&format!("/runs/{}", run.id())),
+        "{history}"
+    );
+    // Held keys come first.
+    assert!(history.find("held:key").unwrap() < history.find("free:key").unwrap());
+    assert!(gone.release().unwrap_err().is_lock_lost());
+    held.release().unwrap();
+    run.succeed().unwrap();
+}
+
 on_both_stores!(
     the_runs_api_mirrors_the_cli_and_filters_and_pages,
     one_run_locks_and_instances_as_json,
@@ -751,6 +1062,11 @@ on_both_stores!(
     a_queued_runs_page_names_its_holder,
     the_runs_page_filters_and_pages,
     the_event_stream_follows_the_feed_and_resumes_from_last_event_id,
+    actions_without_a_token_are_refused_saying_why,
+    a_cancel_needs_the_token_the_same_origin_and_the_sessions_csrf_token,
+    a_forced_unlock_from_the_locks_page_is_recorded_with_why_and_who,
+    pages_offer_no_action_unless_allowed,
+    the_locks_page_shows_each_keys_history_with_tokens,
 );
 
 /// `runledger serve` as a user starts it.
@@ -781,6 +1097,25 @@ mod serve {
             assert!(stderr.contains("without a token"), "{stderr}");
             assert!(stderr.contains("--token"), "{stderr}");
         }
+    }
+
+    #[test]
+    fn actions_without_a_token_are_refused_at_start_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        runledger::Ledger::open(&db).unwrap();
+        let out = runledger()
+            .args(["serve", "--listen", "127.0.0.1:0", "--allow-actions"])
+            .env("RUNLEDGER_DB", &db)
+            .env_remove("RUNLEDGER_TOKEN")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--allow-actions without --token") && stderr.contains("cancel runs"),
+            "{stderr}"
+        );
     }
 
     #[test]

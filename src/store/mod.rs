@@ -31,9 +31,9 @@ use std::time::Duration;
 use crate::clock::{Clock, Timestamp};
 use crate::error::Result;
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState};
+use crate::lock::{LockMode, LockRecord, LockState, Ticket};
 use crate::reaper::Reaped;
-use crate::record::{EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
+use crate::record::{EventKind, EventRecord, LockEvent, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, StepStatus};
 use crate::wake::wake;
 
@@ -398,6 +398,18 @@ impl Store {
         dispatch!(self, s => s.prune_batch(cutoff, after, batch))
     }
 
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        dispatch!(self, s => s.lock_history(key, limit))
+    }
+
+    pub(crate) fn prune_lock_events(
+        &self,
+        cutoff: Timestamp,
+        batch: usize,
+    ) -> Result<(usize, bool)> {
+        dispatch!(self, s => s.prune_lock_events(cutoff, batch))
+    }
+
     pub(crate) fn path(&self) -> &Path {
         dispatch!(self, s => s.path())
     }
@@ -623,6 +635,100 @@ pub(crate) fn adopter_json(adopter: &Adopter<'_>) -> String {
         "host": adopter.host,
     })
     .to_string()
+}
+
+/// The kind of a lock event whose grant began (the `events.kind` of
+/// [`EventKind::LockGranted`]).
+pub(crate) const LOCK_GRANTED: &str = "lock_granted";
+
+/// How the grant of a held lock ended, as its lock event records it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ending<'a> {
+    /// Its holder released it (or its run ended).
+    Released,
+    /// Taken from a dead holder: why it was judged dead, and by whom.
+    Reclaimed(&'a str, &'a ProcessIdentity),
+    /// Released by force: the reason given, and by whom.
+    Forced(&'a str, &'a ProcessIdentity),
+}
+
+impl Ending<'_> {
+    /// The `events.kind` of its event.
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            Ending::Released => "lock_released",
+            Ending::Reclaimed(..) => "lock_reclaimed",
+            Ending::Forced(..) => "lock_force_released",
+        }
+    }
+
+    /// The `events.message` of its event.
+    pub(crate) fn message(self) -> Option<String> {
+        match self {
+            Ending::Released => None,
+            Ending::Reclaimed(reason, by) | Ending::Forced(reason, by) => {
+                Some(forced_by(reason, by))
+            }
+        }
+    }
+}
+
+/// A lock event's detail as both stores write it (in `events.step`): its
+/// [`LockEvent`] as JSON, read back with [`lock_event_kind`].
+pub(crate) fn lock_event_json(lock: &LockEvent) -> String {
+    serde_json::to_string(lock).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The event a lock event's kind and detail ([`lock_event_json`]) stand
+/// for; `None` if `kind` is not the kind of a lock event.
+pub(crate) fn lock_event_kind(kind: &str, detail: Option<&str>) -> Option<Result<EventKind>> {
+    let make: fn(LockEvent) -> EventKind = match kind {
+        LOCK_GRANTED => EventKind::LockGranted,
+        "lock_released" => EventKind::LockReleased,
+        "lock_reclaimed" => EventKind::LockReclaimed,
+        "lock_force_released" => EventKind::LockForceReleased,
+        _ => return None,
+    };
+    let parse = || -> std::result::Result<LockEvent, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(detail.unwrap_or("null")).map_err(|e| e.to_string())?;
+        let keys = v["keys"]
+            .as_array()
+            .ok_or("no keys")?
+            .iter()
+            .map(|k| k.as_str().map(str::to_owned).ok_or("a key is not a string"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let capacity = v["capacity"].as_u64().and_then(|c| u32::try_from(c).ok());
+        let mode = LockMode::from_parts(v["mode"].as_str().unwrap_or_default(), capacity)
+            .ok_or("no known mode")?;
+        Ok(LockEvent {
+            ticket: Ticket::from(v["ticket"].as_i64().ok_or("no ticket")?),
+            keys,
+            mode,
+            token: v["token"].as_u64().ok_or("no token")?,
+            pid: v["pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .unwrap_or_default(),
+            host: v["host"].as_str().unwrap_or_default().to_owned(),
+        })
+    };
+    Some(
+        parse()
+            .map(make)
+            .map_err(|e| bad_data(format!("lock event of unreadable detail: {e}"))),
+    )
+}
+
+/// The run of an event, from its row's `run_id`: 0 (no run ever has it)
+/// for a lock taken without a run.
+pub(crate) fn event_run(run_id: i64) -> Option<RunId> {
+    (run_id != 0).then(|| RunId::from(run_id))
+}
+
+/// The `run_id` an event's row stores for `run` (see [`event_run`]).
+pub(crate) fn event_run_id(run: Option<RunId>) -> i64 {
+    run.map_or(0, i64::from)
 }
 
 /// The event an `adopted` detail ([`adopter_json`]) stands for. A field

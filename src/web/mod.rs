@@ -8,15 +8,17 @@
 //! | `/` | Overview: active runs with progress, held locks and their queues, processes alive or stale, recent failures |
 //! | `/runs` | Runs, newest first: filters `status` (repeatable), `name`, `source`, `since` (`90s`, `30m`, `2h`, `7d`), paging by `before` (a run id) and `limit` |
 //! | `/runs/{id}` | One run: every field, metadata, steps, events, its locks, and for a queued run who holds what it waits for |
-//! | `/locks` | Every key: holders (mode, token, age) and the queue in order |
+//! | `/locks` | Every key: holders (mode, token, age), the queue in order, and its history (grants, releases, reclaims from dead holders, forced releases, with tokens and why) |
 //! | `/api/runs`, `/api/runs/{id}`, `/api/locks`, `/api/instances` | JSON: the shapes of `runledger runs --json`, `show --json`, `locks --json`; `/api/runs` takes the filters of `/runs` |
 //! | `/api/events` | The event feed as server-sent events (`text/event-stream`): one `message` per event, its JSON as data and its id as the SSE id, so a reconnect resumes after the last one seen (`Last-Event-ID`, or `?from=N`) |
 //! | `/metrics` | Prometheus text: runs by status, active and queued runs, locks held, waiters, the oldest wait, instances alive and stale, runs reaped |
 //!
 //! Pages are plain HTML, readable without JavaScript; with it, a few lines
 //! of embedded script follow `/api/events` and redraw the page's content
-//! when something changes (and every few seconds, for the locks, whose
-//! grants are not in the feed). Every value from the ledger goes through
+//! when something changes: a run's, or a lock's (grants, releases,
+//! reclaims and forced releases are events of the feed), and every 30
+//! seconds for what changes without an event (ages; processes that died
+//! and are not reaped yet). Every value from the ledger goes through
 //! the template engine (maud), which escapes it: a run named `<script>` is
 //! text. Nothing is loaded from elsewhere, and every response carries a
 //! restrictive `Content-Security-Policy`.
@@ -24,7 +26,8 @@
 //! # Safe by default
 //!
 //! - **Read-only.** No request changes the ledger: anything but `GET` and
-//!   `HEAD` is refused with `405 Method Not Allowed`.
+//!   `HEAD` is refused with `405 Method Not Allowed`, unless
+//!   [actions](#actions) are allowed.
 //! - **A token, when asked for.** With [`Dashboard::token`], every request
 //!   must carry it: `Authorization: Bearer TOKEN` (programs, Prometheus'
 //!   `authorization` setting), or once `?token=TOKEN` on a page, which
@@ -34,6 +37,31 @@
 //!   refuse an address that is not loopback unless a token is set: the
 //!   dashboard shows commands, hosts and metadata that are nobody else's
 //!   business.
+//!
+//! # Actions
+//!
+//! With [`Dashboard::allow_actions`] (`runledger serve --allow-actions`),
+//! the page of an active run has a *cancel* button
+//! ([`Ledger::cancel_by`](crate::Ledger::cancel_by)) and the locks page a
+//! *force unlock* button per held key
+//! ([`Ledger::force_unlock`](crate::Ledger::force_unlock), with a reason),
+//! each a plain HTML form that POSTs to `/runs/{id}/cancel` or
+//! `/locks/unlock`. Each request is refused, with a message saying why:
+//!
+//! - without a [token](Dashboard::token) set (`403`): anything that can
+//!   reach the address could act otherwise;
+//! - without the token (`401`, as every request);
+//! - from another site (`403`): `Sec-Fetch-Site` must be `same-origin` and
+//!   `Origin` this dashboard's host, when the browser sends them;
+//! - without the session cookie a `?token=` visit sets, or with a CSRF
+//!   token in the form that is not the session's (`403`).
+//!
+//! What is done is recorded with who did it, the request's remote address
+//! and, if typed in the form, a name: on the run (the message of its
+//! cancel request) or in the lock's history (the reason of its forced
+//! release). The address is known when the dashboard is served by
+//! [`Dashboard::serve`], or by a host that serves its app with
+//! `into_make_service_with_connect_info::<SocketAddr>()`.
 //!
 //! # Mounting it
 //!
@@ -67,6 +95,7 @@
 //! a `Stream`, which waits without blocking and reads the feed only when
 //! woken.
 
+mod actions;
 mod api;
 mod pages;
 
@@ -79,7 +108,7 @@ use axum::extract::{OriginalUri, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::error::Error;
 use crate::ledger::Ledger;
@@ -110,13 +139,26 @@ const TOKEN_COOKIE: &str = "runledger_token";
 pub struct Dashboard {
     ledger: Ledger,
     token: Option<String>,
+    allow_actions: bool,
 }
 
 /// What every handler shares.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub ledger: Ledger,
     token: Option<String>,
+    allow_actions: bool,
+    /// The key of the CSRF tokens of the actions' forms.
+    csrf_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ledger", &self.ledger)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("allow_actions", &self.allow_actions)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) type AppState = State<Arc<Shared>>;
@@ -127,7 +169,18 @@ impl Dashboard {
         Dashboard {
             ledger,
             token: None,
+            allow_actions: false,
         }
+    }
+
+    /// Enables the actions (see [Actions](self#actions)): a cancel button
+    /// on the page of an active run, a force-unlock button per held key on
+    /// the locks page. They are refused, saying why, unless a
+    /// [token](Dashboard::token) is set too. Defaults to false: every
+    /// request but `GET` and `HEAD` is refused with `405`.
+    pub fn allow_actions(mut self, allow: bool) -> Dashboard {
+        self.allow_actions = allow;
+        self
     }
 
     /// Requires `token` on every request (see [Safe by
@@ -145,12 +198,16 @@ impl Dashboard {
         let shared = Arc::new(Shared {
             ledger: self.ledger,
             token: self.token,
+            allow_actions: self.allow_actions,
+            csrf_key: actions::csrf_key(),
         });
         Router::new()
             .route("/", get(pages::overview))
             .route("/runs", get(pages::runs))
             .route("/runs/{id}", get(pages::run))
+            .route("/runs/{id}/cancel", post(actions::cancel))
             .route("/locks", get(pages::locks))
+            .route("/locks/unlock", post(actions::unlock))
             .route("/assets/style.css", get(pages::style))
             .route("/assets/live.js", get(pages::script))
             .route("/api/runs", get(api::runs))
@@ -193,7 +250,10 @@ impl Dashboard {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         check_listen(listener.local_addr()?, self.token.is_some())?;
-        axum::serve(listener, self.router())
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
     }
@@ -243,15 +303,21 @@ async fn security_headers(mut response: Response) -> Response {
     };
     set(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY);
     set(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(header::REFERRER_POLICY, "no-referrer");
+    // Never a referrer to another site; to its own pages, the browser then
+    // sends the true `Origin` of a form (under `no-referrer` it sends
+    // `Origin: null`, which the actions' same-origin check must refuse).
+    set(header::REFERRER_POLICY, "same-origin");
     set(header::X_FRAME_OPTIONS, "DENY");
     response
 }
 
-/// Refuses what changes things (every method but GET and HEAD) and, with a
-/// token set, requests without it.
+/// Refuses what changes things (every method but GET and HEAD, and POST
+/// too unless actions are allowed) and, with a token set, requests without
+/// it.
 async fn guard(State(shared): AppState, request: Request, next: Next) -> Response {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
+    let method = request.method();
+    let reads = method == Method::GET || method == Method::HEAD;
+    if !(reads || shared.allow_actions && method == Method::POST) {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
             [(header::ALLOW, "GET, HEAD")],

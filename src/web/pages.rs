@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
+use super::actions::{Actions, NEEDS_SESSION, NEEDS_TOKEN};
 use super::api::{MAX_LIMIT, RunsQuery};
 use super::{AppState, base_of, blocking, status_of};
 use crate::clock::Timestamp;
@@ -48,7 +49,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Base {
 impl Base {
     /// The address of a page of the dashboard: `path` is "" for the
     /// overview, else starts with '/'.
-    fn at(&self, path: &str) -> String {
+    pub(crate) fn at(&self, path: &str) -> String {
         if self.0.is_empty() && path.is_empty() {
             "/".to_owned()
         } else {
@@ -56,7 +57,7 @@ impl Base {
         }
     }
 
-    fn run(&self, id: RunId) -> String {
+    pub(crate) fn run(&self, id: RunId) -> String {
         self.at(&format!("/runs/{id}"))
     }
 }
@@ -619,7 +620,12 @@ fn log_tail(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// `/runs/{id}`: everything about one run.
-pub(crate) async fn run(State(shared): AppState, base: Base, Path(id): Path<String>) -> Response {
+pub(crate) async fn run(
+    State(shared): AppState,
+    base: Base,
+    actions: Actions,
+    Path(id): Path<String>,
+) -> Response {
     let id: RunId = match id.parse() {
         Ok(id) => id,
         Err(e) => {
@@ -658,6 +664,9 @@ pub(crate) async fn run(State(shared): AppState, base: Base, Path(id): Path<Stri
     let owner_alive = p.instances.iter().find(|i| i.id == run.instance);
     let content = html! {
         h1 { "Run " (run.id) ": " span.name { (run.name) } " " (status_badge(run.status)) }
+        @if run.status.is_active() {
+            (action_form(&actions, &base.at(&format!("/runs/{}/cancel", run.id)), html! {}, "Cancel run"))
+        }
         @if !waits.is_empty() {
             section.why {
                 h2 { "Why it waits" }
@@ -813,19 +822,165 @@ fn event_text(event: &EventRecord) -> String {
         EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
         EventKind::Custom { name, data } if data.is_null() => name.clone(),
         EventKind::Custom { name, data } => format!("{name} {data}"),
+        EventKind::LockGranted(lock) => format!("lock granted: {lock}"),
+        EventKind::LockReleased(lock) => format!("lock released: {lock}"),
+        EventKind::LockReclaimed(lock) => format!("lock reclaimed from a dead holder: {lock}"),
+        EventKind::LockForceReleased(lock) => format!("lock released by force: {lock}"),
+    }
+}
+
+/// The form of an action, or why there is none: nothing when actions are
+/// off.
+fn action_form(actions: &Actions, to: &str, fields: Markup, button: &str) -> Markup {
+    html! {
+        @match actions {
+            Actions::Off => {},
+            Actions::NoToken => p.note.actions { (NEEDS_TOKEN) },
+            Actions::NoSession => p.note.actions { (NEEDS_SESSION) },
+            Actions::On(csrf) => form.action method="post" action=(to) {
+                input type="hidden" name="csrf" value=(csrf);
+                (fields)
+                label { "Your name " input type="text" name="name" maxlength="100" placeholder="optional"; }
+                " "
+                button type="submit" { (button) }
+            },
+        }
     }
 }
 
 /// `/locks`: every key, its holders and its queue.
-pub(crate) async fn locks(State(shared): AppState, base: Base) -> Response {
-    let read = blocking(&shared, |l| Ok((l.now(), l.locks()?, l.instances()?)));
-    let (now, locks, instances) = match read.await {
+pub(crate) async fn locks(State(shared): AppState, base: Base, actions: Actions) -> Response {
+    let read = blocking(&shared, |l| {
+        let locks = l.locks()?;
+        let history = key_histories(l, &locks)?;
+        Ok((l.now(), locks, l.instances()?, history))
+    });
+    let (now, locks, instances, history) = match read.await {
         Ok(read) => read,
         Err(e) => return ledger_error_page(&base, &e),
     };
     let content = html! {
         h1 { "Locks" }
         (locks_table(&base, now, &locks, &instances))
+        @let held: std::collections::BTreeSet<&str> = locks.iter()
+            .filter(|l| l.state == LockState::Held).map(|l| l.key.as_str()).collect();
+        @if !held.is_empty() && !matches!(actions, Actions::Off) {
+            section.unlock {
+                h2 { "Force unlock" }
+                @match actions {
+                    Actions::On(_) => {
+                        @for key in &held {
+                            (action_form(&actions, &base.at("/locks/unlock"), html! {
+                                input type="hidden" name="key" value=(key);
+                                code { (key) } " "
+                                label { "Reason " input type="text" name="reason" required maxlength="500"; }
+                                " "
+                            }, "Force unlock"))
+                        }
+                    }
+                    _ => (action_form(&actions, "", html! {}, "")),
+                }
+            }
+        }
+        section.history {
+            h2 { "History" }
+            @if history.is_empty() {
+                p.empty { "No lock was granted yet, or its history was pruned." }
+            }
+            @for (key, events) in &history {
+                h3 { code { (key) } }
+                table.history {
+                    thead { tr { th { "When" } th { "What" } th { "Token" } th { "Holder" } th { "Why, and by whom" } } }
+                    tbody {
+                        @for event in events {
+                            @if let Some(lock) = event.kind.lock() {
+                                tr class=(lock_event_class(&event.kind)) {
+                                    td { time datetime=(event.at) title=(event.at) { (ago(now, event.at)) } }
+                                    td { (lock_event_word(&event.kind)) @if lock.keys.len() > 1 { " (with " (lock.keys.len() - 1) " other key(s))" } }
+                                    td { (lock.token) }
+                                    td {
+                                        @if let Some(id) = event.run { a href=(base.run(id)) { "run " (id) } ", " }
+                                        "pid " (lock.pid) " on " (lock.host)
+                                    }
+                                    td { @if let Some(m) = &event.message { (m) } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     };
     page(layout(&base, "Locks", content))
+}
+
+/// How many of the newest lock events the history reads, and how many it
+/// shows per key.
+const HISTORY_EVENTS: usize = 300;
+const HISTORY_PER_KEY: usize = 10;
+/// How many keys held or awaited now, quiet in the newest lock events, get
+/// a read of their own history.
+const HISTORY_KEYS: usize = 50;
+
+/// Each key's recent lock events, newest first: the keys held or awaited
+/// now first (each read on its own if it is not among the newest events),
+/// then the others of the newest events, by their last event.
+fn key_histories(
+    ledger: &crate::Ledger,
+    locks: &[LockRecord],
+) -> crate::Result<Vec<(String, Vec<EventRecord>)>> {
+    let mut order: Vec<String> = Vec::new();
+    let mut events: BTreeMap<String, Vec<EventRecord>> = BTreeMap::new();
+    for lock in locks {
+        if !order.contains(&lock.key) {
+            order.push(lock.key.clone());
+        }
+    }
+    let current = order.len();
+    for event in ledger.lock_history(None, HISTORY_EVENTS)? {
+        let Some(lock) = event.kind.lock() else {
+            continue;
+        };
+        for key in &lock.keys {
+            if !order.contains(key) {
+                order.push(key.clone());
+            }
+            let list = events.entry(key.clone()).or_default();
+            if list.len() < HISTORY_PER_KEY {
+                list.push(event.clone());
+            }
+        }
+    }
+    for key in order.iter().take(current.min(HISTORY_KEYS)) {
+        if !events.contains_key(key) {
+            events.insert(
+                key.clone(),
+                ledger.lock_history(Some(key), HISTORY_PER_KEY)?,
+            );
+        }
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|key| {
+            let list = events.remove(&key)?;
+            (!list.is_empty()).then_some((key, list))
+        })
+        .collect())
+}
+
+fn lock_event_word(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::LockGranted(_) => "granted",
+        EventKind::LockReleased(_) => "released",
+        EventKind::LockReclaimed(_) => "reclaimed from a dead holder",
+        EventKind::LockForceReleased(_) => "released by force",
+        _ => "",
+    }
+}
+
+fn lock_event_class(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::LockReclaimed(_) | EventKind::LockForceReleased(_) => "taken",
+        _ => "",
+    }
 }

@@ -243,12 +243,15 @@ Examples:
     /// Listens on loopback unless told otherwise. An address other
     /// machines can reach needs --token: every request must then carry it
     /// (`Authorization: Bearer TOKEN`, or once `?token=TOKEN` in the
-    /// browser, which sets a cookie). Stops on SIGINT or SIGTERM.
+    /// browser, which sets a cookie). With --allow-actions (which needs
+    /// --token), the pages get cancel and force-unlock buttons. Stops on
+    /// SIGINT or SIGTERM.
     #[cfg(feature = "web")]
     #[command(after_help = "\
 Examples:
   runledger serve                       # http://127.0.0.1:8080/
-  runledger serve --listen 0.0.0.0:8080 --token \"$(openssl rand -hex 16)\"")]
+  runledger serve --listen 0.0.0.0:8080 --token \"$(openssl rand -hex 16)\"
+  runledger serve --token \"$T\" --allow-actions   # then open /?token=$T")]
     Serve {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
@@ -256,6 +259,11 @@ Examples:
         /// A token every request must carry; required off loopback.
         #[arg(long, env = "RUNLEDGER_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Cancel and force-unlock buttons on the pages, protected by the
+        /// token and against cross-site requests, each recorded with who
+        /// did it. Needs --token.
+        #[arg(long)]
+        allow_actions: bool,
     },
 }
 
@@ -533,7 +541,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         #[cfg(feature = "web")]
-        Command::Serve { listen, token } => serve(&path, listen, token),
+        Command::Serve {
+            listen,
+            token,
+            allow_actions,
+        } => serve(&path, listen, token, allow_actions),
     }
 }
 
@@ -543,9 +555,17 @@ fn serve(
     path: &std::path::Path,
     listen: std::net::SocketAddr,
     token: Option<String>,
+    allow_actions: bool,
 ) -> Result<u8, Failure> {
     let token = token.filter(|t| !t.is_empty());
     runledger::web::check_listen(listen, token.is_some()).map_err(usage)?;
+    if allow_actions && token.is_none() {
+        return Err(usage(
+            "refusing --allow-actions without --token: anything that can reach the address (any \
+             local process, any web page open in a browser on this machine) could cancel runs \
+             and unlock keys",
+        ));
+    }
     // A long-lived process: its keeper heartbeats and reaps.
     let ledger = open_with(path, |b| b.background(true).label("runledger-serve"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -553,7 +573,7 @@ fn serve(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the server: {e}"))?;
-    let mut dashboard = runledger::web::Dashboard::new(ledger);
+    let mut dashboard = runledger::web::Dashboard::new(ledger).allow_actions(allow_actions);
     if let Some(token) = token {
         dashboard = dashboard.token(token);
     }

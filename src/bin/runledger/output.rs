@@ -345,6 +345,10 @@ pub(crate) fn event_text(event: &EventRecord) -> String {
         EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
         EventKind::Custom { name, data } if data.is_null() => name.clone(),
         EventKind::Custom { name, data } => format!("{name} {data}"),
+        EventKind::LockGranted(lock) => format!("lock granted: {lock}"),
+        EventKind::LockReleased(lock) => format!("lock released: {lock}"),
+        EventKind::LockReclaimed(lock) => format!("lock reclaimed from a dead holder: {lock}"),
+        EventKind::LockForceReleased(lock) => format!("lock released by force: {lock}"),
         other => format!("{other:?}"),
     }
 }
@@ -380,14 +384,19 @@ pub(crate) fn watch(
         let line = if json {
             serde_json::to_string(&event).map_err(|e| e.to_string())?
         } else {
-            let name = names
-                .entry(event.run)
-                .or_insert_with(|| ledger.run(event.run).map(|r| r.name).unwrap_or_default());
+            let about = match event.run {
+                Some(run) => {
+                    let name = names
+                        .entry(run)
+                        .or_insert_with(|| ledger.run(run).map(|r| r.name).unwrap_or_default());
+                    format!("run {run} {name}")
+                }
+                None => "no run".to_owned(),
+            };
             let mut line = format!(
-                "{}  #{}  run {} {name}  {}",
+                "{}  #{}  {about}  {}",
                 event.at,
                 event.id,
-                event.run,
                 event_text(&event)
             );
             if let Some(message) = &event.message {

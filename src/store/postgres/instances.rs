@@ -283,7 +283,8 @@ fn delete_instance_locks(
     }
     let mut freed = Vec::new();
     for (id, token, state, run, pid, host, keys) in rows {
-        if delete_lock(tx, id, token)?.is_none() {
+        let reclaimed = crate::store::Ending::Reclaimed(reason, by);
+        if delete_lock(tx, id, token, now, reclaimed)?.is_none() {
             continue;
         }
         if state == LockState::Held {

@@ -13,11 +13,12 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, Ticket};
+use crate::record::{EventRecord, LockEvent};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
-    Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
-    state_of,
+    Ahead, Attempt, Ending, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
+    keys_json, lease_of, lock_event_json, state_of,
 };
 
 pub(super) use crate::store::bad_data;
@@ -114,7 +115,7 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
     let mut wakes = Vec::new();
     for key in keys {
         let rows = tx.query(
-            "SELECT l.id, l.mode, l.capacity, l.keys, l.wake
+            "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
              FROM lock_entries e JOIN locks l ON l.id = e.lock_id
              WHERE e.key = $1 AND l.state = 'waiting'
              ORDER BY e.lock_id",
@@ -127,9 +128,14 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
                 mode_of(row.try_get(1)?, row.try_get(2)?)?,
                 parse_keys(row.try_get(3)?)?,
                 row.try_get::<_, Option<String>>(4)?,
+                (
+                    row.try_get::<_, Option<i64>>(5)?.map(RunId::from),
+                    pid_of(row.try_get(6)?)?,
+                    row.try_get::<_, String>(7)?,
+                ),
             ));
         }
-        for (id, mode, their_keys, wake) in waiters {
+        for (id, mode, their_keys, wake, (run, pid, host)) in waiters {
             if !fits(tx, &their_keys, mode, Some(id))? {
                 // Nothing behind an exclusive waiter fits on this key; a
                 // shared or slots waiter may be blocked only by another of
@@ -146,6 +152,15 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
                  WHERE id = $1 AND state = 'waiting'",
                 &[&id, &token, &at],
             )?;
+            let lock = LockEvent {
+                ticket: Ticket::from(id),
+                keys: their_keys,
+                mode,
+                token: token_of(token)?,
+                pid,
+                host,
+            };
+            lock_event(tx, now, LOCK_GRANTED, &lock, run, None)?;
             if let Some(wake) = wake
                 && !wakes.contains(&wake)
             {
@@ -184,14 +199,18 @@ fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
 }
 
 /// Deletes a lock row and its entries; returns its keys, or `None` if the
-/// row (with that token) was gone.
+/// row (with that token) was gone. A held row (one with a token) ends its
+/// grant as `ending` says, with a lock event.
 pub(super) fn delete_lock(
     tx: &mut Tx<'_>,
     id: i64,
     token: Option<i64>,
+    now: Timestamp,
+    ending: Ending<'_>,
 ) -> Result<Option<Vec<String>>> {
     let Some(row) = tx.query_opt(
-        "DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2 RETURNING keys",
+        "DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2
+         RETURNING keys, mode, capacity, run_id, pid, host",
         &[&id, &token],
     )?
     else {
@@ -202,7 +221,56 @@ pub(super) fn delete_lock(
         "DELETE FROM lock_entries WHERE key = ANY($1) AND lock_id = $2",
         &[&keys, &id],
     )?;
+    if let Some(token) = token {
+        let lock = LockEvent {
+            ticket: Ticket::from(id),
+            keys: keys.clone(),
+            mode: mode_of(row.try_get(1)?, row.try_get(2)?)?,
+            token: token_of(token)?,
+            pid: pid_of(row.try_get(4)?)?,
+            host: row.try_get(5)?,
+        };
+        let run = row.try_get::<_, Option<i64>>(3)?.map(RunId::from);
+        lock_event(
+            tx,
+            now,
+            ending.kind(),
+            &lock,
+            run,
+            ending.message().as_deref(),
+        )?;
+    }
     Ok(Some(keys))
+}
+
+/// Appends a lock event to the feed (in no run's chain: see the SQLite
+/// schema) and to the history of each of its keys, in one statement.
+fn lock_event(
+    tx: &mut Tx<'_>,
+    now: Timestamp,
+    kind: &str,
+    lock: &LockEvent,
+    run: Option<RunId>,
+    message: Option<&str>,
+) -> Result<()> {
+    tx.execute(
+        "WITH e AS (
+             INSERT INTO events (run_id, at, kind, step, message) VALUES ($1, $2, $3, $4, $5)
+             RETURNING id
+         )
+         INSERT INTO lock_history (key, event_id)
+         SELECT DISTINCT unnest($6::text[]), e.id FROM e",
+        &[
+            &event_run_id(run),
+            &now.as_millis(),
+            &kind,
+            &lock_event_json(lock),
+            &message,
+            &lock.keys,
+        ],
+    )?;
+    tx.events_written();
+    Ok(())
 }
 
 /// Releases every lock (held or queued) of a run that is ending, in its
@@ -221,7 +289,7 @@ pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> 
     }
     let mut freed = Vec::new();
     for (id, token) in owned {
-        if let Some(keys) = delete_lock(tx, id, token)? {
+        if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
             freed.extend(keys);
         }
     }
@@ -301,6 +369,15 @@ impl Store {
                 }
                 None => insert_lock(tx, ask, "held", Some(token), now)?,
             };
+            let lock = LockEvent {
+                ticket: Ticket::from(id),
+                keys: ask.keys.to_vec(),
+                mode: ask.mode,
+                token: token_of(token)?,
+                pid: ask.pid,
+                host: ask.host.to_owned(),
+            };
+            lock_event(tx, now, LOCK_GRANTED, &lock, ask.run, None)?;
             Ok(Attempt::Granted {
                 id,
                 token: token_of(token)?,
@@ -343,7 +420,7 @@ impl Store {
                 return Ok(Vec::new());
             };
             let token: Option<i64> = row.try_get(0)?;
-            match delete_lock(tx, ticket, token)? {
+            match delete_lock(tx, ticket, token, now, Ending::Released)? {
                 Some(keys) => grant_waiters(tx, &keys, now),
                 None => Ok(Vec::new()),
             }
@@ -366,7 +443,7 @@ impl Store {
                     return Ok(None);
                 };
                 let now = tx.now();
-                match delete_lock(tx, id, Some(token))? {
+                match delete_lock(tx, id, Some(token), now, Ending::Released)? {
                     Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
                     None => Ok(None),
                 }
@@ -421,11 +498,12 @@ impl Store {
             let mut wakes = Vec::new();
             let mut released = 0;
             for holder in &holders {
-                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
+                let forced = Ending::Forced(reason, by);
+                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token, now, forced)? {
                     record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
                     // The holder's run keeps it in its history too.
                     if let Some((run, _)) = &holder.run {
-                        let why = forced_by(reason, by);
+                        let why = forced.message().unwrap_or_default();
                         super::runs::append_event(
                             tx,
                             *run,
@@ -440,6 +518,65 @@ impl Store {
                 }
             }
             Ok((released, wakes))
+        })
+    }
+
+    /// The lock events of `key` (of every key when `None`), newest first.
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|tx| {
+            let rows = match key {
+                Some(key) => tx.query(
+                    "SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status,
+                            e.message
+                     FROM lock_history h JOIN events e ON e.id = h.event_id
+                     WHERE h.key = $1 ORDER BY h.event_id DESC LIMIT $2",
+                    &[&key, &limit],
+                )?,
+                None => tx.query(
+                    "SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status,
+                            e.message
+                     FROM events e
+                     WHERE e.id IN (SELECT DISTINCT event_id FROM lock_history
+                                    ORDER BY event_id DESC LIMIT $1)
+                     ORDER BY e.id DESC",
+                    &[&limit],
+                )?,
+            };
+            rows.iter().map(super::runs::event_record).collect()
+        })
+    }
+
+    /// One transaction of retention for lock events, as on SQLite.
+    pub(crate) fn prune_lock_events(
+        &self,
+        cutoff: Timestamp,
+        batch: usize,
+    ) -> Result<(usize, bool)> {
+        self.write(|tx| {
+            let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+            let rows = tx.query(
+                "SELECT e.id, e.at < $1 AND e.id < (SELECT max(id) FROM events)
+                 FROM (SELECT DISTINCT event_id FROM lock_history ORDER BY event_id LIMIT $2) h
+                 JOIN events e ON e.id = h.event_id
+                 ORDER BY e.id",
+                &[&cutoff.as_millis(), &limit],
+            )?;
+            let mut old = Vec::with_capacity(rows.len());
+            let mut more = rows.len() == batch;
+            for row in &rows {
+                if !row.try_get::<_, bool>(1)? {
+                    more = false;
+                    break;
+                }
+                old.push(row.try_get::<_, i64>(0)?);
+            }
+            tx.execute(
+                "WITH gone AS (DELETE FROM events WHERE id = ANY($1))
+                 DELETE FROM lock_history WHERE event_id = ANY($1)",
+                &[&old],
+            )?;
+            Ok((old.len(), more))
         })
     }
 

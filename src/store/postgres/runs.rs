@@ -1032,8 +1032,8 @@ pub(super) fn apply_change(
             )?;
             (to, changed)
         }
-        RunChange::CancelRequest => {
-            chain.append(tx, "cancel_requested", None, None, None, None)?;
+        RunChange::CancelRequest { by } => {
+            chain.append(tx, "cancel_requested", None, None, None, by.as_deref())?;
             let changed = tx.execute(
                 "UPDATE runs SET cancel_requested_at = $3, last_event_id = $4
                  WHERE id = $1 AND status = $2 AND cancel_requested_at IS NULL",
@@ -1122,11 +1122,21 @@ fn run_record(row: &Row) -> Result<RunRecord> {
     })
 }
 
-fn event_record(row: &Row) -> Result<EventRecord> {
+pub(super) fn event_record(row: &Row) -> Result<EventRecord> {
     let id = EventId::from(row.try_get::<_, i64>(0)?);
-    let run = RunId::from(row.try_get::<_, i64>(1)?);
+    let run = crate::store::event_run(row.try_get(1)?);
     let at = timestamp(row, 2)?;
-    let kind = match row.try_get::<_, &str>(3)? {
+    let kind: &str = row.try_get(3)?;
+    if let Some(lock) = crate::store::lock_event_kind(kind, row.try_get(4)?) {
+        return Ok(EventRecord {
+            id,
+            run,
+            at,
+            kind: lock?,
+            message: row.try_get(7)?,
+        });
+    }
+    let kind = match kind {
         "status" => EventKind::Status {
             from: opt_run_status(row, 5)?,
             to: run_status(row, 6)?,

@@ -191,7 +191,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         address      text NOT NULL
     );
     "#,
-    // 5: idempotency windows (RunSpec::idempotency_window).
+    // 5: locks in the event feed (see the SQLite schema).
+    r#"
+    CREATE TABLE lock_history (
+        key       text NOT NULL,
+        event_id  bigint NOT NULL,
+        PRIMARY KEY (key, event_id)
+    );
+    CREATE INDEX lock_history_by_event ON lock_history(event_id);
+    "#,
+    // 6: idempotency windows (RunSpec::idempotency_window).
     r#"
     CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
         WHERE idempotency_key IS NOT NULL;

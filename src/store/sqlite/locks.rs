@@ -8,11 +8,12 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, Ticket};
+use crate::record::{EventRecord, LockEvent};
 use crate::run::RunId;
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
-    Ahead, Attempt, LockAsk, TakenLock, Wakes, forced_by, keys_from_json, keys_json, lease_of,
-    state_of,
+    Ahead, Attempt, Ending, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
+    keys_json, lease_of, lock_event_json, state_of,
 };
 
 pub(super) fn parse_keys(text: &str) -> rusqlite::Result<Vec<String>> {
@@ -89,7 +90,7 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
 pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
     let mut wakes = Vec::new();
     let mut queue = tx.prepare_cached(
-        "SELECT l.id, l.mode, l.capacity, l.keys, l.wake
+        "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
          FROM lock_entries e JOIN locks l ON l.id = e.lock_id
          WHERE e.key = ?1 AND l.state = 'waiting'
          ORDER BY e.lock_id",
@@ -102,10 +103,15 @@ pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) ->
                     mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
                     parse_keys(&row.get::<_, String>(3)?)?,
                     row.get::<_, Option<String>>(4)?,
+                    (
+                        row.get::<_, Option<RunId>>(5)?,
+                        row.get::<_, u32>(6)?,
+                        row.get::<_, String>(7)?,
+                    ),
                 ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        for (id, mode, their_keys, wake) in waiters {
+        for (id, mode, their_keys, wake, (run, pid, host)) in waiters {
             if !fits(&mut Reads(tx), &their_keys, mode, Some(id))? {
                 // Nothing behind an exclusive waiter fits on this key; a
                 // shared or slots waiter may be blocked only by another of
@@ -121,6 +127,15 @@ pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) ->
                  WHERE id = ?1 AND state = 'waiting'",
             )?
             .execute(params![id, token, now])?;
+            let lock = LockEvent {
+                ticket: Ticket::from(id),
+                keys: their_keys,
+                mode,
+                token: token as u64,
+                pid,
+                host,
+            };
+            lock_event(tx, now, LOCK_GRANTED, &lock, run, None)?;
             if let Some(wake) = wake
                 && !wakes.contains(&wake)
             {
@@ -158,24 +173,100 @@ fn next_token(tx: &Connection, keys: &[String]) -> Result<i64> {
 }
 
 /// Deletes a lock row and its entries; returns its keys, or `None` if the
-/// row (with that token) was gone.
+/// row (with that token) was gone. A held row (one with a token) ends its
+/// grant as `ending` says, with a lock event.
 pub(super) fn delete_lock(
     tx: &Connection,
     id: i64,
     token: Option<i64>,
+    now: Timestamp,
+    ending: Ending<'_>,
 ) -> Result<Option<Vec<String>>> {
-    let keys: Option<String> = tx
-        .prepare_cached("DELETE FROM locks WHERE id = ?1 AND token IS ?2 RETURNING keys")?
-        .query_row(params![id, token], |row| row.get(0))
+    let row = tx
+        .prepare_cached(
+            "DELETE FROM locks WHERE id = ?1 AND token IS ?2
+             RETURNING keys, mode, capacity, run_id, pid, host",
+        )?
+        .query_row(params![id, token], |row| {
+            Ok((
+                parse_keys(&row.get::<_, String>(0)?)?,
+                mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
+                row.get::<_, Option<RunId>>(3)?,
+                row.get::<_, u32>(4)?,
+                row.get::<_, String>(5)?,
+            ))
+        })
         .optional()?;
-    let Some(keys) = keys else { return Ok(None) };
-    let keys = parse_keys(&keys)?;
+    let Some((keys, mode, run, pid, host)) = row else {
+        return Ok(None);
+    };
     let mut entry =
         tx.prepare_cached("DELETE FROM lock_entries WHERE key = ?1 AND lock_id = ?2")?;
     for key in &keys {
         entry.execute(params![key, id])?;
     }
+    if let Some(token) = token {
+        let lock = LockEvent {
+            ticket: Ticket::from(id),
+            keys: keys.clone(),
+            mode,
+            token: token as u64,
+            pid,
+            host,
+        };
+        lock_event(
+            tx,
+            now,
+            ending.kind(),
+            &lock,
+            run,
+            ending.message().as_deref(),
+        )?;
+    }
     Ok(Some(keys))
+}
+
+/// Appends a lock event to the feed (in no run's chain: see the schema)
+/// and to the history of each of its keys.
+/// One key's lock events, newest first: a range of `lock_history`'s key.
+const KEY_HISTORY: &str = "
+    SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status, e.message
+    FROM lock_history h JOIN events e ON e.id = h.event_id
+    WHERE h.key = ?1 ORDER BY h.event_id DESC LIMIT ?2";
+
+/// Every key's lock events, newest first: the end of `lock_history_by_event`.
+const ALL_KEYS_HISTORY: &str = "
+    SELECT e.id, e.run_id, e.at, e.kind, e.step, e.from_status, e.to_status, e.message
+    FROM events e
+    WHERE e.id IN (SELECT DISTINCT event_id FROM lock_history ORDER BY event_id DESC LIMIT ?1)
+    ORDER BY e.id DESC";
+
+fn lock_event(
+    tx: &Connection,
+    now: Timestamp,
+    kind: &str,
+    lock: &LockEvent,
+    run: Option<RunId>,
+    message: Option<&str>,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO events (run_id, at, kind, step, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        event_run_id(run),
+        now,
+        kind,
+        lock_event_json(lock),
+        message
+    ])?;
+    let event = tx.last_insert_rowid();
+    let mut history =
+        tx.prepare_cached("INSERT INTO lock_history (key, event_id) VALUES (?1, ?2)")?;
+    for key in &lock.keys {
+        history.execute(params![key, event])?;
+    }
+    super::EVENTS_WRITTEN.with(|w| w.set(true));
+    Ok(())
 }
 
 /// Releases every lock (held or queued) of a run that is ending, in its
@@ -193,7 +284,7 @@ pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> 
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut freed = Vec::new();
     for (id, token) in owned {
-        if let Some(keys) = delete_lock(tx, id, token)? {
+        if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
             freed.extend(keys);
         }
     }
@@ -271,6 +362,15 @@ impl Store {
                 }
                 None => insert_lock(tx, ask, "held", Some(token), now)?,
             };
+            let lock = LockEvent {
+                ticket: Ticket::from(id),
+                keys: ask.keys.to_vec(),
+                mode: ask.mode,
+                token: token as u64,
+                pid: ask.pid,
+                host: ask.host.to_owned(),
+            };
+            lock_event(tx, now, LOCK_GRANTED, &lock, ask.run, None)?;
             Ok(Attempt::Granted {
                 id,
                 token: token as u64,
@@ -309,7 +409,7 @@ impl Store {
             let Some(token) = token else {
                 return Ok(Vec::new());
             };
-            match delete_lock(tx, ticket, token)? {
+            match delete_lock(tx, ticket, token, now, Ending::Released)? {
                 Some(keys) => grant_waiters(tx, &keys, now),
                 None => Ok(Vec::new()),
             }
@@ -326,7 +426,7 @@ impl Store {
         on_commit: impl FnOnce(),
     ) -> Result<Option<Wakes>> {
         self.write_then(
-            |tx, now| match delete_lock(tx, id, Some(token as i64))? {
+            |tx, now| match delete_lock(tx, id, Some(token as i64), now, Ending::Released)? {
                 Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
                 None => Ok(None),
             },
@@ -375,11 +475,12 @@ impl Store {
             let mut wakes = Vec::new();
             let mut released = 0;
             for holder in &holders {
-                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token)? {
+                let forced = Ending::Forced(reason, by);
+                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token, now, forced)? {
                     record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
                     // The holder's run keeps it in its history too.
                     if let Some((run, _)) = &holder.run {
-                        let why = forced_by(reason, by);
+                        let why = forced.message().unwrap_or_default();
                         super::runs::append_event(
                             tx,
                             *run,
@@ -394,6 +495,62 @@ impl Store {
                 }
             }
             Ok((released, wakes))
+        })
+    }
+
+    /// The lock events of `key` (of every key when `None`), newest first.
+    pub(crate) fn lock_history(&self, key: Option<&str>, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let events = match key {
+                Some(key) => conn
+                    .prepare_cached(KEY_HISTORY)?
+                    .query_map(params![key, limit], super::runs::event_record)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(ALL_KEYS_HISTORY)?
+                    .query_map([limit], super::runs::event_record)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            Ok(events)
+        })
+    }
+
+    /// One transaction of retention for lock events: deletes the oldest of
+    /// them, up to `batch`, that happened before `cutoff`, with their
+    /// history rows. Returns how many, and whether more may qualify. The
+    /// newest event of the feed is kept, so that its id is never handed out
+    /// again.
+    pub(crate) fn prune_lock_events(
+        &self,
+        cutoff: Timestamp,
+        batch: usize,
+    ) -> Result<(usize, bool)> {
+        self.write(|tx, _| {
+            let oldest = tx
+                .prepare_cached(
+                    "SELECT e.id, e.at < ?1 AND e.id < (SELECT max(id) FROM events)
+                     FROM (SELECT DISTINCT event_id FROM lock_history ORDER BY event_id LIMIT ?2) h
+                     JOIN events e ON e.id = h.event_id
+                     ORDER BY e.id",
+                )?
+                .query_map(
+                    params![cutoff, i64::try_from(batch).unwrap_or(i64::MAX)],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, bool>(1)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut event = tx.prepare_cached("DELETE FROM events WHERE id = ?1")?;
+            let mut history = tx.prepare_cached("DELETE FROM lock_history WHERE event_id = ?1")?;
+            let mut deleted = 0;
+            for (id, old) in &oldest {
+                if !old {
+                    return Ok((deleted, false));
+                }
+                event.execute([id])?;
+                history.execute([id])?;
+                deleted += 1;
+            }
+            Ok((deleted, oldest.len() == batch))
         })
     }
 
@@ -517,4 +674,34 @@ pub(super) fn record_taken(
         by.host,
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        stmt.query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// A key's history, and every key's, are read from lock_history's
+    /// indexes and the events' primary key: never a scan of the runs'
+    /// history.
+    #[test]
+    fn lock_histories_read_indexes_not_the_history() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn, 0).unwrap();
+        let key = plan(&conn, KEY_HISTORY, params!["k", 10]);
+        assert!(key.contains("SEARCH h USING PRIMARY KEY (key=?)"), "{key}");
+        assert!(key.contains("SEARCH e USING INTEGER PRIMARY KEY"), "{key}");
+        let all = plan(&conn, ALL_KEYS_HISTORY, [10]);
+        assert!(all.contains("lock_history_by_event"), "{all}");
+        assert!(all.contains("SEARCH e USING INTEGER PRIMARY KEY"), "{all}");
+        assert!(!all.contains("SCAN e"), "{all}");
+    }
 }

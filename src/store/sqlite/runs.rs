@@ -994,8 +994,8 @@ pub(super) fn apply_change(
                 ))?;
             (to, changed)
         }
-        RunChange::CancelRequest => {
-            chain.append(tx, "cancel_requested", None, None, None, None)?;
+        RunChange::CancelRequest { by } => {
+            chain.append(tx, "cancel_requested", None, None, None, by.as_deref())?;
             let changed = tx
                 .prepare_cached(
                     "UPDATE runs SET cancel_requested_at = ?3, last_event_id = ?4
@@ -1121,8 +1121,20 @@ fn json_column(row: &Row<'_>, index: usize) -> rusqlite::Result<serde_json::Valu
     }
 }
 
-fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
+pub(super) fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
     let kind: String = row.get(3)?;
+    let run = crate::store::event_run(row.get(1)?);
+    if let Some(lock) = crate::store::lock_event_kind(&kind, row.get_ref(4)?.as_str_or_null()?) {
+        return Ok(EventRecord {
+            id: EventId::from(row.get::<_, i64>(0)?),
+            run,
+            at: row.get(2)?,
+            kind: lock.map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, e.into())
+            })?,
+            message: row.get(7)?,
+        });
+    }
     let kind = match kind.as_str() {
         "status" => EventKind::Status {
             from: row.get(5)?,
@@ -1141,7 +1153,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
         "custom" => {
             return Ok(EventRecord {
                 id: EventId::from(row.get::<_, i64>(0)?),
-                run: row.get(1)?,
+                run,
                 at: row.get(2)?,
                 kind: EventKind::Custom {
                     name: row.get(4)?,
@@ -1160,7 +1172,7 @@ fn event_record(row: &Row<'_>) -> rusqlite::Result<EventRecord> {
     };
     Ok(EventRecord {
         id: EventId::from(row.get::<_, i64>(0)?),
-        run: row.get(1)?,
+        run,
         at: row.get(2)?,
         kind,
         message: row.get(7)?,

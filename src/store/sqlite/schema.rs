@@ -213,7 +213,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- adopter's instance, pid and host in events.step) and 'custom' (the
     -- event's name in events.step, its JSON data in events.message).
     "#,
-    // 5: idempotency windows (RunSpec::idempotency_window).
+    // 5: locks in the event feed.
+    r#"
+    -- From this version on, every grant of a lock, and every end of one
+    -- (released, reclaimed from a dead holder, released by force), is an
+    -- event of the feed: events.kind is 'lock_granted', 'lock_released',
+    -- 'lock_reclaimed' or 'lock_force_released', run_id the lock's run or 0
+    -- (a lock without a run), prev_id NULL (a lock event is in no run's
+    -- chain), the lock (ticket, keys, mode, token, holder) as JSON in
+    -- events.step, and why and by whom, if taken away, in events.message.
+
+    -- The lock events of each key: its history. A table of its own, written
+    -- by lock writes only, rather than an index on events that every run
+    -- write would pay for.
+    CREATE TABLE lock_history (
+        key       TEXT NOT NULL,
+        event_id  INTEGER NOT NULL,
+        PRIMARY KEY (key, event_id)
+    ) WITHOUT ROWID;
+    -- Retention walks the lock events oldest first.
+    CREATE INDEX lock_history_by_event ON lock_history(event_id);
+    "#,
+    // 6: idempotency windows (RunSpec::idempotency_window).
     r#"
     -- The latest run of a key, in any status, found without a scan.
     CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)

@@ -1,6 +1,7 @@
 // runledger dashboard: live updates. The page works without this script;
 // with it, the page's <main> is redrawn from the server when an event
-// commits (and every few seconds, for lock changes, which are not events).
+// commits (lock grants and releases included), and every 30 s for what
+// changes without an event: ages, and processes that died.
 (function () {
   "use strict";
   var base = document.body.getAttribute("data-base") || "";
@@ -30,5 +31,5 @@
     feed.onerror = function () { if (live) { live.textContent = "reconnecting"; live.className = "off"; } };
     feed.onmessage = soon;
   }
-  setInterval(function () { if (!document.hidden) { soon(); } }, 5000);
+  setInterval(function () { if (!document.hidden) { soon(); } }, 30000);
 })();
