@@ -321,6 +321,41 @@ pub struct LockEvent {
     pub host: String,
 }
 
+/// The event in words, as `runledger show` and the dashboard put it:
+/// `running → succeeded`, `step load: succeeded`, `lock granted: …`.
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventKind::Status { from: None, to } => write!(f, "registered {to}"),
+            EventKind::Status {
+                from: Some(from),
+                to,
+            } => write!(f, "{from} → {to}"),
+            EventKind::Step {
+                step,
+                from: None,
+                to,
+            } => write!(f, "step {step}: {to}"),
+            EventKind::Step {
+                step,
+                from: Some(from),
+                to,
+            } => write!(f, "step {step}: {from} → {to}"),
+            EventKind::CancelRequested => f.write_str("cancel requested"),
+            EventKind::LockForced { keys } => write!(f, "lock {keys:?} released by force"),
+            EventKind::Adopted { pid, host, .. } => write!(f, "adopted by pid {pid} on {host}"),
+            EventKind::Custom { name, data } if data.is_null() => f.write_str(name),
+            EventKind::Custom { name, data } => write!(f, "{name} {data}"),
+            EventKind::LockGranted(lock) => write!(f, "lock granted: {lock}"),
+            EventKind::LockReleased(lock) => write!(f, "lock released: {lock}"),
+            EventKind::LockReclaimed(lock) => {
+                write!(f, "lock reclaimed from a dead holder: {lock}")
+            }
+            EventKind::LockForceReleased(lock) => write!(f, "lock released by force: {lock}"),
+        }
+    }
+}
+
 impl fmt::Display for LockEvent {
     /// The keys, then the mode, token and holder: `"build:a, build:b
     /// (exclusive, token 7, pid 4242 on build-1)"`.

@@ -801,32 +801,7 @@ pub(crate) async fn run(
 
 /// One event in words, as `runledger show` words it.
 fn event_text(event: &EventRecord) -> String {
-    match &event.kind {
-        EventKind::Status { from: None, to } => format!("registered {to}"),
-        EventKind::Status {
-            from: Some(from),
-            to,
-        } => format!("{from} → {to}"),
-        EventKind::Step {
-            step,
-            from: None,
-            to,
-        } => format!("step {step}: {to}"),
-        EventKind::Step {
-            step,
-            from: Some(from),
-            to,
-        } => format!("step {step}: {from} → {to}"),
-        EventKind::CancelRequested => "cancel requested".to_owned(),
-        EventKind::LockForced { keys } => format!("lock {keys:?} released by force"),
-        EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
-        EventKind::Custom { name, data } if data.is_null() => name.clone(),
-        EventKind::Custom { name, data } => format!("{name} {data}"),
-        EventKind::LockGranted(lock) => format!("lock granted: {lock}"),
-        EventKind::LockReleased(lock) => format!("lock released: {lock}"),
-        EventKind::LockReclaimed(lock) => format!("lock reclaimed from a dead holder: {lock}"),
-        EventKind::LockForceReleased(lock) => format!("lock released by force: {lock}"),
-    }
+    event.kind.to_string()
 }
 
 /// The form of an action, or why there is none: nothing when actions are

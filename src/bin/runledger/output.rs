@@ -7,8 +7,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use runledger::{
-    EventCursor, EventKind, EventRecord, Ledger, LockRecord, LockState, ReapReport, RunId,
-    RunRecord, RunStatus, Timestamp,
+    EventCursor, EventRecord, Ledger, LockRecord, LockState, ReapReport, RunId, RunRecord,
+    RunStatus, Timestamp,
 };
 
 use crate::Failure;
@@ -324,33 +324,7 @@ fn queue_position(wait: &LockRecord, locks: &[LockRecord]) -> usize {
 }
 
 pub(crate) fn event_text(event: &EventRecord) -> String {
-    match &event.kind {
-        EventKind::Status { from: None, to } => format!("registered {to}"),
-        EventKind::Status {
-            from: Some(from),
-            to,
-        } => format!("{from} → {to}"),
-        EventKind::Step {
-            step,
-            from: None,
-            to,
-        } => format!("step {step}: {to}"),
-        EventKind::Step {
-            step,
-            from: Some(from),
-            to,
-        } => format!("step {step}: {from} → {to}"),
-        EventKind::CancelRequested => "cancel requested".to_owned(),
-        EventKind::LockForced { keys } => format!("lock {keys:?} released by force"),
-        EventKind::Adopted { pid, host, .. } => format!("adopted by pid {pid} on {host}"),
-        EventKind::Custom { name, data } if data.is_null() => name.clone(),
-        EventKind::Custom { name, data } => format!("{name} {data}"),
-        EventKind::LockGranted(lock) => format!("lock granted: {lock}"),
-        EventKind::LockReleased(lock) => format!("lock released: {lock}"),
-        EventKind::LockReclaimed(lock) => format!("lock reclaimed from a dead holder: {lock}"),
-        EventKind::LockForceReleased(lock) => format!("lock released by force: {lock}"),
-        other => format!("{other:?}"),
-    }
+    event.kind.to_string()
 }
 
 /// Prints the event feed as it commits: `count` events, or until stdout
