@@ -27,7 +27,12 @@
   function soon() { if (!timer) { timer = setTimeout(function () { timer = null; redraw(); }, 150); } }
   if (window.EventSource) {
     var feed = new EventSource(base + "/api/events");
-    feed.onopen = function () { if (live) { live.textContent = "live"; live.className = "on"; } };
+    // Subscribed from now: one redraw once it is open covers what committed
+    // between the page's drawing (or a lost connection) and then.
+    feed.onopen = function () {
+      if (live) { live.textContent = "live"; live.className = "on"; }
+      soon();
+    };
     feed.onerror = function () { if (live) { live.textContent = "reconnecting"; live.className = "off"; } };
     feed.onmessage = soon;
   }
