@@ -15,7 +15,7 @@
 //! cargo run --example worker -- DB writers --threads N
 //! cargo run --example worker -- DB burst-runs N [--at MS]
 //! cargo run --example worker -- DB critical KEY --mode M --times N --witness FILE [--counter FILE] [--threads N]
-//!     [--flock-witness FILE]
+//!     [--flock-witness FILE] [--run NAME]
 //! cargo run --example worker -- DB sweep-gates [--times N | --until FILE]
 //! cargo run --example worker -- DB pingpong KEY --times N --hold-us N
 //! cargo run --example worker -- DB load --keys K --ops N --impl ledger|bare --out FILE
@@ -77,7 +77,8 @@
 //! `critical` takes the lock `--times` times (on each of `--threads`
 //! threads sharing one ledger, default 1); with `--flock-witness`, inside
 //! each section it also takes a non-blocking flock of that file and fails
-//! if someone else holds it; each time it appends
+//! if someone else holds it; with `--run`, each turn is a run of that
+//! name, which takes the lock and succeeds; each time it appends
 //! `enter KEY TOKEN PID MODE` and `exit KEY TOKEN PID MODE` to the witness file (opened
 //! in append mode) around a critical section that, with `--counter`, reads a
 //! number from a plain file and writes it back plus one.
@@ -400,16 +401,19 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 .open(witness)?;
             let (times, threads) = (number(args, "--times", 1), number(args, "--threads", 1));
             let counter = flag(args, "--counter");
-            let flock_witness = flag(args, "--flock-witness");
+            let turns = Turns {
+                key,
+                mode,
+                times,
+                counter,
+                flock_witness: flag(args, "--flock-witness"),
+                run_name: flag(args, "--run"),
+            };
             // Every thread shares the one ledger: their turns queue like
             // those of other processes.
             std::thread::scope(|s| {
                 let turns: Vec<_> = (0..threads)
-                    .map(|_| {
-                        s.spawn(|| {
-                            critical(&ledger, key, mode, times, &witness, counter, flock_witness)
-                        })
-                    })
+                    .map(|_| s.spawn(|| critical(&ledger, &turns, &witness)))
                     .collect();
                 turns
                     .into_iter()
@@ -562,16 +566,30 @@ fn append(file: &std::fs::File, line: std::fmt::Arguments<'_>) {
     let _ = file.write_all(format!("{line}\n").as_bytes());
 }
 
+/// What each thread of `critical` does.
+struct Turns<'a> {
+    key: &'a str,
+    mode: LockMode,
+    times: u64,
+    counter: Option<&'a str>,
+    flock_witness: Option<&'a str>,
+    run_name: Option<&'a str>,
+}
+
 /// `times` critical sections under `key`, each witnessed (and counted).
 fn critical(
     ledger: &Ledger,
-    key: &str,
-    mode: LockMode,
-    times: u64,
+    turns: &Turns<'_>,
     mut witness: &std::fs::File,
-    counter: Option<&str>,
-    flock_witness: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Turns {
+        key,
+        mode,
+        times,
+        counter,
+        flock_witness,
+        run_name,
+    } = *turns;
     let pid = std::process::id();
     // Opened by each thread: an flock belongs to the open file, so threads
     // sharing one would not exclude each other.
@@ -586,7 +604,15 @@ fn critical(
         None => None,
     };
     for _ in 0..times {
-        let guard = ledger.acquire(LockRequest::new([key]).mode(mode).wait_forever())?;
+        let request = LockRequest::new([key]).mode(mode).wait_forever();
+        let run = match run_name {
+            Some(name) => Some(ledger.begin_run(RunSpec::new(name).source("worker"))?),
+            None => None,
+        };
+        let guard = match &run {
+            Some(run) => run.acquire(request)?,
+            None => ledger.acquire(request)?,
+        };
         let token = guard.token();
         // An flock of a file of its own, independent of the ledger: taken
         // without waiting, it fails if anyone else is inside.
@@ -609,6 +635,9 @@ fn critical(
             file.unlock()?;
         }
         guard.release()?;
+        if let Some(run) = run {
+            run.succeed()?;
+        }
     }
     Ok(())
 }

@@ -442,3 +442,53 @@ pub fn signal(pid: u32, signal: &str) {
         .expect("kill runs");
     assert!(status.success(), "kill {signal} {pid} failed");
 }
+
+/// Checks a witness file (lines `enter|exit KEY TOKEN PID MODE`, in the
+/// order they were appended): per key, an exclusive holder is alone, shared
+/// holders never meet an exclusive one, `slots(n)` holders are at most n,
+/// and exclusive tokens strictly grow. Returns how many entries it read.
+pub fn check_witness(path: &Path) -> usize {
+    use std::collections::HashMap;
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut inside: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    let mut last_exclusive: HashMap<&str, u64> = HashMap::new();
+    let mut entries = 0;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [event, key, token, _pid, mode] = parts[..] else {
+            panic!("bad witness line {line:?}")
+        };
+        let token: u64 = token.parse().unwrap();
+        let holders = inside.entry(key).or_default();
+        match event {
+            "enter" => {
+                entries += 1;
+                holders.push((token, mode));
+                let exclusive = holders.iter().filter(|(_, m)| *m == "exclusive").count();
+                assert!(
+                    exclusive == 0 || holders.len() == 1,
+                    "{key}: exclusive holder not alone: {holders:?}"
+                );
+                if let Some(n) = mode
+                    .strip_prefix("slots(")
+                    .and_then(|m| m.strip_suffix(')'))
+                {
+                    let n: usize = n.parse().unwrap();
+                    assert!(
+                        holders.len() <= n,
+                        "{key}: {} holders of {n} slots",
+                        holders.len()
+                    );
+                }
+                if mode == "exclusive" {
+                    let last = last_exclusive.entry(key).or_insert(0);
+                    assert!(token > *last, "{key}: token {token} after {last}");
+                    *last = token;
+                }
+            }
+            "exit" => holders.retain(|(t, _)| *t != token),
+            other => panic!("bad witness event {other:?}"),
+        }
+    }
+    entries
+}
