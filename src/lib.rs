@@ -334,7 +334,9 @@
 //! - **Terminal statuses are final**, and every status change is recorded in
 //!   the run's history ([`Ledger::events`]) in the same transaction.
 //! - **At most one active run per idempotency key**, enforced by a unique
-//!   index, so two racing processes cannot both start the same work.
+//!   index, so two racing processes cannot both start the same work; with
+//!   [`RunSpec::idempotency_window`], at most one run per key and window,
+//!   finished ones included.
 //! - **Two holders never overlap.** Conflicting modes are never granted
 //!   together. A [fencing token](LockGuard#fencing-tokens) grows strictly per
 //!   key, across processes, restarts and pruning. A holder whose lock was
@@ -347,6 +349,20 @@
 //!   owned, in one transaction per owner, with the reason.
 //! - **Input never panics.** Bad names, oversized metadata, unknown ids get a
 //!   typed [`Error`] naming the offending value.
+//! - **On PostgreSQL, a server that goes away for a while reaches no
+//!   caller.** A call that loses its connection (a restart, a failover) waits
+//!   for the server up to [`Builder::busy_timeout`] and completes: a write
+//!   that lost it before committing runs again, one that lost it while
+//!   committing asks the server whether it committed, so none is applied
+//!   twice. Past the timeout the call fails with an error that says so.
+//!   **A holder that cannot reach the server keeps its guard**: its lock is
+//!   still recorded as held, and only its heartbeat lease
+//!   ([`Builder::stale_after`]) decides. If the lease runs out first, the
+//!   other hosts reap it and hand its keys on with higher tokens; once back,
+//!   it learns so from [`LockGuard::is_held`] (false) and
+//!   [`LockGuard::release`] ([`Error::LockLost`]), and the resource it wrote
+//!   to can refuse its stale token. So a holder cut off for long should stop
+//!   writing under its lock, or check `is_held` before it goes on.
 //!
 //! # Group commit
 //!
