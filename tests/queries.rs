@@ -7,33 +7,13 @@ use std::time::Duration;
 use common::{Fixture, Store, T0};
 use runledger::{RunFilter, RunId, RunSpec, RunStatus};
 
-/// Makes runs named `name-i` one second apart, ending each as `end` says.
-fn seed(f: &common::Fixture) -> Vec<RunId> {
-    let mut ids = Vec::new();
-    for i in 0..9 {
-        let source = if i % 2 == 0 { "terminal" } else { "worker" };
-        let run = f
-            .ledger
-            .begin_run(RunSpec::new(format!("job-{}", i % 3)).source(source))
-            .unwrap();
-        ids.push(run.id());
-        match i % 3 {
-            0 => drop(run.succeed().unwrap()),
-            1 => drop(run.fail("x").unwrap()),
-            _ => std::mem::forget(run), // stays running
-        }
-        f.clock.advance(Duration::from_secs(1));
-    }
-    ids
-}
-
 fn ids(runs: &[runledger::RunRecord]) -> Vec<i64> {
     runs.iter().map(|r| i64::from(r.id)).collect()
 }
 
 fn runs_are_listed_newest_first_with_every_filter(store: Store) {
     let f = Fixture::new(store);
-    let all = seed(&f);
+    let all = common::seed_nine_runs(&f);
     let n = |i: usize| i64::from(all[i]);
     let list = |filter: RunFilter| ids(&f.ledger.runs(filter).unwrap());
 
@@ -85,7 +65,7 @@ fn runs_are_listed_newest_first_with_every_filter(store: Store) {
 
 fn paging_walks_the_whole_history_once(store: Store) {
     let f = Fixture::new(store);
-    let all = seed(&f);
+    let all = common::seed_nine_runs(&f);
     let mut seen = Vec::new();
     let mut filter = RunFilter::default().limit(4);
     loop {

@@ -56,15 +56,20 @@ fn send(app: &axum::Router, method: Method, path: &str, headers: &[(&str, &str)]
             .oneshot(request.body(Body::empty()).unwrap())
             .await
             .unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        Reply {
-            status,
-            headers,
-            body: String::from_utf8(bytes.to_vec()).unwrap(),
-        }
+        read_reply(response).await
     })
+}
+
+/// A whole response, read.
+async fn read_reply(response: axum::response::Response) -> Reply {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
 }
 
 fn get(app: &axum::Router, path: &str) -> Reply {
@@ -81,27 +86,6 @@ fn json<T: serde::Serialize>(value: T) -> Value {
     serde_json::to_value(value).unwrap()
 }
 
-/// Nine runs, one second apart: job-0, job-1, job-2 in turn, from the
-/// terminal and a worker in turn; succeeded, failed, running in turn.
-fn seed(f: &Fixture) -> Vec<runledger::RunId> {
-    let mut ids = Vec::new();
-    for i in 0..9 {
-        let source = if i % 2 == 0 { "terminal" } else { "worker" };
-        let run = f
-            .ledger
-            .begin_run(RunSpec::new(format!("job-{}", i % 3)).source(source))
-            .unwrap();
-        ids.push(run.id());
-        match i % 3 {
-            0 => drop(run.succeed().unwrap()),
-            1 => drop(run.fail("x").unwrap()),
-            _ => std::mem::forget(run),
-        }
-        f.clock.advance(Duration::from_secs(1));
-    }
-    ids
-}
-
 fn ids(value: &Value) -> Vec<i64> {
     value
         .as_array()
@@ -113,7 +97,10 @@ fn ids(value: &Value) -> Vec<i64> {
 
 fn the_runs_api_mirrors_the_cli_and_filters_and_pages(store: Store) {
     let f = Fixture::new(store);
-    let all: Vec<i64> = seed(&f).into_iter().map(i64::from).collect();
+    let all: Vec<i64> = common::seed_nine_runs(&f)
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let app = runledger::web::router(f.ledger.clone());
 
     // The very records, serialized as `runledger runs --json` prints them.
@@ -622,7 +609,10 @@ fn a_queued_runs_page_names_its_holder(store: Store) {
 
 fn the_runs_page_filters_and_pages(store: Store) {
     let f = Fixture::new(store);
-    let all: Vec<i64> = seed(&f).into_iter().map(i64::from).collect();
+    let all: Vec<i64> = common::seed_nine_runs(&f)
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let app = runledger::web::router(f.ledger.clone());
     let page = ok(&app, "/runs?status=failed&limit=2").body;
     let shown = |page: &str| -> Vec<i64> {
@@ -770,14 +760,7 @@ fn post_form(app: &axum::Router, path: &str, headers: &[(&str, &str)], form: &st
             .extensions_mut()
             .insert(axum::extract::ConnectInfo(remote));
         let response = app.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        Reply {
-            status,
-            headers,
-            body: String::from_utf8(bytes.to_vec()).unwrap(),
-        }
+        read_reply(response).await
     })
 }
 

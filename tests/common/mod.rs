@@ -492,3 +492,25 @@ pub fn check_witness(path: &Path) -> usize {
     }
     entries
 }
+
+/// Nine runs, one second apart on the fixture's clock: `job-0`, `job-1`,
+/// `job-2` in turn, from `terminal` and `worker` in turn, succeeded, failed
+/// and left running in turn.
+pub fn seed_nine_runs(f: &Fixture) -> Vec<runledger::RunId> {
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let source = if i % 2 == 0 { "terminal" } else { "worker" };
+        let run = f
+            .ledger
+            .begin_run(runledger::RunSpec::new(format!("job-{}", i % 3)).source(source))
+            .unwrap();
+        ids.push(run.id());
+        match i % 3 {
+            0 => drop(run.succeed().unwrap()),
+            1 => drop(run.fail("x").unwrap()),
+            _ => std::mem::forget(run), // stays running
+        }
+        f.clock.advance(Duration::from_secs(1));
+    }
+    ids
+}
