@@ -70,38 +70,42 @@ fn a_task_waits_while_another_task_of_the_runtime_holds(store: Store) {
     assert!(f.ledger.locks().unwrap().is_empty());
 }
 
-fn six_tasks_sharing_one_ledger_take_turns(store: Store) {
-    let f = Fixture::new(store);
+/// `tasks` tasks of the current runtime, `turns` turns each on one key of
+/// `ledger`, each turn yielding to the others while it holds; fails if two
+/// are ever inside. Returns how many turns were taken.
+async fn take_turns(ledger: &Ledger, tasks: usize, turns: usize) -> usize {
     let inside = Arc::new(AtomicBool::new(false));
     let entries = Arc::new(AtomicUsize::new(0));
-    current_thread().block_on(async {
-        let tasks: Vec<_> = (0..6)
-            .map(|_| {
-                let (ledger, inside, entries) = (f.ledger.clone(), inside.clone(), entries.clone());
-                tokio::spawn(async move {
-                    for _ in 0..15 {
-                        let guard = ledger
-                            .acquire_async(
-                                LockRequest::new(["turns"]).wait(Duration::from_secs(60)),
-                            )
-                            .await
-                            .unwrap();
-                        assert!(!inside.swap(true, Ordering::SeqCst), "two tasks inside");
-                        entries.fetch_add(1, Ordering::SeqCst);
-                        // Let the others run (and ask) while this one holds.
-                        tokio::task::yield_now().await;
-                        tokio::time::sleep(Duration::from_micros(200)).await;
-                        inside.store(false, Ordering::SeqCst);
-                        guard.release().unwrap();
-                    }
-                })
+    let tasks: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (ledger, inside, entries) = (ledger.clone(), inside.clone(), entries.clone());
+            tokio::spawn(async move {
+                for _ in 0..turns {
+                    let guard = ledger
+                        .acquire_async(LockRequest::new(["turns"]).wait(Duration::from_secs(60)))
+                        .await
+                        .unwrap();
+                    assert!(!inside.swap(true, Ordering::SeqCst), "two tasks inside");
+                    entries.fetch_add(1, Ordering::SeqCst);
+                    // Let the others run (and ask) while this one holds.
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    inside.store(false, Ordering::SeqCst);
+                    guard.release().unwrap();
+                }
             })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-    });
-    assert_eq!(entries.load(Ordering::SeqCst), 90);
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    entries.load(Ordering::SeqCst)
+}
+
+fn six_tasks_sharing_one_ledger_take_turns(store: Store) {
+    let f = Fixture::new(store);
+    let taken = current_thread().block_on(take_turns(&f.ledger, 6, 15));
+    assert_eq!(taken, 90);
     assert!(f.ledger.locks().unwrap().is_empty());
 }
 
@@ -386,31 +390,7 @@ fn tasks_of_a_multi_threaded_runtime_take_turns(store: Store) {
         .enable_all()
         .build()
         .unwrap();
-    let inside = Arc::new(AtomicBool::new(false));
-    runtime.block_on(async {
-        let tasks: Vec<_> = (0..4)
-            .map(|_| {
-                let (ledger, inside) = (f.ledger.clone(), inside.clone());
-                tokio::spawn(async move {
-                    for _ in 0..10 {
-                        let guard = ledger
-                            .acquire_async(
-                                LockRequest::new(["turns"]).wait(Duration::from_secs(60)),
-                            )
-                            .await
-                            .unwrap();
-                        assert!(!inside.swap(true, Ordering::SeqCst), "two tasks inside");
-                        tokio::task::yield_now().await;
-                        inside.store(false, Ordering::SeqCst);
-                        guard.release().unwrap();
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-    });
+    assert_eq!(runtime.block_on(take_turns(&f.ledger, 4, 10)), 40);
 }
 
 on_both_stores!(
