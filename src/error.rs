@@ -343,6 +343,14 @@ enum StorageErrorKind {
 }
 
 impl StorageError {
+    /// An error of the crate's own making, with this message.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn other(message: &str) -> StorageError {
+        StorageError(StorageErrorKind::Io(std::io::Error::other(
+            message.to_owned(),
+        )))
+    }
+
     fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match &self.0 {
             StorageErrorKind::Sqlite(e) => e,
@@ -483,7 +491,7 @@ impl From<r2d2::Error> for Error {
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 impl From<postgres::Error> for Error {
-    /// Waiting too long for a lock (the writer lock's `lock_timeout`), a
+    /// Waiting too long for a lock (a write's claim on PostgreSQL, past `lock_timeout`), a
     /// serialization failure, a deadlock or a server out of connections is
     /// [`Error::Busy`]: retrying later may succeed.
     fn from(e: postgres::Error) -> Error {

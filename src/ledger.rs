@@ -742,9 +742,18 @@ impl Ledger {
     ///   namespace) is judged by its pid and start time, as on SQLite;
     ///   processes on other hosts by their heartbeat lease
     ///   ([`Builder::stale_after`]).
-    /// - **Writes** take turns on a transaction-level advisory lock of the
-    ///   schema, as SQLite's writers take turns on the file;
-    ///   [`Builder::busy_timeout`] bounds the wait. Lock waiters and
+    /// - **Writes run in parallel.** Each write transaction claims
+    ///   (transaction-level advisory locks) only the run, the instance and
+    ///   the lock keys it changes, so the writers of one run or one key take
+    ///   turns, as SQLite's writers take turns on the file, while those of
+    ///   unrelated runs and keys commit side by side, from every host;
+    ///   [`Builder::busy_timeout`] bounds a wait. The event feed stays
+    ///   complete and ordered: an event id is its transaction's id shifted
+    ///   left (not a count), and [`events_since`](Ledger::events_since)
+    ///   returns an event once every transaction older than its own has
+    ///   ended, so a transaction left open on the server (any database of
+    ///   it, for example a session idle in a transaction) delays the feed
+    ///   until it ends, and never makes it skip. Lock waiters and
     ///   [`watch`](Ledger::watch)es are woken across hosts by
     ///   `LISTEN`/`NOTIFY`.
     /// - **Connections.** A ledger (all its clones) keeps at most

@@ -677,7 +677,7 @@ fn open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
     drop(other);
 }
 
-fn writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
+fn a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_usable() {
     let place = Place::new(Store::Postgres);
     let schema = place.schema.as_ref().unwrap();
     let ledger = place
@@ -688,10 +688,12 @@ fn writer_lock_timeout_is_busy_and_leaves_the_connection_usable() {
         .unwrap();
     let mut other = client(&schema.url);
     let mut tx = other.transaction().unwrap();
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&advisory_key("runledger writer", &schema.name)],
-    )
+    // Another session (a migration, an operator's maintenance) holds the
+    // table a registration writes.
+    tx.batch_execute(&format!(
+        "LOCK TABLE {}.runs IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
     .unwrap();
     let err = ledger.begin_run(RunSpec::new("blocked")).unwrap_err();
     assert!(matches!(err, Error::Busy { .. }), "{err:?}");
@@ -800,7 +802,7 @@ pg_tests!(
     dropped_ledgers_leave_no_connections_behind,
     a_connection_the_server_closed_does_not_fail_the_next_call,
     open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
-    writer_lock_timeout_is_busy_and_leaves_the_connection_usable,
+    a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_usable,
     a_schema_holding_only_another_applications_views_is_refused,
     #[cfg(feature = "cli")]
     a_reading_cli_command_does_not_create_a_missing_ledger,
@@ -814,4 +816,88 @@ pg_tests!(
     sslmode_verify_full_against_a_self_signed_server_says_why_it_fails,
     sslmode_verify_ca_and_verify_full_connect_when_the_certificate_checks_out,
     sslmode_in_the_key_value_form_is_understood_too,
+    the_feed_never_skips_an_event_that_commits_after_a_later_numbered_one,
+    writers_of_many_ledgers_at_once_leave_a_complete_ordered_feed,
 );
+
+/// Two writers commit out of id order: the one whose transaction began
+/// first commits last. Its event is numbered below the other's, so a reader
+/// that had returned the other's would skip it: the feed holds the later
+/// one back until the earlier transaction ends, then gives both in order.
+fn the_feed_never_skips_an_event_that_commits_after_a_later_numbered_one() {
+    let place = Place::new(Store::Postgres);
+    let schema = place.schema.as_ref().unwrap();
+    let ledger = place.open();
+    let run = ledger.begin_run(RunSpec::new("first")).unwrap();
+    let start = ledger.events_cursor().unwrap();
+    // A writer whose transaction is under way (it has its id) ...
+    let mut other = client(&schema.url);
+    let mut early = other.transaction().unwrap();
+    early.batch_execute("SELECT pg_current_xact_id()").unwrap();
+    // ... while the ledger commits an event.
+    run.event("later", serde_json::Value::Null).unwrap();
+    let held = ledger.events_since(start, 100).unwrap();
+    assert!(
+        held.events.is_empty(),
+        "read past a writer still under way: {held:?}"
+    );
+    assert_eq!(ledger.events_cursor().unwrap(), start);
+    // The early writer appends its event, numbered below, and commits last.
+    early
+        .batch_execute(&format!(
+            "INSERT INTO {}.events (run_id, at, kind, step) VALUES ({}, 0, 'custom', 'earlier')",
+            schema.name,
+            run.id()
+        ))
+        .unwrap();
+    early.commit().unwrap();
+    let page = ledger.events_since(start, 100).unwrap();
+    let names: Vec<String> = page.events.iter().map(|e| e.kind.to_string()).collect();
+    assert_eq!(names, ["earlier", "later"], "{page:?}");
+    assert!(page.events[0].id < page.events[1].id);
+    assert_eq!(ledger.events_cursor().unwrap(), page.next);
+}
+
+/// Writers on many connections, each committing events of its own runs,
+/// while a reader follows the feed: it reads every event exactly once, in
+/// ascending ids, however the commits interleave.
+fn writers_of_many_ledgers_at_once_leave_a_complete_ordered_feed() {
+    const WRITERS: usize = 6;
+    const RUNS: usize = 15;
+    let place = Place::new(Store::Postgres);
+    let reader = place.open();
+    let start = reader.events_cursor().unwrap();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let ledger = place.open();
+            std::thread::spawn(move || {
+                for i in 0..RUNS {
+                    let run = ledger.begin_run(RunSpec::new(format!("w{w}-{i}"))).unwrap();
+                    run.event("tick", serde_json::Value::Null).unwrap();
+                    run.succeed().unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut cursor = start;
+    let mut seen = Vec::new();
+    // Each run: registered running, the tick, succeeded.
+    let expected = WRITERS * RUNS * 3;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.len() < expected && std::time::Instant::now() < deadline {
+        let page = reader.events_since(cursor, 7).unwrap();
+        seen.extend(page.events.iter().map(|e| e.id));
+        cursor = page.next;
+    }
+    // Nothing more comes: none was read twice.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(reader.events_since(cursor, 7).unwrap().events.is_empty());
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seen:?}"
+    );
+    assert_eq!(seen.len(), expected);
+}

@@ -9,7 +9,7 @@ use postgres::Row;
 
 use super::locks::{delete_lock, grant_waiters, parse_keys, pid_of, record_taken, token_of};
 use super::runs::apply_change;
-use super::{Store, Tx};
+use super::{Claim, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
@@ -97,7 +97,7 @@ impl Store {
         let pid = i64::from(identity.pid);
         let start_time = identity.start_time.map(u64::cast_signed);
         let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        self.write(|tx| {
+        self.write(&[], |tx| {
             let now = tx.now().as_millis();
             Ok(tx
                 .query_one(
@@ -128,7 +128,9 @@ impl Store {
     /// process's timestamps follow the server's time heartbeat by heartbeat
     /// (see [`ServerClock`](super::ServerClock)).
     pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
-        let open = self.write(|tx| {
+        // Shared: a reaper judging the lease takes the instance's claim
+        // exclusively, and acts only on the heartbeat it judged.
+        let open = self.write(&[Claim::instance(id, true)], |tx| {
             let now = tx.now().as_millis();
             Ok(tx.execute(
                 "UPDATE instances SET heartbeat_at = $2 WHERE id = $1 AND closed_at IS NULL",
@@ -180,7 +182,8 @@ impl Store {
         const BATCH: i64 = 1000;
         let cutoff = cutoff.as_millis();
         loop {
-            let deleted = self.write(|tx| {
+            // Closed instances, which no writer changes any more.
+            let deleted = self.write(&[], |tx| {
                 tx.execute(
                     "DELETE FROM instances WHERE id IN (
                          SELECT id FROM instances WHERE closed_at < $1 LIMIT $2)",
@@ -211,8 +214,27 @@ impl Store {
         stale_heartbeat: Option<Timestamp>,
         by: &ProcessIdentity,
     ) -> Result<InstanceReaped> {
-        self.write(|tx| {
+        self.write(&[Claim::instance(instance.id, false)], |tx| {
             let now = tx.now();
+            // Its active runs, then the keys of its requests and theirs, in
+            // claim order. No run or request of it can be added meanwhile:
+            // those writes claim the instance (shared).
+            let runs: Vec<Claim> = tx
+                .query(INSTANCE_RUNS, &[&instance.id])?
+                .iter()
+                .map(|row| Ok(Claim::run(RunId::from(row.try_get::<_, i64>(0)?), false)))
+                .collect::<Result<_>>()?;
+            tx.claim(&runs, true)?;
+            let mut keys = Vec::new();
+            for row in tx.query(
+                "SELECT keys FROM locks WHERE instance_id = $1
+                 OR run_id IN (SELECT id FROM runs WHERE instance_id = $1
+                               AND status IN ('queued','running'))",
+                &[&instance.id],
+            )? {
+                keys.extend(parse_keys(row.try_get(0)?)?);
+            }
+            super::locks::claim_keys(tx, &keys)?;
             let current: Option<(Timestamp, bool)> = match tx.query_opt(
                 "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = $1",
                 &[&instance.id],

@@ -1,14 +1,14 @@
 //! SQL for locks: grants, the queue, releases, reclaims (PostgreSQL).
 //!
 //! The same queries and the same order of decisions as the SQLite store's
-//! `locks.rs`: every write runs under the schema's writer lock (see the
-//! module docs of [`super`]), so a grant's check and its insert see one
-//! state that no other writer changes in between.
+//! `locks.rs`: every write holds the claims of the keys it reads and changes
+//! (see [`super::Claim`]), so a grant's check and its insert see one state
+//! that no other writer changes in between.
 
 use postgres::Row;
 
 use super::runs::run_head;
-use super::{Store, Tx};
+use super::{Claim, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
@@ -108,7 +108,7 @@ fn ahead_on(tx: &mut Tx<'_>, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
 /// behind every earlier waiter) is granted in this same transaction, up to
 /// the first exclusive one that does not fit. Returns the wake-up addresses
 /// of those granted: they find their lock held with a read, without
-/// competing for the writer lock. The addresses are also noted for the
+/// a write of their own. The addresses are also noted for the
 /// commit's notification, so that waiters on other hosts wake too, whatever
 /// the caller does with them.
 pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) -> Result<Wakes> {
@@ -136,6 +136,22 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
             ));
         }
         for (id, mode, their_keys, wake, (run, pid, host)) in waiters {
+            // Its other keys are claimed too, only if that can be done at
+            // once (they may come before a key held, in claim order): a
+            // waiter left so is woken, and takes its grant itself, holding
+            // the claims of all its keys.
+            let claims: Vec<Claim> = their_keys.iter().map(|k| Claim::key(k)).collect();
+            if !tx.claim(&claims, false)? {
+                if let Some(wake) = wake
+                    && !wakes.contains(&wake)
+                {
+                    wakes.push(wake);
+                }
+                if mode == LockMode::Exclusive {
+                    break;
+                }
+                continue;
+            }
             if !fits(tx, &their_keys, mode, Some(id))? {
                 // Nothing behind an exclusive waiter fits on this key; a
                 // shared or slots waiter may be blocked only by another of
@@ -179,7 +195,7 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
 /// Takes the next fencing token for a grant of `keys`: above the last token
 /// of every one of them, recorded on each. One statement for all the keys
 /// (a request's keys are distinct), as each statement is a round trip made
-/// while the writer lock is held.
+/// while the keys are claimed.
 fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
     let last: i64 = tx
         .query_one(
@@ -273,6 +289,12 @@ fn lock_event(
     Ok(())
 }
 
+/// Claims lock keys the transaction cannot do without (see [`Tx::claim`]).
+pub(super) fn claim_keys(tx: &mut Tx<'_>, keys: &[String]) -> Result<()> {
+    let claims: Vec<Claim> = keys.iter().map(|k| Claim::key(k)).collect();
+    tx.claim(&claims, true).map(drop)
+}
+
 /// Releases every lock (held or queued) of a run that is ending, in its
 /// transaction; returns the waiters to wake (already noted for the commit's
 /// notification).
@@ -282,11 +304,18 @@ fn lock_event(
 /// rows.
 pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
     let run = i64::from(run);
-    let rows = tx.query("SELECT id, token FROM locks WHERE run_id = $1", &[&run])?;
+    let rows = tx.query(
+        "SELECT id, token, keys FROM locks WHERE run_id = $1",
+        &[&run],
+    )?;
     let mut owned = Vec::with_capacity(rows.len());
+    let mut keys = Vec::new();
     for row in &rows {
         owned.push((row.try_get::<_, i64>(0)?, row.try_get::<_, Option<i64>>(1)?));
+        keys.extend(parse_keys(row.try_get(2)?)?);
     }
+    // The run is claimed: no request of it can be added meanwhile.
+    claim_keys(tx, &keys)?;
     let mut freed = Vec::new();
     for (id, token) in owned {
         if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
@@ -309,7 +338,10 @@ impl Store {
     /// in one write transaction. A blocked request that may wait takes a
     /// place in the queue in the same transaction.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
-        self.write(|tx| {
+        let mut claims = vec![Claim::instance(ask.instance, true)];
+        claims.extend(ask.run.map(|run| Claim::run(run, true)));
+        claims.extend(ask.keys.iter().map(|key| Claim::key(key)));
+        self.write(&claims, |tx| {
             let now = tx.now();
             if !super::instances::is_open(tx, ask.instance)? {
                 return Ok(Attempt::InstanceClosed);
@@ -385,7 +417,7 @@ impl Store {
         })
     }
 
-    /// What keeps `ask` out right now, read without the writer lock: empty
+    /// What keeps `ask` out right now, read without claims: empty
     /// if it looks grantable. Only a hint for how to wait (the grant
     /// transaction decides); a request that has no place in the queue.
     ///
@@ -397,7 +429,7 @@ impl Store {
     }
 
     /// The token of a queued request that a releaser has granted meanwhile:
-    /// a read, so a woken waiter does not compete for the writer lock.
+    /// a read, so a woken waiter needs no write of its own.
     pub(crate) fn granted_token(&self, ticket: i64) -> Result<Option<u64>> {
         self.read(|tx| {
             tx.query_opt(
@@ -413,13 +445,15 @@ impl Store {
     /// whether still waiting or granted by a releaser after it stopped
     /// looking; hands its keys on.
     pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
-        self.write(|tx| {
+        self.write(&[], |tx| {
             let now = tx.now();
-            let Some(row) = tx.query_opt("SELECT token FROM locks WHERE id = $1", &[&ticket])?
+            let Some(row) =
+                tx.query_opt("SELECT token, keys FROM locks WHERE id = $1", &[&ticket])?
             else {
                 return Ok(Vec::new());
             };
             let token: Option<i64> = row.try_get(0)?;
+            claim_keys(tx, &parse_keys(row.try_get(1)?)?)?;
             match delete_lock(tx, ticket, token, now, Ending::Released)? {
                 Some(keys) => grant_waiters(tx, &keys, now),
                 None => Ok(Vec::new()),
@@ -437,12 +471,21 @@ impl Store {
         on_commit: impl FnOnce(),
     ) -> Result<Option<Wakes>> {
         self.write_then(
+            &[],
             |tx| {
                 // A token beyond the column's range was never granted.
                 let Ok(token) = i64::try_from(token) else {
                     return Ok(None);
                 };
                 let now = tx.now();
+                let Some(row) = tx.query_opt(
+                    "SELECT keys FROM locks WHERE id = $1 AND token = $2",
+                    &[&id, &token],
+                )?
+                else {
+                    return Ok(None);
+                };
+                claim_keys(tx, &parse_keys(row.try_get(0)?)?)?;
                 match delete_lock(tx, id, Some(token), now, Ending::Released)? {
                     Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
                     None => Ok(None),
@@ -489,12 +532,22 @@ impl Store {
         reason: &str,
         by: &ProcessIdentity,
     ) -> Result<(usize, Wakes)> {
-        self.write(|tx| {
+        self.write(&[Claim::key(key)], |tx| {
             let now = tx.now();
             let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
                 .into_iter()
                 .filter(|a| a.state == LockState::Held)
                 .collect();
+            // The holders' runs record it (a class below keys: taken first
+            // when the write runs again), and every key of each holder is
+            // handed on.
+            let runs: Vec<Claim> = holders
+                .iter()
+                .filter_map(|h| h.run.as_ref().map(|(run, _)| Claim::run(*run, false)))
+                .collect();
+            tx.claim(&runs, true)?;
+            let keys: Vec<String> = holders.iter().flat_map(|h| h.keys.clone()).collect();
+            claim_keys(tx, &keys)?;
             let mut wakes = Vec::new();
             let mut released = 0;
             for holder in &holders {
@@ -553,7 +606,8 @@ impl Store {
         cutoff: Timestamp,
         batch: usize,
     ) -> Result<(usize, bool)> {
-        self.write(|tx| {
+        // Lock events of the past, which no writer changes: no claim.
+        self.write(&[], |tx| {
             let limit = i64::try_from(batch).unwrap_or(i64::MAX);
             let rows = tx.query(
                 "SELECT e.id, e.at < $1 AND e.id < (SELECT max(id) FROM events)

@@ -4,22 +4,40 @@
 //! It keeps the SQLite store's model, so that the two give the same
 //! guarantees from the same domain code:
 //!
-//! - **One writer at a time.** Every write transaction runs at `READ
-//!   COMMITTED` and first takes a transaction-level advisory lock of the
-//!   schema (`pg_advisory_xact_lock`), held until its `COMMIT`: the write
-//!   transactions of every host run one after the other, as SQLite's
-//!   `BEGIN IMMEDIATE` makes them. At `READ COMMITTED` each statement sees
-//!   everything committed before it started, so once the lock is held every
-//!   read of the transaction sees the latest state, and no other writer can
-//!   change it before the commit: the check of a lock grant and its insert
-//!   are atomic, and ids taken from sequences (event ids, queue tickets)
-//!   grow in commit order, as the event feed's cursors need. `SERIALIZABLE`
-//!   would give the same atomicity but abort a conflicting transaction
-//!   instead of queueing it, and every caller would have to retry; one
-//!   ledger's writes are short (a few statements), so queueing them costs
-//!   less than aborts under contention. Reads take no lock.
-//! - **Waiting for the writer lock** is bounded by the busy timeout
-//!   (`SET LOCAL lock_timeout`): past it the call fails with
+//! - **Writers in parallel, each claiming what it changes.** A write
+//!   transaction runs at `READ COMMITTED` and first takes transaction-level
+//!   advisory locks ([`Claim`]s, `pg_advisory_xact_lock`) on exactly the
+//!   things whose state it reads to decide and then changes: the instance
+//!   that asks (shared; exclusive for the reaper that closes it), the run
+//!   (exclusive for a change of the run, shared for a lock request made for
+//!   it), an idempotency key, and each lock key. Held until its `COMMIT`, a
+//!   claim makes the writers of one run or one key take turns, as SQLite's
+//!   `BEGIN IMMEDIATE` makes all writers, while the writers of unrelated
+//!   runs and keys (on every host) commit side by side. At `READ
+//!   COMMITTED` each statement sees everything committed before it
+//!   started, so once a claim is held every read of what it covers sees the
+//!   latest state, and no other writer changes it before the commit: the
+//!   check of a lock grant and its insert are atomic, fencing tokens and
+//!   queue tickets of a key grow in commit order. Compare-and-set updates
+//!   and constraints (the unique index of active idempotency keys) stay as
+//!   backstops.
+//!
+//!   Claims are taken in one order, instances, then idempotency keys, then
+//!   runs, then lock keys, each class by its hash, so that two writers
+//!   never wait for each other in a circle. A writer that finds, midway,
+//!   that it needs a claim below one it holds (a release hands a key on to
+//!   a waiter that also asks for another key) only tries it
+//!   (`pg_try_advisory_xact_lock`): a waiter it cannot claim is woken to
+//!   take its grant itself, and a claim the transaction cannot do without
+//!   rolls it back and runs it again with that claim taken first. Ids of
+//!   the event feed no longer follow commit order: see migration 7 and
+//!   the feed's reads in `runs.rs`. `SERIALIZABLE` would give the same
+//!   atomicity but abort a conflicting transaction instead of queueing it,
+//!   and every caller would have to retry; one ledger's writes are short
+//!   (a few statements), so queueing them costs less than aborts under
+//!   contention. Reads take no lock.
+//! - **Waiting for a claim** is bounded by the busy timeout (`SET LOCAL
+//!   lock_timeout`): past it the call fails with
 //!   [`Error::Busy`](crate::Error::Busy), as on SQLite.
 //! - **Wake-ups cross hosts.** A transaction that frees keys (or appends
 //!   events) sends, before its `COMMIT`, one `NOTIFY` on the schema's
@@ -77,10 +95,10 @@ pub(crate) struct Store {
     location: Location,
     /// How errors and logs name the ledger: `location` as a path.
     name: PathBuf,
-    /// `BEGIN` of every write transaction: the writer lock and its
-    /// timeout, and the transaction's id (to settle a commit whose reply
-    /// was lost).
+    /// `BEGIN` of every write transaction, with the timeout of its claims.
     begin: String,
+    /// What makes this schema's claims its own (see [`Claim`]).
+    seed: u64,
     /// How long a call waits for the server (a lock, a connection lost in a
     /// restart) before it fails.
     busy_timeout: Duration,
@@ -217,11 +235,9 @@ impl Store {
             pool: Some(pool),
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; \
-                 SET LOCAL lock_timeout = {lock_timeout}; \
-                 SELECT pg_advisory_xact_lock({}); \
-                 SELECT pg_current_xact_id()::text",
-                writer_key(schema)
+                 SET LOCAL lock_timeout = {lock_timeout};"
             ),
+            seed: claim_seed(schema),
             busy_timeout: config.busy_timeout,
             channel,
             clock,
@@ -248,15 +264,22 @@ impl Store {
         self.clock.clone()
     }
 
-    /// Runs `f` in one write transaction holding the schema's writer lock,
-    /// and commits it. An error from `f` (or from the commit) rolls
-    /// everything back.
+    /// Runs `f` in one write transaction, and commits it. The transaction
+    /// first takes `claims` (see [`Claim`]); `f` takes any others it finds
+    /// it needs with [`Tx::claim`]. An error from `f` (or from the commit)
+    /// rolls everything back.
     ///
-    /// `f` gets the transaction, whose [`Tx::now`] is read once the writer
-    /// lock is held: timestamps then follow commit order, whatever the wait.
-    /// Before the commit, the transaction notifies the addresses given to
-    /// [`Tx::wake`] (and the watchers, if it appended events) on the
-    /// schema's channel; after it, it wakes them on this host.
+    /// `f` gets the transaction, whose [`Tx::now`] is read once the first
+    /// claims are held: the timestamps of one run's or one key's writes
+    /// follow their commit order, whatever the wait. Before the commit, the
+    /// transaction notifies the addresses given to [`Tx::wake`] (and the
+    /// watchers, if it appended events) on the schema's channel; after it,
+    /// it wakes them on this host.
+    ///
+    /// **A claim out of order** that could not be had at once (see
+    /// [`Tx::claim`]), or a deadlock the server broke, rolls the
+    /// transaction back and runs it again, `f` included, with the claims
+    /// it met taken first, in order.
     ///
     /// **A lost connection** (a restart of the server, a failover, a
     /// connection cut) is waited out, up to the busy timeout: a
@@ -267,16 +290,28 @@ impl Store {
     /// did, the call returns what `f` made, else it runs again. So a write
     /// is never applied twice, and a restart shorter than the busy timeout
     /// reaches no caller.
-    fn write<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+    fn write<T>(&self, claims: &[Claim], mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
+        let mut claims = claims.to_vec();
         loop {
-            match self.write_once(&mut f) {
+            match self.write_once(&claims, &mut f) {
                 Ok(value) => return Ok(value),
+                Err(Failed::Conflict(more)) if started.elapsed() < self.busy_timeout => {
+                    claims.extend(more);
+                }
                 Err(Failed::Lost(e)) if started.elapsed() < self.busy_timeout => {
                     log::debug!("runledger: a write lost its connection ({e}); trying again");
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Err(Failed::Conflict(_)) => {
+                    return Err(Error::Busy {
+                        path: self.name.clone(),
+                        source: StorageError::other(
+                            "a write kept meeting other writers of the same runs and keys",
+                        ),
+                    });
                 }
                 Err(Failed::Lost(e) | Failed::Other(e)) => return Err(e.in_ledger(&self.name)),
             }
@@ -286,19 +321,32 @@ impl Store {
     /// One try of [`write`](Store::write).
     fn write_once<T>(
         &self,
+        claims: &[Claim],
         f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> std::result::Result<T, Failed> {
-        let (mut conn, xact) = self.begin().map_err(Failed::from)?;
+        let mut claims = claims.to_vec();
+        claims.sort_unstable();
+        claims.dedup();
+        let (mut conn, xact) = self.begin(&claims).map_err(Failed::from)?;
         let mut tx = Tx {
             conn: &mut conn,
             now: self.clock.now(),
             open: true,
             events_written: false,
             wakes: Vec::new(),
+            seed: self.seed,
+            claimed: claims,
+            conflict: None,
         };
         // Nothing is committed before the batch below: a lost connection
         // here lost nothing.
-        let value = f(&mut tx).map_err(Failed::from)?;
+        let value = match f(&mut tx) {
+            Ok(value) => value,
+            Err(_) if tx.conflict.is_some() => {
+                return Err(Failed::Conflict(tx.conflict.take().unwrap_or_default()));
+            }
+            Err(e) => return Err(Failed::from(e)),
+        };
         // A change may be noted twice (a helper such as `apply_change`
         // notes the waiters it frees, and its caller may too): one wake-up
         // per address is enough.
@@ -412,21 +460,27 @@ impl Store {
         }
     }
 
-    /// A pooled connection inside a new write transaction that holds the
-    /// writer lock, and the transaction's id.
+    /// A pooled connection inside a new write transaction that holds
+    /// `claims` (sorted), and the transaction's id (to settle a commit
+    /// whose reply was lost): one round trip.
     ///
     /// A connection the server closed while it sat in the pool (a restart,
     /// a failover, an idle timeout, an operator) only shows it when used:
     /// its `BEGIN` fails, nothing was written, and the next connection is
     /// tried, as many times as the pool may hold connections (and once
     /// more, for a fresh one).
-    fn begin(&self) -> Result<(r2d2::PooledConnection<Manager>, String)> {
+    fn begin(&self, claims: &[Claim]) -> Result<(r2d2::PooledConnection<Manager>, String)> {
+        let mut batch = self.begin.clone();
+        for claim in claims {
+            batch.push_str(&claim.sql(self.seed, false));
+        }
+        batch.push_str("SELECT pg_current_xact_id()::text");
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
-            match conn.client.simple_query(&self.begin) {
+            match conn.client.simple_query(&batch) {
                 Ok(replies) => {
-                    // The last row: the writer lock's answers one too.
+                    // The last row: each claim answers one too.
                     let xact = replies.iter().rev().find_map(|reply| match reply {
                         SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
                         _ => None,
@@ -444,7 +498,7 @@ impl Store {
                     tries -= 1;
                 }
                 Err(e) => {
-                    // The writer lock timed out (or the server refused): the
+                    // A claim timed out (or the server refused): the
                     // transaction, if it began, is aborted.
                     let _ = conn.client.batch_execute("ROLLBACK");
                     return Err(e.into());
@@ -457,10 +511,11 @@ impl Store {
     /// (dropped, not called, if it failed).
     fn write_then<T>(
         &self,
+        claims: &[Claim],
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
-        let value = self.write(f)?;
+        let value = self.write(claims, f)?;
         on_commit();
         Ok(value)
     }
@@ -491,6 +546,9 @@ impl Store {
                 open: false,
                 events_written: false,
                 wakes: Vec::new(),
+                seed: self.seed,
+                claimed: Vec::new(),
+                conflict: None,
             };
             f(&mut tx)
         };
@@ -570,6 +628,13 @@ pub(super) struct Tx<'c> {
     open: bool,
     events_written: bool,
     wakes: Vec<String>,
+    /// The store's [`Claim`] seed.
+    seed: u64,
+    /// The claims held, sorted.
+    claimed: Vec<Claim>,
+    /// Claims out of order that could not be had: the transaction is
+    /// rolled back and runs again with them taken first.
+    conflict: Option<Vec<Claim>>,
 }
 
 impl Tx<'_> {
@@ -592,6 +657,69 @@ impl Tx<'_> {
     pub(super) fn wake(&mut self, addresses: &[String]) {
         // Repeats are dropped once, before the commit.
         self.wakes.extend_from_slice(addresses);
+    }
+
+    /// Takes `claims`, held until the transaction ends (see [`Claim`]).
+    ///
+    /// Claims above every one held are waited for, in order. One below a
+    /// claim held would risk a circle of waits: it is only tried. When one
+    /// of those is taken by another writer, the claims got stay held, and
+    /// `required` decides: `true` marks the transaction to run again with
+    /// them taken first (the error returned must then be passed up, and it
+    /// rolls the transaction back); `false` returns `Ok(false)` and the
+    /// caller does without (see `grant_waiters`). `Ok(true)` once every
+    /// claim is held.
+    pub(super) fn claim(&mut self, claims: &[Claim], required: bool) -> Result<bool> {
+        let mut wanted: Vec<Claim> = claims.iter().filter(|c| !self.holds(c)).copied().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(true);
+        }
+        let top = self.claimed.last().copied();
+        let (tried, waited): (Vec<Claim>, Vec<Claim>) = wanted
+            .iter()
+            .partition(|c| top.is_some_and(|top| **c <= top));
+        let mut missed = Vec::new();
+        if !tried.is_empty() {
+            let batch: String = tried.iter().map(|c| c.sql(self.seed, true)).collect();
+            let replies = self.conn.client.simple_query(&batch)?;
+            let answers = replies.iter().filter_map(|reply| match reply {
+                SimpleQueryMessage::Row(row) => Some(row.get(0) == Some("t")),
+                _ => None,
+            });
+            for (claim, got) in tried.iter().zip(answers) {
+                if got {
+                    self.claimed.push(*claim);
+                } else {
+                    missed.push(*claim);
+                }
+            }
+        }
+        if !waited.is_empty() && missed.is_empty() {
+            let batch: String = waited.iter().map(|c| c.sql(self.seed, false)).collect();
+            self.conn.client.simple_query(&batch)?;
+            self.claimed.extend(waited.iter().copied());
+        }
+        self.claimed.sort_unstable();
+        if missed.is_empty() {
+            return Ok(true);
+        }
+        if required {
+            missed.extend(waited);
+            self.conflict = Some(missed);
+            return Err(crate::store::bad_data(
+                "a claim out of order was taken: the write runs again".to_owned(),
+            ));
+        }
+        Ok(false)
+    }
+
+    /// Whether `claim` is held (an exclusive one, by an exclusive claim).
+    fn holds(&self, claim: &Claim) -> bool {
+        self.claimed
+            .iter()
+            .any(|c| c.class == claim.class && c.hash == claim.hash && (c.shared <= claim.shared))
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {
@@ -726,6 +854,9 @@ fn lost(e: &postgres::Error) -> bool {
 /// committed: try again), or anything else.
 enum Failed {
     Lost(Error),
+    /// Claims to take first next time (none, after a deadlock the server
+    /// broke).
+    Conflict(Vec<Claim>),
     Other(Error),
 }
 
@@ -733,9 +864,25 @@ impl From<Error> for Failed {
     fn from(e: Error) -> Failed {
         if lost_in(&e) {
             Failed::Lost(e)
+        } else if deadlocked_in(&e) {
+            Failed::Conflict(Vec::new())
         } else {
             Failed::Other(e)
         }
+    }
+}
+
+/// Whether an error is the server breaking a deadlock (or a serialization
+/// failure): the transaction was rolled back, and may simply run again.
+fn deadlocked_in(e: &Error) -> bool {
+    match e {
+        Error::Storage { source, .. } | Error::Busy { source, .. } => {
+            std::error::Error::source(source)
+                .and_then(|s| s.downcast_ref::<postgres::Error>())
+                .and_then(|e| e.code())
+                .is_some_and(|code| matches!(code.code(), "40P01" | "40001"))
+        }
+        _ => false,
     }
 }
 
@@ -790,11 +937,75 @@ fn channel_of(schema: &str) -> String {
     format!("runledger_wake_{schema}")
 }
 
-/// The key of a schema's writer lock (`pg_advisory_xact_lock`): a hash of
-/// its name, so that two ledgers in one database never wait for each
-/// other.
-fn writer_key(schema: &str) -> i64 {
-    advisory_key("runledger writer", schema)
+/// Something a write transaction claims before it reads its state and
+/// changes it: an advisory lock of the transaction, exclusive unless
+/// `shared` (see the module docs).
+///
+/// Claims sort by class (instances, idempotency keys, runs, lock keys),
+/// then by hash: the one order in which every transaction takes them. The
+/// hash of a claim is that of its class, its value and the schema, so that
+/// two ledgers in one database never wait for each other. Two values of
+/// equal hashes (one pair in 2^64) only make their writers take turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct Claim {
+    class: u8,
+    hash: u64,
+    shared: bool,
+}
+
+impl Claim {
+    /// The instance `id`: shared by its own writes that need it open,
+    /// exclusive for the reaper that closes it.
+    pub(super) fn instance(id: i64, shared: bool) -> Claim {
+        Claim::of(0, &id.to_le_bytes(), shared)
+    }
+
+    /// An idempotency key, for the check of its window and the insert.
+    pub(super) fn idempotency(key: &str) -> Claim {
+        Claim::of(1, key.as_bytes(), false)
+    }
+
+    /// A run: exclusive for any change of the run, shared for a lock
+    /// request made for it (which must not outlive its run).
+    pub(super) fn run(id: crate::run::RunId, shared: bool) -> Claim {
+        Claim::of(2, &i64::from(id).to_le_bytes(), shared)
+    }
+
+    /// A lock key, for any change of its holders or its queue.
+    pub(super) fn key(key: &str) -> Claim {
+        Claim::of(3, key.as_bytes(), false)
+    }
+
+    fn of(class: u8, value: &[u8], shared: bool) -> Claim {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in [class].iter().chain(value) {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        Claim {
+            class,
+            hash,
+            shared,
+        }
+    }
+
+    /// The statement that takes it in the schema of `seed`; with `try_only`
+    /// one that answers `t` or `f` at once.
+    fn sql(&self, seed: u64, try_only: bool) -> String {
+        let key = i64::from_ne_bytes((self.hash ^ seed).to_ne_bytes());
+        let function = match (try_only, self.shared) {
+            (false, false) => "pg_advisory_xact_lock",
+            (false, true) => "pg_advisory_xact_lock_shared",
+            (true, false) => "pg_try_advisory_xact_lock",
+            (true, true) => "pg_try_advisory_xact_lock_shared",
+        };
+        format!("SELECT {function}({key});")
+    }
+}
+
+/// What makes a schema's [`Claim`]s its own.
+fn claim_seed(schema: &str) -> u64 {
+    u64::from_ne_bytes(advisory_key("runledger claims", schema).to_ne_bytes())
 }
 
 /// A 64-bit advisory lock key for `what` in `schema` (FNV-1a).
@@ -994,13 +1205,13 @@ mod tests {
         listener
             .batch_execute(&format!("LISTEN \"{}\"", channel_of(&schema.name)))
             .unwrap();
-        let failed: Result<()> = store.write(|tx| {
+        let failed: Result<()> = store.write(&[], |tx| {
             tx.wake(&["runledger/rolled-back".to_owned()]);
             Err(Error::invalid("test", "x", "rolled back"))
         });
         assert!(failed.is_err());
         store
-            .write(|tx| {
+            .write(&[], |tx| {
                 tx.wake(&["runledger/a".to_owned(), "runledger/b".to_owned()]);
                 Ok(())
             })
@@ -1027,7 +1238,7 @@ mod tests {
             .unwrap();
         let add = |from: i64, to: i64| {
             store
-                .write(|tx| {
+                .write(&[], |tx| {
                     for i in from..to {
                         let address = format!("runledger/{}/{}/{i}", u32::MAX, u64::MAX);
                         tx.execute(
@@ -1041,7 +1252,7 @@ mod tests {
         };
         let heard = |listener: &mut Client| {
             store
-                .write(|tx| {
+                .write(&[], |tx| {
                     tx.events_written();
                     Ok(())
                 })
@@ -1130,8 +1341,20 @@ mod tests {
     }
 
     #[test]
-    fn writer_keys_differ_by_schema() {
-        assert_ne!(writer_key("a"), writer_key("b"));
-        assert_eq!(writer_key("a"), writer_key("a"));
+    fn claims_differ_by_schema_and_sort_by_class() {
+        assert_ne!(claim_seed("a"), claim_seed("b"));
+        assert_eq!(claim_seed("a"), claim_seed("a"));
+        let a = Claim::key("a").sql(claim_seed("s"), false);
+        assert_ne!(a, Claim::key("a").sql(claim_seed("t"), false));
+        assert_ne!(a, Claim::key("b").sql(claim_seed("s"), false));
+        let run = Claim::run(crate::run::RunId::from(1), false);
+        assert!(Claim::instance(1, true) < Claim::idempotency("k"));
+        assert!(Claim::idempotency("k") < run);
+        assert!(run < Claim::key("a"));
+        assert!(
+            Claim::run(crate::run::RunId::from(1), true)
+                .sql(0, true)
+                .contains("try")
+        );
     }
 }

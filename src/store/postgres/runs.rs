@@ -4,15 +4,16 @@
 //! chains, the same domain calls. Where the two differ, it is because a
 //! PostgreSQL error aborts its transaction: a uniqueness the SQLite store
 //! learns from a failed insert is checked before the insert here, which the
-//! writer lock makes as safe (no other writer can insert in between), and
-//! the unique indexes stay as the backstop.
+//! transaction's claims make as safe (no other writer of that run or key
+//! can insert in between: see [`super::Claim`]), and the unique indexes
+//! stay as the backstop.
 
 use std::time::Duration;
 
 use postgres::Row;
 
 use super::locks::release_run_locks;
-use super::{Store, Tx};
+use super::{Claim, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::InstanceId;
@@ -120,6 +121,19 @@ impl Chain {
     }
 }
 
+/// The feed's horizon, as an SQL expression: the lowest event id that a
+/// transaction not yet ended may still write (see migration 7 and
+/// [`Store::events_since`]).
+macro_rules! horizon {
+    () => {
+        "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+    };
+}
+
+/// How long [`Store::events_since`] looks again for events held back by a
+/// transaction about to end.
+const HELD_BACK_WAIT: Duration = Duration::from_millis(30);
+
 /// The ids of a run's events, newest first, by walking its chain.
 macro_rules! event_chain {
     () => {
@@ -176,14 +190,17 @@ pub(super) fn run_head(tx: &mut Tx<'_>, run: RunId) -> Result<(RunStatus, Option
 
 impl Store {
     /// Inserts a run and its first event. Refuses a second active run with
-    /// the same idempotency key: checked under the writer lock before the
+    /// the same idempotency key: checked under the key's claim before the
     /// insert, so two racing processes cannot both insert (the unique
     /// partial index stays as the backstop).
     ///
     /// `None` if the owning instance is closed (a reaper judged it dead):
     /// nothing is written, and the caller registers again.
     pub(crate) fn insert_run(&self, new: &NewRun<'_>) -> Result<Option<RunId>> {
-        self.write(|tx| {
+        let mut claims = vec![Claim::instance(new.instance, true)];
+        claims.extend(new.idempotency_key.map(Claim::idempotency));
+        claims.extend(new.parent.map(|parent| Claim::run(parent, true)));
+        self.write(&claims, |tx| {
             let at = tx.now();
             if !super::instances::is_open(tx, new.instance)? {
                 return Ok(None);
@@ -199,7 +216,7 @@ impl Store {
             }
             if let (Some(key), Some(window)) = (new.idempotency_key, new.idempotency_window) {
                 // Any run of the key created within the window, whatever
-                // its status (under the writer lock, so racing writers of
+                // its status (under the key's claim, so racing writers of
                 // the key take turns).
                 let existing = tx.query_opt(
                     "SELECT id FROM runs
@@ -287,7 +304,7 @@ impl Store {
         run: RunId,
         decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             apply_change(tx, run, at, &decide)
         })
@@ -304,7 +321,11 @@ impl Store {
         adopter: &Adopter<'_>,
         start: bool,
     ) -> Result<Adoption> {
-        self.write(|tx| {
+        let claims = [
+            Claim::instance(adopter.instance, true),
+            Claim::run(run, false),
+        ];
+        self.write(&claims, |tx| {
             let at = tx.now();
             if !super::instances::is_open(tx, adopter.instance)? {
                 return Ok(Adoption::InstanceClosed);
@@ -348,7 +369,7 @@ impl Store {
                 ],
             )?;
             if changed != 1 {
-                // Cannot happen while the writer lock is held.
+                // Cannot happen while the run's claim is held.
                 return Err(Error::AlreadyOwned { run, pid, host });
             }
             if start {
@@ -361,7 +382,7 @@ impl Store {
 
     /// Records the log path of an active run.
     pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let (status, _) = run_head(tx, run)?;
             if status.is_terminal() {
                 return Err(Error::RunFinished { run, status });
@@ -403,7 +424,7 @@ impl Store {
         run: RunId,
         deadline: Timestamp,
     ) -> Result<Option<(String, RunStatus, String)>> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let Some(row) = tx.query_opt(
                 "SELECT adopt_by, name, status FROM runs WHERE id = $1",
@@ -426,7 +447,7 @@ impl Store {
 
     /// Appends a custom event to an active run's history.
     pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let (status, last) = run_head(tx, run)?;
             if status.is_terminal() {
@@ -439,27 +460,68 @@ impl Store {
         })
     }
 
-    /// Up to `limit` events of every run after event `after`, in commit
-    /// order: a range of the events table's primary key. Event ids are taken
-    /// under the writer lock, so a reader never sees a later id committed
-    /// before an earlier one.
+    /// Up to `limit` events of every run after event `after`, in feed
+    /// order: a range of the events table's primary key, below the
+    /// horizon.
+    ///
+    /// Writers commit in parallel, so an event id (see migration 7) is its
+    /// transaction's id shifted left, plus its place in the transaction,
+    /// and only the events of transactions older than this read's snapshot
+    /// `xmin` (the [`HORIZON`]) are returned: each of those transactions
+    /// has ended, and every transaction still to commit has a higher id, so
+    /// no event can ever appear below a position once read.
+    ///
+    /// The cost is a delay, never a skip: an event waits until every
+    /// transaction older than its own has ended, in any database of the
+    /// server. A writer of this ledger ends its transaction within a few
+    /// round trips; a transaction left open elsewhere (an idle session in
+    /// a transaction, a long report) holds the feed back until it ends. So
+    /// that a watcher woken by a commit does not wait for its next timed
+    /// read when a neighbour is a few milliseconds from its own commit, a
+    /// read that finds committed events above the horizon, and fewer than
+    /// `limit` below it, looks again a few times over at most
+    /// [`HELD_BACK_WAIT`].
     pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
-        self.read(|tx| {
-            tx.query(
-                "SELECT id, run_id, at, kind, step, from_status, to_status, message
-                 FROM events WHERE id > $1 ORDER BY id LIMIT $2",
-                &[&after, &as_limit(limit)],
-            )?
-            .iter()
-            .map(event_record)
-            .collect()
-        })
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let (events, held_back) = self.read(|tx| {
+                let rows = tx.query(
+                    concat!(
+                        "SELECT id, run_id, at, kind, step, from_status, to_status, message,
+                                e.id >= h.horizon
+                         FROM events e, (SELECT ",
+                        horizon!(),
+                        " AS horizon) h
+                         WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+                    ),
+                    &[&after, &as_limit(limit.saturating_add(1))],
+                )?;
+                let mut events = Vec::with_capacity(rows.len());
+                let mut held_back = false;
+                for row in &rows {
+                    if row.try_get::<_, bool>(8)? {
+                        held_back = true;
+                        break;
+                    }
+                    if events.len() < limit {
+                        events.push(event_record(row)?);
+                    }
+                }
+                Ok((events, held_back))
+            })?;
+            if !held_back || events.len() >= limit || started.elapsed() >= HELD_BACK_WAIT {
+                return Ok(events);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(8));
+        }
     }
 
     /// Registers a watcher of the feed: commits that append events wake
     /// `address`. Returns the watcher's id.
     pub(crate) fn add_watcher(&self, instance: i64, address: &str) -> Result<i64> {
-        self.write(|tx| {
+        self.write(&[], |tx| {
             let row = tx.query_one(
                 "INSERT INTO watchers (instance_id, address) VALUES ($1, $2) RETURNING id",
                 &[&instance, &address],
@@ -470,25 +532,50 @@ impl Store {
 
     /// Removes a watcher registered by [`add_watcher`](Store::add_watcher).
     pub(crate) fn remove_watcher(&self, id: i64) -> Result<()> {
-        self.write(|tx| {
+        self.write(&[], |tx| {
             tx.execute("DELETE FROM watchers WHERE id = $1", &[&id])?;
             Ok(())
         })
     }
 
-    /// The id of the newest event, 0 when there is none.
+    /// The id of the newest event below the horizon (see
+    /// [`events_since`](Store::events_since)), 0 when there is none: the
+    /// end of the feed as a reader may see it now. An event above it
+    /// (committed, or still to commit) comes after it. Like
+    /// [`events_since`](Store::events_since), a read that finds committed
+    /// events above the horizon looks again for a few milliseconds, so
+    /// that a caller's own commit is behind the end it gets, unless a
+    /// transaction elsewhere stays open longer.
     pub(crate) fn last_event_id(&self) -> Result<i64> {
-        self.read(|tx| {
-            let row = tx.query_one("SELECT coalesce(max(id), 0) FROM events", &[])?;
-            Ok(row.try_get(0)?)
-        })
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let (last, held_back) = self.read(|tx| {
+                let row = tx.query_one(
+                    concat!(
+                        "SELECT (SELECT coalesce(max(id), 0) FROM events WHERE id < h.horizon),
+                                EXISTS (SELECT 1 FROM events WHERE id >= h.horizon)
+                         FROM (SELECT ",
+                        horizon!(),
+                        " AS horizon) h"
+                    ),
+                    &[],
+                )?;
+                Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, bool>(1)?))
+            })?;
+            if !held_back || started.elapsed() >= HELD_BACK_WAIT {
+                return Ok(last);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(8));
+        }
     }
 
     /// Records a progress heartbeat of a run: a running run's deadline moves
     /// on by its timeout. Returns the run's status; only a running run is
     /// changed.
     pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let (status, _) = run_head(tx, run)?;
             if status == RunStatus::Running {
@@ -539,7 +626,7 @@ impl Store {
         hung: &HungRun,
         reason: &str,
     ) -> Result<Option<(String, Wakes)>> {
-        self.write(|tx| {
+        self.write(&[Claim::run(hung.id, false)], |tx| {
             let at = tx.now();
             let Some(row) = tx.query_opt(
                 "SELECT hung_at, name FROM runs WHERE id = $1",
@@ -577,14 +664,14 @@ impl Store {
 
     /// Starts a step of an active run; returns the step's row id.
     pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let (status, last) = run_head(tx, run)?;
             if status.is_terminal() {
                 return Err(Error::RunFinished { run, status });
             }
             // Checked before the insert: a unique violation would abort the
-            // transaction (the writer lock keeps the check valid).
+            // transaction (the run's claim keeps the check valid).
             let taken = tx.query_opt(
                 "SELECT 1 FROM steps WHERE run_id = $1 AND name = $2",
                 &[&i64::from(run), &name],
@@ -622,7 +709,7 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        self.write(|tx| {
+        self.write(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let (status, last) = run_head(tx, run)?;
             let changed = tx.execute(
@@ -809,7 +896,9 @@ impl Store {
         after: i64,
         batch: usize,
     ) -> Result<(usize, Option<i64>)> {
-        self.write(|tx| {
+        // Only runs that have ended, which no writer changes any more, are
+        // deleted: no claim.
+        self.write(&[], |tx| {
             let keep = tx
                 .query(
                     "SELECT max(id) FROM runs
@@ -1048,7 +1137,7 @@ pub(super) fn apply_change(
         }
     };
     if changed != 1 {
-        // Cannot happen while the writer lock is held; refuse rather than
+        // Cannot happen while the run's claim is held; refuse rather than
         // record an event for a change that was not made.
         return Err(Error::InvalidTransition {
             run,

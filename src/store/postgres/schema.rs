@@ -205,6 +205,36 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 7: no schema-wide writer lock. Writers of unrelated runs and keys now
+    // commit in parallel, so ids drawn from a sequence would commit out of
+    // order, and a feed reader could skip an event committed after a
+    // later-numbered one. An event's id is instead its transaction's id
+    // (`pg_current_xact_id()`) shifted left by 20 bits, plus its place in
+    // the transaction: ids grow in transaction order, and a reader returns
+    // only the events of transactions older than its snapshot's `xmin`
+    // (every one of them has ended), so nothing can commit below a
+    // position once it has been read. Every existing id is far below the
+    // new ones (an event id of the identity column is at most the number
+    // of events ever written; each transaction that wrote one had its own
+    // id), so saved cursors stay valid. The version moves, so that a
+    // process of an earlier release, which relies on the writer lock,
+    // never writes beside one of this release.
+    r#"
+    CREATE FUNCTION next_event_id() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        n bigint := coalesce(nullif(current_setting('runledger.events_in_xact', true), ''),
+                             '0')::bigint;
+    BEGIN
+        IF n >= 1048576 THEN
+            RAISE EXCEPTION 'runledger: more than 1048576 events in one transaction';
+        END IF;
+        PERFORM set_config('runledger.events_in_xact', (n + 1)::text, true);
+        RETURN (pg_current_xact_id()::text::bigint << 20) | n;
+    END
+    $fn$;
+    ALTER TABLE events ALTER COLUMN id DROP IDENTITY IF EXISTS;
+    ALTER TABLE events ALTER COLUMN id SET DEFAULT next_event_id();
+    "#,
 ];
 
 /// The schema version this build writes and understands.

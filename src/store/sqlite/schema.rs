@@ -240,6 +240,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 7: nothing changes on SQLite. PostgreSQL's migration 7 gives up the
+    // schema-wide writer lock and renumbers the event feed; both stores
+    // keep one version number.
+    r#"
+    SELECT 1;
+    "#,
 ];
 
 /// The CHECK constraints that [`rewrite_checks`] rewrites: (table, as
