@@ -7,7 +7,6 @@
 
 use postgres::Row;
 
-use super::runs::run_head;
 use super::{Claim, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -197,21 +196,21 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
 /// (a request's keys are distinct), as each statement is a round trip made
 /// while the keys are claimed.
 fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
-    let last: i64 = tx
-        .query_one(
-            "SELECT coalesce(max(last_token), 0) FROM lock_keys WHERE key = ANY($1)",
-            &[&keys],
-        )?
-        .try_get(0)?;
-    let token = last
-        .checked_add(1)
-        .ok_or_else(|| bad_data(format!("fencing token {last} has no successor")))?;
-    tx.execute(
-        "INSERT INTO lock_keys (key, last_token) SELECT DISTINCT unnest($1::text[]), $2::bigint
-         ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token",
-        &[&keys, &token],
+    // The keys are claimed: no other writer moves their tokens in between.
+    // A token past the column's range fails the statement (and the grant).
+    let row = tx.query_one(
+        "WITH next AS (
+             SELECT coalesce(max(last_token), 0) + 1 AS token
+             FROM lock_keys WHERE key = ANY($1)
+         ), put AS (
+             INSERT INTO lock_keys (key, last_token)
+             SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next)
+             ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
+         )
+         SELECT token FROM next",
+        &[&keys],
     )?;
-    Ok(token)
+    Ok(row.try_get(0)?)
 }
 
 /// Deletes a lock row and its entries; returns its keys, or `None` if the
@@ -343,11 +342,18 @@ impl Store {
         claims.extend(ask.keys.iter().map(|key| Claim::key(key)));
         self.write(&claims, |tx| {
             let now = tx.now();
-            if !super::instances::is_open(tx, ask.instance)? {
+            // The instance open, and the run (if any) active: one read.
+            let row = tx.query_one(
+                "SELECT EXISTS (SELECT 1 FROM instances WHERE id = $1 AND closed_at IS NULL),
+                        (SELECT status FROM runs WHERE id = $2)",
+                &[&ask.instance, &ask.run.map(i64::from)],
+            )?;
+            if !row.try_get::<_, bool>(0)? {
                 return Ok(Attempt::InstanceClosed);
             }
             if let Some(run) = ask.run {
-                let (status, _) = run_head(tx, run)?;
+                let status = super::runs::opt_run_status(&row, 1)?
+                    .ok_or_else(|| Error::run_not_found(run))?;
                 if status.is_terminal() {
                     return Err(Error::RunFinished { run, status });
                 }
@@ -693,12 +699,19 @@ fn insert_lock(
     let run = ask.run.map(i64::from);
     let pid = i64::from(ask.pid);
     let wake = if state == "waiting" { ask.wake } else { None };
+    // The row and its entries, in one statement.
     let id: i64 = tx
         .query_one(
-            "INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id, pid,
-                                host, wake, requested_at, granted_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-             RETURNING id",
+            "WITH l AS (
+                 INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                                    pid, host, wake, requested_at, granted_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 RETURNING id
+             ), e AS (
+                 INSERT INTO lock_entries (key, lock_id)
+                 SELECT unnest($13::text[]), l.id FROM l
+             )
+             SELECT id FROM l",
             &[
                 &state,
                 &ask.mode.as_str(),
@@ -712,13 +725,10 @@ fn insert_lock(
                 &wake,
                 &at,
                 &granted_at,
+                &ask.keys,
             ],
         )?
         .try_get(0)?;
-    tx.execute(
-        "INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), $2::bigint",
-        &[&ask.keys, &id],
-    )?;
     Ok(id)
 }
 

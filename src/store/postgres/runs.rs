@@ -53,7 +53,7 @@ fn run_status(row: &Row, index: usize) -> Result<RunStatus> {
         .map_err(|_| bad_data(format!("unknown run status {text:?}")))
 }
 
-fn opt_run_status(row: &Row, index: usize) -> Result<Option<RunStatus>> {
+pub(super) fn opt_run_status(row: &Row, index: usize) -> Result<Option<RunStatus>> {
     match row.try_get::<_, Option<&str>>(index)? {
         None => Ok(None),
         Some(_) => run_status(row, index).map(Some),
