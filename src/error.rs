@@ -186,7 +186,7 @@ pub enum Error {
     /// normal contention this does not happen; it means a writer held the
     /// database for very long, or the timeout is too short. Nothing was
     /// written; retrying later may succeed.
-    #[error("ledger {} stayed locked by other writers longer than the busy timeout", .path.display())]
+    #[error("ledger {} stayed busy longer than the busy timeout", .path.display())]
     Busy {
         /// The database file, or the ledger's
         /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL

@@ -818,6 +818,7 @@ pg_tests!(
     sslmode_in_the_key_value_form_is_understood_too,
     the_feed_never_skips_an_event_that_commits_after_a_later_numbered_one,
     writers_of_many_ledgers_at_once_leave_a_complete_ordered_feed,
+    a_server_out_of_connections_is_a_clear_error_not_a_hang,
 );
 
 /// Two writers commit out of id order: the one whose transaction began
@@ -900,4 +901,52 @@ fn writers_of_many_ledgers_at_once_leave_a_complete_ordered_feed() {
         "out of order: {seen:?}"
     );
     assert_eq!(seen.len(), expected);
+}
+
+/// A server that refuses more connections (here a role's `CONNECTION
+/// LIMIT`; `max_connections` answers the same way, for the whole server):
+/// a call that needs one more fails once the busy timeout has passed,
+/// with the server's words, and never hangs.
+fn a_server_out_of_connections_is_a_clear_error_not_a_hang() {
+    let schema = SchemaGuard::new();
+    let role = format!("rl_limited_{}", std::process::id());
+    let mut admin = client(&schema.url);
+    // Not a superuser: superusers are exempt from connection limits.
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; \
+             GRANT CREATE ON DATABASE postgres TO {role}"
+        ))
+        .unwrap();
+    let config: ::postgres::Config = schema.url.parse().unwrap();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let url = format!("postgres://{role}@127.0.0.1:{port}/postgres");
+    let ledger = Ledger::builder_postgres(&url)
+        .schema(&schema.name)
+        .busy_timeout(std::time::Duration::from_millis(1500))
+        .open()
+        .unwrap();
+    ledger.try_lock("k").unwrap().release().unwrap();
+    // The server takes no more connections of the role, and the pooled
+    // ones go (an operator, a restart): the next call needs a new one.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {role} CONNECTION LIMIT 0; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = '{role}' AND query NOT ILIKE 'LISTEN%'"
+        ))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = ledger.try_lock("j").map(|g| g.token()).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    assert!(err.is_busy(), "{err:?}");
+    let why = std::error::Error::source(&err).map(|s| s.to_string());
+    assert!(
+        why.as_deref()
+            .is_some_and(|why| why.contains("too many connections for role")),
+        "{err:?}"
+    );
+    drop(ledger);
+    let _ = admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
 }
