@@ -751,7 +751,8 @@ impl Ledger {
     ///   complete and ordered: an event id is its transaction's id shifted
     ///   left (not a count), and [`events_since`](Ledger::events_since)
     ///   returns an event once every transaction older than its own has
-    ///   ended, so a transaction left open on the server (any database of
+    ///   ended (it waits for them, up to [`Builder::busy_timeout`]), so a
+    ///   transaction left open on the server (any database of
     ///   it, for example a session idle in a transaction) delays the feed
     ///   until it ends, and never makes it skip. Lock waiters and
     ///   [`watch`](Ledger::watch)es are woken across hosts by
@@ -2021,9 +2022,9 @@ impl Ledger {
         let orphans = std::mem::take(&mut *self.inner.orphans.lock());
         for orphan in orphans {
             let done = match orphan {
-                Orphan::Held { id, token } => {
-                    self.release_lock(id, token, Held::default()).map(drop)
-                }
+                Orphan::Held { id, token } => self
+                    .release_lock(id, token, None, Held::default())
+                    .map(drop),
                 Orphan::Queued { ticket } => self.inner.store.leave_queue(ticket),
             };
             if done.is_err() {
@@ -2055,12 +2056,21 @@ impl Ledger {
 
     /// Releases a held lock; false if it was no longer held.
     ///
-    /// `gates` (the lock's gates) are let go as soon as the release has
-    /// committed: before the waiters are woken, and before a checkpoint.
-    pub(crate) fn release_lock(&self, id: i64, token: u64, gates: Held) -> Result<bool> {
+    /// `keys`, when known, are the lock's (its guard's): the PostgreSQL
+    /// store claims them as its transaction begins instead of reading them
+    /// first. `gates` (the lock's gates) are let go as soon as the release
+    /// has committed: before the waiters are woken, and before a
+    /// checkpoint.
+    pub(crate) fn release_lock(
+        &self,
+        id: i64,
+        token: u64,
+        keys: Option<&[String]>,
+        gates: Held,
+    ) -> Result<bool> {
         self.inner
             .store
-            .release_lock(id, token, move || drop(gates))
+            .release_lock(id, token, keys, move || drop(gates))
     }
 
     pub(crate) fn transition(

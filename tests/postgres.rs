@@ -829,30 +829,43 @@ fn the_feed_never_skips_an_event_that_commits_after_a_later_numbered_one() {
     let place = Place::new(Store::Postgres);
     let schema = place.schema.as_ref().unwrap();
     let ledger = place.open();
+    let impatient = place
+        .builder()
+        .busy_timeout(std::time::Duration::from_millis(300))
+        .open()
+        .unwrap();
     let run = ledger.begin_run(RunSpec::new("first")).unwrap();
     let start = ledger.events_cursor().unwrap();
     // A writer whose transaction is under way (it has its id) ...
-    let mut other = client(&schema.url);
-    let mut early = other.transaction().unwrap();
-    early.batch_execute("SELECT pg_current_xact_id()").unwrap();
+    let mut early = client(&schema.url);
+    early
+        .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .unwrap();
     // ... while the ledger commits an event.
     run.event("later", serde_json::Value::Null).unwrap();
-    let held = ledger.events_since(start, 100).unwrap();
+    // A reader waits for the writer before it, up to its busy timeout, then
+    // returns what is below it: nothing.
+    let held = impatient.events_since(start, 100).unwrap();
     assert!(
         held.events.is_empty(),
         "read past a writer still under way: {held:?}"
     );
-    assert_eq!(ledger.events_cursor().unwrap(), start);
-    // The early writer appends its event, numbered below, and commits last.
-    early
-        .batch_execute(&format!(
-            "INSERT INTO {}.events (run_id, at, kind, step) VALUES ({}, 0, 'custom', 'earlier')",
-            schema.name,
-            run.id()
-        ))
-        .unwrap();
-    early.commit().unwrap();
+    assert_eq!(impatient.events_cursor().unwrap(), start);
+    // The early writer appends its event, numbered below, and commits last,
+    // while a reader waits for it.
+    let id = run.id();
+    let name = schema.name.clone();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        early
+            .batch_execute(&format!(
+                "INSERT INTO {name}.events (run_id, at, kind, step) VALUES ({id}, 0, 'custom', 'earlier')"
+            ))
+            .unwrap();
+        early.batch_execute("COMMIT").unwrap();
+    });
     let page = ledger.events_since(start, 100).unwrap();
+    writer.join().unwrap();
     let names: Vec<String> = page.events.iter().map(|e| e.kind.to_string()).collect();
     assert_eq!(names, ["earlier", "later"], "{page:?}");
     assert!(page.events[0].id < page.events[1].id);

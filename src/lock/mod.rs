@@ -560,7 +560,9 @@ impl LockGuard {
         // The gates go once the row is gone (whoever gets one finds its key
         // free), or with this call if it fails.
         let gates = std::mem::take(&mut self.gates);
-        let released = self.ledger.release_lock(self.id, self.token, gates)?;
+        let released = self
+            .ledger
+            .release_lock(self.id, self.token, Some(&self.keys), gates)?;
         self.held = false;
         self.ledger.inner.callers.forget(self.id);
         if released {

@@ -239,13 +239,24 @@ impl Store {
         Ok(())
     }
 
+    /// `keys`, when the caller knows them, are the lock's: a hint that
+    /// saves the PostgreSQL store a read (SQLite's single writer needs
+    /// none).
     pub(crate) fn release_lock(
         &self,
         id: i64,
         token: u64,
+        keys: Option<&[String]>,
         on_commit: impl FnOnce() + Send,
     ) -> Result<bool> {
-        let released = dispatch!(self, s => s.release_lock(id, token, on_commit))?;
+        let released = match self {
+            Store::Sqlite(s) => {
+                let _ = keys;
+                s.release_lock(id, token, on_commit)?
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(s) => s.release_lock(id, token, keys, on_commit)?,
+        };
         if let Some(wakes) = &released {
             wake(wakes);
         }

@@ -223,19 +223,24 @@ pub(super) fn delete_lock(
     now: Timestamp,
     ending: Ending<'_>,
 ) -> Result<Option<Vec<String>>> {
+    // The row and its key entries, in one statement.
     let Some(row) = tx.query_opt(
-        "DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2
-         RETURNING keys, mode, capacity, run_id, pid, host",
+        "WITH l AS (
+             DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2
+             RETURNING id, keys, mode, capacity, run_id, pid, host
+         ), e AS (
+             -- By key and id: the primary key's order.
+             DELETE FROM lock_entries
+             WHERE lock_id = $1
+               AND key IN (SELECT jsonb_array_elements_text(keys::jsonb) FROM l)
+         )
+         SELECT keys, mode, capacity, run_id, pid, host FROM l",
         &[&id, &token],
     )?
     else {
         return Ok(None);
     };
     let keys = parse_keys(row.try_get(0)?)?;
-    tx.execute(
-        "DELETE FROM lock_entries WHERE key = ANY($1) AND lock_id = $2",
-        &[&keys, &id],
-    )?;
     if let Some(token) = token {
         let lock = LockEvent {
             ticket: Ticket::from(id),
@@ -470,30 +475,52 @@ impl Store {
     /// Releases a held lock. `None` if it was no longer held (taken away, or
     /// released with its run); otherwise the waiters to wake. `on_commit`
     /// runs as soon as the release has committed.
+    ///
+    /// `keys`, the lock's own when the caller knows them (its guard does),
+    /// are claimed as the transaction begins; else they are read first.
+    /// Keys given that are not the lock's only claim too much: the
+    /// release hands on the keys of the row it deletes, and claims any of
+    /// them not claimed yet.
     pub(crate) fn release_lock(
         &self,
         id: i64,
         token: u64,
+        keys: Option<&[String]>,
         on_commit: impl FnOnce(),
     ) -> Result<Option<Wakes>> {
+        let claims: Vec<Claim> = keys
+            .unwrap_or_default()
+            .iter()
+            .map(|k| Claim::key(k))
+            .collect();
         self.write_then(
-            &[],
+            &claims,
             |tx| {
                 // A token beyond the column's range was never granted.
                 let Ok(token) = i64::try_from(token) else {
                     return Ok(None);
                 };
                 let now = tx.now();
-                let Some(row) = tx.query_opt(
-                    "SELECT keys FROM locks WHERE id = $1 AND token = $2",
-                    &[&id, &token],
-                )?
-                else {
-                    return Ok(None);
-                };
-                claim_keys(tx, &parse_keys(row.try_get(0)?)?)?;
+                let known = keys.is_some_and(|keys| !keys.is_empty());
+                if !known {
+                    let Some(row) = tx.query_opt(
+                        "SELECT keys FROM locks WHERE id = $1 AND token = $2",
+                        &[&id, &token],
+                    )?
+                    else {
+                        return Ok(None);
+                    };
+                    claim_keys(tx, &parse_keys(row.try_get(0)?)?)?;
+                }
                 match delete_lock(tx, id, Some(token), now, Ending::Released)? {
-                    Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
+                    Some(keys) => {
+                        // The row's keys are the ones given (a guard's): a
+                        // claim of each is held already, and this costs
+                        // nothing. Were they not, it claims them, or runs
+                        // the write again with them taken first.
+                        claim_keys(tx, &keys)?;
+                        Ok(Some(grant_waiters(tx, &keys, now)?))
+                    }
                     None => Ok(None),
                 }
             },

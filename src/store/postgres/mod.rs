@@ -248,6 +248,11 @@ impl Store {
         })
     }
 
+    /// How long a call waits for the server before it fails.
+    pub(super) fn busy_timeout(&self) -> Duration {
+        self.busy_timeout
+    }
+
     /// How errors name this ledger (and the key of its keeper thread).
     pub(crate) fn path(&self) -> &Path {
         &self.name

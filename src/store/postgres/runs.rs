@@ -130,9 +130,9 @@ macro_rules! horizon {
     };
 }
 
-/// How long [`Store::events_since`] looks again for events held back by a
-/// transaction about to end.
-const HELD_BACK_WAIT: Duration = Duration::from_millis(30);
+/// The longest pause between two looks of [`Store::events_since`] for
+/// events held back by transactions not yet ended.
+const HELD_BACK_PAUSE: Duration = Duration::from_millis(20);
 
 /// The ids of a run's events, newest first, by walking its chain.
 macro_rules! event_chain {
@@ -467,7 +467,7 @@ impl Store {
     /// Writers commit in parallel, so an event id (see migration 7) is its
     /// transaction's id shifted left, plus its place in the transaction,
     /// and only the events of transactions older than this read's snapshot
-    /// `xmin` (the [`HORIZON`]) are returned: each of those transactions
+    /// `xmin` (the horizon, `horizon!`) are returned: each of those transactions
     /// has ended, and every transaction still to commit has a higher id, so
     /// no event can ever appear below a position once read.
     ///
@@ -475,12 +475,14 @@ impl Store {
     /// transaction older than its own has ended, in any database of the
     /// server. A writer of this ledger ends its transaction within a few
     /// round trips; a transaction left open elsewhere (an idle session in
-    /// a transaction, a long report) holds the feed back until it ends. So
-    /// that a watcher woken by a commit does not wait for its next timed
-    /// read when a neighbour is a few milliseconds from its own commit, a
+    /// a transaction, a long report) holds the feed back until it ends. A
     /// read that finds committed events above the horizon, and fewer than
-    /// `limit` below it, looks again a few times over at most
-    /// [`HELD_BACK_WAIT`].
+    /// `limit` below it, waits for the transactions before them to end, as
+    /// a call waits for a busy ledger: up to the busy timeout, past which
+    /// it returns the events below the horizon. So a caller that has just
+    /// committed reads its own events, whatever its neighbours are
+    /// writing, and a watcher woken by a commit does not wait for its next
+    /// timed read.
     pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(1);
@@ -510,11 +512,11 @@ impl Store {
                 }
                 Ok((events, held_back))
             })?;
-            if !held_back || events.len() >= limit || started.elapsed() >= HELD_BACK_WAIT {
+            if !held_back || events.len() >= limit || started.elapsed() >= self.busy_timeout() {
                 return Ok(events);
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(8));
+            pause = (pause * 2).min(HELD_BACK_PAUSE);
         }
     }
 
@@ -543,9 +545,9 @@ impl Store {
     /// end of the feed as a reader may see it now. An event above it
     /// (committed, or still to commit) comes after it. Like
     /// [`events_since`](Store::events_since), a read that finds committed
-    /// events above the horizon looks again for a few milliseconds, so
-    /// that a caller's own commit is behind the end it gets, unless a
-    /// transaction elsewhere stays open longer.
+    /// events above the horizon waits, up to the busy timeout, for the
+    /// transactions before them to end, so that a caller's own commit is
+    /// behind the end it gets.
     pub(crate) fn last_event_id(&self) -> Result<i64> {
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(1);
@@ -563,11 +565,11 @@ impl Store {
                 )?;
                 Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, bool>(1)?))
             })?;
-            if !held_back || started.elapsed() >= HELD_BACK_WAIT {
+            if !held_back || started.elapsed() >= self.busy_timeout() {
                 return Ok(last);
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(8));
+            pause = (pause * 2).min(HELD_BACK_PAUSE);
         }
     }
 
