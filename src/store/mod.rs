@@ -255,7 +255,7 @@ impl Store {
                 s.release_lock(id, token, on_commit)?
             }
             #[cfg(feature = "postgres")]
-            Store::Postgres(s) => s.release_lock(id, token, keys, on_commit)?,
+            Store::Postgres(s) => off_runtime(|| s.release_lock(id, token, keys, on_commit))?,
         };
         if let Some(wakes) = &released {
             wake(wakes);

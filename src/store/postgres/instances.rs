@@ -214,7 +214,7 @@ impl Store {
         stale_heartbeat: Option<Timestamp>,
         by: &ProcessIdentity,
     ) -> Result<InstanceReaped> {
-        self.write(&[Claim::instance(instance.id, false)], |tx| {
+        self.write_later(&[Claim::instance(instance.id, false)], |tx| {
             let now = tx.now();
             // Its active runs, then the keys of its requests and theirs, in
             // claim order. No run or request of it can be added meanwhile:

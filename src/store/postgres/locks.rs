@@ -139,6 +139,8 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
             // once (they may come before a key held, in claim order): a
             // waiter left so is woken, and takes its grant itself, holding
             // the claims of all its keys.
+            // (Not its run's claim: a run ended meanwhile claims its keys
+            // before it reads its requests, and so deletes this grant.)
             let claims: Vec<Claim> = their_keys.iter().map(|k| Claim::key(k)).collect();
             if !tx.claim(&claims, false)? {
                 if let Some(wake) = wake
@@ -299,6 +301,21 @@ pub(super) fn claim_keys(tx: &mut Tx<'_>, keys: &[String]) -> Result<()> {
     tx.claim(&claims, true).map(drop)
 }
 
+/// Claims the keys of every request of `run`, whose claim the transaction
+/// holds (so no request of it can be added meanwhile). Called before the
+/// first write of a change that ends the run (see `Store::write_later`);
+/// again in [`release_run_locks`], where the claims are held already.
+pub(super) fn claim_run_keys(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
+    let mut keys = Vec::new();
+    for row in tx.query(
+        "SELECT keys FROM locks WHERE run_id = $1",
+        &[&i64::from(run)],
+    )? {
+        keys.extend(parse_keys(row.try_get(0)?)?);
+    }
+    claim_keys(tx, &keys)
+}
+
 /// Releases every lock (held or queued) of a run that is ending, in its
 /// transaction; returns the waiters to wake (already noted for the commit's
 /// notification).
@@ -307,19 +324,15 @@ pub(super) fn claim_keys(tx: &mut Tx<'_>, keys: &[String]) -> Result<()> {
 /// key freed by one of the run's rows must not be granted to another of its
 /// rows.
 pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
+    // Claimed before the rows are read: a waiting row may be granted until
+    // then, and its token is the one to delete.
+    claim_run_keys(tx, run)?;
     let run = i64::from(run);
-    let rows = tx.query(
-        "SELECT id, token, keys FROM locks WHERE run_id = $1",
-        &[&run],
-    )?;
+    let rows = tx.query("SELECT id, token FROM locks WHERE run_id = $1", &[&run])?;
     let mut owned = Vec::with_capacity(rows.len());
-    let mut keys = Vec::new();
     for row in &rows {
         owned.push((row.try_get::<_, i64>(0)?, row.try_get::<_, Option<i64>>(1)?));
-        keys.extend(parse_keys(row.try_get(2)?)?);
     }
-    // The run is claimed: no request of it can be added meanwhile.
-    claim_keys(tx, &keys)?;
     let mut freed = Vec::new();
     for (id, token) in owned {
         if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
@@ -399,19 +412,18 @@ impl Store {
                     ahead: blocked,
                 });
             }
-            let token = next_token(tx, ask.keys)?;
-            let id = match ticket {
-                Some(t) => {
-                    let at = now.as_millis();
-                    tx.execute(
-                        "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
-                         WHERE id = $1 AND state = 'waiting'",
-                        &[&t, &token, &at],
-                    )?;
-                    t
-                }
-                None => insert_lock(tx, ask, "held", Some(token), now)?,
+            let Some(ticket) = ticket else {
+                let (id, token) = grant_new(tx, ask, now)?;
+                return Ok(Attempt::Granted { id, token });
             };
+            // A queued request, granted in its place.
+            let token = next_token(tx, ask.keys)?;
+            let id = ticket;
+            tx.execute(
+                "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
+                 WHERE id = $1 AND state = 'waiting'",
+                &[&id, &token, &now.as_millis()],
+            )?;
             let lock = LockEvent {
                 ticket: Ticket::from(id),
                 keys: ask.keys.to_vec(),
@@ -456,15 +468,20 @@ impl Store {
     /// whether still waiting or granted by a releaser after it stopped
     /// looking; hands its keys on.
     pub(crate) fn leave_queue(&self, ticket: i64) -> Result<Wakes> {
-        self.write(&[], |tx| {
+        self.write_later(&[], |tx| {
             let now = tx.now();
-            let Some(row) =
-                tx.query_opt("SELECT token, keys FROM locks WHERE id = $1", &[&ticket])?
+            let Some(row) = tx.query_opt("SELECT keys FROM locks WHERE id = $1", &[&ticket])?
+            else {
+                return Ok(Vec::new());
+            };
+            claim_keys(tx, &parse_keys(row.try_get(0)?)?)?;
+            // Read again under the claims: a releaser may have granted it
+            // meanwhile, and its token is the one to delete.
+            let Some(row) = tx.query_opt("SELECT token FROM locks WHERE id = $1", &[&ticket])?
             else {
                 return Ok(Vec::new());
             };
             let token: Option<i64> = row.try_get(0)?;
-            claim_keys(tx, &parse_keys(row.try_get(1)?)?)?;
             match delete_lock(tx, ticket, token, now, Ending::Released)? {
                 Some(keys) => grant_waiters(tx, &keys, now),
                 None => Ok(Vec::new()),
@@ -495,6 +512,7 @@ impl Store {
             .collect();
         self.write_then(
             &claims,
+            keys.is_none(),
             |tx| {
                 // A token beyond the column's range was never granted.
                 let Ok(token) = i64::try_from(token) else {
@@ -565,7 +583,7 @@ impl Store {
         reason: &str,
         by: &ProcessIdentity,
     ) -> Result<(usize, Wakes)> {
-        self.write(&[Claim::key(key)], |tx| {
+        self.write_later(&[Claim::key(key)], |tx| {
             let now = tx.now();
             let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
                 .into_iter()
@@ -710,6 +728,71 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
             .try_get::<_, Option<i64>>(13)?
             .map(Timestamp::from_millis),
     })
+}
+
+/// Grants `ask`, which has no place in the queue, with every key free for
+/// it: its next token, its row and key entries, and its event in the feed
+/// and in each key's history, in one statement (one round trip). The same
+/// writes as [`next_token`], [`insert_lock`] and [`lock_event`] one after
+/// the other; the event's ticket and token, known only once the row is
+/// in, are set in its detail by the statement.
+fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64, u64)> {
+    let at = now.as_millis();
+    let capacity = ask.mode.capacity().map(i64::from);
+    let run = ask.run.map(i64::from);
+    let pid = i64::from(ask.pid);
+    let detail = lock_event_json(&LockEvent {
+        ticket: Ticket::from(0),
+        keys: ask.keys.to_vec(),
+        mode: ask.mode,
+        token: 0,
+        pid: ask.pid,
+        host: ask.host.to_owned(),
+    });
+    let row = tx.query_one(
+        "WITH next AS (
+             SELECT coalesce(max(last_token), 0) + 1 AS token
+             FROM lock_keys WHERE key = ANY($1)
+         ), put AS (
+             INSERT INTO lock_keys (key, last_token)
+             SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next)
+             ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
+         ), l AS (
+             INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                                pid, host, wake, requested_at, granted_at)
+             SELECT 'held', $2, $3, next.token, $4, $5, $6, $7, $8, NULL, $9, $9 FROM next
+             RETURNING id, token
+         ), entries AS (
+             INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
+         ), ev AS (
+             INSERT INTO events (run_id, at, kind, step, message)
+             SELECT $10, $9, $11,
+                    jsonb_set(jsonb_set($12::text::jsonb, '{ticket}', to_jsonb(l.id)),
+                              '{token}', to_jsonb(l.token))::text,
+                    NULL
+             FROM l
+             RETURNING id
+         ), history AS (
+             INSERT INTO lock_history (key, event_id) SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
+         )
+         SELECT id, token FROM l",
+        &[
+            &ask.keys,
+            &ask.mode.as_str(),
+            &capacity,
+            &keys_json(ask.keys),
+            &ask.instance,
+            &run,
+            &pid,
+            &ask.host,
+            &at,
+            &event_run_id(ask.run),
+            &LOCK_GRANTED,
+            &detail,
+        ],
+    )?;
+    tx.events_written();
+    Ok((row.try_get(0)?, token_of(row.try_get(1)?)?))
 }
 
 fn insert_lock(

@@ -295,12 +295,43 @@ impl Store {
     /// did, the call returns what `f` made, else it runs again. So a write
     /// is never applied twice, and a restart shorter than the busy timeout
     /// reaches no caller.
-    fn write<T>(&self, claims: &[Claim], mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+    fn write<T>(&self, claims: &[Claim], f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.write_with(claims, false, f)
+    }
+
+    /// [`write`](Store::write), for a transaction that finds claims it
+    /// needs only once it has read (the keys of a run that ends, the runs
+    /// of an instance reaped): it may wait for them until its first write.
+    ///
+    /// **Why only until then:** an event's id follows its transaction's
+    /// id, which the server assigns at the first write. A transaction that
+    /// waited for the claim of a run or a key after its id was assigned
+    /// could write an event of that run or key numbered below the events of
+    /// a younger transaction that held the claim meanwhile: the feed would
+    /// show them out of their real order. So every claim is taken before
+    /// the transaction's id: [`write`](Store::write) takes its claims and
+    /// the id with `BEGIN`, and a transaction of `write_later` lets its
+    /// first write assign the id, reads it back before the commit, and
+    /// after that first write treats a claim it lacks as one out of order.
+    fn write_later<T>(
+        &self,
+        claims: &[Claim],
+        f: impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.write_with(claims, true, f)
+    }
+
+    fn write_with<T>(
+        &self,
+        claims: &[Claim],
+        later: bool,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
         loop {
-            match self.write_once(&claims, &mut f) {
+            match self.write_once(&claims, later, &mut f) {
                 Ok(value) => return Ok(value),
                 Err(Failed::Conflict(more)) if started.elapsed() < self.busy_timeout => {
                     claims.extend(more);
@@ -327,12 +358,13 @@ impl Store {
     fn write_once<T>(
         &self,
         claims: &[Claim],
+        later: bool,
         f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> std::result::Result<T, Failed> {
         let mut claims = claims.to_vec();
         claims.sort_unstable();
         claims.dedup();
-        let (mut conn, xact) = self.begin(&claims).map_err(Failed::from)?;
+        let (mut conn, xact) = self.begin(&claims, !later).map_err(Failed::from)?;
         let mut tx = Tx {
             conn: &mut conn,
             now: self.clock.now(),
@@ -342,6 +374,7 @@ impl Store {
             seed: self.seed,
             claimed: claims,
             conflict: None,
+            sealed: !later,
         };
         // Nothing is committed before the batch below: a lost connection
         // here lost nothing.
@@ -387,12 +420,30 @@ impl Store {
             ));
         }
         batch.push_str("COMMIT");
+        // The id the first write assigned (see `write_later`), if it wrote.
+        let xact = match xact {
+            Some(xact) => Some(xact),
+            None => tx
+                .conn
+                .client
+                .simple_query("SELECT pg_current_xact_id_if_assigned()::text")
+                .map_err(|e| Failed::from(Error::from(e)))?
+                .iter()
+                .find_map(|reply| match reply {
+                    SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                }),
+        };
         let replies = match tx.conn.client.simple_query(&batch) {
             Ok(replies) => replies,
             Err(e) if lost(&e) => {
                 tx.open = false;
-                // The commit may have happened: ask the server.
-                return match self.settle(&xact) {
+                // The commit may have happened: ask the server. A
+                // transaction that wrote nothing has nothing to settle.
+                let Some(xact) = &xact else {
+                    return Ok(value);
+                };
+                return match self.settle(xact) {
                     Ok(true) => Ok(value),
                     Ok(false) => Err(Failed::Lost(e.into())),
                     Err(unknown) => Err(Failed::Other(unknown)),
@@ -474,12 +525,23 @@ impl Store {
     /// its `BEGIN` fails, nothing was written, and the next connection is
     /// tried, as many times as the pool may hold connections (and once
     /// more, for a fresh one).
-    fn begin(&self, claims: &[Claim]) -> Result<(r2d2::PooledConnection<Manager>, String)> {
+    ///
+    /// With `assign`, the transaction's id is assigned (after the claims)
+    /// and returned; else `None`, and its first write assigns it.
+    fn begin(
+        &self,
+        claims: &[Claim],
+        assign: bool,
+    ) -> Result<(r2d2::PooledConnection<Manager>, Option<String>)> {
         let mut batch = self.begin.clone();
         for claim in claims {
             batch.push_str(&claim.sql(self.seed, false));
         }
-        batch.push_str("SELECT pg_current_xact_id()::text");
+        if assign {
+            batch.push_str("SELECT pg_current_xact_id()::text");
+        } else {
+            batch.push_str("SELECT 'no id yet'");
+        }
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
@@ -496,7 +558,7 @@ impl Store {
                             "BEGIN did not return the transaction's id".to_owned(),
                         ));
                     };
-                    return Ok((conn, xact));
+                    return Ok((conn, assign.then_some(xact)));
                 }
                 Err(e) if tries > 0 && lost(&e) => {
                     // Dropped, the broken connection leaves the pool.
@@ -517,10 +579,11 @@ impl Store {
     fn write_then<T>(
         &self,
         claims: &[Claim],
+        later: bool,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
-        let value = self.write(claims, f)?;
+        let value = self.write_with(claims, later, f)?;
         on_commit();
         Ok(value)
     }
@@ -554,6 +617,7 @@ impl Store {
                 seed: self.seed,
                 claimed: Vec::new(),
                 conflict: None,
+                sealed: false,
             };
             f(&mut tx)
         };
@@ -640,6 +704,9 @@ pub(super) struct Tx<'c> {
     /// Claims out of order that could not be had: the transaction is
     /// rolled back and runs again with them taken first.
     conflict: Option<Vec<Claim>>,
+    /// The transaction has its id (it wrote, or `BEGIN` assigned it): no
+    /// claim may be taken any more (see [`Store::write_later`]).
+    sealed: bool,
 }
 
 impl Tx<'_> {
@@ -666,7 +733,9 @@ impl Tx<'_> {
 
     /// Takes `claims`, held until the transaction ends (see [`Claim`]).
     ///
-    /// Claims above every one held are waited for, in order. One below a
+    /// Claims are only taken before the transaction has its id (see
+    /// [`Store::write_later`]); after it, a claim lacking is one out of
+    /// order. Claims above every one held are waited for, in order. One below a
     /// claim held would risk a circle of waits: it is only tried. When one
     /// of those is taken by another writer, the claims got stay held, and
     /// `required` decides: `true` marks the transaction to run again with
@@ -680,6 +749,16 @@ impl Tx<'_> {
         wanted.dedup();
         if wanted.is_empty() {
             return Ok(true);
+        }
+        if self.sealed {
+            // Too late for any claim: see `Store::write_later`.
+            if required {
+                self.conflict = Some(wanted);
+                return Err(crate::store::bad_data(
+                    "a claim after the transaction's first write: the write runs again".to_owned(),
+                ));
+            }
+            return Ok(false);
         }
         let top = self.claimed.last().copied();
         let (tried, waited): (Vec<Claim>, Vec<Claim>) = wanted
@@ -728,6 +807,10 @@ impl Tx<'_> {
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+        if !self.sealed && self.open && writes(sql) {
+            // This statement assigns the transaction's id.
+            self.sealed = true;
+        }
         if let Some(statement) = self.conn.statements.get(sql) {
             return Ok(statement.clone());
         }
@@ -840,6 +923,24 @@ impl Clock for ServerClock {
         let local = self.local.now().as_millis();
         Timestamp::from_millis(local.saturating_add(self.offset.load(Ordering::Relaxed)))
     }
+}
+
+/// Whether a statement may write (and so assign its transaction's id): any
+/// but a plain `SELECT`. A `SELECT` of a function that writes would be
+/// missed; the store runs none.
+fn writes(sql: &str) -> bool {
+    let sql = sql.trim_start();
+    let head = |word: &str| sql.len() >= word.len() && sql[..word.len()].eq_ignore_ascii_case(word);
+    if head("SELECT") {
+        return false;
+    }
+    if head("WITH") {
+        let upper = sql.to_ascii_uppercase();
+        return ["INSERT ", "UPDATE ", "DELETE "]
+            .iter()
+            .any(|w| upper.contains(w));
+    }
+    true
 }
 
 /// Whether an error means the connection is gone (closed, or being closed by

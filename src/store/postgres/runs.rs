@@ -304,7 +304,7 @@ impl Store {
         run: RunId,
         decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
-        self.write(&[Claim::run(run, false)], |tx| {
+        self.write_later(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             apply_change(tx, run, at, &decide)
         })
@@ -325,7 +325,7 @@ impl Store {
             Claim::instance(adopter.instance, true),
             Claim::run(run, false),
         ];
-        self.write(&claims, |tx| {
+        self.write_later(&claims, |tx| {
             let at = tx.now();
             if !super::instances::is_open(tx, adopter.instance)? {
                 return Ok(Adoption::InstanceClosed);
@@ -424,7 +424,7 @@ impl Store {
         run: RunId,
         deadline: Timestamp,
     ) -> Result<Option<(String, RunStatus, String)>> {
-        self.write(&[Claim::run(run, false)], |tx| {
+        self.write_later(&[Claim::run(run, false)], |tx| {
             let at = tx.now();
             let Some(row) = tx.query_opt(
                 "SELECT adopt_by, name, status FROM runs WHERE id = $1",
@@ -628,7 +628,7 @@ impl Store {
         hung: &HungRun,
         reason: &str,
     ) -> Result<Option<(String, Wakes)>> {
-        self.write(&[Claim::run(hung.id, false)], |tx| {
+        self.write_later(&[Claim::run(hung.id, false)], |tx| {
             let at = tx.now();
             let Some(row) = tx.query_opt(
                 "SELECT hung_at, name FROM runs WHERE id = $1",
@@ -1057,6 +1057,13 @@ pub(super) fn apply_change(
     let Some(change) = decide(&state)? else {
         return Ok((state, state.status, Vec::new()));
     };
+    if let RunChange::Status { to, .. } = &change
+        && to.is_terminal()
+    {
+        // Its locks go with it: their keys are claimed before the first
+        // write (see `Store::write_later`).
+        super::locks::claim_run_keys(tx, run)?;
+    }
     let mut chain = Chain {
         run,
         last: last_event,

@@ -228,6 +228,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         IF n >= 1048576 THEN
             RAISE EXCEPTION 'runledger: more than 1048576 events in one transaction';
         END IF;
+        -- 2^43 transactions (2048 wraparounds of the 32-bit counter): past
+        -- it, ids would no longer fit.
+        IF pg_current_xact_id()::text::bigint >= 8796093022208 THEN
+            RAISE EXCEPTION 'runledger: transaction ids past 2^43 do not fit event ids';
+        END IF;
         PERFORM set_config('runledger.events_in_xact', (n + 1)::text, true);
         RETURN (pg_current_xact_id()::text::bigint << 20) | n;
     END
