@@ -193,14 +193,10 @@ pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) ->
     Ok(wakes)
 }
 
-/// Takes the next fencing token for a grant of `keys`: above the last token
-/// of every one of them, recorded on each. One statement for all the keys
-/// (a request's keys are distinct), as each statement is a round trip made
-/// while the keys are claimed.
-fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
-    // The keys are claimed: no other writer moves their tokens in between.
-    // A token past the column's range fails the statement (and the grant).
-    let row = tx.query_one(
+/// The common table expressions that take the next fencing token for the
+/// keys `$1` (`next`, one row: `token`) and record it on each (`put`).
+macro_rules! next_token {
+    () => {
         "WITH next AS (
              SELECT coalesce(max(last_token), 0) + 1 AS token
              FROM lock_keys WHERE key = ANY($1)
@@ -208,10 +204,18 @@ fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
              INSERT INTO lock_keys (key, last_token)
              SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next)
              ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
-         )
-         SELECT token FROM next",
-        &[&keys],
-    )?;
+         )"
+    };
+}
+
+/// Takes the next fencing token for a grant of `keys`: above the last token
+/// of every one of them, recorded on each. One statement for all the keys
+/// (a request's keys are distinct), as each statement is a round trip made
+/// while the keys are claimed.
+fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
+    // The keys are claimed: no other writer moves their tokens in between.
+    // A token past the column's range fails the statement (and the grant).
+    let row = tx.query_one(concat!(next_token!(), " SELECT token FROM next"), &[&keys])?;
     Ok(row.try_get(0)?)
 }
 
@@ -750,14 +754,9 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
         host: ask.host.to_owned(),
     });
     let row = tx.query_one(
-        "WITH next AS (
-             SELECT coalesce(max(last_token), 0) + 1 AS token
-             FROM lock_keys WHERE key = ANY($1)
-         ), put AS (
-             INSERT INTO lock_keys (key, last_token)
-             SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next)
-             ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
-         ), l AS (
+        concat!(
+            next_token!(),
+            ", l AS (
              INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
                                 pid, host, wake, requested_at, granted_at)
              SELECT 'held', $2, $3, next.token, $4, $5, $6, $7, $8, NULL, $9, $9 FROM next
@@ -775,7 +774,8 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
          ), history AS (
              INSERT INTO lock_history (key, event_id) SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
          )
-         SELECT id, token FROM l",
+         SELECT id, token FROM l"
+        ),
         &[
             &ask.keys,
             &ask.mode.as_str(),
