@@ -9,7 +9,8 @@
 //! cargo run --example worker -- DB cancel ID [--at MS]
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--also KEY] [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
-//!     [--host NAME --stale-ms N] [--queue-after-ms N] [--report]
+//!     [--host NAME --stale-ms N] [--queue-after-ms N] [--busy-ms N] [--no-keeper]
+//!     [--stdin] [--report]
 //! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY [--host NAME]
 //! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
 //! cargo run --example worker -- DB writers --threads N
@@ -47,8 +48,13 @@
 //! the lock, with `--also` a second key in the same request (an exclusive
 //! request waits outside the queue up to `--queue-after-ms`, see
 //! `Builder::queue_after`), prints `held TOKEN` (or `timeout`/`conflict` and
-//! the error), keeps it `--hold-ms` or until killed with `--forever`, then
-//! releases it.
+//! the error), keeps it `--hold-ms` (with `--stdin`, after a line on its
+//! standard input; a line `probe` asks `is_held` first and prints `probe
+//! BOOL MS`, or `probe error MS` and the error) or until killed with
+//! `--forever`, then releases it; with `--report` it first prints `still
+//! held BOOL` (`is_held`) and then `released`, or `lost` and the error if
+//! the lock was lost. `--no-keeper` opens the ledger without its background
+//! keeper (no heartbeat).
 //! `occupy` begins a run, starts a step it never finishes, takes `--lock`
 //! for the run, prints `occupying RUN TOKEN`, then waits forever in the
 //! queue of `--wait-for`: a process to kill with everything a process can
@@ -283,6 +289,12 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             if let Some(ms) = flag(args, "--queue-after-ms") {
                 builder = builder.queue_after(Duration::from_millis(ms.parse()?));
             }
+            if args.iter().any(|a| a == "--no-keeper") {
+                builder = builder.background(false);
+            }
+            if let Some(ms) = flag(args, "--busy-ms") {
+                builder = builder.busy_timeout(Duration::from_millis(ms.parse()?));
+            }
             let ledger = builder.open()?;
             let mut keys = vec![arg(2)?];
             keys.extend(flag(args, "--also"));
@@ -309,6 +321,25 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             if args.iter().any(|a| a == "--forever") {
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            if args.iter().any(|a| a == "--stdin") {
+                // Until told to go on: a line on stdin (or its end).
+                // `probe` first asks `is_held` and prints `probe BOOL MS`
+                // (or `probe error MS` and the error), MS how long it took.
+                loop {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    if line.trim() != "probe" {
+                        break;
+                    }
+                    let started = std::time::Instant::now();
+                    let held = guard.is_held();
+                    let ms = started.elapsed().as_millis();
+                    match held {
+                        Ok(held) => say(format_args!("probe {held} {ms}")),
+                        Err(e) => say(format_args!("probe error {ms} {e}")),
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(number(args, "--hold-ms", 0)));
