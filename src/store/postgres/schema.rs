@@ -205,6 +205,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_idempotency_key_created ON runs(idempotency_key, created_at)
         WHERE idempotency_key IS NOT NULL;
     "#,
+    // 7: PLACEHOLDER for the migration 7 being written on another branch;
+    // on merge, that one replaces this entry (8 stays 8).
+    r#"
+    SELECT 1;
+    "#,
+    // 8: the runs list filtered by name or by source, newest first (see
+    // the SQLite schema).
+    r#"
+    CREATE INDEX runs_by_name ON runs(name, id);
+    CREATE INDEX runs_by_source ON runs(source, id);
+    "#,
 ];
 
 /// The schema version this build writes and understands.
