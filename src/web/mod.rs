@@ -188,6 +188,16 @@ impl Dashboard {
     /// never served. Defaults to the `logs` folder beside a SQLite ledger's
     /// file (where `runledger exec` writes them), and to none for
     /// PostgreSQL: then no log is shown.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::web::Dashboard;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let app: axum::Router = Dashboard::new(ledger).log_dir("/var/log/runs").router();
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
     pub fn log_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Dashboard {
         self.log_dir = Some(dir.into());
         self
