@@ -9,11 +9,15 @@ use common::{Fixture, Store};
 use runledger::{Error, EventCursor, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 
 /// Schema 7 changes nothing on SQLite; on PostgreSQL it numbers events by
-/// their transaction (`next_event_id()`) instead of an identity column. A
-/// ledger of schema 6 is a current one with its events numbered by an
-/// identity column again, recorded as version 6.
+/// their transaction (`next_event_id()`) instead of an identity column.
+/// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`). A ledger
+/// of schema 6 is a current one without the indexes and with its events
+/// numbered by an identity column again, recorded as version 6.
 fn downgrade_to_6(f: &Fixture) {
-    f.sql("DELETE FROM schema_migrations WHERE version = 7;");
+    f.sql(
+        "DROP INDEX runs_by_name; DROP INDEX runs_by_source; \
+         DELETE FROM schema_migrations WHERE version >= 7;",
+    );
     match f.store {
         Store::Sqlite => f.sql("PRAGMA user_version = 6;"),
         Store::Postgres => f.sql(
@@ -25,7 +29,10 @@ fn downgrade_to_6(f: &Fixture) {
 }
 
 fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) {
-    assert_eq!(SCHEMA_VERSION, 7, "this test knows what schema 7 changed");
+    assert_eq!(
+        SCHEMA_VERSION, 8,
+        "this test knows what schemas 7 and 8 changed"
+    );
     let f = Fixture::new(store);
     // Written as schema 6 numbered its events.
     downgrade_to_6(&f);

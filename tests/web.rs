@@ -1034,6 +1034,55 @@ fn the_locks_page_shows_each_keys_history_with_tokens(store: Store) {
     run.succeed().unwrap();
 }
 
+fn a_run_page_tails_logs_only_from_the_log_folder(store: Store) {
+    let f = Fixture::new(store);
+    let logs = f.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let inside = logs.join("build.log");
+    std::fs::write(&inside, "line one\nthe build went well\n").unwrap();
+    let secret = f.dir.path().join("secret.txt");
+    std::fs::write(&secret, "s3cret-outside-the-folder\n").unwrap();
+    let link = logs.join("escape.log");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let dotdot = logs.join("..").join("secret.txt");
+    let mut ids = Vec::new();
+    for path in [
+        &inside,
+        std::path::Path::new("/etc/passwd"),
+        &secret,
+        &link,
+        &dotdot,
+    ] {
+        let run = f
+            .ledger
+            .begin_run(RunSpec::new("logged").log_path(path))
+            .unwrap();
+        ids.push(run.id());
+        run.succeed().unwrap();
+    }
+    let app = Dashboard::new(f.ledger.clone()).log_dir(&logs).router();
+    let page = ok(&app, &format!("/runs/{}", ids[0])).body;
+    assert!(page.contains("the build went well"), "{page}");
+    for id in &ids[1..] {
+        let page = ok(&app, &format!("/runs/{id}")).body;
+        assert!(!page.contains("root:"), "{page}");
+        assert!(!page.contains("s3cret-outside"), "{page}");
+        assert!(
+            page.contains("outside the ledger&#39;s log folder")
+                || page.contains("outside the ledger's log folder"),
+            "{page}"
+        );
+    }
+    // With no log folder (the default on PostgreSQL) no log is tailed.
+    let app = runledger::web::router(f.ledger.clone());
+    let page = ok(&app, &format!("/runs/{}", ids[1])).body;
+    assert!(!page.contains("root:"), "{page}");
+    if store == Store::Postgres {
+        let page = ok(&app, &format!("/runs/{}", ids[0])).body;
+        assert!(!page.contains("the build went well"), "{page}");
+    }
+}
+
 on_both_stores!(
     the_runs_api_mirrors_the_cli_and_filters_and_pages,
     one_run_locks_and_instances_as_json,
@@ -1050,6 +1099,7 @@ on_both_stores!(
     a_forced_unlock_from_the_locks_page_is_recorded_with_why_and_who,
     pages_offer_no_action_unless_allowed,
     the_locks_page_shows_each_keys_history_with_tokens,
+    a_run_page_tails_logs_only_from_the_log_folder,
 );
 
 /// `runledger serve` as a user starts it.

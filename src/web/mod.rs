@@ -140,6 +140,7 @@ pub struct Dashboard {
     ledger: Ledger,
     token: Option<String>,
     allow_actions: bool,
+    log_dir: Option<std::path::PathBuf>,
 }
 
 /// What every handler shares.
@@ -147,6 +148,8 @@ pub(crate) struct Shared {
     pub ledger: Ledger,
     token: Option<String>,
     allow_actions: bool,
+    /// The only folder whose files a run page tails.
+    pub log_dir: Option<std::path::PathBuf>,
     /// The key of the CSRF tokens of the actions' forms.
     csrf_key: [u8; 32],
 }
@@ -166,11 +169,38 @@ pub(crate) type AppState = State<Arc<Shared>>;
 impl Dashboard {
     /// A dashboard over `ledger`, read-only, with no token.
     pub fn new(ledger: Ledger) -> Dashboard {
+        // Where `runledger exec` writes logs by default: beside the file.
+        let log_dir = ledger
+            .location()
+            .as_path()
+            .map(|file| file.with_file_name("logs"));
         Dashboard {
             ledger,
             token: None,
             allow_actions: false,
+            log_dir,
         }
+    }
+
+    /// The folder of the runs' logs: a run page shows the tail of a run's
+    /// `log_path` only if the file, symlinks resolved, is inside it, and a
+    /// plain note otherwise, so a recorded path such as `/etc/passwd` is
+    /// never served. Defaults to the `logs` folder beside a SQLite ledger's
+    /// file (where `runledger exec` writes them), and to none for
+    /// PostgreSQL: then no log is shown.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use runledger::web::Dashboard;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let ledger = runledger::Ledger::open(dir.path().join("ledger.db"))?;
+    /// let app: axum::Router = Dashboard::new(ledger).log_dir("/var/log/runs").router();
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    pub fn log_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Dashboard {
+        self.log_dir = Some(dir.into());
+        self
     }
 
     /// Enables the actions (see [Actions](self#actions)): a cancel button
@@ -199,6 +229,7 @@ impl Dashboard {
             ledger: self.ledger,
             token: self.token,
             allow_actions: self.allow_actions,
+            log_dir: self.log_dir,
             csrf_key: actions::csrf_key(),
         });
         Router::new()

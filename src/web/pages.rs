@@ -598,10 +598,20 @@ struct RunPage {
 /// How much of a log's end the run page shows.
 const LOG_TAIL: u64 = 16 * 1024;
 
-/// The end of the log at `path`, if this host can read it.
-fn log_tail(path: &std::path::Path) -> Result<String, String> {
+/// The end of the log at `path`, if this host can read it and it lies
+/// inside `dir`, the ledger's log folder, once both are canonical (so a
+/// symlink out of the folder is refused too).
+fn log_tail(dir: Option<&std::path::Path>, path: &std::path::Path) -> Result<String, String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    const OUTSIDE: &str = "it is outside the ledger's log folder";
+    let dir = dir
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .ok_or_else(|| OUTSIDE.to_owned())?;
+    let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    if !real.starts_with(&dir) || !real.is_file() {
+        return Err(OUTSIDE.to_owned());
+    }
+    let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let from = len.saturating_sub(LOG_TAIL);
     file.seek(SeekFrom::Start(from))
@@ -632,9 +642,13 @@ pub(crate) async fn run(
             return error_page(&base, StatusCode::BAD_REQUEST, &Error::to_string(&e));
         }
     };
+    let log_dir = shared.log_dir.clone();
     let read = blocking(&shared, move |l| {
         let run = l.run(id)?;
-        let log = run.log_path.as_deref().map(log_tail);
+        let log = run
+            .log_path
+            .as_deref()
+            .map(|path| log_tail(log_dir.as_deref(), path));
         Ok(RunPage {
             now: l.now(),
             steps: l.steps(id)?,

@@ -264,6 +264,11 @@ Examples:
         /// did it. Needs --token.
         #[arg(long)]
         allow_actions: bool,
+        /// The folder of the runs' logs, as given to `exec --log-dir`: a
+        /// run page tails a log only from inside it. Defaults to exec's
+        /// default.
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
     },
 }
 
@@ -545,7 +550,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             listen,
             token,
             allow_actions,
-        } => serve(&path, listen, token, allow_actions),
+            log_dir,
+        } => serve(&path, listen, token, allow_actions, log_dir),
     }
 }
 
@@ -556,6 +562,7 @@ fn serve(
     listen: std::net::SocketAddr,
     token: Option<String>,
     allow_actions: bool,
+    log_dir: Option<PathBuf>,
 ) -> Result<u8, Failure> {
     let token = token.filter(|t| !t.is_empty());
     runledger::web::check_listen(listen, token.is_some()).map_err(usage)?;
@@ -573,7 +580,20 @@ fn serve(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the server: {e}"))?;
+    // Exec's default for a ledger on PostgreSQL; the library's default
+    // beside a file is exec's too.
+    let log_dir = log_dir.or_else(|| {
+        ledger
+            .location()
+            .as_path()
+            .is_none()
+            .then(|| data_home().map(|d| d.join("runledger").join("logs")))
+            .flatten()
+    });
     let mut dashboard = runledger::web::Dashboard::new(ledger).allow_actions(allow_actions);
+    if let Some(dir) = log_dir {
+        dashboard = dashboard.log_dir(dir);
+    }
     if let Some(token) = token {
         dashboard = dashboard.token(token);
     }

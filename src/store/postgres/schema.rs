@@ -240,6 +240,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE events ALTER COLUMN id DROP IDENTITY IF EXISTS;
     ALTER TABLE events ALTER COLUMN id SET DEFAULT next_event_id();
     "#,
+    // 8: the runs list filtered by name or by source, newest first (see
+    // the SQLite schema).
+    r#"
+    CREATE INDEX runs_by_name ON runs(name, id);
+    CREATE INDEX runs_by_source ON runs(source, id);
+    "#,
 ];
 
 /// The schema version this build writes and understands.

@@ -806,7 +806,7 @@ impl Store {
 }
 
 /// The SQL and parameters that list the runs matching `filter`.
-fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
+pub(super) fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
     let mut sql = format!("{RUN_SELECT} WHERE 1");
     let mut params: Vec<Box<dyn ToSql>> = Vec::new();
     let mut param = |sql: &mut String, clause: &str, value: Box<dyn ToSql>| {
