@@ -813,8 +813,13 @@ pub(super) fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
         params.push(value);
         sql.push_str(&clause.replace('?', &format!("?{}", params.len())));
     };
+    // Active runs are few, and read from their own index: a name or source
+    // filter then must not pick its index (`+`), which would walk every
+    // past run of that name.
+    let active_only = !filter.statuses.is_empty() && filter.statuses.iter().all(|s| s.is_active());
+    let unindexed = if active_only { "+" } else { "" };
     if !filter.statuses.is_empty() {
-        if filter.statuses.iter().all(|s| s.is_active()) {
+        if active_only {
             // The partial index's own condition, verbatim, so that SQLite
             // uses the index.
             sql.push_str(&format!(" AND r.status IN {ACTIVE}"));
@@ -828,10 +833,12 @@ pub(super) fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
         sql.push_str(&format!(" AND r.status IN ({list})"));
     }
     if let Some(name) = &filter.name {
-        param(&mut sql, " AND r.name = ?", Box::new(name.clone()));
+        let clause = format!(" AND {unindexed}r.name = ?");
+        param(&mut sql, &clause, Box::new(name.clone()));
     }
     if let Some(source) = &filter.source {
-        param(&mut sql, " AND r.source = ?", Box::new(source.clone()));
+        let clause = format!(" AND {unindexed}r.source = ?");
+        param(&mut sql, &clause, Box::new(source.clone()));
     }
     if let Some(since) = filter.since {
         param(&mut sql, " AND r.created_at >= ?", Box::new(since));
