@@ -194,23 +194,4 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
     mine.release().unwrap();
 }
 
-/// A test of this file: ignored without a server to test against.
-macro_rules! pg_tests {
-    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
-        mod postgres {
-            $(
-                $(#[$attr])*
-                #[test]
-                #[cfg_attr(
-                    not(runledger_pg),
-                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
-                )]
-                fn $name() {
-                    super::$name()
-                }
-            )+
-        }
-    };
-}
-
 pg_tests!(a_holder_cut_off_past_its_lease_finds_its_lock_lost);

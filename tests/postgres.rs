@@ -112,25 +112,6 @@ fn sslmode_in_the_key_value_form_is_understood_too() {
     assert_eq!(all_encrypted(&schema.url, &app), Some(true));
 }
 
-/// A test of this file: ignored without a server to test against.
-macro_rules! pg_tests {
-    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
-        mod postgres {
-            $(
-                $(#[$attr])*
-                #[test]
-                #[cfg_attr(
-                    not(runledger_pg),
-                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
-                )]
-                fn $name() {
-                    super::$name()
-                }
-            )+
-        }
-    };
-}
-
 fn client(url: &str) -> ::postgres::Client {
     ::postgres::Client::connect(url, ::postgres::NoTls).unwrap()
 }

@@ -47,6 +47,27 @@ macro_rules! on_both_stores {
     };
 }
 
+/// Tests of the PostgreSQL store alone, each `super::name()` as a test in
+/// `mod postgres`: ignored, saying why, without a server to test against.
+#[macro_export]
+macro_rules! pg_tests {
+    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                $(#[$attr])*
+                #[test]
+                #[cfg_attr(
+                    not(runledger_pg),
+                    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+                )]
+                fn $name() {
+                    super::$name()
+                }
+            )+
+        }
+    };
+}
+
 /// A fresh ledger with a manual clock: a SQLite file in a temporary folder,
 /// or (see [`Store`]) a schema of its own in the PostgreSQL database of
 /// `RUNLEDGER_PG_URL`, dropped with the fixture.
