@@ -484,36 +484,44 @@ impl Store {
     /// writing, and a watcher woken by a commit does not wait for its next
     /// timed read.
     pub(crate) fn events_since(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
+        self.read_past_held_back(|tx| {
+            let rows = tx.query(
+                concat!(
+                    "SELECT id, run_id, at, kind, step, from_status, to_status, message,
+                                e.id >= h.horizon
+                         FROM events e, (SELECT ",
+                    horizon!(),
+                    " AS horizon) h
+                         WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+                ),
+                &[&after, &as_limit(limit.saturating_add(1))],
+            )?;
+            let mut events = Vec::with_capacity(rows.len());
+            let mut held_back = false;
+            for row in &rows {
+                if row.try_get::<_, bool>(8)? {
+                    held_back = true;
+                    break;
+                }
+                if events.len() < limit {
+                    events.push(event_record(row)?);
+                }
+            }
+            let again = held_back && events.len() < limit;
+            Ok((events, again))
+        })
+    }
+
+    /// Runs `read`, which returns what it read and whether committed events
+    /// above the horizon held some back, again until none does, or the busy
+    /// timeout has passed (see [`events_since`](Store::events_since)).
+    fn read_past_held_back<T>(&self, read: impl Fn(&mut Tx<'_>) -> Result<(T, bool)>) -> Result<T> {
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let (events, held_back) = self.read(|tx| {
-                let rows = tx.query(
-                    concat!(
-                        "SELECT id, run_id, at, kind, step, from_status, to_status, message,
-                                e.id >= h.horizon
-                         FROM events e, (SELECT ",
-                        horizon!(),
-                        " AS horizon) h
-                         WHERE e.id > $1 ORDER BY e.id LIMIT $2"
-                    ),
-                    &[&after, &as_limit(limit.saturating_add(1))],
-                )?;
-                let mut events = Vec::with_capacity(rows.len());
-                let mut held_back = false;
-                for row in &rows {
-                    if row.try_get::<_, bool>(8)? {
-                        held_back = true;
-                        break;
-                    }
-                    if events.len() < limit {
-                        events.push(event_record(row)?);
-                    }
-                }
-                Ok((events, held_back))
-            })?;
-            if !held_back || events.len() >= limit || started.elapsed() >= self.busy_timeout() {
-                return Ok(events);
+            let (value, held_back) = self.read(&read)?;
+            if !held_back || started.elapsed() >= self.busy_timeout() {
+                return Ok(value);
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(HELD_BACK_PAUSE);
@@ -549,28 +557,19 @@ impl Store {
     /// transactions before them to end, so that a caller's own commit is
     /// behind the end it gets.
     pub(crate) fn last_event_id(&self) -> Result<i64> {
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let (last, held_back) = self.read(|tx| {
-                let row = tx.query_one(
-                    concat!(
-                        "SELECT (SELECT coalesce(max(id), 0) FROM events WHERE id < h.horizon),
+        self.read_past_held_back(|tx| {
+            let row = tx.query_one(
+                concat!(
+                    "SELECT (SELECT coalesce(max(id), 0) FROM events WHERE id < h.horizon),
                                 EXISTS (SELECT 1 FROM events WHERE id >= h.horizon)
                          FROM (SELECT ",
-                        horizon!(),
-                        " AS horizon) h"
-                    ),
-                    &[],
-                )?;
-                Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, bool>(1)?))
-            })?;
-            if !held_back || started.elapsed() >= self.busy_timeout() {
-                return Ok(last);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(HELD_BACK_PAUSE);
-        }
+                    horizon!(),
+                    " AS horizon) h"
+                ),
+                &[],
+            )?;
+            Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, bool>(1)?))
+        })
     }
 
     /// Records a progress heartbeat of a run: a running run's deadline moves
