@@ -122,7 +122,14 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
     let place = Place::new(Store::Postgres);
     // The others: straight to the server, the schema created. No keeper
     // of its own, so that the reap below is the one that frees the lock.
-    let ledger: Ledger = place.builder().background(false).open().unwrap();
+    // Its clock is the test's, moved past the holder's lease below.
+    let clock = runledger::ManualClock::default();
+    let ledger: Ledger = place
+        .builder()
+        .clock(clock.clone())
+        .background(false)
+        .open()
+        .unwrap();
     let upstream = {
         let at = place.location.find('@').unwrap() + 1;
         let end = at + place.location[at..].find('/').unwrap();
@@ -161,9 +168,10 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
         .unwrap();
 
     proxy.cut();
-    // Past its lease of 1 s: the others judge it by its heartbeat only (a
-    // host of its own), and it can no longer renew it.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Far past its lease of 1 s, by the injected clock: the others judge it
+    // by its heartbeat only (a host of its own), and cut off it can no
+    // longer renew it.
+    clock.advance(Duration::from_secs(30));
     let reports = ledger.reap().unwrap();
     assert!(
         reports
