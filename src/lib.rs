@@ -355,6 +355,13 @@
 //!   that lost it before committing runs again, one that lost it while
 //!   committing asks the server whether it committed, so none is applied
 //!   twice. Past the timeout the call fails with an error that says so.
+//!   A server that stops answering without closing the connection (a link
+//!   down, a host lost) is noticed in about the busy timeout too: a pooled
+//!   connection idle for a second is checked with a deadline of the
+//!   client's own before it is used, opening a ledger gives up on a server
+//!   that does not answer, and TCP's own timeouts (`tcp_user_timeout`,
+//!   keepalives, which the URL may set) are bounded by the busy timeout
+//!   for a connection that dies under a call.
 //!   **A holder that cannot reach the server keeps its guard**: its lock is
 //!   still recorded as held, and only its heartbeat lease
 //!   ([`Builder::stale_after`]) decides. If the lease runs out first, the

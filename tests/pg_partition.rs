@@ -130,12 +130,7 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
         .background(false)
         .open()
         .unwrap();
-    let upstream = {
-        let at = place.location.find('@').unwrap() + 1;
-        let end = at + place.location[at..].find('/').unwrap();
-        place.location[at..end].to_owned()
-    };
-    let proxy = Proxy::start(upstream);
+    let proxy = Proxy::start(upstream_of(&place.location));
     let args = [
         "hold",
         "cut-off",
@@ -171,6 +166,10 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
     // Far past its lease of 1 s, by the injected clock: the others judge it
     // by its heartbeat only (a host of its own), and cut off it can no
     // longer renew it.
+    // From now, not from when the clock was made: the holder took a while
+    // to start on a busy machine, and heartbeats it sent meanwhile are
+    // stamped with the server's time.
+    clock.set(runledger::Clock::now(&runledger::SystemClock));
     clock.advance(Duration::from_secs(30));
     let reports = ledger.reap().unwrap();
     assert!(
@@ -202,4 +201,89 @@ fn a_holder_cut_off_past_its_lease_finds_its_lock_lost() {
     mine.release().unwrap();
 }
 
-pg_tests!(a_holder_cut_off_past_its_lease_finds_its_lock_lost);
+/// The server's host and port in `location`.
+fn upstream_of(location: &str) -> String {
+    let at = location.find('@').unwrap() + 1;
+    let end = at + location[at..].find('/').unwrap();
+    location[at..end].to_owned()
+}
+
+/// Runs `call` on a thread of its own and returns what it returned, or
+/// `None` if it had not returned within `within`: a call that hangs fails
+/// the test instead of hanging it.
+fn within<T: Send + 'static>(
+    within: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(call());
+    });
+    rx.recv_timeout(within).ok()
+}
+
+/// A ledger whose pooled connection sat idle while the link went down: the
+/// next call does not wait for TCP to give up (minutes), it fails once
+/// the busy timeout is over, with an error that says the server did not
+/// answer; once the link is back, calls succeed again.
+fn a_call_on_an_idle_connection_fails_in_time_while_the_link_is_down() {
+    let place = Place::new(Store::Postgres);
+    drop(place.open());
+    let proxy = Proxy::start(upstream_of(&place.location));
+    let ledger = Ledger::builder(through(&place.location, proxy.addr))
+        .busy_timeout(Duration::from_millis(500))
+        .background(false)
+        .open()
+        .unwrap();
+    let ledger = Arc::new(ledger);
+    ledger.runs(runledger::RunFilter::default()).unwrap();
+    // Idle for longer than a connection goes unchecked.
+    std::thread::sleep(Duration::from_millis(1_100));
+    proxy.cut();
+    let cut_off = ledger.clone();
+    let result = within(Duration::from_secs(20), move || {
+        cut_off.runs(runledger::RunFilter::default())
+    })
+    .expect("the call returned, instead of waiting for the link");
+    let e = result.expect_err("no server answered");
+    assert!(matches!(e, runledger::Error::Busy { .. }), "{e:?}");
+    let text = format!(
+        "{e}: {:?}",
+        std::error::Error::source(&e).map(|s| s.to_string())
+    );
+    assert!(text.contains("did not answer"), "{text}");
+
+    proxy.restore();
+    let back = ledger.clone();
+    let runs = within(Duration::from_secs(20), move || {
+        back.runs(runledger::RunFilter::default())
+    })
+    .expect("the call returned once the link was back");
+    assert!(runs.is_ok(), "{runs:?}");
+}
+
+/// Opening a ledger through a link that is down fails once the busy
+/// timeout is over, saying that the server did not answer, instead of
+/// waiting as long as TCP keeps the connection.
+fn opening_through_a_dead_link_fails_in_time() {
+    let place = Place::new(Store::Postgres);
+    drop(place.open());
+    let proxy = Proxy::start(upstream_of(&place.location));
+    proxy.cut();
+    let url = through(&place.location, proxy.addr);
+    let result = within(Duration::from_secs(20), move || {
+        Ledger::builder(url)
+            .busy_timeout(Duration::from_millis(500))
+            .open()
+    })
+    .expect("the open returned, instead of waiting for the link");
+    let e = result.expect_err("no server answered");
+    assert!(matches!(e, runledger::Error::Open { .. }), "{e:?}");
+    assert!(e.to_string().contains("did not answer"), "{e}");
+}
+
+pg_tests!(
+    a_holder_cut_off_past_its_lease_finds_its_lock_lost,
+    a_call_on_an_idle_connection_fails_in_time_while_the_link_is_down,
+    opening_through_a_dead_link_fails_in_time
+);

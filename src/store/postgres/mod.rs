@@ -162,6 +162,7 @@ impl Store {
         let mut pg =
             Config::from_str(&url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
         pg.ssl_mode(tls.client_mode());
+        dead_link_timeouts(&mut pg, config.busy_timeout);
         let location = Location::Postgres {
             url: display_url(&pg),
             schema: schema.to_owned(),
@@ -175,15 +176,16 @@ impl Store {
         // The server's own words (no such role, no such database,
         // authentication failed) or the cause (connection refused), never
         // a bare "db error".
-        let connect_error = |e: postgres::Error| {
-            let e = StorageError::postgres(e);
+        let connect_error = |e: ConnectError| {
+            let e = StorageError::from(e);
             Error::Open {
                 path: name.clone(),
                 reason: format!("cannot connect to PostgreSQL: {e}"),
                 source: Some(Box::new(e)),
             }
         };
-        let mut setup = pg.connect(connector.clone()).map_err(connect_error)?;
+        let mut setup =
+            connect_within(&pg, &connector, config.busy_timeout).map_err(connect_error)?;
         schema::prepare(
             &mut setup,
             schema,
@@ -208,12 +210,15 @@ impl Store {
         let manager = Manager {
             inner: PostgresConnectionManager::new(pg.clone(), connector.clone()),
             search_path: format!("SET search_path TO {}", quote_ident(schema)),
+            answer_within: config.busy_timeout,
         };
         let pool = Pool::builder()
             .max_size(config.pool_size)
             .min_idle(Some(0))
             .idle_timeout(None)
-            .test_on_check_out(false)
+            // Only a connection idle for a while is checked (see
+            // `Manager::is_valid`): one in steady use costs nothing.
+            .test_on_check_out(true)
             .max_lifetime(None)
             .connection_timeout(config.busy_timeout.max(Duration::from_secs(1)))
             .thread_pool(super::sqlite::shared_thread_pool())
@@ -639,16 +644,65 @@ impl Store {
     }
 }
 
+/// How long a pooled connection may sit unused before its next use first
+/// checks, with a deadline, that the server still answers on it (see
+/// [`Manager::is_valid`]).
+const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(1);
+
 /// A connection of the pool: the client and its prepared statements.
 pub(super) struct Conn {
-    client: Client,
+    client: Closing,
     statements: HashMap<&'static str, Statement>,
+    /// When a call last ended on it (or it was last checked).
+    used: Instant,
+}
+
+/// A client that, stuck, is closed on a thread of its own.
+///
+/// A check that ran out of time (see [`Manager::is_valid`]) leaves a reply
+/// owed on the connection, and the client's close waits for the replies
+/// it is owed, which a dead link delivers late or never (until TCP gives
+/// up, see [`dead_link_timeouts`]). Nobody waits for that thread.
+struct Closing {
+    client: Option<Client>,
+    stuck: bool,
+}
+
+impl std::ops::Deref for Closing {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("the client is there until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Closing {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("the client is there until dropped")
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take().filter(|_| self.stuck) {
+            let _ = std::thread::Builder::new()
+                .name("runledger-close".into())
+                .spawn(move || drop(client));
+        }
+    }
 }
 
 /// Opens pooled connections in the ledger's schema.
 struct Manager {
     inner: PostgresConnectionManager<MakeRustlsConnect>,
     search_path: String,
+    /// How long a check of an idle connection waits for the server: the
+    /// busy timeout.
+    answer_within: Duration,
 }
 
 impl fmt::Debug for Manager {
@@ -669,15 +723,46 @@ impl ManageConnection for Manager {
             .batch_execute(&self.search_path)
             .map_err(StorageError::postgres)?;
         Ok(Conn {
-            client,
+            client: Closing {
+                client: Some(client),
+                stuck: false,
+            },
             statements: HashMap::new(),
+            used: Instant::now(),
         })
     }
 
+    /// A connection used within the last [`IDLE_BEFORE_CHECK`] is taken as
+    /// it is; one idle for longer is first checked with an empty query
+    /// that must answer within the busy timeout (one round trip).
+    ///
+    /// **Why:** a server gone without a word (a link down, a host lost, a
+    /// failover behind a NAT) leaves a pooled connection that looks open,
+    /// and a call on it would wait for a reply as long as TCP keeps the
+    /// connection, far past the busy timeout. The check's deadline is the
+    /// client's own, so such a connection is dropped in time and the call
+    /// waits for a new one, up to the busy timeout, then fails with
+    /// [`Error::Busy`](crate::Error::Busy). A connection that dies under a
+    /// call in steady use is left to TCP's timeouts, which
+    /// [`dead_link_timeouts`] bounds by the busy timeout.
     fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), StorageError> {
-        self.inner
-            .is_valid(&mut conn.client)
-            .map_err(StorageError::postgres)
+        if conn.used.elapsed() < IDLE_BEFORE_CHECK {
+            return Ok(());
+        }
+        match conn.client.is_valid(self.answer_within) {
+            Ok(()) => {
+                conn.used = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                conn.client.stuck = true;
+                Err(StorageError::other(&format!(
+                    "the server did not answer on a pooled connection within {:?} ({})",
+                    self.answer_within,
+                    StorageError::postgres(e)
+                )))
+            }
+        }
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
@@ -857,6 +942,7 @@ impl Drop for Tx<'_> {
         {
             log::error!("runledger: rollback failed: {e}");
         }
+        self.conn.used = Instant::now();
     }
 }
 
@@ -922,6 +1008,97 @@ impl Clock for ServerClock {
     fn now(&self) -> Timestamp {
         let local = self.local.now().as_millis();
         Timestamp::from_millis(local.saturating_add(self.offset.load(Ordering::Relaxed)))
+    }
+}
+
+/// Bounds, by about the busy timeout, how long TCP keeps a connection to a
+/// server that stopped answering without closing it (a link down, a host
+/// gone): unacknowledged data is given up after the busy timeout
+/// (`tcp_user_timeout`), and an idle connection (a call waiting for a
+/// reply) is probed after a quarter of it (keepalives). Both are the
+/// kernel's, so they cost nothing while the server answers. Settings the
+/// URL gives (`tcp_user_timeout`, `keepalives_idle`, …) are kept.
+fn dead_link_timeouts(pg: &mut Config, busy_timeout: Duration) {
+    let busy_timeout = busy_timeout.max(Duration::from_secs(1));
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(busy_timeout);
+    }
+    // tokio-postgres' own default, two hours, means the URL left it alone.
+    if pg.get_keepalives() && pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        pg.keepalives_idle((busy_timeout / 4).max(Duration::from_secs(1)));
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval((busy_timeout / 8).max(Duration::from_secs(1)));
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(3);
+        }
+    }
+}
+
+/// Connects to the server of `pg`, failing if it has not answered within
+/// `limit` (the busy timeout).
+///
+/// The driver bounds only the TCP connect (`connect_timeout`), not the
+/// start-up exchange that follows, which waits as long as TCP keeps the
+/// connection: a link that dies between the two would hold
+/// [`Ledger::open`](crate::Ledger::open) for minutes. The connect runs on a
+/// thread of its own; one that answers too late is dropped by that thread.
+///
+/// A server that is starting up or shutting down (SQLSTATE 57P03, as
+/// during a restart) is asked again until `limit`. A refused connection
+/// (no server there) fails at once, with its cause: waiting would only
+/// delay the error of a wrong address.
+fn connect_within(
+    pg: &Config,
+    tls: &MakeRustlsConnect,
+    limit: Duration,
+) -> std::result::Result<Client, ConnectError> {
+    let started = Instant::now();
+    loop {
+        let (send, answer) = std::sync::mpsc::channel();
+        let (config, connector) = (pg.clone(), tls.clone());
+        std::thread::Builder::new()
+            .name("runledger-connect".into())
+            .spawn(move || {
+                let _ = send.send(config.connect(connector));
+            })
+            .map_err(ConnectError::Thread)?;
+        let left = limit.saturating_sub(started.elapsed());
+        match answer.recv_timeout(left.max(Duration::from_millis(100))) {
+            Ok(Err(e))
+                if e.code() == Some(&postgres::error::SqlState::CANNOT_CONNECT_NOW)
+                    && started.elapsed() < limit =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(answer) => return answer.map_err(ConnectError::Server),
+            Err(_) => return Err(ConnectError::NoAnswer(limit)),
+        }
+    }
+}
+
+/// Why [`connect_within`] failed.
+#[derive(Debug)]
+enum ConnectError {
+    /// The driver's error: the server's words, or the cause.
+    Server(postgres::Error),
+    /// The server did not answer in time.
+    NoAnswer(Duration),
+    /// No thread could be started to connect.
+    Thread(std::io::Error),
+}
+
+impl From<ConnectError> for StorageError {
+    fn from(e: ConnectError) -> StorageError {
+        match e {
+            ConnectError::Server(e) => StorageError::postgres(e),
+            ConnectError::NoAnswer(limit) => StorageError::other(&format!(
+                "the server did not answer within {limit:?} (the busy timeout)"
+            )),
+            ConnectError::Thread(e) => {
+                StorageError::other(&format!("cannot start a thread to connect: {e}"))
+            }
+        }
     }
 }
 
