@@ -1,6 +1,9 @@
-//! A holder cut off from the PostgreSQL server for longer than its lease
-//! (issue 20): the others reap it, its lock passes on with a higher token,
-//! and once it is back its guard reports `LockLost` and `is_held()` is false.
+//! Faults of the link to the PostgreSQL server (issue 20): a holder cut
+//! off for longer than its lease (the others reap it, its lock passes on
+//! with a higher token, and once it is back its guard reports `LockLost`
+//! and `is_held()` is false); calls and opens through a dead link that
+//! fail in time instead of hanging; an open that waits for a server
+//! starting up.
 //!
 //! The link is cut by a TCP proxy of the test's own between the holder (a
 //! process of its own) and the server: cut, it forwards no byte either way
@@ -18,17 +21,21 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{KillOnDrop, Place, Store, worker};
 use runledger::Ledger;
 
-/// A TCP proxy on 127.0.0.1 to `upstream` that can be cut and restored.
+/// A TCP proxy on 127.0.0.1 to `upstream` that can be cut and restored,
+/// and can answer new connections as a server starting up does.
 struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// How many new connections are still to be refused with SQLSTATE
+    /// 57P03 (`u32::MAX`: all of them).
+    starting: Arc<AtomicU32>,
 }
 
 impl Proxy {
@@ -36,10 +43,23 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let starting = Arc::new(AtomicU32::new(0));
         let flag = cut.clone();
+        let refusals = starting.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                let refuse = refusals
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                        0 => None,
+                        u32::MAX => Some(u32::MAX),
+                        n => Some(n - 1),
+                    })
+                    .is_ok();
+                if refuse {
+                    std::thread::spawn(move || starting_up(client));
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
@@ -54,7 +74,17 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, cut }
+        Proxy {
+            addr,
+            cut,
+            starting,
+        }
+    }
+
+    /// Answers the next `n` new connections (`u32::MAX`: all) as a server
+    /// that is starting up.
+    fn starting_up(&self, n: u32) {
+        self.starting.store(n, Ordering::SeqCst);
     }
 
     /// Stops every byte, both ways, on every connection (new ones too).
@@ -66,6 +96,49 @@ impl Proxy {
     fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+}
+
+/// Answers a client as PostgreSQL does while it starts up: no TLS, then
+/// `FATAL: the database system is starting up` (SQLSTATE 57P03) to its
+/// start-up message, and the connection closed.
+fn starting_up(mut client: TcpStream) {
+    let mut message = |client: &mut TcpStream| -> std::io::Result<Vec<u8>> {
+        let mut len = [0u8; 4];
+        client.read_exact(&mut len)?;
+        let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+        client.read_exact(&mut body)?;
+        Ok(body)
+    };
+    let Ok(mut first) = message(&mut client) else {
+        return;
+    };
+    // SSLRequest: "no TLS here", then the start-up message itself.
+    if first == 80_877_103u32.to_be_bytes() {
+        if client.write_all(b"N").is_err() {
+            return;
+        }
+        first = match message(&mut client) {
+            Ok(startup) => startup,
+            Err(_) => return,
+        };
+    }
+    drop(first);
+    let mut fields = Vec::new();
+    for (code, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "57P03"),
+        (b'M', "the database system is starting up"),
+    ] {
+        fields.push(code);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut reply = vec![b'E'];
+    reply.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+    reply.extend_from_slice(&fields);
+    let _ = client.write_all(&reply);
 }
 
 /// Copies `from` to `to`; while `cut`, holds what it read and reads no
@@ -282,7 +355,36 @@ fn opening_through_a_dead_link_fails_in_time() {
     assert!(e.to_string().contains("did not answer"), "{e}");
 }
 
+/// Opening a ledger while the server is starting up (as in a restart)
+/// waits for it, up to the busy timeout: the open succeeds once the server
+/// takes connections, and fails past the timeout with the server's words.
+fn opening_while_the_server_starts_up_waits_for_it() {
+    let place = Place::new(Store::Postgres);
+    drop(place.open());
+    let proxy = Proxy::start(upstream_of(&place.location));
+    let url = through(&place.location, proxy.addr);
+
+    proxy.starting_up(3);
+    let opened = Ledger::builder(&url)
+        .busy_timeout(Duration::from_secs(20))
+        .open();
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    drop(opened);
+
+    proxy.starting_up(u32::MAX);
+    let e = within(Duration::from_secs(20), move || {
+        Ledger::builder(url)
+            .busy_timeout(Duration::from_millis(500))
+            .open()
+    })
+    .expect("the open returned")
+    .expect_err("the server never took a connection");
+    assert!(matches!(e, runledger::Error::Open { .. }), "{e:?}");
+    assert!(e.to_string().contains("starting up"), "{e}");
+}
+
 pg_tests!(
+    opening_while_the_server_starts_up_waits_for_it,
     a_holder_cut_off_past_its_lease_finds_its_lock_lost,
     a_call_on_an_idle_connection_fails_in_time_while_the_link_is_down,
     opening_through_a_dead_link_fails_in_time
