@@ -380,6 +380,7 @@ impl Store {
             claimed: claims,
             conflict: None,
             sealed: !later,
+            xact: None,
         };
         // Nothing is committed before the batch below: a lost connection
         // here lost nothing.
@@ -425,8 +426,9 @@ impl Store {
             ));
         }
         batch.push_str("COMMIT");
-        // The id the first write assigned (see `write_later`), if it wrote.
-        let xact = match xact {
+        // The id the first write assigned (see `write_later`), if it wrote:
+        // from an event it wrote, else asked for (one more round trip).
+        let xact = match xact.or_else(|| tx.xact.map(|x| x.to_string())) {
             Some(xact) => Some(xact),
             None => tx
                 .conn
@@ -623,6 +625,7 @@ impl Store {
                 claimed: Vec::new(),
                 conflict: None,
                 sealed: false,
+                xact: None,
             };
             f(&mut tx)
         };
@@ -792,6 +795,9 @@ pub(super) struct Tx<'c> {
     /// The transaction has its id (it wrote, or `BEGIN` assigned it): no
     /// claim may be taken any more (see [`Store::write_later`]).
     sealed: bool,
+    /// The transaction's id, once an event it wrote told it (an event id
+    /// is its transaction's id shifted left 20 bits, see migration 7).
+    xact: Option<i64>,
 }
 
 impl Tx<'_> {
@@ -804,6 +810,14 @@ impl Tx<'_> {
     /// watchers of the feed.
     pub(super) fn events_written(&mut self) {
         self.events_written = true;
+    }
+
+    /// Notes the id of an event the transaction wrote, which tells the
+    /// transaction's own id (see [`Store::write_later`]): its commit then
+    /// needs no round trip to ask for it.
+    pub(super) fn event_written(&mut self, id: i64) {
+        self.events_written = true;
+        self.xact = Some(id >> 20);
     }
 
     /// Wake-up addresses to notify with the commit, for the other hosts

@@ -115,8 +115,9 @@ impl Chain {
                 &message,
             ],
         )?;
-        self.last = Some(row.try_get(0)?);
-        tx.events_written();
+        let id = row.try_get(0)?;
+        self.last = Some(id);
+        tx.event_written(id);
         Ok(())
     }
 }
