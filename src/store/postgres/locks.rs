@@ -7,13 +7,13 @@
 
 use postgres::Row;
 
-use super::{Claim, Store, Tx};
+use super::{Claim, Lit, Store, Tx, render};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
 use crate::lock::{LockMode, LockRecord, LockState, Ticket};
 use crate::record::{EventRecord, LockEvent};
-use crate::run::RunId;
+use crate::run::{RunId, RunStatus};
 use crate::store::rules::{LockReads, blockers, fits};
 use crate::store::{
     Ahead, Attempt, Ending, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
@@ -358,11 +358,43 @@ impl Store {
     /// One attempt at granting `ask` (already queued as `ticket`, if given),
     /// in one write transaction. A blocked request that may wait takes a
     /// place in the queue in the same transaction.
+    ///
+    /// A new request (no ticket) first tries [`GRANT_IF_FREE`], sent with
+    /// `BEGIN`: a grant of keys nobody holds or waits for then costs two
+    /// round trips in all. Otherwise the statements below decide, in the
+    /// same transaction.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         let mut claims = vec![Claim::instance(ask.instance, true)];
         claims.extend(ask.run.map(|run| Claim::run(run, true)));
         claims.extend(ask.keys.iter().map(|key| Claim::key(key)));
-        self.write(&claims, |tx| {
+        let decide = |tx: &mut Tx<'_>| {
+            if let Some(rows) = tx.first_rows()
+                && let Some(row) = rows.first()
+            {
+                let id = text_i64(row.get(0))?;
+                let token = token_of(text_i64(row.get(1))?)?;
+                tx.events_written();
+                return Ok(Attempt::Granted { id, token });
+            }
+            self.try_lock_in(tx, ask, ticket)
+        };
+        if ticket.is_some() {
+            return self.write(&claims, decide);
+        }
+        let at = self.clock.now().as_millis();
+        let first = grant_if_free(ask, at)?;
+        self.write_first(&claims, first, decide)
+    }
+
+    /// [`try_lock`](Store::try_lock) in its transaction, statement by
+    /// statement.
+    fn try_lock_in(
+        &self,
+        tx: &mut Tx<'_>,
+        ask: &LockAsk<'_>,
+        ticket: Option<i64>,
+    ) -> Result<Attempt> {
+        {
             let now = tx.now();
             // The instance open, and the run (if any) active: one read.
             let row = tx.query_one(
@@ -441,7 +473,7 @@ impl Store {
                 id,
                 token: token_of(token)?,
             })
-        })
+        }
     }
 
     /// What keeps `ask` out right now, read without claims: empty
@@ -514,16 +546,44 @@ impl Store {
             .iter()
             .map(|k| Claim::key(k))
             .collect();
+        let known = keys.is_some_and(|keys| !keys.is_empty());
+        // A token beyond the column's range was never granted.
+        let first = match i64::try_from(token) {
+            Ok(token) if known => Some(render(
+                RELEASE_IF_ALONE,
+                &[
+                    Lit::Int(id),
+                    Lit::Int(token),
+                    Lit::Int(self.clock.now().as_millis()),
+                ],
+            )?),
+            _ => None,
+        };
         self.write_then(
             &claims,
             keys.is_none(),
+            first,
             |tx| {
-                // A token beyond the column's range was never granted.
                 let Ok(token) = i64::try_from(token) else {
                     return Ok(None);
                 };
                 let now = tx.now();
-                let known = keys.is_some_and(|keys| !keys.is_empty());
+                if let Some(rows) = tx.first_rows()
+                    && let Some(row) = rows.first()
+                    && row.get(0) == Some("t")
+                {
+                    let Some(deleted) = row.get(1) else {
+                        return Ok(None);
+                    };
+                    tx.events_written();
+                    let keys = parse_keys(deleted)?;
+                    // As below.
+                    claim_keys(tx, &keys)?;
+                    if row.get(2) == Some("f") {
+                        return Ok(Some(Vec::new()));
+                    }
+                    return Ok(Some(grant_waiters(tx, &keys, now)?));
+                }
                 if !known {
                     let Some(row) = tx.query_opt(
                         "SELECT keys FROM locks WHERE id = $1 AND token = $2",
@@ -793,6 +853,135 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     )?;
     tx.events_written();
     Ok((row.try_get(0)?, token_of(row.try_get(1)?)?))
+}
+
+/// The grant of a new request whose keys nobody holds or waits for, its
+/// instance open and its run (if any) active, in one statement sent with
+/// `BEGIN` (see [`Store::write_first`]): the same writes as [`grant_new`].
+/// No row when it did not grant (a key in use, a closed instance, a run
+/// ended): the transaction then decides statement by statement, which
+/// also says why.
+///
+/// Its time is read before the claims are held, unlike [`Tx::now`]; so
+/// that a grant is never stamped before the release that freed its key,
+/// it grants only if the claims came at once (within a millisecond of the
+/// batch's arrival): a request that waited for a claim, behind another
+/// writer of its keys, is decided by the statements, at their time.
+const GRANT_IF_FREE: &str = "
+WITH chk AS (
+    SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond'
+       AND EXISTS (SELECT 1 FROM instances WHERE id = $5::bigint AND closed_at IS NULL)
+       AND ($6::bigint IS NULL
+            OR EXISTS (SELECT 1 FROM runs WHERE id = $6::bigint AND status = ANY($13::text[])))
+       AND NOT EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY($1::text[])) AS ok
+), next AS (
+    SELECT coalesce(max(last_token), 0) + 1 AS token
+    FROM lock_keys WHERE key = ANY($1::text[])
+), put AS (
+    INSERT INTO lock_keys (key, last_token)
+    SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next) FROM chk WHERE chk.ok
+    ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
+), l AS (
+    INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                       pid, host, wake, requested_at, granted_at)
+    SELECT 'held', $2::text, $3::bigint, next.token, $4::text, $5::bigint, $6::bigint,
+           $7::bigint, $8::text, NULL, $9::bigint, $9::bigint
+    FROM next, chk WHERE chk.ok
+    RETURNING id, token
+), entries AS (
+    INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
+), ev AS (
+    INSERT INTO events (run_id, at, kind, step, message)
+    SELECT $10::bigint, $9::bigint, $11::text,
+           jsonb_set(jsonb_set($12::text::jsonb, '{ticket}', to_jsonb(l.id)),
+                     '{token}', to_jsonb(l.token))::text,
+           NULL
+    FROM l
+    RETURNING id
+), history AS (
+    INSERT INTO lock_history (key, event_id) SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
+)
+SELECT id, token FROM l";
+
+/// The release of the held lock `$1` with token `$2`, stamped `$3`, in one
+/// statement sent with `BEGIN` (see [`Store::write_first`]): the same
+/// writes as [`delete_lock`]. One row: whether it ran (as in
+/// [`GRANT_IF_FREE`], only if the claims came at once), the keys of the
+/// row it deleted (`NULL` if the lock was not held with that token), and
+/// whether any of them has waiters, who are then granted by the
+/// statements of `grant_waiters`.
+const RELEASE_IF_ALONE: &str = "
+WITH chk AS (
+    SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond' AS ok
+), l AS (
+    DELETE FROM locks
+    WHERE id = $1::bigint AND token = $2::bigint AND (SELECT ok FROM chk)
+    RETURNING id, keys, mode, capacity, token, run_id, pid, host
+), e AS (
+    DELETE FROM lock_entries
+    WHERE lock_id = $1::bigint
+      AND key IN (SELECT jsonb_array_elements_text(keys::jsonb) FROM l)
+), ev AS (
+    INSERT INTO events (run_id, at, kind, step, message)
+    SELECT coalesce(l.run_id, 0), $3::bigint, 'lock_released',
+           jsonb_strip_nulls(jsonb_build_object(
+               'ticket', l.id, 'keys', l.keys::jsonb, 'mode', l.mode,
+               'capacity', l.capacity, 'token', l.token, 'pid', l.pid, 'host', l.host
+           ))::text,
+           NULL
+    FROM l
+    RETURNING id
+), history AS (
+    INSERT INTO lock_history (key, event_id)
+    SELECT DISTINCT jsonb_array_elements_text(l.keys::jsonb), ev.id FROM l, ev
+)
+SELECT chk.ok, l.keys,
+       EXISTS (SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
+               WHERE we.key IN (SELECT jsonb_array_elements_text(l.keys::jsonb))
+                 AND w.state = 'waiting')
+FROM chk LEFT JOIN l ON true";
+
+/// [`GRANT_IF_FREE`] for `ask`, stamped `at`, as text.
+fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<String> {
+    let detail = lock_event_json(&LockEvent {
+        ticket: Ticket::from(0),
+        keys: ask.keys.to_vec(),
+        mode: ask.mode,
+        token: 0,
+        pid: ask.pid,
+        host: ask.host.to_owned(),
+    });
+    let keys = keys_json(ask.keys);
+    let active: Vec<String> = RunStatus::ALL
+        .iter()
+        .filter(|s| s.is_active())
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    render(
+        GRANT_IF_FREE,
+        &[
+            Lit::Texts(ask.keys),
+            Lit::Text(ask.mode.as_str()),
+            ask.mode.capacity().map(i64::from).into(),
+            Lit::Text(&keys),
+            Lit::Int(ask.instance),
+            ask.run.map(i64::from).into(),
+            Lit::Int(i64::from(ask.pid)),
+            Lit::Text(ask.host),
+            Lit::Int(at),
+            Lit::Int(event_run_id(ask.run)),
+            Lit::Text(LOCK_GRANTED),
+            Lit::Text(&detail),
+            Lit::Texts(&active),
+        ],
+    )
+}
+
+/// An integer column of a row read as text (a simple query's).
+fn text_i64(value: Option<&str>) -> Result<i64> {
+    value
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| crate::store::bad_data(format!("not an integer: {value:?}")))
 }
 
 fn insert_lock(

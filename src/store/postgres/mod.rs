@@ -72,7 +72,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
-use postgres::{Client, Config, Row, SimpleQueryMessage, Statement};
+use postgres::{Client, Config, Row, SimpleQueryMessage, SimpleQueryRow, Statement};
 use r2d2::{ManageConnection, Pool};
 use r2d2_postgres::PostgresConnectionManager;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -301,7 +301,22 @@ impl Store {
     /// is never applied twice, and a restart shorter than the busy timeout
     /// reaches no caller.
     fn write<T>(&self, claims: &[Claim], f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
-        self.write_with(claims, false, f)
+        self.write_with(claims, false, None, f)
+    }
+
+    /// [`write`](Store::write), with `first`, one statement rendered with
+    /// its values ([`render`]), sent in the batch of `BEGIN`: its rows are
+    /// [`Tx::first_rows`]. So a write that a single statement may do (a
+    /// grant of a free key, a release nobody waits for) costs two round
+    /// trips, this batch and the commit's; `f` goes on with more
+    /// statements when the first did not do it all.
+    fn write_first<T>(
+        &self,
+        claims: &[Claim],
+        first: String,
+        f: impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.write_with(claims, false, Some(first), f)
     }
 
     /// [`write`](Store::write), for a transaction that finds claims it
@@ -323,20 +338,21 @@ impl Store {
         claims: &[Claim],
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
-        self.write_with(claims, true, f)
+        self.write_with(claims, true, None, f)
     }
 
     fn write_with<T>(
         &self,
         claims: &[Claim],
         later: bool,
+        first: Option<String>,
         mut f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
         loop {
-            match self.write_once(&claims, later, &mut f) {
+            match self.write_once(&claims, later, first.as_deref(), &mut f) {
                 Ok(value) => return Ok(value),
                 Err(Failed::Conflict(more)) if started.elapsed() < self.busy_timeout => {
                     claims.extend(more);
@@ -364,12 +380,14 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
+        first: Option<&str>,
         f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> std::result::Result<T, Failed> {
         let mut claims = claims.to_vec();
         claims.sort_unstable();
         claims.dedup();
-        let (mut conn, xact) = self.begin(&claims, !later).map_err(Failed::from)?;
+        let (mut conn, xact, first_rows) =
+            self.begin(&claims, !later, first).map_err(Failed::from)?;
         let mut tx = Tx {
             conn: &mut conn,
             now: self.clock.now(),
@@ -381,6 +399,7 @@ impl Store {
             conflict: None,
             sealed: !later,
             xact: None,
+            first: first_rows,
         };
         // Nothing is committed before the batch below: a lost connection
         // here lost nothing.
@@ -535,29 +554,42 @@ impl Store {
     ///
     /// With `assign`, the transaction's id is assigned (after the claims)
     /// and returned; else `None`, and its first write assigns it.
+    ///
+    /// With `first` (see [`Store::write_first`]), that statement runs in
+    /// the same batch, after the claims; its rows are returned too.
+    #[allow(clippy::type_complexity)]
     fn begin(
         &self,
         claims: &[Claim],
         assign: bool,
-    ) -> Result<(r2d2::PooledConnection<Manager>, Option<String>)> {
+        first: Option<&str>,
+    ) -> Result<(
+        r2d2::PooledConnection<Manager>,
+        Option<String>,
+        Option<Vec<SimpleQueryRow>>,
+    )> {
         let mut batch = self.begin.clone();
         for claim in claims {
             batch.push_str(&claim.sql(self.seed, false));
         }
         if assign {
-            batch.push_str("SELECT pg_current_xact_id()::text");
+            batch.push_str("SELECT pg_current_xact_id()::text;");
         } else {
-            batch.push_str("SELECT 'no id yet'");
+            batch.push_str("SELECT 'no id yet';");
         }
+        if let Some(first) = first {
+            batch.push_str(first);
+        }
+        // The statements before the id's: BEGIN, SET LOCAL, the claims.
+        let before_id = 2 + claims.len();
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
             match conn.client.simple_query(&batch) {
                 Ok(replies) => {
-                    // The last row: each claim answers one too.
-                    let xact = replies.iter().rev().find_map(|reply| match reply {
-                        SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                        _ => None,
+                    let mut statements = by_statement(replies).into_iter().skip(before_id);
+                    let xact = statements.next().and_then(|rows| {
+                        rows.first().and_then(|row| row.get(0).map(str::to_owned))
                     });
                     let Some(xact) = xact else {
                         let _ = conn.client.batch_execute("ROLLBACK");
@@ -565,7 +597,8 @@ impl Store {
                             "BEGIN did not return the transaction's id".to_owned(),
                         ));
                     };
-                    return Ok((conn, assign.then_some(xact)));
+                    let first_rows = first.map(|_| statements.next().unwrap_or_default());
+                    return Ok((conn, assign.then_some(xact), first_rows));
                 }
                 Err(e) if tries > 0 && lost(&e) => {
                     // Dropped, the broken connection leaves the pool.
@@ -587,10 +620,11 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
+        first: Option<String>,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
-        let value = self.write_with(claims, later, f)?;
+        let value = self.write_with(claims, later, first, f)?;
         on_commit();
         Ok(value)
     }
@@ -626,6 +660,7 @@ impl Store {
                 conflict: None,
                 sealed: false,
                 xact: None,
+                first: None,
             };
             f(&mut tx)
         };
@@ -798,6 +833,9 @@ pub(super) struct Tx<'c> {
     /// The transaction's id, once an event it wrote told it (an event id
     /// is its transaction's id shifted left 20 bits, see migration 7).
     xact: Option<i64>,
+    /// The rows of the statement sent with `BEGIN` (see
+    /// [`Store::write_first`]), until taken.
+    first: Option<Vec<SimpleQueryRow>>,
 }
 
 impl Tx<'_> {
@@ -810,6 +848,12 @@ impl Tx<'_> {
     /// watchers of the feed.
     pub(super) fn events_written(&mut self) {
         self.events_written = true;
+    }
+
+    /// The rows of the statement sent with `BEGIN` ([`Store::write_first`]),
+    /// once: `None` after they were taken, or without such a statement.
+    pub(super) fn first_rows(&mut self) -> Option<Vec<SimpleQueryRow>> {
+        self.first.take()
     }
 
     /// Notes the id of an event the transaction wrote, which tells the
@@ -1216,6 +1260,112 @@ pub(crate) fn check_schema(name: &str) -> Result<()> {
              not starting with a digit or pg_",
         ))
     }
+}
+
+/// The rows of a simple query's batch, statement by statement (each one
+/// ends with its `CommandComplete`, rows or not).
+fn by_statement(replies: Vec<SimpleQueryMessage>) -> Vec<Vec<SimpleQueryRow>> {
+    let mut statements = Vec::new();
+    let mut rows = Vec::new();
+    for reply in replies {
+        match reply {
+            SimpleQueryMessage::Row(row) => rows.push(row),
+            SimpleQueryMessage::CommandComplete(_) => statements.push(std::mem::take(&mut rows)),
+            _ => {}
+        }
+    }
+    statements
+}
+
+/// A value of a statement sent as text ([`render`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Lit<'a> {
+    Int(i64),
+    Text(&'a str),
+    Texts(&'a [String]),
+    Null,
+}
+
+impl From<i64> for Lit<'_> {
+    fn from(n: i64) -> Self {
+        Lit::Int(n)
+    }
+}
+
+impl<'a> From<&'a str> for Lit<'a> {
+    fn from(text: &'a str) -> Self {
+        Lit::Text(text)
+    }
+}
+
+impl<'a, T: Into<Lit<'a>>> From<Option<T>> for Lit<'a> {
+    fn from(value: Option<T>) -> Self {
+        value.map_or(Lit::Null, Into::into)
+    }
+}
+
+/// `sql` with each `$n` replaced by the SQL text of `values[n - 1]`, for a
+/// statement sent in a simple query's batch (see [`Store::write_first`]),
+/// where no parameter can be bound.
+///
+/// Strings become escape-string literals (`E'…'`, quotes and backslashes
+/// doubled), whatever the server's `standard_conforming_strings`; a NUL,
+/// which a query's text cannot carry, is refused (names and keys never
+/// hold one: they are checked for control characters first). `sql` must
+/// carry each value's type as a cast (`$1::text[]`): a literal's type is
+/// not inferred as a bound parameter's is. It must hold no `$` but its
+/// placeholders.
+pub(super) fn render(sql: &str, values: &[Lit<'_>]) -> Result<String> {
+    fn text(out: &mut String, value: &str) -> Result<()> {
+        if value.contains('\0') {
+            return Err(crate::store::bad_data(
+                "a NUL in a value sent as text".to_owned(),
+            ));
+        }
+        out.push_str("E'");
+        for c in value.chars() {
+            match c {
+                '\'' => out.push_str("''"),
+                '\\' => out.push_str("\\\\"),
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+        Ok(())
+    }
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len() - at - 1);
+        let n: usize = rest[at + 1..at + 1 + digits].parse().map_err(|_| {
+            crate::store::bad_data(format!("a `$` that is no placeholder in {sql}"))
+        })?;
+        let value = n
+            .checked_sub(1)
+            .and_then(|i| values.get(i))
+            .ok_or_else(|| crate::store::bad_data(format!("no value for ${n} in {sql}")))?;
+        match value {
+            Lit::Int(v) => out.push_str(&v.to_string()),
+            Lit::Null => out.push_str("NULL"),
+            Lit::Text(v) => text(&mut out, v)?,
+            Lit::Texts(vs) => {
+                out.push_str("ARRAY[");
+                for (i, v) in vs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    text(&mut out, v)?;
+                }
+                out.push_str("]::text[]");
+            }
+        }
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// `text` as a SQL string literal (with `standard_conforming_strings`, on
