@@ -7,7 +7,7 @@
 
 use postgres::Row;
 
-use super::{Claim, Lit, Store, Tx, render};
+use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
@@ -305,21 +305,6 @@ pub(super) fn claim_keys(tx: &mut Tx<'_>, keys: &[String]) -> Result<()> {
     tx.claim(&claims, true).map(drop)
 }
 
-/// Claims the keys of every request of `run`, whose claim the transaction
-/// holds (so no request of it can be added meanwhile). Called before the
-/// first write of a change that ends the run (see `Store::write_later`);
-/// again in [`release_run_locks`], where the claims are held already.
-pub(super) fn claim_run_keys(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
-    let mut keys = Vec::new();
-    for row in tx.query(
-        "SELECT keys FROM locks WHERE run_id = $1",
-        &[&i64::from(run)],
-    )? {
-        keys.extend(parse_keys(row.try_get(0)?)?);
-    }
-    claim_keys(tx, &keys)
-}
-
 /// Releases every lock (held or queued) of a run that is ending, in its
 /// transaction; returns the waiters to wake (already noted for the commit's
 /// notification).
@@ -327,10 +312,12 @@ pub(super) fn claim_run_keys(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
 /// Every row of the run goes first, and only then are the keys handed on: a
 /// key freed by one of the run's rows must not be granted to another of its
 /// rows.
+///
+/// The caller holds the claims of the run (so no request of it is added)
+/// and of the keys of its requests, taken before the rows are read here: a
+/// waiting row may be granted until then, and its token is the one to
+/// delete.
 pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
-    // Claimed before the rows are read: a waiting row may be granted until
-    // then, and its token is the one to delete.
-    claim_run_keys(tx, run)?;
     let run = i64::from(run);
     let rows = tx.query("SELECT id, token FROM locks WHERE run_id = $1", &[&run])?;
     let mut owned = Vec::with_capacity(rows.len());
@@ -549,7 +536,8 @@ impl Store {
         let known = keys.is_some_and(|keys| !keys.is_empty());
         // A token beyond the column's range was never granted.
         let first = match i64::try_from(token) {
-            Ok(token) if known => Some(render(
+            Ok(token) if known => Some(First::new(
+                "runledger_release_if_alone",
                 RELEASE_IF_ALONE,
                 &[
                     Lit::Int(id),
@@ -941,8 +929,8 @@ SELECT chk.ok, l.keys,
                  AND w.state = 'waiting')
 FROM chk LEFT JOIN l ON true";
 
-/// [`GRANT_IF_FREE`] for `ask`, stamped `at`, as text.
-fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<String> {
+/// [`GRANT_IF_FREE`] for `ask`, stamped `at`.
+fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<First> {
     let detail = lock_event_json(&LockEvent {
         ticket: Ticket::from(0),
         keys: ask.keys.to_vec(),
@@ -957,7 +945,8 @@ fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<String> {
         .filter(|s| s.is_active())
         .map(|s| s.as_str().to_owned())
         .collect();
-    render(
+    First::new(
+        "runledger_grant_if_free",
         GRANT_IF_FREE,
         &[
             Lit::Texts(ask.keys),

@@ -304,8 +304,8 @@ impl Store {
         self.write_with(claims, false, None, f)
     }
 
-    /// [`write`](Store::write), with `first`, one statement rendered with
-    /// its values ([`render`]), sent in the batch of `BEGIN`: its rows are
+    /// [`write`](Store::write), with `first`, one prepared statement run
+    /// with its values in the batch of `BEGIN`: its rows are
     /// [`Tx::first_rows`]. So a write that a single statement may do (a
     /// grant of a free key, a release nobody waits for) costs two round
     /// trips, this batch and the commit's; `f` goes on with more
@@ -313,7 +313,7 @@ impl Store {
     fn write_first<T>(
         &self,
         claims: &[Claim],
-        first: String,
+        first: First,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
         self.write_with(claims, false, Some(first), f)
@@ -345,14 +345,14 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
-        first: Option<String>,
+        first: Option<First>,
         mut f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
         loop {
-            match self.write_once(&claims, later, first.as_deref(), &mut f) {
+            match self.write_once(&claims, later, first.as_ref(), &mut f) {
                 Ok(value) => return Ok(value),
                 Err(Failed::Conflict(more)) if started.elapsed() < self.busy_timeout => {
                     claims.extend(more);
@@ -380,7 +380,7 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
-        first: Option<&str>,
+        first: Option<&First>,
         f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> std::result::Result<T, Failed> {
         let mut claims = claims.to_vec();
@@ -556,13 +556,15 @@ impl Store {
     /// and returned; else `None`, and its first write assigns it.
     ///
     /// With `first` (see [`Store::write_first`]), that statement runs in
-    /// the same batch, after the claims; its rows are returned too.
+    /// the same batch, after the claims; its rows are returned too. It is
+    /// prepared on the connection first, once per connection (one more
+    /// round trip, the first time).
     #[allow(clippy::type_complexity)]
     fn begin(
         &self,
         claims: &[Claim],
         assign: bool,
-        first: Option<&str>,
+        first: Option<&First>,
     ) -> Result<(
         r2d2::PooledConnection<Manager>,
         Option<String>,
@@ -578,14 +580,21 @@ impl Store {
             batch.push_str("SELECT 'no id yet';");
         }
         if let Some(first) = first {
-            batch.push_str(first);
+            batch.push_str(&first.execute);
         }
         // The statements before the id's: BEGIN, SET LOCAL, the claims.
         let before_id = 2 + claims.len();
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
-            match conn.client.simple_query(&batch) {
+            let prepared = match first {
+                Some(first) if !conn.prepared.contains(&first.name) => conn
+                    .client
+                    .batch_execute(&format!("PREPARE {} AS {}", first.name, first.sql))
+                    .map(|()| conn.prepared.push(first.name)),
+                _ => Ok(()),
+            };
+            match prepared.and_then(|()| conn.client.simple_query(&batch)) {
                 Ok(replies) => {
                     let mut statements = by_statement(replies).into_iter().skip(before_id);
                     let xact = statements.next().and_then(|rows| {
@@ -620,7 +629,7 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
-        first: Option<String>,
+        first: Option<First>,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
@@ -691,6 +700,8 @@ const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(1);
 pub(super) struct Conn {
     client: Closing,
     statements: HashMap<&'static str, Statement>,
+    /// The names of the [`First`] statements prepared on it.
+    prepared: Vec<&'static str>,
     /// When a call last ended on it (or it was last checked).
     used: Instant,
 }
@@ -766,6 +777,7 @@ impl ManageConnection for Manager {
                 stuck: false,
             },
             statements: HashMap::new(),
+            prepared: Vec::new(),
             used: Instant::now(),
         })
     }
@@ -1277,7 +1289,34 @@ fn by_statement(replies: Vec<SimpleQueryMessage>) -> Vec<Vec<SimpleQueryRow>> {
     statements
 }
 
-/// A value of a statement sent as text ([`render`]).
+/// A statement prepared by name on each connection (SQL `PREPARE`, a
+/// session's), run with its values in a simple query's batch (see
+/// [`Store::write_first`]): its plan is cached as a bound statement's is.
+pub(super) struct First {
+    /// The statement's name on the connection.
+    name: &'static str,
+    /// Its text, each parameter `$n` with a cast that gives its type.
+    sql: &'static str,
+    /// `EXECUTE name(values…)`.
+    execute: String,
+}
+
+impl First {
+    /// `sql`, prepared as `name`, run with `values`.
+    pub(super) fn new(name: &'static str, sql: &'static str, values: &[Lit<'_>]) -> Result<First> {
+        let mut execute = format!("EXECUTE {name}(");
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                execute.push_str(", ");
+            }
+            value.write_sql(&mut execute)?;
+        }
+        execute.push(')');
+        Ok(First { name, sql, execute })
+    }
+}
+
+/// A value of a statement sent as text ([`First`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Lit<'a> {
     Int(i64),
@@ -1304,68 +1343,51 @@ impl<'a, T: Into<Lit<'a>>> From<Option<T>> for Lit<'a> {
     }
 }
 
-/// `sql` with each `$n` replaced by the SQL text of `values[n - 1]`, for a
-/// statement sent in a simple query's batch (see [`Store::write_first`]),
-/// where no parameter can be bound.
-///
-/// Strings become escape-string literals (`E'…'`, quotes and backslashes
-/// doubled), whatever the server's `standard_conforming_strings`; a NUL,
-/// which a query's text cannot carry, is refused (names and keys never
-/// hold one: they are checked for control characters first). `sql` must
-/// carry each value's type as a cast (`$1::text[]`): a literal's type is
-/// not inferred as a bound parameter's is. It must hold no `$` but its
-/// placeholders.
-pub(super) fn render(sql: &str, values: &[Lit<'_>]) -> Result<String> {
-    fn text(out: &mut String, value: &str) -> Result<()> {
-        if value.contains('\0') {
-            return Err(crate::store::bad_data(
-                "a NUL in a value sent as text".to_owned(),
-            ));
-        }
-        out.push_str("E'");
-        for c in value.chars() {
-            match c {
-                '\'' => out.push_str("''"),
-                '\\' => out.push_str("\\\\"),
-                c => out.push(c),
+impl Lit<'_> {
+    /// Writes the value as SQL text.
+    ///
+    /// Strings become escape-string literals (`E'…'`, quotes and
+    /// backslashes doubled), whatever the server's
+    /// `standard_conforming_strings`; a NUL, which a query's text cannot
+    /// carry, is refused (names and keys never hold one: they are checked
+    /// for control characters first). A negative number is put in
+    /// parentheses, so that a cast after it cannot overflow.
+    fn write_sql(&self, out: &mut String) -> Result<()> {
+        fn text(out: &mut String, value: &str) -> Result<()> {
+            if value.contains('\0') {
+                return Err(crate::store::bad_data(
+                    "a NUL in a value sent as text".to_owned(),
+                ));
             }
+            out.push_str("E'");
+            for c in value.chars() {
+                match c {
+                    '\'' => out.push_str("''"),
+                    '\\' => out.push_str("\\\\"),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
+            Ok(())
         }
-        out.push('\'');
-        Ok(())
-    }
-    let mut out = String::with_capacity(sql.len() + 64);
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let digits = rest[at + 1..]
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len() - at - 1);
-        let n: usize = rest[at + 1..at + 1 + digits].parse().map_err(|_| {
-            crate::store::bad_data(format!("a `$` that is no placeholder in {sql}"))
-        })?;
-        let value = n
-            .checked_sub(1)
-            .and_then(|i| values.get(i))
-            .ok_or_else(|| crate::store::bad_data(format!("no value for ${n} in {sql}")))?;
-        match value {
+        match self {
+            Lit::Int(v) if *v < 0 => out.push_str(&format!("({v})")),
             Lit::Int(v) => out.push_str(&v.to_string()),
             Lit::Null => out.push_str("NULL"),
-            Lit::Text(v) => text(&mut out, v)?,
+            Lit::Text(v) => text(out, v)?,
             Lit::Texts(vs) => {
                 out.push_str("ARRAY[");
                 for (i, v) in vs.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
                     }
-                    text(&mut out, v)?;
+                    text(out, v)?;
                 }
                 out.push_str("]::text[]");
             }
         }
-        rest = &rest[at + 1 + digits..];
+        Ok(())
     }
-    out.push_str(rest);
-    Ok(out)
 }
 
 /// `text` as a SQL string literal (with `standard_conforming_strings`, on
@@ -1573,6 +1595,66 @@ mod tests {
         );
         let v6 = Config::from_str("postgres://me@[::1]:6543/app").unwrap();
         assert_eq!(display_url(&v6), "postgres://me@[::1]:6543/app");
+    }
+
+    #[test]
+    fn values_a_query_cannot_carry_are_refused() {
+        assert!(First::new("x", "SELECT $1::text", &[Lit::Text("a\0b")]).is_err());
+        assert!(First::new("x", "SELECT $1::text[]", &[Lit::Texts(&["\0".to_owned()])]).is_err());
+        let first = First::new("x", "", &[Lit::Int(-7), Lit::Null, Lit::Texts(&[])]).unwrap();
+        assert_eq!(first.execute, "EXECUTE x((-7), NULL, ARRAY[]::text[])");
+    }
+
+    /// Values sent as text reach the server as they were, whatever they
+    /// hold (quotes, backslashes, a `$1` of their own), on a connection
+    /// with `standard_conforming_strings` on and one with it off.
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn values_sent_as_text_reach_the_server_unchanged() {
+        let schema = TestSchema::new("literals");
+        let mut client = schema.client();
+        let tricky = [
+            "plain",
+            "it's",
+            "back\\slash \\' end\\",
+            "$1 and $2",
+            "E'x'",
+            "ünï — 🦀",
+            "",
+        ];
+        let list: Vec<String> = tricky.iter().map(|s| (*s).to_owned()).collect();
+        client
+            .batch_execute(
+                "PREPARE one AS SELECT $1::text, $2::bigint, $3::bigint IS NULL;
+                 PREPARE many AS SELECT unnest($1::text[]), cardinality($2::text[])",
+            )
+            .unwrap();
+        for setting in ["on", "off"] {
+            client
+                .batch_execute(&format!("SET standard_conforming_strings = {setting}"))
+                .unwrap();
+            for value in tricky {
+                let first = First::new(
+                    "one",
+                    "",
+                    &[Lit::Text(value), Lit::Int(i64::MIN), Lit::Null],
+                )
+                .unwrap();
+                let rows = by_statement(client.simple_query(&first.execute).unwrap());
+                let row = &rows[0][0];
+                assert_eq!(row.get(0), Some(value), "{setting}: {}", first.execute);
+                assert_eq!(row.get(1), Some(i64::MIN.to_string().as_str()));
+                assert_eq!(row.get(2), Some("t"));
+            }
+            let first = First::new("many", "", &[Lit::Texts(&list), Lit::Texts(&[])]).unwrap();
+            let rows = by_statement(client.simple_query(&first.execute).unwrap());
+            let got: Vec<&str> = rows[0].iter().filter_map(|r| r.get(0)).collect();
+            assert_eq!(got, tricky, "{setting}");
+            assert_eq!(rows[0][0].get(1), Some("0"));
+        }
     }
 
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.

@@ -203,7 +203,11 @@ impl Store {
         claims.extend(new.parent.map(|parent| Claim::run(parent, true)));
         self.write(&claims, |tx| {
             let at = tx.now();
-            if !super::instances::is_open(tx, new.instance)? {
+            // Checked again by the insert below: first only when other
+            // checks come before it, so that a closed instance is `None`
+            // whatever they would say.
+            let checks = new.parent.is_some() || new.idempotency_key.is_some();
+            if checks && !super::instances::is_open(tx, new.instance)? {
                 return Ok(None);
             }
             if let Some(parent) = new.parent {
@@ -256,16 +260,29 @@ impl Store {
             } else {
                 new.instance
             };
-            let row = tx.query_one(
-                "INSERT INTO runs (name, source, status, parent_id, idempotency_key,
-                     instance_id, pid, host, metadata, log_path, created_at, started_at,
-                     heartbeat_timeout, hung_at, adopt_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+            // The run, its first event and its pointer to it, in one
+            // statement (one round trip), if the instance is open. The
+            // event's id is drawn with the run's insert (`next_event_id`,
+            // as the column's default would), so that the run can point
+            // at it.
+            let row = tx.query_opt(
+                "WITH r AS (
+                     INSERT INTO runs (name, source, status, parent_id, idempotency_key,
+                         instance_id, pid, host, metadata, log_path, created_at, started_at,
+                         heartbeat_timeout, hung_at, adopt_by, last_event_id)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                          CASE WHEN $13::bigint > 9223372036854775807 - greatest($12::bigint, 0)
                               THEN 9223372036854775807 ELSE $12::bigint + $13::bigint END,
                          CASE WHEN $14::bigint > 9223372036854775807 - greatest($11::bigint, 0)
-                              THEN 9223372036854775807 ELSE $11::bigint + $14::bigint END)
-                 RETURNING id",
+                              THEN 9223372036854775807 ELSE $11::bigint + $14::bigint END,
+                         next_event_id()
+                     WHERE EXISTS (SELECT 1 FROM instances WHERE id = $15 AND closed_at IS NULL)
+                     RETURNING id, last_event_id
+                 ), ev AS (
+                     INSERT INTO events (id, run_id, prev_id, at, kind, to_status)
+                     SELECT r.last_event_id, r.id, NULL, $11, 'status', $3 FROM r
+                 )
+                 SELECT id, last_event_id FROM r",
                 &[
                     &new.name,
                     &new.source,
@@ -281,16 +298,14 @@ impl Store {
                     &started_at,
                     &new.heartbeat_timeout,
                     &new.adopt_within,
+                    &new.instance,
                 ],
             )?;
-            let id = RunId::from(row.try_get::<_, i64>(0)?);
-            let mut chain = Chain {
-                run: id,
-                last: None,
-                at,
+            let Some(row) = row else {
+                return Ok(None);
             };
-            chain.append(tx, "status", None, None, Some(new.status.as_str()), None)?;
-            set_last_event(tx, id, chain.last)?;
+            let id = RunId::from(row.try_get::<_, i64>(0)?);
+            tx.event_written(row.try_get(1)?);
             Ok(Some(id))
         })
     }
@@ -1038,7 +1053,8 @@ pub(super) fn apply_change(
     let row = tx
         .query_opt(
             "SELECT status, steps_total, steps_succeeded, steps_failed,
-                    cancel_requested_at IS NOT NULL, last_event_id
+                    cancel_requested_at IS NOT NULL, last_event_id,
+                    (SELECT string_agg(keys, chr(10)) FROM locks WHERE run_id = $1)
              FROM runs WHERE id = $1",
             &[&i64::from(run)],
         )?
@@ -1054,15 +1070,24 @@ pub(super) fn apply_change(
         cancel_requested: row.try_get(4)?,
     };
     let last_event: Option<i64> = row.try_get(5)?;
+    // The keys of the run's requests, one JSON array per request and line
+    // (JSON text holds no raw line break). Under the run's claim no request
+    // of the run can be added, so these are all it will have.
+    let requests: Option<&str> = row.try_get(6)?;
     let Some(change) = decide(&state)? else {
         return Ok((state, state.status, Vec::new()));
     };
     if let RunChange::Status { to, .. } = &change
         && to.is_terminal()
+        && let Some(requests) = requests
     {
         // Its locks go with it: their keys are claimed before the first
         // write (see `Store::write_later`).
-        super::locks::claim_run_keys(tx, run)?;
+        let mut keys = Vec::new();
+        for line in requests.lines() {
+            keys.extend(super::locks::parse_keys(line)?);
+        }
+        super::locks::claim_keys(tx, &keys)?;
     }
     let mut chain = Chain {
         run,
@@ -1094,27 +1119,30 @@ pub(super) fn apply_change(
             } else {
                 0
             };
-            chain.append(
-                tx,
-                "status",
-                None,
-                Some(from.as_str()),
-                Some(to.as_str()),
-                error.as_deref(),
-            )?;
             let started = (to == RunStatus::Running || via_running).then_some(at.as_millis());
             let finished = to.is_terminal().then_some(at.as_millis());
-            let changed = tx.execute(
-                "UPDATE runs SET status = $3, exit_code = $4, error = $5,
+            // The status event and the change, in one statement (one round
+            // trip): the event is the chain's next, and the run points at
+            // it. Should the compare-and-set miss, the event is rolled back
+            // with the error below.
+            let row = tx.query_opt(
+                "WITH ev AS (
+                     INSERT INTO events (run_id, prev_id, at, kind, from_status, to_status, message)
+                     VALUES ($1, $9, $10, 'status', $11, $3, $5)
+                     RETURNING id
+                 )
+                 UPDATE runs SET status = $3, exit_code = $4, error = $5,
                      started_at = coalesce(started_at, $6::bigint), finished_at = $7,
-                     steps_failed = steps_failed + $8::bigint, last_event_id = $9,
+                     steps_failed = steps_failed + $8::bigint,
+                     last_event_id = (SELECT id FROM ev),
                      hung_at = CASE WHEN $3::text <> 'running' THEN NULL
                                     WHEN heartbeat_timeout
                                          > 9223372036854775807 - greatest($10::bigint, 0)
                                     THEN 9223372036854775807
                                     ELSE $10::bigint + heartbeat_timeout END,
                      adopt_by = CASE WHEN $7::bigint IS NULL THEN adopt_by END
-                 WHERE id = $1 AND status = $2",
+                 WHERE id = $1 AND status = $2
+                 RETURNING last_event_id",
                 &[
                     &i64::from(run),
                     &state.status.as_str(),
@@ -1126,8 +1154,16 @@ pub(super) fn apply_change(
                     &closed,
                     &chain.last,
                     &at.as_millis(),
+                    &from.as_str(),
                 ],
             )?;
+            let changed = match row {
+                Some(row) => {
+                    tx.event_written(row.try_get(0)?);
+                    1
+                }
+                None => 0,
+            };
             (to, changed)
         }
         RunChange::CancelRequest { by } => {
@@ -1155,7 +1191,7 @@ pub(super) fn apply_change(
         });
     }
     // A run's locks and queue places end with it, in this transaction.
-    let wakes = if to.is_terminal() {
+    let wakes = if to.is_terminal() && requests.is_some() {
         release_run_locks(tx, run, at)?
     } else {
         Vec::new()
