@@ -22,6 +22,7 @@
 //! ```text
 //! cargo bench --bench web --features web,cli
 //! RUNLEDGER_BENCH_RUNS=1000000 cargo bench --bench web --features web,cli -- web/
+//! cargo bench --bench web --features web,cli -- "idle memory"
 //! RUNLEDGER_PG_URL=postgres://postgres@127.0.0.1:5432/postgres \
 //!     cargo bench --bench web --features web,cli,postgres -- "commit to event"
 //! ```
@@ -42,12 +43,13 @@ use runledger::{Ledger, RunSpec};
 use tower::ServiceExt as _;
 
 mod common;
-use common::{percentile, wanted_parts};
+use common::percentile;
 
 /// A SQLite ledger with `n` finished runs: one made by the library, the
 /// rest copies of it in one transaction, with names `job-0` to `job-99`
 /// and sources `cron`, `shell`, `ci`.
 fn ledger_with(dir: &std::path::Path, n: u64) -> Ledger {
+    let started = Instant::now();
     let path = dir.join(format!("ledger-{n}.db"));
     let ledger = Ledger::open(&path).unwrap();
     ledger
@@ -70,6 +72,10 @@ fn ledger_with(dir: &std::path::Path, n: u64) -> Ledger {
     )
     .unwrap();
     conn.execute_batch("ANALYZE;").unwrap();
+    println!(
+        "seeded {n} runs in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     ledger
 }
 
@@ -134,10 +140,47 @@ fn main() {
     if wanted("idle memory") {
         idle_memory();
     }
-    if wanted("web/") {
-        benches();
-        Criterion::default().configure_from_args().final_summary();
+    // Criterion filters its benches by the same argument itself.
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
+
+/// Which of this bench's own parts to run: the first argument that is
+/// neither a flag nor the value of one of criterion's options
+/// (`-- --measurement-time 2 "commit to event"`) selects the parts whose
+/// name it is in, or that are in it; none selects all.
+fn wanted_parts() -> impl Fn(&str) -> bool {
+    const WITH_VALUE: &[&str] = &[
+        "--measurement-time",
+        "--warm-up-time",
+        "--sample-size",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--profile-time",
+        "--output-format",
+        "--color",
+        "--plotting-backend",
+        "--format",
+        "--logfile",
+        "--skip",
+    ];
+    let mut filter = String::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            args.next();
+        } else if !arg.starts_with('-') {
+            filter = arg;
+            break;
+        }
     }
+    move |part: &str| filter.is_empty() || part.contains(&filter) || filter.contains(part)
 }
 
 /// The `runledger` binary of this build, if it has one (feature `cli`).
