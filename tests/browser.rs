@@ -202,7 +202,17 @@ impl Browser {
 
     /// Waits until the page's text satisfies `ok`, without reloading it.
     fn wait_for_text(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for_text_within(Duration::from_secs(30), what, ok)
+    }
+
+    /// [`wait_for_text`](Browser::wait_for_text), for at most `limit`.
+    fn wait_for_text_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
         loop {
             let text = self.text();
             if ok(&text) {
@@ -542,4 +552,95 @@ fn the_dashboard_shows_a_busy_ledger() {
     assert!(text.contains("build:symbol=AAPL"), "{text}");
     assert!(text.contains("released"), "{text}");
     browser.screenshot("locks");
+}
+
+/// The log of a running run grows on its open page: what the run's
+/// process writes to it, and what another process appends, shows up
+/// without a reload, once each, also across a redraw of the page.
+#[test]
+fn a_running_runs_log_grows_on_its_open_page_without_a_reload() {
+    let served = Served::start();
+    // The run writes its second line once the test creates `go`.
+    let _run = served.exec(&[
+        "--name",
+        "tailed",
+        "--",
+        "sh",
+        "-c",
+        "echo first line; while [ ! -e go ]; do sleep 0.05; done; \
+         echo second line from the run; exec sleep 60",
+    ]);
+    let id = served.run_id("tailed");
+    let out = runledger(&served.db())
+        .args(["runs", "--json", "--name", "tailed", "--limit", "1"])
+        .output()
+        .unwrap();
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let log = PathBuf::from(runs[0]["log_path"].as_str().expect("a log path"));
+    let browser = Browser::start();
+    browser.open(&format!("{}/runs/{id}", served.url));
+    // The command line (in the metadata) has the lines too: look at the log.
+    let log_text = || {
+        browser
+            .eval("var pre = document.querySelector('pre.log'); return pre ? pre.textContent : '';")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Well within the 30 s of the page's timed redraw: only the log's
+    // poll (every second) can show the line in time.
+    let wait_for_log = |what: &str, line: &str| {
+        browser.wait_for_text_within(Duration::from_secs(10), what, |_| log_text().contains(line));
+        log_text()
+    };
+    wait_for_log("the log's first line", "first line");
+    browser.eval("window.sameDocument = 'yes'; return null;");
+
+    std::fs::write(served.dir.path().join("go"), "").unwrap();
+    wait_for_log("the line the run wrote", "second line from the run");
+    let append = |line: &str| {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(file, "{line}").unwrap();
+    };
+    append("appended by another process <b>not bold</b>");
+    wait_for_log(
+        "the appended line",
+        "appended by another process <b>not bold</b>",
+    );
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('pre.log b').length;"),
+        0,
+        "a log line became markup"
+    );
+
+    // A redraw of the page's content (an event: another run ends) keeps
+    // every line, once.
+    browser.eval("document.querySelector('main').setAttribute('data-old', ''); return null;");
+    let out = runledger(&served.db())
+        .args(["exec", "--name", "other", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    browser.wait_for_text("a redraw", |_| {
+        browser.eval("return document.querySelector('main[data-old]') === null;") == true
+    });
+    append("after the redraw");
+    let text = wait_for_log("the line after the redraw", "after the redraw");
+    for line in [
+        "first line",
+        "second line from the run",
+        "appended by another process",
+        "after the redraw",
+    ] {
+        assert_eq!(
+            text.matches(line).count(),
+            1,
+            "{line:?} is not shown once:\n{text}"
+        );
+    }
+    assert_eq!(
+        browser.eval("return window.sameDocument || 'reloaded';"),
+        "yes",
+        "the page was reloaded"
+    );
 }

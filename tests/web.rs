@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -1083,6 +1084,194 @@ fn a_run_page_tails_logs_only_from_the_log_folder(store: Store) {
     }
 }
 
+/// `/api/runs/{id}/log`, which the run page's script polls: what was
+/// appended after an offset, the end again when the file was cut, and
+/// never a file outside the log folder.
+fn the_log_api_returns_what_was_appended_after_an_offset(store: Store) {
+    let f = Fixture::new(store);
+    let logs = f.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let path = logs.join("live.log");
+    std::fs::write(&path, "one\n<b>two</b>\n").unwrap();
+    let run = f
+        .ledger
+        .begin_run(RunSpec::new("tailed").log_path(&path))
+        .unwrap();
+    let id = run.id();
+    let app = Dashboard::new(f.ledger.clone()).log_dir(&logs).router();
+    let log = |query: &str| ok(&app, &format!("/api/runs/{id}/log{query}")).json();
+
+    // The page carries where its text ends, for the script to read on.
+    let page = ok(&app, &format!("/runs/{id}")).body;
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        page.contains(&format!("data-log-offset=\"{len}\"")),
+        "{page}"
+    );
+    assert!(page.contains("data-log-active"), "{page}");
+    assert!(
+        page.contains(&format!("data-log-url=\"/api/runs/{id}/log\"")),
+        "{page}"
+    );
+    assert!(page.contains("&lt;b&gt;two&lt;/b&gt;"), "{page}");
+    assert!(!page.contains("<b>two"), "{page}");
+
+    // Without `from`: the end the page shows.
+    let tail = log("");
+    assert_eq!(tail["text"], "one\n<b>two</b>\n");
+    assert_eq!(
+        (tail["from"].as_u64(), tail["offset"].as_u64()),
+        (Some(0), Some(len))
+    );
+    assert_eq!(tail["active"], true);
+    assert_eq!(log(&format!("?from={len}"))["text"], "");
+
+    // What is appended, from the offset, exactly once.
+    let appended = "three & <script>alert(1)</script>\n";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(appended.as_bytes())
+        .unwrap();
+    let reply = get(&app, &format!("/api/runs/{id}/log?from={len}"));
+    assert_eq!(reply.header(header::CONTENT_TYPE), "application/json");
+    assert_eq!(reply.header(header::X_CONTENT_TYPE_OPTIONS), "nosniff");
+    assert!(
+        reply
+            .header(header::CONTENT_SECURITY_POLICY)
+            .contains("default-src 'none'")
+    );
+    let next = reply.json();
+    assert_eq!(next["text"], appended);
+    assert_eq!(next["from"].as_u64(), Some(len));
+    let end = len + appended.len() as u64;
+    assert_eq!(next["offset"].as_u64(), Some(end));
+    assert_eq!(
+        (&next["more"], &next["reset"]),
+        (&Value::Bool(false), &Value::Bool(false))
+    );
+    assert_eq!(log(&format!("?from={}", len + 4))["text"], &appended[4..]);
+
+    // A long log comes a bounded chunk at a time, in whole lines.
+    let line = "z".repeat(1023) + "\n";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(line.repeat(100).as_bytes())
+        .unwrap();
+    let big = log(&format!("?from={end}"));
+    assert_eq!(big["more"], true);
+    let text = big["text"].as_str().unwrap();
+    assert!(
+        text.len() <= 64 * 1024 && text.ends_with('\n'),
+        "{}",
+        text.len()
+    );
+    let rest = log(&format!("?from={}", big["offset"]));
+    assert_eq!(rest["more"], false);
+    assert_eq!(
+        format!("{text}{}", rest["text"].as_str().unwrap()),
+        line.repeat(100)
+    );
+
+    // Truncated (a log rotated in place): the offset is past the end, and
+    // the reply starts again from the file's end.
+    std::fs::write(&path, "after rotation\n").unwrap();
+    let reset = log(&format!("?from={end}"));
+    assert_eq!(reset["reset"], true);
+    assert_eq!(reset["text"], "after rotation\n");
+    assert_eq!(
+        (reset["from"].as_u64(), reset["offset"].as_u64()),
+        (Some(0), Some(15))
+    );
+
+    // Bad offsets, unknown runs, runs without a log.
+    for bad in ["?from=-1", "?from=abc"] {
+        let reply = get(&app, &format!("/api/runs/{id}/log{bad}"));
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            reply.body
+        );
+    }
+    let reply = get(&app, "/api/runs/999999/log?from=0");
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    assert!(reply.json()["error"].is_string());
+    let bare = f.ledger.begin_run(RunSpec::new("no-log")).unwrap();
+    let reply = get(&app, &format!("/api/runs/{}/log", bare.id()));
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    assert!(reply.body.contains("has no log"), "{}", reply.body);
+    bare.succeed().unwrap();
+
+    // Never a file outside the folder: absolute, beside it, a symlink out
+    // of it, a `..`.
+    let secret = f.dir.path().join("secret.txt");
+    std::fs::write(&secret, "s3cret-outside-the-folder\n").unwrap();
+    let link = logs.join("escape.log");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    for outside in [
+        std::path::Path::new("/etc/passwd").to_path_buf(),
+        secret.clone(),
+        link,
+        logs.join("..").join("secret.txt"),
+    ] {
+        let other = f
+            .ledger
+            .begin_run(RunSpec::new("outside").log_path(&outside))
+            .unwrap();
+        for query in ["", "?from=0"] {
+            let reply = get(&app, &format!("/api/runs/{}/log{query}", other.id()));
+            assert_eq!(
+                reply.status,
+                StatusCode::FORBIDDEN,
+                "{outside:?}: {}",
+                reply.body
+            );
+            assert!(!reply.body.contains("s3cret") && !reply.body.contains("root:"));
+            assert!(
+                reply.body.contains("outside the ledger's log folder"),
+                "{}",
+                reply.body
+            );
+        }
+        let page = ok(&app, &format!("/runs/{}", other.id())).body;
+        assert!(!page.contains("data-log-url"), "{page}");
+        other.succeed().unwrap();
+    }
+    // Without a log folder, nothing is served.
+    let bare_app = Dashboard::new(f.ledger.clone())
+        .log_dir(f.dir.path().join("no-such-folder"))
+        .router();
+    let reply = get(&bare_app, &format!("/api/runs/{id}/log"));
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+
+    // Read-only and behind the token, as every route.
+    let reply = send(&app, Method::POST, &format!("/api/runs/{id}/log"), &[]);
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    let guarded = Dashboard::new(f.ledger.clone())
+        .log_dir(&logs)
+        .token("tok")
+        .router();
+    let path_ = format!("/api/runs/{id}/log?from=0");
+    assert_eq!(get(&guarded, &path_).status, StatusCode::UNAUTHORIZED);
+    let reply = send(
+        &guarded,
+        Method::GET,
+        &path_,
+        &[("authorization", "Bearer tok")],
+    );
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+
+    // Once the run has ended, the reply says so: the script stops.
+    run.succeed().unwrap();
+    assert_eq!(log("?from=0")["active"], false);
+    let page = ok(&app, &format!("/runs/{id}")).body;
+    assert!(!page.contains("data-log-active"), "{page}");
+}
+
 on_both_stores!(
     the_runs_api_mirrors_the_cli_and_filters_and_pages,
     one_run_locks_and_instances_as_json,
@@ -1100,6 +1289,7 @@ on_both_stores!(
     pages_offer_no_action_unless_allowed,
     the_locks_page_shows_each_keys_history_with_tokens,
     a_run_page_tails_logs_only_from_the_log_folder,
+    the_log_api_returns_what_was_appended_after_an_offset,
 );
 
 /// `runledger serve` as a user starts it.

@@ -165,6 +165,87 @@ pub(crate) async fn run(State(shared): AppState, Path(id): Path<String>) -> Resp
     }
 }
 
+#[derive(serde::Deserialize)]
+pub(crate) struct LogQuery {
+    from: Option<String>,
+}
+
+/// `/api/runs/{id}/log`: what the run's log has after byte `?from=N` (at
+/// most 64 KiB, whole lines when there is more), or its end without
+/// `from`, as `{"run", "from", "offset", "text", "more", "reset",
+/// "active"}`: read again from `offset`; `more` says there is more to read
+/// at once, `reset` that `from` was past the end (the file was truncated or
+/// replaced) so the text is the file's end instead, and `active` whether
+/// the run is (its status read before the file, so once it is false the
+/// text reaches the log's end as the run left it). Only a file inside the
+/// log folder is read: `403` for one outside it, `404` for an unknown run,
+/// a run without a log or a file that is not there.
+pub(crate) async fn run_log(
+    State(shared): AppState,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Response {
+    let id: RunId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, e),
+    };
+    let from = match query.from.as_deref().map(str::parse::<u64>).transpose() {
+        Ok(from) => from,
+        Err(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "from: must be a byte offset (0 or more)",
+            );
+        }
+    };
+    let log_dir = shared.log_dir.clone();
+    let read = blocking(&shared, move |l| {
+        let run = l.run(id)?;
+        let Some(path) = run.log_path else {
+            return Ok(Err((StatusCode::NOT_FOUND, format!("run {id} has no log"))));
+        };
+        let active = run.status.is_active();
+        let chunk = super::log::open(log_dir.as_deref(), &path)
+            .map_err(|refused| match refused {
+                super::log::Refused::Outside => (
+                    StatusCode::FORBIDDEN,
+                    format!("the log of run {id} is not served: {refused}"),
+                ),
+                super::log::Refused::Unreadable(e) => (
+                    StatusCode::NOT_FOUND,
+                    format!("the log of run {id} is not readable here: {e}"),
+                ),
+            })
+            .and_then(|mut file| {
+                match from {
+                    Some(from) => super::log::after(&mut file, from),
+                    None => super::log::tail(&mut file),
+                }
+                .map_err(|e| {
+                    (
+                        StatusCode::NOT_FOUND,
+                        format!("the log of run {id} is not readable here: {e}"),
+                    )
+                })
+            });
+        Ok(chunk.map(|chunk| (chunk, active)))
+    });
+    match read.await {
+        Ok(Ok((chunk, active))) => Json(serde_json::json!({
+            "run": id,
+            "from": chunk.from,
+            "offset": chunk.offset,
+            "text": chunk.text,
+            "more": chunk.more,
+            "reset": chunk.reset,
+            "active": active,
+        }))
+        .into_response(),
+        Ok(Err((status, message))) => json_error(status, message),
+        Err(e) => ledger_error(&e),
+    }
+}
+
 /// `/api/locks`: the array of `runledger locks --json`.
 pub(crate) async fn locks(State(shared): AppState) -> Response {
     match blocking(&shared, |l| l.locks()).await {

@@ -10,6 +10,7 @@
 //! | `/runs/{id}` | One run: every field, metadata, steps, events, its locks, and for a queued run who holds what it waits for |
 //! | `/locks` | Every key: holders (mode, token, age), the queue in order, and its history (grants, releases, reclaims from dead holders, forced releases, with tokens and why) |
 //! | `/api/runs`, `/api/runs/{id}`, `/api/locks`, `/api/instances` | JSON: the shapes of `runledger runs --json`, `show --json`, `locks --json`; `/api/runs` takes the filters of `/runs` |
+//! | `/api/runs/{id}/log` | JSON: what the run's log has after byte `?from=N` (at most 64 KiB), or its end; the run page's script polls it while the run is active (see [`Dashboard::log_dir`] for which files are read) |
 //! | `/api/events` | The event feed as server-sent events (`text/event-stream`): one `message` per event, its JSON as data and its id as the SSE id, so a reconnect resumes after the last one seen (`Last-Event-ID`, or `?from=N`) |
 //! | `/metrics` | Prometheus text: runs by status, active and queued runs, locks held, waiters, the oldest wait, instances alive and stale, runs reaped |
 //!
@@ -18,7 +19,10 @@
 //! when something changes: a run's, or a lock's (grants, releases,
 //! reclaims and forced releases are events of the feed), and every 30
 //! seconds for what changes without an event (ages; processes that died
-//! and are not reaped yet). Every value from the ledger goes through
+//! and are not reaped yet). On the page of an active run, it also polls
+//! `/api/runs/{id}/log` every second from the byte offset the page was
+//! drawn with (a `data-log-offset` attribute) and appends what the log got
+//! as text, until the run ends. Every value from the ledger goes through
 //! the template engine (maud), which escapes it: a run named `<script>` is
 //! text. Nothing is loaded from elsewhere, and every response carries a
 //! restrictive `Content-Security-Policy`.
@@ -97,6 +101,7 @@
 
 mod actions;
 mod api;
+mod log;
 mod pages;
 
 use std::future::Future;
@@ -183,9 +188,10 @@ impl Dashboard {
     }
 
     /// The folder of the runs' logs: a run page shows the tail of a run's
-    /// `log_path` only if the file, symlinks resolved, is inside it, and a
-    /// plain note otherwise, so a recorded path such as `/etc/passwd` is
-    /// never served. Defaults to the `logs` folder beside a SQLite ledger's
+    /// `log_path`, and `/api/runs/{id}/log` what follows it, only if the
+    /// file, symlinks resolved, is inside it; the page shows a plain note
+    /// otherwise and the API answers `403`, so a recorded path such as
+    /// `/etc/passwd` is never served. Defaults to the `logs` folder beside a SQLite ledger's
     /// file (where `runledger exec` writes them), and to none for
     /// PostgreSQL: then no log is shown.
     ///
@@ -243,6 +249,7 @@ impl Dashboard {
             .route("/assets/live.js", get(pages::script))
             .route("/api/runs", get(api::runs))
             .route("/api/runs/{id}", get(api::run))
+            .route("/api/runs/{id}/log", get(api::run_log))
             .route("/api/locks", get(api::locks))
             .route("/api/instances", get(api::instances))
             .route("/api/events", get(api::events))

@@ -592,41 +592,17 @@ struct RunPage {
     events: Vec<EventRecord>,
     locks: Vec<LockRecord>,
     instances: Vec<InstanceInfo>,
-    log: Option<Result<String, String>>,
+    log: Option<Result<super::log::Chunk, String>>,
 }
 
-/// How much of a log's end the run page shows.
-const LOG_TAIL: u64 = 16 * 1024;
-
 /// The end of the log at `path`, if this host can read it and it lies
-/// inside `dir`, the ledger's log folder, once both are canonical (so a
-/// symlink out of the folder is refused too).
-fn log_tail(dir: Option<&std::path::Path>, path: &std::path::Path) -> Result<String, String> {
-    use std::io::{Read, Seek, SeekFrom};
-    const OUTSIDE: &str = "it is outside the ledger's log folder";
-    let dir = dir
-        .and_then(|d| std::fs::canonicalize(d).ok())
-        .ok_or_else(|| OUTSIDE.to_owned())?;
-    let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
-    if !real.starts_with(&dir) || !real.is_file() {
-        return Err(OUTSIDE.to_owned());
-    }
-    let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let from = len.saturating_sub(LOG_TAIL);
-    file.seek(SeekFrom::Start(from))
-        .map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&bytes);
-    Ok(if from > 0 {
-        // Start at a whole line.
-        text.split_once('\n')
-            .map_or(text.as_ref(), |(_, rest)| rest)
-            .to_owned()
-    } else {
-        text.into_owned()
-    })
+/// inside `dir`, the ledger's log folder.
+fn log_tail(
+    dir: Option<&std::path::Path>,
+    path: &std::path::Path,
+) -> Result<super::log::Chunk, String> {
+    let mut file = super::log::open(dir, path).map_err(|e| e.to_string())?;
+    super::log::tail(&mut file).map_err(|e| e.to_string())
 }
 
 /// `/runs/{id}`: everything about one run.
@@ -804,7 +780,10 @@ pub(crate) async fn run(
             section {
                 h2 { "Log" }
                 @match log {
-                    Ok(text) => pre.log { (text) },
+                    // The script appends what is written after `offset`
+                    // while the run is active.
+                    Ok(tail) => pre.log data-log-url=(base.at(&format!("/api/runs/{}/log", run.id)))
+                        data-log-offset=(tail.offset) data-log-active[run.status.is_active()] { (tail.text) },
                     Err(e) => p.note { "The log is not readable here: " (e) },
                 }
             }

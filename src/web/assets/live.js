@@ -1,7 +1,8 @@
 // runledger dashboard: live updates. The page works without this script;
 // with it, the page's <main> is redrawn from the server when an event
 // commits (lock grants and releases included), and every 30 s for what
-// changes without an event: ages, and processes that died.
+// changes without an event: ages, and processes that died. On the page of
+// an active run, what its log gets is appended every second.
 (function () {
   "use strict";
   var base = document.body.getAttribute("data-base") || "";
@@ -15,7 +16,7 @@
       .then(function (text) {
         var next = new DOMParser().parseFromString(text, "text/html").querySelector("main");
         var main = document.querySelector("main");
-        if (next && main) { main.replaceWith(next); }
+        if (next && main) { keepLog(main, next); main.replaceWith(next); }
       })
       .catch(function () {})
       .then(function () {
@@ -37,4 +38,60 @@
     feed.onmessage = soon;
   }
   setInterval(function () { if (!document.hidden) { soon(); } }, 30000);
+
+  // The log. Its <pre> holds the text up to byte data-log-offset of the
+  // file, which the server renders; the poll appends what follows it. A
+  // redraw keeps the <pre> shown (with what was appended, from where it
+  // left off) unless the file was cut (the new one's offset is smaller),
+  // so no line is lost or shown twice.
+  function logOf(root) { return root.querySelector("pre.log[data-log-url]"); }
+  function offsetOf(pre) { return Number(pre.getAttribute("data-log-offset")); }
+  function keepLog(main, next) {
+    var old = logOf(main), fresh = logOf(next);
+    if (!old || !fresh || old.getAttribute("data-log-url") !== fresh.getAttribute("data-log-url")) { return; }
+    if (offsetOf(fresh) < offsetOf(old)) { return; }
+    if (fresh.hasAttribute("data-log-active")) { old.setAttribute("data-log-active", ""); }
+    else { old.removeAttribute("data-log-active"); }
+    fresh.replaceWith(old);
+  }
+  // Appended text kept at most: the oldest lines go first.
+  var KEEP = 1 << 20;
+  var polling = false;
+  function poll() {
+    var pre = logOf(document);
+    if (!pre) { polling = false; return; }
+    polling = true;
+    var from = offsetOf(pre);
+    fetch(pre.getAttribute("data-log-url") + "?from=" + from,
+          { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+      .then(function (chunk) {
+        var now = logOf(document);
+        // A redraw in between brought a log of its own: read on from it.
+        if (now !== pre || offsetOf(pre) !== from) { return setTimeout(poll, 0); }
+        var atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+        if (chunk.reset) { pre.textContent = chunk.text; }
+        else if (chunk.text) { pre.appendChild(document.createTextNode(chunk.text)); }
+        if (pre.textContent.length > KEEP) {
+          var text = pre.textContent, cut = text.indexOf("\n", text.length - KEEP);
+          pre.textContent = text.slice(cut < 0 ? text.length - KEEP : cut + 1);
+        }
+        pre.setAttribute("data-log-offset", String(chunk.offset));
+        if (atEnd) { pre.scrollTop = pre.scrollHeight; }
+        if (chunk.more) { setTimeout(poll, 0); }
+        else if (chunk.active) { setTimeout(poll, document.hidden ? 5000 : 1000); }
+        else { pre.removeAttribute("data-log-active"); polling = false; }
+      })
+      .catch(function (status) {
+        // Refused (the run or its log is gone): stop; else try again.
+        if (status >= 400 && status < 500) { polling = false; } else { setTimeout(poll, 5000); }
+      });
+  }
+  function startLog() {
+    var pre = logOf(document);
+    if (!polling && pre && pre.hasAttribute("data-log-active")) { poll(); }
+  }
+  startLog();
+  // A redraw may show the log of a run that became active.
+  new MutationObserver(startLog).observe(document.body, { childList: true });
 })();
