@@ -10,12 +10,13 @@ use runledger::{Error, EventCursor, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 
 /// Schema 7 changes nothing on SQLite; on PostgreSQL it numbers events by
 /// their transaction (`next_event_id()`) instead of an identity column.
-/// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`). A ledger
-/// of schema 6 is a current one without the indexes and with its events
-/// numbered by an identity column again, recorded as version 6.
+/// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`), schema 9
+/// one (`runs_by_status`). A ledger of schema 6 is a current one without
+/// the indexes and with its events numbered by an identity column again,
+/// recorded as version 6.
 fn downgrade_to_6(f: &Fixture) {
     f.sql(
-        "DROP INDEX runs_by_name; DROP INDEX runs_by_source; \
+        "DROP INDEX runs_by_name; DROP INDEX runs_by_source; DROP INDEX runs_by_status; \
          DELETE FROM schema_migrations WHERE version >= 7;",
     );
     match f.store {
@@ -44,8 +45,8 @@ fn end_writes_of_6(f: &Fixture) {
 
 fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) {
     assert_eq!(
-        SCHEMA_VERSION, 8,
-        "this test knows what schemas 7 and 8 changed"
+        SCHEMA_VERSION, 9,
+        "this test knows what schemas 7 to 9 changed"
     );
     let f = Fixture::new(store);
     // Written as schema 6 numbered its events.

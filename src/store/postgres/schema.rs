@@ -246,6 +246,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_name ON runs(name, id);
     CREATE INDEX runs_by_source ON runs(source, id);
     "#,
+    // 9: the runs list filtered by status, newest first (see the SQLite
+    // schema).
+    r#"
+    CREATE INDEX runs_by_status ON runs(status, id);
+    "#,
 ];
 
 /// The schema version this build writes and understands.
