@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use postgres::Client;
+use postgres::{Client, GenericClient};
 
 use super::{advisory_key, quote_ident};
 use crate::error::{Error, Result};
@@ -252,7 +252,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// Creates the schema if needed and applies the pending migrations, each
-/// process in turn under a session advisory lock of the schema; refuses a
+/// process in turn under an advisory lock of the schema; refuses a
 /// schema of a newer version or of another application, and (unless
 /// `create`) one with no ledger yet.
 ///
@@ -261,6 +261,16 @@ pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 /// [`Error::Busy`]: a process stuck while migrating never holds up every
 /// process that opens the ledger after it. An up-to-date ledger takes no
 /// lock at all, so processes that open it at once do not queue.
+///
+/// **All of it is one transaction**, the lock one of the transaction
+/// (`pg_advisory_xact_lock`) and the timeout `SET LOCAL`: nothing is left
+/// on the session, so opening works the same through a transaction pooler
+/// (see `pooler`), where a session's lock or setting would stay with a
+/// server connection that other clients get next, and where two statements
+/// outside a transaction may not even reach the same server connection.
+/// The statements' prepared names are closed before the commit. At `READ
+/// COMMITTED`, the inspection that follows the lock sees a migration that
+/// another process committed while this one waited.
 pub(super) fn prepare(
     client: &mut Client,
     schema: &str,
@@ -269,9 +279,10 @@ pub(super) fn prepare(
     create: bool,
 ) -> Result<()> {
     let ms = busy_timeout.as_millis().clamp(1, i32::MAX as u128);
-    client.batch_execute(&format!("SET lock_timeout = {ms}"))?;
-    match check(inspect(client, schema)?, name)? {
-        version if version == LATEST => return Ok(()),
+    let mut tx = client.transaction()?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
+    match check(inspect(&mut tx, schema)?, name)? {
+        version if version == LATEST => return Ok(tx.commit()?),
         0 if !create => {
             return Err(Error::Open {
                 path: name.into(),
@@ -284,12 +295,9 @@ pub(super) fn prepare(
         _ => {}
     }
     let key = advisory_key("runledger migrations", schema);
-    client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
-    let result = migrate(client, schema, name);
-    // Also released by the server if this connection dies.
-    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&key]);
-    let applied = result?;
-    unlocked?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])?;
+    let applied = migrate(&mut tx, schema, name)?;
+    tx.commit()?;
     if applied > 0 {
         log::info!(
             "runledger: {} migrated to schema {LATEST} ({applied} migrations)",
@@ -323,7 +331,7 @@ enum Found {
     Foreign(String),
 }
 
-fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
+fn inspect(client: &mut impl GenericClient, schema: &str) -> Result<Found> {
     // Anything of another application counts: tables, views, sequences,
     // types, functions.
     let tables: i64 = client
@@ -368,13 +376,14 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
     }
 }
 
-fn migrate(client: &mut Client, schema: &str, name: &Path) -> Result<u32> {
+/// Applies the pending migrations in `tx`, which holds the migrations'
+/// lock; the caller commits.
+fn migrate(tx: &mut postgres::Transaction<'_>, schema: &str, name: &Path) -> Result<u32> {
     // Again, under the lock: another process may have migrated meanwhile.
-    let version = check(inspect(client, schema)?, name)?;
+    let version = check(inspect(tx, schema)?, name)?;
     if version == LATEST {
         return Ok(0);
     }
-    let mut tx = client.transaction()?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {0}; SET LOCAL search_path TO {0}",
         quote_ident(schema)
@@ -388,6 +397,5 @@ fn migrate(client: &mut Client, schema: &str, name: &Path) -> Result<u32> {
             &[&applied, &i64::from(std::process::id())],
         )?;
     }
-    tx.commit()?;
     Ok(LATEST - version)
 }
