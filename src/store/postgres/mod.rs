@@ -496,11 +496,19 @@ impl Store {
             )))
         };
         loop {
+            // A simple query: one round trip, and no prepared statement (a
+            // transaction pooler keeps none; see `pooler`).
             let status = self.pool().get().map_err(Error::from).and_then(|mut conn| {
+                let sql = format!("SELECT pg_xact_status({}::xid8)", literal(xact));
                 Ok(conn
                     .client
-                    .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xact])?
-                    .try_get::<_, Option<String>>(0)?)
+                    .simple_query(&sql)?
+                    .iter()
+                    .find_map(|reply| match reply {
+                        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+                        _ => None,
+                    })
+                    .flatten())
             });
             match status {
                 Ok(Some(status)) if status == "committed" => return Ok(true),
@@ -898,11 +906,20 @@ impl ServerClock {
     fn measure(&self, client: &mut Client) -> Result<()> {
         let sent = Instant::now();
         let before = self.local.now().as_millis();
-        let row = client.query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-            &[],
-        )?;
-        let server: i64 = row.get(0);
+        // A simple query: one round trip (the middle of which is the
+        // moment measured), and no prepared statement (a transaction
+        // pooler keeps none; see `pooler`).
+        let replies =
+            client.simple_query("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")?;
+        let server: i64 = replies
+            .iter()
+            .find_map(|reply| match reply {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(|ms| ms.parse().ok()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                crate::store::bad_data("the server's clock read as no number".to_owned())
+            })?;
         let half = i64::try_from(sent.elapsed().as_millis() / 2).unwrap_or(0);
         let at = before.saturating_add(half);
         self.offset
