@@ -856,7 +856,9 @@ impl Ledger {
     ///   [`Builder::pool_size`] pooled connections, opened as they are
     ///   needed, and the process keeps one more per server, shared by all
     ///   its ledgers there, that listens for wake-ups: the budget of a
-    ///   process is its ledgers' pool sizes plus one per server. A server
+    ///   process is its ledgers' pool sizes plus one per server (through a
+    ///   transaction pooler, one per [`Builder::listen_url`] instead, or
+    ///   none; see [`Builder::transaction_pooler`]). A server
     ///   that refuses connections (`max_connections`, a role's limit)
     ///   makes a call fail with an error carrying the server's words once
     ///   [`Builder::busy_timeout`] has passed without a connection.
