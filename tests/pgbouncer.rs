@@ -404,6 +404,35 @@ fn ledgers_of_two_schemas_share_two_server_connections() {
     assert_no_session_state_left(&bouncer);
 }
 
+/// Regression: the parameters' types of a statement were learned with
+/// tokio-postgres' own prepare, named `sN` by a per-process counter,
+/// inside a transaction, and the migrations at open prepared statements
+/// the same way. A client that left statements of those names on the
+/// pooler's server connections (another process not told of the pooler)
+/// made them fail with "prepared statement sN already exists".
+fn statements_left_on_the_server_connections_by_another_client_are_never_met() {
+    let bouncer = Bouncer::start(2);
+    let schema = SchemaGuard::new();
+    let leak: String = (0..2000)
+        .map(|i| format!("PREPARE s{i} AS SELECT 1;"))
+        .collect();
+    // Both server connections: one held in a transaction by the first
+    // client while the second leaks on the other.
+    let mut first = bouncer.client();
+    let mut second = bouncer.client();
+    first.batch_execute("BEGIN").unwrap();
+    second.batch_execute(&leak).unwrap();
+    first.batch_execute(&leak).unwrap();
+    first.batch_execute("COMMIT").unwrap();
+    drop((first, second));
+    let ledger = bouncer.builder(&schema.name).open().unwrap();
+    let run = ledger.begin_run(RunSpec::new("after-a-leak")).unwrap();
+    run.step("one").unwrap().succeed().unwrap();
+    ledger.try_lock("k").unwrap().release().unwrap();
+    run.succeed().unwrap();
+    assert_eq!(ledger.runs(RunFilter::default()).unwrap().len(), 1);
+}
+
 /// The backends that `LISTEN` on the wake-up channel of `schema`, by
 /// their `application_name`.
 fn listeners_of(schema: &str) -> Vec<String> {
@@ -507,6 +536,7 @@ pg_tests!(
     locks_hand_off_in_order_through_the_pooler,
     the_event_feed_goes_through_the_pooler,
     ledgers_of_two_schemas_share_two_server_connections,
+    statements_left_on_the_server_connections_by_another_client_are_never_met,
     listen_goes_over_the_direct_url_only,
     a_waiter_is_handed_the_lock_by_another_process_with_a_listen_url,
     a_waiter_without_a_listen_url_finds_a_killed_holder_by_its_re_read,

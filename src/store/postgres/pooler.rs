@@ -28,9 +28,10 @@
 //!   supports): one round trip, as a cached prepared statement costs, but
 //!   parsed and planned by the server each time. Unnamed statements need
 //!   their parameters' types; this module learns them once per process
-//!   and statement by preparing it inside a transaction and closing it at
-//!   once: the `Close` goes out before anything else of the transaction,
-//!   so the name never outlives the transaction on the server connection,
+//!   and statement, in one round trip inside a transaction: a SQL
+//!   `PREPARE` under a name of this process's own, its types read back
+//!   from `pg_prepared_statements`, and its `DEALLOCATE`, in one batch, so
+//!   the name never outlives the transaction on the server connection,
 //!   and no other client can meet it. The store's statements only use
 //!   built-in types, so no type lookup (tokio-postgres' own `typeinfo`
 //!   statement, cached per client) is ever prepared.
@@ -50,10 +51,11 @@
 //!   pooler like any statement.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use postgres::types::{ToSql, Type};
-use postgres::{Client, Row};
+use postgres::{Client, Row, SimpleQueryMessage};
 
 use super::{Params, quote_ident};
 use crate::error::Result;
@@ -108,9 +110,14 @@ impl Pooler {
     }
 
     /// The types of the parameters of `sql`, learned once per process (see
-    /// the module docs). `in_transaction` says whether the client is inside
-    /// a transaction of the store (whose `SET LOCAL` names the schema);
-    /// else the statement is prepared in one of its own.
+    /// the module docs), in one round trip: a `PREPARE` of a name of this
+    /// process's own (never one of tokio-postgres', which another client
+    /// may have left on the server connection), its types read from
+    /// `pg_prepared_statements`, and its `DEALLOCATE`, in one batch inside
+    /// a transaction, so that the name never outlives it.
+    /// `in_transaction` says whether the client is inside a transaction of
+    /// the store (whose `SET LOCAL` names the schema); else the batch is
+    /// one of its own.
     fn types(
         &self,
         client: &mut Client,
@@ -118,28 +125,57 @@ impl Pooler {
         in_transaction: bool,
     ) -> Result<Arc<[Type]>> {
         static TYPES: OnceLock<Mutex<ParamTypes>> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let types = TYPES.get_or_init(Mutex::default);
         if let Some(known) = types.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
             return Ok(known.clone());
         }
-        if !in_transaction {
-            client.batch_execute(&format!("BEGIN; {}", self.set_local))?;
-        }
-        // Dropped at once: its `Close` is sent before the next message.
-        let learned: std::result::Result<Arc<[Type]>, postgres::Error> = client
-            .prepare(sql)
-            .map(|statement| statement.params().into());
-        if !in_transaction {
-            let ended = client.batch_execute(if learned.is_ok() {
-                "COMMIT"
-            } else {
-                "ROLLBACK"
-            });
-            if learned.is_ok() {
-                ended?;
+        let name = format!(
+            "runledger_types_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let probe = format!(
+            "PREPARE {name} AS {sql}; \
+             SELECT coalesce(array_to_string(parameter_types::oid[], ','), '') \
+             FROM pg_prepared_statements WHERE name = '{name}'; \
+             DEALLOCATE {name};"
+        );
+        let batch = if in_transaction {
+            probe
+        } else {
+            format!("BEGIN; {} {probe} COMMIT", self.set_local)
+        };
+        let replies = match client.simple_query(&batch) {
+            Ok(replies) => replies,
+            Err(e) => {
+                if !in_transaction {
+                    let _ = client.batch_execute("ROLLBACK");
+                }
+                return Err(e.into());
             }
-        }
-        let learned = learned?;
+        };
+        let oids = replies
+            .iter()
+            .find_map(|reply| match reply {
+                SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                crate::store::bad_data(format!("no parameter types for the statement {sql}"))
+            })?;
+        let learned: Vec<Type> = oids
+            .split(',')
+            .filter(|oid| !oid.is_empty())
+            .map(|oid| {
+                oid.parse().ok().and_then(Type::from_oid).ok_or_else(|| {
+                    crate::store::bad_data(format!(
+                        "a parameter of type {oid}, not a built-in one, in {sql}"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let learned: Arc<[Type]> = learned.into();
         types
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use postgres::types::Type;
 use postgres::{Client, GenericClient};
 
 use super::{advisory_key, quote_ident};
@@ -268,7 +269,9 @@ pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 /// (see `pooler`), where a session's lock or setting would stay with a
 /// server connection that other clients get next, and where two statements
 /// outside a transaction may not even reach the same server connection.
-/// The statements' prepared names are closed before the commit. At `READ
+/// Its statements are unnamed (`query_typed`), so that none meets a
+/// prepared statement another client left on a pooler's server
+/// connection. At `READ
 /// COMMITTED`, the inspection that follows the lock sees a migration that
 /// another process committed while this one waited.
 pub(super) fn prepare(
@@ -295,7 +298,7 @@ pub(super) fn prepare(
         _ => {}
     }
     let key = advisory_key("runledger migrations", schema);
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key])?;
+    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&key, Type::INT8)])?;
     let applied = migrate(&mut tx, schema, name)?;
     tx.commit()?;
     if applied > 0 {
@@ -335,7 +338,7 @@ fn inspect(client: &mut impl GenericClient, schema: &str) -> Result<Found> {
     // Anything of another application counts: tables, views, sequences,
     // types, functions.
     let tables: i64 = client
-        .query_one(
+        .query_typed_one(
             "SELECT (SELECT count(*) FROM pg_catalog.pg_class c
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                      WHERE n.nspname = $1)
@@ -350,13 +353,13 @@ fn inspect(client: &mut impl GenericClient, schema: &str) -> Result<Found> {
                        AND (t.typrelid = 0
                             OR (SELECT c.relkind FROM pg_catalog.pg_class c
                                 WHERE c.oid = t.typrelid) = 'c'))",
-            &[&schema],
+            &[(&schema, Type::TEXT)],
         )?
         .get(0);
     let mark: Option<String> = client
-        .query_one(
+        .query_typed_one(
             "SELECT obj_description(to_regclass(quote_ident($1) || '.schema_migrations'), 'pg_class')",
-            &[&schema],
+            &[(&schema, Type::TEXT)],
         )?
         .get(0);
     match mark {
@@ -365,7 +368,7 @@ fn inspect(client: &mut impl GenericClient, schema: &str) -> Result<Found> {
                 "SELECT coalesce(max(version), 0) FROM {}.schema_migrations",
                 quote_ident(schema)
             );
-            let version: i32 = client.query_one(sql.as_str(), &[])?.get(0);
+            let version: i32 = client.query_typed_one(sql.as_str(), &[])?.get(0);
             Ok(Found::Ledger(u32::try_from(version).unwrap_or(0)))
         }
         _ if tables == 0 => Ok(Found::Ledger(0)),
@@ -391,10 +394,13 @@ fn migrate(tx: &mut postgres::Transaction<'_>, schema: &str, name: &Path) -> Res
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(sql)?;
         let applied = i32::try_from(i + 1).unwrap_or(i32::MAX);
-        tx.execute(
+        tx.execute_typed(
             "INSERT INTO schema_migrations (version, applied_at, applied_by) \
              VALUES ($1, (extract(epoch FROM now()) * 1000)::bigint, $2)",
-            &[&applied, &i64::from(std::process::id())],
+            &[
+                (&applied, Type::INT4),
+                (&i64::from(std::process::id()), Type::INT8),
+            ],
         )?;
     }
     Ok(LATEST - version)
