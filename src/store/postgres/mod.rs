@@ -732,7 +732,9 @@ impl ManageConnection for Manager {
 pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
 
 /// One transaction (or, for reads, one connection outside a transaction)
-/// of the store. Statements are prepared once per connection and cached.
+/// of the store. Statements are prepared once per connection and cached
+/// (through a transaction pooler, reads are transactions too and
+/// statements run unnamed: see [`pooler`]).
 pub(super) struct Tx<'c> {
     conn: &'c mut Conn,
     now: Timestamp,
