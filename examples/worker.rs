@@ -10,7 +10,7 @@
 //! cargo run --example worker -- DB panic NAME
 //! cargo run --example worker -- DB hold KEY [--also KEY] [--mode M] [--hold-ms N] [--wait-ms N] [--forever]
 //!     [--host NAME --stale-ms N] [--queue-after-ms N] [--busy-ms N] [--no-keeper]
-//!     [--stdin] [--report]
+//!     [--stdin] [--report] [--transaction-pooler] [--listen-url URL]
 //! cargo run --example worker -- DB occupy NAME --lock KEY --wait-for KEY [--host NAME]
 //! cargo run --example worker -- DB torture --dir DIR --seed N [--host NAME] [--threads N]
 //! cargo run --example worker -- DB writers --threads N
@@ -54,7 +54,9 @@
 //! `--forever`, then releases it; with `--report` it first prints `still
 //! held BOOL` (`is_held`) and then `released`, or `lost` and the error if
 //! the lock was lost. `--no-keeper` opens the ledger without its background
-//! keeper (no heartbeat).
+//! keeper (no heartbeat). `--transaction-pooler` and `--listen-url` are
+//! `Builder::transaction_pooler(true)` and `Builder::listen_url` (feature
+//! `postgres`).
 //! `occupy` begins a run, starts a step it never finishes, takes `--lock`
 //! for the run, prints `occupying RUN TOKEN`, then waits forever in the
 //! queue of `--wait-for`: a process to kill with everything a process can
@@ -294,6 +296,16 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             }
             if let Some(ms) = flag(args, "--busy-ms") {
                 builder = builder.busy_timeout(Duration::from_millis(ms.parse()?));
+            }
+            // Through a transaction pooler, with a direct URL to listen on.
+            #[cfg(feature = "postgres")]
+            {
+                if args.iter().any(|a| a == "--transaction-pooler") {
+                    builder = builder.transaction_pooler(true);
+                }
+                if let Some(url) = flag(args, "--listen-url") {
+                    builder = builder.listen_url(url);
+                }
             }
             let ledger = builder.open()?;
             let mut keys = vec![arg(2)?];

@@ -79,6 +79,10 @@ pub struct Builder {
     target: Target,
     /// The PostgreSQL schema, if set (refused for a SQLite file).
     schema: Option<String>,
+    /// How the PostgreSQL server is reached beside the URL (refused for a
+    /// SQLite file unless left as it is).
+    #[cfg(feature = "postgres")]
+    route: crate::store::postgres::Route,
     /// The clock was given by the user.
     clock_given: bool,
     synchronous: Synchronous,
@@ -360,6 +364,83 @@ impl Builder {
         self
     }
 
+    /// Whether the URL goes through a pooler in transaction pooling mode,
+    /// such as PgBouncer with `pool_mode = transaction`, which may give the
+    /// server connection of one client to another between two
+    /// transactions. Defaults to `false`: a direct connection (or a pooler
+    /// in session mode), and nothing below applies.
+    ///
+    /// With `true`, the ledger relies on nothing of a session beyond one
+    /// transaction: no setting of the session (the schema is set with `SET
+    /// LOCAL` in every transaction), no named prepared statements (every
+    /// statement is sent unnamed, in one round trip, and planned each
+    /// time), no session advisory lock (the migrations at open take one of
+    /// their transaction, as they do on a direct connection too). What it
+    /// costs: each read (a method that only reads, such as
+    /// [`Ledger::run`] or [`Ledger::locks`], and each re-read of a waiting
+    /// lock request or watch) becomes a transaction, two round trips more;
+    /// writes cost what they cost on a direct connection.
+    ///
+    /// **Wake-ups.** A pooler cannot carry `LISTEN`: give a direct URL to
+    /// the same server with [`Builder::listen_url`], and waiters and
+    /// watches are woken across hosts as on a direct connection. Without
+    /// one the ledger does not listen: a lock waiter or a
+    /// [`watch`](Ledger::watch) is still woken at once by a process of its
+    /// own host (wake-ups of one host never go through the server), but a
+    /// release or an event on another host reaches it only at its next
+    /// timed re-read, at most 100 ms later for a lock waiter and 1 s for a
+    /// watch. The connection budget of a process is then its ledgers' pool
+    /// sizes through the pooler, plus one direct connection per listen URL.
+    ///
+    /// Only for a ledger on PostgreSQL: [`open`](Builder::open) refuses it
+    /// for a SQLite file.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use runledger::Ledger;
+    ///
+    /// // PgBouncer on 6432, PostgreSQL itself on 5432 for LISTEN.
+    /// let ledger = Ledger::builder_postgres("postgres://app@db.internal:6432/jobs")
+    ///     .transaction_pooler(true)
+    ///     .listen_url("postgres://app@db.internal:5432/jobs")
+    ///     .open()?;
+    /// # Ok::<(), runledger::Error>(())
+    /// ```
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn transaction_pooler(mut self, pooler: bool) -> Builder {
+        self.route.transaction_pooler = pooler;
+        self
+    }
+
+    /// A connection URL (or key=value string, with its own `sslmode`) for
+    /// the connection that listens for wake-ups (`LISTEN`), if it must not
+    /// go to the ledger's URL: a direct connection to the same PostgreSQL
+    /// server, when the ledger's URL goes through a transaction pooler
+    /// (see [`Builder::transaction_pooler`]). Defaults to none: the
+    /// ledger's own URL, or no listening at all through a transaction
+    /// pooler.
+    ///
+    /// It must reach the database the ledger's writes go to (notifications
+    /// of a database reach only its own listeners), else wake-ups of other
+    /// hosts arrive only at the waiters' timed re-reads. One
+    /// connection per listen URL serves every ledger of the process that
+    /// names it.
+    ///
+    /// Only for a ledger on PostgreSQL: [`open`](Builder::open) refuses it
+    /// for a SQLite file.
+    ///
+    /// # Examples
+    ///
+    /// See [`Builder::transaction_pooler`].
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn listen_url(mut self, url: impl Into<String>) -> Builder {
+        self.route.listen_url = Some(url.into());
+        self
+    }
+
     /// A label for this process's instance, shown to operators (such as
     /// `"api-server"`). Same rules as a run name. Defaults to none.
     pub fn label(mut self, label: impl Into<String>) -> Builder {
@@ -425,6 +506,16 @@ impl Builder {
             group_commit: self.group_commit,
             create: self.create,
         };
+        #[cfg(feature = "postgres")]
+        if let Target::File(path) = &self.target
+            && self.route != crate::store::postgres::Route::default()
+        {
+            return Err(crate::Error::InvalidInput {
+                what: "PostgreSQL connection setting",
+                value: format!("transaction_pooler or listen_url for {}", path.display()),
+                reason: "these settings are for a ledger on PostgreSQL, not a SQLite file".into(),
+            });
+        }
         let target = match (self.target, self.schema) {
             (Target::File(path), None) => Target::File(path),
             #[cfg(not(feature = "postgres"))]
@@ -437,11 +528,15 @@ impl Builder {
                 });
             }
             #[cfg(feature = "postgres")]
-            (Target::Postgres { url, schema }, given) => {
+            (Target::Postgres { url, schema, .. }, given) => {
                 // The builder's schema wins over one in the URL.
                 let schema = given.unwrap_or(schema);
                 crate::store::postgres::check_schema(&schema)?;
-                Target::Postgres { url, schema }
+                Target::Postgres {
+                    url,
+                    schema,
+                    route: self.route,
+                }
             }
         };
         let store = Store::open(&target, &config, self.clock.clone(), self.clock_given)?;
@@ -761,7 +856,9 @@ impl Ledger {
     ///   [`Builder::pool_size`] pooled connections, opened as they are
     ///   needed, and the process keeps one more per server, shared by all
     ///   its ledgers there, that listens for wake-ups: the budget of a
-    ///   process is its ledgers' pool sizes plus one per server. A server
+    ///   process is its ledgers' pool sizes plus one per server (through a
+    ///   transaction pooler, one per [`Builder::listen_url`] instead, or
+    ///   none; see [`Builder::transaction_pooler`]). A server
     ///   that refuses connections (`max_connections`, a role's limit)
     ///   makes a call fail with an error carrying the server's words once
     ///   [`Builder::busy_timeout`] has passed without a connection.
@@ -800,7 +897,11 @@ impl Ledger {
             schema = url[hash + 1..].to_owned();
             url.truncate(hash);
         }
-        Builder::at(Target::Postgres { url, schema })
+        Builder::at(Target::Postgres {
+            url,
+            schema,
+            route: crate::store::postgres::Route::default(),
+        })
     }
 }
 
@@ -816,6 +917,8 @@ impl Builder {
         Builder {
             target,
             schema: None,
+            #[cfg(feature = "postgres")]
+            route: crate::store::postgres::Route::default(),
             clock_given: false,
             synchronous: Synchronous::default(),
             busy_timeout: Duration::from_secs(30),

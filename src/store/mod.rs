@@ -55,6 +55,8 @@ pub(crate) enum Target {
         url: String,
         /// The schema the ledger's tables live in.
         schema: String,
+        /// Through a transaction pooler, and where to listen.
+        route: postgres::Route,
     },
 }
 
@@ -127,8 +129,9 @@ impl Store {
                 source: None,
             }),
             #[cfg(feature = "postgres")]
-            Target::Postgres { url, schema } => off_runtime(|| {
-                postgres::Store::open(url, schema, config, clock, !given).map(Store::Postgres)
+            Target::Postgres { url, schema, route } => off_runtime(|| {
+                postgres::Store::open(url, schema, config, clock, !given, route)
+                    .map(Store::Postgres)
             }),
         }
     }

@@ -57,10 +57,12 @@
 mod instances;
 mod listen;
 mod locks;
+mod pooler;
 mod runs;
 mod schema;
 mod tls;
 
+pub(crate) use pooler::Route;
 pub(crate) use schema::LATEST as SCHEMA_VERSION;
 
 use std::collections::HashMap;
@@ -110,8 +112,11 @@ pub(crate) struct Store {
     /// The server's clock as this process follows it, when it is the
     /// ledger's clock.
     server_clock: Option<Arc<ServerClock>>,
-    /// Stops this store's listener when the store is dropped.
-    _listener: listen::Listener,
+    /// Through a transaction pooler (see [`pooler`]).
+    pooler: Option<pooler::Pooler>,
+    /// Stops this store's listener when the store is dropped; none through
+    /// a transaction pooler without a direct URL to listen on.
+    _listener: Option<listen::Listener>,
 }
 
 impl fmt::Debug for Store {
@@ -151,6 +156,7 @@ impl Store {
         config: &StoreConfig,
         clock: Arc<dyn Clock>,
         follow_server: bool,
+        route: &Route,
     ) -> Result<Store> {
         let not_a_url = |reason: String| Error::Open {
             path: PathBuf::from(redacted(url)),
@@ -209,7 +215,8 @@ impl Store {
 
         let manager = Manager {
             inner: PostgresConnectionManager::new(pg.clone(), connector.clone()),
-            search_path: format!("SET search_path TO {}", quote_ident(schema)),
+            search_path: (!route.transaction_pooler)
+                .then(|| format!("SET search_path TO {}", quote_ident(schema))),
             answer_within: config.busy_timeout,
         };
         let pool = Pool::builder()
@@ -232,16 +239,28 @@ impl Store {
         // One listening connection per server, for the whole process: per
         // connection string (and TLS setting), so that ledgers opened with
         // other settings (a role, an application_name) keep their own.
-        let server = format!("{url} {tls:?}");
-        let listener =
-            listen::Listener::start(pg, connector, server, channel.clone(), name.clone())?;
+        let listener = match pooler::listen_config(route, &url, &tls, pg, connector, &name)? {
+            Some((config, connector, server)) => Some(listen::Listener::start(
+                config,
+                connector,
+                server,
+                channel.clone(),
+                name.clone(),
+            )?),
+            None => None,
+        };
+        let pooler = route
+            .transaction_pooler
+            .then(|| pooler::Pooler::new(schema));
         let lock_timeout = config.busy_timeout.as_millis().clamp(1, i32::MAX as u128);
         Ok(Store {
             pool: Some(pool),
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; \
-                 SET LOCAL lock_timeout = {lock_timeout};"
+                 SET LOCAL lock_timeout = {lock_timeout};{}",
+                pooler.as_ref().map_or("", |p| p.set_local())
             ),
+            pooler,
             seed: claim_seed(schema),
             busy_timeout: config.busy_timeout,
             channel,
@@ -351,6 +370,9 @@ impl Store {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
+        // A statement prepared by name is a session's: a transaction
+        // pooler keeps none, so there `f` makes every statement itself.
+        let first = first.filter(|_| self.pooler.is_none());
         loop {
             match self.write_once(&claims, later, first.as_ref(), &mut f) {
                 Ok(value) => return Ok(value),
@@ -400,6 +422,7 @@ impl Store {
             sealed: !later,
             xact: None,
             first: first_rows,
+            pooler: self.pooler.as_ref(),
         };
         // Nothing is committed before the batch below: a lost connection
         // here lost nothing.
@@ -522,11 +545,19 @@ impl Store {
             )))
         };
         loop {
+            // A simple query: one round trip, and no prepared statement (a
+            // transaction pooler keeps none; see `pooler`).
             let status = self.pool().get().map_err(Error::from).and_then(|mut conn| {
+                let sql = format!("SELECT pg_xact_status({}::xid8)", literal(xact));
                 Ok(conn
                     .client
-                    .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xact])?
-                    .try_get::<_, Option<String>>(0)?)
+                    .simple_query(&sql)?
+                    .iter()
+                    .find_map(|reply| match reply {
+                        SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+                        _ => None,
+                    })
+                    .flatten())
             });
             match status {
                 Ok(Some(status)) if status == "committed" => return Ok(true),
@@ -582,8 +613,9 @@ impl Store {
         if let Some(first) = first {
             batch.push_str(&first.execute);
         }
-        // The statements before the id's: BEGIN, SET LOCAL, the claims.
-        let before_id = 2 + claims.len();
+        // The statements before the id's: BEGIN, SET LOCAL lock_timeout
+        // (and search_path, through a pooler), the claims.
+        let before_id = 2 + usize::from(self.pooler.is_some()) + claims.len();
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
@@ -658,10 +690,15 @@ impl Store {
         let mut tries = self.pool().max_size();
         let on_connection = || {
             let mut conn = self.pool().get()?;
+            // Through a transaction pooler, in a transaction of its own
+            // (see `pooler`), rolled back on drop if `f` fails.
+            if let Some(pooler) = &self.pooler {
+                pooler.begin_read(&mut conn.client)?;
+            }
             let mut tx = Tx {
                 conn: &mut conn,
                 now: self.clock.now(),
-                open: false,
+                open: self.pooler.is_some(),
                 events_written: false,
                 wakes: Vec::new(),
                 seed: self.seed,
@@ -670,8 +707,14 @@ impl Store {
                 sealed: false,
                 xact: None,
                 first: None,
+                pooler: self.pooler.as_ref(),
             };
-            f(&mut tx)
+            let value = f(&mut tx)?;
+            if tx.open {
+                tx.open = false;
+                pooler::Pooler::end_read(&mut tx.conn.client)?;
+            }
+            Ok(value)
         };
         // Past the pooled connections, a server that went away (a restart)
         // is waited for, up to the busy timeout.
@@ -748,7 +791,9 @@ impl Drop for Closing {
 /// Opens pooled connections in the ledger's schema.
 struct Manager {
     inner: PostgresConnectionManager<MakeRustlsConnect>,
-    search_path: String,
+    /// The session's `SET search_path`; none through a transaction pooler,
+    /// where each transaction sets it (see [`pooler`]).
+    search_path: Option<String>,
     /// How long a check of an idle connection waits for the server: the
     /// busy timeout.
     answer_within: Duration,
@@ -768,9 +813,11 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<Conn, StorageError> {
         let mut client = self.inner.connect().map_err(StorageError::postgres)?;
-        client
-            .batch_execute(&self.search_path)
-            .map_err(StorageError::postgres)?;
+        if let Some(search_path) = &self.search_path {
+            client
+                .batch_execute(search_path)
+                .map_err(StorageError::postgres)?;
+        }
         Ok(Conn {
             client: Closing {
                 client: Some(client),
@@ -824,7 +871,9 @@ impl ManageConnection for Manager {
 pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
 
 /// One transaction (or, for reads, one connection outside a transaction)
-/// of the store. Statements are prepared once per connection and cached.
+/// of the store. Statements are prepared once per connection and cached
+/// (through a transaction pooler, reads are transactions too and
+/// statements run unnamed: see [`pooler`]).
 pub(super) struct Tx<'c> {
     conn: &'c mut Conn,
     now: Timestamp,
@@ -848,6 +897,9 @@ pub(super) struct Tx<'c> {
     /// The rows of the statement sent with `BEGIN` (see
     /// [`Store::write_first`]), until taken.
     first: Option<Vec<SimpleQueryRow>>,
+    /// Through a transaction pooler: statements run unnamed (see
+    /// [`pooler`]).
+    pooler: Option<&'c pooler::Pooler>,
 }
 
 impl Tx<'_> {
@@ -961,22 +1013,30 @@ impl Tx<'_> {
             .any(|c| c.class == claim.class && c.hash == claim.hash && (c.shared <= claim.shared))
     }
 
-    fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+    /// The prepared statement of `sql`, cached; `None` through a
+    /// transaction pooler, where it runs unnamed.
+    fn statement(&mut self, sql: &'static str) -> Result<Option<Statement>> {
         if !self.sealed && self.open && writes(sql) {
             // This statement assigns the transaction's id.
             self.sealed = true;
         }
+        if self.pooler.is_some() {
+            return Ok(None);
+        }
         if let Some(statement) = self.conn.statements.get(sql) {
-            return Ok(statement.clone());
+            return Ok(Some(statement.clone()));
         }
         let statement = self.conn.client.prepare(sql)?;
         self.conn.statements.insert(sql, statement.clone());
-        Ok(statement)
+        Ok(Some(statement))
     }
 
     /// Runs a query; returns its rows.
     pub(super) fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>> {
-        let statement = self.statement(sql)?;
+        let Some(statement) = self.statement(sql)? else {
+            let pooler = self.pooler.expect("no statement without a pooler");
+            return pooler.query(&mut self.conn.client, sql, params, self.open);
+        };
         Ok(self.conn.client.query(&statement, params)?)
     }
 
@@ -986,19 +1046,28 @@ impl Tx<'_> {
         sql: &'static str,
         params: &Params<'_>,
     ) -> Result<Option<Row>> {
-        let statement = self.statement(sql)?;
+        let Some(statement) = self.statement(sql)? else {
+            let pooler = self.pooler.expect("no statement without a pooler");
+            return pooler.query_opt(&mut self.conn.client, sql, params, self.open);
+        };
         Ok(self.conn.client.query_opt(&statement, params)?)
     }
 
     /// Runs a query that returns exactly one row.
     pub(super) fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row> {
-        let statement = self.statement(sql)?;
+        let Some(statement) = self.statement(sql)? else {
+            let pooler = self.pooler.expect("no statement without a pooler");
+            return pooler.query_one(&mut self.conn.client, sql, params, self.open);
+        };
         Ok(self.conn.client.query_one(&statement, params)?)
     }
 
     /// Runs a statement; returns the number of rows it changed.
     pub(super) fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64> {
-        let statement = self.statement(sql)?;
+        let Some(statement) = self.statement(sql)? else {
+            let pooler = self.pooler.expect("no statement without a pooler");
+            return pooler.execute(&mut self.conn.client, sql, params, self.open);
+        };
         Ok(self.conn.client.execute(&statement, params)?)
     }
 }
@@ -1054,11 +1123,20 @@ impl ServerClock {
     fn measure(&self, client: &mut Client) -> Result<()> {
         let sent = Instant::now();
         let before = self.local.now().as_millis();
-        let row = client.query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-            &[],
-        )?;
-        let server: i64 = row.get(0);
+        // A simple query: one round trip (the middle of which is the
+        // moment measured), and no prepared statement (a transaction
+        // pooler keeps none; see `pooler`).
+        let replies =
+            client.simple_query("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")?;
+        let server: i64 = replies
+            .iter()
+            .find_map(|reply| match reply {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(|ms| ms.parse().ok()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                crate::store::bad_data("the server's clock read as no number".to_owned())
+            })?;
         let half = i64::try_from(sent.elapsed().as_millis() / 2).unwrap_or(0);
         let at = before.saturating_add(half);
         self.offset
@@ -1658,13 +1736,13 @@ mod tests {
     }
 
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.
-    struct TestSchema {
-        url: String,
-        name: String,
+    pub(super) struct TestSchema {
+        pub(super) url: String,
+        pub(super) name: String,
     }
 
     impl TestSchema {
-        fn new(tag: &str) -> TestSchema {
+        pub(super) fn new(tag: &str) -> TestSchema {
             let url = std::env::var("RUNLEDGER_PG_URL").expect("RUNLEDGER_PG_URL");
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1687,11 +1765,12 @@ mod tests {
                 &config,
                 Arc::new(crate::clock::SystemClock),
                 true,
+                &Route::default(),
             )
             .unwrap()
         }
 
-        fn client(&self) -> Client {
+        pub(super) fn client(&self) -> Client {
             Config::from_str(&self.url)
                 .unwrap()
                 .connect(postgres::NoTls)

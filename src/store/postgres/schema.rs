@@ -11,7 +11,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use postgres::Client;
+use postgres::types::Type;
+use postgres::{Client, GenericClient};
 
 use super::{advisory_key, quote_ident};
 use crate::error::{Error, Result};
@@ -257,7 +258,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// Creates the schema if needed and applies the pending migrations, each
-/// process in turn under a session advisory lock of the schema; refuses a
+/// process in turn under an advisory lock of the schema; refuses a
 /// schema of a newer version or of another application, and (unless
 /// `create`) one with no ledger yet.
 ///
@@ -266,6 +267,18 @@ pub(crate) const LATEST: u32 = MIGRATIONS.len() as u32;
 /// [`Error::Busy`]: a process stuck while migrating never holds up every
 /// process that opens the ledger after it. An up-to-date ledger takes no
 /// lock at all, so processes that open it at once do not queue.
+///
+/// **All of it is one transaction**, the lock one of the transaction
+/// (`pg_advisory_xact_lock`) and the timeout `SET LOCAL`: nothing is left
+/// on the session, so opening works the same through a transaction pooler
+/// (see `pooler`), where a session's lock or setting would stay with a
+/// server connection that other clients get next, and where two statements
+/// outside a transaction may not even reach the same server connection.
+/// Its statements are unnamed (`query_typed`), so that none meets a
+/// prepared statement another client left on a pooler's server
+/// connection. At `READ
+/// COMMITTED`, the inspection that follows the lock sees a migration that
+/// another process committed while this one waited.
 pub(super) fn prepare(
     client: &mut Client,
     schema: &str,
@@ -274,9 +287,10 @@ pub(super) fn prepare(
     create: bool,
 ) -> Result<()> {
     let ms = busy_timeout.as_millis().clamp(1, i32::MAX as u128);
-    client.batch_execute(&format!("SET lock_timeout = {ms}"))?;
-    match check(inspect(client, schema)?, name)? {
-        version if version == LATEST => return Ok(()),
+    let mut tx = client.transaction()?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
+    match check(inspect(&mut tx, schema)?, name)? {
+        version if version == LATEST => return Ok(tx.commit()?),
         0 if !create => {
             return Err(Error::Open {
                 path: name.into(),
@@ -289,12 +303,9 @@ pub(super) fn prepare(
         _ => {}
     }
     let key = advisory_key("runledger migrations", schema);
-    client.execute("SELECT pg_advisory_lock($1)", &[&key])?;
-    let result = migrate(client, schema, name);
-    // Also released by the server if this connection dies.
-    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&key]);
-    let applied = result?;
-    unlocked?;
+    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&key, Type::INT8)])?;
+    let applied = migrate(&mut tx, schema, name)?;
+    tx.commit()?;
     if applied > 0 {
         log::info!(
             "runledger: {} migrated to schema {LATEST} ({applied} migrations)",
@@ -328,11 +339,11 @@ enum Found {
     Foreign(String),
 }
 
-fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
+fn inspect(client: &mut impl GenericClient, schema: &str) -> Result<Found> {
     // Anything of another application counts: tables, views, sequences,
     // types, functions.
     let tables: i64 = client
-        .query_one(
+        .query_typed_one(
             "SELECT (SELECT count(*) FROM pg_catalog.pg_class c
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                      WHERE n.nspname = $1)
@@ -347,13 +358,13 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
                        AND (t.typrelid = 0
                             OR (SELECT c.relkind FROM pg_catalog.pg_class c
                                 WHERE c.oid = t.typrelid) = 'c'))",
-            &[&schema],
+            &[(&schema, Type::TEXT)],
         )?
         .get(0);
     let mark: Option<String> = client
-        .query_one(
+        .query_typed_one(
             "SELECT obj_description(to_regclass(quote_ident($1) || '.schema_migrations'), 'pg_class')",
-            &[&schema],
+            &[(&schema, Type::TEXT)],
         )?
         .get(0);
     match mark {
@@ -362,7 +373,7 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
                 "SELECT coalesce(max(version), 0) FROM {}.schema_migrations",
                 quote_ident(schema)
             );
-            let version: i32 = client.query_one(sql.as_str(), &[])?.get(0);
+            let version: i32 = client.query_typed_one(sql.as_str(), &[])?.get(0);
             Ok(Found::Ledger(u32::try_from(version).unwrap_or(0)))
         }
         _ if tables == 0 => Ok(Found::Ledger(0)),
@@ -373,13 +384,14 @@ fn inspect(client: &mut Client, schema: &str) -> Result<Found> {
     }
 }
 
-fn migrate(client: &mut Client, schema: &str, name: &Path) -> Result<u32> {
+/// Applies the pending migrations in `tx`, which holds the migrations'
+/// lock; the caller commits.
+fn migrate(tx: &mut postgres::Transaction<'_>, schema: &str, name: &Path) -> Result<u32> {
     // Again, under the lock: another process may have migrated meanwhile.
-    let version = check(inspect(client, schema)?, name)?;
+    let version = check(inspect(tx, schema)?, name)?;
     if version == LATEST {
         return Ok(0);
     }
-    let mut tx = client.transaction()?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {0}; SET LOCAL search_path TO {0}",
         quote_ident(schema)
@@ -387,12 +399,14 @@ fn migrate(client: &mut Client, schema: &str, name: &Path) -> Result<u32> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(sql)?;
         let applied = i32::try_from(i + 1).unwrap_or(i32::MAX);
-        tx.execute(
+        tx.execute_typed(
             "INSERT INTO schema_migrations (version, applied_at, applied_by) \
              VALUES ($1, (extract(epoch FROM now()) * 1000)::bigint, $2)",
-            &[&applied, &i64::from(std::process::id())],
+            &[
+                (&applied, Type::INT4),
+                (&i64::from(std::process::id()), Type::INT8),
+            ],
         )?;
     }
-    tx.commit()?;
     Ok(LATEST - version)
 }
