@@ -823,6 +823,9 @@ pub(super) fn runs_query(filter: &RunFilter) -> (String, Vec<Box<dyn ToSql>>) {
             // The partial index's own condition, verbatim, so that SQLite
             // uses the index.
             sql.push_str(&format!(" AND r.status IN {ACTIVE}"));
+        } else if filter.statuses.iter().all(|s| s.is_terminal()) {
+            // `runs_by_status`'s condition, verbatim, for the same reason.
+            sql.push_str(&format!(" AND r.status NOT IN {ACTIVE}"));
         }
         let list = filter
             .statuses
