@@ -18,6 +18,11 @@
 //! ```
 //!
 //! Each run works in a schema of its own, dropped at the end.
+//!
+//! Both sides talk to the server the same way: the baseline's client has
+//! no TLS, so the ledgers' URL gets `sslmode=disable` (unless it names an
+//! `sslmode` of its own), and the ratios compare the work, not the
+//! encryption.
 
 #![allow(missing_docs)]
 
@@ -205,6 +210,14 @@ fn main() {
         .unwrap_or(3.0);
     let wants = wanted_parts();
     let schema = format!("bench_scale_{}", std::process::id());
+    // As the baseline's `NoTls` client (see the module's docs).
+    let url = if url.contains("sslmode") {
+        url
+    } else if url.contains('?') {
+        format!("{url}&sslmode=disable")
+    } else {
+        format!("{url}?sslmode=disable")
+    };
     if wants("disjoint") {
         disjoint(&url, &schema, secs);
     }
