@@ -102,7 +102,7 @@ impl Proxy {
 /// `FATAL: the database system is starting up` (SQLSTATE 57P03) to its
 /// start-up message, and the connection closed.
 fn starting_up(mut client: TcpStream) {
-    let mut message = |client: &mut TcpStream| -> std::io::Result<Vec<u8>> {
+    let message = |client: &mut TcpStream| -> std::io::Result<Vec<u8>> {
         let mut len = [0u8; 4];
         client.read_exact(&mut len)?;
         let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
