@@ -1751,7 +1751,7 @@ mod tests {
             TestSchema { url, name }
         }
 
-        fn store(&self) -> Store {
+        pub(super) fn store(&self) -> Store {
             let config = StoreConfig {
                 synchronous: "NORMAL",
                 busy_timeout: Duration::from_secs(5),
