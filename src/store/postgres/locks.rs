@@ -368,8 +368,7 @@ impl Store {
         if ticket.is_some() {
             return self.write(&claims, decide);
         }
-        let at = self.clock.now().as_millis();
-        let first = grant_if_free(ask, at)?;
+        let first = grant_if_free(ask)?;
         self.write_first(&claims, first, decide)
     }
 
@@ -539,11 +538,7 @@ impl Store {
             Ok(token) if known => Some(First::new(
                 "runledger_release_if_alone",
                 RELEASE_IF_ALONE,
-                &[
-                    Lit::Int(id),
-                    Lit::Int(token),
-                    Lit::Int(self.clock.now().as_millis()),
-                ],
+                &[Lit::Int(id), Lit::Int(token), Lit::Now],
             )?),
             _ => None,
         };
@@ -564,12 +559,17 @@ impl Store {
                         return Ok(None);
                     };
                     tx.events_written();
-                    let keys = parse_keys(deleted)?;
+                    let deleted = parse_keys(deleted)?;
                     // As below.
-                    claim_keys(tx, &keys)?;
-                    if row.get(2) == Some("f") {
+                    claim_keys(tx, &deleted)?;
+                    // "No waiters" was read under the claims of the keys
+                    // given: it holds for the row's keys only if they are
+                    // all among them (a guard's are).
+                    let given = keys.unwrap_or_default();
+                    if row.get(2) == Some("f") && deleted.iter().all(|k| given.contains(k)) {
                         return Ok(Some(Vec::new()));
                     }
+                    let keys = deleted;
                     return Ok(Some(grant_waiters(tx, &keys, now)?));
                 }
                 if !known {
@@ -850,11 +850,16 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
 /// ended): the transaction then decides statement by statement, which
 /// also says why.
 ///
-/// Its time is read before the claims are held, unlike [`Tx::now`]; so
-/// that a grant is never stamped before the release that freed its key,
-/// it grants only if the claims came at once (within a millisecond of the
-/// batch's arrival): a request that waited for a claim, behind another
-/// writer of its keys, is decided by the statements, at their time.
+/// Its time ([`Lit::Now`]) is read as the batch is sent, before the claims
+/// are held, unlike [`Tx::now`]; so that a grant is never stamped before
+/// the release that freed its key, it grants only if the claims came at
+/// once (within a millisecond of the batch's arrival): a request that
+/// waited for a claim, behind another writer of its keys, is decided by
+/// the statements, at their time. What is left is the trip of the batch
+/// to the server, during which another writer of the key may commit a
+/// stamp a round trip later: times of one key agree with its commits to
+/// within a round trip, as they do when several hosts' clocks follow the
+/// server's.
 const GRANT_IF_FREE: &str = "
 WITH chk AS (
     SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond'
@@ -929,8 +934,8 @@ SELECT chk.ok, l.keys,
                  AND w.state = 'waiting')
 FROM chk LEFT JOIN l ON true";
 
-/// [`GRANT_IF_FREE`] for `ask`, stamped `at`.
-fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<First> {
+/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent.
+fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
     let detail = lock_event_json(&LockEvent {
         ticket: Ticket::from(0),
         keys: ask.keys.to_vec(),
@@ -957,7 +962,7 @@ fn grant_if_free(ask: &LockAsk<'_>, at: i64) -> Result<First> {
             ask.run.map(i64::from).into(),
             Lit::Int(i64::from(ask.pid)),
             Lit::Text(ask.host),
-            Lit::Int(at),
+            Lit::Now,
             Lit::Int(event_run_id(ask.run)),
             Lit::Text(LOCK_GRANTED),
             Lit::Text(&detail),

@@ -218,8 +218,10 @@ impl Store {
             search_path: (!route.transaction_pooler)
                 .then(|| format!("SET search_path TO {}", quote_ident(schema))),
             answer_within: config.busy_timeout,
+            failed_at: std::sync::Mutex::new(None),
         };
         let pool = Pool::builder()
+            .error_handler(Box::new(QuietErrors))
             .max_size(config.pool_size)
             .min_idle(Some(0))
             .idle_timeout(None)
@@ -610,21 +612,28 @@ impl Store {
         } else {
             batch.push_str("SELECT 'no id yet';");
         }
-        if let Some(first) = first {
-            batch.push_str(&first.execute);
-        }
         // The statements before the id's: BEGIN, SET LOCAL lock_timeout
         // (and search_path, through a pooler), the claims.
         let before_id = 2 + usize::from(self.pooler.is_some()) + claims.len();
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
+            // Prepared in a transaction of its own, so that the locks its
+            // parse takes on the tables wait no longer than the busy
+            // timeout (behind a migration, say).
             let prepared = match first {
                 Some(first) if !conn.prepared.contains(&first.name) => conn
                     .client
-                    .batch_execute(&format!("PREPARE {} AS {}", first.name, first.sql))
+                    .batch_execute(&format!(
+                        "{}PREPARE {} AS {}; COMMIT",
+                        self.begin, first.name, first.sql
+                    ))
                     .map(|()| conn.prepared.push(first.name)),
                 _ => Ok(()),
+            };
+            let batch = match first {
+                Some(first) => format!("{batch}{}", first.execute(self.clock.now())),
+                None => batch.clone(),
             };
             match prepared.and_then(|()| conn.client.simple_query(&batch)) {
                 Ok(replies) => {
@@ -739,6 +748,10 @@ impl Store {
 /// [`Manager::is_valid`]).
 const IDLE_BEFORE_CHECK: Duration = Duration::from_secs(1);
 
+/// The longest a check of an idle connection waits for the server: an
+/// empty query that takes longer is a server in trouble.
+const CHECK_AT_MOST: Duration = Duration::from_secs(5);
+
 /// A connection of the pool: the client and its prepared statements.
 pub(super) struct Conn {
     client: Closing,
@@ -788,6 +801,19 @@ impl Drop for Closing {
     }
 }
 
+/// What r2d2 does with a failed connect or check: a debug line. The call
+/// that waited gets the error (r2d2 keeps its text), so logging it at
+/// r2d2's default level would say it twice, once per pooled connection
+/// after a restart.
+#[derive(Debug)]
+struct QuietErrors;
+
+impl r2d2::HandleError<StorageError> for QuietErrors {
+    fn handle_error(&self, error: StorageError) {
+        log::debug!("runledger: a pooled connection: {error}");
+    }
+}
+
 /// Opens pooled connections in the ledger's schema.
 struct Manager {
     inner: PostgresConnectionManager<MakeRustlsConnect>,
@@ -795,8 +821,11 @@ struct Manager {
     /// where each transaction sets it (see [`pooler`]).
     search_path: Option<String>,
     /// How long a check of an idle connection waits for the server: the
-    /// busy timeout.
+    /// busy timeout (at most [`CHECK_AT_MOST`]).
     answer_within: Duration,
+    /// When a check last failed, until one succeeds (see
+    /// [`Manager::is_valid`]).
+    failed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Manager {
@@ -831,7 +860,8 @@ impl ManageConnection for Manager {
 
     /// A connection used within the last [`IDLE_BEFORE_CHECK`] is taken as
     /// it is; one idle for longer is first checked with an empty query
-    /// that must answer within the busy timeout (one round trip).
+    /// that must answer within the busy timeout, at most
+    /// [`CHECK_AT_MOST`] (one round trip).
     ///
     /// **Why:** a server gone without a word (a link down, a host lost, a
     /// failover behind a NAT) leaves a pooled connection that looks open,
@@ -840,22 +870,42 @@ impl ManageConnection for Manager {
     /// client's own, so such a connection is dropped in time and the call
     /// waits for a new one, up to the busy timeout, then fails with
     /// [`Error::Busy`](crate::Error::Busy). A connection that dies under a
-    /// call in steady use is left to TCP's timeouts, which
-    /// [`dead_link_timeouts`] bounds by the busy timeout.
+    /// call in steady use is left to TCP's timeouts (see
+    /// [`dead_link_timeouts`]).
+    ///
+    /// r2d2 checks the idle connections one after another, with no
+    /// deadline of its own: once a check has failed, every connection idle
+    /// since before that failure is dropped without a check of its own,
+    /// so that a checkout pays one check's wait, not one per pooled
+    /// connection.
     fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), StorageError> {
+        if conn.client.is_closed() {
+            return Err(StorageError::other("the server closed the connection"));
+        }
         if conn.used.elapsed() < IDLE_BEFORE_CHECK {
             return Ok(());
         }
-        match conn.client.is_valid(self.answer_within) {
+        let failed = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(failed) = failed
+            && conn.used < failed
+        {
+            conn.client.stuck = true;
+            return Err(StorageError::other(
+                "the server did not answer on another pooled connection idle as long",
+            ));
+        }
+        let within = self.answer_within.min(CHECK_AT_MOST);
+        match conn.client.is_valid(within) {
             Ok(()) => {
                 conn.used = Instant::now();
+                *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(())
             }
             Err(e) => {
                 conn.client.stuck = true;
+                *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 Err(StorageError::other(&format!(
-                    "the server did not answer on a pooled connection within {:?} ({})",
-                    self.answer_within,
+                    "the server did not answer on a pooled connection within {within:?} ({})",
                     StorageError::postgres(e)
                 )))
             }
@@ -1159,15 +1209,16 @@ impl Clock for ServerClock {
     }
 }
 
-/// Bounds, by about the busy timeout, how long TCP keeps a connection to a
-/// server that stopped answering without closing it (a link down, a host
-/// gone): unacknowledged data is given up after the busy timeout
-/// (`tcp_user_timeout`), and an idle connection (a call waiting for a
-/// reply) is probed after a quarter of it (keepalives). Both are the
+/// Bounds, by about the busy timeout (10 s at least), how long TCP keeps a
+/// connection to a server that stopped answering without closing it (a
+/// link down, a host gone): unacknowledged data is given up after that
+/// time (`tcp_user_timeout`), and an idle connection (a call waiting for a
+/// reply) is probed after a quarter of it (keepalives). The floor keeps a
+/// lossy link's retransmissions from cutting connections that are fine. Both are the
 /// kernel's, so they cost nothing while the server answers. Settings the
 /// URL gives (`tcp_user_timeout`, `keepalives_idle`, …) are kept.
 fn dead_link_timeouts(pg: &mut Config, busy_timeout: Duration) {
-    let busy_timeout = busy_timeout.max(Duration::from_secs(1));
+    let busy_timeout = busy_timeout.max(Duration::from_secs(10));
     if pg.get_tcp_user_timeout().is_none() {
         pg.tcp_user_timeout(busy_timeout);
     }
@@ -1375,22 +1426,36 @@ pub(super) struct First {
     name: &'static str,
     /// Its text, each parameter `$n` with a cast that gives its type.
     sql: &'static str,
-    /// `EXECUTE name(values…)`.
-    execute: String,
+    /// `EXECUTE name(values…)`, cut where [`Lit::Now`] goes.
+    execute: Vec<String>,
 }
 
 impl First {
     /// `sql`, prepared as `name`, run with `values`.
     pub(super) fn new(name: &'static str, sql: &'static str, values: &[Lit<'_>]) -> Result<First> {
-        let mut execute = format!("EXECUTE {name}(");
+        let mut execute = vec![format!("EXECUTE {name}(")];
         for (i, value) in values.iter().enumerate() {
+            let part = execute.last_mut().expect("one part at least");
             if i > 0 {
-                execute.push_str(", ");
+                part.push_str(", ");
             }
-            value.write_sql(&mut execute)?;
+            match value {
+                Lit::Now => execute.push(String::new()),
+                value => value.write_sql(part)?,
+            }
         }
-        execute.push(')');
+        if let Some(part) = execute.last_mut() {
+            part.push(')');
+        }
         Ok(First { name, sql, execute })
+    }
+
+    /// The `EXECUTE`, with `now` for each [`Lit::Now`].
+    fn execute(&self, now: Timestamp) -> String {
+        let mut at = String::new();
+        // An integer always renders.
+        let _ = Lit::Int(now.as_millis()).write_sql(&mut at);
+        self.execute.join(&at)
     }
 }
 
@@ -1401,6 +1466,10 @@ pub(super) enum Lit<'a> {
     Text(&'a str),
     Texts(&'a [String]),
     Null,
+    /// The ledger's time, in ms, read when the statement is sent (after
+    /// the wait for a pooled connection, the last thing before the
+    /// batch), and read again for each try of the write.
+    Now,
 }
 
 impl From<i64> for Lit<'_> {
@@ -1452,6 +1521,11 @@ impl Lit<'_> {
             Lit::Int(v) if *v < 0 => out.push_str(&format!("({v})")),
             Lit::Int(v) => out.push_str(&v.to_string()),
             Lit::Null => out.push_str("NULL"),
+            Lit::Now => {
+                return Err(crate::store::bad_data(
+                    "the time of a statement is put in when it is sent".to_owned(),
+                ));
+            }
             Lit::Text(v) => text(out, v)?,
             Lit::Texts(vs) => {
                 out.push_str("ARRAY[");
@@ -1679,8 +1753,16 @@ mod tests {
     fn values_a_query_cannot_carry_are_refused() {
         assert!(First::new("x", "SELECT $1::text", &[Lit::Text("a\0b")]).is_err());
         assert!(First::new("x", "SELECT $1::text[]", &[Lit::Texts(&["\0".to_owned()])]).is_err());
-        let first = First::new("x", "", &[Lit::Int(-7), Lit::Null, Lit::Texts(&[])]).unwrap();
-        assert_eq!(first.execute, "EXECUTE x((-7), NULL, ARRAY[]::text[])");
+        let first = First::new(
+            "x",
+            "",
+            &[Lit::Int(-7), Lit::Null, Lit::Now, Lit::Texts(&[])],
+        )
+        .unwrap();
+        assert_eq!(
+            first.execute(Timestamp::from_millis(42)),
+            "EXECUTE x((-7), NULL, 42, ARRAY[]::text[])"
+        );
     }
 
     /// Values sent as text reach the server as they were, whatever they
@@ -1721,14 +1803,22 @@ mod tests {
                     &[Lit::Text(value), Lit::Int(i64::MIN), Lit::Null],
                 )
                 .unwrap();
-                let rows = by_statement(client.simple_query(&first.execute).unwrap());
+                let rows = by_statement(
+                    client
+                        .simple_query(&first.execute(Timestamp::from_millis(0)))
+                        .unwrap(),
+                );
                 let row = &rows[0][0];
-                assert_eq!(row.get(0), Some(value), "{setting}: {}", first.execute);
+                assert_eq!(row.get(0), Some(value), "{setting}: {:?}", first.execute);
                 assert_eq!(row.get(1), Some(i64::MIN.to_string().as_str()));
                 assert_eq!(row.get(2), Some("t"));
             }
             let first = First::new("many", "", &[Lit::Texts(&list), Lit::Texts(&[])]).unwrap();
-            let rows = by_statement(client.simple_query(&first.execute).unwrap());
+            let rows = by_statement(
+                client
+                    .simple_query(&first.execute(Timestamp::from_millis(0)))
+                    .unwrap(),
+            );
             let got: Vec<&str> = rows[0].iter().filter_map(|r| r.get(0)).collect();
             assert_eq!(got, tricky, "{setting}");
             assert_eq!(rows[0][0].get(1), Some("0"));
