@@ -782,6 +782,44 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
     })
 }
 
+/// The common table expressions of a grant, after those that take its
+/// token (`next`): the lock row, its key entries, its event in the feed
+/// and in each key's history; then its id and token. `$from` is the
+/// `FROM` (and `WHERE`) of the row's insert. Parameters: `$1` the keys,
+/// `$2` the mode, `$3` the capacity, `$4` the keys as JSON, `$5` the
+/// instance, `$6` the run, `$7` the pid, `$8` the host, `$9` the time,
+/// `$10` the event's run id, `$11` its kind, `$12` its detail (ticket and
+/// token set by the statement). Each with its type, for `PREPARE`.
+macro_rules! grant_rows {
+    ($from:literal) => {
+        concat!(
+            ", l AS (
+                 INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                                    pid, host, wake, requested_at, granted_at)
+                 SELECT 'held', $2::text, $3::bigint, next.token, $4::text, $5::bigint,
+                        $6::bigint, $7::bigint, $8::text, NULL, $9::bigint, $9::bigint ",
+            $from,
+            "
+                 RETURNING id, token
+             ), entries AS (
+                 INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
+             ), ev AS (
+                 INSERT INTO events (run_id, at, kind, step, message)
+                 SELECT $10::bigint, $9::bigint, $11::text,
+                        jsonb_set(jsonb_set($12::text::jsonb, '{ticket}', to_jsonb(l.id)),
+                                  '{token}', to_jsonb(l.token))::text,
+                        NULL
+                 FROM l
+                 RETURNING id
+             ), history AS (
+                 INSERT INTO lock_history (key, event_id)
+                 SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
+             )
+             SELECT id, token FROM l"
+        )
+    };
+}
+
 /// Grants `ask`, which has no place in the queue, with every key free for
 /// it: its next token, its row and key entries, and its event in the feed
 /// and in each key's history, in one statement (one round trip). The same
@@ -793,37 +831,9 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     let capacity = ask.mode.capacity().map(i64::from);
     let run = ask.run.map(i64::from);
     let pid = i64::from(ask.pid);
-    let detail = lock_event_json(&LockEvent {
-        ticket: Ticket::from(0),
-        keys: ask.keys.to_vec(),
-        mode: ask.mode,
-        token: 0,
-        pid: ask.pid,
-        host: ask.host.to_owned(),
-    });
+    let detail = grant_detail(ask);
     let row = tx.query_one(
-        concat!(
-            next_token!(),
-            ", l AS (
-             INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
-                                pid, host, wake, requested_at, granted_at)
-             SELECT 'held', $2, $3, next.token, $4, $5, $6, $7, $8, NULL, $9, $9 FROM next
-             RETURNING id, token
-         ), entries AS (
-             INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
-         ), ev AS (
-             INSERT INTO events (run_id, at, kind, step, message)
-             SELECT $10, $9, $11,
-                    jsonb_set(jsonb_set($12::text::jsonb, '{ticket}', to_jsonb(l.id)),
-                              '{token}', to_jsonb(l.token))::text,
-                    NULL
-             FROM l
-             RETURNING id
-         ), history AS (
-             INSERT INTO lock_history (key, event_id) SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
-         )
-         SELECT id, token FROM l"
-        ),
+        concat!(next_token!(), grant_rows!("FROM next")),
         &[
             &ask.keys,
             &ask.mode.as_str(),
@@ -860,41 +870,23 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
 /// stamp a round trip later: times of one key agree with its commits to
 /// within a round trip, as they do when several hosts' clocks follow the
 /// server's.
-const GRANT_IF_FREE: &str = "
-WITH chk AS (
-    SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond'
-       AND EXISTS (SELECT 1 FROM instances WHERE id = $5::bigint AND closed_at IS NULL)
-       AND ($6::bigint IS NULL
-            OR EXISTS (SELECT 1 FROM runs WHERE id = $6::bigint AND status = ANY($13::text[])))
-       AND NOT EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY($1::text[])) AS ok
-), next AS (
-    SELECT coalesce(max(last_token), 0) + 1 AS token
-    FROM lock_keys WHERE key = ANY($1::text[])
-), put AS (
-    INSERT INTO lock_keys (key, last_token)
-    SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next) FROM chk WHERE chk.ok
-    ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
-), l AS (
-    INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
-                       pid, host, wake, requested_at, granted_at)
-    SELECT 'held', $2::text, $3::bigint, next.token, $4::text, $5::bigint, $6::bigint,
-           $7::bigint, $8::text, NULL, $9::bigint, $9::bigint
-    FROM next, chk WHERE chk.ok
-    RETURNING id, token
-), entries AS (
-    INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
-), ev AS (
-    INSERT INTO events (run_id, at, kind, step, message)
-    SELECT $10::bigint, $9::bigint, $11::text,
-           jsonb_set(jsonb_set($12::text::jsonb, '{ticket}', to_jsonb(l.id)),
-                     '{token}', to_jsonb(l.token))::text,
-           NULL
-    FROM l
-    RETURNING id
-), history AS (
-    INSERT INTO lock_history (key, event_id) SELECT DISTINCT unnest($1::text[]), ev.id FROM ev
-)
-SELECT id, token FROM l";
+const GRANT_IF_FREE: &str = concat!(
+    "WITH chk AS (
+         SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond'
+            AND EXISTS (SELECT 1 FROM instances WHERE id = $5::bigint AND closed_at IS NULL)
+            AND ($6::bigint IS NULL
+                 OR EXISTS (SELECT 1 FROM runs WHERE id = $6::bigint AND status = ANY($13::text[])))
+            AND NOT EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY($1::text[])) AS ok
+     ), next AS (
+         SELECT coalesce(max(last_token), 0) + 1 AS token
+         FROM lock_keys WHERE key = ANY($1::text[])
+     ), put AS (
+         INSERT INTO lock_keys (key, last_token)
+         SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next) FROM chk WHERE chk.ok
+         ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
+     )",
+    grant_rows!("FROM next, chk WHERE chk.ok")
+);
 
 /// The release of the held lock `$1` with token `$2`, stamped `$3`, in one
 /// statement sent with `BEGIN` (see [`Store::write_first`]): the same
@@ -934,16 +926,22 @@ SELECT chk.ok, l.keys,
                  AND w.state = 'waiting')
 FROM chk LEFT JOIN l ON true";
 
-/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent.
-fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
-    let detail = lock_event_json(&LockEvent {
+/// The detail of the event of a grant of `ask`, its ticket and token to be
+/// set by the statement that grants it ([`grant_rows`]).
+fn grant_detail(ask: &LockAsk<'_>) -> String {
+    lock_event_json(&LockEvent {
         ticket: Ticket::from(0),
         keys: ask.keys.to_vec(),
         mode: ask.mode,
         token: 0,
         pid: ask.pid,
         host: ask.host.to_owned(),
-    });
+    })
+}
+
+/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent.
+fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
+    let detail = grant_detail(ask);
     let keys = keys_json(ask.keys);
     let active: Vec<String> = RunStatus::ALL
         .iter()
