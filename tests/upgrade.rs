@@ -11,9 +11,10 @@ use runledger::{Error, EventCursor, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 /// Schema 7 changes nothing on SQLite; on PostgreSQL it numbers events by
 /// their transaction (`next_event_id()`) instead of an identity column.
 /// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`), schema 9
-/// one (`runs_by_status`). A ledger of schema 6 is a current one without
-/// the indexes and with its events numbered by an identity column again,
-/// recorded as version 6.
+/// one (`runs_by_status`). Schema 10 changes nothing on SQLite; on
+/// PostgreSQL it adds the functions of the calls ([`FUNCTIONS_OF_10`]). A
+/// ledger of schema 6 is a current one without the indexes and with its
+/// events numbered by an identity column again, recorded as version 6.
 fn downgrade_to_6(f: &Fixture) {
     f.sql(
         "DROP INDEX runs_by_name; DROP INDEX runs_by_source; DROP INDEX runs_by_status; \
@@ -31,22 +32,42 @@ fn downgrade_to_6(f: &Fixture) {
     }
 }
 
+/// The functions PostgreSQL's schema 10 creates.
+const FUNCTIONS_OF_10: &[&str] = &[
+    "runledger_at",
+    "runledger_run_state",
+    "runledger_set_status",
+    "runledger_request_cancel",
+    "runledger_step_start",
+    "runledger_step_end",
+    "runledger_run_event",
+    "runledger_run_heartbeat",
+    "runledger_set_log_path",
+    "runledger_instance_heartbeat",
+    "runledger_insert_run",
+];
+
 /// Ends the writes of schema 6's release (see [`downgrade_to_6`]).
 ///
 /// This release's statements stand in for the previous release's, and a
 /// run's first event takes its id from `next_event_id()`: while the schema
-/// is 6, a stand-in draws it from the identity column, as schema 6 did. It
-/// goes before the migration, which creates the real one.
+/// is 6, a stand-in draws it from the identity column, as schema 6 did.
+/// This release's calls on PostgreSQL are schema 10's functions, which
+/// stand in for the statements of the previous release while the schema
+/// is 6. They go before the migration, which creates the real ones.
 fn end_writes_of_6(f: &Fixture) {
     if f.store == Store::Postgres {
         f.sql("DROP FUNCTION next_event_id();");
+        for function in FUNCTIONS_OF_10 {
+            f.sql(&format!("DROP FUNCTION {function};"));
+        }
     }
 }
 
 fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) {
     assert_eq!(
-        SCHEMA_VERSION, 9,
-        "this test knows what schemas 7 to 9 changed"
+        SCHEMA_VERSION, 10,
+        "this test knows what schemas 7 to 10 changed"
     );
     let f = Fixture::new(store);
     // Written as schema 6 numbered its events.

@@ -7,9 +7,11 @@
 
 use postgres::Row;
 
-use super::locks::{delete_lock, grant_waiters, parse_keys, pid_of, record_taken, token_of};
+use super::locks::{
+    delete_lock, grant_waiters, parse_keys, pid_of, record_taken, text_i64, token_of,
+};
 use super::runs::apply_change;
-use super::{Claim, Store, Tx};
+use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
@@ -130,15 +132,17 @@ impl Store {
     pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
         // Shared: a reaper judging the lease takes the instance's claim
         // exclusively, and acts only on the heartbeat it judged.
-        let open = self.write(&[Claim::instance(id, true)], |tx| {
-            let now = tx.now().as_millis();
-            Ok(tx.execute(
-                "UPDATE instances SET heartbeat_at = $2 WHERE id = $1 AND closed_at IS NULL",
-                &[&id, &now],
-            )? == 1)
-        })?;
-        self.follow_server_clock();
-        Ok(open)
+        // The server's clock is read in the same batch, and followed (see
+        // `ServerClock`) by its round trip.
+        let first = First::call("runledger_instance_heartbeat", &[Lit::Int(id), Lit::Now])?;
+        self.write_first(&[Claim::instance(id, true)], first, |tx| {
+            let rows = tx.first_rows().unwrap_or_default();
+            let row = rows.first().ok_or_else(|| {
+                crate::store::bad_data("an instance heartbeat answered no row".to_owned())
+            })?;
+            tx.follow_server_clock(self.server_clock.as_deref(), text_i64(row.get(1))?);
+            Ok(row.get(0) == Some("t"))
+        })
     }
 
     /// Every instance not closed yet.
@@ -350,7 +354,7 @@ fn fail_instance_runs(
         ));
     }
     for (id, name) in runs {
-        let (state, to, wakes) = apply_change(tx, id, now, |state| {
+        let (state, to, wakes) = apply_change(tx, id, now, None, |state| {
             crate::store::fail_if_active(state, reason)
         })?;
         out.wakes.extend(wakes);

@@ -970,7 +970,7 @@ fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
 }
 
 /// An integer column of a row read as text (a simple query's).
-fn text_i64(value: Option<&str>) -> Result<i64> {
+pub(super) fn text_i64(value: Option<&str>) -> Result<i64> {
     value
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| crate::store::bad_data(format!("not an integer: {value:?}")))

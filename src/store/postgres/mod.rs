@@ -373,8 +373,9 @@ impl Store {
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
         // A statement prepared by name is a session's: a transaction
-        // pooler keeps none, so there `f` makes every statement itself.
-        let first = first.filter(|_| self.pooler.is_none());
+        // pooler keeps none, so there `f` makes every statement itself
+        // (a call of a function needs none).
+        let first = first.filter(|first| self.pooler.is_none() || first.name.is_none());
         loop {
             match self.write_once(&claims, later, first.as_ref(), &mut f) {
                 Ok(value) => return Ok(value),
@@ -410,7 +411,7 @@ impl Store {
         let mut claims = claims.to_vec();
         claims.sort_unstable();
         claims.dedup();
-        let (mut conn, xact, first_rows) =
+        let (mut conn, xact, first_rows, sent) =
             self.begin(&claims, !later, first).map_err(Failed::from)?;
         let mut tx = Tx {
             conn: &mut conn,
@@ -424,6 +425,8 @@ impl Store {
             sealed: !later,
             xact: None,
             first: first_rows,
+            sent,
+            at_commit: Vec::new(),
             pooler: self.pooler.as_ref(),
         };
         // Nothing is committed before the batch below: a lost connection
@@ -444,7 +447,7 @@ impl Store {
         // waiters it freed, those of the feed's watchers (read and notified
         // by the server, and returned to wake this host's) and the COMMIT,
         // as one batch.
-        let mut batch = String::new();
+        let mut batch: String = tx.at_commit.concat();
         for payload in listen::payloads(&tx.wakes) {
             batch.push_str(&format!(
                 "SELECT pg_notify({}, {});",
@@ -471,13 +474,19 @@ impl Store {
         }
         batch.push_str("COMMIT");
         // The id the first write assigned (see `write_later`), if it wrote:
-        // from an event it wrote, else asked for (one more round trip).
+        // from an event it wrote, else asked for (one more round trip),
+        // and assigned now if only the commit's batch writes.
+        let ask = if tx.at_commit.is_empty() {
+            "SELECT pg_current_xact_id_if_assigned()::text"
+        } else {
+            "SELECT pg_current_xact_id()::text"
+        };
         let xact = match xact.or_else(|| tx.xact.map(|x| x.to_string())) {
             Some(xact) => Some(xact),
             None => tx
                 .conn
                 .client
-                .simple_query("SELECT pg_current_xact_id_if_assigned()::text")
+                .simple_query(ask)
                 .map_err(|e| Failed::from(Error::from(e)))?
                 .iter()
                 .find_map(|reply| match reply {
@@ -602,6 +611,7 @@ impl Store {
         r2d2::PooledConnection<Manager>,
         Option<String>,
         Option<Vec<SimpleQueryRow>>,
+        Sent,
     )> {
         let mut batch = self.begin.clone();
         for claim in claims {
@@ -621,22 +631,24 @@ impl Store {
             // Prepared in a transaction of its own, so that the locks its
             // parse takes on the tables wait no longer than the busy
             // timeout (behind a migration, say).
-            let prepared = match first {
-                Some(first) if !conn.prepared.contains(&first.name) => conn
+            let prepared = match first.and_then(|first| first.name.map(|name| (name, first))) {
+                Some((name, first)) if !conn.prepared.contains(&name) => conn
                     .client
                     .batch_execute(&format!(
-                        "{}PREPARE {} AS {}; COMMIT",
-                        self.begin, first.name, first.sql
+                        "{}PREPARE {name} AS {}; COMMIT",
+                        self.begin, first.sql
                     ))
-                    .map(|()| conn.prepared.push(first.name)),
+                    .map(|()| conn.prepared.push(name)),
                 _ => Ok(()),
             };
             let batch = match first {
                 Some(first) => format!("{batch}{}", first.execute(self.clock.now())),
                 None => batch.clone(),
             };
+            let sent = Sent::now(self.server_clock.as_deref());
             match prepared.and_then(|()| conn.client.simple_query(&batch)) {
                 Ok(replies) => {
+                    let sent = sent.answered();
                     let mut statements = by_statement(replies).into_iter().skip(before_id);
                     let xact = statements.next().and_then(|rows| {
                         rows.first().and_then(|row| row.get(0).map(str::to_owned))
@@ -648,7 +660,7 @@ impl Store {
                         ));
                     };
                     let first_rows = first.map(|_| statements.next().unwrap_or_default());
-                    return Ok((conn, assign.then_some(xact), first_rows));
+                    return Ok((conn, assign.then_some(xact), first_rows, sent));
                 }
                 Err(e) if tries > 0 && lost(&e) => {
                     // Dropped, the broken connection leaves the pool.
@@ -679,16 +691,6 @@ impl Store {
         Ok(value)
     }
 
-    /// Measures the offset to the server's clock again (see
-    /// [`ServerClock`]), on a pooled connection.
-    fn follow_server_clock(&self) {
-        if let Some(server) = &self.server_clock
-            && let Ok(mut conn) = self.pool().get()
-        {
-            server.follow(&mut conn);
-        }
-    }
-
     /// Runs `f` on a pooled connection, outside any explicit transaction:
     /// each statement sees what was committed when it started.
     ///
@@ -716,6 +718,8 @@ impl Store {
                 sealed: false,
                 xact: None,
                 first: None,
+                sent: Sent::default(),
+                at_commit: Vec::new(),
                 pooler: self.pooler.as_ref(),
             };
             let value = f(&mut tx)?;
@@ -947,6 +951,10 @@ pub(super) struct Tx<'c> {
     /// The rows of the statement sent with `BEGIN` (see
     /// [`Store::write_first`]), until taken.
     first: Option<Vec<SimpleQueryRow>>,
+    /// When the batch of `BEGIN` went and how long its answer took.
+    sent: Sent,
+    /// Writes sent with the commit ([`Tx::at_commit`]), in order.
+    at_commit: Vec<String>,
     /// Through a transaction pooler: statements run unnamed (see
     /// [`pooler`]).
     pooler: Option<&'c pooler::Pooler>,
@@ -968,6 +976,57 @@ impl Tx<'_> {
     /// once: `None` after they were taken, or without such a statement.
     pub(super) fn first_rows(&mut self) -> Option<Vec<SimpleQueryRow>> {
         self.first.take()
+    }
+
+    /// Follows the server's clock (see [`ServerClock`]) with its time in
+    /// ms, `server`, read by the statement sent with `BEGIN`
+    /// ([`Store::write_first`]): that batch's round trip is the
+    /// measurement, and none of its own is needed.
+    pub(super) fn follow_server_clock(&self, clock: Option<&ServerClock>, server: i64) {
+        if let (Some(clock), Some((before, took))) = (clock, self.sent.took) {
+            clock.observe(before, took, server);
+        }
+    }
+
+    /// Calls `function` (one of the schema's, see migration 10) with
+    /// `values` in the batch of the commit, before it: a write whose
+    /// rows the transaction does not need, so that it costs no round trip
+    /// of its own. It must raise an error (rolling everything back) where
+    /// it cannot do its work; it may write events.
+    ///
+    /// The transaction's id is known before that batch goes (assigned
+    /// with `BEGIN`, by an earlier write, or asked for), so that a commit
+    /// whose reply is lost is settled as any other.
+    pub(super) fn at_commit(&mut self, function: &str, values: &[Lit<'_>]) -> Result<()> {
+        let mut sql = format!("SELECT {function}(");
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            value.write_sql(&mut sql)?;
+        }
+        sql.push_str(");");
+        self.at_commit.push(sql);
+        self.events_written = true;
+        Ok(())
+    }
+
+    /// Calls `function` (one of the schema's, see migration 10) with
+    /// `values` now, as one simple query: its rows, as text. `writes`, if
+    /// it may write (the transaction then has its id, see
+    /// [`Store::write_later`]).
+    pub(super) fn call(
+        &mut self,
+        function: &str,
+        values: &[Lit<'_>],
+        writes: bool,
+    ) -> Result<Vec<SimpleQueryRow>> {
+        if writes && self.open {
+            self.sealed = true;
+        }
+        let sql = First::parts(&format!("SELECT * FROM {function}("), values)?.join("");
+        let replies = self.conn.client.simple_query(&sql)?;
+        Ok(by_statement(replies).into_iter().next().unwrap_or_default())
     }
 
     /// Notes the id of an event the transaction wrote, which tells the
@@ -1135,6 +1194,31 @@ impl Drop for Tx<'_> {
     }
 }
 
+/// A batch's round trip, for [`Tx::follow_server_clock`]: the local time
+/// it went (ms, by the [`ServerClock`]'s local clock) and, once answered,
+/// how long it took. Nothing without a server clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Sent {
+    at: Option<(i64, Instant)>,
+    took: Option<(i64, Duration)>,
+}
+
+impl Sent {
+    fn now(clock: Option<&ServerClock>) -> Sent {
+        Sent {
+            at: clock.map(|clock| (clock.local.now().as_millis(), Instant::now())),
+            took: None,
+        }
+    }
+
+    fn answered(self) -> Sent {
+        Sent {
+            at: None,
+            took: self.at.map(|(before, sent)| (before, sent.elapsed())),
+        }
+    }
+}
+
 /// The ledger's time on PostgreSQL: the database server's clock, as this
 /// process follows it.
 ///
@@ -1187,18 +1271,17 @@ impl ServerClock {
             .ok_or_else(|| {
                 crate::store::bad_data("the server's clock read as no number".to_owned())
             })?;
-        let half = i64::try_from(sent.elapsed().as_millis() / 2).unwrap_or(0);
-        let at = before.saturating_add(half);
-        self.offset
-            .store(server.saturating_sub(at), Ordering::Relaxed);
+        self.observe(before, sent.elapsed(), server);
         Ok(())
     }
 
-    /// Measures the offset again.
-    fn follow(&self, conn: &mut Conn) {
-        if let Err(e) = self.measure(&mut conn.client) {
-            log::debug!("runledger: could not read the server's clock: {e}");
-        }
+    /// Takes `server` (ms) as the server's time in the middle of a round
+    /// trip that began at local time `before` (ms) and took `took`.
+    fn observe(&self, before: i64, took: Duration, server: i64) {
+        let half = i64::try_from(took.as_millis() / 2).unwrap_or(0);
+        let at = before.saturating_add(half);
+        self.offset
+            .store(server.saturating_sub(at), Ordering::Relaxed);
     }
 }
 
@@ -1422,8 +1505,10 @@ fn by_statement(replies: Vec<SimpleQueryMessage>) -> Vec<Vec<SimpleQueryRow>> {
 /// session's), run with its values in a simple query's batch (see
 /// [`Store::write_first`]): its plan is cached as a bound statement's is.
 pub(super) struct First {
-    /// The statement's name on the connection.
-    name: &'static str,
+    /// The statement's name on the connection; `None` for a call of a
+    /// function of the schema ([`First::call`]), which needs no `PREPARE`
+    /// (and so runs through a transaction pooler too).
+    name: Option<&'static str>,
     /// Its text, each parameter `$n` with a cast that gives its type.
     sql: &'static str,
     /// `EXECUTE name(values…)`, cut where [`Lit::Now`] goes.
@@ -1433,7 +1518,28 @@ pub(super) struct First {
 impl First {
     /// `sql`, prepared as `name`, run with `values`.
     pub(super) fn new(name: &'static str, sql: &'static str, values: &[Lit<'_>]) -> Result<First> {
-        let mut execute = vec![format!("EXECUTE {name}(")];
+        Ok(First {
+            name: Some(name),
+            sql,
+            execute: First::parts(&format!("EXECUTE {name}("), values)?,
+        })
+    }
+
+    /// A call of `function`, one of the schema's (see migration 10), with
+    /// `values`: `SELECT * FROM function(values…)`, its rows those of
+    /// the function's `OUT` parameters.
+    pub(super) fn call(function: &'static str, values: &[Lit<'_>]) -> Result<First> {
+        Ok(First {
+            name: None,
+            sql: function,
+            execute: First::parts(&format!("SELECT * FROM {function}("), values)?,
+        })
+    }
+
+    /// `head` and `values`, comma-separated, then `)`: cut where each
+    /// [`Lit::Now`] goes.
+    fn parts(head: &str, values: &[Lit<'_>]) -> Result<Vec<String>> {
+        let mut execute = vec![head.to_owned()];
         for (i, value) in values.iter().enumerate() {
             let part = execute.last_mut().expect("one part at least");
             if i > 0 {
@@ -1447,7 +1553,7 @@ impl First {
         if let Some(part) = execute.last_mut() {
             part.push(')');
         }
-        Ok(First { name, sql, execute })
+        Ok(execute)
     }
 
     /// The `EXECUTE`, with `now` for each [`Lit::Now`].
@@ -1463,6 +1569,7 @@ impl First {
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Lit<'a> {
     Int(i64),
+    Bool(bool),
     Text(&'a str),
     Texts(&'a [String]),
     Null,
@@ -1520,6 +1627,7 @@ impl Lit<'_> {
         match self {
             Lit::Int(v) if *v < 0 => out.push_str(&format!("({v})")),
             Lit::Int(v) => out.push_str(&v.to_string()),
+            Lit::Bool(v) => out.push_str(if *v { "true" } else { "false" }),
             Lit::Null => out.push_str("NULL"),
             Lit::Now => {
                 return Err(crate::store::bad_data(

@@ -10,10 +10,11 @@
 
 use std::time::Duration;
 
-use postgres::Row;
+use postgres::{Row, SimpleQueryRow};
 
 use super::locks::release_run_locks;
-use super::{Claim, Store, Tx};
+use super::locks::text_i64;
+use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::InstanceId;
@@ -202,112 +203,61 @@ impl Store {
         let mut claims = vec![Claim::instance(new.instance, true)];
         claims.extend(new.idempotency_key.map(Claim::idempotency));
         claims.extend(new.parent.map(|parent| Claim::run(parent, true)));
-        self.write(&claims, |tx| {
-            let at = tx.now();
-            // Checked again by the insert below: first only when other
-            // checks come before it, so that a closed instance is `None`
-            // whatever they would say.
-            let checks = new.parent.is_some() || new.idempotency_key.is_some();
-            if checks && !super::instances::is_open(tx, new.instance)? {
-                return Ok(None);
-            }
-            if let Some(parent) = new.parent {
-                ensure_run_exists(tx, parent).map_err(|e| match e {
-                    Error::NotFound { id, .. } => Error::NotFound {
-                        what: "parent run",
-                        id,
-                    },
-                    other => other,
-                })?;
-            }
-            if let (Some(key), Some(window)) = (new.idempotency_key, new.idempotency_window) {
-                // Any run of the key created within the window, whatever
-                // its status (under the key's claim, so racing writers of
-                // the key take turns).
-                let existing = tx.query_opt(
-                    "SELECT id FROM runs
-                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL
-                       AND created_at > $2
-                     ORDER BY created_at DESC, id DESC LIMIT 1",
-                    &[&key, &at.as_millis().saturating_sub(window)],
-                )?;
-                if let Some(row) = existing {
-                    return Err(Error::Duplicate {
-                        key: key.to_owned(),
-                        existing: RunId::from(row.try_get::<_, i64>(0)?),
-                    });
+        let started_at = (new.status == RunStatus::Running).then_some(Lit::Now);
+        // A run awaiting its adopter belongs to no instance.
+        let owner = if new.adopt_within.is_some() {
+            NOBODY
+        } else {
+            new.instance
+        };
+        // The window's start, from the time the batch is sent.
+        let window = new
+            .idempotency_key
+            .and(new.idempotency_window)
+            .map(|w| self.clock.now().as_millis().saturating_sub(w));
+        let first = First::call(
+            "runledger_insert_run",
+            &[
+                Lit::Text(new.name),
+                Lit::Text(new.source),
+                Lit::Text(new.status.as_str()),
+                new.parent.map(i64::from).into(),
+                new.idempotency_key.into(),
+                Lit::Int(owner),
+                Lit::Int(i64::from(new.pid)),
+                Lit::Text(new.host),
+                new.metadata.as_deref().into(),
+                new.log_path.as_deref().into(),
+                Lit::Now,
+                started_at.unwrap_or(Lit::Null),
+                new.heartbeat_timeout.into(),
+                new.adopt_within.into(),
+                Lit::Int(new.instance),
+                window.into(),
+            ],
+        )?;
+        self.write_first(&claims, first, |tx| {
+            let rows = tx.first_rows().unwrap_or_default();
+            let row = rows
+                .first()
+                .ok_or_else(|| bad_data("the insert of a run answered no row".to_owned()))?;
+            let id = || text_i64(row.get(1)).map(RunId::from);
+            match row.get(0) {
+                Some("ok") => {
+                    tx.events_written();
+                    Ok(Some(id()?))
                 }
+                Some("closed") => Ok(None),
+                Some("no parent") => Err(Error::NotFound {
+                    what: "parent run",
+                    id: new.parent.map(|p| p.to_string()).unwrap_or_default(),
+                }),
+                Some("duplicate") => Err(Error::Duplicate {
+                    key: new.idempotency_key.unwrap_or_default().to_owned(),
+                    existing: id()?,
+                }),
+                other => Err(bad_data(format!("the insert of a run answered {other:?}"))),
             }
-            if let Some(key) = new.idempotency_key {
-                // The unique index's own condition, so that the lookup uses
-                // it.
-                let existing = tx.query_opt(
-                    "SELECT id FROM runs
-                     WHERE idempotency_key = $1 AND idempotency_key IS NOT NULL
-                       AND status IN ('queued','running')",
-                    &[&key],
-                )?;
-                if let Some(row) = existing {
-                    return Err(Error::Duplicate {
-                        key: key.to_owned(),
-                        existing: RunId::from(row.try_get::<_, i64>(0)?),
-                    });
-                }
-            }
-            let started_at = (new.status == RunStatus::Running).then_some(at.as_millis());
-            // A run awaiting its adopter belongs to no instance.
-            let instance = if new.adopt_within.is_some() {
-                NOBODY
-            } else {
-                new.instance
-            };
-            // The run, its first event and its pointer to it, in one
-            // statement (one round trip), if the instance is open. The
-            // event's id is drawn with the run's insert (`next_event_id`,
-            // as the column's default would), so that the run can point
-            // at it.
-            let row = tx.query_opt(
-                "WITH r AS (
-                     INSERT INTO runs (name, source, status, parent_id, idempotency_key,
-                         instance_id, pid, host, metadata, log_path, created_at, started_at,
-                         heartbeat_timeout, hung_at, adopt_by, last_event_id)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                         CASE WHEN $13::bigint > 9223372036854775807 - greatest($12::bigint, 0)
-                              THEN 9223372036854775807 ELSE $12::bigint + $13::bigint END,
-                         CASE WHEN $14::bigint > 9223372036854775807 - greatest($11::bigint, 0)
-                              THEN 9223372036854775807 ELSE $11::bigint + $14::bigint END,
-                         next_event_id()
-                     WHERE EXISTS (SELECT 1 FROM instances WHERE id = $15 AND closed_at IS NULL)
-                     RETURNING id, last_event_id
-                 ), ev AS (
-                     INSERT INTO events (id, run_id, prev_id, at, kind, to_status)
-                     SELECT r.last_event_id, r.id, NULL, $11, 'status', $3 FROM r
-                 )
-                 SELECT id, last_event_id FROM r",
-                &[
-                    &new.name,
-                    &new.source,
-                    &new.status.as_str(),
-                    &new.parent.map(i64::from),
-                    &new.idempotency_key,
-                    &instance,
-                    &i64::from(new.pid),
-                    &new.host,
-                    &new.metadata,
-                    &new.log_path,
-                    &at.as_millis(),
-                    &started_at,
-                    &new.heartbeat_timeout,
-                    &new.adopt_within,
-                    &new.instance,
-                ],
-            )?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let id = RunId::from(row.try_get::<_, i64>(0)?);
-            tx.event_written(row.try_get(1)?);
-            Ok(Some(id))
         })
     }
 
@@ -321,9 +271,14 @@ impl Store {
         run: RunId,
         decide: impl Fn(&RunState) -> Result<Option<RunChange>> + Send + Sync + 'static,
     ) -> Result<(RunState, RunStatus, Wakes)> {
-        self.write_later(&[Claim::run(run, false)], |tx| {
+        // The state to decide from comes with `BEGIN`, the change goes
+        // with the commit: two round trips (more for a run that still
+        // holds locks, whose keys are claimed on a second try).
+        let first = First::call("runledger_run_state", &[Lit::Int(i64::from(run))])?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
             let at = tx.now();
-            apply_change(tx, run, at, &decide)
+            let state = tx.first_rows();
+            apply_change(tx, run, at, state, &decide)
         })
     }
 
@@ -391,7 +346,7 @@ impl Store {
             }
             if start {
                 // queued → running releases nothing: no waiters to wake.
-                apply_change(tx, run, at, crate::store::start_if_queued)?;
+                apply_change(tx, run, at, None, crate::store::start_if_queued)?;
             }
             Ok(Adoption::Adopted)
         })
@@ -399,16 +354,12 @@ impl Store {
 
     /// Records the log path of an active run.
     pub(crate) fn set_log_path(&self, run: RunId, path: &str) -> Result<()> {
-        self.write(&[Claim::run(run, false)], |tx| {
-            let (status, _) = run_head(tx, run)?;
-            if status.is_terminal() {
-                return Err(Error::RunFinished { run, status });
-            }
-            tx.execute(
-                "UPDATE runs SET log_path = $2 WHERE id = $1",
-                &[&i64::from(run), &path],
-            )?;
-            Ok(())
+        let first = First::call(
+            "runledger_set_log_path",
+            &[Lit::Int(i64::from(run)), Lit::Text(path)],
+        )?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
+            answered(&tx.first_rows().unwrap_or_default(), run).map(drop)
         })
     }
 
@@ -464,16 +415,20 @@ impl Store {
 
     /// Appends a custom event to an active run's history.
     pub(crate) fn insert_event(&self, run: RunId, name: &str, data: Option<&str>) -> Result<i64> {
-        self.write(&[Claim::run(run, false)], |tx| {
-            let at = tx.now();
-            let (status, last) = run_head(tx, run)?;
-            if status.is_terminal() {
-                return Err(Error::RunFinished { run, status });
-            }
-            let mut chain = Chain { run, last, at };
-            chain.append(tx, "custom", Some(name), None, None, data)?;
-            set_last_event(tx, run, chain.last)?;
-            Ok(chain.last.unwrap_or_default())
+        let first = First::call(
+            "runledger_run_event",
+            &[
+                Lit::Int(i64::from(run)),
+                Lit::Text(name),
+                data.into(),
+                Lit::Now,
+            ],
+        )?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
+            let rows = tx.first_rows().unwrap_or_default();
+            let id = text_i64(answered(&rows, run)?.get(2))?;
+            tx.events_written();
+            Ok(id)
         })
     }
 
@@ -593,21 +548,13 @@ impl Store {
     /// on by its timeout. Returns the run's status; only a running run is
     /// changed.
     pub(crate) fn run_heartbeat(&self, run: RunId) -> Result<RunStatus> {
-        self.write(&[Claim::run(run, false)], |tx| {
-            let at = tx.now();
-            let (status, _) = run_head(tx, run)?;
-            if status == RunStatus::Running {
-                tx.execute(
-                    "UPDATE runs SET heartbeat_at = $2,
-                         hung_at = CASE WHEN heartbeat_timeout
-                                             > 9223372036854775807 - greatest($2::bigint, 0)
-                                        THEN 9223372036854775807
-                                        ELSE $2::bigint + heartbeat_timeout END
-                     WHERE id = $1 AND status = 'running'",
-                    &[&i64::from(run), &at.as_millis()],
-                )?;
-            }
-            Ok(status)
+        let first = First::call(
+            "runledger_run_heartbeat",
+            &[Lit::Int(i64::from(run)), Lit::Now],
+        )?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
+            let rows = tx.first_rows().unwrap_or_default();
+            text_status(answered(&rows, run)?.get(1))
         })
     }
 
@@ -660,7 +607,7 @@ impl Store {
             if deadline != hung.hung_at {
                 return Ok(None);
             }
-            let (_, to, wakes) = apply_change(tx, hung.id, at, |state| {
+            let (_, to, wakes) = apply_change(tx, hung.id, at, None, |state| {
                 crate::store::fail_if_running(state, reason)
             })?;
             Ok((to == RunStatus::Failed).then_some((name, wakes)))
@@ -682,38 +629,21 @@ impl Store {
 
     /// Starts a step of an active run; returns the step's row id.
     pub(crate) fn insert_step(&self, run: RunId, name: &str) -> Result<i64> {
-        self.write(&[Claim::run(run, false)], |tx| {
-            let at = tx.now();
-            let (status, last) = run_head(tx, run)?;
-            if status.is_terminal() {
-                return Err(Error::RunFinished { run, status });
-            }
-            // Checked before the insert: a unique violation would abort the
-            // transaction (the run's claim keeps the check valid).
-            let taken = tx.query_opt(
-                "SELECT 1 FROM steps WHERE run_id = $1 AND name = $2",
-                &[&i64::from(run), &name],
-            )?;
-            if taken.is_some() {
+        let first = First::call(
+            "runledger_step_start",
+            &[Lit::Int(i64::from(run)), Lit::Text(name), Lit::Now],
+        )?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
+            let rows = tx.first_rows().unwrap_or_default();
+            if rows.first().and_then(|row| row.get(0)) == Some("taken") {
                 return Err(Error::invalid(
                     "step name",
                     name,
                     format!("run {run} already has a step of that name"),
                 ));
             }
-            let row = tx.query_one(
-                "INSERT INTO steps (run_id, name, status, started_at)
-                 VALUES ($1, $2, 'running', $3)
-                 RETURNING id",
-                &[&i64::from(run), &name, &at.as_millis()],
-            )?;
-            let step: i64 = row.try_get(0)?;
-            let mut chain = Chain { run, last, at };
-            chain.append(tx, "step", Some(name), None, Some("running"), None)?;
-            tx.execute(
-                "UPDATE runs SET steps_total = steps_total + 1, last_event_id = $2 WHERE id = $1",
-                &[&i64::from(run), &chain.last],
-            )?;
+            let step = text_i64(answered(&rows, run)?.get(2))?;
+            tx.events_written();
             Ok(step)
         })
     }
@@ -727,38 +657,20 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        self.write(&[Claim::run(run, false)], |tx| {
-            let at = tx.now();
-            let (status, last) = run_head(tx, run)?;
-            let changed = tx.execute(
-                "UPDATE steps SET status = $2, error = $3, finished_at = $4
-                 WHERE id = $1 AND status = 'running'",
-                &[&step, &to.as_str(), &error, &at.as_millis()],
-            )?;
-            if changed == 0 {
-                // Ending a run closes its running steps: the run has ended.
-                return Err(Error::RunFinished { run, status });
-            }
-            let mut chain = Chain { run, last, at };
-            chain.append(
-                tx,
-                "step",
-                Some(name),
-                Some("running"),
-                Some(to.as_str()),
-                error,
-            )?;
-            let (ok, bad): (i64, i64) = if to == StepStatus::Succeeded {
-                (1, 0)
-            } else {
-                (0, 1)
-            };
-            tx.execute(
-                "UPDATE runs SET steps_succeeded = steps_succeeded + $2::bigint,
-                     steps_failed = steps_failed + $3::bigint, last_event_id = $4
-                 WHERE id = $1",
-                &[&i64::from(run), &ok, &bad, &chain.last],
-            )?;
+        let first = First::call(
+            "runledger_step_end",
+            &[
+                Lit::Int(i64::from(run)),
+                Lit::Int(step),
+                Lit::Text(name),
+                Lit::Text(to.as_str()),
+                error.into(),
+                Lit::Now,
+            ],
+        )?;
+        self.write_first(&[Claim::run(run, false)], first, |tx| {
+            answered(&tx.first_rows().unwrap_or_default(), run)?;
+            tx.events_written();
             Ok(())
         })
     }
@@ -1015,37 +927,6 @@ pub(super) fn append_event(
     set_last_event(tx, run, chain.last)
 }
 
-/// Fails every step of the chain's run still running (its run is ending);
-/// returns how many, each with its own event.
-fn close_running_steps(tx: &mut Tx<'_>, chain: &mut Chain) -> Result<i64> {
-    // In id order, as SQLite reads them from the `steps_running` index, so
-    // that the events come in the same order on both stores.
-    let running = tx
-        .query(
-            "SELECT id, name FROM steps WHERE run_id = $1 AND status = 'running' ORDER BY id",
-            &[&i64::from(chain.run)],
-        )?
-        .iter()
-        .map(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, String>(1)?)))
-        .collect::<Result<Vec<_>>>()?;
-    for (id, name) in &running {
-        tx.execute(
-            "UPDATE steps SET status = 'failed', error = $2, finished_at = $3
-             WHERE id = $1 AND status = 'running'",
-            &[id, &STEP_LEFT_RUNNING, &chain.at.as_millis()],
-        )?;
-        chain.append(
-            tx,
-            "step",
-            Some(name),
-            Some("running"),
-            Some("failed"),
-            Some(STEP_LEFT_RUNNING),
-        )?;
-    }
-    Ok(i64::try_from(running.len()).unwrap_or(i64::MAX))
-}
-
 /// Applies one transition to a run inside the caller's write transaction:
 /// see [`Store::update_run`].
 ///
@@ -1056,156 +937,128 @@ pub(super) fn apply_change(
     tx: &mut Tx<'_>,
     run: RunId,
     at: Timestamp,
+    state: Option<Vec<SimpleQueryRow>>,
     decide: impl Fn(&RunState) -> Result<Option<RunChange>>,
 ) -> Result<(RunState, RunStatus, Wakes)> {
-    let row = tx
-        .query_opt(
-            "SELECT status, steps_total, steps_succeeded, steps_failed,
-                    cancel_requested_at IS NOT NULL, last_event_id,
-                    (SELECT string_agg(keys, chr(10)) FROM locks WHERE run_id = $1)
-             FROM runs WHERE id = $1",
-            &[&i64::from(run)],
-        )?
+    // The state: read with `BEGIN` (see `Store::update_run`), or now. A
+    // change decided from a state read with `BEGIN` is the transaction's
+    // only write, sent with the commit; otherwise it is written now, in
+    // its place among the transaction's other writes.
+    let only_write = state.is_some();
+    let rows = match state {
+        Some(rows) => rows,
+        None => tx.call("runledger_run_state", &[Lit::Int(i64::from(run))], false)?,
+    };
+    // A function of one row answers NULLs for a run that does not exist.
+    let row = rows
+        .first()
+        .filter(|row| row.get(0).is_some())
         .ok_or_else(|| Error::run_not_found(run))?;
-    let total: u32 = narrow(&row, 1)?;
-    let succeeded: u32 = narrow(&row, 2)?;
-    let failed: u32 = narrow(&row, 3)?;
+    let count = |i: usize| -> Result<u32> {
+        u32::try_from(text_i64(row.get(i))?)
+            .map_err(|_| bad_data(format!("a step count of run {run} is out of range")))
+    };
+    let total = count(1)?;
+    let succeeded = count(2)?;
+    let failed = count(3)?;
     let state = RunState {
-        status: run_status(&row, 0)?,
+        status: text_status(row.get(0))?,
         steps_succeeded: succeeded,
         steps_failed: failed,
         steps_running: total.saturating_sub(succeeded.saturating_add(failed)),
-        cancel_requested: row.try_get(4)?,
+        cancel_requested: row.get(4) == Some("t"),
     };
-    let last_event: Option<i64> = row.try_get(5)?;
     // The keys of the run's requests, one JSON array per request and line
     // (JSON text holds no raw line break). Under the run's claim no request
     // of the run can be added, so these are all it will have.
-    let requests: Option<&str> = row.try_get(6)?;
+    let requests = row.get(6).map(str::to_owned);
     let Some(change) = decide(&state)? else {
         return Ok((state, state.status, Vec::new()));
     };
-    if let RunChange::Status { to, .. } = &change
-        && to.is_terminal()
-        && let Some(requests) = requests
-    {
-        // Its locks go with it: their keys are claimed before the first
-        // write (see `Store::write_later`).
+    let ends_with_locks =
+        matches!(&change, RunChange::Status { to, .. } if to.is_terminal()) && requests.is_some();
+    if ends_with_locks && let Some(requests) = &requests {
+        // Its locks go with it: their keys are claimed before the
+        // transaction's id (see `Store::write_later`), on a second try if
+        // the id came with `BEGIN`.
         let mut keys = Vec::new();
         for line in requests.lines() {
             keys.extend(super::locks::parse_keys(line)?);
         }
         super::locks::claim_keys(tx, &keys)?;
     }
-    let mut chain = Chain {
-        run,
-        last: last_event,
-        at,
-    };
-    let (to, changed) = match change {
+    let run_id = Lit::Int(i64::from(run));
+    let (function, values, to) = match &change {
         RunChange::Status {
             to,
             exit_code,
             error,
             via_running,
-        } => {
-            let from = if via_running {
-                chain.append(
-                    tx,
-                    "status",
-                    None,
-                    Some(state.status.as_str()),
-                    Some(RunStatus::Running.as_str()),
-                    None,
-                )?;
-                RunStatus::Running
-            } else {
-                state.status
-            };
-            let closed = if to.is_terminal() && state.steps_running > 0 {
-                close_running_steps(tx, &mut chain)?
-            } else {
-                0
-            };
-            let started = (to == RunStatus::Running || via_running).then_some(at.as_millis());
-            let finished = to.is_terminal().then_some(at.as_millis());
-            // The status event and the change, in one statement (one round
-            // trip): the event is the chain's next, and the run points at
-            // it. Should the compare-and-set miss, the event is rolled back
-            // with the error below.
-            let row = tx.query_opt(
-                "WITH ev AS (
-                     INSERT INTO events (run_id, prev_id, at, kind, from_status, to_status, message)
-                     VALUES ($1, $9, $10, 'status', $11, $3, $5)
-                     RETURNING id
-                 )
-                 UPDATE runs SET status = $3, exit_code = $4, error = $5,
-                     started_at = coalesce(started_at, $6::bigint), finished_at = $7,
-                     steps_failed = steps_failed + $8::bigint,
-                     last_event_id = (SELECT id FROM ev),
-                     hung_at = CASE WHEN $3::text <> 'running' THEN NULL
-                                    WHEN heartbeat_timeout
-                                         > 9223372036854775807 - greatest($10::bigint, 0)
-                                    THEN 9223372036854775807
-                                    ELSE $10::bigint + heartbeat_timeout END,
-                     adopt_by = CASE WHEN $7::bigint IS NULL THEN adopt_by END
-                 WHERE id = $1 AND status = $2
-                 RETURNING last_event_id",
-                &[
-                    &i64::from(run),
-                    &state.status.as_str(),
-                    &to.as_str(),
-                    &exit_code,
-                    &error,
-                    &started,
-                    &finished,
-                    &closed,
-                    &chain.last,
-                    &at.as_millis(),
-                    &from.as_str(),
-                ],
-            )?;
-            let changed = match row {
-                Some(row) => {
-                    tx.event_written(row.try_get(0)?);
-                    1
-                }
-                None => 0,
-            };
-            (to, changed)
-        }
-        RunChange::CancelRequest { by } => {
-            chain.append(tx, "cancel_requested", None, None, None, by.as_deref())?;
-            let changed = tx.execute(
-                "UPDATE runs SET cancel_requested_at = $3, last_event_id = $4
-                 WHERE id = $1 AND status = $2 AND cancel_requested_at IS NULL",
-                &[
-                    &i64::from(run),
-                    &state.status.as_str(),
-                    &at.as_millis(),
-                    &chain.last,
-                ],
-            )?;
-            (state.status, changed)
-        }
+        } => (
+            "runledger_set_status",
+            vec![
+                run_id,
+                Lit::Text(state.status.as_str()),
+                Lit::Text(to.as_str()),
+                exit_code.map(i64::from).into(),
+                error.as_deref().into(),
+                Lit::Bool(*via_running),
+                Lit::Int(at.as_millis()),
+                Lit::Text(STEP_LEFT_RUNNING),
+            ],
+            *to,
+        ),
+        RunChange::CancelRequest { by } => (
+            "runledger_request_cancel",
+            vec![
+                run_id,
+                Lit::Text(state.status.as_str()),
+                Lit::Int(at.as_millis()),
+                by.as_deref().into(),
+            ],
+            state.status,
+        ),
     };
-    if changed != 1 {
-        // Cannot happen while the run's claim is held; refuse rather than
-        // record an event for a change that was not made.
-        return Err(Error::InvalidTransition {
-            run,
-            from: state.status,
-            to,
-        });
+    if only_write && !ends_with_locks {
+        // Nothing read back: it goes with the commit.
+        tx.at_commit(function, &values)?;
+        return Ok((state, to, Vec::new()));
+    }
+    // The status event before the lock events, as on SQLite.
+    tx.call(function, &values, true)?;
+    tx.events_written();
+    if !ends_with_locks {
+        return Ok((state, to, Vec::new()));
     }
     // A run's locks and queue places end with it, in this transaction.
-    let wakes = if to.is_terminal() && requests.is_some() {
-        release_run_locks(tx, run, at)?
-    } else {
-        Vec::new()
-    };
+    let wakes = release_run_locks(tx, run, at)?;
     tx.wake(&wakes);
     Ok((state, to, wakes))
+}
+
+/// The row of a call of migration 10 that answers its outcome and the
+/// run's status first: the row if the outcome is `ok`, else the error it
+/// stands for.
+fn answered(rows: &[SimpleQueryRow], run: RunId) -> Result<&SimpleQueryRow> {
+    let row = rows
+        .first()
+        .ok_or_else(|| bad_data(format!("a call on run {run} answered no row")))?;
+    match row.get(0) {
+        Some("ok") => Ok(row),
+        Some("no run") => Err(Error::run_not_found(run)),
+        Some("ended") => Err(Error::RunFinished {
+            run,
+            status: text_status(row.get(1))?,
+        }),
+        other => Err(bad_data(format!("a call on run {run} answered {other:?}"))),
+    }
+}
+
+/// A run status read as text (a simple query's).
+fn text_status(text: Option<&str>) -> Result<RunStatus> {
+    let text = text.unwrap_or_default();
+    text.parse()
+        .map_err(|_| bad_data(format!("unknown run status {text:?}")))
 }
 
 /// Fails a run awaiting adoption whose deadline passed, in the caller's
@@ -1224,7 +1077,7 @@ fn fail_unadopted_in(
     let pid: u32 = narrow(&row, 1)?;
     let host: &str = row.try_get(2)?;
     let reason = crate::store::unadopted_reason(created, deadline, pid, host);
-    let (_, to, _) = apply_change(tx, run, at, |state| {
+    let (_, to, _) = apply_change(tx, run, at, None, |state| {
         crate::store::fail_if_active(state, &reason)
     })?;
     Ok((to, reason))

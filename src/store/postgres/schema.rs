@@ -252,6 +252,304 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX runs_by_status ON runs(status, id);
     "#,
+    // 10: the writes of a run's calls, each one function called in the
+    // batch of its transaction's BEGIN (or of its COMMIT), so that a call
+    // costs two round trips (see `Store::write_first`). These are the
+    // rules of those calls on PostgreSQL; SQLite's are its store's Rust,
+    // and the conformance suite holds the two to the same results.
+    //
+    // A call's time is read by the client as the batch is sent, before the
+    // run's claim is held: so that a run's history never goes back in
+    // time, each of its events is stamped no earlier than the one before
+    // it in the chain (`runledger_at`).
+    r#"
+    CREATE FUNCTION runledger_at(p_last bigint, p_at bigint) RETURNS bigint
+    LANGUAGE sql STABLE AS $fn$
+        SELECT greatest(p_at, (SELECT at FROM events WHERE id = p_last))
+    $fn$;
+
+    -- What a run's transition is decided from (see `apply_change`).
+    CREATE FUNCTION runledger_run_state(p_run bigint,
+        OUT o_status text, OUT o_total bigint, OUT o_succeeded bigint, OUT o_failed bigint,
+        OUT o_cancel boolean, OUT o_last bigint, OUT o_requests text)
+    LANGUAGE sql STABLE AS $fn$
+        SELECT status, steps_total, steps_succeeded, steps_failed,
+               cancel_requested_at IS NOT NULL, last_event_id,
+               (SELECT string_agg(keys, chr(10)) FROM locks WHERE run_id = p_run)
+        FROM runs WHERE id = p_run
+    $fn$;
+
+    -- A run's new status, from `p_from` (through running first, if
+    -- `p_via_running`), with its event; a terminal one fails the steps
+    -- still running, each with its event. The compare-and-set on `p_from`
+    -- cannot miss under the run's claim: should it, nothing is written.
+    CREATE FUNCTION runledger_set_status(p_run bigint, p_from text, p_to text,
+        p_exit integer, p_error text, p_via_running boolean, p_at bigint,
+        p_left_running text) RETURNS bigint
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_last bigint;
+        v_was text := p_from;
+        v_closed bigint := 0;
+        v_step record;
+        v_terminal boolean := p_to NOT IN ('queued','running');
+    BEGIN
+        SELECT last_event_id INTO v_last FROM runs WHERE id = p_run AND status = p_from;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'runledger: run % is no longer %', p_run, p_from;
+        END IF;
+        p_at := runledger_at(v_last, p_at);
+        IF p_via_running THEN
+            INSERT INTO events (run_id, prev_id, at, kind, from_status, to_status)
+            VALUES (p_run, v_last, p_at, 'status', v_was, 'running')
+            RETURNING id INTO v_last;
+            v_was := 'running';
+        END IF;
+        IF v_terminal THEN
+            -- In id order, as SQLite reads them from its `steps_running`.
+            FOR v_step IN
+                SELECT id, name FROM steps WHERE run_id = p_run AND status = 'running' ORDER BY id
+            LOOP
+                UPDATE steps SET status = 'failed', error = p_left_running, finished_at = p_at
+                WHERE id = v_step.id;
+                INSERT INTO events (run_id, prev_id, at, kind, step, from_status, to_status, message)
+                VALUES (p_run, v_last, p_at, 'step', v_step.name, 'running', 'failed',
+                        p_left_running)
+                RETURNING id INTO v_last;
+                v_closed := v_closed + 1;
+            END LOOP;
+        END IF;
+        INSERT INTO events (run_id, prev_id, at, kind, from_status, to_status, message)
+        VALUES (p_run, v_last, p_at, 'status', v_was, p_to, p_error)
+        RETURNING id INTO v_last;
+        UPDATE runs SET status = p_to, exit_code = p_exit, error = p_error,
+            started_at = coalesce(started_at,
+                                  CASE WHEN p_to = 'running' OR p_via_running THEN p_at END),
+            finished_at = CASE WHEN v_terminal THEN p_at END,
+            steps_failed = steps_failed + v_closed,
+            last_event_id = v_last,
+            hung_at = CASE WHEN p_to <> 'running' THEN NULL
+                           WHEN heartbeat_timeout > 9223372036854775807 - greatest(p_at, 0)
+                           THEN 9223372036854775807
+                           ELSE p_at + heartbeat_timeout END,
+            adopt_by = CASE WHEN NOT v_terminal THEN adopt_by END
+        WHERE id = p_run AND status = p_from;
+        RETURN v_last;
+    END
+    $fn$;
+
+    -- A cancel request of an active run not asked to cancel yet, with its
+    -- event.
+    CREATE FUNCTION runledger_request_cancel(p_run bigint, p_from text, p_at bigint, p_by text)
+    RETURNS bigint
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_last bigint;
+    BEGIN
+        SELECT last_event_id INTO v_last FROM runs
+        WHERE id = p_run AND status = p_from AND cancel_requested_at IS NULL;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'runledger: run % is no longer % without a cancel request',
+                p_run, p_from;
+        END IF;
+        p_at := runledger_at(v_last, p_at);
+        INSERT INTO events (run_id, prev_id, at, kind, message)
+        VALUES (p_run, v_last, p_at, 'cancel_requested', p_by)
+        RETURNING id INTO v_last;
+        UPDATE runs SET cancel_requested_at = p_at, last_event_id = v_last WHERE id = p_run;
+        RETURN v_last;
+    END
+    $fn$;
+
+    -- The calls below answer `o_outcome`: 'ok', 'no run', 'ended' (the run
+    -- is finished, `o_status`), or 'taken' (a step of that name exists).
+    CREATE FUNCTION runledger_step_start(p_run bigint, p_name text, p_at bigint,
+        OUT o_outcome text, OUT o_status text, OUT o_id bigint)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_last bigint;
+    BEGIN
+        SELECT status, last_event_id INTO o_status, v_last FROM runs WHERE id = p_run;
+        IF NOT FOUND THEN
+            o_outcome := 'no run';
+        ELSIF o_status NOT IN ('queued','running') THEN
+            o_outcome := 'ended';
+        ELSIF EXISTS (SELECT 1 FROM steps WHERE run_id = p_run AND name = p_name) THEN
+            o_outcome := 'taken';
+        ELSE
+            p_at := runledger_at(v_last, p_at);
+            INSERT INTO steps (run_id, name, status, started_at)
+            VALUES (p_run, p_name, 'running', p_at)
+            RETURNING id INTO o_id;
+            INSERT INTO events (run_id, prev_id, at, kind, step, to_status)
+            VALUES (p_run, v_last, p_at, 'step', p_name, 'running')
+            RETURNING id INTO v_last;
+            UPDATE runs SET steps_total = steps_total + 1, last_event_id = v_last
+            WHERE id = p_run;
+            o_outcome := 'ok';
+        END IF;
+    END
+    $fn$;
+
+    CREATE FUNCTION runledger_step_end(p_run bigint, p_step bigint, p_name text, p_to text,
+        p_error text, p_at bigint, OUT o_outcome text, OUT o_status text)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_last bigint;
+    BEGIN
+        SELECT status, last_event_id INTO o_status, v_last FROM runs WHERE id = p_run;
+        IF NOT FOUND THEN
+            o_outcome := 'no run';
+            RETURN;
+        END IF;
+        p_at := runledger_at(v_last, p_at);
+        UPDATE steps SET status = p_to, error = p_error, finished_at = p_at
+        WHERE id = p_step AND status = 'running';
+        IF NOT FOUND THEN
+            -- Ending a run closes its running steps: the run has ended.
+            o_outcome := 'ended';
+            RETURN;
+        END IF;
+        INSERT INTO events (run_id, prev_id, at, kind, step, from_status, to_status, message)
+        VALUES (p_run, v_last, p_at, 'step', p_name, 'running', p_to, p_error)
+        RETURNING id INTO v_last;
+        UPDATE runs SET steps_succeeded = steps_succeeded + (p_to = 'succeeded')::int,
+            steps_failed = steps_failed + (p_to <> 'succeeded')::int,
+            last_event_id = v_last
+        WHERE id = p_run;
+        o_outcome := 'ok';
+    END
+    $fn$;
+
+    CREATE FUNCTION runledger_run_event(p_run bigint, p_name text, p_data text, p_at bigint,
+        OUT o_outcome text, OUT o_status text, OUT o_id bigint)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_last bigint;
+    BEGIN
+        SELECT status, last_event_id INTO o_status, v_last FROM runs WHERE id = p_run;
+        IF NOT FOUND THEN
+            o_outcome := 'no run';
+        ELSIF o_status NOT IN ('queued','running') THEN
+            o_outcome := 'ended';
+        ELSE
+            INSERT INTO events (run_id, prev_id, at, kind, step, message)
+            VALUES (p_run, v_last, runledger_at(v_last, p_at), 'custom', p_name, p_data)
+            RETURNING id INTO o_id;
+            UPDATE runs SET last_event_id = o_id WHERE id = p_run;
+            o_outcome := 'ok';
+        END IF;
+    END
+    $fn$;
+
+    -- A progress heartbeat: a running run's deadline moves on by its
+    -- timeout; any other status is only answered.
+    CREATE FUNCTION runledger_run_heartbeat(p_run bigint, p_at bigint,
+        OUT o_outcome text, OUT o_status text)
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        SELECT status INTO o_status FROM runs WHERE id = p_run;
+        IF NOT FOUND THEN
+            o_outcome := 'no run';
+            RETURN;
+        END IF;
+        IF o_status = 'running' THEN
+            UPDATE runs SET heartbeat_at = p_at,
+                hung_at = CASE WHEN heartbeat_timeout > 9223372036854775807 - greatest(p_at, 0)
+                               THEN 9223372036854775807
+                               ELSE p_at + heartbeat_timeout END
+            WHERE id = p_run;
+        END IF;
+        o_outcome := 'ok';
+    END
+    $fn$;
+
+    CREATE FUNCTION runledger_set_log_path(p_run bigint, p_path text,
+        OUT o_outcome text, OUT o_status text)
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        SELECT status INTO o_status FROM runs WHERE id = p_run;
+        IF NOT FOUND THEN
+            o_outcome := 'no run';
+        ELSIF o_status NOT IN ('queued','running') THEN
+            o_outcome := 'ended';
+        ELSE
+            UPDATE runs SET log_path = p_path WHERE id = p_run;
+            o_outcome := 'ok';
+        END IF;
+    END
+    $fn$;
+
+    -- An instance's heartbeat, if it is open (`o_open`), and the server's
+    -- clock, in ms (see `ServerClock`).
+    CREATE FUNCTION runledger_instance_heartbeat(p_id bigint, p_at bigint,
+        OUT o_open boolean, OUT o_server_ms bigint)
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        UPDATE instances SET heartbeat_at = p_at WHERE id = p_id AND closed_at IS NULL;
+        o_open := FOUND;
+        o_server_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    END
+    $fn$;
+
+    -- A new run, its first event and its pointer to it, if its instance
+    -- is open ('closed' if not), its parent exists ('no parent') and no
+    -- run of its idempotency key is active or was created after
+    -- `p_since` ('duplicate', `o_id` the existing run). The claims of the
+    -- key and the parent are held by the caller.
+    CREATE FUNCTION runledger_insert_run(p_name text, p_source text, p_status text,
+        p_parent bigint, p_key text, p_owner bigint, p_pid bigint, p_host text,
+        p_metadata text, p_log_path text, p_at bigint, p_started bigint,
+        p_heartbeat_timeout bigint, p_adopt_within bigint, p_instance bigint, p_since bigint,
+        OUT o_outcome text, OUT o_id bigint)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_event bigint;
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL) THEN
+            o_outcome := 'closed';
+            RETURN;
+        END IF;
+        IF p_parent IS NOT NULL AND NOT EXISTS (SELECT 1 FROM runs WHERE id = p_parent) THEN
+            o_outcome := 'no parent';
+            RETURN;
+        END IF;
+        IF p_key IS NOT NULL THEN
+            IF p_since IS NOT NULL THEN
+                SELECT id INTO o_id FROM runs
+                WHERE idempotency_key = p_key AND idempotency_key IS NOT NULL
+                  AND created_at > p_since
+                ORDER BY created_at DESC, id DESC LIMIT 1;
+            END IF;
+            IF o_id IS NULL THEN
+                -- The unique index's own condition, so that the lookup uses it.
+                SELECT id INTO o_id FROM runs
+                WHERE idempotency_key = p_key AND idempotency_key IS NOT NULL
+                  AND status IN ('queued','running');
+            END IF;
+            IF o_id IS NOT NULL THEN
+                o_outcome := 'duplicate';
+                RETURN;
+            END IF;
+        END IF;
+        v_event := next_event_id();
+        INSERT INTO runs (name, source, status, parent_id, idempotency_key, instance_id, pid,
+            host, metadata, log_path, created_at, started_at, heartbeat_timeout, hung_at,
+            adopt_by, last_event_id)
+        VALUES (p_name, p_source, p_status, p_parent, p_key, p_owner, p_pid, p_host,
+            p_metadata, p_log_path, p_at, p_started, p_heartbeat_timeout,
+            CASE WHEN p_heartbeat_timeout > 9223372036854775807 - greatest(p_started, 0)
+                 THEN 9223372036854775807 ELSE p_started + p_heartbeat_timeout END,
+            CASE WHEN p_adopt_within > 9223372036854775807 - greatest(p_at, 0)
+                 THEN 9223372036854775807 ELSE p_at + p_adopt_within END,
+            v_event)
+        RETURNING id INTO o_id;
+        INSERT INTO events (id, run_id, prev_id, at, kind, to_status)
+        VALUES (v_event, o_id, NULL, p_at, 'status', p_status);
+        o_outcome := 'ok';
+    END
+    $fn$;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
