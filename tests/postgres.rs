@@ -800,7 +800,36 @@ pg_tests!(
     the_feed_never_skips_an_event_that_commits_after_a_later_numbered_one,
     writers_of_many_ledgers_at_once_leave_a_complete_ordered_feed,
     a_server_out_of_connections_is_a_clear_error_not_a_hang,
+    a_runs_history_never_goes_back_in_time,
 );
+
+/// A call's time is read as its batch is sent, before the run's claim is
+/// held (migration 10): so that a call that waited behind another writer
+/// of the run is never stamped before that writer's event, each event of
+/// a run is stamped no earlier than the one before it. Shown with a clock
+/// set back between two calls: the later events keep the earlier time,
+/// and the chain's times never decrease.
+fn a_runs_history_never_goes_back_in_time() {
+    let start = runledger::Timestamp::from_millis(1_800_000_000_000);
+    let clock = runledger::ManualClock::new(start);
+    let f = common::Fixture::with_clock(Store::Postgres, clock.clone());
+    let run = f.ledger.begin_run(runledger::RunSpec::new("clock")).unwrap();
+    run.event("first", serde_json::json!(1)).unwrap();
+    clock.set(start.saturating_sub(std::time::Duration::from_secs(10)));
+    run.event("second", serde_json::json!(2)).unwrap();
+    run.step("s").unwrap().succeed().unwrap();
+    let id = run.id();
+    run.succeed().unwrap();
+    let events = f.ledger.events(id).unwrap();
+    assert_eq!(events.len(), 6, "{events:?}");
+    assert!(
+        events.windows(2).all(|w| w[0].at <= w[1].at),
+        "{events:?}"
+    );
+    // The run's own times agree with its events'.
+    let record = f.ledger.run(id).unwrap();
+    assert_eq!(record.finished_at, Some(start), "{record:?}");
+}
 
 /// Two writers commit out of id order: the one whose transaction began
 /// first commits last. Its event is numbered below the other's, so a reader
