@@ -12,7 +12,8 @@ use runledger::{Error, EventCursor, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 /// their transaction (`next_event_id()`) instead of an identity column.
 /// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`), schema 9
 /// one (`runs_by_status`). Schema 10 changes nothing on SQLite; on
-/// PostgreSQL it adds the functions of the calls ([`FUNCTIONS_OF_10`]). A
+/// PostgreSQL it adds the functions of the calls ([`FUNCTIONS_OF_10`]) and
+/// the column `locks.nonce`. A
 /// ledger of schema 6 is a current one without the indexes and with its
 /// events numbered by an identity column again, recorded as version 6.
 fn downgrade_to_6(f: &Fixture) {
@@ -61,6 +62,7 @@ fn end_writes_of_6(f: &Fixture) {
         for function in FUNCTIONS_OF_10 {
             f.sql(&format!("DROP FUNCTION {function};"));
         }
+        f.sql("ALTER TABLE locks DROP COLUMN nonce;");
     }
 }
 

@@ -354,22 +354,40 @@ impl Store {
         let mut claims = vec![Claim::instance(ask.instance, true)];
         claims.extend(ask.run.map(|run| Claim::run(run, true)));
         claims.extend(ask.keys.iter().map(|key| Claim::key(key)));
-        let decide = |tx: &mut Tx<'_>| {
-            if let Some(rows) = tx.first_rows()
-                && let Some(row) = rows.first()
-            {
-                let id = text_i64(row.get(0))?;
-                let token = token_of(text_i64(row.get(1))?)?;
-                tx.events_written();
-                return Ok(Attempt::Granted { id, token });
+        if ticket.is_none() {
+            let nonce = self.next_nonce();
+            let granted = |row: &Row| -> Result<Attempt> {
+                Ok(Attempt::Granted {
+                    id: row.try_get(0)?,
+                    token: token_of(row.try_get(1)?)?,
+                })
+            };
+            let alone = self.write_alone(
+                &claims,
+                &grant_if_free(ask, nonce)?,
+                |rows| match rows.first() {
+                    Some(row) => Ok(Some(Attempt::Granted {
+                        id: text_i64(row.get(0))?,
+                        token: token_of(text_i64(row.get(1))?)?,
+                    })),
+                    None => Ok(None),
+                },
+                |tx| {
+                    tx.query_opt(
+                        "SELECT id, token FROM locks
+                         WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
+                        &[&ask.instance, &nonce],
+                    )?
+                    .as_ref()
+                    .map(granted)
+                    .transpose()
+                },
+            )?;
+            if let Some(attempt) = alone {
+                return Ok(attempt);
             }
-            self.try_lock_in(tx, ask, ticket)
-        };
-        if ticket.is_some() {
-            return self.write(&claims, decide);
         }
-        let first = grant_if_free(ask)?;
-        self.write_first(&claims, first, decide)
+        self.write(&claims, |tx| self.try_lock_in(tx, ask, ticket))
     }
 
     /// [`try_lock`](Store::try_lock) in its transaction, statement by
@@ -534,44 +552,50 @@ impl Store {
             .collect();
         let known = keys.is_some_and(|keys| !keys.is_empty());
         // A token beyond the column's range was never granted.
-        let first = match i64::try_from(token) {
-            Ok(token) if known => Some(First::new(
+        if let (Ok(token), Some(given), true) = (i64::try_from(token), keys, known) {
+            let given_json = keys_json(given);
+            let first = First::new(
                 "runledger_release_if_alone",
                 RELEASE_IF_ALONE,
-                &[Lit::Int(id), Lit::Int(token), Lit::Now],
-            )?),
-            _ => None,
-        };
+                &[
+                    Lit::Int(id),
+                    Lit::Int(token),
+                    Lit::Now,
+                    Lit::Text(&given_json),
+                ],
+            )?;
+            let alone = self.write_alone(
+                &claims,
+                &first,
+                |rows| Ok(rows.first().and_then(|row| row.get(0)).map(|_| ())),
+                // Gone, and not taken away: released by this batch. Taken
+                // away (by a reaper, by force) before it: sent again, the
+                // release finds it gone, as its guard does.
+                |tx| {
+                    let gone = tx
+                        .query_one(
+                            "SELECT NOT EXISTS (SELECT 1 FROM locks WHERE id = $1 AND token = $2)
+                                AND NOT EXISTS (SELECT 1 FROM lock_events WHERE lock_id = $1)",
+                            &[&id, &token],
+                        )?
+                        .try_get::<_, bool>(0)?;
+                    Ok(gone.then_some(()))
+                },
+            )?;
+            if alone.is_some() {
+                on_commit();
+                return Ok(Some(Vec::new()));
+            }
+        }
         self.write_then(
             &claims,
             keys.is_none(),
-            first,
+            None,
             |tx| {
                 let Ok(token) = i64::try_from(token) else {
                     return Ok(None);
                 };
                 let now = tx.now();
-                if let Some(rows) = tx.first_rows()
-                    && let Some(row) = rows.first()
-                    && row.get(0) == Some("t")
-                {
-                    let Some(deleted) = row.get(1) else {
-                        return Ok(None);
-                    };
-                    tx.events_written();
-                    let deleted = parse_keys(deleted)?;
-                    // As below.
-                    claim_keys(tx, &deleted)?;
-                    // "No waiters" was read under the claims of the keys
-                    // given: it holds for the row's keys only if they are
-                    // all among them (a guard's are).
-                    let given = keys.unwrap_or_default();
-                    if row.get(2) == Some("f") && deleted.iter().all(|k| given.contains(k)) {
-                        return Ok(Some(Vec::new()));
-                    }
-                    let keys = deleted;
-                    return Ok(Some(grant_waiters(tx, &keys, now)?));
-                }
                 if !known {
                     let Some(row) = tx.query_opt(
                         "SELECT keys FROM locks WHERE id = $1 AND token = $2",
@@ -790,14 +814,18 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
 /// instance, `$6` the run, `$7` the pid, `$8` the host, `$9` the time,
 /// `$10` the event's run id, `$11` its kind, `$12` its detail (ticket and
 /// token set by the statement). Each with its type, for `PREPARE`.
+/// `$nonce` is the row's number in its process, for a grant in one round
+/// trip (see [`Store::write_alone`]), else `NULL`.
 macro_rules! grant_rows {
-    ($from:literal) => {
+    ($from:literal, $nonce:literal) => {
         concat!(
             ", l AS (
                  INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
-                                    pid, host, wake, requested_at, granted_at)
+                                    pid, host, wake, requested_at, granted_at, nonce)
                  SELECT 'held', $2::text, $3::bigint, next.token, $4::text, $5::bigint,
-                        $6::bigint, $7::bigint, $8::text, NULL, $9::bigint, $9::bigint ",
+                        $6::bigint, $7::bigint, $8::text, NULL, $9::bigint, $9::bigint, ",
+            $nonce,
+            " ",
             $from,
             "
                  RETURNING id, token
@@ -833,7 +861,7 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     let pid = i64::from(ask.pid);
     let detail = grant_detail(ask);
     let row = tx.query_one(
-        concat!(next_token!(), grant_rows!("FROM next")),
+        concat!(next_token!(), grant_rows!("FROM next", "NULL::bigint")),
         &[
             &ask.keys,
             &ask.mode.as_str(),
@@ -854,11 +882,12 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
 }
 
 /// The grant of a new request whose keys nobody holds or waits for, its
-/// instance open and its run (if any) active, in one statement sent with
-/// `BEGIN` (see [`Store::write_first`]): the same writes as [`grant_new`].
+/// instance open and its run (if any) active, in one statement sent in
+/// one batch with `BEGIN` and `COMMIT` (see [`Store::write_alone`]): the
+/// same writes as [`grant_new`], the row numbered `$14` in its process.
 /// No row when it did not grant (a key in use, a closed instance, a run
-/// ended): the transaction then decides statement by statement, which
-/// also says why.
+/// ended): a transaction then decides statement by statement, which also
+/// says why.
 ///
 /// Its time ([`Lit::Now`]) is read as the batch is sent, before the claims
 /// are held, unlike [`Tx::now`]; so that a grant is never stamped before
@@ -885,22 +914,29 @@ const GRANT_IF_FREE: &str = concat!(
          SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next) FROM chk WHERE chk.ok
          ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
      )",
-    grant_rows!("FROM next, chk WHERE chk.ok")
+    grant_rows!("FROM next, chk WHERE chk.ok", "$14::bigint")
 );
 
-/// The release of the held lock `$1` with token `$2`, stamped `$3`, in one
-/// statement sent with `BEGIN` (see [`Store::write_first`]): the same
-/// writes as [`delete_lock`]. One row: whether it ran (as in
-/// [`GRANT_IF_FREE`], only if the claims came at once), the keys of the
-/// row it deleted (`NULL` if the lock was not held with that token), and
-/// whether any of them has waiters, who are then granted by the
-/// statements of `grant_waiters`.
+/// The release of the held lock `$1` with token `$2`, stamped `$3`, whose
+/// keys are all among `$4` (a JSON array: the keys claimed) and have no
+/// waiters, in one statement sent in one batch with `BEGIN` and `COMMIT`
+/// (see [`Store::write_alone`]): the same writes as [`delete_lock`]. One
+/// row, the keys of the row it deleted, `NULL` when it did not (as in
+/// [`GRANT_IF_FREE`], it runs only if the claims came at once; a lock not
+/// held with that token; waiters to hand the keys on to, or keys not
+/// claimed, which a transaction then releases statement by statement).
 const RELEASE_IF_ALONE: &str = "
 WITH chk AS (
     SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond' AS ok
 ), l AS (
     DELETE FROM locks
     WHERE id = $1::bigint AND token = $2::bigint AND (SELECT ok FROM chk)
+      AND keys::jsonb <@ $4::text::jsonb
+      AND NOT EXISTS (
+          SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
+          WHERE we.key IN (SELECT jsonb_array_elements_text(keys::jsonb)
+                           FROM locks WHERE id = $1::bigint)
+            AND w.state = 'waiting')
     RETURNING id, keys, mode, capacity, token, run_id, pid, host
 ), e AS (
     DELETE FROM lock_entries
@@ -920,11 +956,7 @@ WITH chk AS (
     INSERT INTO lock_history (key, event_id)
     SELECT DISTINCT jsonb_array_elements_text(l.keys::jsonb), ev.id FROM l, ev
 )
-SELECT chk.ok, l.keys,
-       EXISTS (SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
-               WHERE we.key IN (SELECT jsonb_array_elements_text(l.keys::jsonb))
-                 AND w.state = 'waiting')
-FROM chk LEFT JOIN l ON true";
+SELECT l.keys FROM chk LEFT JOIN l ON true";
 
 /// The detail of the event of a grant of `ask`, its ticket and token to be
 /// set by the statement that grants it ([`grant_rows`]).
@@ -939,8 +971,9 @@ fn grant_detail(ask: &LockAsk<'_>) -> String {
     })
 }
 
-/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent.
-fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
+/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent, its row numbered
+/// `nonce`.
+fn grant_if_free(ask: &LockAsk<'_>, nonce: i64) -> Result<First> {
     let detail = grant_detail(ask);
     let keys = keys_json(ask.keys);
     let active: Vec<String> = RunStatus::ALL
@@ -965,6 +998,7 @@ fn grant_if_free(ask: &LockAsk<'_>) -> Result<First> {
             Lit::Text(LOCK_GRANTED),
             Lit::Text(&detail),
             Lit::Texts(&active),
+            Lit::Int(nonce),
         ],
     )
 }

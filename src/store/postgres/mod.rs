@@ -114,6 +114,9 @@ pub(crate) struct Store {
     server_clock: Option<Arc<ServerClock>>,
     /// Through a transaction pooler (see [`pooler`]).
     pooler: Option<pooler::Pooler>,
+    /// The last number given to a grant in one round trip (see
+    /// [`Store::next_nonce`]).
+    nonces: AtomicI64,
     /// Stops this store's listener when the store is dropped; none through
     /// a transaction pooler without a direct URL to listen on.
     _listener: Option<listen::Listener>,
@@ -270,11 +273,20 @@ impl Store {
             server_clock,
             location,
             name,
+            nonces: AtomicI64::new(0),
             _listener: listener,
         })
     }
 
     /// How long a call waits for the server before it fails.
+    /// A number for a grant in one round trip, unique among this
+    /// process's (with its instance's id, among all): how the grant is
+    /// found again when the reply to its batch is lost (see
+    /// [`Store::write_alone`]).
+    pub(super) fn next_nonce(&self) -> i64 {
+        self.nonces.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     pub(super) fn busy_timeout(&self) -> Duration {
         self.busy_timeout
     }
@@ -338,6 +350,108 @@ impl Store {
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
         self.write_with(claims, false, Some(first), f)
+    }
+
+    /// A write that one statement, `first`, may do alone, in one round
+    /// trip: `BEGIN` with `claims`, the statement, the watchers'
+    /// notification and `COMMIT`, as one batch. `done` reads the
+    /// statement's rows: `Some` when it did the write, `None` when it did
+    /// nothing (a key in use, waiters to hand on to): the transaction then
+    /// committed nothing, and this returns `None` for the caller to write
+    /// statement by statement (so a write `first` cannot do costs one
+    /// round trip more). `None` at once through a transaction pooler, for
+    /// a statement prepared by name.
+    ///
+    /// **A lost reply** (a restart, a cut connection) leaves the outcome
+    /// unknown, and no transaction id to settle it by (it was to come in
+    /// the reply): `settle` looks for the write's effect instead (a grant's
+    /// row by its number, a release's row gone), in a transaction of its
+    /// own on another connection that takes the same claims first. So it
+    /// waits for the lost batch's transaction, if the server has it, to
+    /// end (committed, or rolled back as its backend finds the connection
+    /// gone) before it looks; a batch the server never had never runs (its
+    /// connection is closed, or was reset by TCP giving it up). `settle`
+    /// says what the write made if it committed, else `None`: the batch is
+    /// sent again, up to the busy timeout, as a [`write`](Store::write)
+    /// is. So the write is never applied twice.
+    fn write_alone<T>(
+        &self,
+        claims: &[Claim],
+        first: &First,
+        done: impl Fn(&[SimpleQueryRow]) -> Result<Option<T>>,
+        settle: impl Fn(&mut Tx<'_>) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        if first.name.is_some() && self.pooler.is_some() {
+            return Ok(None);
+        }
+        let mut claims = claims.to_vec();
+        claims.sort_unstable();
+        claims.dedup();
+        let mut head = self.begin.clone();
+        for claim in &claims {
+            head.push_str(&claim.sql(self.seed, false));
+        }
+        // The statements before `first`: BEGIN, SET LOCAL lock_timeout (and
+        // search_path, through a pooler), the claims.
+        let before = 2 + usize::from(self.pooler.is_some()) + claims.len();
+        // Only a transaction that wrote (its id assigned) has events for
+        // the watchers.
+        let tail = self.notify_watchers("pg_current_xact_id_if_assigned() IS NOT NULL");
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let mut conn = self
+                .pool()
+                .get()
+                .map_err(|e| Error::from(e).in_ledger(&self.name))?;
+            let prepared = match first.name {
+                Some(name) if !conn.prepared.contains(&name) => conn
+                    .client
+                    .batch_execute(&format!(
+                        "{}PREPARE {name} AS {}; COMMIT",
+                        self.begin, first.sql
+                    ))
+                    .map(|()| conn.prepared.push(name)),
+                _ => Ok(()),
+            };
+            let batch = format!("{head}{};{tail}COMMIT", first.execute(self.clock.now()));
+            let replies = prepared.and_then(|()| conn.client.simple_query(&batch));
+            conn.used = Instant::now();
+            match replies {
+                Ok(replies) => {
+                    self.watchers_notified(&mut conn.client, &replies);
+                    let rows = by_statement(replies)
+                        .into_iter()
+                        .nth(before)
+                        .unwrap_or_default();
+                    return done(&rows);
+                }
+                Err(e) if lost(&e) => {
+                    drop(conn);
+                    match self.write(&claims, &settle)? {
+                        Some(value) => return Ok(Some(value)),
+                        None if started.elapsed() < self.busy_timeout => {
+                            log::debug!(
+                                "runledger: a write lost its connection ({e}); trying again"
+                            );
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_millis(250));
+                        }
+                        None => return Err(Error::from(e).in_ledger(&self.name)),
+                    }
+                }
+                Err(e) => {
+                    // Rolled back (a claim past its timeout, a deadlock the
+                    // server broke): nothing was written.
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                    let e = Error::from(e);
+                    if deadlocked_in(&e) {
+                        return Ok(None);
+                    }
+                    return Err(e.in_ledger(&self.name));
+                }
+            }
+        }
     }
 
     /// [`write`](Store::write), for a transaction that finds claims it
@@ -456,21 +570,7 @@ impl Store {
             ));
         }
         if tx.events_written {
-            // A plain aggregate, cheap to plan on every commit; more
-            // watchers than one payload holds are notified after the
-            // commit instead (below).
-            batch.push_str(&format!(
-                "SELECT w.n, w.addresses,
-                        CASE WHEN w.n <= {max} THEN
-                            pg_notify({chan}, {origin} || chr(10) || w.addresses)
-                        END
-                 FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
-                       FROM watchers) w
-                 WHERE w.n > 0;",
-                max = listen::ADDRESSES_PER_PAYLOAD,
-                chan = literal(&self.channel),
-                origin = literal(listen::origin()),
-            ));
+            batch.push_str(&self.notify_watchers("true"));
         }
         batch.push_str("COMMIT");
         // The id the first write assigned (see `write_later`), if it wrote:
@@ -512,9 +612,39 @@ impl Store {
             Err(e) => return Err(Failed::from(Error::from(e))),
         };
         tx.open = false;
+        self.watchers_notified(&mut tx.conn.client, &replies);
+        Ok(value)
+    }
+
+    /// The statement, sent before `COMMIT`, that notifies the feed's
+    /// watchers on the schema's channel if `when` (an SQL condition) holds,
+    /// and returns them (see [`Store::watchers_notified`]).
+    ///
+    /// A plain aggregate, cheap to plan on every commit; more watchers
+    /// than one payload holds are notified after the commit instead.
+    fn notify_watchers(&self, when: &str) -> String {
+        format!(
+            "SELECT w.n, w.addresses,
+                    CASE WHEN w.n <= {max} THEN
+                        pg_notify({chan}, {origin} || chr(10) || w.addresses)
+                    END
+             FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
+                   FROM watchers) w
+             WHERE w.n > 0 AND {when};",
+            max = listen::ADDRESSES_PER_PAYLOAD,
+            chan = literal(&self.channel),
+            origin = literal(listen::origin()),
+        )
+    }
+
+    /// Once a batch with [`Store::notify_watchers`] has committed: notifies
+    /// the watchers it could not (more than one payload holds), and wakes
+    /// this host's at once. Its lock waiters are woken by the caller, with
+    /// the addresses the method returned.
+    fn watchers_notified(&self, client: &mut Client, replies: &[SimpleQueryMessage]) {
         let mut watchers = Vec::new();
         let mut unnotified = false;
-        for reply in &replies {
+        for reply in replies {
             // The watchers' row, of three columns (the waiters'
             // `pg_notify`s answer rows of one).
             if let SimpleQueryMessage::Row(row) = reply
@@ -530,17 +660,18 @@ impl Store {
             // Committed already: the other hosts' watchers learn of it a
             // round trip later (or at their next re-read if this fails).
             for payload in listen::payloads(&watchers) {
-                let channel = self.channel.as_str();
-                if let Err(e) = tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]) {
+                let mut sql = format!("SELECT pg_notify({}, ", literal(&self.channel));
+                let sent = Lit::Text(&payload).write_sql(&mut sql).and_then(|()| {
+                    sql.push(')');
+                    Ok(client.simple_query(&sql)?)
+                });
+                if let Err(e) = sent {
                     log::debug!("runledger: could not notify the watchers: {e}");
                     break;
                 }
             }
         }
-        // This host's watchers at once; its lock waiters are woken by the
-        // caller, with the addresses the method returned.
         wake(&watchers);
-        Ok(value)
     }
 
     /// Whether the write transaction `xact`, whose commit lost its

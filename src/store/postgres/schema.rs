@@ -263,6 +263,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // time, each of its events is stamped no earlier than the one before
     // it in the chain (`runledger_at`).
     r#"
+    -- A grant made in one round trip (see `Store::write_alone`), numbered
+    -- in its process: a grant whose reply was lost is found by its
+    -- instance and this number.
+    ALTER TABLE locks ADD COLUMN nonce bigint;
+
     CREATE FUNCTION runledger_at(p_last bigint, p_at bigint) RETURNS bigint
     LANGUAGE sql STABLE AS $fn$
         SELECT greatest(p_at, (SELECT at FROM events WHERE id = p_last))
