@@ -84,6 +84,9 @@ fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) 
         ids.push(run.id());
         run.succeed().unwrap();
     }
+    // A run still going through the upgrade, with a step running.
+    let going = f.ledger.begin_run(RunSpec::new("going")).unwrap();
+    let going_step = going.step("across").unwrap();
     let token = f.ledger.try_lock("k").unwrap().token();
     let events = f.ledger.events(ids[0]).unwrap().len();
     let cursor = f.ledger.events_cursor().unwrap();
@@ -117,6 +120,14 @@ fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) 
     // follow it, after the old history.
     let after = ledger.events_since(cursor, 100).unwrap();
     assert_eq!(after.events.len(), 2, "{after:?}"); // the lock, granted, released
+    // The run that went through it carries on and ends, its step too.
+    going_step.succeed().unwrap();
+    going.event("after", serde_json::json!(true)).unwrap();
+    let going_id = going.id();
+    assert_eq!(going.succeed().unwrap(), runledger::RunStatus::Succeeded);
+    let record = ledger.run(going_id).unwrap();
+    assert_eq!(record.status, runledger::RunStatus::Succeeded);
+    assert_eq!(ledger.events(going_id).unwrap().len(), 5);
     assert!(after.events.iter().all(|e| e.id > cursor.last_event_id()));
     // The whole feed, old ids and new, in one order, none missing.
     let all = ledger

@@ -140,7 +140,8 @@ impl Store {
             let row = rows.first().ok_or_else(|| {
                 crate::store::bad_data("an instance heartbeat answered no row".to_owned())
             })?;
-            tx.follow_server_clock(self.server_clock.as_deref(), text_i64(row.get(1))?);
+            let waited = row.get(2).and_then(|ms| ms.parse().ok()).unwrap_or(0.0);
+            tx.follow_server_clock(self.server_clock.as_deref(), text_i64(row.get(1))?, waited);
             Ok(row.get(0) == Some("t"))
         })
     }

@@ -399,6 +399,19 @@ impl Store {
         let tail = self.notify_watchers("pg_current_xact_id_if_assigned() IS NOT NULL");
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
+        // A connection the server closed while it sat in the pool shows it
+        // only when used: as many tries as the pool holds connections (and
+        // one more, for a fresh one) go at once, the next ones after a
+        // pause that grows, as in `begin`.
+        let mut quick = self.pool().max_size();
+        let mut again = || {
+            if quick > 0 {
+                quick -= 1;
+            } else {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        };
         loop {
             let mut conn = self
                 .pool()
@@ -414,8 +427,22 @@ impl Store {
                     .map(|()| conn.prepared.push(name)),
                 _ => Ok(()),
             };
+            match prepared {
+                // The batch was not sent: nothing to settle.
+                Err(e) if lost(&e) && started.elapsed() < self.busy_timeout => {
+                    drop(conn);
+                    again();
+                    continue;
+                }
+                Err(e) => {
+                    // Its transaction aborted (a parse past the timeout).
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                    return Err(Error::from(e).in_ledger(&self.name));
+                }
+                Ok(()) => {}
+            }
             let batch = format!("{head}{};{tail}COMMIT", first.execute(self.clock.now()));
-            let replies = prepared.and_then(|()| conn.client.simple_query(&batch));
+            let replies = conn.client.simple_query(&batch);
             conn.used = Instant::now();
             match replies {
                 Ok(replies) => {
@@ -434,8 +461,7 @@ impl Store {
                             log::debug!(
                                 "runledger: a write lost its connection ({e}); trying again"
                             );
-                            std::thread::sleep(pause);
-                            pause = (pause * 2).min(Duration::from_millis(250));
+                            again();
                         }
                         None => return Err(Error::from(e).in_ledger(&self.name)),
                     }
@@ -1113,9 +1139,23 @@ impl Tx<'_> {
     /// ms, `server`, read by the statement sent with `BEGIN`
     /// ([`Store::write_first`]): that batch's round trip is the
     /// measurement, and none of its own is needed.
-    pub(super) fn follow_server_clock(&self, clock: Option<&ServerClock>, server: i64) {
+    ///
+    /// `waited` (ms) is how long the batch had been on the server when the
+    /// clock was read (its claims' wait): it is taken out of the round
+    /// trip, so that only the trips to and from the server are halved.
+    pub(super) fn follow_server_clock(
+        &self,
+        clock: Option<&ServerClock>,
+        server: i64,
+        waited: f64,
+    ) {
         if let (Some(clock), Some((before, took))) = (clock, self.sent.took) {
-            clock.observe(before, took, server);
+            let waited = Duration::from_secs_f64((waited / 1000.0).clamp(0.0, 3600.0)).min(took);
+            clock.observe(
+                before,
+                took - waited,
+                server - i64::try_from(waited.as_millis()).unwrap_or(0),
+            );
         }
     }
 
@@ -1155,7 +1195,14 @@ impl Tx<'_> {
         if writes && self.open {
             self.sealed = true;
         }
-        let sql = First::parts(&format!("SELECT * FROM {function}("), values)?.join("");
+        let mut sql = format!("SELECT * FROM {function}(");
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            value.write_sql(&mut sql)?;
+        }
+        sql.push(')');
         let replies = self.conn.client.simple_query(&sql)?;
         Ok(by_statement(replies).into_iter().next().unwrap_or_default())
     }
@@ -1517,7 +1564,9 @@ impl From<ConnectError> for StorageError {
 
 /// Whether a statement may write (and so assign its transaction's id): any
 /// but a plain `SELECT`. A `SELECT` of a function that writes would be
-/// missed; the store runs none.
+/// missed: the schema's functions (migration 10) are called through
+/// [`Tx::call`], which says whether they write, or with `BEGIN`, after
+/// the claims.
 fn writes(sql: &str) -> bool {
     let sql = sql.trim_start();
     let head = |word: &str| sql.len() >= word.len() && sql[..word.len()].eq_ignore_ascii_case(word);

@@ -210,11 +210,9 @@ impl Store {
         } else {
             new.instance
         };
-        // The window's start, from the time the batch is sent.
-        let window = new
-            .idempotency_key
-            .and(new.idempotency_window)
-            .map(|w| self.clock.now().as_millis().saturating_sub(w));
+        // The window counts back from the run's time, read as the batch
+        // is sent.
+        let window = new.idempotency_key.and(new.idempotency_window);
         let first = First::call(
             "runledger_insert_run",
             &[
@@ -1025,8 +1023,8 @@ pub(super) fn apply_change(
         return Ok((state, to, Vec::new()));
     }
     // The status event before the lock events, as on SQLite.
-    tx.call(function, &values, true)?;
-    tx.events_written();
+    let rows = tx.call(function, &values, true)?;
+    tx.event_written(text_i64(rows.first().and_then(|row| row.get(0)))?);
     if !ends_with_locks {
         return Ok((state, to, Vec::new()));
     }

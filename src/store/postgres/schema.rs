@@ -269,7 +269,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE locks ADD COLUMN nonce bigint;
 
     CREATE FUNCTION runledger_at(p_last bigint, p_at bigint) RETURNS bigint
-    LANGUAGE sql STABLE AS $fn$
+    LANGUAGE sql VOLATILE AS $fn$
         SELECT greatest(p_at, (SELECT at FROM events WHERE id = p_last))
     $fn$;
 
@@ -452,12 +452,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE FUNCTION runledger_run_heartbeat(p_run bigint, p_at bigint,
         OUT o_outcome text, OUT o_status text)
     LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_after bigint;
     BEGIN
-        SELECT status INTO o_status FROM runs WHERE id = p_run;
+        SELECT status, greatest(heartbeat_at, started_at) INTO o_status, v_after
+        FROM runs WHERE id = p_run;
         IF NOT FOUND THEN
             o_outcome := 'no run';
             RETURN;
         END IF;
+        -- Never before the run's start or its last heartbeat (see above).
+        p_at := greatest(p_at, v_after);
         IF o_status = 'running' THEN
             UPDATE runs SET heartbeat_at = p_at,
                 hung_at = CASE WHEN heartbeat_timeout > 9223372036854775807 - greatest(p_at, 0)
@@ -485,27 +490,35 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END
     $fn$;
 
-    -- An instance's heartbeat, if it is open (`o_open`), and the server's
-    -- clock, in ms (see `ServerClock`).
+    -- An instance's heartbeat (never before its last one), if it is open
+    -- (`o_open`); the server's clock, in ms, and how long the batch had
+    -- been on the server when it was read, in ms (the claim's wait), so
+    -- that the client takes the wait out of the round trip (see
+    -- `ServerClock`).
     CREATE FUNCTION runledger_instance_heartbeat(p_id bigint, p_at bigint,
-        OUT o_open boolean, OUT o_server_ms bigint)
+        OUT o_open boolean, OUT o_server_ms bigint, OUT o_waited_ms double precision)
     LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_now timestamptz;
     BEGIN
-        UPDATE instances SET heartbeat_at = p_at WHERE id = p_id AND closed_at IS NULL;
+        UPDATE instances SET heartbeat_at = greatest(p_at, heartbeat_at)
+        WHERE id = p_id AND closed_at IS NULL;
         o_open := FOUND;
-        o_server_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+        v_now := clock_timestamp();
+        o_server_ms := (extract(epoch FROM v_now) * 1000)::bigint;
+        o_waited_ms := extract(epoch FROM v_now - statement_timestamp()) * 1000;
     END
     $fn$;
 
     -- A new run, its first event and its pointer to it, if its instance
     -- is open ('closed' if not), its parent exists ('no parent') and no
-    -- run of its idempotency key is active or was created after
-    -- `p_since` ('duplicate', `o_id` the existing run). The claims of the
-    -- key and the parent are held by the caller.
+    -- run of its idempotency key is active or was created within the last
+    -- `p_window` ms ('duplicate', `o_id` the existing run). The claims of
+    -- the key and the parent are held by the caller.
     CREATE FUNCTION runledger_insert_run(p_name text, p_source text, p_status text,
         p_parent bigint, p_key text, p_owner bigint, p_pid bigint, p_host text,
         p_metadata text, p_log_path text, p_at bigint, p_started bigint,
-        p_heartbeat_timeout bigint, p_adopt_within bigint, p_instance bigint, p_since bigint,
+        p_heartbeat_timeout bigint, p_adopt_within bigint, p_instance bigint, p_window bigint,
         OUT o_outcome text, OUT o_id bigint)
     LANGUAGE plpgsql AS $fn$
     DECLARE
@@ -520,10 +533,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
             RETURN;
         END IF;
         IF p_key IS NOT NULL THEN
-            IF p_since IS NOT NULL THEN
+            IF p_window IS NOT NULL THEN
                 SELECT id INTO o_id FROM runs
                 WHERE idempotency_key = p_key AND idempotency_key IS NOT NULL
-                  AND created_at > p_since
+                  AND created_at > greatest(p_at::numeric - p_window,
+                                            -9223372036854775808)::bigint
                 ORDER BY created_at DESC, id DESC LIMIT 1;
             END IF;
             IF o_id IS NULL THEN
