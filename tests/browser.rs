@@ -488,6 +488,35 @@ fn a_person_cancels_a_run_from_its_page() {
     assert!(!text.contains("Cancel run"), "{text}");
 }
 
+/// A name typed on a run's page stays typed when the page is redrawn for
+/// an event meanwhile (another run starting): the redraw keeps what the
+/// fields of its forms hold.
+#[test]
+fn what_a_person_typed_survives_a_redraw() {
+    let served = Served::start_with(&["--token", "t0ken", "--allow-actions"]);
+    let _run = served.exec(&["--name", "typed-on", "--", "sleep", "60"]);
+    let id = served.run_id("typed-on");
+    let browser = Browser::start();
+    browser.open(&format!("{}/?token=t0ken", served.url));
+    browser.open(&format!("{}/runs/{id}", served.url));
+    browser.wait_for_text("the cancel button", |t| t.contains("Cancel run"));
+    browser.fill("name", "tester");
+    browser
+        .eval("document.querySelector('main').setAttribute('data-drawn-before', ''); return null;");
+    let _other = served.exec(&["--name", "meanwhile", "--", "sleep", "60"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while browser
+        .eval("return document.querySelector('main[data-drawn-before]') !== null;")
+        .as_bool()
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "the page was never redrawn");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let value = browser.eval("return document.querySelector('form.action [name=\"name\"]').value;");
+    assert_eq!(value.as_str(), Some("tester"));
+}
+
 /// The pages with something on them, as the README shows them: a busy
 /// overview, a run, and the locks with their queue and history.
 #[test]

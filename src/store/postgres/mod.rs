@@ -39,6 +39,17 @@
 //! - **Waiting for a claim** is bounded by the busy timeout (`SET LOCAL
 //!   lock_timeout`): past it the call fails with
 //!   [`Error::Busy`](crate::Error::Busy), as on SQLite.
+//! - **At most two round trips per call that does not wait.** The claims
+//!   go in the batch of `BEGIN`, and with them the call's work where one
+//!   statement does it: a function of the schema (migration 10: the rules
+//!   of a run's calls live there, in SQL) or a statement prepared once per
+//!   connection; the second round trip is the `COMMIT`, with the
+//!   notifications ([`Store::write_first`]). A transition of a run reads
+//!   its state with `BEGIN`, decides in Rust, and sends its write with
+//!   the `COMMIT` ([`Tx::at_commit`]). A grant of free keys and a release
+//!   nobody waits for are one round trip: `BEGIN`, the statement and
+//!   `COMMIT` as one batch ([`Store::write_alone`]). Anything else goes on
+//!   statement by statement in the same transaction.
 //! - **Wake-ups cross hosts.** A transaction that frees keys (or appends
 //!   events) sends, before its `COMMIT`, one `NOTIFY` on the schema's
 //!   channel with the wake-up addresses of the waiters (or watchers). The

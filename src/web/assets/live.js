@@ -16,7 +16,12 @@
       .then(function (text) {
         var next = new DOMParser().parseFromString(text, "text/html").querySelector("main");
         var main = document.querySelector("main");
-        if (next && main) { keepLog(main, next); main.replaceWith(next); }
+        if (next && main) {
+          keepLog(main, next);
+          var focus = keepInputs(main, next);
+          main.replaceWith(next);
+          if (focus) { focus.focus(); }
+        }
       })
       .catch(function () {})
       .then(function () {
@@ -38,6 +43,25 @@
     feed.onmessage = soon;
   }
   setInterval(function () { if (!document.hidden) { soon(); } }, 30000);
+
+  // What a person typed in a form (a reason, a name) is kept across a
+  // redraw, in the same field of the same form of the new page, and so is
+  // the focus; returns the field to focus.
+  function keepInputs(main, next) {
+    var focus = null;
+    var fields = main.querySelectorAll("form input[name], form textarea[name]");
+    for (var i = 0; i < fields.length; i++) {
+      var field = fields[i];
+      if (field.type === "hidden" || field.value === field.defaultValue) { continue; }
+      var action = field.form ? field.form.getAttribute("action") : null;
+      var twin = next.querySelector((action === null ? "form" : 'form[action="' + CSS.escape(action) + '"]') +
+        ' [name="' + CSS.escape(field.name) + '"]');
+      if (!twin) { continue; }
+      twin.value = field.value;
+      if (document.activeElement === field) { focus = twin; }
+    }
+    return focus;
+  }
 
   // The log. Its <pre> holds the text up to byte data-log-offset of the
   // file, which the server renders; the poll appends what follows it. A
