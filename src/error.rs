@@ -444,6 +444,16 @@ fn postgres_message(e: &postgres::Error, f: &mut fmt::Formatter<'_>) -> fmt::Res
         if let Some(hint) = db.hint() {
             write!(f, "; hint: {hint}")?;
         }
+        // A prepared statement missing, or met where none was prepared: a
+        // transaction pooler between the ledger and the server, which
+        // keeps none from one transaction to the next.
+        if matches!(db.code().code(), "26000" | "42P05") {
+            write!(
+                f,
+                "; through a pooler in transaction mode (PgBouncer), open the ledger \
+                 with `Builder::transaction_pooler(true)` (`--transaction-pooler`)"
+            )?;
+        }
         return Ok(());
     }
     write!(f, "{e}")?;

@@ -530,7 +530,40 @@ fn a_waiter_without_a_listen_url_finds_a_killed_holder_by_its_re_read() {
     a_waiter_gets_the_lock_from_another_process(false);
 }
 
+/// The command line through the pooler: `--transaction-pooler` (or its
+/// variable) reaches every command, `exec` with a lock included, and a
+/// run recorded through it is listed by another command.
+#[cfg(feature = "cli")]
+fn the_command_line_goes_through_the_pooler() {
+    let bouncer = Bouncer::start(2);
+    let schema = SchemaGuard::new();
+    let db = format!("{}#{}", bouncer.url(), schema.name);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(args)
+            .env("RUNLEDGER_DB", &db)
+            .env("RUNLEDGER_TRANSACTION_POOLER", "true")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["exec", "--name", "pooled", "--lock", "deploy", "--", "true"]);
+    cli(&["exec", "--name", "pooled", "--lock", "deploy", "--", "true"]);
+    let listed: serde_json::Value = serde_json::from_str(&cli(&["--json", "runs"])).unwrap();
+    let runs = listed.as_array().expect("a JSON array of runs");
+    assert_eq!(runs.len(), 2, "{listed}");
+    assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{listed}");
+    assert_no_session_state_left(&bouncer);
+}
+
 pg_tests!(
+    #[cfg(feature = "cli")]
+    the_command_line_goes_through_the_pooler,
     runs_and_steps_go_through_the_pooler,
     opening_at_once_migrates_once_through_the_pooler,
     locks_hand_off_in_order_through_the_pooler,

@@ -76,6 +76,19 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// The PostgreSQL URL of `--db` goes through a pooler in transaction
+    /// mode, such as PgBouncer's `pool_mode = transaction`: keep nothing on
+    /// a session beyond one transaction (required there; see the README's
+    /// "Through PgBouncer").
+    #[arg(long, global = true, env = "RUNLEDGER_TRANSACTION_POOLER")]
+    transaction_pooler: bool,
+
+    /// A direct PostgreSQL URL (not through the pooler) to listen for
+    /// wake-ups on, with `--transaction-pooler`; without it, waiters of
+    /// other hosts are found by their timed re-read.
+    #[arg(long, global = true, env = "RUNLEDGER_LISTEN_URL", value_name = "URL")]
+    listen_url: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -322,10 +335,19 @@ impl From<Error> for Failure {
         } else {
             1
         };
-        Failure {
-            message: e.to_string(),
-            code,
+        // With its causes: "storage error in ledger …" alone says nothing
+        // of what the server said.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !text.is_empty() && !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
         }
+        Failure { message, code }
     }
 }
 
@@ -337,6 +359,7 @@ impl From<String> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = REACH.set((cli.transaction_pooler, cli.listen_url.clone()));
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
@@ -384,9 +407,27 @@ pub(crate) fn is_url(db: &std::path::Path) -> bool {
         })
 }
 
+/// How `--db` is reached, from the global options: through a transaction
+/// pooler, and the direct URL to listen on (set once, before any command).
+static REACH: std::sync::OnceLock<(bool, Option<String>)> = std::sync::OnceLock::new();
+
 /// Settings for the ledger `--db` names: a file, or a PostgreSQL URL.
 pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
-    Ledger::builder(db)
+    let builder = Ledger::builder(db);
+    match REACH.get() {
+        Some((pooler, listen)) => {
+            let builder = if *pooler {
+                builder.transaction_pooler(true)
+            } else {
+                builder
+            };
+            match listen {
+                Some(url) => builder.listen_url(url.clone()),
+                None => builder,
+            }
+        }
+        None => builder,
+    }
 }
 
 fn open_with(

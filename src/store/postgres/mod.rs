@@ -2337,6 +2337,26 @@ mod tests {
         assert!(back.abs() < 2_000, "{back} ms from the server's clock");
     }
 
+    /// A prepared statement met twice (or missing), as through a
+    /// transaction pooler without the setting: the error says what to do.
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn a_prepared_statement_error_names_the_pooler_setting() {
+        let schema = TestSchema::new("prepared_hint");
+        let mut client = schema.client();
+        let e = client
+            .batch_execute("PREPARE twice AS SELECT 1; PREPARE twice AS SELECT 1")
+            .unwrap_err();
+        let e = Error::from(e);
+        let text = std::error::Error::source(&e).map(ToString::to_string);
+        let text = text.unwrap_or_default();
+        assert!(text.contains("42P05"), "{text}");
+        assert!(text.contains("transaction_pooler(true)"), "{text}");
+    }
+
     #[test]
     fn claims_differ_by_schema_and_sort_by_class() {
         assert_ne!(claim_seed("a"), claim_seed("b"));
