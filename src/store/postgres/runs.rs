@@ -1024,11 +1024,14 @@ pub(super) fn apply_change(
     }
     // The status event before the lock events, as on SQLite.
     let rows = tx.call(function, &values, true)?;
-    tx.event_written(text_i64(rows.first().and_then(|row| row.get(0)))?);
+    let row = rows.first();
+    tx.event_written(text_i64(row.and_then(|row| row.get(0)))?);
     if !ends_with_locks {
         return Ok((state, to, Vec::new()));
     }
-    // A run's locks and queue places end with it, in this transaction.
+    // A run's locks and queue places end with it, in this transaction, at
+    // the time its end was stamped with (see `runledger_at`).
+    let at = Timestamp::from_millis(text_i64(row.and_then(|row| row.get(1)))?);
     let wakes = release_run_locks(tx, run, at)?;
     tx.wake(&wakes);
     Ok((state, to, wakes))

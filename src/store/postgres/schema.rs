@@ -288,9 +288,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- `p_via_running`), with its event; a terminal one fails the steps
     -- still running, each with its event. The compare-and-set on `p_from`
     -- cannot miss under the run's claim: should it, nothing is written.
+    -- Answers the last event's id and the time it was stamped with.
     CREATE FUNCTION runledger_set_status(p_run bigint, p_from text, p_to text,
         p_exit integer, p_error text, p_via_running boolean, p_at bigint,
-        p_left_running text) RETURNS bigint
+        p_left_running text, OUT o_last bigint, OUT o_at bigint)
     LANGUAGE plpgsql AS $fn$
     DECLARE
         v_last bigint;
@@ -339,7 +340,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
                            ELSE p_at + heartbeat_timeout END,
             adopt_by = CASE WHEN NOT v_terminal THEN adopt_by END
         WHERE id = p_run AND status = p_from;
-        RETURN v_last;
+        o_last := v_last;
+        o_at := p_at;
     END
     $fn$;
 
