@@ -1180,15 +1180,8 @@ impl Tx<'_> {
     /// with `BEGIN`, by an earlier write, or asked for), so that a commit
     /// whose reply is lost is settled as any other.
     pub(super) fn at_commit(&mut self, function: &str, values: &[Lit<'_>]) -> Result<()> {
-        let mut sql = format!("SELECT {function}(");
-        for (i, value) in values.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            value.write_sql(&mut sql)?;
-        }
-        sql.push_str(");");
-        self.at_commit.push(sql);
+        self.at_commit
+            .push(Lit::call(&format!("SELECT {function}("), values)? + ";");
         self.events_written = true;
         Ok(())
     }
@@ -1206,14 +1199,7 @@ impl Tx<'_> {
         if writes && self.open {
             self.sealed = true;
         }
-        let mut sql = format!("SELECT * FROM {function}(");
-        for (i, value) in values.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            value.write_sql(&mut sql)?;
-        }
-        sql.push(')');
+        let sql = Lit::call(&format!("SELECT * FROM {function}("), values)?;
         let replies = self.conn.client.simple_query(&sql)?;
         Ok(by_statement(replies).into_iter().next().unwrap_or_default())
     }
@@ -1789,6 +1775,20 @@ impl<'a, T: Into<Lit<'a>>> From<Option<T>> for Lit<'a> {
 }
 
 impl Lit<'_> {
+    /// `head`, then `values` as SQL text, comma-separated, then `)`: a
+    /// call with every value known ([`Lit::Now`] is refused).
+    fn call(head: &str, values: &[Lit<'_>]) -> Result<String> {
+        let mut sql = head.to_owned();
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            value.write_sql(&mut sql)?;
+        }
+        sql.push(')');
+        Ok(sql)
+    }
+
     /// Writes the value as SQL text.
     ///
     /// Strings become escape-string literals (`E'…'`, quotes and
