@@ -813,7 +813,10 @@ fn a_runs_history_never_goes_back_in_time() {
     let start = runledger::Timestamp::from_millis(1_800_000_000_000);
     let clock = runledger::ManualClock::new(start);
     let f = common::Fixture::with_clock(Store::Postgres, clock.clone());
-    let run = f.ledger.begin_run(runledger::RunSpec::new("clock")).unwrap();
+    let run = f
+        .ledger
+        .begin_run(runledger::RunSpec::new("clock"))
+        .unwrap();
     run.event("first", serde_json::json!(1)).unwrap();
     clock.set(start.saturating_sub(std::time::Duration::from_secs(10)));
     run.event("second", serde_json::json!(2)).unwrap();
@@ -822,10 +825,7 @@ fn a_runs_history_never_goes_back_in_time() {
     run.succeed().unwrap();
     let events = f.ledger.events(id).unwrap();
     assert_eq!(events.len(), 6, "{events:?}");
-    assert!(
-        events.windows(2).all(|w| w[0].at <= w[1].at),
-        "{events:?}"
-    );
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at), "{events:?}");
     // The run's own times agree with its events'.
     let record = f.ledger.run(id).unwrap();
     assert_eq!(record.finished_at, Some(start), "{record:?}");
