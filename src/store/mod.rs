@@ -418,7 +418,13 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        dispatch!(self, s => s.finish_step(run, step, name, to, error))
+        let end = StepEnd {
+            step,
+            name,
+            to,
+            error,
+        };
+        dispatch!(self, s => s.finish_step(run, &end))
     }
 
     pub(crate) fn run(&self, run: RunId) -> Result<RunRecord> {
@@ -531,6 +537,16 @@ pub(crate) struct Ahead {
 
 /// Wake-up addresses of waiters to wake once the transaction committed.
 pub(crate) type Wakes = Vec<String>;
+
+/// How a running step ends, as [`Store::finish_step`] asks it of a store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepEnd<'a> {
+    /// The step's id, and its name (for its event).
+    pub step: i64,
+    pub name: &'a str,
+    pub to: StepStatus,
+    pub error: Option<&'a str>,
+}
 
 /// A run to insert, already validated and serialized.
 #[derive(Debug)]

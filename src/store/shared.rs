@@ -10,13 +10,16 @@
 //! change) stays in that store.
 
 use super::rules::{LockReads, fits};
-use super::{Ahead, Ending, InstanceReaped, LOCK_GRANTED, Reap, TakenLock, Wakes, bad_data};
+use super::{
+    Adopter, Adoption, Ahead, Ending, InstanceReaped, LOCK_GRANTED, Reap, TakenLock, Wakes,
+    bad_data,
+};
 use crate::clock::Timestamp;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, ProcessIdentity};
 use crate::lock::{LockMode, LockState, Ticket};
 use crate::reaper::Reaped;
-use crate::record::LockEvent;
+use crate::record::{LockEvent, Progress};
 use crate::run::{RunId, RunState, RunStatus};
 
 /// A waiting request, as [`grant_waiters`] reads it.
@@ -418,4 +421,131 @@ fn fail_instance_runs(
         }
     }
     Ok(())
+}
+
+/// A run's row as an adoption reads it.
+#[derive(Debug)]
+pub(crate) struct AdoptRow {
+    pub status: RunStatus,
+    /// Its adoption deadline: `None` once owned.
+    pub adopt_by: Option<Timestamp>,
+    pub pid: u32,
+    pub host: String,
+    /// The head of its event chain.
+    pub last: Option<i64>,
+}
+
+/// The statements an adoption needs of a store, inside its write
+/// transaction, at the time `at` given to [`adopt`].
+pub(crate) trait AdoptRows {
+    /// Whether the instance is open (see `instances::is_open`).
+    fn instance_open(&mut self, instance: i64) -> Result<bool>;
+
+    /// The run's row; `None` if it does not exist.
+    fn adopt_row(&mut self, run: RunId) -> Result<Option<AdoptRow>>;
+
+    /// Fails the run nobody adopted by `deadline`; the status after.
+    fn expire(&mut self, run: RunId, deadline: Timestamp) -> Result<RunStatus>;
+
+    /// Appends the `adopted` event after `last` and hands the run over, if
+    /// it still awaits adoption; whether it did.
+    fn hand_over(&mut self, run: RunId, last: Option<i64>, adopter: &Adopter<'_>) -> Result<bool>;
+
+    /// Starts the run, if it is still queued (queued → running releases
+    /// nothing: no waiters to wake).
+    fn start(&mut self, run: RunId) -> Result<()>;
+}
+
+/// Hands a run awaiting adoption to `adopter` at `at` (see
+/// `Store::adopt_run` of either store), in the caller's write transaction.
+pub(crate) fn adopt(
+    rows: &mut impl AdoptRows,
+    run: RunId,
+    adopter: &Adopter<'_>,
+    start: bool,
+    at: Timestamp,
+) -> Result<Adoption> {
+    if !rows.instance_open(adopter.instance)? {
+        return Ok(Adoption::InstanceClosed);
+    }
+    let row = rows
+        .adopt_row(run)?
+        .ok_or_else(|| Error::run_not_found(run))?;
+    let (status, pid, host) = (row.status, row.pid, row.host);
+    if status.is_terminal() {
+        return Err(Error::RunFinished { run, status });
+    }
+    let Some(deadline) = row.adopt_by else {
+        return Err(Error::AlreadyOwned { run, pid, host });
+    };
+    if at >= deadline {
+        // Failing it is this transaction's only write: it commits, and the
+        // adopter hears that the run has finished.
+        return Ok(Adoption::Expired(rows.expire(run, deadline)?));
+    }
+    if !rows.hand_over(run, row.last, adopter)? {
+        // Cannot happen while the write lock (or the run's claim) is held.
+        return Err(Error::AlreadyOwned { run, pid, host });
+    }
+    if start {
+        rows.start(run)?;
+    }
+    Ok(Adoption::Adopted)
+}
+
+/// A run that retention looks at: its id, when it was created, its status
+/// and when it ended.
+pub(crate) type PruneCandidate = (i64, Timestamp, RunStatus, Option<Timestamp>);
+
+/// How many runs a batch of retention deleted, and where the next starts.
+pub(crate) type Pruned = Result<(usize, Option<i64>)>;
+
+/// One batch of retention over `candidates` (the runs after `after`, oldest
+/// first, at most `batch`; see `Store::prune_batch` of either store):
+/// `delete`s each that ended before `cutoff` but those in `keep`.
+pub(crate) fn prune_walk(
+    candidates: &[PruneCandidate],
+    keep: &[i64],
+    (cutoff, after, batch): (Timestamp, i64, usize),
+    mut delete: impl FnMut(i64) -> Result<()>,
+) -> Pruned {
+    let mut deleted = 0;
+    let mut next = Some(after);
+    for &(id, created_at, status, finished_at) in candidates {
+        if created_at >= cutoff {
+            next = None;
+            break;
+        }
+        next = Some(id);
+        let ended_before_cutoff = finished_at.is_some_and(|t| t < cutoff);
+        if status.is_terminal() && ended_before_cutoff && !keep.contains(&id) {
+            delete(id)?;
+            deleted += 1;
+        }
+    }
+    if candidates.len() < batch {
+        next = None;
+    }
+    Ok((deleted, next))
+}
+
+/// A run's rows (its steps, its events) as read: an empty list is checked
+/// against the run's existence (`exists` fails for a run that is not).
+pub(crate) fn of_a_run<T>(items: Vec<T>, exists: impl FnOnce() -> Result<()>) -> Result<Vec<T>> {
+    if items.is_empty() {
+        exists()?;
+    }
+    Ok(items)
+}
+
+/// A run's progress, from its step counters (`[total, succeeded, failed]`)
+/// and its newest running step.
+pub(crate) fn progress([total, succeeded, failed]: [u32; 3], current: Option<String>) -> Progress {
+    Progress {
+        total,
+        succeeded,
+        failed,
+        running: total.saturating_sub(succeeded.saturating_add(failed)),
+        current,
+    }
 }
