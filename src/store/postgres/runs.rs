@@ -86,6 +86,9 @@ fn json_column(row: &Row, index: usize) -> Result<serde_json::Value> {
 /// Appends events to one run's chain (see the schema): each new event points
 /// at the previous one, and the caller stores the last id on the run row in
 /// the same transaction.
+///
+/// Of the same shape as the SQLite store's `Chain`, each with its own
+/// statement and transaction type (see there).
 struct Chain {
     run: RunId,
     last: Option<i64>,

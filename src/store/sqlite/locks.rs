@@ -270,6 +270,12 @@ impl Store {
     /// One attempt at granting `ask` (already queued as `ticket`, if given),
     /// in one immediate transaction. A blocked request that may wait takes a
     /// place in the queue in the same transaction.
+    ///
+    /// Its blocked branch reads like PostgreSQL's `try_lock_in`, but the two
+    /// attempts are not one sequence of statements: that one comes after
+    /// the one-statement grant of free keys (`GRANT_IF_FREE`) for a request
+    /// without a ticket, reads the instance and the run in one statement,
+    /// and runs under the claims of the keys.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         self.write(|tx, now| {
             if !super::instances::is_open(tx, ask.instance)? {

@@ -143,6 +143,12 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 /// Appends events to one run's chain (see the schema): each new event points
 /// at the previous one, and the caller stores the last id on the run row in
 /// the same transaction.
+///
+/// The PostgreSQL store has a `Chain` of the same three fields and the same
+/// `append`: what they share is that shape, not a decision. Each appends
+/// with its own statement (here `last_insert_rowid`, there `RETURNING`)
+/// inside its own transaction type, and most of the events of a run on
+/// PostgreSQL are written by the server's functions instead.
 struct Chain {
     run: RunId,
     last: Option<i64>,
