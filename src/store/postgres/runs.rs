@@ -900,6 +900,8 @@ fn ensure_run_exists(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
 }
 
 /// Appends one event to a run's history inside the caller's transaction.
+///
+/// One per store, as [`Chain`] is (see the SQLite store's).
 pub(super) fn append_event(
     tx: &mut Tx<'_>,
     run: RunId,

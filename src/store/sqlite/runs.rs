@@ -838,6 +838,9 @@ fn ensure_run_exists(conn: &Connection, run: RunId) -> Result<()> {
 }
 
 /// Appends one event to a run's history inside the caller's transaction.
+///
+/// One per store, as [`Chain`] is: the PostgreSQL store's reads the same
+/// but runs its own statements on its own transaction type.
 pub(super) fn append_event(
     tx: &Connection,
     run: RunId,
