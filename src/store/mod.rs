@@ -22,6 +22,7 @@
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 pub(crate) mod rules;
+pub(crate) mod shared;
 pub(crate) mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -75,6 +76,18 @@ pub(crate) enum Store {
 /// (`Ledger::reap_owner`, the hung-run reason, [`unadopted_reason`]).
 pub(crate) const REAPED_RUN: &str = "status = 'failed' AND (error LIKE 'owner gone: %' \
      OR error LIKE 'hung: %' OR error LIKE 'not adopted within %')";
+
+/// Instances that are closed (or gone) but still own active runs or lock
+/// rows: left behind by a failed cleanup, in the SQL both stores share. The
+/// active runs are read from the active-runs index, the locks table holds
+/// only live requests.
+pub(crate) const ORPHANED_OWNERS: &str = "
+    SELECT DISTINCT r.instance_id FROM runs r
+    WHERE r.status IN ('queued','running') AND r.adopt_by IS NULL
+      AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
+    UNION
+    SELECT DISTINCT l.instance_id FROM locks l
+    WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
 
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
@@ -169,7 +182,13 @@ impl Store {
         lock_file: Option<&str>,
         lease: Duration,
     ) -> Result<i64> {
-        dispatch!(self, s => s.insert_instance(identity, label, lock_file, lease))
+        let new = NewInstance {
+            identity,
+            label,
+            lock_file,
+            lease,
+        };
+        dispatch!(self, s => s.insert_instance(&new))
     }
 
     pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
@@ -185,8 +204,16 @@ impl Store {
         dispatch!(self, s => s.open_instances())
     }
 
+    /// Instances closed or gone that still own active runs or lock rows
+    /// ([`ORPHANED_OWNERS`]), as records to reap (a missing instance gets a
+    /// placeholder).
     pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
-        dispatch!(self, s => s.orphaned_owners())
+        let ids = dispatch!(self, s => s.orphaned_owner_ids())?;
+        let mut owners = Vec::with_capacity(ids.len());
+        for id in ids {
+            owners.push(self.instance(id)?.unwrap_or_else(|| unknown_instance(id)));
+        }
+        Ok(owners)
     }
 
     pub(crate) fn instance(&self, id: i64) -> Result<Option<InstanceRecord>> {
@@ -220,7 +247,14 @@ impl Store {
         stale_heartbeat: Option<Timestamp>,
         by: &ProcessIdentity,
     ) -> Result<Vec<Reaped>> {
-        let done = dispatch!(self, s => s.reap_instance(instance, reason, run_reason, stale_heartbeat, by))?;
+        let reap = Reap {
+            instance,
+            reason,
+            run_reason,
+            stale_heartbeat,
+            by,
+        };
+        let done = dispatch!(self, s => s.reap_instance(&reap))?;
         wake(&done.wakes);
         Ok(done.reaped)
     }
@@ -384,7 +418,13 @@ impl Store {
         to: StepStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        dispatch!(self, s => s.finish_step(run, step, name, to, error))
+        let end = StepEnd {
+            step,
+            name,
+            to,
+            error,
+        };
+        dispatch!(self, s => s.finish_step(run, &end))
     }
 
     pub(crate) fn run(&self, run: RunId) -> Result<RunRecord> {
@@ -498,6 +538,16 @@ pub(crate) struct Ahead {
 /// Wake-up addresses of waiters to wake once the transaction committed.
 pub(crate) type Wakes = Vec<String>;
 
+/// How a running step ends, as [`Store::finish_step`] asks it of a store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepEnd<'a> {
+    /// The step's id, and its name (for its event).
+    pub step: i64,
+    pub name: &'a str,
+    pub to: StepStatus,
+    pub error: Option<&'a str>,
+}
+
 /// A run to insert, already validated and serialized.
 #[derive(Debug)]
 pub(crate) struct NewRun<'a> {
@@ -579,6 +629,36 @@ pub(crate) struct TakenLock<'a> {
     pub run: Option<RunId>,
     pub pid: u32,
     pub host: &'a str,
+    /// How it was taken: `reclaimed` or `forced`.
+    pub kind: &'a str,
+    pub keys: &'a [String],
+    pub reason: &'a str,
+    pub by: &'a ProcessIdentity,
+}
+
+/// A new instance (a process's open ledger), as
+/// [`Store::insert_instance`] asks it of a store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NewInstance<'a> {
+    pub identity: &'a ProcessIdentity,
+    pub label: Option<&'a str>,
+    /// Its lock file beside a SQLite file (none on PostgreSQL).
+    pub lock_file: Option<&'a str>,
+    pub lease: Duration,
+}
+
+/// A reap of one instance, as [`Store::reap_instance`] asks it of a store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reap<'a> {
+    pub instance: Owner<'a>,
+    /// Why the instance is closed.
+    pub reason: &'a str,
+    /// Why its runs fail, and its locks are reclaimed.
+    pub run_reason: &'a str,
+    /// The heartbeat a lease verdict judged: nothing is done if the
+    /// instance heartbeated since.
+    pub stale_heartbeat: Option<Timestamp>,
+    pub by: &'a ProcessIdentity,
 }
 
 /// A lock request's keys as its row stores them: a JSON array.

@@ -7,18 +7,15 @@
 
 use postgres::Row;
 
-use super::locks::{
-    delete_lock, grant_waiters, parse_keys, pid_of, record_taken, text_i64, token_of,
-};
+use super::locks::{parse_keys, pid_of, text_i64};
 use super::runs::apply_change;
 use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
-use crate::lock::LockState;
-use crate::reaper::Reaped;
-use crate::run::{RunId, RunStatus};
-use crate::store::{InstanceReaped, Owner, TakenLock, lease_of, state_of, unknown_instance};
+use crate::liveness::InstanceRecord;
+use crate::run::RunId;
+use crate::store::shared::{self, OwnedLock, ReapRows, RunChanged};
+use crate::store::{InstanceReaped, NewInstance, ORPHANED_OWNERS, Reap, lease_of, state_of};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
 macro_rules! instance_select {
@@ -60,17 +57,6 @@ const INSTANCE_RUNS: &str = "
     SELECT id, name FROM runs
     WHERE status IN ('queued','running') AND instance_id = $1";
 
-/// Instances that are closed (or gone) but still own active runs or lock
-/// rows: left behind by a failed cleanup. The active runs are read from the
-/// active-runs index, the locks table holds only live requests.
-const ORPHANED_OWNERS: &str = "
-    SELECT DISTINCT r.instance_id FROM runs r
-    WHERE r.status IN ('queued','running') AND r.adopt_by IS NULL
-      AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
-    UNION
-    SELECT DISTINCT l.instance_id FROM locks l
-    WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
-
 /// Whether an instance is open, read inside the caller's write
 /// transaction: rows are only ever written for an open instance, so a
 /// reaped one never gains new work.
@@ -88,14 +74,13 @@ impl Store {
     ///
     /// `lock_file` is not recorded: instance lock files live beside a
     /// SQLite file, and the caller gives none for PostgreSQL.
-    pub(crate) fn insert_instance(
-        &self,
-        identity: &ProcessIdentity,
-        label: Option<&str>,
-        lock_file: Option<&str>,
-        lease: std::time::Duration,
-    ) -> Result<i64> {
-        let _ = lock_file;
+    pub(crate) fn insert_instance(&self, new: &NewInstance<'_>) -> Result<i64> {
+        let NewInstance {
+            identity,
+            label,
+            lock_file: _,
+            lease,
+        } = *new;
         let pid = i64::from(identity.pid);
         let start_time = identity.start_time.map(u64::cast_signed);
         let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
@@ -156,20 +141,14 @@ impl Store {
         })
     }
 
-    /// Instances closed or gone that still own active runs or lock rows,
-    /// as records to reap (a missing instance gets a placeholder).
-    pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
-        let ids: Vec<i64> = self.read(|tx| {
+    /// The instances of [`ORPHANED_OWNERS`].
+    pub(crate) fn orphaned_owner_ids(&self) -> Result<Vec<i64>> {
+        self.read(|tx| {
             tx.query(ORPHANED_OWNERS, &[])?
                 .iter()
                 .map(|row| Ok(row.try_get(0)?))
                 .collect()
-        })?;
-        let mut owners = Vec::with_capacity(ids.len());
-        for id in ids {
-            owners.push(self.instance(id)?.unwrap_or_else(|| unknown_instance(id)));
-        }
-        Ok(owners)
+        })
     }
 
     /// One instance, if it exists.
@@ -211,14 +190,8 @@ impl Store {
     /// is written if the instance heartbeated since or is closed already: a
     /// verdict is only acted on in the state it was made in. A run that
     /// ended meanwhile stays ended: only active runs are failed.
-    pub(crate) fn reap_instance(
-        &self,
-        instance: Owner<'_>,
-        reason: &str,
-        run_reason: &str,
-        stale_heartbeat: Option<Timestamp>,
-        by: &ProcessIdentity,
-    ) -> Result<InstanceReaped> {
+    pub(crate) fn reap_instance(&self, reap: &Reap<'_>) -> Result<InstanceReaped> {
+        let instance = reap.instance;
         self.write_later(&[Claim::instance(instance.id, false)], |tx| {
             let now = tx.now();
             // Its active runs, then the keys of its requests and theirs, in
@@ -240,40 +213,7 @@ impl Store {
                 keys.extend(parse_keys(row.try_get(0)?)?);
             }
             super::locks::claim_keys(tx, &keys)?;
-            let current: Option<(Timestamp, bool)> = match tx.query_opt(
-                "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = $1",
-                &[&instance.id],
-            )? {
-                Some(row) => Some((Timestamp::from_millis(row.try_get(0)?), row.try_get(1)?)),
-                None => None,
-            };
-            if let Some(judged) = stale_heartbeat
-                && current != Some((judged, false))
-            {
-                return Ok(InstanceReaped::default());
-            }
-            let mut out = InstanceReaped::default();
-            let freed = delete_instance_locks(tx, now, instance, run_reason, by, &mut out)?;
-            fail_instance_runs(tx, now, instance.id, run_reason, &mut out)?;
-            out.wakes.extend(grant_waiters(tx, &freed, now)?);
-            tx.execute(
-                "DELETE FROM watchers WHERE instance_id = $1",
-                &[&instance.id],
-            )?;
-            let at = now.as_millis();
-            let closed = tx.execute(
-                "UPDATE instances SET closed_at = $2, closed_reason = $3
-                 WHERE id = $1 AND closed_at IS NULL",
-                &[&instance.id, &at, &reason],
-            )?;
-            if closed == 1 {
-                out.reaped.push(Reaped::Instance {
-                    id: InstanceId::from(instance.id),
-                    pid: instance.pid,
-                    host: instance.host.to_owned(),
-                    reason: reason.to_owned(),
-                });
-            }
+            let out = shared::reap(tx, now, reap)?;
             // Every waiter this frees, whether granted here or by a run's
             // end, is notified with the commit (a repeat is notified once).
             tx.wake(&out.wakes);
@@ -282,91 +222,63 @@ impl Store {
     }
 }
 
-/// Deletes every lock request of an instance; returns the keys it held.
-fn delete_instance_locks(
-    tx: &mut Tx<'_>,
-    now: Timestamp,
-    instance: Owner<'_>,
-    reason: &str,
-    by: &ProcessIdentity,
-    out: &mut InstanceReaped,
-) -> Result<Vec<String>> {
-    // The locks table holds only live requests, never history.
-    let found = tx.query(
-        "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = $1",
-        &[&instance.id],
-    )?;
-    let mut rows = Vec::with_capacity(found.len());
-    for row in &found {
-        rows.push((
-            row.try_get::<_, i64>(0)?,
-            row.try_get::<_, Option<i64>>(1)?,
-            state_of(row.try_get(2)?),
-            row.try_get::<_, Option<i64>>(3)?.map(RunId::from),
-            pid_of(row.try_get(4)?)?,
-            row.try_get::<_, String>(5)?,
-            parse_keys(row.try_get(6)?)?,
-        ));
-    }
-    let mut freed = Vec::new();
-    for (id, token, state, run, pid, host, keys) in rows {
-        let reclaimed = crate::store::Ending::Reclaimed(reason, by);
-        if delete_lock(tx, id, token, now, reclaimed)?.is_none() {
-            continue;
+impl ReapRows for Tx<'_> {
+    fn instance_beat(&mut self, id: i64) -> Result<Option<(Timestamp, bool)>> {
+        match self.query_opt(
+            "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = $1",
+            &[&id],
+        )? {
+            Some(row) => Ok(Some((
+                Timestamp::from_millis(row.try_get(0)?),
+                row.try_get(1)?,
+            ))),
+            None => Ok(None),
         }
-        if state == LockState::Held {
-            let taken = TakenLock {
-                id,
-                token,
-                run,
-                pid,
-                host: &host,
-            };
-            record_taken(tx, now, "reclaimed", &keys, &taken, reason, by)?;
-        }
-        // A waiter gone may unblock the ones queued behind it, too.
-        freed.extend(keys.iter().cloned());
-        out.reaped.push(Reaped::Lock {
-            keys,
-            state,
-            token: token.map(token_of).transpose()?,
-            reason: reason.to_owned(),
-        });
     }
-    freed.sort();
-    freed.dedup();
-    Ok(freed)
-}
 
-/// Fails every active run of an instance, each as its own compare-and-set.
-fn fail_instance_runs(
-    tx: &mut Tx<'_>,
-    now: Timestamp,
-    instance: i64,
-    reason: &str,
-    out: &mut InstanceReaped,
-) -> Result<()> {
-    let found = tx.query(INSTANCE_RUNS, &[&instance])?;
-    let mut runs = Vec::with_capacity(found.len());
-    for row in &found {
-        runs.push((
-            RunId::from(row.try_get::<_, i64>(0)?),
-            row.try_get::<_, String>(1)?,
-        ));
-    }
-    for (id, name) in runs {
-        let (state, to, wakes) = apply_change(tx, id, now, None, |state| {
-            crate::store::fail_if_active(state, reason)
-        })?;
-        out.wakes.extend(wakes);
-        if to == RunStatus::Failed && state.status.is_active() {
-            out.reaped.push(Reaped::Run {
-                id,
-                name,
-                from: state.status,
-                reason: reason.to_owned(),
+    fn instance_locks(&mut self, id: i64) -> Result<Vec<OwnedLock>> {
+        // The locks table holds only live requests, never history.
+        let found = self.query(
+            "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = $1",
+            &[&id],
+        )?;
+        let mut locks = Vec::with_capacity(found.len());
+        for row in &found {
+            locks.push(OwnedLock {
+                id: row.try_get(0)?,
+                token: row.try_get(1)?,
+                state: state_of(row.try_get(2)?),
+                run: row.try_get::<_, Option<i64>>(3)?.map(RunId::from),
+                pid: pid_of(row.try_get(4)?)?,
+                host: row.try_get(5)?,
+                keys: parse_keys(row.try_get(6)?)?,
             });
         }
+        Ok(locks)
     }
-    Ok(())
+
+    fn instance_runs(&mut self, id: i64) -> Result<Vec<(RunId, String)>> {
+        let found = self.query(INSTANCE_RUNS, &[&id])?;
+        let mut runs = Vec::with_capacity(found.len());
+        for row in &found {
+            runs.push((RunId::from(row.try_get::<_, i64>(0)?), row.try_get(1)?));
+        }
+        Ok(runs)
+    }
+
+    fn fail_active(&mut self, run: RunId, now: Timestamp, reason: &str) -> RunChanged {
+        apply_change(self, run, now, None, |state| {
+            crate::store::fail_if_active(state, reason)
+        })
+    }
+
+    fn close_instance(&mut self, id: i64, now: Timestamp, reason: &str) -> Result<bool> {
+        self.execute("DELETE FROM watchers WHERE instance_id = $1", &[&id])?;
+        let closed = self.execute(
+            "UPDATE instances SET closed_at = $2, closed_reason = $3
+             WHERE id = $1 AND closed_at IS NULL",
+            &[&id, &now.as_millis(), &reason],
+        )?;
+        Ok(closed == 1)
+    }
 }

@@ -11,10 +11,11 @@ use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState, Ticket};
+use crate::lock::{LockMode, LockRecord, Ticket};
 use crate::record::{EventRecord, LockEvent};
 use crate::run::{RunId, RunStatus};
-use crate::store::rules::{LockReads, blockers, fits};
+use crate::store::rules::{LockReads, blockers};
+use crate::store::shared::{self, DeletedRow, Forced, Holder, LockNote, LockRows, Waiter};
 use crate::store::{
     Ahead, Attempt, Ending, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
     keys_json, lease_of, lock_event_json, state_of,
@@ -41,9 +42,7 @@ pub(super) fn pid_of(pid: i64) -> Result<u32> {
 }
 
 /// A fencing token from its `bigint` column: tokens start at 1.
-pub(super) fn token_of(token: i64) -> Result<u64> {
-    u64::try_from(token).map_err(|_| bad_data(format!("fencing token {token}")))
-}
+pub(super) use crate::store::shared::token_of;
 
 /// The columns [`ahead`] reads, for the requests on the key `$1` ahead of
 /// the ticket `$2`.
@@ -102,95 +101,36 @@ fn ahead_on(tx: &mut Tx<'_>, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
         .collect()
 }
 
-/// Hands `keys`, just freed, to their waiters: per key, the waiters are taken
-/// in ticket order and each one that fits now (with every one of its keys,
-/// behind every earlier waiter) is granted in this same transaction, up to
-/// the first exclusive one that does not fit. Returns the wake-up addresses
-/// of those granted: they find their lock held with a read, without
-/// a write of their own. The addresses are also noted for the
-/// commit's notification, so that waiters on other hosts wake too, whatever
-/// the caller does with them.
+/// Hands `keys`, just freed, to their waiters (see
+/// [`shared::grant_waiters`]). The wake-up addresses are also noted for
+/// the commit's notification, so that waiters on other hosts wake too,
+/// whatever the caller does with them.
 pub(super) fn grant_waiters(tx: &mut Tx<'_>, keys: &[String], now: Timestamp) -> Result<Wakes> {
-    let mut wakes = Vec::new();
-    for key in keys {
-        let rows = tx.query(
-            "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
-             FROM lock_entries e JOIN locks l ON l.id = e.lock_id
-             WHERE e.key = $1 AND l.state = 'waiting'
-             ORDER BY e.lock_id",
-            &[key],
-        )?;
-        let mut waiters = Vec::with_capacity(rows.len());
-        for row in &rows {
-            waiters.push((
-                row.try_get::<_, i64>(0)?,
-                mode_of(row.try_get(1)?, row.try_get(2)?)?,
-                parse_keys(row.try_get(3)?)?,
-                row.try_get::<_, Option<String>>(4)?,
-                (
-                    row.try_get::<_, Option<i64>>(5)?.map(RunId::from),
-                    pid_of(row.try_get(6)?)?,
-                    row.try_get::<_, String>(7)?,
-                ),
-            ));
-        }
-        for (id, mode, their_keys, wake, (run, pid, host)) in waiters {
-            // Its other keys are claimed too, only if that can be done at
-            // once (they may come before a key held, in claim order): a
-            // waiter left so is woken, and takes its grant itself, holding
-            // the claims of all its keys.
-            // (Not its run's claim: a run ended meanwhile claims its keys
-            // before it reads its requests, and so deletes this grant.)
-            let claims: Vec<Claim> = their_keys.iter().map(|k| Claim::key(k)).collect();
-            if !tx.claim(&claims, false)? {
-                if let Some(wake) = wake
-                    && !wakes.contains(&wake)
-                {
-                    wakes.push(wake);
-                }
-                if mode == LockMode::Exclusive {
-                    break;
-                }
-                continue;
-            }
-            if !fits(tx, &their_keys, mode, Some(id))? {
-                // Nothing behind an exclusive waiter fits on this key; a
-                // shared or slots waiter may be blocked only by another of
-                // its keys, and those behind it may still fit.
-                if mode == LockMode::Exclusive {
-                    break;
-                }
-                continue;
-            }
-            let token = next_token(tx, &their_keys)?;
-            let at = now.as_millis();
-            tx.execute(
-                "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
-                 WHERE id = $1 AND state = 'waiting'",
-                &[&id, &token, &at],
-            )?;
-            let lock = LockEvent {
-                ticket: Ticket::from(id),
-                keys: their_keys,
-                mode,
-                token: token_of(token)?,
-                pid,
-                host,
-            };
-            lock_event(tx, now, LOCK_GRANTED, &lock, run, None)?;
-            if let Some(wake) = wake
-                && !wakes.contains(&wake)
-            {
-                wakes.push(wake);
-            }
-            // An exclusive holder now: nothing behind it fits on this key.
-            if mode == LockMode::Exclusive {
-                break;
-            }
-        }
+    shared::grant_waiters(tx, keys, now)
+}
+
+/// The waiting requests on `key`, in ticket order.
+fn waiters_on(tx: &mut Tx<'_>, key: &str) -> Result<Vec<Waiter>> {
+    let rows = tx.query(
+        "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
+         FROM lock_entries e JOIN locks l ON l.id = e.lock_id
+         WHERE e.key = $1 AND l.state = 'waiting'
+         ORDER BY e.lock_id",
+        &[&key],
+    )?;
+    let mut waiters = Vec::with_capacity(rows.len());
+    for row in &rows {
+        waiters.push(Waiter {
+            id: row.try_get(0)?,
+            mode: mode_of(row.try_get(1)?, row.try_get(2)?)?,
+            keys: parse_keys(row.try_get(3)?)?,
+            wake: row.try_get(4)?,
+            run: row.try_get::<_, Option<i64>>(5)?.map(RunId::from),
+            pid: pid_of(row.try_get(6)?)?,
+            host: row.try_get(7)?,
+        });
     }
-    tx.wake(&wakes);
-    Ok(wakes)
+    Ok(waiters)
 }
 
 /// The common table expressions that take the next fencing token for the
@@ -219,9 +159,7 @@ fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
     Ok(row.try_get(0)?)
 }
 
-/// Deletes a lock row and its entries; returns its keys, or `None` if the
-/// row (with that token) was gone. A held row (one with a token) ends its
-/// grant as `ending` says, with a lock event.
+/// Deletes a lock row and its entries (see [`shared::delete_lock`]).
 pub(super) fn delete_lock(
     tx: &mut Tx<'_>,
     id: i64,
@@ -229,7 +167,12 @@ pub(super) fn delete_lock(
     now: Timestamp,
     ending: Ending<'_>,
 ) -> Result<Option<Vec<String>>> {
-    // The row and its key entries, in one statement.
+    shared::delete_lock(tx, id, token, now, ending)
+}
+
+/// The row and entries that [`LockRows::delete_row`] deletes, in one
+/// statement. Its holder is read only when it was held.
+fn delete_row(tx: &mut Tx<'_>, id: i64, token: Option<i64>) -> DeletedRow {
     let Some(row) = tx.query_opt(
         "WITH l AS (
              DELETE FROM locks WHERE id = $1 AND token IS NOT DISTINCT FROM $2
@@ -247,26 +190,16 @@ pub(super) fn delete_lock(
         return Ok(None);
     };
     let keys = parse_keys(row.try_get(0)?)?;
-    if let Some(token) = token {
-        let lock = LockEvent {
-            ticket: Ticket::from(id),
-            keys: keys.clone(),
+    let holder = match token {
+        Some(_) => Some(Holder {
             mode: mode_of(row.try_get(1)?, row.try_get(2)?)?,
-            token: token_of(token)?,
+            run: row.try_get::<_, Option<i64>>(3)?.map(RunId::from),
             pid: pid_of(row.try_get(4)?)?,
             host: row.try_get(5)?,
-        };
-        let run = row.try_get::<_, Option<i64>>(3)?.map(RunId::from);
-        lock_event(
-            tx,
-            now,
-            ending.kind(),
-            &lock,
-            run,
-            ending.message().as_deref(),
-        )?;
-    }
-    Ok(Some(keys))
+        }),
+        None => None,
+    };
+    Ok(Some((keys, holder)))
 }
 
 /// Appends a lock event to the feed (in no run's chain: see the SQLite
@@ -306,38 +239,81 @@ pub(super) fn claim_keys(tx: &mut Tx<'_>, keys: &[String]) -> Result<()> {
 }
 
 /// Releases every lock (held or queued) of a run that is ending, in its
-/// transaction; returns the waiters to wake (already noted for the commit's
-/// notification).
-///
-/// Every row of the run goes first, and only then are the keys handed on: a
-/// key freed by one of the run's rows must not be granted to another of its
-/// rows.
+/// transaction (see [`shared::release_run_locks`]); the waiters to wake
+/// are already noted for the commit's notification.
 ///
 /// The caller holds the claims of the run (so no request of it is added)
 /// and of the keys of its requests, taken before the rows are read here: a
 /// waiting row may be granted until then, and its token is the one to
 /// delete.
 pub(super) fn release_run_locks(tx: &mut Tx<'_>, run: RunId, now: Timestamp) -> Result<Wakes> {
-    let run = i64::from(run);
-    let rows = tx.query("SELECT id, token FROM locks WHERE run_id = $1", &[&run])?;
-    let mut owned = Vec::with_capacity(rows.len());
-    for row in &rows {
-        owned.push((row.try_get::<_, i64>(0)?, row.try_get::<_, Option<i64>>(1)?));
-    }
-    let mut freed = Vec::new();
-    for (id, token) in owned {
-        if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
-            freed.extend(keys);
-        }
-    }
-    freed.sort();
-    freed.dedup();
-    grant_waiters(tx, &freed, now)
+    shared::release_run_locks(tx, run, now)
 }
 
 impl LockReads for Tx<'_> {
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
         ahead_on(self, key, ticket)
+    }
+}
+
+impl LockRows for Tx<'_> {
+    fn waiters_on(&mut self, key: &str) -> Result<Vec<Waiter>> {
+        waiters_on(self, key)
+    }
+
+    /// A waiter's other keys are claimed too, only if that can be done at
+    /// once (they may come before a key held, in claim order): a waiter
+    /// left so is woken, and takes its grant itself, holding the claims of
+    /// all its keys. (Not its run's claim: a run ended meanwhile claims its
+    /// keys before it reads its requests, and so deletes this grant.)
+    fn may_grant(&mut self, keys: &[String]) -> Result<bool> {
+        let claims: Vec<Claim> = keys.iter().map(|k| Claim::key(k)).collect();
+        self.claim(&claims, false)
+    }
+
+    fn next_token(&mut self, keys: &[String]) -> Result<i64> {
+        next_token(self, keys)
+    }
+
+    fn set_held(&mut self, id: i64, token: i64, now: Timestamp) -> Result<()> {
+        self.execute(
+            "UPDATE locks SET state = 'held', token = $2, granted_at = $3, wake = NULL
+             WHERE id = $1 AND state = 'waiting'",
+            &[&id, &token, &now.as_millis()],
+        )
+        .map(drop)
+    }
+
+    fn delete_row(&mut self, id: i64, token: Option<i64>) -> DeletedRow {
+        delete_row(self, id, token)
+    }
+
+    fn lock_event(&mut self, now: Timestamp, note: &LockNote<'_>) -> Result<()> {
+        lock_event(self, now, note.kind, note.lock, note.run, note.message)
+    }
+
+    fn record_taken(&mut self, now: Timestamp, taken: &TakenLock<'_>) -> Result<()> {
+        record_taken(self, now, taken)
+    }
+
+    fn forced_event(&mut self, run: RunId, now: Timestamp, keys: &str, why: &str) -> Result<()> {
+        super::runs::append_event(self, run, now, "lock_forced", Some(keys), Some(why))
+    }
+
+    fn run_locks(&mut self, run: RunId) -> Result<Vec<(i64, Option<i64>)>> {
+        let rows = self.query(
+            "SELECT id, token FROM locks WHERE run_id = $1",
+            &[&i64::from(run)],
+        )?;
+        let mut owned = Vec::with_capacity(rows.len());
+        for row in &rows {
+            owned.push((row.try_get(0)?, row.try_get(1)?));
+        }
+        Ok(owned)
+    }
+
+    fn granted(&mut self, wakes: &Wakes) {
+        self.wake(wakes);
     }
 }
 
@@ -522,10 +498,7 @@ impl Store {
                 return Ok(Vec::new());
             };
             let token: Option<i64> = row.try_get(0)?;
-            match delete_lock(tx, ticket, token, now, Ending::Released)? {
-                Some(keys) => grant_waiters(tx, &keys, now),
-                None => Ok(Vec::new()),
-            }
+            Ok(shared::release(tx, ticket, token, now)?.unwrap_or_default())
         })
     }
 
@@ -653,18 +626,10 @@ impl Store {
 
     /// Releases by force every holder of `key`; returns how many and the
     /// waiters to wake.
-    pub(crate) fn force_unlock(
-        &self,
-        key: &str,
-        reason: &str,
-        by: &ProcessIdentity,
-    ) -> Result<(usize, Wakes)> {
+    pub(crate) fn force_unlock(&self, key: &str, reason: &str, by: &ProcessIdentity) -> Forced {
         self.write_later(&[Claim::key(key)], |tx| {
             let now = tx.now();
-            let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
-                .into_iter()
-                .filter(|a| a.state == LockState::Held)
-                .collect();
+            let holders = shared::holders_of(tx, key)?;
             // The holders' runs record it (a class below keys: taken first
             // when the write runs again), and every key of each holder is
             // handed on.
@@ -675,29 +640,7 @@ impl Store {
             tx.claim(&runs, true)?;
             let keys: Vec<String> = holders.iter().flat_map(|h| h.keys.clone()).collect();
             claim_keys(tx, &keys)?;
-            let mut wakes = Vec::new();
-            let mut released = 0;
-            for holder in &holders {
-                let forced = Ending::Forced(reason, by);
-                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token, now, forced)? {
-                    record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
-                    // The holder's run keeps it in its history too.
-                    if let Some((run, _)) = &holder.run {
-                        let why = forced.message().unwrap_or_default();
-                        super::runs::append_event(
-                            tx,
-                            *run,
-                            now,
-                            "lock_forced",
-                            Some(&keys_json(&keys)),
-                            Some(&why),
-                        )?;
-                    }
-                    wakes.extend(grant_waiters(tx, &keys, now)?);
-                    released += 1;
-                }
-            }
-            Ok((released, wakes))
+            shared::force_release(tx, &holders, now, reason, by)
         })
     }
 
@@ -1057,57 +1000,30 @@ fn insert_lock(
     Ok(id)
 }
 
-fn record_lock_event(
-    tx: &mut Tx<'_>,
-    now: Timestamp,
-    kind: &str,
-    keys: &[String],
-    holder: &Ahead,
-    reason: &str,
-    by: &ProcessIdentity,
-) -> Result<()> {
-    let taken = TakenLock {
-        id: holder.lock_id,
-        token: holder.token,
-        run: holder.run.as_ref().map(|(id, _)| *id),
-        pid: holder.owner.pid,
-        host: &holder.owner.host,
-    };
-    record_taken(tx, now, kind, keys, &taken, reason, by)
-}
-
 /// Records that a held lock was taken away, so that its guard reports
 /// [`Error::LockLost`](crate::Error::LockLost).
-pub(super) fn record_taken(
-    tx: &mut Tx<'_>,
-    now: Timestamp,
-    kind: &str,
-    keys: &[String],
-    taken: &TakenLock<'_>,
-    reason: &str,
-    by: &ProcessIdentity,
-) -> Result<()> {
+pub(super) fn record_taken(tx: &mut Tx<'_>, now: Timestamp, taken: &TakenLock<'_>) -> Result<()> {
     let at = now.as_millis();
-    let keys = keys_json(keys);
+    let keys = keys_json(taken.keys);
     let run = taken.run.map(i64::from);
     let holder_pid = i64::from(taken.pid);
-    let by_pid = i64::from(by.pid);
+    let by_pid = i64::from(taken.by.pid);
     tx.execute(
         "INSERT INTO lock_events (at, kind, lock_id, keys, token, run_id, holder_pid,
                                   holder_host, reason, by_pid, by_host)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         &[
             &at,
-            &kind,
+            &taken.kind,
             &taken.id,
             &keys,
             &taken.token,
             &run,
             &holder_pid,
             &taken.host,
-            &reason,
+            &taken.reason,
             &by_pid,
-            &by.host,
+            &taken.by.host,
         ],
     )?;
     Ok(())

@@ -18,9 +18,10 @@ use super::{Claim, First, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::InstanceId;
-use crate::record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::record::{EventId, EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
-use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
+use crate::store::shared::{self, AdoptRow, AdoptRows, Pruned};
+use crate::store::{Adopter, Adoption, HungRun, NewRun, StepEnd, Wakes};
 
 /// The owner instance of a run awaiting adoption: the row of id 0 that the
 /// schema inserts, which no process is (identity ids start at 1).
@@ -85,6 +86,9 @@ fn json_column(row: &Row, index: usize) -> Result<serde_json::Value> {
 /// Appends events to one run's chain (see the schema): each new event points
 /// at the previous one, and the caller stores the last id on the run row in
 /// the same transaction.
+///
+/// Of the same shape as the SQLite store's `Chain`, each with its own
+/// statement and transaction type (see there).
 struct Chain {
     run: RunId,
     last: Option<i64>,
@@ -297,56 +301,7 @@ impl Store {
         ];
         self.write_later(&claims, |tx| {
             let at = tx.now();
-            if !super::instances::is_open(tx, adopter.instance)? {
-                return Ok(Adoption::InstanceClosed);
-            }
-            let row = tx
-                .query_opt(
-                    "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = $1",
-                    &[&i64::from(run)],
-                )?
-                .ok_or_else(|| Error::run_not_found(run))?;
-            let status = run_status(&row, 0)?;
-            let adopt_by = opt_timestamp(&row, 1)?;
-            let pid: u32 = narrow(&row, 2)?;
-            let host: String = row.try_get(3)?;
-            let last: Option<i64> = row.try_get(4)?;
-            if status.is_terminal() {
-                return Err(Error::RunFinished { run, status });
-            }
-            let Some(deadline) = adopt_by else {
-                return Err(Error::AlreadyOwned { run, pid, host });
-            };
-            if at >= deadline {
-                // Failing it is this transaction's only write: it commits,
-                // and the adopter hears that the run has finished.
-                let (status, _) = fail_unadopted_in(tx, run, deadline, at)?;
-                return Ok(Adoption::Expired(status));
-            }
-            let mut chain = Chain { run, last, at };
-            let who = crate::store::adopter_json(adopter);
-            chain.append(tx, "adopted", Some(&who), None, None, None)?;
-            let changed = tx.execute(
-                "UPDATE runs SET instance_id = $2, pid = $3, host = $4, adopt_by = NULL,
-                     last_event_id = $5
-                 WHERE id = $1 AND adopt_by IS NOT NULL AND status = 'queued'",
-                &[
-                    &i64::from(run),
-                    &adopter.instance,
-                    &i64::from(adopter.pid),
-                    &adopter.host,
-                    &chain.last,
-                ],
-            )?;
-            if changed != 1 {
-                // Cannot happen while the run's claim is held.
-                return Err(Error::AlreadyOwned { run, pid, host });
-            }
-            if start {
-                // queued → running releases nothing: no waiters to wake.
-                apply_change(tx, run, at, None, crate::store::start_if_queued)?;
-            }
-            Ok(Adoption::Adopted)
+            shared::adopt(&mut Adopting { tx, at }, run, adopter, start, at)
         })
     }
 
@@ -647,14 +602,13 @@ impl Store {
     }
 
     /// Ends a running step as `to`.
-    pub(crate) fn finish_step(
-        &self,
-        run: RunId,
-        step: i64,
-        name: &str,
-        to: StepStatus,
-        error: Option<&str>,
-    ) -> Result<()> {
+    pub(crate) fn finish_step(&self, run: RunId, end: &StepEnd<'_>) -> Result<()> {
+        let StepEnd {
+            step,
+            name,
+            to,
+            error,
+        } = *end;
         let first = First::call(
             "runledger_step_end",
             &[
@@ -784,10 +738,7 @@ impl Store {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            if steps.is_empty() {
-                ensure_run_exists(tx, run)?;
-            }
-            Ok(steps)
+            shared::of_a_run(steps, || ensure_run_exists(tx, run))
         })
     }
 
@@ -806,10 +757,7 @@ impl Store {
                 .iter()
                 .map(event_record)
                 .collect::<Result<Vec<_>>>()?;
-            if events.is_empty() {
-                ensure_run_exists(tx, run)?;
-            }
-            Ok(events)
+            shared::of_a_run(events, || ensure_run_exists(tx, run))
         })
     }
 
@@ -825,12 +773,7 @@ impl Store {
     /// The newest run and the run of the newest event are kept, as on
     /// SQLite. Sequences never hand out an id twice, so PostgreSQL does not
     /// need it; keeping them makes both stores prune alike.
-    pub(crate) fn prune_batch(
-        &self,
-        cutoff: Timestamp,
-        after: i64,
-        batch: usize,
-    ) -> Result<(usize, Option<i64>)> {
+    pub(crate) fn prune_batch(&self, cutoff: Timestamp, after: i64, batch: usize) -> Pruned {
         // Only runs that have ended, which no writer changes any more, are
         // deleted: no claim.
         self.write(&[], |tx| {
@@ -860,33 +803,77 @@ impl Store {
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut deleted = 0;
-            let mut next = Some(after);
-            for (id, created_at, status, finished_at) in &candidates {
-                if *created_at >= cutoff {
-                    next = None;
-                    break;
-                }
-                next = Some(*id);
-                let ended_before_cutoff = finished_at.is_some_and(|t| t < cutoff);
-                if status.is_terminal() && ended_before_cutoff && !keep.contains(id) {
-                    tx.execute(
-                        concat!(
-                            event_chain!(),
-                            " DELETE FROM events WHERE id IN (SELECT id FROM chain)"
-                        ),
-                        &[id],
-                    )?;
-                    // Its steps go with it (ON DELETE CASCADE).
-                    tx.execute("DELETE FROM runs WHERE id = $1", &[id])?;
-                    deleted += 1;
-                }
-            }
-            if candidates.len() < batch {
-                next = None;
-            }
-            Ok((deleted, next))
+            shared::prune_walk(&candidates, &keep, (cutoff, after, batch), |id| {
+                tx.execute(
+                    concat!(
+                        event_chain!(),
+                        " DELETE FROM events WHERE id IN (SELECT id FROM chain)"
+                    ),
+                    &[&id],
+                )?;
+                // Its steps go with it (ON DELETE CASCADE).
+                tx.execute("DELETE FROM runs WHERE id = $1", &[&id])?;
+                Ok(())
+            })
         })
+    }
+}
+
+/// An adoption's statements (see [`shared::adopt`]), at the time `at`.
+struct Adopting<'t, 'c> {
+    tx: &'t mut Tx<'c>,
+    at: Timestamp,
+}
+
+impl AdoptRows for Adopting<'_, '_> {
+    fn instance_open(&mut self, instance: i64) -> Result<bool> {
+        super::instances::is_open(self.tx, instance)
+    }
+
+    fn adopt_row(&mut self, run: RunId) -> Result<Option<AdoptRow>> {
+        let Some(row) = self.tx.query_opt(
+            "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = $1",
+            &[&i64::from(run)],
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(AdoptRow {
+            status: run_status(&row, 0)?,
+            adopt_by: opt_timestamp(&row, 1)?,
+            pid: narrow(&row, 2)?,
+            host: row.try_get(3)?,
+            last: row.try_get(4)?,
+        }))
+    }
+
+    fn expire(&mut self, run: RunId, deadline: Timestamp) -> Result<RunStatus> {
+        Ok(fail_unadopted_in(self.tx, run, deadline, self.at)?.0)
+    }
+
+    fn hand_over(&mut self, run: RunId, last: Option<i64>, adopter: &Adopter<'_>) -> Result<bool> {
+        let at = self.at;
+        let tx = &mut *self.tx;
+        let mut chain = Chain { run, last, at };
+        let who = crate::store::adopter_json(adopter);
+        chain.append(tx, "adopted", Some(&who), None, None, None)?;
+        let changed = tx.execute(
+            "UPDATE runs SET instance_id = $2, pid = $3, host = $4, adopt_by = NULL,
+                 last_event_id = $5
+             WHERE id = $1 AND adopt_by IS NOT NULL AND status = 'queued'",
+            &[
+                &i64::from(run),
+                &adopter.instance,
+                &i64::from(adopter.pid),
+                &adopter.host,
+                &chain.last,
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn start(&mut self, run: RunId) -> Result<()> {
+        apply_change(self.tx, run, self.at, None, crate::store::start_if_queued).map(drop)
     }
 }
 
@@ -911,6 +898,8 @@ fn ensure_run_exists(tx: &mut Tx<'_>, run: RunId) -> Result<()> {
 }
 
 /// Appends one event to a run's history inside the caller's transaction.
+///
+/// One per store, as [`Chain`] is (see the SQLite store's).
 pub(super) fn append_event(
     tx: &mut Tx<'_>,
     run: RunId,
@@ -1108,13 +1097,7 @@ fn run_record(row: &Row) -> Result<RunRecord> {
         finished_at: opt_timestamp(row, 16)?,
         cancel_requested_at: opt_timestamp(row, 17)?,
         adopt_by: opt_timestamp(row, 22)?,
-        progress: Progress {
-            total,
-            succeeded,
-            failed,
-            running: total.saturating_sub(succeeded.saturating_add(failed)),
-            current: row.try_get(21)?,
-        },
+        progress: shared::progress([total, succeeded, failed], row.try_get(21)?),
     })
 }
 

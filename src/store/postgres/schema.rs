@@ -7,6 +7,12 @@
 //! `schema_migrations` table, whose comment marks the schema as a
 //! runledger ledger: a schema holding another application's tables is
 //! refused, never altered.
+//!
+//! The migrations have the shape of the SQLite store's (the same tables,
+//! columns and indexes, in the same order) but not its text: each is the
+//! DDL of its own dialect (identity columns, `bigint`, `jsonb`, functions
+//! in PL/pgSQL), and a migration once released is never edited, so the two
+//! lists stay two.
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,15 +4,14 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Store;
-use super::locks::{delete_lock, grant_waiters, parse_keys, record_taken};
+use super::locks::{Reads, parse_keys};
 use super::runs::apply_change;
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
-use crate::lock::LockState;
-use crate::reaper::Reaped;
-use crate::run::{RunId, RunStatus};
-use crate::store::{InstanceReaped, Owner, TakenLock, lease_of, state_of, unknown_instance};
+use crate::liveness::InstanceRecord;
+use crate::run::RunId;
+use crate::store::shared::{self, OwnedLock, ReapRows, RunChanged};
+use crate::store::{InstanceReaped, NewInstance, ORPHANED_OWNERS, Reap, lease_of, state_of};
 
 /// The columns [`instance_record`] reads, as a `SELECT … FROM instances`.
 macro_rules! instance_select {
@@ -64,26 +63,10 @@ pub(super) fn is_open(tx: &Connection, instance: i64) -> Result<bool> {
         .is_some())
 }
 
-/// Instances that are closed (or gone) but still own active runs or lock
-/// rows: left behind by a failed cleanup. The active runs are read from the
-/// active-runs index, the locks table holds only live requests.
-pub(super) const ORPHANED_OWNERS: &str = "
-    SELECT DISTINCT r.instance_id FROM runs r
-    WHERE r.status IN ('queued','running') AND r.adopt_by IS NULL
-      AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = r.instance_id AND i.closed_at IS NULL)
-    UNION
-    SELECT DISTINCT l.instance_id FROM locks l
-    WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = l.instance_id AND i.closed_at IS NULL)";
-
 impl Store {
     /// Records a new instance (this process's open ledger); returns its id.
-    pub(crate) fn insert_instance(
-        &self,
-        identity: &ProcessIdentity,
-        label: Option<&str>,
-        lock_file: Option<&str>,
-        lease: std::time::Duration,
-    ) -> Result<i64> {
+    pub(crate) fn insert_instance(&self, new: &NewInstance<'_>) -> Result<i64> {
+        let identity = new.identity;
         self.write(|tx, now| {
             tx.prepare_cached(
                 "INSERT INTO instances (host, boot_id, pid, pid_ns, start_time, label, started_at,
@@ -96,10 +79,10 @@ impl Store {
                 identity.pid,
                 &identity.pid_ns,
                 identity.start_time.map(|t| t as i64),
-                label,
+                new.label,
                 now,
-                lock_file,
-                i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+                new.lock_file,
+                i64::try_from(new.lease.as_millis()).unwrap_or(i64::MAX),
             ])?;
             Ok(tx.last_insert_rowid())
         })
@@ -129,20 +112,14 @@ impl Store {
         })
     }
 
-    /// Instances closed or gone that still own active runs or lock rows,
-    /// as records to reap (a missing instance gets a placeholder).
-    pub(crate) fn orphaned_owners(&self) -> Result<Vec<InstanceRecord>> {
-        let ids: Vec<i64> = self.read(|conn| {
+    /// The instances of [`ORPHANED_OWNERS`].
+    pub(crate) fn orphaned_owner_ids(&self) -> Result<Vec<i64>> {
+        self.read(|conn| {
             Ok(conn
                 .prepare_cached(ORPHANED_OWNERS)?
                 .query_map([], |row| row.get(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()?)
-        })?;
-        let mut owners = Vec::with_capacity(ids.len());
-        for id in ids {
-            owners.push(self.instance(id)?.unwrap_or_else(|| unknown_instance(id)));
-        }
-        Ok(owners)
+        })
     }
 
     /// One instance, if it exists.
@@ -184,136 +161,69 @@ impl Store {
     /// is written if the instance heartbeated since or is closed already: a
     /// verdict is only acted on in the state it was made in. A run that
     /// ended meanwhile stays ended: only active runs are failed.
-    pub(crate) fn reap_instance(
-        &self,
-        instance: Owner<'_>,
-        reason: &str,
-        run_reason: &str,
-        stale_heartbeat: Option<Timestamp>,
-        by: &ProcessIdentity,
-    ) -> Result<InstanceReaped> {
-        self.write(|tx, now| {
-            let current: Option<(Timestamp, bool)> = tx
-                .prepare_cached(
-                    "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = ?1",
-                )?
-                .query_row([instance.id], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()?;
-            if let Some(judged) = stale_heartbeat
-                && current != Some((judged, false))
-            {
-                return Ok(InstanceReaped::default());
-            }
-            let mut out = InstanceReaped::default();
-            let freed = delete_instance_locks(tx, now, instance, run_reason, by, &mut out)?;
-            fail_instance_runs(tx, now, instance.id, run_reason, &mut out)?;
-            out.wakes.extend(grant_waiters(tx, &freed, now)?);
-            tx.prepare_cached("DELETE FROM watchers WHERE instance_id = ?1")?
-                .execute([instance.id])?;
-            let closed = tx
-                .prepare_cached(
-                    "UPDATE instances SET closed_at = ?2, closed_reason = ?3
-                     WHERE id = ?1 AND closed_at IS NULL",
-                )?
-                .execute(params![instance.id, now, reason])?;
-            if closed == 1 {
-                out.reaped.push(Reaped::Instance {
-                    id: InstanceId::from(instance.id),
-                    pid: instance.pid,
-                    host: instance.host.to_owned(),
-                    reason: reason.to_owned(),
-                });
-            }
-            Ok(out)
+    pub(crate) fn reap_instance(&self, reap: &Reap<'_>) -> Result<InstanceReaped> {
+        self.write(|tx, now| shared::reap(&mut Reads(tx), now, reap))
+    }
+}
+
+impl ReapRows for Reads<'_> {
+    fn instance_beat(&mut self, id: i64) -> Result<Option<(Timestamp, bool)>> {
+        Ok(self
+            .0
+            .prepare_cached(
+                "SELECT heartbeat_at, closed_at IS NOT NULL FROM instances WHERE id = ?1",
+            )?
+            .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?)
+    }
+
+    fn instance_locks(&mut self, id: i64) -> Result<Vec<OwnedLock>> {
+        // The locks table holds only live requests, never history.
+        Ok(self
+            .0
+            .prepare_cached(
+                "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = ?1",
+            )?
+            .query_map([id], |row| {
+                Ok(OwnedLock {
+                    id: row.get(0)?,
+                    token: row.get(1)?,
+                    state: state_of(&row.get::<_, String>(2)?),
+                    run: row.get(3)?,
+                    pid: row.get(4)?,
+                    host: row.get(5)?,
+                    keys: parse_keys(&row.get::<_, String>(6)?)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn instance_runs(&mut self, id: i64) -> Result<Vec<(RunId, String)>> {
+        Ok(self
+            .0
+            .prepare_cached(INSTANCE_RUNS)?
+            .query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn fail_active(&mut self, run: RunId, now: Timestamp, reason: &str) -> RunChanged {
+        apply_change(self.0, run, now, |state| {
+            crate::store::fail_if_active(state, reason)
         })
     }
-}
 
-/// Deletes every lock request of an instance; returns the keys it held.
-fn delete_instance_locks(
-    tx: &Connection,
-    now: Timestamp,
-    instance: Owner<'_>,
-    reason: &str,
-    by: &ProcessIdentity,
-    out: &mut InstanceReaped,
-) -> Result<Vec<String>> {
-    // The locks table holds only live requests, never history.
-    let rows = tx
-        .prepare_cached(
-            "SELECT id, token, state, run_id, pid, host, keys FROM locks WHERE instance_id = ?1",
-        )?
-        .query_map([instance.id], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Option<i64>>(1)?,
-                state_of(&row.get::<_, String>(2)?),
-                row.get::<_, Option<RunId>>(3)?,
-                row.get::<_, u32>(4)?,
-                row.get::<_, String>(5)?,
-                parse_keys(&row.get::<_, String>(6)?)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut freed = Vec::new();
-    for (id, token, state, run, pid, host, keys) in rows {
-        let reclaimed = crate::store::Ending::Reclaimed(reason, by);
-        if delete_lock(tx, id, token, now, reclaimed)?.is_none() {
-            continue;
-        }
-        if state == LockState::Held {
-            let taken = TakenLock {
-                id,
-                token,
-                run,
-                pid,
-                host: &host,
-            };
-            record_taken(tx, now, "reclaimed", &keys, &taken, reason, by)?;
-        }
-        // A waiter gone may unblock the ones queued behind it, too.
-        freed.extend(keys.iter().cloned());
-        out.reaped.push(Reaped::Lock {
-            keys,
-            state,
-            token: token.map(|t| t as u64),
-            reason: reason.to_owned(),
-        });
+    fn close_instance(&mut self, id: i64, now: Timestamp, reason: &str) -> Result<bool> {
+        let tx = self.0;
+        tx.prepare_cached("DELETE FROM watchers WHERE instance_id = ?1")?
+            .execute([id])?;
+        let closed = tx
+            .prepare_cached(
+                "UPDATE instances SET closed_at = ?2, closed_reason = ?3
+                 WHERE id = ?1 AND closed_at IS NULL",
+            )?
+            .execute(params![id, now, reason])?;
+        Ok(closed == 1)
     }
-    freed.sort();
-    freed.dedup();
-    Ok(freed)
-}
-
-/// Fails every active run of an instance, each as its own compare-and-set.
-fn fail_instance_runs(
-    tx: &Connection,
-    now: Timestamp,
-    instance: i64,
-    reason: &str,
-    out: &mut InstanceReaped,
-) -> Result<()> {
-    let runs = tx
-        .prepare_cached(INSTANCE_RUNS)?
-        .query_map([instance], |row| {
-            Ok((row.get::<_, RunId>(0)?, row.get::<_, String>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    for (id, name) in runs {
-        let (state, to, wakes) = apply_change(tx, id, now, |state| {
-            crate::store::fail_if_active(state, reason)
-        })?;
-        out.wakes.extend(wakes);
-        if to == RunStatus::Failed && state.status.is_active() {
-            out.reaped.push(Reaped::Run {
-                id,
-                name,
-                from: state.status,
-                reason: reason.to_owned(),
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

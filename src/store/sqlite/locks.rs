@@ -7,12 +7,13 @@ use super::runs::run_head;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
-use crate::lock::{LockMode, LockRecord, LockState, Ticket};
+use crate::lock::{LockMode, LockRecord, Ticket};
 use crate::record::{EventRecord, LockEvent};
 use crate::run::RunId;
-use crate::store::rules::{LockReads, blockers, fits};
+use crate::store::rules::{LockReads, blockers};
+use crate::store::shared::{self, DeletedRow, Forced, Holder, LockNote, LockRows, Waiter};
 use crate::store::{
-    Ahead, Attempt, Ending, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
+    Ahead, Attempt, LOCK_GRANTED, LockAsk, TakenLock, Wakes, event_run_id, keys_from_json,
     keys_json, lease_of, lock_event_json, state_of,
 };
 
@@ -81,73 +82,28 @@ fn ahead_on(tx: &Connection, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead
     Ok(rows)
 }
 
-/// Hands `keys`, just freed, to their waiters: per key, the waiters are taken
-/// in ticket order and each one that fits now (with every one of its keys,
-/// behind every earlier waiter) is granted in this same transaction, up to
-/// the first exclusive one that does not fit. Returns the
-/// wake-up addresses of those granted: they find their lock held with a read,
-/// without competing for the write lock.
-pub(super) fn grant_waiters(tx: &Connection, keys: &[String], now: Timestamp) -> Result<Wakes> {
-    let mut wakes = Vec::new();
-    let mut queue = tx.prepare_cached(
-        "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
-         FROM lock_entries e JOIN locks l ON l.id = e.lock_id
-         WHERE e.key = ?1 AND l.state = 'waiting'
-         ORDER BY e.lock_id",
-    )?;
-    for key in keys {
-        let waiters = queue
-            .query_map([key], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
-                    parse_keys(&row.get::<_, String>(3)?)?,
-                    row.get::<_, Option<String>>(4)?,
-                    (
-                        row.get::<_, Option<RunId>>(5)?,
-                        row.get::<_, u32>(6)?,
-                        row.get::<_, String>(7)?,
-                    ),
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        for (id, mode, their_keys, wake, (run, pid, host)) in waiters {
-            if !fits(&mut Reads(tx), &their_keys, mode, Some(id))? {
-                // Nothing behind an exclusive waiter fits on this key; a
-                // shared or slots waiter may be blocked only by another of
-                // its keys, and those behind it may still fit.
-                if mode == LockMode::Exclusive {
-                    break;
-                }
-                continue;
-            }
-            let token = next_token(tx, &their_keys)?;
-            tx.prepare_cached(
-                "UPDATE locks SET state = 'held', token = ?2, granted_at = ?3, wake = NULL
-                 WHERE id = ?1 AND state = 'waiting'",
-            )?
-            .execute(params![id, token, now])?;
-            let lock = LockEvent {
-                ticket: Ticket::from(id),
-                keys: their_keys,
-                mode,
-                token: token as u64,
-                pid,
-                host,
-            };
-            lock_event(tx, now, LOCK_GRANTED, &lock, run, None)?;
-            if let Some(wake) = wake
-                && !wakes.contains(&wake)
-            {
-                wakes.push(wake);
-            }
-            // An exclusive holder now: nothing behind it fits on this key.
-            if mode == LockMode::Exclusive {
-                break;
-            }
-        }
-    }
-    Ok(wakes)
+/// The waiting requests on `key`, in ticket order.
+fn waiters_on(tx: &Connection, key: &str) -> Result<Vec<Waiter>> {
+    let waiters = tx
+        .prepare_cached(
+            "SELECT l.id, l.mode, l.capacity, l.keys, l.wake, l.run_id, l.pid, l.host
+             FROM lock_entries e JOIN locks l ON l.id = e.lock_id
+             WHERE e.key = ?1 AND l.state = 'waiting'
+             ORDER BY e.lock_id",
+        )?
+        .query_map([key], |row| {
+            Ok(Waiter {
+                id: row.get(0)?,
+                mode: mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
+                keys: parse_keys(&row.get::<_, String>(3)?)?,
+                wake: row.get(4)?,
+                run: row.get(5)?,
+                pid: row.get(6)?,
+                host: row.get(7)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(waiters)
 }
 
 /// Takes the next fencing token for a grant of `keys`: above the last token
@@ -172,16 +128,8 @@ fn next_token(tx: &Connection, keys: &[String]) -> Result<i64> {
     Ok(token)
 }
 
-/// Deletes a lock row and its entries; returns its keys, or `None` if the
-/// row (with that token) was gone. A held row (one with a token) ends its
-/// grant as `ending` says, with a lock event.
-pub(super) fn delete_lock(
-    tx: &Connection,
-    id: i64,
-    token: Option<i64>,
-    now: Timestamp,
-    ending: Ending<'_>,
-) -> Result<Option<Vec<String>>> {
+/// The row and entries that [`LockRows::delete_row`] deletes.
+fn delete_row(tx: &Connection, id: i64, token: Option<i64>) -> DeletedRow {
     let row = tx
         .prepare_cached(
             "DELETE FROM locks WHERE id = ?1 AND token IS ?2
@@ -190,14 +138,16 @@ pub(super) fn delete_lock(
         .query_row(params![id, token], |row| {
             Ok((
                 parse_keys(&row.get::<_, String>(0)?)?,
-                mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
-                row.get::<_, Option<RunId>>(3)?,
-                row.get::<_, u32>(4)?,
-                row.get::<_, String>(5)?,
+                Holder {
+                    mode: mode_of(&row.get::<_, String>(1)?, row.get(2)?)?,
+                    run: row.get(3)?,
+                    pid: row.get(4)?,
+                    host: row.get(5)?,
+                },
             ))
         })
         .optional()?;
-    let Some((keys, mode, run, pid, host)) = row else {
+    let Some((keys, holder)) = row else {
         return Ok(None);
     };
     let mut entry =
@@ -205,25 +155,7 @@ pub(super) fn delete_lock(
     for key in &keys {
         entry.execute(params![key, id])?;
     }
-    if let Some(token) = token {
-        let lock = LockEvent {
-            ticket: Ticket::from(id),
-            keys: keys.clone(),
-            mode,
-            token: token as u64,
-            pid,
-            host,
-        };
-        lock_event(
-            tx,
-            now,
-            ending.kind(),
-            &lock,
-            run,
-            ending.message().as_deref(),
-        )?;
-    }
-    Ok(Some(keys))
+    Ok(Some((keys, token.map(|_| holder))))
 }
 
 /// Appends a lock event to the feed (in no run's chain: see the schema)
@@ -241,28 +173,21 @@ const ALL_KEYS_HISTORY: &str = "
     WHERE e.id IN (SELECT DISTINCT event_id FROM lock_history ORDER BY event_id DESC LIMIT ?1)
     ORDER BY e.id DESC";
 
-fn lock_event(
-    tx: &Connection,
-    now: Timestamp,
-    kind: &str,
-    lock: &LockEvent,
-    run: Option<RunId>,
-    message: Option<&str>,
-) -> Result<()> {
+fn lock_event(tx: &Connection, now: Timestamp, note: &LockNote<'_>) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO events (run_id, at, kind, step, message) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
-        event_run_id(run),
+        event_run_id(note.run),
         now,
-        kind,
-        lock_event_json(lock),
-        message
+        note.kind,
+        lock_event_json(note.lock),
+        note.message
     ])?;
     let event = tx.last_insert_rowid();
     let mut history =
         tx.prepare_cached("INSERT INTO lock_history (key, event_id) VALUES (?1, ?2)")?;
-    for key in &lock.keys {
+    for key in &note.lock.keys {
         history.execute(params![key, event])?;
     }
     super::EVENTS_WRITTEN.with(|w| w.set(true));
@@ -270,31 +195,14 @@ fn lock_event(
 }
 
 /// Releases every lock (held or queued) of a run that is ending, in its
-/// transaction; returns the waiters to wake.
-///
-/// Every row of the run goes first, and only then are the keys handed on: a
-/// key freed by one of the run's rows must not be granted to another of its
-/// rows.
+/// transaction (see [`shared::release_run_locks`]).
 pub(super) fn release_run_locks(tx: &Connection, run: RunId, now: Timestamp) -> Result<Wakes> {
-    let owned = tx
-        .prepare_cached("SELECT id, token FROM locks WHERE run_id = ?1")?
-        .query_map([run], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut freed = Vec::new();
-    for (id, token) in owned {
-        if let Some(keys) = delete_lock(tx, id, token, now, Ending::Released)? {
-            freed.extend(keys);
-        }
-    }
-    freed.sort();
-    freed.dedup();
-    grant_waiters(tx, &freed, now)
+    shared::release_run_locks(&mut Reads(tx), run, now)
 }
 
-/// The lock rules' reads, on a connection of this store.
-struct Reads<'c>(&'c Connection);
+/// The lock rules' reads, and the shared lock logic's statements, on a
+/// connection of this store.
+pub(super) struct Reads<'c>(pub(super) &'c Connection);
 
 impl LockReads for Reads<'_> {
     fn ahead_on(&mut self, key: &str, ticket: Option<i64>) -> Result<Vec<Ahead>> {
@@ -302,10 +210,72 @@ impl LockReads for Reads<'_> {
     }
 }
 
+impl LockRows for Reads<'_> {
+    fn waiters_on(&mut self, key: &str) -> Result<Vec<Waiter>> {
+        waiters_on(self.0, key)
+    }
+
+    /// The single writer may grant any waiter.
+    fn may_grant(&mut self, _keys: &[String]) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn next_token(&mut self, keys: &[String]) -> Result<i64> {
+        next_token(self.0, keys)
+    }
+
+    fn set_held(&mut self, id: i64, token: i64, now: Timestamp) -> Result<()> {
+        set_held(self.0, id, token, now)
+    }
+
+    fn delete_row(&mut self, id: i64, token: Option<i64>) -> DeletedRow {
+        delete_row(self.0, id, token)
+    }
+
+    fn lock_event(&mut self, now: Timestamp, note: &LockNote<'_>) -> Result<()> {
+        lock_event(self.0, now, note)
+    }
+
+    fn record_taken(&mut self, now: Timestamp, taken: &TakenLock<'_>) -> Result<()> {
+        record_taken(self.0, now, taken)
+    }
+
+    fn forced_event(&mut self, run: RunId, now: Timestamp, keys: &str, why: &str) -> Result<()> {
+        super::runs::append_event(self.0, run, now, "lock_forced", Some(keys), Some(why))
+    }
+
+    fn run_locks(&mut self, run: RunId) -> Result<Vec<(i64, Option<i64>)>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT id, token FROM locks WHERE run_id = ?1")?
+            .query_map([run], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Wake-ups go out from [`Store`](crate::store::Store) once committed.
+    fn granted(&mut self, _wakes: &Wakes) {}
+}
+
+/// Marks the waiting request `id` held with `token`.
+fn set_held(tx: &Connection, id: i64, token: i64, now: Timestamp) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE locks SET state = 'held', token = ?2, granted_at = ?3, wake = NULL
+         WHERE id = ?1 AND state = 'waiting'",
+    )?
+    .execute(params![id, token, now])?;
+    Ok(())
+}
+
 impl Store {
     /// One attempt at granting `ask` (already queued as `ticket`, if given),
     /// in one immediate transaction. A blocked request that may wait takes a
     /// place in the queue in the same transaction.
+    ///
+    /// Its blocked branch reads like PostgreSQL's `try_lock_in`, but the two
+    /// attempts are not one sequence of statements: that one comes after
+    /// the one-statement grant of free keys (`GRANT_IF_FREE`) for a request
+    /// without a ticket, reads the instance and the run in one statement,
+    /// and runs under the claims of the keys.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         self.write(|tx, now| {
             if !super::instances::is_open(tx, ask.instance)? {
@@ -353,11 +323,7 @@ impl Store {
             let token = next_token(tx, ask.keys)?;
             let id = match ticket {
                 Some(t) => {
-                    tx.prepare_cached(
-                        "UPDATE locks SET state = 'held', token = ?2, granted_at = ?3, wake = NULL
-                         WHERE id = ?1 AND state = 'waiting'",
-                    )?
-                    .execute(params![t, token, now])?;
+                    set_held(tx, t, token, now)?;
                     t
                 }
                 None => insert_lock(tx, ask, "held", Some(token), now)?,
@@ -370,7 +336,13 @@ impl Store {
                 pid: ask.pid,
                 host: ask.host.to_owned(),
             };
-            lock_event(tx, now, LOCK_GRANTED, &lock, ask.run, None)?;
+            let note = LockNote {
+                kind: LOCK_GRANTED,
+                lock: &lock,
+                run: ask.run,
+                message: None,
+            };
+            lock_event(tx, now, &note)?;
             Ok(Attempt::Granted {
                 id,
                 token: token as u64,
@@ -409,10 +381,7 @@ impl Store {
             let Some(token) = token else {
                 return Ok(Vec::new());
             };
-            match delete_lock(tx, ticket, token, now, Ending::Released)? {
-                Some(keys) => grant_waiters(tx, &keys, now),
-                None => Ok(Vec::new()),
-            }
+            Ok(shared::release(&mut Reads(tx), ticket, token, now)?.unwrap_or_default())
         })
     }
 
@@ -426,10 +395,7 @@ impl Store {
         on_commit: impl FnOnce(),
     ) -> Result<Option<Wakes>> {
         self.write_then(
-            |tx, now| match delete_lock(tx, id, Some(token as i64), now, Ending::Released)? {
-                Some(keys) => Ok(Some(grant_waiters(tx, &keys, now)?)),
-                None => Ok(None),
-            },
+            |tx, now| shared::release(&mut Reads(tx), id, Some(token as i64), now),
             on_commit,
         )
     }
@@ -461,40 +427,11 @@ impl Store {
 
     /// Releases by force every holder of `key`; returns how many and the
     /// waiters to wake.
-    pub(crate) fn force_unlock(
-        &self,
-        key: &str,
-        reason: &str,
-        by: &ProcessIdentity,
-    ) -> Result<(usize, Wakes)> {
+    pub(crate) fn force_unlock(&self, key: &str, reason: &str, by: &ProcessIdentity) -> Forced {
         self.write(|tx, now| {
-            let holders: Vec<Ahead> = ahead_on(tx, key, Some(i64::MIN))?
-                .into_iter()
-                .filter(|a| a.state == LockState::Held)
-                .collect();
-            let mut wakes = Vec::new();
-            let mut released = 0;
-            for holder in &holders {
-                let forced = Ending::Forced(reason, by);
-                if let Some(keys) = delete_lock(tx, holder.lock_id, holder.token, now, forced)? {
-                    record_lock_event(tx, now, "forced", &keys, holder, reason, by)?;
-                    // The holder's run keeps it in its history too.
-                    if let Some((run, _)) = &holder.run {
-                        let why = forced.message().unwrap_or_default();
-                        super::runs::append_event(
-                            tx,
-                            *run,
-                            now,
-                            "lock_forced",
-                            Some(&keys_json(&keys)),
-                            Some(&why),
-                        )?;
-                    }
-                    wakes.extend(grant_waiters(tx, &keys, now)?);
-                    released += 1;
-                }
-            }
-            Ok((released, wakes))
+            let rows = &mut Reads(tx);
+            let holders = shared::holders_of(rows, key)?;
+            shared::force_release(rows, &holders, now, reason, by)
         })
     }
 
@@ -625,36 +562,9 @@ fn insert_lock(
     Ok(id)
 }
 
-fn record_lock_event(
-    tx: &Connection,
-    now: Timestamp,
-    kind: &str,
-    keys: &[String],
-    holder: &Ahead,
-    reason: &str,
-    by: &ProcessIdentity,
-) -> Result<()> {
-    let taken = TakenLock {
-        id: holder.lock_id,
-        token: holder.token,
-        run: holder.run.as_ref().map(|(id, _)| *id),
-        pid: holder.owner.pid,
-        host: &holder.owner.host,
-    };
-    record_taken(tx, now, kind, keys, &taken, reason, by)
-}
-
 /// Records that a held lock was taken away, so that its guard reports
 /// [`Error::LockLost`](crate::Error::LockLost).
-pub(super) fn record_taken(
-    tx: &Connection,
-    now: Timestamp,
-    kind: &str,
-    keys: &[String],
-    taken: &TakenLock<'_>,
-    reason: &str,
-    by: &ProcessIdentity,
-) -> Result<()> {
+pub(super) fn record_taken(tx: &Connection, now: Timestamp, taken: &TakenLock<'_>) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO lock_events (at, kind, lock_id, keys, token, run_id, holder_pid, holder_host,
                                   reason, by_pid, by_host)
@@ -662,16 +572,16 @@ pub(super) fn record_taken(
     )?
     .execute(params![
         now,
-        kind,
+        taken.kind,
         taken.id,
-        keys_json(keys),
+        keys_json(taken.keys),
         taken.token,
         taken.run,
         taken.pid,
         taken.host,
-        reason,
-        by.pid,
-        by.host,
+        taken.reason,
+        taken.by.pid,
+        taken.by.host,
     ])?;
     Ok(())
 }

@@ -10,9 +10,10 @@ use super::locks::release_run_locks;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::InstanceId;
-use crate::record::{EventId, EventKind, EventRecord, Progress, RunFilter, RunRecord, StepRecord};
+use crate::record::{EventId, EventKind, EventRecord, RunFilter, RunRecord, StepRecord};
 use crate::run::{RunChange, RunId, RunState, RunStatus, STEP_LEFT_RUNNING, StepStatus};
-use crate::store::{Adopter, Adoption, HungRun, NewRun, Wakes};
+use crate::store::shared::{self, AdoptRow, AdoptRows, Pruned};
+use crate::store::{Adopter, Adoption, HungRun, NewRun, StepEnd, Wakes};
 
 /// A [`NewRun`] that owns its strings, for a write another thread may run.
 struct OwnedRun {
@@ -142,6 +143,12 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 /// Appends events to one run's chain (see the schema): each new event points
 /// at the previous one, and the caller stores the last id on the run row in
 /// the same transaction.
+///
+/// The PostgreSQL store has a `Chain` of the same three fields and the same
+/// `append`: what they share is that shape, not a decision. Each appends
+/// with its own statement (here `last_insert_rowid`, there `RETURNING`)
+/// inside its own transaction type, and most of the events of a run on
+/// PostgreSQL are written by the server's functions instead.
 struct Chain {
     run: RunId,
     last: Option<i64>,
@@ -313,63 +320,7 @@ impl Store {
         adopter: &Adopter<'_>,
         start: bool,
     ) -> Result<Adoption> {
-        self.write(|tx, at| {
-            if !super::instances::is_open(tx, adopter.instance)? {
-                return Ok(Adoption::InstanceClosed);
-            }
-            let (status, adopt_by, pid, host, last): (
-                RunStatus,
-                Option<Timestamp>,
-                u32,
-                String,
-                Option<i64>,
-            ) = tx
-                .prepare_cached(
-                    "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = ?1",
-                )?
-                .query_row([run], |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                    ))
-                })
-                .optional()?
-                .ok_or_else(|| Error::run_not_found(run))?;
-            if status.is_terminal() {
-                return Err(Error::RunFinished { run, status });
-            }
-            let Some(deadline) = adopt_by else {
-                return Err(Error::AlreadyOwned { run, pid, host });
-            };
-            if at >= deadline {
-                // Failing it is this transaction's only write: it commits,
-                // and the adopter hears that the run has finished.
-                let (status, _) = fail_unadopted_in(tx, run, deadline, at)?;
-                return Ok(Adoption::Expired(status));
-            }
-            let mut chain = Chain { run, last, at };
-            let who = crate::store::adopter_json(adopter);
-            chain.append(tx, "adopted", Some(&who), None, None, None)?;
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE runs SET instance_id = ?2, pid = ?3, host = ?4, adopt_by = NULL,
-                         last_event_id = ?5
-                     WHERE id = ?1 AND adopt_by IS NOT NULL AND status = 'queued'",
-                )?
-                .execute((run, adopter.instance, adopter.pid, adopter.host, chain.last))?;
-            if changed != 1 {
-                // Cannot happen while the write lock is held.
-                return Err(Error::AlreadyOwned { run, pid, host });
-            }
-            if start {
-                // queued → running releases nothing: no waiters to wake.
-                apply_change(tx, run, at, crate::store::start_if_queued)?;
-            }
-            Ok(Adoption::Adopted)
-        })
+        self.write(|tx, at| shared::adopt(&mut Adopting { tx, at }, run, adopter, start, at))
     }
 
     /// Records the log path of an active run.
@@ -596,15 +547,9 @@ impl Store {
     }
 
     /// Ends a running step as `to`.
-    pub(crate) fn finish_step(
-        &self,
-        run: RunId,
-        step: i64,
-        name: &str,
-        to: StepStatus,
-        error: Option<&str>,
-    ) -> Result<()> {
-        let (name, error) = (name.to_owned(), error.map(str::to_owned));
+    pub(crate) fn finish_step(&self, run: RunId, end: &StepEnd<'_>) -> Result<()> {
+        let (step, to) = (end.step, end.to);
+        let (name, error) = (end.name.to_owned(), end.error.map(str::to_owned));
         self.write_shared(move |tx, at| {
             let (name, error) = (name.as_str(), error.as_deref());
             let (status, last) = run_head(tx, run)?;
@@ -713,10 +658,7 @@ impl Store {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            if steps.is_empty() {
-                ensure_run_exists(conn, run)?;
-            }
-            Ok(steps)
+            shared::of_a_run(steps, || ensure_run_exists(conn, run))
         })
     }
 
@@ -731,10 +673,7 @@ impl Store {
                 ))?
                 .query_map([run], event_record)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            if events.is_empty() {
-                ensure_run_exists(conn, run)?;
-            }
-            Ok(events)
+            shared::of_a_run(events, || ensure_run_exists(conn, run))
         })
     }
 
@@ -749,12 +688,7 @@ impl Store {
     ///
     /// The newest run and the run of the newest event are kept, so that
     /// SQLite never hands out their ids again.
-    pub(crate) fn prune_batch(
-        &self,
-        cutoff: Timestamp,
-        after: i64,
-        batch: usize,
-    ) -> Result<(usize, Option<i64>)> {
+    pub(crate) fn prune_batch(&self, cutoff: Timestamp, after: i64, batch: usize) -> Pruned {
         self.write(|tx, _| {
             let keep: Vec<i64> = tx
                 .prepare_cached(
@@ -782,26 +716,65 @@ impl Store {
                 "{EVENT_CHAIN} DELETE FROM events WHERE id IN chain"
             ))?;
             let mut delete_run = tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?;
-            let mut deleted = 0;
-            let mut next = Some(after);
-            for (id, created_at, status, finished_at) in &candidates {
-                if *created_at >= cutoff {
-                    next = None;
-                    break;
-                }
-                next = Some(*id);
-                let ended_before_cutoff = finished_at.is_some_and(|t| t < cutoff);
-                if status.is_terminal() && ended_before_cutoff && !keep.contains(id) {
-                    delete_events.execute([id])?;
-                    delete_run.execute([id])?;
-                    deleted += 1;
-                }
-            }
-            if candidates.len() < batch {
-                next = None;
-            }
-            Ok((deleted, next))
+            shared::prune_walk(&candidates, &keep, (cutoff, after, batch), |id| {
+                delete_events.execute([id])?;
+                delete_run.execute([id])?;
+                Ok(())
+            })
         })
+    }
+}
+
+/// An adoption's statements (see [`shared::adopt`]), at the time `at`.
+struct Adopting<'c> {
+    tx: &'c Connection,
+    at: Timestamp,
+}
+
+impl AdoptRows for Adopting<'_> {
+    fn instance_open(&mut self, instance: i64) -> Result<bool> {
+        super::instances::is_open(self.tx, instance)
+    }
+
+    fn adopt_row(&mut self, run: RunId) -> Result<Option<AdoptRow>> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT status, adopt_by, pid, host, last_event_id FROM runs WHERE id = ?1",
+            )?
+            .query_row([run], |row| {
+                Ok(AdoptRow {
+                    status: row.get(0)?,
+                    adopt_by: row.get(1)?,
+                    pid: row.get(2)?,
+                    host: row.get(3)?,
+                    last: row.get(4)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn expire(&mut self, run: RunId, deadline: Timestamp) -> Result<RunStatus> {
+        Ok(fail_unadopted_in(self.tx, run, deadline, self.at)?.0)
+    }
+
+    fn hand_over(&mut self, run: RunId, last: Option<i64>, adopter: &Adopter<'_>) -> Result<bool> {
+        let (tx, at) = (self.tx, self.at);
+        let mut chain = Chain { run, last, at };
+        let who = crate::store::adopter_json(adopter);
+        chain.append(tx, "adopted", Some(&who), None, None, None)?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE runs SET instance_id = ?2, pid = ?3, host = ?4, adopt_by = NULL,
+                     last_event_id = ?5
+                 WHERE id = ?1 AND adopt_by IS NOT NULL AND status = 'queued'",
+            )?
+            .execute((run, adopter.instance, adopter.pid, adopter.host, chain.last))?;
+        Ok(changed == 1)
+    }
+
+    fn start(&mut self, run: RunId) -> Result<()> {
+        apply_change(self.tx, run, self.at, crate::store::start_if_queued).map(drop)
     }
 }
 
@@ -865,6 +838,9 @@ fn ensure_run_exists(conn: &Connection, run: RunId) -> Result<()> {
 }
 
 /// Appends one event to a run's history inside the caller's transaction.
+///
+/// One per store, as [`Chain`] is: the PostgreSQL store's reads the same
+/// but runs its own statements on its own transaction type.
 pub(super) fn append_event(
     tx: &Connection,
     run: RunId,
@@ -1107,13 +1083,7 @@ fn run_record(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         finished_at: row.get(16)?,
         cancel_requested_at: row.get(17)?,
         adopt_by: row.get(22)?,
-        progress: Progress {
-            total,
-            succeeded,
-            failed,
-            running: total.saturating_sub(succeeded.saturating_add(failed)),
-            current: row.get(21)?,
-        },
+        progress: shared::progress([total, succeeded, failed], row.get(21)?),
     })
 }
 

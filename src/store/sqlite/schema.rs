@@ -3,6 +3,10 @@
 //! The version of a database is its `PRAGMA user_version`: the number of
 //! migrations applied. `application_id` marks the file as a runledger ledger,
 //! so that another application's SQLite file is refused instead of altered.
+//!
+//! The PostgreSQL store's migrations (`postgres::schema`) have the same
+//! shape, one for one, in that server's own DDL: two lists, as a migration
+//! once released is never edited.
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
