@@ -563,7 +563,6 @@ impl Store {
         self.write_then(
             &claims,
             keys.is_none(),
-            None,
             |tx| {
                 let Ok(token) = i64::try_from(token) else {
                     return Ok(None);

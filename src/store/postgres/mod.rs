@@ -348,18 +348,20 @@ impl Store {
         self.write_with(claims, false, None, f)
     }
 
-    /// [`write`](Store::write), with `first`, one prepared statement run
-    /// with its values in the batch of `BEGIN`: its rows are
-    /// [`Tx::first_rows`]. So a write that a single statement may do (a
-    /// grant of a free key, a release nobody waits for) costs two round
-    /// trips, this batch and the commit's; `f` goes on with more
-    /// statements when the first did not do it all.
+    /// [`write`](Store::write), with `first`, a call of a function of the
+    /// schema ([`First::call`]) run with its values in the batch of
+    /// `BEGIN`: its rows are [`Tx::first_rows`]. So a call whose work is
+    /// that function costs two round trips, this batch and the commit's;
+    /// `f` goes on with more statements where it needs to. (A statement
+    /// prepared by name goes with [`Store::write_alone`], which prepares
+    /// it.)
     fn write_first<T>(
         &self,
         claims: &[Claim],
         first: First,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
+        debug_assert!(first.name.is_none(), "a call, not a prepared statement");
         self.write_with(claims, false, Some(first), f)
     }
 
@@ -523,10 +525,6 @@ impl Store {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         let mut claims = claims.to_vec();
-        // A statement prepared by name is a session's: a transaction
-        // pooler keeps none, so there `f` makes every statement itself
-        // (a call of a function needs none).
-        let first = first.filter(|first| self.pooler.is_none() || first.name.is_none());
         loop {
             match self.write_once(&claims, later, first.as_ref(), &mut f) {
                 Ok(value) => return Ok(value),
@@ -766,9 +764,7 @@ impl Store {
     /// and returned; else `None`, and its first write assigns it.
     ///
     /// With `first` (see [`Store::write_first`]), that statement runs in
-    /// the same batch, after the claims; its rows are returned too. It is
-    /// prepared on the connection first, once per connection (one more
-    /// round trip, the first time).
+    /// the same batch, after the claims; its rows are returned too.
     #[allow(clippy::type_complexity)]
     fn begin(
         &self,
@@ -799,22 +795,12 @@ impl Store {
             // Prepared in a transaction of its own, so that the locks its
             // parse takes on the tables wait no longer than the busy
             // timeout (behind a migration, say).
-            let prepared = match first.and_then(|first| first.name.map(|name| (name, first))) {
-                Some((name, first)) if !conn.prepared.contains(&name) => conn
-                    .client
-                    .batch_execute(&format!(
-                        "{}PREPARE {name} AS {}; COMMIT",
-                        self.begin, first.sql
-                    ))
-                    .map(|()| conn.prepared.push(name)),
-                _ => Ok(()),
-            };
             let batch = match first {
                 Some(first) => format!("{batch}{}", first.execute(self.clock.now())),
                 None => batch.clone(),
             };
             let sent = Sent::now(self.server_clock.as_deref());
-            match prepared.and_then(|()| conn.client.simple_query(&batch)) {
+            match conn.client.simple_query(&batch) {
                 Ok(replies) => {
                     let sent = sent.answered();
                     let mut statements = by_statement(replies).into_iter().skip(before_id);
@@ -850,11 +836,10 @@ impl Store {
         &self,
         claims: &[Claim],
         later: bool,
-        first: Option<First>,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
         on_commit: impl FnOnce(),
     ) -> Result<T> {
-        let value = self.write_with(claims, later, first, f)?;
+        let value = self.write_with(claims, later, None, f)?;
         on_commit();
         Ok(value)
     }
