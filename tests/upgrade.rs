@@ -13,8 +13,8 @@ use runledger::{Error, EventCursor, Ledger, RunFilter, RunSpec, SCHEMA_VERSION};
 /// Schema 8 adds two indexes (`runs_by_name`, `runs_by_source`), schema 9
 /// one (`runs_by_status`). Schema 10 changes nothing on SQLite; on
 /// PostgreSQL it adds the functions of the calls ([`FUNCTIONS_OF_10`]) and
-/// the column `locks.nonce`. A
-/// ledger of schema 6 is a current one without the indexes and with its
+/// the column `locks.nonce`; schema 11 the functions of the lock calls of
+/// one round trip ([`FUNCTIONS_OF_11`]). A ledger of schema 6 is a current one without the indexes and with its
 /// events numbered by an identity column again, recorded as version 6.
 fn downgrade_to_6(f: &Fixture) {
     f.sql(
@@ -48,18 +48,27 @@ const FUNCTIONS_OF_10: &[&str] = &[
     "runledger_insert_run",
 ];
 
+/// The functions PostgreSQL's schema 11 creates.
+const FUNCTIONS_OF_11: &[&str] = &[
+    "runledger_claim",
+    "runledger_begin",
+    "runledger_notify_watchers",
+    "runledger_grant_alone",
+    "runledger_release_alone",
+];
+
 /// Ends the writes of schema 6's release (see [`downgrade_to_6`]).
 ///
 /// This release's statements stand in for the previous release's, and a
 /// run's first event takes its id from `next_event_id()`: while the schema
 /// is 6, a stand-in draws it from the identity column, as schema 6 did.
-/// This release's calls on PostgreSQL are schema 10's functions, which
+/// This release's calls on PostgreSQL are schema 10's and 11's functions, which
 /// stand in for the statements of the previous release while the schema
 /// is 6. They go before the migration, which creates the real ones.
 fn end_writes_of_6(f: &Fixture) {
     if f.store == Store::Postgres {
         f.sql("DROP FUNCTION next_event_id();");
-        for function in FUNCTIONS_OF_10 {
+        for function in FUNCTIONS_OF_10.iter().chain(FUNCTIONS_OF_11) {
             f.sql(&format!("DROP FUNCTION {function};"));
         }
         f.sql("ALTER TABLE locks DROP COLUMN nonce;");
@@ -68,8 +77,8 @@ fn end_writes_of_6(f: &Fixture) {
 
 fn a_populated_ledger_of_the_previous_schema_is_migrated_in_place(store: Store) {
     assert_eq!(
-        SCHEMA_VERSION, 10,
-        "this test knows what schemas 7 to 10 changed"
+        SCHEMA_VERSION, 11,
+        "this test knows what schemas 7 to 11 changed"
     );
     let f = Fixture::new(store);
     // Written as schema 6 numbered its events.

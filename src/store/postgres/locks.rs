@@ -7,7 +7,7 @@
 
 use postgres::Row;
 
-use super::{Claim, First, Lit, Store, Tx};
+use super::{Claim, Lit, Store, Tx};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::liveness::{InstanceId, InstanceRecord, ProcessIdentity};
@@ -322,10 +322,12 @@ impl Store {
     /// in one write transaction. A blocked request that may wait takes a
     /// place in the queue in the same transaction.
     ///
-    /// A new request (no ticket) first tries [`GRANT_IF_FREE`], sent with
-    /// `BEGIN`: a grant of keys nobody holds or waits for then costs two
-    /// round trips in all. Otherwise the statements below decide, in the
-    /// same transaction.
+    /// A new request (no ticket) first tries `runledger_grant_alone`
+    /// (migration 11) in one batch with `BEGIN` and `COMMIT` (see
+    /// [`grant_alone`]): a grant of keys nobody holds or waits for then
+    /// costs one round trip. Otherwise the statements of
+    /// [`try_lock_in`](Store::try_lock_in) decide, in a transaction of
+    /// their own.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         let mut claims = vec![Claim::instance(ask.instance, true)];
         claims.extend(ask.run.map(|run| Claim::run(run, true)));
@@ -338,11 +340,19 @@ impl Store {
                     token: token_of(row.try_get(1)?)?,
                 })
             };
+            let detail = grant_detail(ask);
+            let keys = keys_json(ask.keys);
+            let active: Vec<String> = RunStatus::ALL
+                .iter()
+                .filter(|s| s.is_active())
+                .map(|s| s.as_str().to_owned())
+                .collect();
             let alone = self.write_alone(
                 &claims,
-                &grant_if_free(ask, nonce)?,
-                |rows| match rows.first() {
-                    Some(row) => Ok(Some(Attempt::Granted {
+                "runledger_grant_alone",
+                &grant_alone(ask, nonce, &detail, &keys, &active),
+                |row| match row.get(0) {
+                    Some(_) => Ok(Some(Attempt::Granted {
                         id: text_i64(row.get(0))?,
                         token: token_of(text_i64(row.get(1))?)?,
                     })),
@@ -527,20 +537,16 @@ impl Store {
         // A token beyond the column's range was never granted.
         if let (Ok(token), Some(given), true) = (i64::try_from(token), keys, known) {
             let given_json = keys_json(given);
-            let first = First::new(
-                "runledger_release_if_alone",
-                RELEASE_IF_ALONE,
+            let alone = self.write_alone(
+                &claims,
+                "runledger_release_alone",
                 &[
                     Lit::Int(id),
                     Lit::Int(token),
                     Lit::Now,
                     Lit::Text(&given_json),
                 ],
-            )?;
-            let alone = self.write_alone(
-                &claims,
-                &first,
-                |rows| Ok(rows.first().and_then(|row| row.get(0)).map(|_| ())),
+                |row| Ok(row.get(0).map(|_| ())),
                 // Gone, and not taken away: released by this batch. Taken
                 // away (by a reaper, by force) before it: sent again, the
                 // release finds it gone, as its guard does.
@@ -755,19 +761,16 @@ fn lock_record(row: &Row) -> Result<LockRecord> {
 /// `$2` the mode, `$3` the capacity, `$4` the keys as JSON, `$5` the
 /// instance, `$6` the run, `$7` the pid, `$8` the host, `$9` the time,
 /// `$10` the event's run id, `$11` its kind, `$12` its detail (ticket and
-/// token set by the statement). Each with its type, for `PREPARE`.
-/// `$nonce` is the row's number in its process, for a grant in one round
-/// trip (see [`Store::write_alone`]), else `NULL`.
+/// token set by the statement). Each with its type. (The grant of one
+/// round trip, `runledger_grant_alone`, makes the same writes.)
 macro_rules! grant_rows {
-    ($from:literal, $nonce:literal) => {
+    ($from:literal) => {
         concat!(
             ", l AS (
                  INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
-                                    pid, host, wake, requested_at, granted_at, nonce)
+                                    pid, host, wake, requested_at, granted_at)
                  SELECT 'held', $2::text, $3::bigint, next.token, $4::text, $5::bigint,
-                        $6::bigint, $7::bigint, $8::text, NULL, $9::bigint, $9::bigint, ",
-            $nonce,
-            " ",
+                        $6::bigint, $7::bigint, $8::text, NULL, $9::bigint, $9::bigint ",
             $from,
             "
                  RETURNING id, token
@@ -803,7 +806,7 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     let pid = i64::from(ask.pid);
     let detail = grant_detail(ask);
     let row = tx.query_one(
-        concat!(next_token!(), grant_rows!("FROM next", "NULL::bigint")),
+        concat!(next_token!(), grant_rows!("FROM next")),
         &[
             &ask.keys,
             &ask.mode.as_str(),
@@ -823,83 +826,6 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     Ok((row.try_get(0)?, token_of(row.try_get(1)?)?))
 }
 
-/// The grant of a new request whose keys nobody holds or waits for, its
-/// instance open and its run (if any) active, in one statement sent in
-/// one batch with `BEGIN` and `COMMIT` (see [`Store::write_alone`]): the
-/// same writes as [`grant_new`], the row numbered `$14` in its process.
-/// No row when it did not grant (a key in use, a closed instance, a run
-/// ended): a transaction then decides statement by statement, which also
-/// says why.
-///
-/// Its time ([`Lit::Now`]) is read as the batch is sent, before the claims
-/// are held, unlike [`Tx::now`]; so that a grant is never stamped before
-/// the release that freed its key, it grants only if the claims came at
-/// once (within a millisecond of the batch's arrival): a request that
-/// waited for a claim, behind another writer of its keys, is decided by
-/// the statements, at their time. What is left is the trip of the batch
-/// to the server, during which another writer of the key may commit a
-/// stamp a round trip later: times of one key agree with its commits to
-/// within a round trip, as they do when several hosts' clocks follow the
-/// server's.
-const GRANT_IF_FREE: &str = concat!(
-    "WITH chk AS (
-         SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond'
-            AND EXISTS (SELECT 1 FROM instances WHERE id = $5::bigint AND closed_at IS NULL)
-            AND ($6::bigint IS NULL
-                 OR EXISTS (SELECT 1 FROM runs WHERE id = $6::bigint AND status = ANY($13::text[])))
-            AND NOT EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY($1::text[])) AS ok
-     ), next AS (
-         SELECT coalesce(max(last_token), 0) + 1 AS token
-         FROM lock_keys WHERE key = ANY($1::text[])
-     ), put AS (
-         INSERT INTO lock_keys (key, last_token)
-         SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next) FROM chk WHERE chk.ok
-         ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
-     )",
-    grant_rows!("FROM next, chk WHERE chk.ok", "$14::bigint")
-);
-
-/// The release of the held lock `$1` with token `$2`, stamped `$3`, whose
-/// keys are all among `$4` (a JSON array: the keys claimed) and have no
-/// waiters, in one statement sent in one batch with `BEGIN` and `COMMIT`
-/// (see [`Store::write_alone`]): the same writes as [`delete_lock`]. One
-/// row, the keys of the row it deleted, `NULL` when it did not (as in
-/// [`GRANT_IF_FREE`], it runs only if the claims came at once; a lock not
-/// held with that token; waiters to hand the keys on to, or keys not
-/// claimed, which a transaction then releases statement by statement).
-const RELEASE_IF_ALONE: &str = "
-WITH chk AS (
-    SELECT clock_timestamp() - statement_timestamp() < interval '1 millisecond' AS ok
-), l AS (
-    DELETE FROM locks
-    WHERE id = $1::bigint AND token = $2::bigint AND (SELECT ok FROM chk)
-      AND keys::jsonb <@ $4::text::jsonb
-      AND NOT EXISTS (
-          SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
-          WHERE we.key IN (SELECT jsonb_array_elements_text(keys::jsonb)
-                           FROM locks WHERE id = $1::bigint)
-            AND w.state = 'waiting')
-    RETURNING id, keys, mode, capacity, token, run_id, pid, host
-), e AS (
-    DELETE FROM lock_entries
-    WHERE lock_id = $1::bigint
-      AND key IN (SELECT jsonb_array_elements_text(keys::jsonb) FROM l)
-), ev AS (
-    INSERT INTO events (run_id, at, kind, step, message)
-    SELECT coalesce(l.run_id, 0), $3::bigint, 'lock_released',
-           jsonb_strip_nulls(jsonb_build_object(
-               'ticket', l.id, 'keys', l.keys::jsonb, 'mode', l.mode,
-               'capacity', l.capacity, 'token', l.token, 'pid', l.pid, 'host', l.host
-           ))::text,
-           NULL
-    FROM l
-    RETURNING id
-), history AS (
-    INSERT INTO lock_history (key, event_id)
-    SELECT DISTINCT jsonb_array_elements_text(l.keys::jsonb), ev.id FROM l, ev
-)
-SELECT l.keys FROM chk LEFT JOIN l ON true";
-
 /// The detail of the event of a grant of `ask`, its ticket and token to be
 /// set by the statement that grants it ([`grant_rows`]).
 fn grant_detail(ask: &LockAsk<'_>) -> String {
@@ -913,36 +839,45 @@ fn grant_detail(ask: &LockAsk<'_>) -> String {
     })
 }
 
-/// [`GRANT_IF_FREE`] for `ask`, stamped when it is sent, its row numbered
-/// `nonce`.
-fn grant_if_free(ask: &LockAsk<'_>, nonce: i64) -> Result<First> {
-    let detail = grant_detail(ask);
-    let keys = keys_json(ask.keys);
-    let active: Vec<String> = RunStatus::ALL
-        .iter()
-        .filter(|s| s.is_active())
-        .map(|s| s.as_str().to_owned())
-        .collect();
-    First::new(
-        "runledger_grant_if_free",
-        GRANT_IF_FREE,
-        &[
-            Lit::Texts(ask.keys),
-            Lit::Text(ask.mode.as_str()),
-            ask.mode.capacity().map(i64::from).into(),
-            Lit::Text(&keys),
-            Lit::Int(ask.instance),
-            ask.run.map(i64::from).into(),
-            Lit::Int(i64::from(ask.pid)),
-            Lit::Text(ask.host),
-            Lit::Now,
-            Lit::Int(event_run_id(ask.run)),
-            Lit::Text(LOCK_GRANTED),
-            Lit::Text(&detail),
-            Lit::Texts(&active),
-            Lit::Int(nonce),
-        ],
-    )
+/// The values of `runledger_grant_alone` for `ask` after its claims
+/// (see [`Store::write_alone`]): stamped when it is sent, its row numbered
+/// `nonce`, its event's `detail`, its `keys` as JSON, the `active`
+/// statuses of a run.
+///
+/// Its time ([`Lit::Now`]) is read as the batch is sent, before the claims
+/// are held, unlike [`Tx::now`]; so that a grant is never stamped before
+/// the release that freed its key, the function grants only if the claims
+/// came at once (within a millisecond of the batch's arrival): a request
+/// that waited for a claim, behind another writer of its keys, is decided
+/// by the statements, at their time. What is left is the trip of the
+/// batch to the server, during which another writer of the key may commit
+/// a stamp a round trip later: times of one key agree with its commits to
+/// within a round trip, as they do when several hosts' clocks follow the
+/// server's. The release (`runledger_release_alone`) is held to the same
+/// millisecond.
+fn grant_alone<'a>(
+    ask: &'a LockAsk<'a>,
+    nonce: i64,
+    detail: &'a str,
+    keys: &'a str,
+    active: &'a [String],
+) -> [Lit<'a>; 14] {
+    [
+        Lit::Texts(ask.keys),
+        Lit::Text(ask.mode.as_str()),
+        ask.mode.capacity().map(i64::from).into(),
+        Lit::Text(keys),
+        Lit::Int(ask.instance),
+        ask.run.map(i64::from).into(),
+        Lit::Int(i64::from(ask.pid)),
+        Lit::Text(ask.host),
+        Lit::Now,
+        Lit::Int(event_run_id(ask.run)),
+        Lit::Text(LOCK_GRANTED),
+        Lit::Text(detail),
+        Lit::Texts(active),
+        Lit::Int(nonce),
+    ]
 }
 
 /// An integer column of a row read as text (a simple query's).

@@ -40,16 +40,23 @@
 //!   lock_timeout`): past it the call fails with
 //!   [`Error::Busy`](crate::Error::Busy), as on SQLite.
 //! - **At most two round trips per call that does not wait.** The claims
-//!   go in the batch of `BEGIN`, and with them the call's work where one
-//!   statement does it: a function of the schema (migration 10: the rules
-//!   of a run's calls live there, in SQL) or a statement prepared once per
-//!   connection; the second round trip is the `COMMIT`, with the
+//!   go in the batch of `BEGIN` (one call of `runledger_begin`), and with
+//!   them the call's work where one function of the schema does it
+//!   (migrations 10 and 11: the rules of a run's calls live there, in
+//!   plpgsql); the second round trip is the `COMMIT`, with the
 //!   notifications ([`Store::write_first`]). A transition of a run reads
 //!   its state with `BEGIN`, decides in Rust, and sends its write with
 //!   the `COMMIT` ([`Tx::at_commit`]). A grant of free keys and a release
-//!   nobody waits for are one round trip: `BEGIN`, the statement and
-//!   `COMMIT` as one batch ([`Store::write_alone`]). Anything else goes on
-//!   statement by statement in the same transaction.
+//!   nobody waits for are one round trip: `BEGIN`, one function that
+//!   takes the claims, writes and tells the watchers, and `COMMIT`, as
+//!   one batch ([`Store::write_alone`]). Anything else goes on statement
+//!   by statement in the same transaction.
+//! - **Few statements for the server to parse and plan.** A batch's
+//!   statements are parsed and planned at each call; a function's are
+//!   planned once per connection (plpgsql keeps its plans, generic ones:
+//!   `plan_cache_mode = force_generic_plan` on each function). So the
+//!   work of a call is in functions, and its batch is a few short
+//!   statements.
 //! - **Wake-ups cross hosts.** A transaction that frees keys (or appends
 //!   events) sends, before its `COMMIT`, one `NOTIFY` on the schema's
 //!   channel with the wake-up addresses of the waiters (or watchers). The
@@ -352,28 +359,31 @@ impl Store {
     /// schema ([`First::call`]) run with its values in the batch of
     /// `BEGIN`: its rows are [`Tx::first_rows`]. So a call whose work is
     /// that function costs two round trips, this batch and the commit's;
-    /// `f` goes on with more statements where it needs to. (A statement
-    /// prepared by name goes with [`Store::write_alone`], which prepares
-    /// it.)
+    /// `f` goes on with more statements where it needs to.
     fn write_first<T>(
         &self,
         claims: &[Claim],
         first: First,
         f: impl FnMut(&mut Tx<'_>) -> Result<T>,
     ) -> Result<T> {
-        debug_assert!(first.name.is_none(), "a call, not a prepared statement");
         self.write_with(claims, false, Some(first), f)
     }
 
-    /// A write that one statement, `first`, may do alone, in one round
-    /// trip: `BEGIN` with `claims`, the statement, the watchers'
-    /// notification and `COMMIT`, as one batch. `done` reads the
-    /// statement's rows: `Some` when it did the write, `None` when it did
-    /// nothing (a key in use, waiters to hand on to): the transaction then
-    /// committed nothing, and this returns `None` for the caller to write
-    /// statement by statement (so a write `first` cannot do costs one
-    /// round trip more). `None` at once through a transaction pooler, for
-    /// a statement prepared by name.
+    /// A write that one function of the schema may do alone, in one round
+    /// trip: `BEGIN`, the call and `COMMIT`, as one batch. The function
+    /// (see migration 11) takes `claims` itself, in order, then does the
+    /// write and tells the watchers, or does nothing; it is called with
+    /// the claims' keys and modes (`bigint[]`, `boolean[]`), then
+    /// `values`, then the watchers' channel, this process's origin and
+    /// the most addresses a notice holds, and answers one row whose last
+    /// two columns are the watchers' count and addresses (see
+    /// `runledger_notify_watchers`). `done` reads that row: `Some` when
+    /// the function did the write, `None` when it did nothing (a key in
+    /// use, waiters to hand on to): the transaction then committed
+    /// nothing, and this returns `None` for the caller to write statement
+    /// by statement (so a write the function cannot do costs one round
+    /// trip more). It needs no `PREPARE`, so it goes through a
+    /// transaction pooler too.
     ///
     /// **A lost reply** (a restart, a cut connection) leaves the outcome
     /// unknown, and no transaction id to settle it by (it was to come in
@@ -390,26 +400,28 @@ impl Store {
     fn write_alone<T>(
         &self,
         claims: &[Claim],
-        first: &First,
-        done: impl Fn(&[SimpleQueryRow]) -> Result<Option<T>>,
+        function: &'static str,
+        values: &[Lit<'_>],
+        done: impl Fn(&SimpleQueryRow) -> Result<Option<T>>,
         settle: impl Fn(&mut Tx<'_>) -> Result<Option<T>>,
     ) -> Result<Option<T>> {
-        if first.name.is_some() && self.pooler.is_some() {
-            return Ok(None);
-        }
         let mut claims = claims.to_vec();
         claims.sort_unstable();
         claims.dedup();
-        let mut head = self.begin.clone();
-        for claim in &claims {
-            head.push_str(&claim.sql(self.seed, false));
-        }
-        // The statements before `first`: BEGIN, SET LOCAL lock_timeout (and
-        // search_path, through a pooler), the claims.
-        let before = 2 + usize::from(self.pooler.is_some()) + claims.len();
-        // Only a transaction that wrote (its id assigned) has events for
-        // the watchers.
-        let tail = self.notify_watchers("pg_current_xact_id_if_assigned() IS NOT NULL");
+        let keys: Vec<i64> = claims.iter().map(|c| c.key_in(self.seed)).collect();
+        let shared: Vec<bool> = claims.iter().map(|c| c.shared).collect();
+        let max = i64::try_from(listen::ADDRESSES_PER_PAYLOAD).unwrap_or(i64::MAX);
+        let mut args = vec![Lit::Ints(&keys), Lit::Bools(&shared)];
+        args.extend_from_slice(values);
+        args.extend([
+            Lit::Text(&self.channel),
+            Lit::Text(listen::origin()),
+            Lit::Int(max),
+        ]);
+        let first = First::call(function, &args)?;
+        // The statements before the call: BEGIN, SET LOCAL lock_timeout
+        // (and search_path, through a pooler).
+        let before = 2 + usize::from(self.pooler.is_some());
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         // A connection the server closed while it sat in the pool shows it
@@ -430,41 +442,26 @@ impl Store {
                 .pool()
                 .get()
                 .map_err(|e| Error::from(e).in_ledger(&self.name))?;
-            let prepared = match first.name {
-                Some(name) if !conn.prepared.contains(&name) => conn
-                    .client
-                    .batch_execute(&format!(
-                        "{}PREPARE {name} AS {}; COMMIT",
-                        self.begin, first.sql
-                    ))
-                    .map(|()| conn.prepared.push(name)),
-                _ => Ok(()),
-            };
-            match prepared {
-                // The batch was not sent: nothing to settle.
-                Err(e) if lost(&e) && started.elapsed() < self.busy_timeout => {
-                    drop(conn);
-                    again();
-                    continue;
-                }
-                Err(e) => {
-                    // Its transaction aborted (a parse past the timeout).
-                    let _ = conn.client.batch_execute("ROLLBACK");
-                    return Err(Error::from(e).in_ledger(&self.name));
-                }
-                Ok(()) => {}
-            }
-            let batch = format!("{head}{};{tail}COMMIT", first.execute(self.clock.now()));
+            let batch = format!("{}{};COMMIT", self.begin, first.execute(self.clock.now()));
             let replies = conn.client.simple_query(&batch);
             conn.used = Instant::now();
             match replies {
                 Ok(replies) => {
-                    self.watchers_notified(&mut conn.client, &replies);
-                    let rows = by_statement(replies)
+                    let row = by_statement(replies)
                         .into_iter()
                         .nth(before)
-                        .unwrap_or_default();
-                    return done(&rows);
+                        .and_then(|rows| rows.into_iter().next())
+                        .ok_or_else(|| {
+                            crate::store::bad_data(format!("{function} answered no row"))
+                        })?;
+                    let columns = row.len();
+                    let count = match columns.checked_sub(2).map(|i| row.get(i)) {
+                        Some(n @ Some(_)) => usize::try_from(locks::text_i64(n)?).unwrap_or(0),
+                        _ => 0,
+                    };
+                    let addresses = row.get(columns.saturating_sub(1)).unwrap_or("");
+                    self.watchers_told(&mut conn.client, count, addresses);
+                    return done(&row);
                 }
                 Err(e) if lost(&e) => {
                     drop(conn);
@@ -605,7 +602,7 @@ impl Store {
             ));
         }
         if tx.events_written {
-            batch.push_str(&self.notify_watchers("true"));
+            batch.push_str(&self.notify_watchers());
         }
         batch.push_str("COMMIT");
         // The id the first write assigned (see `write_later`), if it wrote:
@@ -651,21 +648,14 @@ impl Store {
         Ok(value)
     }
 
-    /// The statement, sent before `COMMIT`, that notifies the feed's
-    /// watchers on the schema's channel if `when` (an SQL condition) holds,
-    /// and returns them (see [`Store::watchers_notified`]).
-    ///
-    /// A plain aggregate, cheap to plan on every commit; more watchers
-    /// than one payload holds are notified after the commit instead.
-    fn notify_watchers(&self, when: &str) -> String {
+    /// The statement that tells the feed's watchers of the events of its
+    /// transaction (`runledger_notify_watchers`, migration 11): one row of
+    /// three columns, the watchers' count, their addresses, and `true`
+    /// (see [`Store::watchers_notified`]).
+    fn notify_watchers(&self) -> String {
         format!(
-            "SELECT w.n, w.addresses,
-                    CASE WHEN w.n <= {max} THEN
-                        pg_notify({chan}, {origin} || chr(10) || w.addresses)
-                    END
-             FROM (SELECT count(*) AS n, string_agg(address, chr(10)) AS addresses
-                   FROM watchers) w
-             WHERE w.n > 0 AND {when};",
+            "SELECT o_watchers, o_addresses, true \
+             FROM runledger_notify_watchers({chan}, {origin}, {max});",
             max = listen::ADDRESSES_PER_PAYLOAD,
             chan = literal(&self.channel),
             origin = literal(listen::origin()),
@@ -677,8 +667,6 @@ impl Store {
     /// this host's at once. Its lock waiters are woken by the caller, with
     /// the addresses the method returned.
     fn watchers_notified(&self, client: &mut Client, replies: &[SimpleQueryMessage]) {
-        let mut watchers = Vec::new();
-        let mut unnotified = false;
         for reply in replies {
             // The watchers' row, of three columns (the waiters'
             // `pg_notify`s answer rows of one).
@@ -686,12 +674,20 @@ impl Store {
                 && row.len() == 3
             {
                 let count = row.try_get(0).ok().flatten().and_then(|n| n.parse().ok());
-                unnotified = count.unwrap_or(0) > listen::ADDRESSES_PER_PAYLOAD;
                 let addresses = row.try_get(1).ok().flatten().unwrap_or("");
-                watchers.extend(addresses.lines().map(str::to_owned));
+                self.watchers_told(client, count.unwrap_or(0), addresses);
+                return;
             }
         }
-        if unnotified {
+        wake(&[]);
+    }
+
+    /// Once a write that told its `count` watchers (at `addresses`, one a
+    /// line) has committed: notifies them if the server could not (more
+    /// than one payload holds), and wakes this host's at once.
+    fn watchers_told(&self, client: &mut Client, count: usize, addresses: &str) {
+        let watchers: Vec<String> = addresses.lines().map(str::to_owned).collect();
+        if count > listen::ADDRESSES_PER_PAYLOAD {
             // Committed already: the other hosts' watchers learn of it a
             // round trip later (or at their next re-read if this fails).
             for payload in listen::payloads(&watchers) {
@@ -778,17 +774,28 @@ impl Store {
         Sent,
     )> {
         let mut batch = self.begin.clone();
-        for claim in claims {
-            batch.push_str(&claim.sql(self.seed, false));
-        }
-        if assign {
-            batch.push_str("SELECT pg_current_xact_id()::text;");
+        if claims.is_empty() {
+            batch.push_str(if assign {
+                "SELECT pg_current_xact_id()::text;"
+            } else {
+                "SELECT 'no id yet';"
+            });
         } else {
-            batch.push_str("SELECT 'no id yet';");
+            // The claims in order, then the id: one statement
+            // (`runledger_begin`, migration 11), for the server to parse
+            // and plan once.
+            let keys: Vec<i64> = claims.iter().map(|c| c.key_in(self.seed)).collect();
+            let shared: Vec<bool> = claims.iter().map(|c| c.shared).collect();
+            let call = Lit::call(
+                "SELECT runledger_begin(",
+                &[Lit::Ints(&keys), Lit::Bools(&shared), Lit::Bool(assign)],
+            )?;
+            batch.push_str(&call);
+            batch.push(';');
         }
         // The statements before the id's: BEGIN, SET LOCAL lock_timeout
-        // (and search_path, through a pooler), the claims.
-        let before_id = 2 + usize::from(self.pooler.is_some()) + claims.len();
+        // (and search_path, through a pooler).
+        let before_id = 2 + usize::from(self.pooler.is_some());
         let mut tries = self.pool().max_size();
         loop {
             let mut conn = self.pool().get()?;
@@ -913,8 +920,6 @@ const CHECK_AT_MOST: Duration = Duration::from_secs(5);
 pub(super) struct Conn {
     client: Closing,
     statements: HashMap<&'static str, Statement>,
-    /// The names of the [`First`] statements prepared on it.
-    prepared: Vec<&'static str>,
     /// When a call last ended on it (or it was last checked).
     used: Instant,
 }
@@ -1010,7 +1015,6 @@ impl ManageConnection for Manager {
                 stuck: false,
             },
             statements: HashMap::new(),
-            prepared: Vec::new(),
             used: Instant::now(),
         })
     }
@@ -1155,7 +1159,7 @@ impl Tx<'_> {
         }
     }
 
-    /// Calls `function` (one of the schema's, see migration 10) with
+    /// Calls `function` (one of the schema's, see migrations 10 and 11) with
     /// `values` in the batch of the commit, before it: a write whose
     /// rows the transaction does not need, so that it costs no round trip
     /// of its own. It must raise an error (rolling everything back) where
@@ -1171,7 +1175,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Calls `function` (one of the schema's, see migration 10) with
+    /// Calls `function` (one of the schema's, see migrations 10 and 11) with
     /// `values` now, as one simple query: its rows, as text. `writes`, if
     /// it may write (the transaction then has its id, see
     /// [`Store::write_later`]).
@@ -1663,37 +1667,21 @@ fn by_statement(replies: Vec<SimpleQueryMessage>) -> Vec<Vec<SimpleQueryRow>> {
     statements
 }
 
-/// A statement prepared by name on each connection (SQL `PREPARE`, a
-/// session's), run with its values in a simple query's batch (see
-/// [`Store::write_first`]): its plan is cached as a bound statement's is.
+/// A call of a function of the schema, run with its values in a simple
+/// query's batch (see [`Store::write_first`], [`Store::write_alone`]): the
+/// function's statements are planned once per connection, and it needs no
+/// `PREPARE`, so it runs through a transaction pooler too.
 pub(super) struct First {
-    /// The statement's name on the connection; `None` for a call of a
-    /// function of the schema ([`First::call`]), which needs no `PREPARE`
-    /// (and so runs through a transaction pooler too).
-    name: Option<&'static str>,
-    /// Its text, each parameter `$n` with a cast that gives its type.
-    sql: &'static str,
-    /// `EXECUTE name(values…)`, cut where [`Lit::Now`] goes.
+    /// `SELECT * FROM function(values…)`, cut where [`Lit::Now`] goes.
     execute: Vec<String>,
 }
 
 impl First {
-    /// `sql`, prepared as `name`, run with `values`.
-    pub(super) fn new(name: &'static str, sql: &'static str, values: &[Lit<'_>]) -> Result<First> {
-        Ok(First {
-            name: Some(name),
-            sql,
-            execute: First::parts(&format!("EXECUTE {name}("), values)?,
-        })
-    }
-
-    /// A call of `function`, one of the schema's (see migration 10), with
+    /// A call of `function`, one of the schema's (see migrations 10 and 11), with
     /// `values`: `SELECT * FROM function(values…)`, its rows those of
     /// the function's `OUT` parameters.
     pub(super) fn call(function: &'static str, values: &[Lit<'_>]) -> Result<First> {
         Ok(First {
-            name: None,
-            sql: function,
             execute: First::parts(&format!("SELECT * FROM {function}("), values)?,
         })
     }
@@ -1718,7 +1706,7 @@ impl First {
         Ok(execute)
     }
 
-    /// The `EXECUTE`, with `now` for each [`Lit::Now`].
+    /// The call, with `now` for each [`Lit::Now`].
     fn execute(&self, now: Timestamp) -> String {
         let mut at = String::new();
         // An integer always renders.
@@ -1734,6 +1722,8 @@ pub(super) enum Lit<'a> {
     Bool(bool),
     Text(&'a str),
     Texts(&'a [String]),
+    Ints(&'a [i64]),
+    Bools(&'a [bool]),
     Null,
     /// The ledger's time, in ms, read when the statement is sent (after
     /// the wait for a pooled connection, the last thing before the
@@ -1821,6 +1811,26 @@ impl Lit<'_> {
                 }
                 out.push_str("]::text[]");
             }
+            Lit::Ints(vs) => {
+                out.push_str("ARRAY[");
+                for (i, v) in vs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    Lit::Int(*v).write_sql(out)?;
+                }
+                out.push_str("]::bigint[]");
+            }
+            Lit::Bools(vs) => {
+                out.push_str("ARRAY[");
+                for (i, v) in vs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    Lit::Bool(*v).write_sql(out)?;
+                }
+                out.push_str("]::boolean[]");
+            }
         }
         Ok(())
     }
@@ -1894,10 +1904,15 @@ impl Claim {
         }
     }
 
+    /// Its advisory lock key in the schema of `seed`.
+    fn key_in(&self, seed: u64) -> i64 {
+        i64::from_ne_bytes((self.hash ^ seed).to_ne_bytes())
+    }
+
     /// The statement that takes it in the schema of `seed`; with `try_only`
     /// one that answers `t` or `f` at once.
     fn sql(&self, seed: u64, try_only: bool) -> String {
-        let key = i64::from_ne_bytes((self.hash ^ seed).to_ne_bytes());
+        let key = self.key_in(seed);
         let function = match (try_only, self.shared) {
             (false, false) => "pg_advisory_xact_lock",
             (false, true) => "pg_advisory_xact_lock_shared",
@@ -2035,17 +2050,24 @@ mod tests {
 
     #[test]
     fn values_a_query_cannot_carry_are_refused() {
-        assert!(First::new("x", "SELECT $1::text", &[Lit::Text("a\0b")]).is_err());
-        assert!(First::new("x", "SELECT $1::text[]", &[Lit::Texts(&["\0".to_owned()])]).is_err());
-        let first = First::new(
+        assert!(First::call("x", &[Lit::Text("a\0b")]).is_err());
+        assert!(First::call("x", &[Lit::Texts(&["\0".to_owned()])]).is_err());
+        let first = First::call(
             "x",
-            "",
-            &[Lit::Int(-7), Lit::Null, Lit::Now, Lit::Texts(&[])],
+            &[
+                Lit::Int(-7),
+                Lit::Null,
+                Lit::Now,
+                Lit::Texts(&[]),
+                Lit::Ints(&[1, -2]),
+                Lit::Bools(&[true, false]),
+            ],
         )
         .unwrap();
         assert_eq!(
             first.execute(Timestamp::from_millis(42)),
-            "EXECUTE x((-7), NULL, 42, ARRAY[]::text[])"
+            "SELECT * FROM x((-7), NULL, 42, ARRAY[]::text[], ARRAY[1,(-2)]::bigint[], \
+             ARRAY[true,false]::boolean[])"
         );
     }
 
@@ -2072,8 +2094,11 @@ mod tests {
         let list: Vec<String> = tricky.iter().map(|s| (*s).to_owned()).collect();
         client
             .batch_execute(
-                "PREPARE one AS SELECT $1::text, $2::bigint, $3::bigint IS NULL;
-                 PREPARE many AS SELECT unnest($1::text[]), cardinality($2::text[])",
+                "CREATE FUNCTION one(text, bigint, bigint, bigint[], boolean[])
+                     RETURNS TABLE (t text, n bigint, null_given boolean, ns text, bs text)
+                     LANGUAGE sql AS 'SELECT $1, $2, $3 IS NULL, $4::text, $5::text';
+                 CREATE FUNCTION many(text[], text[]) RETURNS TABLE (t text, n integer)
+                     LANGUAGE sql AS 'SELECT unnest($1), cardinality($2)';",
             )
             .unwrap();
         for setting in ["on", "off"] {
@@ -2081,10 +2106,15 @@ mod tests {
                 .batch_execute(&format!("SET standard_conforming_strings = {setting}"))
                 .unwrap();
             for value in tricky {
-                let first = First::new(
+                let first = First::call(
                     "one",
-                    "",
-                    &[Lit::Text(value), Lit::Int(i64::MIN), Lit::Null],
+                    &[
+                        Lit::Text(value),
+                        Lit::Int(i64::MIN),
+                        Lit::Null,
+                        Lit::Ints(&[i64::MIN, 0, 7]),
+                        Lit::Bools(&[false, true]),
+                    ],
                 )
                 .unwrap();
                 let rows = by_statement(
@@ -2096,8 +2126,10 @@ mod tests {
                 assert_eq!(row.get(0), Some(value), "{setting}: {:?}", first.execute);
                 assert_eq!(row.get(1), Some(i64::MIN.to_string().as_str()));
                 assert_eq!(row.get(2), Some("t"));
+                assert_eq!(row.get(3), Some(format!("{{{},0,7}}", i64::MIN).as_str()));
+                assert_eq!(row.get(4), Some("{f,t}"));
             }
-            let first = First::new("many", "", &[Lit::Texts(&list), Lit::Texts(&[])]).unwrap();
+            let first = First::call("many", &[Lit::Texts(&list), Lit::Texts(&[])]).unwrap();
             let rows = by_statement(
                 client
                     .simple_query(&first.execute(Timestamp::from_millis(0)))

@@ -577,6 +577,198 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 11: a lock call of one batch (see `Store::write_alone`) as one
+    // function, with its claims and its notice to the watchers: one
+    // statement for the server to parse and plan instead of five (the
+    // parse and the plan of the batch were a third of the server's work
+    // for a lock pair), plpgsql keeping the plans of the statements in it.
+    // The rules are those of the statements that decide otherwise
+    // (`try_lock_in`, `delete_lock`): either one grants, or none does.
+    r#"
+    -- Two of schema 10's functions, in plpgsql: a function in SQL that
+    -- the planner cannot inline is parsed and planned again at each call.
+    CREATE OR REPLACE FUNCTION runledger_at(p_last bigint, p_at bigint) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    BEGIN
+        RETURN greatest(p_at, (SELECT at FROM events WHERE id = p_last));
+    END
+    $fn$;
+
+    CREATE OR REPLACE FUNCTION runledger_run_state(p_run bigint,
+        OUT o_status text, OUT o_total bigint, OUT o_succeeded bigint, OUT o_failed bigint,
+        OUT o_cancel boolean, OUT o_last bigint, OUT o_requests text)
+    LANGUAGE plpgsql STABLE AS $fn$
+    BEGIN
+        SELECT status, steps_total, steps_succeeded, steps_failed,
+               cancel_requested_at IS NOT NULL, last_event_id,
+               (SELECT string_agg(keys, chr(10)) FROM locks WHERE run_id = p_run)
+        INTO o_status, o_total, o_succeeded, o_failed, o_cancel, o_last, o_requests
+        FROM runs WHERE id = p_run;
+    END
+    $fn$;
+
+    -- The statements of a function run with generic plans: planned once
+    -- per connection, not at each call for its values (a third of the
+    -- server's work for some calls was planning).
+    ALTER FUNCTION runledger_set_status SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_request_cancel SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_step_start SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_step_end SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_run_event SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_run_heartbeat SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_set_log_path SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_instance_heartbeat SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_insert_run SET plan_cache_mode = force_generic_plan;
+
+    -- Takes `p_keys` in their order (see `Claim`), each shared where
+    -- `p_shared` says.
+    CREATE FUNCTION runledger_claim(p_keys bigint[], p_shared boolean[]) RETURNS void
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        FOR i IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
+            IF p_shared[i] THEN
+                PERFORM pg_advisory_xact_lock_shared(p_keys[i]);
+            ELSE
+                PERFORM pg_advisory_xact_lock(p_keys[i]);
+            END IF;
+        END LOOP;
+    END
+    $fn$;
+
+    -- The claims of a write transaction, taken in its `BEGIN` batch (see
+    -- `Store::begin`), then its id, assigned after them if `p_assign`.
+    CREATE FUNCTION runledger_begin(p_keys bigint[], p_shared boolean[], p_assign boolean)
+    RETURNS text LANGUAGE plpgsql AS $fn$
+    BEGIN
+        PERFORM runledger_claim(p_keys, p_shared);
+        IF p_assign THEN
+            RETURN pg_current_xact_id()::text;
+        END IF;
+        RETURN 'no id yet';
+    END
+    $fn$;
+
+    -- Tells the watchers that this transaction wrote events: one notice
+    -- on `p_chan` from `p_origin` with their addresses, if at most
+    -- `p_max` fit it (else the caller sends several, once committed).
+    -- Answers how many there are and their addresses.
+    CREATE FUNCTION runledger_notify_watchers(p_chan text, p_origin text, p_max bigint,
+        OUT o_watchers bigint, OUT o_addresses text)
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        SELECT count(*), string_agg(address, chr(10)) INTO o_watchers, o_addresses
+        FROM watchers;
+        IF o_watchers > 0 AND o_watchers <= p_max THEN
+            PERFORM pg_notify(p_chan, p_origin || chr(10) || o_addresses);
+        END IF;
+    END
+    $fn$;
+
+    -- The grant of a new request whose keys nobody holds or waits for, its
+    -- instance open and its run (if any) active, after its claims: its
+    -- next token, its row (numbered `p_nonce` in its process) and key
+    -- entries, and its event in the feed and in each key's history. A row
+    -- of NULLs when it did not grant (a key in use, a closed instance, a
+    -- run ended, or a claim that did not come at once: see `grant_alone`
+    -- in the store), and nothing is written.
+    CREATE FUNCTION runledger_grant_alone(p_claims bigint[], p_shared boolean[],
+        p_keys text[], p_mode text, p_capacity bigint, p_keys_json text, p_instance bigint,
+        p_run bigint, p_pid bigint, p_host text, p_at bigint, p_event_run bigint,
+        p_kind text, p_detail text, p_active text[], p_nonce bigint,
+        p_chan text, p_origin text, p_max bigint,
+        OUT o_id bigint, OUT o_token bigint, OUT o_watchers bigint, OUT o_addresses text)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+    DECLARE
+        v_event bigint;
+        v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
+        v_updated bigint;
+    BEGIN
+        PERFORM runledger_claim(p_claims, p_shared);
+        IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond'
+           OR NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL)
+           OR (p_run IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM runs WHERE id = p_run AND status = ANY(p_active)))
+           OR EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY(v_keys)) THEN
+            RETURN;
+        END IF;
+        SELECT coalesce(max(last_token), 0) + 1 INTO o_token
+        FROM lock_keys WHERE key = ANY(v_keys);
+        -- An update where the key has its row (a heap-only update, one WAL
+        -- record), an insert where it has none; the keys are claimed, so
+        -- nobody else writes their rows meanwhile.
+        UPDATE lock_keys SET last_token = o_token WHERE key = ANY(v_keys);
+        GET DIAGNOSTICS v_updated = ROW_COUNT;
+        IF v_updated < cardinality(v_keys) THEN
+            INSERT INTO lock_keys (key, last_token)
+            SELECT k, o_token FROM unnest(v_keys) k
+            ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token;
+        END IF;
+        INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                           pid, host, wake, requested_at, granted_at, nonce)
+        VALUES ('held', p_mode, p_capacity, o_token, p_keys_json, p_instance, p_run,
+                p_pid, p_host, NULL, p_at, p_at, p_nonce)
+        RETURNING id INTO o_id;
+        INSERT INTO lock_entries (key, lock_id) SELECT unnest(p_keys), o_id;
+        INSERT INTO events (run_id, at, kind, step, message)
+        VALUES (p_event_run, p_at, p_kind,
+                jsonb_set(jsonb_set(p_detail::jsonb, '{ticket}', to_jsonb(o_id)),
+                          '{token}', to_jsonb(o_token))::text,
+                NULL)
+        RETURNING id INTO v_event;
+        INSERT INTO lock_history (key, event_id) SELECT k, v_event FROM unnest(v_keys) k;
+        SELECT n.o_watchers, n.o_addresses INTO o_watchers, o_addresses
+        FROM runledger_notify_watchers(p_chan, p_origin, p_max) n;
+    END
+    $fn$;
+
+    -- The release of the held lock `p_id` with token `p_token`, stamped
+    -- `p_at`, after its claims, if its keys are all among `p_claimed` (a
+    -- JSON array: the keys claimed) and have no waiters: the row and its
+    -- key entries deleted, its event in the feed and in each key's
+    -- history. Answers the keys of the row deleted; NULL when it did not
+    -- release (a claim that did not come at once, a lock not held with
+    -- that token, waiters to hand the keys on to, or keys not claimed),
+    -- and nothing is written.
+    CREATE FUNCTION runledger_release_alone(p_claims bigint[], p_shared boolean[],
+        p_id bigint, p_token bigint, p_at bigint, p_claimed text,
+        p_chan text, p_origin text, p_max bigint,
+        OUT o_keys text, OUT o_watchers bigint, OUT o_addresses text)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+    DECLARE
+        v_lock locks%ROWTYPE;
+        v_keys text[];
+        v_event bigint;
+    BEGIN
+        PERFORM runledger_claim(p_claims, p_shared);
+        IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond' THEN
+            RETURN;
+        END IF;
+        SELECT * INTO v_lock FROM locks WHERE id = p_id AND token = p_token;
+        IF NOT FOUND OR NOT (v_lock.keys::jsonb <@ p_claimed::jsonb) THEN
+            RETURN;
+        END IF;
+        v_keys := ARRAY(SELECT DISTINCT jsonb_array_elements_text(v_lock.keys::jsonb));
+        IF EXISTS (SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
+                   WHERE we.key = ANY(v_keys) AND w.state = 'waiting') THEN
+            RETURN;
+        END IF;
+        DELETE FROM locks WHERE id = p_id;
+        DELETE FROM lock_entries WHERE lock_id = p_id AND key = ANY(v_keys);
+        INSERT INTO events (run_id, at, kind, step, message)
+        VALUES (coalesce(v_lock.run_id, 0), p_at, 'lock_released',
+                jsonb_strip_nulls(jsonb_build_object(
+                    'ticket', v_lock.id, 'keys', v_lock.keys::jsonb, 'mode', v_lock.mode,
+                    'capacity', v_lock.capacity, 'token', v_lock.token, 'pid', v_lock.pid,
+                    'host', v_lock.host))::text,
+                NULL)
+        RETURNING id INTO v_event;
+        INSERT INTO lock_history (key, event_id) SELECT k, v_event FROM unnest(v_keys) k;
+        o_keys := v_lock.keys;
+        SELECT n.o_watchers, n.o_addresses INTO o_watchers, o_addresses
+        FROM runledger_notify_watchers(p_chan, p_origin, p_max) n;
+    END
+    $fn$;
+    "#,
 ];
 
 /// The schema version this build writes and understands.

@@ -273,6 +273,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // as server-side functions (see that store's migration 10); the
     // domain is the same.
     "",
+    // 11: nothing on SQLite. On PostgreSQL, a lock call of one batch as
+    // one function (see that store's migration 11).
+    "",
 ];
 
 /// The CHECK constraints that [`rewrite_checks`] rewrites: (table, as
