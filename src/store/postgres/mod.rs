@@ -2092,14 +2092,19 @@ mod tests {
             "",
         ];
         let list: Vec<String> = tricky.iter().map(|s| (*s).to_owned()).collect();
+        // The functions live in the test's own schema: in `public` they
+        // would outlive the test and clash with the next run's.
         client
-            .batch_execute(
-                "CREATE FUNCTION one(text, bigint, bigint, bigint[], boolean[])
+            .batch_execute(&format!(
+                "CREATE SCHEMA {0};
+                 SET search_path = {0};
+                 CREATE FUNCTION one(text, bigint, bigint, bigint[], boolean[])
                      RETURNS TABLE (t text, n bigint, null_given boolean, ns text, bs text)
                      LANGUAGE sql AS 'SELECT $1, $2, $3 IS NULL, $4::text, $5::text';
                  CREATE FUNCTION many(text[], text[]) RETURNS TABLE (t text, n integer)
                      LANGUAGE sql AS 'SELECT unnest($1), cardinality($2)';",
-            )
+                schema.name
+            ))
             .unwrap();
         for setting in ["on", "off"] {
             client

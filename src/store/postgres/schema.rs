@@ -597,7 +597,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE OR REPLACE FUNCTION runledger_run_state(p_run bigint,
         OUT o_status text, OUT o_total bigint, OUT o_succeeded bigint, OUT o_failed bigint,
         OUT o_cancel boolean, OUT o_last bigint, OUT o_requests text)
-    LANGUAGE plpgsql STABLE AS $fn$
+    LANGUAGE plpgsql STABLE
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
     BEGIN
         SELECT status, steps_total, steps_succeeded, steps_failed,
                cancel_requested_at IS NOT NULL, last_event_id,
@@ -609,16 +610,29 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     -- The statements of a function run with generic plans: planned once
     -- per connection, not at each call for its values (a third of the
-    -- server's work for some calls was planning).
+    -- server's work for some calls was planning). And without sequential
+    -- scans where an index serves: every statement of these functions
+    -- looks up a few rows by key, and the tables of locks are small in
+    -- live rows but churn, so that the planner, seeing few rows, would
+    -- scan the dead ones too (for a key nobody holds, all of them).
     ALTER FUNCTION runledger_set_status SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_set_status SET enable_seqscan = off;
     ALTER FUNCTION runledger_request_cancel SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_request_cancel SET enable_seqscan = off;
     ALTER FUNCTION runledger_step_start SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_step_start SET enable_seqscan = off;
     ALTER FUNCTION runledger_step_end SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_step_end SET enable_seqscan = off;
     ALTER FUNCTION runledger_run_event SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_run_event SET enable_seqscan = off;
     ALTER FUNCTION runledger_run_heartbeat SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_run_heartbeat SET enable_seqscan = off;
     ALTER FUNCTION runledger_set_log_path SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_set_log_path SET enable_seqscan = off;
     ALTER FUNCTION runledger_instance_heartbeat SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_instance_heartbeat SET enable_seqscan = off;
     ALTER FUNCTION runledger_insert_run SET plan_cache_mode = force_generic_plan;
+    ALTER FUNCTION runledger_insert_run SET enable_seqscan = off;
 
     -- Takes `p_keys` in their order (see `Claim`), each shared where
     -- `p_shared` says.
@@ -677,7 +691,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         p_kind text, p_detail text, p_active text[], p_nonce bigint,
         p_chan text, p_origin text, p_max bigint,
         OUT o_id bigint, OUT o_token bigint, OUT o_watchers bigint, OUT o_addresses text)
-    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+    AS $fn$
     DECLARE
         v_event bigint;
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
@@ -733,7 +748,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         p_id bigint, p_token bigint, p_at bigint, p_claimed text,
         p_chan text, p_origin text, p_max bigint,
         OUT o_keys text, OUT o_watchers bigint, OUT o_addresses text)
-    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+    AS $fn$
     DECLARE
         v_lock locks%ROWTYPE;
         v_keys text[];
@@ -748,8 +764,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
             RETURN;
         END IF;
         v_keys := ARRAY(SELECT DISTINCT jsonb_array_elements_text(v_lock.keys::jsonb));
-        IF EXISTS (SELECT 1 FROM lock_entries we JOIN locks w ON w.id = we.lock_id
-                   WHERE we.key = ANY(v_keys) AND w.state = 'waiting') THEN
+        -- From the keys' entries to their requests: the plan a join would
+        -- take instead scans every row of `locks`, dead ones included.
+        IF EXISTS (SELECT 1 FROM lock_entries we
+                   WHERE we.key = ANY(v_keys) AND we.lock_id <> p_id
+                     AND (SELECT w.state FROM locks w WHERE w.id = we.lock_id) = 'waiting') THEN
             RETURN;
         END IF;
         DELETE FROM locks WHERE id = p_id;
