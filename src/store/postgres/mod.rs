@@ -2146,6 +2146,41 @@ mod tests {
         }
     }
 
+    /// A function that turns sequential scans off also turns JIT off: a
+    /// scan with no index to use (the watchers' count, in a function it
+    /// calls) is otherwise priced past `jit_above_cost` and compiled at
+    /// each call, tens of milliseconds for a lock call of a millisecond.
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn no_function_that_prefers_indexes_compiles_its_statements() {
+        let schema = TestSchema::new("settings");
+        drop(schema.store());
+        let rows = schema
+            .client()
+            .query(
+                "SELECT p.proname::text, 'jit=off' = ANY(p.proconfig)
+                 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE n.nspname = $1 AND 'enable_seqscan=off' = ANY(p.proconfig)",
+                &[&schema.name],
+            )
+            .unwrap();
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(
+            names.iter().any(|n| n == "runledger_grant_alone"),
+            "{names:?}"
+        );
+        let compiled: Vec<&String> = rows
+            .iter()
+            .zip(&names)
+            .filter(|(r, _)| !r.get::<_, bool>(1))
+            .map(|(_, n)| n)
+            .collect();
+        assert!(compiled.is_empty(), "JIT left on in {compiled:?}");
+    }
+
     /// A schema of the test server (`RUNLEDGER_PG_URL`), dropped on drop.
     pub(super) struct TestSchema {
         pub(super) url: String,

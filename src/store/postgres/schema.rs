@@ -598,7 +598,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         OUT o_status text, OUT o_total bigint, OUT o_succeeded bigint, OUT o_failed bigint,
         OUT o_cancel boolean, OUT o_last bigint, OUT o_requests text)
     LANGUAGE plpgsql STABLE
-    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $fn$
     BEGIN
         SELECT status, steps_total, steps_succeeded, steps_failed,
                cancel_requested_at IS NOT NULL, last_event_id,
@@ -614,25 +614,39 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- scans where an index serves: every statement of these functions
     -- looks up a few rows by key, and the tables of locks are small in
     -- live rows but churn, so that the planner, seeing few rows, would
-    -- scan the dead ones too (for a key nobody holds, all of them).
+    -- scan the dead ones too (for a key nobody holds, all of them). And
+    -- without JIT compilation: a statement with no index to use (the
+    -- watchers' count) is then priced past `jit_above_cost`, and would be
+    -- compiled at each call (tens of milliseconds for microseconds of
+    -- work). Functions these call (`runledger_notify_watchers`) inherit
+    -- the settings.
     ALTER FUNCTION runledger_set_status SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_set_status SET enable_seqscan = off;
+    ALTER FUNCTION runledger_set_status SET jit = off;
     ALTER FUNCTION runledger_request_cancel SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_request_cancel SET enable_seqscan = off;
+    ALTER FUNCTION runledger_request_cancel SET jit = off;
     ALTER FUNCTION runledger_step_start SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_step_start SET enable_seqscan = off;
+    ALTER FUNCTION runledger_step_start SET jit = off;
     ALTER FUNCTION runledger_step_end SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_step_end SET enable_seqscan = off;
+    ALTER FUNCTION runledger_step_end SET jit = off;
     ALTER FUNCTION runledger_run_event SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_run_event SET enable_seqscan = off;
+    ALTER FUNCTION runledger_run_event SET jit = off;
     ALTER FUNCTION runledger_run_heartbeat SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_run_heartbeat SET enable_seqscan = off;
+    ALTER FUNCTION runledger_run_heartbeat SET jit = off;
     ALTER FUNCTION runledger_set_log_path SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_set_log_path SET enable_seqscan = off;
+    ALTER FUNCTION runledger_set_log_path SET jit = off;
     ALTER FUNCTION runledger_instance_heartbeat SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_instance_heartbeat SET enable_seqscan = off;
+    ALTER FUNCTION runledger_instance_heartbeat SET jit = off;
     ALTER FUNCTION runledger_insert_run SET plan_cache_mode = force_generic_plan;
     ALTER FUNCTION runledger_insert_run SET enable_seqscan = off;
+    ALTER FUNCTION runledger_insert_run SET jit = off;
 
     -- Takes `p_keys` in their order (see `Claim`), each shared where
     -- `p_shared` says.
@@ -692,7 +706,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         p_chan text, p_origin text, p_max bigint,
         OUT o_id bigint, OUT o_token bigint, OUT o_watchers bigint, OUT o_addresses text)
     LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
-    AS $fn$
+    SET jit = off AS $fn$
     DECLARE
         v_event bigint;
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
@@ -749,7 +763,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         p_chan text, p_origin text, p_max bigint,
         OUT o_keys text, OUT o_watchers bigint, OUT o_addresses text)
     LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
-    AS $fn$
+    SET jit = off AS $fn$
     DECLARE
         v_lock locks%ROWTYPE;
         v_keys text[];
