@@ -19,10 +19,10 @@
 //!   read runs outside any transaction. Each statement still sees what was
 //!   committed when it started (`READ COMMITTED`), as outside one.
 //! - **No named prepared statements.** PgBouncer before 1.21 does not
-//!   follow protocol-level prepared statements, and even one that does
-//!   cannot keep them apart when two clients' statements share a name
-//!   (tokio-postgres names them `s0`, `s1`, … per process, so two
-//!   processes sharing a server connection would meet). Every statement
+//!   follow protocol-level prepared statements, nor does a later one with
+//!   `max_prepared_statements = 0`, a setting the ledger cannot see from
+//!   its side (and tokio-postgres names them `s0`, `s1`, … per process, so
+//!   two processes sharing a server connection would meet). Every statement
 //!   runs unnamed instead (`Parse`, `Bind`, `Execute` and `Sync` in one
 //!   message, the extended protocol's one-shot form, which every pooler
 //!   supports): one round trip, as a cached prepared statement costs, but
