@@ -17,113 +17,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::proxy::Counter;
 use common::{Place, Store};
 use runledger::{Ledger, LockMode, LockRequest, RunSpec};
-
-/// A TCP proxy on 127.0.0.1 to `upstream` that counts turns of every
-/// connection through it, and can lose the answer to a turn.
-struct Counter {
-    addr: SocketAddr,
-    turns: Arc<AtomicU64>,
-    /// The next turn's request reaches the server, its answer is dropped
-    /// and its connection closed, as when a link or a server fails
-    /// between the two.
-    sever: Arc<AtomicBool>,
-    /// How many turns were severed so.
-    severed: Arc<AtomicU64>,
-}
-
-impl Counter {
-    fn start(upstream: String) -> Counter {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let turns = Arc::new(AtomicU64::new(0));
-        let counted = turns.clone();
-        let sever = Arc::new(AtomicBool::new(false));
-        let severed = Arc::new(AtomicU64::new(0));
-        let (to_sever, count_severed) = (sever.clone(), severed.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                // Whether the server spoke last on this connection.
-                let answered = Arc::new(AtomicBool::new(true));
-                // Whether this connection's answers are dropped.
-                let cut = Arc::new(AtomicBool::new(false));
-                let up = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (turns, flag) = (counted.clone(), answered.clone());
-                let (sever, severed, cut_up) =
-                    (to_sever.clone(), count_severed.clone(), cut.clone());
-                let closing = client.try_clone().unwrap();
-                std::thread::spawn(move || {
-                    pump(up.0, up.1, |_| {
-                        if flag.swap(false, Ordering::SeqCst) {
-                            turns.fetch_add(1, Ordering::SeqCst);
-                            if sever.swap(false, Ordering::SeqCst) {
-                                cut_up.store(true, Ordering::SeqCst);
-                                severed.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                    })
-                });
-                std::thread::spawn(move || {
-                    pump(server, client, |_| {
-                        answered.store(true, Ordering::SeqCst);
-                        if cut.load(Ordering::SeqCst) {
-                            let _ = closing.shutdown(Shutdown::Both);
-                        }
-                    })
-                });
-            }
-        });
-        Counter {
-            addr,
-            turns,
-            sever,
-            severed,
-        }
-    }
-
-    /// Loses the answer to the next turn of any connection.
-    fn sever_next(&self) {
-        self.sever.store(true, Ordering::SeqCst);
-    }
-
-    /// The turns taken by `call`.
-    fn count<T>(&self, call: impl FnOnce() -> T) -> (u64, T) {
-        let before = self.turns.load(Ordering::SeqCst);
-        let value = call();
-        (self.turns.load(Ordering::SeqCst) - before, value)
-    }
-}
-
-/// Copies `from` to `to`, telling `seen` of each read before it is passed
-/// on (so that a turn is counted, and marked to be severed, before its
-/// answer can come). A write to a socket `seen` shut ends the copy.
-fn pump(mut from: TcpStream, mut to: TcpStream, seen: impl Fn(usize)) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        seen(n);
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
 
 /// `location` (`postgres://user@host:port/db…#schema`) with its host and
 /// port replaced by `addr`, and the host and port it had.

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use runledger::{Ledger, LockState, ManualClock, Timestamp};
 
+pub mod proxy;
+
 /// Declares each named test, a `fn(Store)`, once per store: `sqlite::NAME`
 /// and `postgres::NAME`, the one conformance suite both stores pass.
 ///
