@@ -687,6 +687,42 @@ fn a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_
         .unwrap();
 }
 
+/// A lock call of one round trip (its function sets its own
+/// `lock_timeout`) waits no longer than the busy timeout either, when
+/// another session holds a table it reads: it fails `Busy` in time, not
+/// after the other session is done.
+fn a_lock_call_kept_waiting_past_the_busy_timeout_is_busy() {
+    let place = Place::new(Store::Postgres);
+    let schema = place.schema.as_ref().unwrap();
+    let ledger = place
+        .builder()
+        .pool_size(1)
+        .busy_timeout(std::time::Duration::from_millis(300))
+        .open()
+        .unwrap();
+    // In steady use: the call's statement is prepared.
+    ledger.try_lock("k").unwrap().release().unwrap();
+    let mut other = client(&schema.url);
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {}.lock_entries IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
+    .unwrap();
+    let (sent, got) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| sent.send(ledger.try_lock("k").map(drop)).unwrap());
+        let outcome = got.recv_timeout(std::time::Duration::from_secs(20));
+        // Let the call end either way, so that the scope does.
+        tx.batch_execute("ROLLBACK").unwrap();
+        match outcome {
+            Ok(Err(Error::Busy { .. })) => {}
+            other => panic!("a lock call blocked by a table lock: {other:?}"),
+        }
+    });
+    ledger.try_lock("k").unwrap().release().unwrap();
+}
+
 fn a_schema_holding_only_another_applications_views_is_refused() {
     another_applications_schema_is_refused(
         "CREATE VIEW {0}.report AS SELECT 1 AS x; CREATE SEQUENCE {0}.invoice_numbers",
@@ -784,6 +820,7 @@ pg_tests!(
     a_connection_the_server_closed_does_not_fail_the_next_call,
     open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout,
     a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_usable,
+    a_lock_call_kept_waiting_past_the_busy_timeout_is_busy,
     a_schema_holding_only_another_applications_views_is_refused,
     #[cfg(feature = "cli")]
     a_reading_cli_command_does_not_create_a_missing_ledger,

@@ -839,8 +839,8 @@ fn grant_detail(ask: &LockAsk<'_>) -> String {
     })
 }
 
-/// The values of `runledger_grant_alone` for `ask` after its claims
-/// (see [`Store::write_alone`]): stamped when it is sent, its row numbered
+/// The values of `runledger_grant_alone` for `ask` after its claims and
+/// lock timeout (see [`Store::write_alone`]): stamped when it is sent, its row numbered
 /// `nonce`, its event's `detail`, its `keys` as JSON, the `active`
 /// statuses of a run.
 ///

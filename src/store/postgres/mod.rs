@@ -47,16 +47,18 @@
 //!   notifications ([`Store::write_first`]). A transition of a run reads
 //!   its state with `BEGIN`, decides in Rust, and sends its write with
 //!   the `COMMIT` ([`Tx::at_commit`]). A grant of free keys and a release
-//!   nobody waits for are one round trip: `BEGIN`, one function that
-//!   takes the claims, writes and tells the watchers, and `COMMIT`, as
-//!   one batch ([`Store::write_alone`]). Anything else goes on statement
-//!   by statement in the same transaction.
+//!   nobody waits for are one round trip: one function that takes the
+//!   claims, writes and tells the watchers, called as a transaction of
+//!   its own ([`Store::write_alone`]). Anything else goes on statement by
+//!   statement in a transaction.
 //! - **Few statements for the server to parse and plan.** A batch's
 //!   statements are parsed and planned at each call; a function's are
 //!   planned once per connection (plpgsql keeps its plans, generic ones:
-//!   `plan_cache_mode = force_generic_plan` on each function). So the
-//!   work of a call is in functions, and its batch is a few short
-//!   statements.
+//!   `plan_cache_mode = force_generic_plan` on each function), and a
+//!   prepared statement's once per connection. So the work of a call is
+//!   in functions, its batch is a few short statements, and a lock call
+//!   is one prepared statement (a batch of text through a transaction
+//!   pooler).
 //! - **Wake-ups cross hosts.** A transaction that frees keys (or appends
 //!   events) sends, before its `COMMIT`, one `NOTIFY` on the schema's
 //!   channel with the wake-up addresses of the waiters (or watchers). The
@@ -87,8 +89,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
@@ -370,31 +372,39 @@ impl Store {
     }
 
     /// A write that one function of the schema may do alone, in one round
-    /// trip: `BEGIN`, the call and `COMMIT`, as one batch. The function
-    /// (see migration 11) takes `claims` itself, in order, then does the
+    /// trip, as a transaction of its own. The function (see migration 11)
+    /// sets `lock_timeout`, takes `claims` itself, in order, then does the
     /// write and tells the watchers, or does nothing; it is called with
-    /// the claims' keys and modes (`bigint[]`, `boolean[]`), then
-    /// `values`, then the watchers' channel, this process's origin and
-    /// the most addresses a notice holds, and answers one row whose last
-    /// two columns are the watchers' count and addresses (see
-    /// `runledger_notify_watchers`). `done` reads that row: `Some` when
-    /// the function did the write, `None` when it did nothing (a key in
-    /// use, waiters to hand on to): the transaction then committed
-    /// nothing, and this returns `None` for the caller to write statement
-    /// by statement (so a write the function cannot do costs one round
-    /// trip more). It needs no `PREPARE`, so it goes through a
-    /// transaction pooler too.
+    /// the claims' keys and modes (`bigint[]`, `boolean[]`), the busy
+    /// timeout (ms), then `values`, then the watchers' channel, this
+    /// process's origin and the most addresses a notice holds, and answers
+    /// one row whose last two columns are the watchers' count and
+    /// addresses (see `runledger_notify_watchers`). `done` reads that row:
+    /// `Some` when the function did the write, `None` when it did nothing
+    /// (a key in use, waiters to hand on to): the transaction then
+    /// committed nothing, and this returns `None` for the caller to write
+    /// statement by statement (so a write the function cannot do costs
+    /// one round trip more).
+    ///
+    /// **How it is sent.** On a direct connection, as one statement,
+    /// prepared once per connection, its values bound: the statement is
+    /// its own transaction, so nothing goes with it, and the server
+    /// neither parses nor plans it again (a fifth of its work for a lock
+    /// pair, when the values were text in a batch). Through a transaction
+    /// pooler, which may not carry a prepared statement, as one batch of
+    /// text: `BEGIN`, the schema (`SET LOCAL search_path`), the call with
+    /// its values as literals ([`First::call`]) and `COMMIT`.
     ///
     /// **A lost reply** (a restart, a cut connection) leaves the outcome
     /// unknown, and no transaction id to settle it by (it was to come in
     /// the reply): `settle` looks for the write's effect instead (a grant's
     /// row by its number, a release's row gone), in a transaction of its
     /// own on another connection that takes the same claims first. So it
-    /// waits for the lost batch's transaction, if the server has it, to
+    /// waits for the lost call's transaction, if the server has it, to
     /// end (committed, or rolled back as its backend finds the connection
-    /// gone) before it looks; a batch the server never had never runs (its
+    /// gone) before it looks; a call the server never had never runs (its
     /// connection is closed, or was reset by TCP giving it up). `settle`
-    /// says what the write made if it committed, else `None`: the batch is
+    /// says what the write made if it committed, else `None`: the call is
     /// sent again, up to the busy timeout, as a [`write`](Store::write)
     /// is. So the write is never applied twice.
     fn write_alone<T>(
@@ -402,7 +412,7 @@ impl Store {
         claims: &[Claim],
         function: &'static str,
         values: &[Lit<'_>],
-        done: impl Fn(&SimpleQueryRow) -> Result<Option<T>>,
+        done: impl Fn(&Answer) -> Result<Option<T>>,
         settle: impl Fn(&mut Tx<'_>) -> Result<Option<T>>,
     ) -> Result<Option<T>> {
         let mut claims = claims.to_vec();
@@ -411,17 +421,24 @@ impl Store {
         let keys: Vec<i64> = claims.iter().map(|c| c.key_in(self.seed)).collect();
         let shared: Vec<bool> = claims.iter().map(|c| c.shared).collect();
         let max = i64::try_from(listen::ADDRESSES_PER_PAYLOAD).unwrap_or(i64::MAX);
-        let mut args = vec![Lit::Ints(&keys), Lit::Bools(&shared)];
+        // As `SET LOCAL lock_timeout` is in `begin`.
+        let timeout = self.busy_timeout.as_millis().clamp(1, i32::MAX as u128) as i64;
+        let mut args = vec![Lit::Ints(&keys), Lit::Bools(&shared), Lit::Int(timeout)];
         args.extend_from_slice(values);
         args.extend([
             Lit::Text(&self.channel),
             Lit::Text(listen::origin()),
             Lit::Int(max),
         ]);
-        let first = First::call(function, &args)?;
-        // The statements before the call: BEGIN, SET LOCAL lock_timeout
-        // (and search_path, through a pooler).
-        let before = 2 + usize::from(self.pooler.is_some());
+        // Through a pooler, the batch of text; else the prepared call.
+        let batch = match self.pooler {
+            Some(_) => Some(First::call(function, &args)?),
+            None => None,
+        };
+        let sql = call_sql(function, args.len());
+        // The statements before the call in the batch: BEGIN, SET LOCAL
+        // lock_timeout and search_path.
+        let before = 3;
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         // A connection the server closed while it sat in the pool shows it
@@ -442,24 +459,41 @@ impl Store {
                 .pool()
                 .get()
                 .map_err(|e| Error::from(e).in_ledger(&self.name))?;
-            let batch = format!("{}{};COMMIT", self.begin, first.execute(self.clock.now()));
-            let replies = conn.client.simple_query(&batch);
+            let now = self.clock.now();
+            let answer = match &batch {
+                Some(first) => conn
+                    .client
+                    .simple_query(&format!("{}{};COMMIT", self.begin, first.execute(now)))
+                    .map(|replies| {
+                        let row = by_statement(replies)
+                            .into_iter()
+                            .nth(before)
+                            .and_then(|rows| rows.into_iter().next());
+                        Ok(row.map(|row| Answer::of_text(&row)))
+                    }),
+                None => conn.prepared(sql).and_then(|statement| {
+                    let params: Vec<Box<dyn ToSql + Sync>> = args
+                        .iter()
+                        .zip(statement.params())
+                        .map(|(value, ty)| value.param(ty, now))
+                        .collect();
+                    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p).collect();
+                    conn.client
+                        .query_opt(&statement, &refs)
+                        .map(|row| row.as_ref().map(Answer::of_row).transpose())
+                }),
+            };
             conn.used = Instant::now();
-            match replies {
-                Ok(replies) => {
-                    let row = by_statement(replies)
-                        .into_iter()
-                        .nth(before)
-                        .and_then(|rows| rows.into_iter().next())
-                        .ok_or_else(|| {
-                            crate::store::bad_data(format!("{function} answered no row"))
-                        })?;
-                    let columns = row.len();
-                    let count = match columns.checked_sub(2).map(|i| row.get(i)) {
+            match answer {
+                Ok(answer) => {
+                    let row = answer?.ok_or_else(|| {
+                        crate::store::bad_data(format!("{function} answered no row"))
+                    })?;
+                    let count = match row.len().checked_sub(2).map(|i| row.get(i)) {
                         Some(n @ Some(_)) => usize::try_from(locks::text_i64(n)?).unwrap_or(0),
                         _ => 0,
                     };
-                    let addresses = row.get(columns.saturating_sub(1)).unwrap_or("");
+                    let addresses = row.get(row.len().saturating_sub(1)).unwrap_or("");
                     self.watchers_told(&mut conn.client, count, addresses);
                     return done(&row);
                 }
@@ -478,8 +512,11 @@ impl Store {
                 }
                 Err(e) => {
                     // Rolled back (a claim past its timeout, a deadlock the
-                    // server broke): nothing was written.
-                    let _ = conn.client.batch_execute("ROLLBACK");
+                    // server broke): nothing was written. The batch's
+                    // transaction is left open on the connection.
+                    if batch.is_some() {
+                        let _ = conn.client.batch_execute("ROLLBACK");
+                    }
                     let e = Error::from(e);
                     if deadlocked_in(&e) {
                         return Ok(None);
@@ -922,6 +959,19 @@ pub(super) struct Conn {
     statements: HashMap<&'static str, Statement>,
     /// When a call last ended on it (or it was last checked).
     used: Instant,
+}
+
+impl Conn {
+    /// The prepared statement of `sql` on this connection, prepared at its
+    /// first use (a round trip), then cached.
+    fn prepared(&mut self, sql: &'static str) -> std::result::Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
 }
 
 /// A client that, stuck, is closed on a thread of its own.
@@ -1676,6 +1726,66 @@ pub(super) struct First {
     execute: Vec<String>,
 }
 
+/// `SELECT * FROM function($1, …, $n)`, for a function of the schema
+/// called with `n` values ([`Store::write_alone`]); made once per function
+/// and process (a function is always called with as many), to be
+/// prepared once per connection.
+fn call_sql(function: &'static str, n: usize) -> &'static str {
+    static MADE: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
+    let mut made = MADE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    made.entry(function).or_insert_with(|| {
+        let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+        Box::leak(format!("SELECT * FROM {function}({})", params.join(", ")).into_boxed_str())
+    })
+}
+
+/// The row a function of the schema answered ([`Store::write_alone`]),
+/// its values as text: as the server sends them to a simple query, and so
+/// alike whichever way the call was sent.
+pub(super) struct Answer(Vec<Option<String>>);
+
+impl Answer {
+    /// A row of a simple query.
+    fn of_text(row: &SimpleQueryRow) -> Answer {
+        Answer(
+            (0..row.len())
+                .map(|i| row.get(i).map(str::to_owned))
+                .collect(),
+        )
+    }
+
+    /// A row of a prepared statement: its integers, booleans and texts
+    /// (the types of the schema's functions' answers) as text.
+    fn of_row(row: &Row) -> Result<Answer> {
+        let mut values = Vec::with_capacity(row.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            values.push(match *column.type_() {
+                postgres::types::Type::INT8 => {
+                    row.try_get::<_, Option<i64>>(i)?.map(|n| n.to_string())
+                }
+                postgres::types::Type::BOOL => row
+                    .try_get::<_, Option<bool>>(i)?
+                    .map(|b| if b { "t" } else { "f" }.to_owned()),
+                _ => row.try_get::<_, Option<String>>(i)?,
+            });
+        }
+        Ok(Answer(values))
+    }
+
+    /// The value of column `i`, `None` if NULL (or past the last).
+    pub(super) fn get(&self, i: usize) -> Option<&str> {
+        self.0.get(i).and_then(Option::as_deref)
+    }
+
+    /// How many columns.
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 impl First {
     /// A call of `function`, one of the schema's (see migrations 10 and 11), with
     /// `values`: `SELECT * FROM function(values…)`, its rows those of
@@ -1746,6 +1856,29 @@ impl<'a> From<&'a str> for Lit<'a> {
 impl<'a, T: Into<Lit<'a>>> From<Option<T>> for Lit<'a> {
     fn from(value: Option<T>) -> Self {
         value.map_or(Lit::Null, Into::into)
+    }
+}
+
+impl<'a> Lit<'a> {
+    /// The value bound to a parameter of type `ty` of a prepared
+    /// statement, `now` for [`Lit::Now`]. A NULL takes the parameter's
+    /// type, as a literal `NULL` would.
+    fn param(&self, ty: &postgres::types::Type, now: Timestamp) -> Box<dyn ToSql + Sync + 'a> {
+        use postgres::types::Type;
+        match *self {
+            Lit::Int(n) => Box::new(n),
+            Lit::Bool(b) => Box::new(b),
+            Lit::Text(text) => Box::new(text),
+            Lit::Texts(texts) => Box::new(texts),
+            Lit::Ints(ints) => Box::new(ints),
+            Lit::Bools(bools) => Box::new(bools),
+            Lit::Null => match *ty {
+                Type::INT8 => Box::new(None::<i64>),
+                Type::BOOL => Box::new(None::<bool>),
+                _ => Box::new(None::<&str>),
+            },
+            Lit::Now => Box::new(now.as_millis()),
+        }
     }
 }
 

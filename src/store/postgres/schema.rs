@@ -698,9 +698,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- entries, and its event in the feed and in each key's history. A row
     -- of NULLs when it did not grant (a key in use, a closed instance, a
     -- run ended, or a claim that did not come at once: see `grant_alone`
-    -- in the store), and nothing is written.
+    -- in the store), and nothing is written. Each function of one lock
+    -- call is the call's whole transaction, or all but its `COMMIT` (see
+    -- `Store::write_alone`): it sets its own `lock_timeout` (ms), so that
+    -- a claim held by a stuck transaction fails it in time.
     CREATE FUNCTION runledger_grant_alone(p_claims bigint[], p_shared boolean[],
-        p_keys text[], p_mode text, p_capacity bigint, p_keys_json text, p_instance bigint,
+        p_lock_timeout bigint, p_keys text[], p_mode text, p_capacity bigint,
+        p_keys_json text, p_instance bigint,
         p_run bigint, p_pid bigint, p_host text, p_at bigint, p_event_run bigint,
         p_kind text, p_detail text, p_active text[], p_nonce bigint,
         p_chan text, p_origin text, p_max bigint,
@@ -712,6 +716,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
         v_updated bigint;
     BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
         PERFORM runledger_claim(p_claims, p_shared);
         IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond'
            OR NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL)
@@ -759,7 +764,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- that token, waiters to hand the keys on to, or keys not claimed),
     -- and nothing is written.
     CREATE FUNCTION runledger_release_alone(p_claims bigint[], p_shared boolean[],
-        p_id bigint, p_token bigint, p_at bigint, p_claimed text,
+        p_lock_timeout bigint, p_id bigint, p_token bigint, p_at bigint, p_claimed text,
         p_chan text, p_origin text, p_max bigint,
         OUT o_keys text, OUT o_watchers bigint, OUT o_addresses text)
     LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
@@ -769,6 +774,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[];
         v_event bigint;
     BEGIN
+        PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
         PERFORM runledger_claim(p_claims, p_shared);
         IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond' THEN
             RETURN;
