@@ -39,8 +39,20 @@ fn through(location: &str, addr: SocketAddr) -> (String, String) {
 /// A ledger of `place` through a [`Counter`] of its own: one pooled
 /// connection, no background thread.
 fn counted(place: &Place) -> (Counter, Ledger) {
+    counted_with(place, "")
+}
+
+/// [`counted`], with `query` (`name=value&…`) added to its URL.
+fn counted_with(place: &Place, query: &str) -> (Counter, Ledger) {
     drop(place.open());
-    let (url, upstream) = through(&place.location, "127.0.0.1:1".parse().unwrap());
+    let location = match (query, place.location.split_once('#')) {
+        ("", _) | (_, None) => place.location.clone(),
+        (query, Some((url, schema))) => {
+            let and = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{and}{query}#{schema}")
+        }
+    };
+    let (url, upstream) = through(&location, "127.0.0.1:1".parse().unwrap());
     let counter = Counter::start(upstream);
     let (url, _) = through(&url, counter.addr);
     let ledger = Ledger::builder(url)
@@ -187,6 +199,36 @@ fn every_call_that_does_not_wait_takes_at_most_two_round_trips() {
     }
 }
 
+/// A lock call of one round trip is a transaction of one statement, which
+/// takes the server's default isolation: where that is not read committed
+/// (here `serializable`, as a database or a role may set it), its
+/// function does nothing and the call goes statement by statement, in a
+/// transaction of read committed, more round trips; it is granted and
+/// released all the same.
+fn a_lock_call_under_another_default_isolation_goes_statement_by_statement() {
+    let place = Place::new(Store::Postgres);
+    let (counter, ledger) = counted_with(
+        &place,
+        "options=-c%20default_transaction_isolation%3Dserializable",
+    );
+    let best = |call: &mut dyn FnMut() -> u64| {
+        call();
+        (0..3).map(|_| call()).min().unwrap()
+    };
+    let grant = best(&mut || {
+        let (n, guard) = counter.count(|| ledger.try_lock("k").unwrap());
+        guard.release().unwrap();
+        n
+    });
+    let release = best(&mut || {
+        let guard = ledger.try_lock("k").unwrap();
+        counter.count(|| guard.release().unwrap()).0
+    });
+    assert!(grant > 1 && release > 1, "grant {grant}, release {release}");
+    let kinds = ledger.lock_history(Some("k"), 100).unwrap();
+    assert_eq!(kinds.len(), 16, "{kinds:?}");
+}
+
 /// A grant and a release in one round trip whose answers are lost, after
 /// the server had the batch: each is found committed by its effect, and
 /// neither is applied twice (sent again, the grant would find its key
@@ -220,5 +262,6 @@ fn a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once() {
 
 pg_tests!(
     every_call_that_does_not_wait_takes_at_most_two_round_trips,
+    a_lock_call_under_another_default_isolation_goes_statement_by_statement,
     a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once
 );

@@ -390,7 +390,11 @@ impl Store {
     /// prepared once per connection, its values bound: the statement is
     /// its own transaction, so nothing goes with it, and the server
     /// neither parses nor plans it again (a fifth of its work for a lock
-    /// pair, when the values were text in a batch). Through a transaction
+    /// pair, when the values were text in a batch). That transaction
+    /// takes the server's default isolation; where it is not read
+    /// committed, the function does nothing (see migration 11) and the
+    /// call goes on statement by statement, in a transaction of read
+    /// committed. Through a transaction
     /// pooler, which may not carry a prepared statement, as one batch of
     /// text: `BEGIN`, the schema (`SET LOCAL search_path`), the call with
     /// its values as literals ([`First::call`]) and `COMMIT`.

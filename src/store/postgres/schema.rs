@@ -701,7 +701,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- in the store), and nothing is written. Each function of one lock
     -- call is the call's whole transaction, or all but its `COMMIT` (see
     -- `Store::write_alone`): it sets its own `lock_timeout` (ms), so that
-    -- a claim held by a stuck transaction fails it in time.
+    -- a claim held by a stuck transaction fails it in time, and it does
+    -- nothing at an isolation level other than read committed (the
+    -- server's default for a transaction of one statement may be
+    -- another): the rules need each statement to see what committed
+    -- before it, once the claims are held, and a snapshot taken before
+    -- them would miss a request queued meanwhile.
     CREATE FUNCTION runledger_grant_alone(p_claims bigint[], p_shared boolean[],
         p_lock_timeout bigint, p_keys text[], p_mode text, p_capacity bigint,
         p_keys_json text, p_instance bigint,
@@ -716,6 +721,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
         v_updated bigint;
     BEGIN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RETURN;
+        END IF;
         PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
         PERFORM runledger_claim(p_claims, p_shared);
         IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond'
@@ -774,6 +782,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[];
         v_event bigint;
     BEGIN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RETURN;
+        END IF;
         PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
         PERFORM runledger_claim(p_claims, p_shared);
         IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond' THEN
