@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::proxy::Counter;
+use common::proxy::{Counter, best_of_three};
 use common::{Place, Store};
 use runledger::{Ledger, LockMode, LockRequest, RunSpec};
 
@@ -211,16 +211,12 @@ fn a_lock_call_under_another_default_isolation_goes_statement_by_statement() {
         &place,
         "options=-c%20default_transaction_isolation%3Dserializable",
     );
-    let best = |call: &mut dyn FnMut() -> u64| {
-        call();
-        (0..3).map(|_| call()).min().unwrap()
-    };
-    let grant = best(&mut || {
+    let grant = best_of_three(&mut || {
         let (n, guard) = counter.count(|| ledger.try_lock("k").unwrap());
         guard.release().unwrap();
         n
     });
-    let release = best(&mut || {
+    let release = best_of_three(&mut || {
         let guard = ledger.try_lock("k").unwrap();
         counter.count(|| guard.release().unwrap()).0
     });

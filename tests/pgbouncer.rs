@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::proxy::Counter;
+use common::proxy::{Counter, best_of_three};
 use common::{KillOnDrop, SchemaGuard, next_line, pg_url, signal, wait_for_waiters, worker};
 use runledger::{Builder, EventKind, Ledger, LockRequest, RunFilter, RunSpec, RunStatus};
 
@@ -258,16 +258,12 @@ fn a_lock_call_is_one_round_trip_through_the_pooler() {
         .pool_size(1)
         .open()
         .unwrap();
-    let best = |call: &mut dyn FnMut() -> u64| {
-        call();
-        (0..3).map(|_| call()).min().unwrap()
-    };
-    let grant = best(&mut || {
+    let grant = best_of_three(&mut || {
         let (n, guard) = counter.count(|| ledger.try_lock("counted").unwrap());
         guard.release().unwrap();
         n
     });
-    let release = best(&mut || {
+    let release = best_of_three(&mut || {
         let guard = ledger.try_lock("counted").unwrap();
         counter.count(|| guard.release().unwrap()).0
     });

@@ -658,15 +658,21 @@ fn open_waits_for_a_migrating_process_no_longer_than_the_busy_timeout() {
     drop(other);
 }
 
-fn a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_usable() {
-    let place = Place::new(Store::Postgres);
-    let schema = place.schema.as_ref().unwrap();
-    let ledger = place
+/// A ledger of `place` with one pooled connection that waits 300 ms at
+/// most.
+fn impatient(place: &Place) -> Ledger {
+    place
         .builder()
         .pool_size(1)
         .busy_timeout(std::time::Duration::from_millis(300))
         .open()
-        .unwrap();
+        .unwrap()
+}
+
+fn a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_usable() {
+    let place = Place::new(Store::Postgres);
+    let schema = place.schema.as_ref().unwrap();
+    let ledger = impatient(&place);
     let mut other = client(&schema.url);
     let mut tx = other.transaction().unwrap();
     // Another session (a migration, an operator's maintenance) holds the
@@ -694,12 +700,7 @@ fn a_write_kept_waiting_past_the_busy_timeout_is_busy_and_leaves_the_connection_
 fn a_lock_call_kept_waiting_past_the_busy_timeout_is_busy() {
     let place = Place::new(Store::Postgres);
     let schema = place.schema.as_ref().unwrap();
-    let ledger = place
-        .builder()
-        .pool_size(1)
-        .busy_timeout(std::time::Duration::from_millis(300))
-        .open()
-        .unwrap();
+    let ledger = impatient(&place);
     // In steady use: the call's statement is prepared.
     ledger.try_lock("k").unwrap().release().unwrap();
     let mut other = client(&schema.url);

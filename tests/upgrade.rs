@@ -51,6 +51,7 @@ const FUNCTIONS_OF_10: &[&str] = &[
 /// The functions PostgreSQL's schema 11 creates.
 const FUNCTIONS_OF_11: &[&str] = &[
     "runledger_claim",
+    "runledger_claim_alone",
     "runledger_begin",
     "runledger_notify_watchers",
     "runledger_grant_alone",

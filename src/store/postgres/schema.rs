@@ -663,6 +663,29 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END
     $fn$;
 
+    -- The start of a lock call of one statement (see `Store::write_alone`,
+    -- and `grant_alone` in the store): whether it may go on, its
+    -- `lock_timeout` (ms) set, so that a claim held by a stuck transaction
+    -- fails it in time, and its claims taken. False at an isolation level
+    -- other than read committed (the server's default for a transaction
+    -- of one statement may be another): the rules need each statement to
+    -- see what committed before it, once the claims are held, and a
+    -- snapshot taken before them would miss a request queued meanwhile.
+    -- False too when a claim did not come at once (within a millisecond
+    -- of the call's arrival).
+    CREATE FUNCTION runledger_claim_alone(p_claims bigint[], p_shared boolean[],
+        p_lock_timeout bigint) RETURNS boolean
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RETURN false;
+        END IF;
+        PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
+        PERFORM runledger_claim(p_claims, p_shared);
+        RETURN clock_timestamp() - statement_timestamp() < interval '1 millisecond';
+    END
+    $fn$;
+
     -- The claims of a write transaction, taken in its `BEGIN` batch (see
     -- `Store::begin`), then its id, assigned after them if `p_assign`.
     CREATE FUNCTION runledger_begin(p_keys bigint[], p_shared boolean[], p_assign boolean)
@@ -698,15 +721,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- entries, and its event in the feed and in each key's history. A row
     -- of NULLs when it did not grant (a key in use, a closed instance, a
     -- run ended, or a claim that did not come at once: see `grant_alone`
-    -- in the store), and nothing is written. Each function of one lock
-    -- call is the call's whole transaction, or all but its `COMMIT` (see
-    -- `Store::write_alone`): it sets its own `lock_timeout` (ms), so that
-    -- a claim held by a stuck transaction fails it in time, and it does
-    -- nothing at an isolation level other than read committed (the
-    -- server's default for a transaction of one statement may be
-    -- another): the rules need each statement to see what committed
-    -- before it, once the claims are held, and a snapshot taken before
-    -- them would miss a request queued meanwhile.
+    -- in the store, and `runledger_claim_alone`), and nothing is written.
     CREATE FUNCTION runledger_grant_alone(p_claims bigint[], p_shared boolean[],
         p_lock_timeout bigint, p_keys text[], p_mode text, p_capacity bigint,
         p_keys_json text, p_instance bigint,
@@ -721,13 +736,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
         v_updated bigint;
     BEGIN
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- A statement of its own: the reads that follow see what
+        -- committed before the claims were held.
+        IF NOT runledger_claim_alone(p_claims, p_shared, p_lock_timeout) THEN
             RETURN;
         END IF;
-        PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
-        PERFORM runledger_claim(p_claims, p_shared);
-        IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond'
-           OR NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL)
+        IF NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL)
            OR (p_run IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM runs WHERE id = p_run AND status = ANY(p_active)))
            OR EXISTS (SELECT 1 FROM lock_entries WHERE key = ANY(v_keys)) THEN
@@ -782,12 +796,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[];
         v_event bigint;
     BEGIN
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
-            RETURN;
-        END IF;
-        PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
-        PERFORM runledger_claim(p_claims, p_shared);
-        IF clock_timestamp() - statement_timestamp() >= interval '1 millisecond' THEN
+        IF NOT runledger_claim_alone(p_claims, p_shared, p_lock_timeout) THEN
             RETURN;
         END IF;
         SELECT * INTO v_lock FROM locks WHERE id = p_id AND token = p_token;
