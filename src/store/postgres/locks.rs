@@ -323,9 +323,9 @@ impl Store {
     /// place in the queue in the same transaction.
     ///
     /// A new request (no ticket) first tries `runledger_grant_alone`
-    /// (migration 11) in one batch with `BEGIN` and `COMMIT` (see
-    /// [`grant_alone`]): a grant of keys nobody holds or waits for then
-    /// costs one round trip. Otherwise the statements of
+    /// (migration 11) as a transaction of its own (see [`grant_alone`] and
+    /// [`Store::write_alone`]): a grant of keys nobody holds or waits for
+    /// then costs one round trip. Otherwise the statements of
     /// [`try_lock_in`](Store::try_lock_in) decide, in a transaction of
     /// their own.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {

@@ -463,11 +463,16 @@ impl Store {
                 .pool()
                 .get()
                 .map_err(|e| Error::from(e).in_ledger(&self.name))?;
-            let now = self.clock.now();
+            // The time is read last before the call is sent (after the
+            // statement's preparation, a round trip on a fresh connection).
             let answer = match &batch {
                 Some(first) => conn
                     .client
-                    .simple_query(&format!("{}{};COMMIT", self.begin, first.execute(now)))
+                    .simple_query(&format!(
+                        "{}{};COMMIT",
+                        self.begin,
+                        first.execute(self.clock.now())
+                    ))
                     .map(|replies| {
                         let row = by_statement(replies)
                             .into_iter()
@@ -476,6 +481,7 @@ impl Store {
                         Ok(row.map(|row| Answer::of_text(&row)))
                     }),
                 None => conn.prepared(sql).and_then(|statement| {
+                    let now = self.clock.now();
                     let params: Vec<Box<dyn ToSql + Sync>> = args
                         .iter()
                         .zip(statement.params())
@@ -1866,7 +1872,9 @@ impl<'a, T: Into<Lit<'a>>> From<Option<T>> for Lit<'a> {
 impl<'a> Lit<'a> {
     /// The value bound to a parameter of type `ty` of a prepared
     /// statement, `now` for [`Lit::Now`]. A NULL takes the parameter's
-    /// type, as a literal `NULL` would.
+    /// type, as a literal `NULL` would, for the types the schema's
+    /// functions take NULL as (`bigint`, `boolean`, `text`); a NULL for a
+    /// parameter of another type fails at bind time.
     fn param(&self, ty: &postgres::types::Type, now: Timestamp) -> Box<dyn ToSql + Sync + 'a> {
         use postgres::types::Type;
         match *self {

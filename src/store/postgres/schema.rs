@@ -671,8 +671,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- of one statement may be another): the rules need each statement to
     -- see what committed before it, once the claims are held, and a
     -- snapshot taken before them would miss a request queued meanwhile.
-    -- False too when a claim did not come at once (within a millisecond
-    -- of the call's arrival).
+    -- False too when a claim is held by another transaction: the claims
+    -- are tried, never waited for (the statements that decide instead
+    -- wait for them, once, within the busy timeout), or when they took
+    -- more than a millisecond from the call's arrival.
     CREATE FUNCTION runledger_claim_alone(p_claims bigint[], p_shared boolean[],
         p_lock_timeout bigint) RETURNS boolean
     LANGUAGE plpgsql AS $fn$
@@ -681,7 +683,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
             RETURN false;
         END IF;
         PERFORM set_config('lock_timeout', p_lock_timeout::text, true);
-        PERFORM runledger_claim(p_claims, p_shared);
+        FOR i IN 1 .. coalesce(array_length(p_claims, 1), 0) LOOP
+            -- In parentheses: plpgsql ends an IF's condition at the first
+            -- THEN outside them.
+            IF NOT (CASE WHEN p_shared[i] THEN pg_try_advisory_xact_lock_shared(p_claims[i])
+                         ELSE pg_try_advisory_xact_lock(p_claims[i]) END) THEN
+                RETURN false;
+            END IF;
+        END LOOP;
         RETURN clock_timestamp() - statement_timestamp() < interval '1 millisecond';
     END
     $fn$;
@@ -736,8 +745,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
         v_updated bigint;
     BEGIN
-        -- A statement of its own: the reads that follow see what
-        -- committed before the claims were held.
+        -- A statement of its own, before the reads: each of them then
+        -- takes its snapshot once the claims are held.
         IF NOT runledger_claim_alone(p_claims, p_shared, p_lock_timeout) THEN
             RETURN;
         END IF;

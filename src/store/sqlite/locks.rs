@@ -273,8 +273,8 @@ impl Store {
     ///
     /// Its blocked branch reads like PostgreSQL's `try_lock_in`, but the two
     /// attempts are not one sequence of statements: that one comes after
-    /// the one-statement grant of free keys (`GRANT_IF_FREE`) for a request
-    /// without a ticket, reads the instance and the run in one statement,
+    /// the one-call grant of free keys (`runledger_grant_alone`) for a
+    /// request without a ticket, reads the instance and the run in one statement,
     /// and runs under the claims of the keys.
     pub(crate) fn try_lock(&self, ask: &LockAsk<'_>, ticket: Option<i64>) -> Result<Attempt> {
         self.write(|tx, now| {
