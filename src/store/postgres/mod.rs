@@ -394,10 +394,10 @@ impl Store {
     /// takes the server's default isolation; where it is not read
     /// committed, the function does nothing (see migration 11) and the
     /// call goes on statement by statement, in a transaction of read
-    /// committed. Through a transaction
-    /// pooler, which may not carry a prepared statement, as one batch of
-    /// text: `BEGIN`, the schema (`SET LOCAL search_path`), the call with
-    /// its values as literals ([`First::call`]) and `COMMIT`.
+    /// committed. Through a transaction pooler, which may not carry a
+    /// prepared statement, as one batch of text: `BEGIN`, the schema (`SET
+    /// LOCAL search_path`), the call with its values as literals
+    /// ([`First::call`]) and `COMMIT`.
     ///
     /// **A lost reply** (a restart, a cut connection) leaves the outcome
     /// unknown, and no transaction id to settle it by (it was to come in
@@ -522,8 +522,9 @@ impl Store {
                 }
                 Err(e) => {
                     // Rolled back (a claim past its timeout, a deadlock the
-                    // server broke): nothing was written. The batch's
-                    // transaction is left open on the connection.
+                    // server broke): nothing was written. A batch's
+                    // transaction stays open on the connection until
+                    // rolled back; a lone statement's ended with it.
                     if batch.is_some() {
                         let _ = conn.client.batch_execute("ROLLBACK");
                     }
@@ -1356,12 +1357,7 @@ impl Tx<'_> {
         if self.pooler.is_some() {
             return Ok(None);
         }
-        if let Some(statement) = self.conn.statements.get(sql) {
-            return Ok(Some(statement.clone()));
-        }
-        let statement = self.conn.client.prepare(sql)?;
-        self.conn.statements.insert(sql, statement.clone());
-        Ok(Some(statement))
+        Ok(Some(self.conn.prepared(sql)?))
     }
 
     /// Runs a query; returns its rows.
