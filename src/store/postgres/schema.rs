@@ -620,33 +620,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- compiled at each call (tens of milliseconds for microseconds of
     -- work). Functions these call (`runledger_notify_watchers`) inherit
     -- the settings.
-    ALTER FUNCTION runledger_set_status SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_set_status SET enable_seqscan = off;
-    ALTER FUNCTION runledger_set_status SET jit = off;
-    ALTER FUNCTION runledger_request_cancel SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_request_cancel SET enable_seqscan = off;
-    ALTER FUNCTION runledger_request_cancel SET jit = off;
-    ALTER FUNCTION runledger_step_start SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_step_start SET enable_seqscan = off;
-    ALTER FUNCTION runledger_step_start SET jit = off;
-    ALTER FUNCTION runledger_step_end SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_step_end SET enable_seqscan = off;
-    ALTER FUNCTION runledger_step_end SET jit = off;
-    ALTER FUNCTION runledger_run_event SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_run_event SET enable_seqscan = off;
-    ALTER FUNCTION runledger_run_event SET jit = off;
-    ALTER FUNCTION runledger_run_heartbeat SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_run_heartbeat SET enable_seqscan = off;
-    ALTER FUNCTION runledger_run_heartbeat SET jit = off;
-    ALTER FUNCTION runledger_set_log_path SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_set_log_path SET enable_seqscan = off;
-    ALTER FUNCTION runledger_set_log_path SET jit = off;
-    ALTER FUNCTION runledger_instance_heartbeat SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_instance_heartbeat SET enable_seqscan = off;
-    ALTER FUNCTION runledger_instance_heartbeat SET jit = off;
-    ALTER FUNCTION runledger_insert_run SET plan_cache_mode = force_generic_plan;
-    ALTER FUNCTION runledger_insert_run SET enable_seqscan = off;
-    ALTER FUNCTION runledger_insert_run SET jit = off;
+    ALTER FUNCTION runledger_set_status
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_request_cancel
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_step_start
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_step_end
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_run_event
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_run_heartbeat
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_set_log_path
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_instance_heartbeat
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
+    ALTER FUNCTION runledger_insert_run
+        SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off;
 
     -- Takes `p_keys` in their order (see `Claim`), each shared where
     -- `p_shared` says.
