@@ -65,7 +65,8 @@
 //! `torture` loops until killed: a run with one to three steps, each step
 //! taking a random request (exclusive or shared on one or two of the keys
 //! `k0`…`k3`, or a slot of `gpu` with 2) and holding it through a short
-//! critical section. In `--dir` it appends `begun RUN` to `begun` once a run
+//! critical section. In `--dir` it appends `ready PID` to `ready` once its
+//! ledger is open (dead owners reaped), `begun RUN` to `begun` once a run
 //! is registered, `enter|exit KEY TOKEN PID MODE` to `witness` around each
 //! section, and `error KIND MESSAGE` to `errors` for any error (`busy` for
 //! `database is locked`). With `--threads N` (default 1), N threads run that
@@ -694,12 +695,14 @@ fn torture(db: &str, args: &[String], thread: u64) -> Result<(), Box<dyn std::er
             .open(dir.join(name))
     };
     let (begun, witness, errors) = (open("begun")?, open("witness")?, open("errors")?);
+    let ready = open("ready")?;
     let mut builder = Ledger::builder(db).lock_wait(Duration::from_secs(60));
     if let Some(host) = flag(args, "--host") {
         builder = builder.host(host);
     }
     let ledger = builder.open()?;
     let pid = std::process::id();
+    append(&ready, format_args!("ready {pid}"));
     let mut rng = Rng(number(args, "--seed", 1) ^ (u64::from(pid) << 20) ^ (thread << 52) | 1);
     let record = |e: &Error| {
         let kind = if e.is_busy() { "busy" } else { "other" };
