@@ -844,17 +844,17 @@ fn grant_detail(ask: &LockAsk<'_>) -> String {
 /// `nonce`, its event's `detail`, its `keys` as JSON, the `active`
 /// statuses of a run.
 ///
-/// Its time ([`Lit::Now`]) is read as the batch is sent, before the claims
-/// are held, unlike [`Tx::now`]; so that a grant is never stamped before
-/// the release that freed its key, the function grants only if the claims
-/// came at once (within a millisecond of the batch's arrival): a request
-/// that waited for a claim, behind another writer of its keys, is decided
-/// by the statements, at their time. What is left is the trip of the
-/// batch to the server, during which another writer of the key may commit
-/// a stamp a round trip later: times of one key agree with its commits to
-/// within a round trip, as they do when several hosts' clocks follow the
-/// server's. The release (`runledger_release_alone`) is held to the same
-/// millisecond.
+/// Its time ([`Lit::Now`]) is read as the call is sent (after its
+/// statement's preparation), before the claims are held, unlike
+/// [`Tx::now`]; so that a grant is never stamped before the release that
+/// freed its key, the function only tries its claims and grants only if
+/// they came at once (within a millisecond of the call's arrival): a
+/// request whose keys another writer holds is decided by the statements,
+/// at their time. What is left is the trip of the call to the server,
+/// during which another writer of the key may commit a stamp a round trip
+/// later: times of one key agree with its commits to within a round trip,
+/// as they do when several hosts' clocks follow the server's. The release
+/// (`runledger_release_alone`) is held to the same millisecond.
 fn grant_alone<'a>(
     ask: &'a LockAsk<'a>,
     nonce: i64,

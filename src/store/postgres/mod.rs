@@ -54,7 +54,8 @@
 //! - **Few statements for the server to parse and plan.** A batch's
 //!   statements are parsed and planned at each call; a function's are
 //!   planned once per connection (plpgsql keeps its plans, generic ones:
-//!   `plan_cache_mode = force_generic_plan` on each function), and a
+//!   `plan_cache_mode = force_generic_plan` on each function that writes,
+//!   inherited by those it calls), and a
 //!   prepared statement's once per connection. So the work of a call is
 //!   in functions, its batch is a few short statements, and a lock call
 //!   is one prepared statement (a batch of text through a transaction
@@ -373,8 +374,9 @@ impl Store {
 
     /// A write that one function of the schema may do alone, in one round
     /// trip, as a transaction of its own. The function (see migration 11)
-    /// sets `lock_timeout`, takes `claims` itself, in order, then does the
-    /// write and tells the watchers, or does nothing; it is called with
+    /// sets `lock_timeout`, tries `claims` itself, in order (never waits
+    /// for one), then does the write and tells the watchers, or does
+    /// nothing; it is called with
     /// the claims' keys and modes (`bigint[]`, `boolean[]`), the busy
     /// timeout (ms), then `values`, then the watchers' channel, this
     /// process's origin and the most addresses a notice holds, and answers
