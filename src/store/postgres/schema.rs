@@ -828,6 +828,150 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // 12: each key's count of requests (held or queued) on its row of
+    // `lock_keys`, kept by every write of `lock_entries`. The grant of one
+    // round trip and the release nobody waits for read it instead of the
+    // key's entries: a key locked over and over has its entry inserted and
+    // deleted at each grant, and until a vacuum its index keeps the dead
+    // ones, which a lookup by key walks (all of them, for a key nobody
+    // holds: a grant then cost more the longer the key had been in use).
+    // The key's row is updated in place instead (a heap-only update, its
+    // old versions pruned as the page is read). The rules are unchanged:
+    // a count above zero sends the grant to the statements, which read the
+    // entries, and a count above one sends the release to them.
+    r#"
+    ALTER TABLE lock_keys ADD COLUMN entries bigint NOT NULL DEFAULT 0
+        CHECK (entries >= 0);
+    -- A key queued for behind a waiter may have had no token yet.
+    INSERT INTO lock_keys (key, last_token)
+    SELECT DISTINCT key, 0 FROM lock_entries
+    ON CONFLICT (key) DO NOTHING;
+    UPDATE lock_keys k SET entries = c.n
+    FROM (SELECT key, count(*) AS n FROM lock_entries GROUP BY key) c
+    WHERE c.key = k.key;
+    -- Set by every writer of this schema; a process of an earlier release
+    -- (which refuses to open this schema, but may have opened the ledger
+    -- before the migration) names no value for it, so that its inserts of
+    -- entries fail, not count nothing. Its deletes only leave a count too
+    -- high: that key's grants and releases then take the statements.
+    ALTER TABLE lock_entries ADD COLUMN counted boolean NOT NULL DEFAULT true;
+    ALTER TABLE lock_entries ALTER COLUMN counted DROP DEFAULT;
+
+    -- Schema 11's grant, the key's count read with its token instead of
+    -- its entries, and moved with it. Without bitmap scans too: the other
+    -- lookups by key then go through the index, which marks the dead
+    -- entries it meets so that the next lookup skips them.
+    CREATE OR REPLACE FUNCTION runledger_grant_alone(p_claims bigint[], p_shared boolean[],
+        p_lock_timeout bigint, p_keys text[], p_mode text, p_capacity bigint,
+        p_keys_json text, p_instance bigint,
+        p_run bigint, p_pid bigint, p_host text, p_at bigint, p_event_run bigint,
+        p_kind text, p_detail text, p_active text[], p_nonce bigint,
+        p_chan text, p_origin text, p_max bigint,
+        OUT o_id bigint, OUT o_token bigint, OUT o_watchers bigint, OUT o_addresses text)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+    SET enable_bitmapscan = off SET jit = off AS $fn$
+    DECLARE
+        v_event bigint;
+        v_keys text[] := ARRAY(SELECT DISTINCT unnest(p_keys));
+        v_in_use bigint;
+        v_updated bigint;
+    BEGIN
+        -- A statement of its own, before the reads: each of them then
+        -- takes its snapshot once the claims are held.
+        IF NOT runledger_claim_alone(p_claims, p_shared, p_lock_timeout) THEN
+            RETURN;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM instances WHERE id = p_instance AND closed_at IS NULL)
+           OR (p_run IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM runs WHERE id = p_run AND status = ANY(p_active)))
+        THEN
+            RETURN;
+        END IF;
+        SELECT coalesce(max(last_token), 0) + 1, coalesce(max(entries), 0)
+        INTO o_token, v_in_use
+        FROM lock_keys WHERE key = ANY(v_keys);
+        IF v_in_use > 0 THEN
+            o_token := NULL;
+            RETURN;
+        END IF;
+        -- An update where the key has its row (a heap-only update, one WAL
+        -- record), an insert where it has none; the keys are claimed, so
+        -- nobody else writes their rows meanwhile.
+        UPDATE lock_keys SET last_token = o_token, entries = entries + 1
+        WHERE key = ANY(v_keys);
+        GET DIAGNOSTICS v_updated = ROW_COUNT;
+        IF v_updated < cardinality(v_keys) THEN
+            INSERT INTO lock_keys (key, last_token, entries)
+            SELECT k, o_token, 1 FROM unnest(v_keys) k
+            ON CONFLICT (key) DO NOTHING;
+        END IF;
+        INSERT INTO locks (state, mode, capacity, token, keys, instance_id, run_id,
+                           pid, host, wake, requested_at, granted_at, nonce)
+        VALUES ('held', p_mode, p_capacity, o_token, p_keys_json, p_instance, p_run,
+                p_pid, p_host, NULL, p_at, p_at, p_nonce)
+        RETURNING id INTO o_id;
+        INSERT INTO lock_entries (key, lock_id, counted) SELECT k, o_id, true FROM unnest(v_keys) k;
+        INSERT INTO events (run_id, at, kind, step, message)
+        VALUES (p_event_run, p_at, p_kind,
+                jsonb_set(jsonb_set(p_detail::jsonb, '{ticket}', to_jsonb(o_id)),
+                          '{token}', to_jsonb(o_token))::text,
+                NULL)
+        RETURNING id INTO v_event;
+        INSERT INTO lock_history (key, event_id) SELECT k, v_event FROM unnest(v_keys) k;
+        SELECT n.o_watchers, n.o_addresses INTO o_watchers, o_addresses
+        FROM runledger_notify_watchers(p_chan, p_origin, p_max) n;
+    END
+    $fn$;
+
+    -- Schema 11's release, the keys' counts read before their entries (a
+    -- count of one is the lock's own entry: nobody else to hand the key
+    -- to) and moved with them.
+    CREATE OR REPLACE FUNCTION runledger_release_alone(p_claims bigint[], p_shared boolean[],
+        p_lock_timeout bigint, p_id bigint, p_token bigint, p_at bigint, p_claimed text,
+        p_chan text, p_origin text, p_max bigint,
+        OUT o_keys text, OUT o_watchers bigint, OUT o_addresses text)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+    SET enable_bitmapscan = off SET jit = off AS $fn$
+    DECLARE
+        v_lock locks%ROWTYPE;
+        v_keys text[];
+        v_event bigint;
+    BEGIN
+        IF NOT runledger_claim_alone(p_claims, p_shared, p_lock_timeout) THEN
+            RETURN;
+        END IF;
+        SELECT * INTO v_lock FROM locks WHERE id = p_id AND token = p_token;
+        IF NOT FOUND OR NOT (v_lock.keys::jsonb <@ p_claimed::jsonb) THEN
+            RETURN;
+        END IF;
+        v_keys := ARRAY(SELECT DISTINCT jsonb_array_elements_text(v_lock.keys::jsonb));
+        -- From the keys' entries to their requests: the plan a join would
+        -- take instead scans every row of `locks`, dead ones included.
+        IF EXISTS (SELECT 1 FROM lock_keys WHERE key = ANY(v_keys) AND entries > 1)
+           AND EXISTS (SELECT 1 FROM lock_entries we
+                       WHERE we.key = ANY(v_keys) AND we.lock_id <> p_id
+                         AND (SELECT w.state FROM locks w WHERE w.id = we.lock_id) = 'waiting')
+        THEN
+            RETURN;
+        END IF;
+        DELETE FROM locks WHERE id = p_id;
+        DELETE FROM lock_entries WHERE lock_id = p_id AND key = ANY(v_keys);
+        UPDATE lock_keys SET entries = entries - 1 WHERE key = ANY(v_keys);
+        INSERT INTO events (run_id, at, kind, step, message)
+        VALUES (coalesce(v_lock.run_id, 0), p_at, 'lock_released',
+                jsonb_strip_nulls(jsonb_build_object(
+                    'ticket', v_lock.id, 'keys', v_lock.keys::jsonb, 'mode', v_lock.mode,
+                    'capacity', v_lock.capacity, 'token', v_lock.token, 'pid', v_lock.pid,
+                    'host', v_lock.host))::text,
+                NULL)
+        RETURNING id INTO v_event;
+        INSERT INTO lock_history (key, event_id) SELECT k, v_event FROM unnest(v_keys) k;
+        o_keys := v_lock.keys;
+        SELECT n.o_watchers, n.o_addresses INTO o_watchers, o_addresses
+        FROM runledger_notify_watchers(p_chan, p_origin, p_max) n;
+    END
+    $fn$;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
