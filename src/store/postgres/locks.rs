@@ -134,26 +134,17 @@ fn waiters_on(tx: &mut Tx<'_>, key: &str) -> Result<Vec<Waiter>> {
 }
 
 /// The common table expressions that take the next fencing token for the
-/// keys `$1` (`next`, one row: `token`) and record it on each (`put`),
-/// adding `$entries` (a literal: 1 for a request whose entries the same
-/// statement inserts, 0 for one queued already) to each key's count of
-/// entries (schema 12: every write of `lock_entries` keeps it).
+/// keys `$1` (`next`, one row: `token`) and record it on each (`put`).
 macro_rules! next_token {
-    ($entries:literal) => {
-        concat!(
-            "WITH next AS (
-                 SELECT coalesce(max(last_token), 0) + 1 AS token
-                 FROM lock_keys WHERE key = ANY($1)
-             ), put AS (
-                 INSERT INTO lock_keys (key, last_token, entries)
-                 SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next), ",
-            $entries,
-            "
-                 ON CONFLICT (key) DO UPDATE
-                 SET last_token = excluded.last_token,
-                     entries = lock_keys.entries + excluded.entries
-             )"
-        )
+    () => {
+        "WITH next AS (
+             SELECT coalesce(max(last_token), 0) + 1 AS token
+             FROM lock_keys WHERE key = ANY($1)
+         ), put AS (
+             INSERT INTO lock_keys (key, last_token)
+             SELECT DISTINCT unnest($1::text[]), (SELECT token FROM next)
+             ON CONFLICT (key) DO UPDATE SET last_token = excluded.last_token
+         )"
     };
 }
 
@@ -164,7 +155,7 @@ macro_rules! next_token {
 fn next_token(tx: &mut Tx<'_>, keys: &[String]) -> Result<i64> {
     // The keys are claimed: no other writer moves their tokens in between.
     // A token past the column's range fails the statement (and the grant).
-    let row = tx.query_one(concat!(next_token!(0), " SELECT token FROM next"), &[&keys])?;
+    let row = tx.query_one(concat!(next_token!(), " SELECT token FROM next"), &[&keys])?;
     Ok(row.try_get(0)?)
 }
 
@@ -191,9 +182,6 @@ fn delete_row(tx: &mut Tx<'_>, id: i64, token: Option<i64>) -> DeletedRow {
              DELETE FROM lock_entries
              WHERE lock_id = $1
                AND key IN (SELECT jsonb_array_elements_text(keys::jsonb) FROM l)
-             RETURNING key
-         ), counts AS (
-             UPDATE lock_keys SET entries = entries - 1 WHERE key IN (SELECT key FROM e)
          )
          SELECT keys, mode, capacity, run_id, pid, host FROM l",
         &[&id, &token],
@@ -787,8 +775,7 @@ macro_rules! grant_rows {
             "
                  RETURNING id, token
              ), entries AS (
-                 INSERT INTO lock_entries (key, lock_id, counted)
-                 SELECT unnest($1::text[]), l.id, true FROM l
+                 INSERT INTO lock_entries (key, lock_id) SELECT unnest($1::text[]), l.id FROM l
              ), ev AS (
                  INSERT INTO events (run_id, at, kind, step, message)
                  SELECT $10::bigint, $9::bigint, $11::text,
@@ -819,7 +806,7 @@ fn grant_new(tx: &mut Tx<'_>, ask: &LockAsk<'_>, now: Timestamp) -> Result<(i64,
     let pid = i64::from(ask.pid);
     let detail = grant_detail(ask);
     let row = tx.query_one(
-        concat!(next_token!(1), grant_rows!("FROM next")),
+        concat!(next_token!(), grant_rows!("FROM next")),
         &[
             &ask.keys,
             &ask.mode.as_str(),
@@ -923,13 +910,8 @@ fn insert_lock(
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  RETURNING id
              ), e AS (
-                 INSERT INTO lock_entries (key, lock_id, counted)
-                 SELECT unnest($13::text[]), l.id, true FROM l
-             ), counts AS (
-                 -- A key queued for before any grant has no row yet.
-                 INSERT INTO lock_keys (key, last_token, entries)
-                 SELECT unnest($13::text[]), 0, 1
-                 ON CONFLICT (key) DO UPDATE SET entries = lock_keys.entries + 1
+                 INSERT INTO lock_entries (key, lock_id)
+                 SELECT unnest($13::text[]), l.id FROM l
              )
              SELECT id FROM l",
             &[

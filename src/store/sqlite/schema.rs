@@ -276,10 +276,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 11: nothing on SQLite. On PostgreSQL, a lock call of one batch as
     // one function (see that store's migration 11).
     "",
-    // 12: nothing on SQLite, whose writers take the whole file: a lookup
-    // of a key's requests walks no dead rows. On PostgreSQL, each key's
-    // count of requests (see that store's migration 12).
-    "",
 ];
 
 /// The CHECK constraints that [`rewrite_checks`] rewrites: (table, as
