@@ -10,10 +10,15 @@
 //! - `contended`: one key, 8 clients looping `lock` + `release`: grants per
 //!   second, and the hand-off from one holder's release to the next grant
 //!   (p50/p99).
+//! - `churn`: one key locked over and over by one client, in eight
+//!   windows one after the other: whether a lock pair costs more the
+//!   longer its key has been in use (a key's dead rows, until a vacuum),
+//!   beside the bare pair on one row over and over, measured before them.
 //!
 //! ```text
 //! RUNLEDGER_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --features postgres --bench postgres_scale
 //! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- contended
+//! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- churn
 //! RUNLEDGER_BENCH_SECS=5 …                       # seconds per cell (default 3)
 //! ```
 //!
@@ -196,6 +201,53 @@ fn contended(url: &str, schema: &str, secs: f64) {
     );
 }
 
+fn churn(url: &str, schema: &str, secs: f64) {
+    let location = format!("{url}#{schema}");
+    let ledger = Ledger::open(&location).unwrap();
+    let mut admin = Client::connect(url, NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.bare_pairs (key text PRIMARY KEY)"
+        ))
+        .unwrap();
+    let bare = cell(
+        1,
+        secs,
+        |_| {
+            let mut client = Client::connect(url, NoTls).unwrap();
+            let insert = client
+                .prepare(&format!(
+                    "INSERT INTO {schema}.bare_pairs (key) VALUES ($1)"
+                ))
+                .unwrap();
+            let delete = client
+                .prepare(&format!("DELETE FROM {schema}.bare_pairs WHERE key = $1"))
+                .unwrap();
+            (client, insert, delete)
+        },
+        |(client, insert, delete)| {
+            client.execute(&*insert, &[&"churn"]).unwrap();
+            client.execute(&*delete, &[&"churn"]).unwrap();
+        },
+    );
+    println!("one key over and over: bare insert+delete {}", bare.show());
+    let mut pairs = 0;
+    for window in 1..=8 {
+        let pair = cell(
+            1,
+            secs,
+            |_| (),
+            |()| ledger.try_lock("churn").unwrap().release().unwrap(),
+        );
+        println!(
+            "one key over and over: window {window} (after {pairs:>6} pairs)  lock pair {}  ({:.2}× bare)",
+            pair.show(),
+            pair.per_second / bare.per_second
+        );
+        pairs += pair.latencies.len();
+    }
+}
+
 fn main() {
     let Some(url) = std::env::var("RUNLEDGER_PG_URL")
         .ok()
@@ -223,6 +275,9 @@ fn main() {
     }
     if wants("contended") {
         contended(&url, &schema, secs);
+    }
+    if wants("churn") {
+        churn(&url, &schema, secs);
     }
     if let Ok(mut admin) = Client::connect(&url, NoTls) {
         let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
