@@ -98,6 +98,21 @@ fn cell<S>(
     }
 }
 
+/// A connection of the bare baseline, with its two statements prepared:
+/// the insert and the delete of a row of `bare_pairs`.
+fn bare_client(url: &str, schema: &str) -> (Client, postgres::Statement, postgres::Statement) {
+    let mut client = Client::connect(url, NoTls).unwrap();
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO {schema}.bare_pairs (key) VALUES ($1)"
+        ))
+        .unwrap();
+    let delete = client
+        .prepare(&format!("DELETE FROM {schema}.bare_pairs WHERE key = $1"))
+        .unwrap();
+    (client, insert, delete)
+}
+
 fn disjoint(url: &str, schema: &str, secs: f64) {
     let location = format!("{url}#{schema}");
     drop(Ledger::open(&location).unwrap());
@@ -126,15 +141,7 @@ fn disjoint(url: &str, schema: &str, secs: f64) {
             clients,
             secs,
             |i| {
-                let mut client = Client::connect(url, NoTls).unwrap();
-                let insert = client
-                    .prepare(&format!(
-                        "INSERT INTO {schema}.bare_pairs (key) VALUES ($1)"
-                    ))
-                    .unwrap();
-                let delete = client
-                    .prepare(&format!("DELETE FROM {schema}.bare_pairs WHERE key = $1"))
-                    .unwrap();
+                let (client, insert, delete) = bare_client(url, schema);
                 (client, insert, delete, format!("bare:{i}"))
             },
             |(client, insert, delete, key)| {
@@ -213,18 +220,7 @@ fn churn(url: &str, schema: &str, secs: f64) {
     let bare = cell(
         1,
         secs,
-        |_| {
-            let mut client = Client::connect(url, NoTls).unwrap();
-            let insert = client
-                .prepare(&format!(
-                    "INSERT INTO {schema}.bare_pairs (key) VALUES ($1)"
-                ))
-                .unwrap();
-            let delete = client
-                .prepare(&format!("DELETE FROM {schema}.bare_pairs WHERE key = $1"))
-                .unwrap();
-            (client, insert, delete)
-        },
+        |_| bare_client(url, schema),
         |(client, insert, delete)| {
             client.execute(&*insert, &[&"churn"]).unwrap();
             client.execute(&*delete, &[&"churn"]).unwrap();
