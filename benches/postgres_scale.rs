@@ -98,6 +98,16 @@ fn cell<S>(
     }
 }
 
+/// The table of the bare baseline, in the ledger's schema.
+fn bare_table(url: &str, schema: &str) {
+    Client::connect(url, NoTls)
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.bare_pairs (key text PRIMARY KEY)"
+        ))
+        .unwrap();
+}
+
 /// A connection of the bare baseline, with its two statements prepared:
 /// the insert and the delete of a row of `bare_pairs`.
 fn bare_client(url: &str, schema: &str) -> (Client, postgres::Statement, postgres::Statement) {
@@ -116,12 +126,7 @@ fn bare_client(url: &str, schema: &str) -> (Client, postgres::Statement, postgre
 fn disjoint(url: &str, schema: &str, secs: f64) {
     let location = format!("{url}#{schema}");
     drop(Ledger::open(&location).unwrap());
-    let mut admin = Client::connect(url, NoTls).unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.bare_pairs (key text PRIMARY KEY)"
-        ))
-        .unwrap();
+    bare_table(url, schema);
     for clients in [1, 4, 16, 32] {
         let ledger_of = |_| Ledger::open(&location).unwrap();
         let pair = cell(
@@ -211,12 +216,7 @@ fn contended(url: &str, schema: &str, secs: f64) {
 fn churn(url: &str, schema: &str, secs: f64) {
     let location = format!("{url}#{schema}");
     let ledger = Ledger::open(&location).unwrap();
-    let mut admin = Client::connect(url, NoTls).unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.bare_pairs (key text PRIMARY KEY)"
-        ))
-        .unwrap();
+    bare_table(url, schema);
     let bare = cell(
         1,
         secs,
