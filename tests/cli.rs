@@ -128,6 +128,35 @@ fn exec_exits_with_the_commands_code_and_records_it() {
 }
 
 #[test]
+fn exec_closes_its_instance_as_it_exits() {
+    // Not left open for the next process's reaper to close as dead: with
+    // locks or without, after a command that succeeded or failed.
+    let cli = Cli::new();
+    for args in [
+        &["exec", "--", "true"][..],
+        &["exec", "--", "false"],
+        &["exec", "--lock", "a", "--", "true"],
+    ] {
+        let out = cli.run(args);
+        assert!(code(&out) <= 1, "{args:?}: {}", text(&out.stderr));
+        let conn = rusqlite::Connection::open(cli.db()).unwrap();
+        let (label, reason): (String, Option<String>) = conn
+            .query_row(
+                "SELECT label, closed_reason FROM instances ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(label, "runledger exec", "{args:?}");
+        assert_eq!(
+            reason.as_deref(),
+            Some("its process closed the ledger"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
 fn the_command_sees_its_run_and_its_output_is_logged() {
     let cli = Cli::new();
     let out = cli.run(&[

@@ -400,7 +400,7 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         run.start()?;
     }
     let code = supervise(&shared, run, &args.command, log, &guards)?;
-    forwarder.close();
+    drop(forwarder);
     drop(guards); // released with the run already; this only drops the handles
     Ok(code)
 }
@@ -873,11 +873,11 @@ fn leads_its_session() -> bool {
 /// second time, except a hang-up to a session leader, which reaches the
 /// leader alone. Before the command starts, a signal cancels the run (which
 /// ends a wait for locks).
-fn forward_signals(shared: Arc<Shared>) -> Result<signal_hook::iterator::Handle, Failure> {
+fn forward_signals(shared: Arc<Shared>) -> Result<Forwarder, Failure> {
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(|e| format!("cannot watch signals: {e}"))?;
     let handle = signals.handle();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         for origin in signals.forever() {
             let signal = origin.signal;
             let pid = shared.child.load(Ordering::SeqCst);
@@ -906,5 +906,27 @@ fn forward_signals(shared: Arc<Shared>) -> Result<signal_hook::iterator::Handle,
             }
         }
     });
-    Ok(handle)
+    Ok(Forwarder {
+        handle,
+        thread: Some(thread),
+    })
+}
+
+/// The signal thread of [`forward_signals`], stopped and joined when
+/// dropped, on every way out of `exec`: its handle of the ledger then goes
+/// before `exec` returns, so that the ledger's last handle drops and its
+/// instance is closed by this process, not left open for a reaper to close
+/// as its process died.
+struct Forwarder {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -412,6 +412,7 @@ pub(crate) fn is_url(db: &std::path::Path) -> bool {
 static REACH: std::sync::OnceLock<(bool, Option<String>)> = std::sync::OnceLock::new();
 
 /// Settings for the ledger `--db` names: a file, or a PostgreSQL URL.
+#[cfg(feature = "postgres")]
 pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
     let builder = Ledger::builder(db);
     match REACH.get() {
@@ -428,6 +429,14 @@ pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
         }
         None => builder,
     }
+}
+
+/// Settings for the ledger `--db` names. Built without the `postgres`
+/// feature, the tool opens files only (a URL fails to open, saying so), and
+/// how a server is reached has nothing to set.
+#[cfg(not(feature = "postgres"))]
+pub(crate) fn builder(db: &std::path::Path) -> runledger::Builder {
+    Ledger::builder(db)
 }
 
 fn open_with(
