@@ -14,11 +14,21 @@
 //!   windows one after the other: whether a lock pair costs more the
 //!   longer its key has been in use (a key's dead rows, until a vacuum),
 //!   beside the bare pair on one row over and over, measured before them.
+//! - `floor`: at 1 and 16 clients, the least a durable lock pair can cost
+//!   on the ledger's own tables, beside the ledger's lock pair and the bare
+//!   pair: two functions of the bench (`floor_grant`, `floor_release`), one
+//!   statement each, that bump the key's fencing token, insert the lock's
+//!   row and its event, then delete the row and insert its event, with no
+//!   check at all (instance, run, queue, claims) and no key entries, key
+//!   history or watchers. No design that keeps a lock's row, its token and
+//!   its events in the feed does less; what lies between it and the
+//!   ledger's pair is what the ledger's rules cost.
 //!
 //! ```text
 //! RUNLEDGER_PG_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --features postgres --bench postgres_scale
 //! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- contended
 //! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- churn
+//! RUNLEDGER_PG_URL=… cargo bench --features postgres --bench postgres_scale -- floor
 //! RUNLEDGER_BENCH_SECS=5 …                       # seconds per cell (default 3)
 //! ```
 //!
@@ -244,6 +254,142 @@ fn churn(url: &str, schema: &str, secs: f64) {
     }
 }
 
+/// The two functions of the `floor` part, in `schema` (their tables named
+/// in full: no `SET search_path` of their own to pay for), with the
+/// settings the ledger's lock functions carry.
+fn floor_functions(schema: &str) -> String {
+    format!(
+        r#"
+        CREATE FUNCTION {schema}.floor_grant(p_key text, p_keys text, p_at bigint,
+            OUT o_id bigint, OUT o_token bigint)
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+        SET jit = off AS $fn$
+        BEGIN
+            WITH k AS (UPDATE {schema}.lock_keys SET last_token = last_token + 1
+                       WHERE key = p_key RETURNING last_token),
+                 l AS (INSERT INTO {schema}.locks (state, mode, token, keys, instance_id,
+                           pid, host, requested_at, granted_at)
+                       SELECT 'held', 'exclusive', k.last_token, p_keys, 0, 0, 'floor',
+                              p_at, p_at
+                       FROM k RETURNING id, token),
+                 e AS (INSERT INTO {schema}.events (run_id, at, kind, message)
+                       SELECT 0, p_at, 'lock_granted',
+                              '{{"ticket":' || l.id || ',"token":' || l.token || '}}'
+                       FROM l RETURNING id)
+            SELECT l.id, l.token INTO o_id, o_token FROM l, e;
+        END
+        $fn$;
+        CREATE FUNCTION {schema}.floor_release(p_id bigint, p_token bigint, p_at bigint)
+        RETURNS text
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+        SET jit = off AS $fn$
+        DECLARE
+            v_keys text;
+        BEGIN
+            WITH d AS (DELETE FROM {schema}.locks WHERE id = p_id AND token = p_token
+                       RETURNING keys),
+                 e AS (INSERT INTO {schema}.events (run_id, at, kind, message)
+                       SELECT 0, p_at, 'lock_released', '{{"ticket":' || p_id || '}}'
+                       FROM d RETURNING id)
+            SELECT d.keys INTO v_keys FROM d, e;
+            RETURN v_keys;
+        END
+        $fn$;
+        "#
+    )
+}
+
+/// A connection of the `floor` part, its two calls prepared, its key's
+/// row in `lock_keys`.
+fn floor_client(
+    url: &str,
+    schema: &str,
+    key: &str,
+) -> (Client, postgres::Statement, postgres::Statement) {
+    let mut client = Client::connect(url, NoTls).unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.lock_keys (key, last_token) VALUES ($1, 0) \
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[&key],
+        )
+        .unwrap();
+    let grant = client
+        .prepare(&format!(
+            "SELECT o_id, o_token FROM {schema}.floor_grant($1, $2, $3)"
+        ))
+        .unwrap();
+    let release = client
+        .prepare(&format!("SELECT {schema}.floor_release($1, $2, $3)"))
+        .unwrap();
+    (client, grant, release)
+}
+
+fn floor(url: &str, schema: &str, secs: f64) {
+    let location = format!("{url}#{schema}");
+    drop(Ledger::open(&location).unwrap());
+    bare_table(url, schema);
+    Client::connect(url, NoTls)
+        .unwrap()
+        .batch_execute(&floor_functions(schema))
+        .unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    for clients in [1, 16] {
+        let floor = cell(
+            clients,
+            secs,
+            |i| {
+                let key = format!("floor:{i}");
+                let (client, grant, release) = floor_client(url, schema, &key);
+                (client, grant, release, format!("[{key:?}]"), key)
+            },
+            |(client, grant, release, keys, key)| {
+                let row = client.query_one(&*grant, &[key, keys, &now()]).unwrap();
+                let (id, token): (i64, i64) = (row.get(0), row.get(1));
+                let gone = client.query_one(&*release, &[&id, &token, &now()]).unwrap();
+                assert!(gone.get::<_, Option<String>>(0).is_some());
+            },
+        );
+        let pair = cell(
+            clients,
+            secs,
+            |i| (Ledger::open(&location).unwrap(), format!("floor-pair:{i}")),
+            |(ledger, key)| ledger.try_lock(key.as_str()).unwrap().release().unwrap(),
+        );
+        let bare = cell(
+            clients,
+            secs,
+            |i| {
+                let (client, insert, delete) = bare_client(url, schema);
+                (client, insert, delete, format!("floor-bare:{i}"))
+            },
+            |(client, insert, delete, key)| {
+                client.execute(&*insert, &[key]).unwrap();
+                client.execute(&*delete, &[key]).unwrap();
+            },
+        );
+        println!(
+            "{clients:>2} clients  floor pair {}  ({:.2}× bare)",
+            floor.show(),
+            floor.per_second / bare.per_second
+        );
+        println!(
+            "{clients:>2} clients  lock pair {}  ({:.2}× bare, {:.2}× floor)",
+            pair.show(),
+            pair.per_second / bare.per_second,
+            pair.per_second / floor.per_second
+        );
+        println!("{clients:>2} clients  bare insert+delete {}", bare.show());
+    }
+}
+
 fn main() {
     let Some(url) = std::env::var("RUNLEDGER_PG_URL")
         .ok()
@@ -274,6 +420,9 @@ fn main() {
     }
     if wants("churn") {
         churn(&url, &schema, secs);
+    }
+    if wants("floor") {
+        floor(&url, &schema, secs);
     }
     if let Ok(mut admin) = Client::connect(&url, NoTls) {
         let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
