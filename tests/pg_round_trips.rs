@@ -44,6 +44,11 @@ fn counted(place: &Place) -> (Counter, Ledger) {
 
 /// [`counted`], with `query` (`name=value&…`) added to its URL.
 fn counted_with(place: &Place, query: &str) -> (Counter, Ledger) {
+    counted_with_timeout(place, query, Duration::from_secs(30))
+}
+
+/// [`counted_with`], with a busy timeout of `busy`.
+fn counted_with_timeout(place: &Place, query: &str, busy: Duration) -> (Counter, Ledger) {
     drop(place.open());
     let location = match (query, place.location.split_once('#')) {
         ("", _) | (_, None) => place.location.clone(),
@@ -58,7 +63,7 @@ fn counted_with(place: &Place, query: &str) -> (Counter, Ledger) {
     let ledger = Ledger::builder(url)
         .background(false)
         .pool_size(1)
-        .busy_timeout(Duration::from_secs(30))
+        .busy_timeout(busy)
         .open()
         .unwrap();
     (counter, ledger)
@@ -256,8 +261,48 @@ fn a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once() {
     assert_eq!(kinds.len(), 4, "{kinds:?}");
 }
 
+/// A grant in one round trip whose answer is lost while the server then
+/// stays out of reach: the call fails (its outcome could not be settled),
+/// and the lock it may have left, held by this process with no guard, is
+/// released by the ledger's next lock call once the server is back, its
+/// key free for others, never left held until the process exits.
+fn a_grant_whose_answer_is_lost_and_not_settled_leaves_no_lock_behind() {
+    let place = Place::new(Store::Postgres);
+    let (counter, ledger) = counted_with_timeout(&place, "", Duration::from_millis(500));
+    let other = place.open();
+    ledger.try_lock("k").unwrap().release().unwrap();
+
+    counter.sever_next_and_go_down();
+    let err = ledger
+        .try_lock("k")
+        .expect_err("its outcome could not be settled");
+    assert_eq!(counter.severed.load(Ordering::SeqCst), 1);
+    // The grant committed: the key is held, by the ledger's process.
+    let held = other.locks().unwrap();
+    assert_eq!(held.len(), 1, "{err}: {held:?}");
+    assert!(other.try_lock("k").is_err());
+
+    counter.up();
+    let guard = ledger.try_lock("j").unwrap();
+    assert!(
+        other.try_lock("k").is_ok(),
+        "k is free again: {:?}",
+        other.locks()
+    );
+    guard.release().unwrap();
+    let kinds: Vec<String> = other
+        .lock_history(Some("k"), 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind.to_string())
+        .collect();
+    // The first pair, the lost grant and its release, the other's pair.
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+}
+
 pg_tests!(
     every_call_that_does_not_wait_takes_at_most_two_round_trips,
     a_lock_call_under_another_default_isolation_goes_statement_by_statement,
-    a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once
+    a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once,
+    a_grant_whose_answer_is_lost_and_not_settled_leaves_no_lock_behind
 );

@@ -332,6 +332,7 @@ impl Store {
         let mut claims = vec![Claim::instance(ask.instance, true)];
         claims.extend(ask.run.map(|run| Claim::run(run, true)));
         claims.extend(ask.keys.iter().map(|key| Claim::key(key)));
+        self.settle_unknown_grants();
         if ticket.is_none() {
             let nonce = self.next_nonce();
             let granted = |row: &Row| -> Result<Attempt> {
@@ -368,6 +369,7 @@ impl Store {
                     .map(granted)
                     .transpose()
                 },
+                || self.unknown_grants.lock().push((ask.instance, nonce)),
             )?;
             if let Some(attempt) = alone {
                 return Ok(attempt);
@@ -560,6 +562,9 @@ impl Store {
                         .try_get::<_, bool>(0)?;
                     Ok(gone.then_some(()))
                 },
+                // The guard stays held, and its drop hands the lock to the
+                // ledger's orphans, released on a later lock call.
+                || {},
             )?;
             if alone.is_some() {
                 on_commit();
@@ -614,6 +619,40 @@ impl Store {
     }
 
     /// Whether the grant `id` with `token` is still held.
+    /// Releases the locks that grants of one round trip may have left
+    /// with no guard: those whose reply was lost and whose outcome could
+    /// not be settled then (see [`Store::write_alone`]). A grant that did
+    /// not commit left nothing; one that did is found by its number and
+    /// released, its keys handed on, as its guard's release would. What
+    /// still fails is kept for the next lock call, whose caller is not
+    /// bothered with it: until then, the lock stays held by this process,
+    /// as a lock of a guard not dropped yet would.
+    fn settle_unknown_grants(&self) {
+        let unknown = std::mem::take(&mut *self.unknown_grants.lock());
+        for (instance, nonce) in unknown {
+            let released = self
+                .read(|tx| {
+                    tx.query_opt(
+                        "SELECT id, token FROM locks
+                         WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
+                        &[&instance, &nonce],
+                    )?
+                    .map(|row| Ok((row.try_get(0)?, token_of(row.try_get(1)?)?)))
+                    .transpose()
+                })
+                .and_then(|row| match row {
+                    Some((id, token)) => self
+                        .release_lock(id, token, None, || {})
+                        .map(|wakes| crate::wake::wake(&wakes.unwrap_or_default())),
+                    None => Ok(()),
+                });
+            if let Err(e) = released {
+                log::debug!("runledger: a grant whose reply was lost is not settled yet: {e}");
+                self.unknown_grants.lock().push((instance, nonce));
+            }
+        }
+    }
+
     pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
         // A token beyond the column's range was never granted.
         let Ok(token) = i64::try_from(token) else {

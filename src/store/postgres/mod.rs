@@ -138,6 +138,12 @@ pub(crate) struct Store {
     /// The last number given to a grant in one round trip (see
     /// [`Store::next_nonce`]).
     nonces: AtomicI64,
+    /// Grants of one round trip whose outcome a lost reply left unknown,
+    /// and that could not be settled then (the server stayed out of
+    /// reach): (instance, number). Each may hold a lock nobody has a guard
+    /// of; the next lock call of this store releases it (see
+    /// `Store::settle_unknown_grants`).
+    unknown_grants: parking_lot::Mutex<Vec<(i64, i64)>>,
     /// Stops this store's listener when the store is dropped; none through
     /// a transaction pooler without a direct URL to listen on.
     _listener: Option<listen::Listener>,
@@ -295,6 +301,7 @@ impl Store {
             location,
             name,
             nonces: AtomicI64::new(0),
+            unknown_grants: parking_lot::Mutex::new(Vec::new()),
             _listener: listener,
         })
     }
@@ -412,7 +419,10 @@ impl Store {
     /// connection is closed, or was reset by TCP giving it up). `settle`
     /// says what the write made if it committed, else `None`: the call is
     /// sent again, up to the busy timeout, as a [`write`](Store::write)
-    /// is. So the write is never applied twice.
+    /// is. So the write is never applied twice. Should `settle` itself
+    /// fail (the server out of reach for longer), the outcome stays
+    /// unknown: `unknown` is called, for the caller to settle it later, and
+    /// this returns the error.
     fn write_alone<T>(
         &self,
         claims: &[Claim],
@@ -420,6 +430,7 @@ impl Store {
         values: &[Lit<'_>],
         done: impl Fn(&Answer) -> Result<Option<T>>,
         settle: impl Fn(&mut Tx<'_>) -> Result<Option<T>>,
+        unknown: impl Fn(),
     ) -> Result<Option<T>> {
         let mut claims = claims.to_vec();
         claims.sort_unstable();
@@ -511,7 +522,8 @@ impl Store {
                 }
                 Err(e) if lost(&e) => {
                     drop(conn);
-                    match self.write(&claims, &settle)? {
+                    let settled = self.write(&claims, &settle).inspect_err(|_| unknown())?;
+                    match settled {
                         Some(value) => return Ok(Some(value)),
                         None if started.elapsed() < self.busy_timeout => {
                             log::debug!(
