@@ -245,8 +245,13 @@ impl Store {
 
         let manager = Manager {
             inner: PostgresConnectionManager::new(pg.clone(), connector.clone()),
-            search_path: (!route.transaction_pooler)
-                .then(|| format!("SET search_path TO {}", quote_ident(schema))),
+            session: (!route.transaction_pooler).then(|| {
+                format!(
+                    "SET search_path TO {}; \
+                     SET default_transaction_isolation TO 'read committed'",
+                    quote_ident(schema)
+                )
+            }),
             answer_within: config.busy_timeout,
             failed_at: std::sync::Mutex::new(None),
         };
@@ -400,10 +405,10 @@ impl Store {
     /// its own transaction, so nothing goes with it, and the server
     /// neither parses nor plans it again (a fifth of its work for a lock
     /// pair, when the values were text in a batch). That transaction
-    /// takes the server's default isolation; where it is not read
-    /// committed, the function does nothing (see migration 11) and the
-    /// call goes on statement by statement, in a transaction of read
-    /// committed. Through a transaction pooler, which may not carry a
+    /// takes the session's default isolation, which the connection set to
+    /// read committed as it opened (see `Manager`); should it be another,
+    /// the function does nothing (see migration 11) and the call goes on
+    /// statement by statement, in a transaction of read committed. Through a transaction pooler, which may not carry a
     /// prepared statement, as one batch of text: `BEGIN`, the schema (`SET
     /// LOCAL search_path`), the call with its values as literals
     /// ([`First::call`]) and `COMMIT`.
@@ -1054,9 +1059,16 @@ impl r2d2::HandleError<StorageError> for QuietErrors {
 /// Opens pooled connections in the ledger's schema.
 struct Manager {
     inner: PostgresConnectionManager<MakeRustlsConnect>,
-    /// The session's `SET search_path`; none through a transaction pooler,
-    /// where each transaction sets it (see [`pooler`]).
-    search_path: Option<String>,
+    /// The session's settings, sent once as a connection opens: its
+    /// `search_path`, and `default_transaction_isolation` at read
+    /// committed, whatever the server, the database or the role default
+    /// to, so that a lock call of one statement (see
+    /// [`Store::write_alone`]), its own transaction, runs at the level its
+    /// function needs and stays one round trip, and a read of one
+    /// statement never meets a serialization failure. None through a
+    /// transaction pooler, where each transaction sets its schema and its
+    /// level (see [`pooler`]).
+    session: Option<String>,
     /// How long a check of an idle connection waits for the server: the
     /// busy timeout (at most [`CHECK_AT_MOST`]).
     answer_within: Duration,
@@ -1079,9 +1091,9 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<Conn, StorageError> {
         let mut client = self.inner.connect().map_err(StorageError::postgres)?;
-        if let Some(search_path) = &self.search_path {
+        if let Some(session) = &self.session {
             client
-                .batch_execute(search_path)
+                .batch_execute(session)
                 .map_err(StorageError::postgres)?;
         }
         Ok(Conn {
