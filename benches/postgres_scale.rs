@@ -133,18 +133,41 @@ fn bare_client(url: &str, schema: &str) -> (Client, postgres::Statement, postgre
     (client, insert, delete)
 }
 
+/// `clients` ledgers of `location` looping a lock pair (`try_lock` +
+/// `release`), each on a key of its own, named after `prefix`.
+fn lock_pairs(location: &str, clients: usize, secs: f64, prefix: &str) -> Cell {
+    cell(
+        clients,
+        secs,
+        |i| (Ledger::open(location).unwrap(), format!("{prefix}:{i}")),
+        |(ledger, key)| ledger.try_lock(key.as_str()).unwrap().release().unwrap(),
+    )
+}
+
+/// `clients` bare connections looping the bare pair (see [`bare_client`]),
+/// each on a row of its own, named after `prefix`.
+fn bare_pairs(url: &str, schema: &str, clients: usize, secs: f64, prefix: &str) -> Cell {
+    cell(
+        clients,
+        secs,
+        |i| {
+            let (client, insert, delete) = bare_client(url, schema);
+            (client, insert, delete, format!("{prefix}:{i}"))
+        },
+        |(client, insert, delete, key)| {
+            client.execute(&*insert, &[key]).unwrap();
+            client.execute(&*delete, &[key]).unwrap();
+        },
+    )
+}
+
 fn disjoint(url: &str, schema: &str, secs: f64) {
     let location = format!("{url}#{schema}");
     drop(Ledger::open(&location).unwrap());
     bare_table(url, schema);
     for clients in [1, 4, 16, 32] {
         let ledger_of = |_| Ledger::open(&location).unwrap();
-        let pair = cell(
-            clients,
-            secs,
-            |i| (ledger_of(i), format!("scale:{i}")),
-            |(ledger, key)| ledger.try_lock(key.as_str()).unwrap().release().unwrap(),
-        );
+        let pair = lock_pairs(&location, clients, secs, "scale");
         let runs = cell(clients, secs, ledger_of, |ledger| {
             ledger
                 .begin_run(RunSpec::new("scale"))
@@ -152,18 +175,7 @@ fn disjoint(url: &str, schema: &str, secs: f64) {
                 .succeed()
                 .unwrap();
         });
-        let bare = cell(
-            clients,
-            secs,
-            |i| {
-                let (client, insert, delete) = bare_client(url, schema);
-                (client, insert, delete, format!("bare:{i}"))
-            },
-            |(client, insert, delete, key)| {
-                client.execute(&*insert, &[key]).unwrap();
-                client.execute(&*delete, &[key]).unwrap();
-            },
-        );
+        let bare = bare_pairs(url, schema, clients, secs, "bare");
         println!(
             "{clients:>2} clients  lock pair {}  ({:.2}× bare)",
             pair.show(),
@@ -357,24 +369,8 @@ fn floor(url: &str, schema: &str, secs: f64) {
                 assert!(gone.get::<_, Option<String>>(0).is_some());
             },
         );
-        let pair = cell(
-            clients,
-            secs,
-            |i| (Ledger::open(&location).unwrap(), format!("floor-pair:{i}")),
-            |(ledger, key)| ledger.try_lock(key.as_str()).unwrap().release().unwrap(),
-        );
-        let bare = cell(
-            clients,
-            secs,
-            |i| {
-                let (client, insert, delete) = bare_client(url, schema);
-                (client, insert, delete, format!("floor-bare:{i}"))
-            },
-            |(client, insert, delete, key)| {
-                client.execute(&*insert, &[key]).unwrap();
-                client.execute(&*delete, &[key]).unwrap();
-            },
-        );
+        let pair = lock_pairs(&location, clients, secs, "floor-pair");
+        let bare = bare_pairs(url, schema, clients, secs, "floor-bare");
         println!(
             "{clients:>2} clients  floor pair {}  ({:.2}× bare)",
             floor.show(),
