@@ -128,6 +128,28 @@ fn exec_exits_with_the_commands_code_and_records_it() {
 }
 
 #[test]
+fn help_never_shows_a_password_from_the_environment() {
+    for args in [&["--help"][..], &["ps", "--help"], &["serve", "--help"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(args)
+            .env("RUNLEDGER_DB", "postgres://app:hunter2@127.0.0.1/db#s")
+            .env(
+                "RUNLEDGER_LISTEN_URL",
+                "postgres://app:hunter3@127.0.0.1/db",
+            )
+            .env("RUNLEDGER_TOKEN", "hunter4")
+            .output()
+            .unwrap();
+        let help = text(&out.stdout);
+        assert!(
+            out.status.success() && help.contains("RUNLEDGER_DB"),
+            "{args:?}: {help}"
+        );
+        assert!(!help.contains("hunter"), "{args:?}: {help}");
+    }
+}
+
+#[test]
 fn exec_closes_its_instance_as_it_exits() {
     // Not left open for the next process's reaper to close as dead: with
     // locks or without, after a command that succeeded or failed.

@@ -1341,8 +1341,12 @@ mod serve {
         );
     }
 
+    /// Served without a token, on loopback: a request addressed to another
+    /// name (a page of another site whose name was made to resolve to
+    /// 127.0.0.1, DNS rebinding) is refused, saying why; one addressed to
+    /// a loopback name is served. With a token, the token decides.
     #[test]
-    fn serve_answers_on_loopback_and_asks_for_its_token() {
+    fn without_a_token_serve_answers_only_loopback_names() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("ledger.db");
         let ledger = runledger::Ledger::open(&db).unwrap();
@@ -1351,9 +1355,47 @@ mod serve {
             .unwrap()
             .succeed()
             .unwrap();
+        let (mut child, addr) = start(&db, &[]);
+        let port = addr.rsplit_once(':').unwrap().1.to_owned();
+        for host in [addr.clone(), format!("localhost:{port}")] {
+            let reply = request(&addr, &host, "");
+            assert!(reply.starts_with("HTTP/1.1 200"), "{host}: {reply}");
+            assert!(reply.contains("\"name\":\"served\""), "{reply}");
+        }
+        for host in [format!("attacker.example:{port}"), "rebind.example".into()] {
+            let reply = request(&addr, &host, "");
+            assert!(reply.starts_with("HTTP/1.1 403"), "{host}: {reply}");
+            assert!(!reply.contains("served"), "{reply}");
+            assert!(reply.contains("loopback name"), "{reply}");
+        }
+        stop(&mut child);
+
+        let (mut child, addr) = start(&db, &["--token", "tok"]);
+        let reply = request(&addr, "dash.example.com", "Authorization: Bearer tok\r\n");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        stop(&mut child);
+    }
+
+    /// A `runledger serve` process, killed if a failed assertion leaves it
+    /// running (it would hold the test's output open).
+    struct Served(std::process::Child);
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+
+    /// `runledger serve` on a free loopback port, with `args`; its address.
+    fn start(db: &std::path::Path, args: &[&str]) -> (Served, String) {
         let mut child = runledger()
-            .args(["serve", "--listen", "127.0.0.1:0", "--token", "tok"])
-            .env("RUNLEDGER_DB", &db)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUNLEDGER_DB", db)
+            .env_remove("RUNLEDGER_TOKEN")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -1367,27 +1409,47 @@ mod serve {
             .and_then(|s| s.split('/').next())
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
-        let request = |auth: &str| {
-            let mut stream = TcpStream::connect(&addr).unwrap();
-            write!(
-                stream,
-                "GET /api/runs HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-            )
+        (Served(child), addr)
+    }
+
+    /// `GET /api/runs` sent to `addr`, addressed to `host`, with `headers`.
+    fn request(addr: &str, host: &str, headers: &str) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET /api/runs HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        reply
+    }
+
+    /// Stops it with SIGTERM, which it answers by exiting 0.
+    fn stop(served: &mut Served) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &served.0.id().to_string()])
+            .status();
+        let status = served.0.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{status:?}");
+    }
+
+    #[test]
+    fn serve_answers_on_loopback_and_asks_for_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ledger.db");
+        let ledger = runledger::Ledger::open(&db).unwrap();
+        ledger
+            .begin_run(runledger::RunSpec::new("served"))
+            .unwrap()
+            .succeed()
             .unwrap();
-            let mut reply = String::new();
-            stream.read_to_string(&mut reply).unwrap();
-            reply
-        };
-        let denied = request("");
+        let (mut child, addr) = start(&db, &["--token", "tok"]);
+        let denied = request(&addr, &addr, "");
         assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
-        let reply = request("Authorization: Bearer tok\r\n");
+        let reply = request(&addr, &addr, "Authorization: Bearer tok\r\n");
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         assert!(reply.contains("\"name\":\"served\""), "{reply}");
-        // SIGTERM stops it cleanly.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(0), "{status:?}");
+        stop(&mut child);
     }
 }

@@ -41,6 +41,16 @@
 //!   refuse an address that is not loopback unless a token is set: the
 //!   dashboard shows commands, hosts and metadata that are nobody else's
 //!   business.
+//! - **Loopback names only, without a token.** With no token,
+//!   [`Dashboard::serve`] answers only requests addressed (their `Host`) to
+//!   a loopback name: `localhost` (and names under it), `127.0.0.0/8` or
+//!   `[::1]`, with any port. Others get `403`, saying why. Else a web page
+//!   of any site could read the dashboard by DNS rebinding: its name, once
+//!   loaded, made to resolve to `127.0.0.1`, its scripts' requests reach
+//!   the dashboard as requests of the same origin. A router nested in an
+//!   app of the host's own ([`Dashboard::router`]) is addressed by the
+//!   names that app serves, and makes no such check: there, the app
+//!   decides who reaches it.
 //!
 //! # Actions
 //!
@@ -288,9 +298,12 @@ impl Dashboard {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         check_listen(listener.local_addr()?, self.token.is_some())?;
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let tokenless = self.token.is_none();
+        let mut router = self.router();
+        if tokenless {
+            router = router.layer(middleware::from_fn(loopback_names_only));
+        }
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -331,6 +344,47 @@ pub fn check_listen(listen: SocketAddr, has_token: bool) -> std::io::Result<()> 
              ledger; pass a token (--token) or listen on loopback (127.0.0.1)"
         ),
     ))
+}
+
+/// Refuses a request addressed to a name that is not loopback (see [Safe
+/// by default](self#safe-by-default)): what a dashboard served without a
+/// token answers, against DNS rebinding. A request with no `Host` (HTTP/1.0)
+/// comes from no browser, and is served.
+async fn loopback_names_only(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}"));
+    match host {
+        Some(host) if !is_loopback_name(host) => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "this dashboard has no token, so it answers only requests addressed to a \
+                 loopback name (localhost, 127.0.0.1, [::1]), not to {host:?}: open it by \
+                 one of those, or serve it with a token\n"
+            ),
+        )
+            .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or an address, and maybe a
+/// port) names this machine's loopback.
+fn is_loopback_name(host: &str) -> bool {
+    // `[::1]:8080`, `[::1]`, `127.0.0.1:8080`, `localhost:8080`, `localhost`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((address, port)) if port.is_empty() || port.starts_with(':') => address,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 /// Sets the headers every response carries.
@@ -504,6 +558,38 @@ async fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_names_are_told_from_others() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LocalHost.:8080",
+            "dash.localhost:1",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.8.9.1:80",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_name(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8080",
+            "localhost.attacker.example",
+            "notlocalhost",
+            "10.0.0.1:8080",
+            "0.0.0.0:8080",
+            "[::2]:8080",
+            "[::1]x",
+            "[::1",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!is_loopback_name(host), "{host}");
+        }
+    }
 
     #[test]
     fn the_base_is_the_prefix_the_router_is_nested_under() {

@@ -69,7 +69,14 @@ This build has no PostgreSQL store: postgres:// URLs are refused
 struct Cli {
     /// The ledger: a file, or a postgres:// URL. `exec` creates it if
     /// missing; the other commands refuse a missing ledger.
-    #[arg(long, global = true, env = "RUNLEDGER_DB", value_name = "PATH")]
+    // The help never shows the variable's value: a URL may hold a password.
+    #[arg(
+        long,
+        global = true,
+        env = "RUNLEDGER_DB",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
     db: Option<PathBuf>,
 
     /// Print JSON instead of tables (reading commands; see each one's help).
@@ -86,7 +93,13 @@ struct Cli {
     /// A direct PostgreSQL URL (not through the pooler) to listen for
     /// wake-ups on, with `--transaction-pooler`; without it, waiters of
     /// other hosts are found by their timed re-read.
-    #[arg(long, global = true, env = "RUNLEDGER_LISTEN_URL", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "RUNLEDGER_LISTEN_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     listen_url: Option<String>,
 
     #[command(subcommand)]
@@ -256,15 +269,17 @@ Examples:
     /// Listens on loopback unless told otherwise. An address other
     /// machines can reach needs --token: every request must then carry it
     /// (`Authorization: Bearer TOKEN`, or once `?token=TOKEN` in the
-    /// browser, which sets a cookie). With --allow-actions (which needs
-    /// --token), the pages get cancel and force-unlock buttons. Stops on
-    /// SIGINT or SIGTERM.
+    /// browser, which sets a cookie). Without a token, it answers only
+    /// requests addressed to a loopback name (localhost, 127.0.0.1,
+    /// [::1]), so that no web page of another site reaches it by DNS
+    /// rebinding. With --allow-actions (which needs --token), the pages get
+    /// cancel and force-unlock buttons. Stops on SIGINT or SIGTERM.
     #[cfg(feature = "web")]
     #[command(after_help = "\
 Examples:
   runledger serve                       # http://127.0.0.1:8080/
-  runledger serve --listen 0.0.0.0:8080 --token \"$(openssl rand -hex 16)\"
-  runledger serve --token \"$T\" --allow-actions   # then open /?token=$T")]
+  RUNLEDGER_TOKEN=\"$(openssl rand -hex 16)\" runledger serve --listen 0.0.0.0:8080
+  RUNLEDGER_TOKEN=\"$T\" runledger serve --allow-actions   # then open /?token=$T")]
     Serve {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
