@@ -264,41 +264,49 @@ fn a_grant_and_a_release_whose_answers_are_lost_are_each_applied_once() {
 
 /// A grant in one round trip whose answer is lost while the server then
 /// stays out of reach: the call fails (its outcome could not be settled),
-/// and the lock it may have left, held by this process with no guard, is
-/// released by the ledger's next lock call once the server is back, its
-/// key free for others, never left held until the process exits.
+/// and the lock it left, held by this process with no guard, is released
+/// once the server is back, by the ledger's next lock call or its next
+/// heartbeat: its key is free for others, never left held until the
+/// process exits.
 fn a_grant_whose_answer_is_lost_and_not_settled_leaves_no_lock_behind() {
     let place = Place::new(Store::Postgres);
     let (counter, ledger) = counted_with_timeout(&place, "", Duration::from_millis(500));
     let other = place.open();
-    ledger.try_lock("k").unwrap().release().unwrap();
+    let settlers: [(&str, &dyn Fn()); 2] = [
+        ("a lock call", &|| {
+            ledger.try_lock("j").unwrap().release().unwrap()
+        }),
+        ("a heartbeat", &|| ledger.heartbeat().unwrap()),
+    ];
+    for (key, (how, settle)) in ["k1", "k2"].into_iter().zip(settlers) {
+        ledger.try_lock(key).unwrap().release().unwrap();
+        let severed = counter.severed.load(Ordering::SeqCst);
+        counter.sever_next_and_go_down();
+        let err = ledger
+            .try_lock(key)
+            .expect_err("its outcome could not be settled");
+        assert_eq!(counter.severed.load(Ordering::SeqCst), severed + 1);
+        // The grant committed: the key is held, by the ledger's process.
+        let held = other.locks().unwrap();
+        assert_eq!(held.len(), 1, "{err}: {held:?}");
+        assert!(other.try_lock(key).is_err());
 
-    counter.sever_next_and_go_down();
-    let err = ledger
-        .try_lock("k")
-        .expect_err("its outcome could not be settled");
-    assert_eq!(counter.severed.load(Ordering::SeqCst), 1);
-    // The grant committed: the key is held, by the ledger's process.
-    let held = other.locks().unwrap();
-    assert_eq!(held.len(), 1, "{err}: {held:?}");
-    assert!(other.try_lock("k").is_err());
-
-    counter.up();
-    let guard = ledger.try_lock("j").unwrap();
-    assert!(
-        other.try_lock("k").is_ok(),
-        "k is free again: {:?}",
-        other.locks()
-    );
-    guard.release().unwrap();
-    let kinds: Vec<String> = other
-        .lock_history(Some("k"), 10)
-        .unwrap()
-        .iter()
-        .map(|e| e.kind.to_string())
-        .collect();
-    // The first pair, the lost grant and its release, the other's pair.
-    assert_eq!(kinds.len(), 6, "{kinds:?}");
+        counter.up();
+        settle();
+        assert!(
+            other.try_lock(key).is_ok(),
+            "{key} is free again after {how}: {:?}",
+            other.locks()
+        );
+        let kinds: Vec<String> = other
+            .lock_history(Some(key), 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.to_string())
+            .collect();
+        // The first pair, the lost grant and its release, the other's pair.
+        assert_eq!(kinds.len(), 6, "{how}: {kinds:?}");
+    }
 }
 
 pg_tests!(

@@ -115,6 +115,9 @@ impl Store {
     /// process's timestamps follow the server's time heartbeat by heartbeat
     /// (see [`ServerClock`](super::ServerClock)).
     pub(crate) fn heartbeat_instance(&self, id: i64) -> Result<bool> {
+        // A lock left by a grant whose reply was lost is released even in a
+        // process that makes no lock call more.
+        self.settle_unknown_grants();
         // Shared: a reaper judging the lease takes the instance's claim
         // exclusively, and acts only on the heartbeat it judged.
         // The server's clock is read in the same batch, and followed (see

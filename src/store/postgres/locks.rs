@@ -317,6 +317,15 @@ impl LockRows for Tx<'_> {
     }
 }
 
+/// A grant of one round trip whose outcome is unknown (see
+/// `Store::settle_unknown_grants`): its instance, its number in the
+/// process, and the claims it took.
+pub(super) struct UnknownGrant {
+    instance: i64,
+    nonce: i64,
+    claims: Vec<Claim>,
+}
+
 impl Store {
     /// One attempt at granting `ask` (already queued as `ticket`, if given),
     /// in one write transaction. A blocked request that may wait takes a
@@ -369,7 +378,13 @@ impl Store {
                     .map(granted)
                     .transpose()
                 },
-                || self.unknown_grants.lock().push((ask.instance, nonce)),
+                || {
+                    self.unknown_grants.lock().push(UnknownGrant {
+                        instance: ask.instance,
+                        nonce,
+                        claims: claims.clone(),
+                    });
+                },
             )?;
             if let Some(attempt) = alone {
                 return Ok(attempt);
@@ -618,24 +633,31 @@ impl Store {
         })
     }
 
-    /// Whether the grant `id` with `token` is still held.
     /// Releases the locks that grants of one round trip may have left
     /// with no guard: those whose reply was lost and whose outcome could
-    /// not be settled then (see [`Store::write_alone`]). A grant that did
-    /// not commit left nothing; one that did is found by its number and
-    /// released, its keys handed on, as its guard's release would. What
-    /// still fails is kept for the next lock call, whose caller is not
-    /// bothered with it: until then, the lock stays held by this process,
-    /// as a lock of a guard not dropped yet would.
-    fn settle_unknown_grants(&self) {
-        let unknown = std::mem::take(&mut *self.unknown_grants.lock());
-        for (instance, nonce) in unknown {
+    /// not be settled then (see [`Store::write_alone`]). Each is looked up
+    /// by its number in a transaction that takes the grant's claims
+    /// first, as the settle of `write_alone` does: it waits for the lost
+    /// transaction, if the server still has it, to end. Found, the lock
+    /// is released, its keys handed on, as its guard's release would; not
+    /// found, the grant never committed and left nothing. Called before
+    /// each lock call and with each heartbeat, whose callers are not
+    /// bothered with it; at the first failure (the server still out of
+    /// reach) the rest wait for the next call, so that a call pays for at
+    /// most one. Until then, the lock stays held by this process, as a
+    /// lock of a guard not dropped yet would.
+    pub(super) fn settle_unknown_grants(&self) {
+        if self.unknown_grants.lock().is_empty() {
+            return;
+        }
+        let mut unknown = std::mem::take(&mut *self.unknown_grants.lock()).into_iter();
+        for grant in unknown.by_ref() {
             let released = self
-                .read(|tx| {
+                .write(&grant.claims, |tx| {
                     tx.query_opt(
                         "SELECT id, token FROM locks
                          WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
-                        &[&instance, &nonce],
+                        &[&grant.instance, &grant.nonce],
                     )?
                     .map(|row| Ok((row.try_get(0)?, token_of(row.try_get(1)?)?)))
                     .transpose()
@@ -648,11 +670,15 @@ impl Store {
                 });
             if let Err(e) = released {
                 log::debug!("runledger: a grant whose reply was lost is not settled yet: {e}");
-                self.unknown_grants.lock().push((instance, nonce));
+                let mut left = self.unknown_grants.lock();
+                left.push(grant);
+                left.extend(unknown);
+                return;
             }
         }
     }
 
+    /// Whether the grant `id` with `token` is still held.
     pub(crate) fn lock_is_held(&self, id: i64, token: u64) -> Result<bool> {
         // A token beyond the column's range was never granted.
         let Ok(token) = i64::try_from(token) else {

@@ -140,10 +140,10 @@ pub(crate) struct Store {
     nonces: AtomicI64,
     /// Grants of one round trip whose outcome a lost reply left unknown,
     /// and that could not be settled then (the server stayed out of
-    /// reach): (instance, number). Each may hold a lock nobody has a guard
-    /// of; the next lock call of this store releases it (see
+    /// reach). Each may hold a lock nobody has a guard of; the next lock
+    /// call or heartbeat of this store releases it (see
     /// `Store::settle_unknown_grants`).
-    unknown_grants: parking_lot::Mutex<Vec<(i64, i64)>>,
+    unknown_grants: parking_lot::Mutex<Vec<locks::UnknownGrant>>,
     /// Stops this store's listener when the store is dropped; none through
     /// a transaction pooler without a direct URL to listen on.
     _listener: Option<listen::Listener>,
@@ -2311,6 +2311,42 @@ mod tests {
             assert_eq!(got, tricky, "{setting}");
             assert_eq!(rows[0][0].get(1), Some("0"));
         }
+    }
+
+    /// The lock calls of one statement (`runledger_grant_alone`,
+    /// `runledger_release_alone`) start with `runledger_claim_alone`, which
+    /// gives way, so that the call goes statement by statement, in a
+    /// transaction at a level other than read committed: their rules need
+    /// each statement to see what committed before it. (The ledger's
+    /// connections set read committed as they open; this is the guard
+    /// should one not.)
+    #[test]
+    #[cfg_attr(
+        not(runledger_pg),
+        ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+    )]
+    fn a_lock_call_of_one_statement_gives_way_at_another_isolation_level() {
+        let schema = TestSchema::new("isolation");
+        drop(schema.store());
+        let mut client = schema.client();
+        let call = format!(
+            "SELECT {}.runledger_claim_alone(ARRAY[7]::bigint[], ARRAY[false], 1000)",
+            quote_ident(&schema.name)
+        );
+        let mut at = |level: &str| -> bool {
+            client
+                .batch_execute(&format!("BEGIN ISOLATION LEVEL {level}"))
+                .unwrap();
+            let went_on: bool = client.query_one(call.as_str(), &[]).unwrap().get(0);
+            client.batch_execute("ROLLBACK").unwrap();
+            went_on
+        };
+        for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+            assert!(!at(level), "{level}");
+        }
+        // Its claims taken within a millisecond of the call's arrival,
+        // which a busy machine may miss now and then.
+        assert!((0..20).any(|_| at("READ COMMITTED")));
     }
 
     /// A function that turns sequential scans off also turns JIT off: a
