@@ -506,6 +506,21 @@ impl Builder {
             group_commit: self.group_commit,
             create: self.create,
         };
+        // `sqlite:///srv/ledger.db`, `file://…`: a URL of another kind,
+        // which would otherwise make a file of that name in the working
+        // folder.
+        if let Target::File(path) = &self.target
+            && let Some(scheme) = url_scheme(path)
+        {
+            return Err(crate::Error::InvalidInput {
+                what: "ledger location",
+                value: path.display().to_string(),
+                reason: format!(
+                    "a {scheme}:// URL names no ledger: give a file path (such as \
+                     /srv/ledger.db) or a postgres:// URL"
+                ),
+            });
+        }
         #[cfg(feature = "postgres")]
         if let Target::File(path) = &self.target
             && self.route != crate::store::postgres::Route::default()
@@ -886,6 +901,14 @@ impl Ledger {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn builder_postgres(url: impl Into<String>) -> Builder {
         let mut url = url.into();
+        // The scheme in any case (`POSTGRES://`), as `Ledger::builder`
+        // takes it, in the lower case the client library reads.
+        if is_postgres_url(&url)
+            && let Some((scheme, _)) = url.split_once("://")
+        {
+            let lower = scheme.to_ascii_lowercase();
+            url.replace_range(..scheme.len(), &lower);
+        }
         // The form `Location` displays: the schema after a `#`, in a URL
         // only (in a key=value string, a `#` may be part of a password).
         let mut schema = crate::store::postgres::DEFAULT_SCHEMA.to_owned();
@@ -903,6 +926,17 @@ impl Ledger {
             route: crate::store::postgres::Route::default(),
         })
     }
+}
+
+/// The scheme of a location that starts as a URL (`scheme://`), a
+/// scheme being a letter, then letters, digits, `+`, `-` or `.`.
+fn url_scheme(path: &Path) -> Option<&str> {
+    let (scheme, _) = path.to_str()?.split_once("://")?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
 }
 
 /// Whether a ledger's location is a PostgreSQL URL rather than a path.

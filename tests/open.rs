@@ -273,6 +273,35 @@ fn a_symlinked_path_is_the_same_ledger_and_the_same_lock() {
 }
 
 #[test]
+fn a_url_of_another_kind_is_refused_and_makes_no_file() {
+    // Taken as a path, `sqlite:///tmp/x.db` would be a file `x.db` in a
+    // folder `sqlite:/tmp` of the working folder.
+    for location in [
+        "sqlite:///tmp/runledger-x.db",
+        "file://ledger.db",
+        "MySQL://db/app",
+    ] {
+        let err = Ledger::open(location).unwrap_err();
+        assert!(err.is_invalid_input(), "{location}: {err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("postgres:// URL") && text.contains("file path"),
+            "{text}"
+        );
+        let scheme = location.split_once("://").unwrap().0;
+        assert!(
+            !std::path::Path::new(&format!("{scheme}:")).exists(),
+            "{location}"
+        );
+    }
+    // A path that merely holds `://` further on is a path.
+    let dir = tempfile::tempdir().unwrap();
+    let odd = format!("{}/a://ledger.db", dir.path().display());
+    Ledger::open(&odd).unwrap();
+    assert!(dir.path().join("a:").join("ledger.db").exists());
+}
+
+#[test]
 fn the_instance_is_closed_when_the_last_handle_drops() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");

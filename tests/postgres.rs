@@ -247,6 +247,17 @@ fn an_unreachable_server_is_an_open_error_that_hides_the_password() {
         .open()
         .unwrap_err();
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+    // The scheme in upper case is a URL all the same: the same error, the
+    // password hidden, not a key=value string that fails to parse.
+    for location in [
+        "POSTGRES://someone:hunter2@127.0.0.1:1/nowhere",
+        "PostgreSQL://someone:hunter2@127.0.0.1:1/nowhere",
+    ] {
+        let err = Ledger::builder(location).open().unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(text.contains("cannot connect"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
 }
 
 /// A port on which nothing listens: bound, then let go.
