@@ -141,6 +141,12 @@ fn another_applications_database_is_refused_and_left_untouched() {
     assert!(matches!(err, Error::NotALedger { .. }), "{err:?}");
     assert!(err.to_string().contains("another application"), "{err}");
     assert_eq!(bytes(&db), before);
+    // Nothing was left beside it: no sidecar folder, no WAL.
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["app.db"], "{beside:?}");
 }
 
 #[test]

@@ -114,12 +114,16 @@ impl Store {
             .map_err(|e| open_error(path, e))?;
         match schema::inspect(&conn).map_err(|e| open_error(path, e))? {
             schema::Found::Foreign(reason) => {
+                drop(conn);
+                init_lock.refused();
                 return Err(Error::NotALedger {
                     path: path.into(),
                     reason,
                 });
             }
             schema::Found::Ledger(found) if found > schema::LATEST => {
+                drop(conn);
+                init_lock.refused();
                 return Err(Error::SchemaTooNew {
                     path: path.into(),
                     found,
@@ -587,11 +591,17 @@ pub(crate) fn sidecar_dir(canonical: &Path) -> PathBuf {
 /// The cross-process lock held while opening and migrating: an exclusive
 /// `flock` on `<sidecar>/init.lock`, released on drop (or by the kernel if
 /// the process dies).
-struct InitLock(File);
+struct InitLock {
+    file: File,
+    /// The sidecar folder, if this open made it: a file refused (another
+    /// application's, a newer ledger's) gets no folder beside it.
+    made: Option<PathBuf>,
+}
 
 impl InitLock {
     fn acquire(canonical: &Path) -> io::Result<InitLock> {
         let dir = sidecar_dir(canonical);
+        let made = (!dir.exists()).then(|| dir.clone());
         fs::create_dir_all(&dir)?;
         let file = OpenOptions::new()
             .read(true)
@@ -602,13 +612,23 @@ impl InitLock {
         // Called through the trait on purpose: std's inherent `File::lock`
         // would shadow it.
         fs4::FileExt::lock(&file)?;
-        Ok(InitLock(file))
+        Ok(InitLock { file, made })
+    }
+
+    /// Leaves the file as it was found, refused: the sidecar folder goes if
+    /// this open made it and nothing else came into it meanwhile (best
+    /// effort; another process refusing the same file may keep it).
+    fn refused(self) {
+        if let Some(dir) = &self.made {
+            let _ = fs::remove_file(dir.join("init.lock"));
+            let _ = fs::remove_dir(dir);
+        }
     }
 }
 
 impl Drop for InitLock {
     fn drop(&mut self) {
-        let _ = fs4::FileExt::unlock(&self.0);
+        let _ = fs4::FileExt::unlock(&self.file);
     }
 }
 
