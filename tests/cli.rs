@@ -150,6 +150,28 @@ fn help_never_shows_a_password_from_the_environment() {
 }
 
 #[test]
+fn a_leftover_run_id_in_the_environment_is_named_as_the_cause() {
+    let cli = Cli::new();
+    let out = cli.run(&["exec", "--name", "first", "--", "false"]);
+    assert_eq!(code(&out), 1);
+    let id = cli.json(&["runs", "--limit", "1"])[0]["id"].to_string();
+    // The shell still has the variable of that run.
+    let out = cli
+        .command(&["exec", "--", "true"])
+        .env("RUNLEDGER_RUN_ID", &id)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("RUNLEDGER_RUN_ID")
+            && err.contains("already finished")
+            && err.contains("unset"),
+        "{err}"
+    );
+}
+
+#[test]
 fn exec_closes_its_instance_as_it_exits() {
     // Not left open for the next process's reaper to close as dead: with
     // locks or without, after a command that succeeded or failed.

@@ -345,6 +345,14 @@ pub(crate) fn exec(db: &Path, args: ExecArgs) -> Result<u8, Failure> {
         Err(runledger::Error::Duplicate { key, existing }) => {
             return already_held(&ledger, &key, existing, &log_path);
         }
+        // Most often a variable left over in the shell from an earlier run:
+        // say where the id came from, and how to go without it.
+        Err(e) if matches!(handed, Handed::Adopt(_)) && e.is_invalid_transition() => {
+            return Err(crate::usage(format!(
+                "RUNLEDGER_RUN_ID names a run for this command to adopt, but {e} \
+                 (unset RUNLEDGER_RUN_ID to record a new run)"
+            )));
+        }
         begun => begun?,
     };
     if let Handed::Adopt(_) = handed {
