@@ -232,7 +232,8 @@ Examples:
     /// the events still to come; --from N starts after event N (0: the whole
     /// history kept). --json: one event object per line, {id, run, at, kind,
     /// message, ...} with the fields of its kind (status: from, to; step:
-    /// step, from, to; lock_forced: keys; adopted: instance, pid, host;
+    /// step, from, to; lock_granted, lock_released: ticket, keys, mode,
+    /// token, pid, host; lock_forced: keys; adopted: instance, pid, host;
     /// custom: name, data).
     #[command(
         after_help = "Examples:\n  runledger watch\n  runledger watch --json --from 0 | jq .kind"

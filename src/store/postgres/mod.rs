@@ -195,8 +195,13 @@ impl Store {
         };
         let (url, tls) =
             tls::split(url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
-        let mut pg =
-            Config::from_str(&url).map_err(|e| not_a_url(format!("not a PostgreSQL URL: {e}")))?;
+        // The driver's error says "invalid connection string"; what is wrong
+        // with it (`unknown option `foo``) is its source.
+        let mut pg = Config::from_str(&url).map_err(|e| {
+            let cause =
+                std::error::Error::source(&e).map_or_else(String::new, |c| format!(": {c}"));
+            not_a_url(format!("not a PostgreSQL URL: {e}{cause}"))
+        })?;
         pg.ssl_mode(tls.client_mode());
         dead_link_timeouts(&mut pg, config.busy_timeout);
         let location = Location::Postgres {
@@ -2159,11 +2164,27 @@ fn percent_encode(text: &str) -> String {
 /// string.
 fn redacted(url: &str) -> String {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return match (url.find("://"), url.rfind('@')) {
+        let url = match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
                 format!("{}://…{}", &url[..scheme], &url[at..])
             }
             _ => url.to_owned(),
+        };
+        // A password may come as a parameter too: `?password=…`.
+        return match url.split_once('?') {
+            Some((base, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                            format!("{key}=…")
+                        }
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                format!("{base}?{}", query.join("&"))
+            }
+            None => url,
         };
     }
     url.split_whitespace()
@@ -2205,6 +2226,10 @@ mod tests {
         let name = display_url(&config);
         assert_eq!(name, "postgres://me@db.example:6543/app");
         assert!(!redacted("postgres://me:secret@db.example/app").contains("secret"));
+        assert_eq!(
+            redacted("postgres://me@db.example/app?sslmode=require&password=secret&x=1#s"),
+            "postgres://…@db.example/app?sslmode=require&password=…&x=1#s"
+        );
         assert!(!redacted("host=db password=se#cret user=me").contains("cret"));
         let socket = Config::from_str("host=/var/run/postgresql user=me dbname=app").unwrap();
         assert_eq!(
