@@ -1348,13 +1348,7 @@ mod serve {
     #[test]
     fn without_a_token_serve_answers_only_loopback_names() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("ledger.db");
-        let ledger = runledger::Ledger::open(&db).unwrap();
-        ledger
-            .begin_run(runledger::RunSpec::new("served"))
-            .unwrap()
-            .succeed()
-            .unwrap();
+        let db = with_a_run(&dir);
         let (mut child, addr) = start(&db, &[]);
         let port = addr.rsplit_once(':').unwrap().1.to_owned();
         for host in [addr.clone(), format!("localhost:{port}")] {
@@ -1387,6 +1381,18 @@ mod serve {
                 let _ = self.0.wait();
             }
         }
+    }
+
+    /// A ledger in `dir` with one run, named `served`, ended.
+    fn with_a_run(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let db = dir.path().join("ledger.db");
+        runledger::Ledger::open(&db)
+            .unwrap()
+            .begin_run(runledger::RunSpec::new("served"))
+            .unwrap()
+            .succeed()
+            .unwrap();
+        db
     }
 
     /// `runledger serve` on a free loopback port, with `args`; its address.
@@ -1437,13 +1443,7 @@ mod serve {
     #[test]
     fn serve_answers_on_loopback_and_asks_for_its_token() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("ledger.db");
-        let ledger = runledger::Ledger::open(&db).unwrap();
-        ledger
-            .begin_run(runledger::RunSpec::new("served"))
-            .unwrap()
-            .succeed()
-            .unwrap();
+        let db = with_a_run(&dir);
         let (mut child, addr) = start(&db, &["--token", "tok"]);
         let denied = request(&addr, &addr, "");
         assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
