@@ -413,7 +413,8 @@ impl Store {
     /// takes the session's default isolation, which the connection set to
     /// read committed as it opened (see `Manager`); should it be another,
     /// the function does nothing (see migration 11) and the call goes on
-    /// statement by statement, in a transaction of read committed. Through a transaction pooler, which may not carry a
+    /// statement by statement, in a transaction of read committed.
+    /// Through a transaction pooler, which may not carry a
     /// prepared statement, as one batch of text: `BEGIN`, the schema (`SET
     /// LOCAL search_path`), the call with its values as literals
     /// ([`First::call`]) and `COMMIT`.
