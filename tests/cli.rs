@@ -1373,3 +1373,28 @@ fn an_unreachable_postgres_ledger_says_why_without_the_password() {
     );
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+/// A database that does not exist: the server's words, once (they came a
+/// second time, as "db error: FATAL: …", from the error's own causes).
+#[cfg(feature = "postgres")]
+#[cfg_attr(
+    not(runledger_pg),
+    ignore = "set RUNLEDGER_PG_URL to run the tests of the PostgreSQL store"
+)]
+#[test]
+fn a_missing_database_is_said_once() {
+    let server = std::env::var("RUNLEDGER_PG_URL").unwrap();
+    let at = server.rfind('/').unwrap();
+    let url = format!("{}/runledger_no_such_db#s", &server[..at]);
+    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--db", &url, "ps"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    let err = one_line_error(&out);
+    assert_eq!(err.matches("does not exist").count(), 1, "{err}");
+    assert!(
+        err.contains("runledger_no_such_db") && !err.contains("db error"),
+        "{err}"
+    );
+}

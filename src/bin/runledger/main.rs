@@ -361,6 +361,11 @@ impl From<Error> for Failure {
                 message.push_str(": ");
                 message.push_str(&text);
             }
+            // A storage error's message holds what its sources say (the
+            // server's words, its SQLSTATE): they would say it again.
+            if cause.is::<runledger::StorageError>() {
+                break;
+            }
             source = cause.source();
         }
         Failure { message, code }
