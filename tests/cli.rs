@@ -172,6 +172,31 @@ fn a_leftover_run_id_in_the_environment_is_named_as_the_cause() {
 }
 
 #[test]
+fn the_pooler_switch_reads_as_a_shell_sets_it_and_is_refused_for_a_file() {
+    let cli = Cli::new();
+    let with = |value: &str| {
+        cli.command(&["ps"])
+            .env("RUNLEDGER_TRANSACTION_POOLER", value)
+            .output()
+            .unwrap()
+    };
+    for off in ["0", "no", "off", "false"] {
+        let out = with(off);
+        assert_eq!(code(&out), 0, "{off}: {}", text(&out.stderr));
+    }
+    for on in ["1", "yes", "on", "true"] {
+        let out = with(on);
+        assert_eq!(code(&out), 2, "{on}");
+        let err = one_line_error(&out);
+        assert!(
+            err.contains("--transaction-pooler") && err.contains("postgres://"),
+            "{err}"
+        );
+    }
+    assert_eq!(code(&with("maybe")), 2);
+}
+
+#[test]
 fn exec_closes_its_instance_as_it_exits() {
     // Not left open for the next process's reaper to close as dead: with
     // locks or without, after a command that succeeded or failed.

@@ -35,7 +35,8 @@ macro_rules! after_help {
         "\
 Exit codes: 0 ok, 1 error, 2 usage (bad arguments or input; nothing is
 recorded), 75 lock conflict or wait timed out; `exec` exits with its
-command's code (128 + N if a signal N killed it).
+command's code (128 + N if a signal N killed it, 127 if the command does
+not exist, 126 if it cannot be executed).
 
 The ledger is --db, else $RUNLEDGER_DB, else
 $XDG_DATA_HOME/runledger/ledger.db (~/.local/share/runledger/ledger.db).
@@ -87,7 +88,14 @@ struct Cli {
     /// mode, such as PgBouncer's `pool_mode = transaction`: keep nothing on
     /// a session beyond one transaction (required there; see the README's
     /// "Through PgBouncer").
-    #[arg(long, global = true, env = "RUNLEDGER_TRANSACTION_POOLER")]
+    // The variable as a shell sets a switch: 1, yes, on, true (or 0, no,
+    // off, false).
+    #[arg(
+        long,
+        global = true,
+        env = "RUNLEDGER_TRANSACTION_POOLER",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     transaction_pooler: bool,
 
     /// A direct PostgreSQL URL (not through the pooler) to listen for
@@ -525,6 +533,13 @@ fn cancel_result(
 
 fn run(cli: Cli) -> Result<u8, Failure> {
     let path = db_path(&cli)?;
+    if (cli.transaction_pooler || cli.listen_url.is_some()) && !is_url(&path) {
+        return Err(usage(format!(
+            "--transaction-pooler and --listen-url (RUNLEDGER_TRANSACTION_POOLER, \
+             RUNLEDGER_LISTEN_URL) are for a postgres:// ledger, not the file {}",
+            path.display()
+        )));
+    }
     let json = cli.json;
     let out = output::Out { json };
     match cli.command {

@@ -393,7 +393,8 @@ pub(crate) fn inspect(conn: &Connection) -> Result<Found> {
         )))
     } else {
         Ok(Found::Foreign(format!(
-            "a SQLite database of another application ({tables} schema objects, no runledger schema)"
+            "a SQLite database of another application ({tables} schema {}, no runledger schema)",
+            if tables == 1 { "object" } else { "objects" }
         )))
     }
 }
