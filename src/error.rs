@@ -141,7 +141,7 @@ pub enum Error {
     /// modified; upgrade this program to use it.
     #[error(
         "ledger {path} has schema version {found}, newer than the {supported} this version of \
-         runledger supports; upgrade runledger (the file was not modified)"
+         runledger supports; upgrade runledger (nothing in it was changed)"
     )]
     SchemaTooNew {
         /// The database file, or the ledger's
@@ -155,8 +155,9 @@ pub enum Error {
     },
 
     /// The file exists but is not a `runledger` database: not SQLite at all,
-    /// or a SQLite database of another application. It was not modified.
-    #[error("{path} is not a runledger database: {reason} (the file was not modified)")]
+    /// or a SQLite database of another application (on PostgreSQL, a schema
+    /// holding another application's objects). It was not modified.
+    #[error("{path} is not a runledger database: {reason} (nothing in it was changed)")]
     NotALedger {
         /// The file, or the ledger's
         /// [`Location`](crate::Location) as it displays: on PostgreSQL, the URL
