@@ -317,6 +317,18 @@ impl LockRows for Tx<'_> {
     }
 }
 
+/// The lock held that a grant of one round trip numbered `nonce` by
+/// `instance` made, if it committed: its id and token.
+fn grant_numbered(tx: &mut Tx<'_>, instance: i64, nonce: i64) -> Result<Option<(i64, u64)>> {
+    tx.query_opt(
+        "SELECT id, token FROM locks
+         WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
+        &[&instance, &nonce],
+    )?
+    .map(|row| Ok((row.try_get(0)?, token_of(row.try_get(1)?)?)))
+    .transpose()
+}
+
 /// A grant of one round trip whose outcome is unknown (see
 /// `Store::settle_unknown_grants`): its instance, its number in the
 /// process, and the claims it took.
@@ -344,12 +356,6 @@ impl Store {
         self.settle_unknown_grants();
         if ticket.is_none() {
             let nonce = self.next_nonce();
-            let granted = |row: &Row| -> Result<Attempt> {
-                Ok(Attempt::Granted {
-                    id: row.try_get(0)?,
-                    token: token_of(row.try_get(1)?)?,
-                })
-            };
             let detail = grant_detail(ask);
             let keys = keys_json(ask.keys);
             let active: Vec<String> = RunStatus::ALL
@@ -369,14 +375,8 @@ impl Store {
                     None => Ok(None),
                 },
                 |tx| {
-                    tx.query_opt(
-                        "SELECT id, token FROM locks
-                         WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
-                        &[&ask.instance, &nonce],
-                    )?
-                    .as_ref()
-                    .map(granted)
-                    .transpose()
+                    Ok(grant_numbered(tx, ask.instance, nonce)?
+                        .map(|(id, token)| Attempt::Granted { id, token }))
                 },
                 || {
                     self.unknown_grants.lock().push(UnknownGrant {
@@ -654,13 +654,7 @@ impl Store {
         for grant in unknown.by_ref() {
             let released = self
                 .write(&grant.claims, |tx| {
-                    tx.query_opt(
-                        "SELECT id, token FROM locks
-                         WHERE instance_id = $1 AND nonce = $2 AND state = 'held'",
-                        &[&grant.instance, &grant.nonce],
-                    )?
-                    .map(|row| Ok((row.try_get(0)?, token_of(row.try_get(1)?)?)))
-                    .transpose()
+                    grant_numbered(tx, grant.instance, grant.nonce)
                 })
                 .and_then(|row| match row {
                     Some((id, token)) => self
