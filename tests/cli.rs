@@ -1374,6 +1374,18 @@ fn help_says_what_is_true() {
     }
 }
 
+/// `runledger ps` on the ledger at `url`, which fails (exit 1) with one line:
+/// that line.
+#[cfg(feature = "postgres")]
+fn ps_fails_at(url: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--db", url, "ps"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    one_line_error(&out)
+}
+
 /// Regression (issue 19): a PostgreSQL ledger that cannot be reached said
 /// only "error connecting to server".
 #[cfg(feature = "postgres")]
@@ -1385,12 +1397,7 @@ fn an_unreachable_postgres_ledger_says_why_without_the_password() {
         .unwrap()
         .port();
     let url = format!("postgres://someone:s3cret@127.0.0.1:{port}/jobs");
-    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
-        .args(["--db", &url, "ps"])
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 1);
-    let err = one_line_error(&out);
+    let err = ps_fails_at(&url);
     assert!(
         err.contains(&format!("postgres://someone@127.0.0.1:{port}/jobs"))
             && err.to_lowercase().contains("refused"),
@@ -1411,12 +1418,7 @@ fn a_missing_database_is_said_once() {
     let server = std::env::var("RUNLEDGER_PG_URL").unwrap();
     let at = server.rfind('/').unwrap();
     let url = format!("{}/runledger_no_such_db#s", &server[..at]);
-    let out = Command::new(env!("CARGO_BIN_EXE_runledger"))
-        .args(["--db", &url, "ps"])
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 1);
-    let err = one_line_error(&out);
+    let err = ps_fails_at(&url);
     assert_eq!(err.matches("does not exist").count(), 1, "{err}");
     assert!(
         err.contains("runledger_no_such_db") && !err.contains("db error"),
